@@ -1,0 +1,52 @@
+"""featcache: a batched, honest read-through cache of ML features, Redis in front of SQL.
+
+Everything public is re-exported here; the modules behind it are private to the package.
+"""
+
+from featcache.client import FeatureCache, PutReport
+from featcache.config import CacheConfig, Feature, FeatureView, load_config
+from featcache.errors import (
+    AmbiguousFeature,
+    BackendError,
+    CacheUnavailable,
+    ConfigError,
+    EmbeddedServerError,
+    FeatcacheError,
+    InvalidEntityId,
+    InvalidRequest,
+    OfflineStoreError,
+    OfflineStoreUnavailable,
+    SchemaError,
+    UnknownFeature,
+    UnknownView,
+)
+from featcache.result import FeatureResult
+from featcache.types import NO_VALUE, FeatureType, Status
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "NO_VALUE",
+    "AmbiguousFeature",
+    "BackendError",
+    "CacheConfig",
+    "CacheUnavailable",
+    "ConfigError",
+    "EmbeddedServerError",
+    "FeatcacheError",
+    "Feature",
+    "FeatureCache",
+    "FeatureResult",
+    "FeatureType",
+    "FeatureView",
+    "InvalidEntityId",
+    "InvalidRequest",
+    "OfflineStoreError",
+    "OfflineStoreUnavailable",
+    "PutReport",
+    "SchemaError",
+    "Status",
+    "UnknownFeature",
+    "UnknownView",
+    "load_config",
+]

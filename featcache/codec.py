@@ -1,0 +1,162 @@
+"""The row value format, layout version 1 (keys: ``featcache.keys``).
+
+A row value is a 10-byte header followed by one msgpack array::
+
+    byte 0      layout version (1)
+    byte 1      kind: b"R" a row, b"A" "SQL has no such entity" (a negative entry)
+    bytes 2-9   event timestamp, microseconds since the Unix epoch, big-endian int64
+                (INT64_MIN when the row has none, and for negative entries)
+    msgpack     [schema_fp, epoch, loaded_at_ms, fill_ms, v0, v1, ...]   (R)
+                [0, epoch, loaded_at_ms]                                   (A)
+
+The event timestamp sits at a fixed offset so the conditional write script in
+``featcache.redis_store`` can compare an old row with a new one without parsing msgpack: an
+older row never overwrites a newer one. ``schema_fp`` fingerprints the view's ordered
+``(name, type)`` list; a row written before features were appended to the view still decodes,
+and the features it lacks come back as ``NO_VALUE`` (a miss for those features only). Any other
+schema change, or bytes that do not decode, make the row a miss and bump a metric; nothing here
+ever raises to the caller. ``fill_ms`` is how long the SQL read behind this row took (the
+``delta`` of XFetch early refresh). msgpack never executes anything it reads, unlike pickle.
+
+Types: int (int64), float (double, NaN and inf kept), bool, str, None as themselves;
+timestamps as the msgpack Timestamp extension, decoded as aware UTC datetimes; ``list[float]``
+embeddings as raw little-endian float64 bytes, which is smaller and much faster than a msgpack
+array of floats.
+"""
+
+from __future__ import annotations
+
+import struct
+import sys
+import zlib
+from array import array
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Final
+
+import msgpack
+
+from featcache.config import FeatureView
+from featcache.keys import LAYOUT_VERSION
+from featcache.types import NO_VALUE, FeatureType
+
+__all__ = ["NO_EVENT", "DecodedRow", "RowCodec"]
+
+NO_EVENT: Final = -(2**63)
+KIND_ROW: Final = 0x52  # "R"
+KIND_ABSENT: Final = 0x41  # "A"
+_HEADER = struct.Struct(">BBq")
+_HEADER_SIZE: Final = _HEADER.size
+_LITTLE = sys.byteorder == "little"
+
+
+@dataclass(frozen=True, slots=True)
+class DecodedRow:
+    """A row read back from Redis. ``values`` may be shorter than the view (older schema)."""
+
+    absent: bool
+    event_us: int | None
+    epoch: int
+    loaded_ms: int
+    fill_ms: int
+    values: tuple[Any, ...]
+
+
+def _pack_embedding(value: Sequence[float]) -> bytes:
+    arr = array("d", value)
+    if not _LITTLE:  # pragma: no cover - big-endian hosts
+        arr.byteswap()
+    return arr.tobytes()
+
+
+def _unpack_embedding(raw: bytes) -> list[float]:
+    arr = array("d")
+    arr.frombytes(raw)
+    if not _LITTLE:  # pragma: no cover
+        arr.byteswap()
+    return arr.tolist()
+
+
+def schema_fingerprint(features: Sequence[tuple[str, FeatureType]]) -> int:
+    """A non-zero 31-bit fingerprint of an ordered (name, type) list."""
+    text = ";".join(f"{name}:{ftype.value}" for name, ftype in features)
+    return (zlib.crc32(text.encode()) & 0x7FFFFFFF) | 1
+
+
+class RowCodec:
+    """Encodes and decodes the rows of one view; knows the view's types and schema history."""
+
+    __slots__ = ("_embedding_idx", "_fp", "_prefix_len", "_width")
+
+    def __init__(self, view: FeatureView) -> None:
+        pairs = [(f.name, f.type) for f in view.features]
+        self._width = len(pairs)
+        self._fp = schema_fingerprint(pairs)
+        # fingerprint of every leading part of the feature list -> how many features it holds
+        self._prefix_len = {schema_fingerprint(pairs[:k]): k for k in range(1, len(pairs) + 1)}
+        self._embedding_idx = tuple(
+            i for i, f in enumerate(view.features) if f.type is FeatureType.EMBEDDING
+        )
+
+    @property
+    def fingerprint(self) -> int:
+        return self._fp
+
+    def encode(
+        self,
+        values: Sequence[Any],
+        event_us: int | None,
+        loaded_ms: int,
+        epoch: int = 0,
+        fill_ms: int = 0,
+    ) -> bytes:
+        """Values must already be coerced to the declared types (``featcache.convert``)."""
+        if len(values) != self._width:
+            raise ValueError(f"expected {self._width} values, got {len(values)}")
+        payload: list[Any] = [self._fp, epoch, loaded_ms, fill_ms, *values]
+        for i in self._embedding_idx:
+            if payload[4 + i] is not None:
+                payload[4 + i] = _pack_embedding(payload[4 + i])
+        header = _HEADER.pack(
+            LAYOUT_VERSION, KIND_ROW, NO_EVENT if event_us is None else event_us
+        )
+        body: bytes = msgpack.packb(payload, datetime=True)
+        return header + body
+
+    @staticmethod
+    def encode_absent(loaded_ms: int, epoch: int = 0) -> bytes:
+        body: bytes = msgpack.packb([0, epoch, loaded_ms])
+        return _HEADER.pack(LAYOUT_VERSION, KIND_ABSENT, NO_EVENT) + body
+
+    def decode(self, raw: bytes) -> DecodedRow | None:
+        """The row, or None when the bytes are not a row of this view's schema (a miss)."""
+        try:
+            version, kind, event_us = _HEADER.unpack_from(raw)
+            if version != LAYOUT_VERSION:
+                return None
+            body = msgpack.unpackb(memoryview(raw)[_HEADER_SIZE:], timestamp=3)
+            if kind == KIND_ABSENT:
+                _, epoch, loaded_ms = body
+                return DecodedRow(True, None, epoch, loaded_ms, 0, ())
+            if kind != KIND_ROW:
+                return None
+            width = self._prefix_len.get(body[0])
+            if width is None or len(body) != 4 + width:
+                return None
+            values = body[4:]
+            for i in self._embedding_idx:
+                if i < width and values[i] is not None:
+                    values[i] = _unpack_embedding(values[i])
+            return DecodedRow(
+                False,
+                None if event_us == NO_EVENT else event_us,
+                body[1],
+                body[2],
+                body[3],
+                tuple(values),
+            )
+        except Exception:  # any undecodable value is a miss, by contract
+            return None
+
+    def value_or_missing(self, row: DecodedRow, index: int) -> Any:
+        return row.values[index] if index < len(row.values) else NO_VALUE

@@ -1,0 +1,446 @@
+"""Configuration: the dataclasses the cache runs on, and the YAML loader that builds them.
+
+Code that builds its views itself constructs ``CacheConfig``/``FeatureView``/``Feature``
+directly; ``load_config`` reads the file format documented in ``docs/configuration.md``
+(commented example: ``config/featcache.yaml``). Both paths run the same validation, so a bad
+value fails at construction with the path of the bad key and what was expected, never later on
+the serving path. Whether a table or column exists is checked at the view's first use, since
+loading a config must not need a database.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import os
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from featcache.errors import ConfigError, UnknownView
+from featcache.types import FeatureType
+
+__all__ = [
+    "CacheConfig",
+    "Feature",
+    "FeatureView",
+    "load_config",
+    "parse_duration",
+]
+
+EntityType = Literal["int", "str"]
+
+_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
+_SQL_IDENT_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_$]{0,127}$")
+_PREFIX_RE = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
+_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
+
+
+def parse_duration(value: object, path: str = "") -> float:
+    """Seconds from ``30``, ``2.5``, ``"500ms"``, ``"10m"``, ``"1h"`` or ``"7d"``."""
+    if isinstance(value, bool):
+        raise ConfigError(f"expected a duration like 30, '500ms', '10m', got {value!r}", path)
+    if isinstance(value, int | float):
+        seconds = float(value)
+    elif isinstance(value, str) and (m := _DURATION_RE.match(value)):
+        seconds = float(m.group(1)) * _UNITS[m.group(2)]
+    else:
+        raise ConfigError(
+            f"expected a duration like 30, '500ms', '10m', '1h', '7d', got {value!r}", path
+        )
+    if not math.isfinite(seconds) or seconds < 0:
+        raise ConfigError(f"expected a non-negative duration, got {value!r}", path)
+    return seconds
+
+
+def _check_name(value: str, path: str, what: str, pattern: re.Pattern[str] = _NAME_RE) -> None:
+    if not isinstance(value, str) or not pattern.match(value):
+        raise ConfigError(
+            f"expected {what} (letters, digits and _, not starting with a digit), got {value!r}",
+            path,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Feature:
+    """One feature column: its declared type and how long a cached value stays fresh."""
+
+    name: str
+    type: FeatureType
+    max_age: float
+    column: str = ""
+
+    def __init__(
+        self, name: str, type: FeatureType | str, max_age: float | str, column: str | None = None
+    ) -> None:
+        path = f"features.{name}"
+        _check_name(name, path, "a feature name")
+        if isinstance(type, str) and not isinstance(type, FeatureType):
+            try:
+                type = FeatureType.parse(type)
+            except ValueError:
+                raise ConfigError(
+                    f"expected a type among {', '.join(t.value for t in FeatureType)}, "
+                    f"got {type!r}",
+                    f"{path}.type",
+                ) from None
+        seconds = parse_duration(max_age, f"{path}.max_age")
+        if seconds <= 0:
+            raise ConfigError("max_age must be greater than zero", f"{path}.max_age")
+        column = column or name
+        _check_name(column, f"{path}.column", "a SQL column name", _SQL_IDENT_RE)
+        object.__setattr__(self, "name", name)
+        object.__setattr__(self, "type", type)
+        object.__setattr__(self, "max_age", seconds)
+        object.__setattr__(self, "column", column)
+
+
+@dataclass(frozen=True, slots=True)
+class FeatureView:
+    """The features one SQL table holds for one entity type; the unit cached as a Redis row.
+
+    ``ttl`` is the Redis key TTL; by default the longest ``max_age`` plus ``stale_if_error``,
+    so a row outlives its freshness by exactly the window in which it may still be served
+    ``STALE``. ``negative_ttl`` bounds how long "SQL has no such entity" is remembered.
+    """
+
+    name: str
+    table: str
+    entity_column: str
+    event_timestamp_column: str
+    features: tuple[Feature, ...]
+    entity_type: EntityType = "int"
+    schema: str | None = None
+    updated_at_column: str | None = None
+    ttl: float = 0.0
+    negative_ttl: float = 60.0
+    stale_if_error: float = 300.0
+
+    def __post_init__(self) -> None:
+        path = f"views.{self.name}"
+        _check_name(self.name, path, "a view name")
+        _check_name(self.table, f"{path}.table", "a SQL table name", _SQL_IDENT_RE)
+        if self.schema is not None:
+            _check_name(self.schema, f"{path}.schema", "a SQL schema name", _SQL_IDENT_RE)
+        _check_name(self.entity_column, f"{path}.entity.column", "a SQL column", _SQL_IDENT_RE)
+        _check_name(
+            self.event_timestamp_column, f"{path}.event_timestamp", "a SQL column", _SQL_IDENT_RE
+        )
+        if self.updated_at_column is not None:
+            _check_name(self.updated_at_column, f"{path}.updated_at", "a column", _SQL_IDENT_RE)
+        if self.entity_type not in ("int", "str"):
+            raise ConfigError(
+                f"expected 'int' or 'str', got {self.entity_type!r}", f"{path}.entity.type"
+            )
+        features = tuple(self.features)
+        if not features:
+            raise ConfigError("a view needs at least one feature", f"{path}.features")
+        seen: set[str] = set()
+        for feature in features:
+            if not isinstance(feature, Feature):
+                raise ConfigError(f"expected a Feature, got {feature!r}", f"{path}.features")
+            if feature.name in seen:
+                raise ConfigError("declared twice", f"{path}.features.{feature.name}")
+            seen.add(feature.name)
+        object.__setattr__(self, "features", features)
+        for key in ("negative_ttl", "stale_if_error", "ttl"):
+            object.__setattr__(self, key, parse_duration(getattr(self, key), f"{path}.{key}"))
+        floor = max(f.max_age for f in features) + self.stale_if_error
+        if self.ttl == 0.0:
+            object.__setattr__(self, "ttl", floor)
+        elif self.ttl < floor:
+            raise ConfigError(
+                f"must be at least the longest max_age plus stale_if_error ({floor:g} s), "
+                f"or a row would vanish while it may still be served",
+                f"{path}.ttl",
+            )
+        if self.negative_ttl <= 0:
+            raise ConfigError("must be greater than zero", f"{path}.negative_ttl")
+
+    @property
+    def feature_names(self) -> tuple[str, ...]:
+        return tuple(f.name for f in self.features)
+
+
+@dataclass(frozen=True, slots=True)
+class CacheConfig:
+    """Everything a ``FeatureCache`` needs. Secrets belong in the URLs, set from the environment."""
+
+    views: tuple[FeatureView, ...]
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    offline_url: str = "sqlite:///featcache.db"
+    key_prefix: str = "fc"
+    redis_socket_timeout: float = 0.5
+    redis_connect_timeout: float = 2.0
+    redis_max_connections: int = 64
+    redis_read_chunk: int = 1000
+    sql_chunk_size: int = 1000
+    sql_connect_timeout: float = 5.0
+    sql_pool_size: int = 5
+    max_id_length: int = 512
+    source: str = field(default="", compare=False)
+
+    def __post_init__(self) -> None:
+        views = tuple(self.views)
+        if not views:
+            raise ConfigError("declare at least one view", "views", self.source)
+        names: set[str] = set()
+        for view in views:
+            if not isinstance(view, FeatureView):
+                raise ConfigError(f"expected a FeatureView, got {view!r}", "views", self.source)
+            if view.name in names:
+                raise ConfigError("declared twice", f"views.{view.name}", self.source)
+            names.add(view.name)
+        object.__setattr__(self, "views", views)
+        if not _PREFIX_RE.match(self.key_prefix):
+            raise ConfigError(
+                f"expected 1-64 characters among letters, digits, '_', '-', '.'; "
+                f"got {self.key_prefix!r}",
+                "redis.key_prefix",
+                self.source,
+            )
+        for key in ("redis_socket_timeout", "redis_connect_timeout", "sql_connect_timeout"):
+            value = parse_duration(getattr(self, key), key)
+            if value <= 0:
+                raise ConfigError("must be greater than zero", key, self.source)
+            object.__setattr__(self, key, value)
+        for key, low, high in (
+            ("redis_max_connections", 1, 10_000),
+            ("redis_read_chunk", 1, 100_000),
+            ("sql_chunk_size", 1, 30_000),
+            ("sql_pool_size", 1, 1_000),
+            ("max_id_length", 1, 1_000_000),
+        ):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+                raise ConfigError(
+                    f"expected an integer from {low} to {high}, got {value!r}", key, self.source
+                )
+        for key in ("redis_url", "offline_url"):
+            if not isinstance(getattr(self, key), str) or not getattr(self, key):
+                raise ConfigError("expected a URL", key, self.source)
+
+    def view(self, name: str) -> FeatureView:
+        for view in self.views:
+            if view.name == name:
+                return view
+        raise UnknownView(name, [v.name for v in self.views])
+
+    def with_overrides(self, **changes: Any) -> CacheConfig:
+        return replace(self, **changes)
+
+
+# --------------------------------------------------------------------------- file loading
+
+_SECTIONS: dict[str, dict[str, str]] = {
+    # yaml section -> {yaml key: CacheConfig field}
+    "redis": {
+        "url": "redis_url",
+        "key_prefix": "key_prefix",
+        "socket_timeout": "redis_socket_timeout",
+        "connect_timeout": "redis_connect_timeout",
+        "max_connections": "redis_max_connections",
+        "read_chunk": "redis_read_chunk",
+    },
+    "offline_store": {
+        "url": "offline_url",
+        "chunk_size": "sql_chunk_size",
+        "connect_timeout": "sql_connect_timeout",
+        "pool_size": "sql_pool_size",
+    },
+    "limits": {"max_id_length": "max_id_length"},
+}
+_VIEW_DEFAULT_KEYS = ("negative_ttl", "stale_if_error")
+_VIEW_KEYS = (
+    "table", "schema", "entity", "event_timestamp", "updated_at", "ttl",
+    "negative_ttl", "stale_if_error", "features",
+)
+_FEATURE_KEYS = ("type", "max_age", "column")
+_ENV_ALIASES = {
+    "FEATCACHE_REDIS_URL": ("redis", "url"),
+    "FEATCACHE_OFFLINE_URL": ("offline_store", "url"),
+    "FEATCACHE_KEY_PREFIX": ("redis", "key_prefix"),
+}
+_INT_FIELDS = {
+    "redis_max_connections", "redis_read_chunk", "sql_chunk_size", "sql_pool_size",
+    "max_id_length",
+}
+
+
+def _unknown(key: str, known: Iterable[str], path: str, source: str) -> ConfigError:
+    close = difflib.get_close_matches(key, list(known), n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else f"; expected one of {', '.join(known)}"
+    return ConfigError(f"unknown key {key!r}{hint}", path, source)
+
+
+def _mapping(value: object, path: str, source: str) -> Mapping[str, Any]:
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"expected a mapping, got {type(value).__name__}", path, source)
+    for key in value:
+        if not isinstance(key, str):
+            raise ConfigError(f"expected string keys, got {key!r}", path, source)
+    return value
+
+
+def _apply_env(doc: dict[str, Any], env: Mapping[str, str], source: str) -> None:
+    """``FEATCACHE_REDIS_URL`` style aliases and ``FEATCACHE__SECTION__KEY`` for any scalar."""
+    for var, value in sorted(env.items()):
+        if var in _ENV_ALIASES:
+            parts: tuple[str, ...] = _ENV_ALIASES[var]
+        elif var.startswith("FEATCACHE__"):
+            parts = tuple(p.lower() for p in var[len("FEATCACHE__"):].split("__"))
+        else:
+            continue
+        node: dict[str, Any] = doc
+        for depth, part in enumerate(parts[:-1]):
+            child = node.get(part)
+            if child is None and depth == 0 and part in _SECTIONS:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(
+                    f"environment variable {var} names {'.'.join(parts)!r}, "
+                    "which is not in the configuration",
+                    ".".join(parts[: depth + 1]),
+                    source,
+                )
+            node = child
+        node[parts[-1]] = value
+
+
+def _build_feature(name: str, spec: object, path: str, source: str) -> Feature:
+    if isinstance(spec, str):  # shorthand: "float, 10m"
+        type_text, _, age = spec.partition(",")
+        spec = {"type": type_text.strip(), "max_age": age.strip() or None}
+    spec = _mapping(spec, path, source)
+    for key in spec:
+        if key not in _FEATURE_KEYS:
+            raise _unknown(key, _FEATURE_KEYS, f"{path}.{key}", source)
+    for key in ("type", "max_age"):
+        if spec.get(key) in (None, ""):
+            raise ConfigError(f"missing required key {key!r}", f"{path}.{key}", source)
+    try:
+        return Feature(name, str(spec["type"]), spec["max_age"], spec.get("column"))
+    except ConfigError as exc:
+        raise ConfigError(exc.message, f"views.{path.split('.')[1]}.{exc.path}", source) from None
+
+
+def _build_view(name: str, spec: object, defaults: Mapping[str, Any], source: str) -> FeatureView:
+    path = f"views.{name}"
+    spec = _mapping(spec, path, source)
+    for key in spec:
+        if key not in _VIEW_KEYS:
+            raise _unknown(key, _VIEW_KEYS, f"{path}.{key}", source)
+    for key in ("table", "entity", "event_timestamp", "features"):
+        if key not in spec:
+            raise ConfigError(f"missing required key {key!r}", f"{path}.{key}", source)
+    entity = spec["entity"]
+    if isinstance(entity, str):
+        entity = {"column": entity}
+    entity = _mapping(entity, f"{path}.entity", source)
+    for key in entity:
+        if key not in ("column", "type"):
+            raise _unknown(key, ("column", "type"), f"{path}.entity.{key}", source)
+    if "column" not in entity:
+        raise ConfigError("missing required key 'column'", f"{path}.entity.column", source)
+    features_spec = _mapping(spec["features"], f"{path}.features", source)
+    features = tuple(
+        _build_feature(fname, fspec, f"{path}.features.{fname}", source)
+        for fname, fspec in features_spec.items()
+    )
+    options = {k: spec.get(k, defaults.get(k)) for k in _VIEW_DEFAULT_KEYS}
+    try:
+        return FeatureView(
+            name=name,
+            table=spec["table"],
+            schema=spec.get("schema"),
+            entity_column=entity["column"],
+            entity_type=entity.get("type", "int"),
+            event_timestamp_column=spec["event_timestamp"],
+            updated_at_column=spec.get("updated_at"),
+            features=features,
+            ttl=spec.get("ttl") or 0.0,
+            **{k: v for k, v in options.items() if v is not None},
+        )
+    except ConfigError as exc:
+        raise ConfigError(exc.message, exc.path, source) from None
+
+
+def config_from_dict(
+    doc: Mapping[str, Any], source: str = "<dict>", env: Mapping[str, str] | None = None
+) -> CacheConfig:
+    """Build a ``CacheConfig`` from the parsed file; ``env`` overrides (default: os.environ)."""
+    doc = dict(_mapping(doc, "", source))
+    doc = {k: (dict(v) if isinstance(v, Mapping) else v) for k, v in doc.items()}
+    _apply_env(doc, os.environ if env is None else env, source)
+    known_top = (*_SECTIONS, "defaults", "views")
+    kwargs: dict[str, Any] = {}
+    for key, value in doc.items():
+        if key not in known_top:
+            raise _unknown(key, known_top, key, source)
+        if key in _SECTIONS:
+            section = _mapping(value, key, source)
+            for sub, sub_value in section.items():
+                target = _SECTIONS[key].get(sub)
+                if target is None:
+                    raise _unknown(sub, _SECTIONS[key], f"{key}.{sub}", source)
+                kwargs[target] = _section_value(target, sub_value, f"{key}.{sub}", source)
+    defaults = _mapping(doc.get("defaults") or {}, "defaults", source)
+    for key in defaults:
+        if key not in _VIEW_DEFAULT_KEYS:
+            raise _unknown(key, _VIEW_DEFAULT_KEYS, f"defaults.{key}", source)
+    views_spec = _mapping(doc.get("views") or {}, "views", source)
+    kwargs["views"] = tuple(
+        _build_view(name, spec, defaults, source) for name, spec in views_spec.items()
+    )
+    try:
+        return CacheConfig(source=source, **kwargs)
+    except ConfigError as exc:
+        raise ConfigError(exc.message, _field_path(exc.path), source) from None
+    except TypeError as exc:  # a wrong type slipped past the section readers
+        raise ConfigError(str(exc), "", source) from None
+
+
+def _section_value(target: str, value: Any, path: str, source: str) -> Any:
+    """Environment overrides arrive as strings: parse them as the field expects."""
+    if target in _INT_FIELDS and isinstance(value, str):
+        if not value.strip().isdigit():
+            raise ConfigError(f"expected an integer, got {value!r}", path, source)
+        return int(value)
+    if target.endswith("timeout"):
+        try:
+            return parse_duration(value, path)
+        except ConfigError as exc:
+            raise ConfigError(exc.message, path, source) from None
+    return value
+
+
+def _field_path(field_name: str) -> str:
+    for section, mapping in _SECTIONS.items():
+        for key, target in mapping.items():
+            if target == field_name:
+                return f"{section}.{key}"
+    return field_name
+
+
+def load_config(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> CacheConfig:
+    """Read a YAML config file; environment variables ``FEATCACHE_...`` override it."""
+    source = str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read the file: {exc.strerror or exc}", "", source) from None
+    try:
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        raise ConfigError(f"{where}not valid YAML ({getattr(exc, 'problem', exc)})", "",
+                          source) from None
+    if doc is None:
+        raise ConfigError("the file is empty", "", source)
+    return config_from_dict(doc, source, env)

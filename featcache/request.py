@@ -1,0 +1,203 @@
+"""Validation of a ``get_features`` call, done before any I/O.
+
+Resolving feature references is pure and the same few feature lists recur on a serving path,
+so plans are memoised per tuple of names; validating ids is one pass with a fast path for the
+common all-``int`` or all-``str`` batch.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import numbers
+from collections.abc import Hashable, Iterable, Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
+
+from featcache.codec import RowCodec
+from featcache.config import CacheConfig, FeatureView
+from featcache.errors import (
+    AmbiguousFeature,
+    InvalidEntityId,
+    InvalidRequest,
+    UnknownFeature,
+    UnknownView,
+)
+
+__all__ = ["EntityId", "Plan", "Planner", "ViewPlan", "check_id", "normalize_ids"]
+
+EntityId = int | str
+
+
+@dataclass(frozen=True, slots=True)
+class ViewPlan:
+    """What one call needs from one view."""
+
+    view: FeatureView
+    codec: RowCodec
+    features: tuple[int, ...]  # requested feature indices in the view
+    width: int  # a cached row must hold at least this many features
+    max_age_ms: int  # the strictest max_age among the requested features
+    ttl_ms: int
+    negative_ttl_ms: int
+    stale_window_ms: int  # max_age + stale_if_error: how long a row may be served STALE
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    names: tuple[str, ...]  # output names, as the caller spelled them
+    columns: tuple[tuple[int, int], ...]  # per name: (index into views, feature index)
+    views: tuple[ViewPlan, ...]
+    entity_type: str
+
+
+class Planner:
+    """Resolves ``"view:feature"`` and bare ``"feature"`` references against the config."""
+
+    def __init__(self, config: CacheConfig, codecs: dict[str, RowCodec]) -> None:
+        self._config = config
+        self._codecs = codecs
+        self._views = {v.name: v for v in config.views}
+        owners: dict[str, list[str]] = {}
+        for view in config.views:
+            for feature in view.features:
+                owners.setdefault(feature.name, []).append(view.name)
+        self._owners = owners
+        self._all_refs = [f"{v.name}:{f.name}" for v in config.views for f in v.features]
+        self.plan = lru_cache(maxsize=256)(self._plan)
+
+    def _resolve(self, ref: str) -> tuple[FeatureView, int]:
+        if not isinstance(ref, str):
+            raise InvalidRequest(f"feature references are strings, got {ref!r}")
+        view_name, sep, feature_name = ref.partition(":")
+        if sep:
+            view = self._views.get(view_name)
+            if view is None:
+                raise UnknownView(view_name, list(self._views))
+            names = view.feature_names
+            if feature_name not in names:
+                close = difflib.get_close_matches(ref, self._all_refs, n=3, cutoff=0.5)
+                raise UnknownFeature(ref, close)
+            return view, names.index(feature_name)
+        owners = self._owners.get(ref)
+        if not owners:
+            close = difflib.get_close_matches(ref, list(self._owners) + self._all_refs, n=3,
+                                              cutoff=0.5)
+            raise UnknownFeature(ref, close)
+        if len(owners) > 1:
+            raise AmbiguousFeature(ref, [f"{owner}:{ref}" for owner in owners])
+        view = self._views[owners[0]]
+        return view, view.feature_names.index(ref)
+
+    def _plan(self, refs: tuple[str, ...]) -> Plan:
+        if not refs:
+            raise InvalidRequest("feature_names is empty: ask for at least one feature")
+        order: list[str] = []
+        wanted: dict[str, list[int]] = {}
+        columns_by_view: list[tuple[str, int]] = []
+        seen: set[str] = set()
+        names: list[str] = []
+        for ref in refs:
+            view, index = self._resolve(ref)
+            if ref in seen:
+                continue
+            seen.add(ref)
+            if view.name not in wanted:
+                wanted[view.name] = []
+                order.append(view.name)
+            if index not in wanted[view.name]:
+                wanted[view.name].append(index)
+            names.append(ref)
+            columns_by_view.append((view.name, index))
+        entity_types = {self._views[name].entity_type for name in order}
+        if len(entity_types) > 1:
+            raise InvalidRequest(
+                "these features come from views keyed by different id types "
+                f"({', '.join(f'{n}: {self._views[n].entity_type}' for n in order)}); "
+                "ask for them in separate calls"
+            )
+        plans = []
+        for name in order:
+            view = self._views[name]
+            indices = tuple(wanted[name])
+            max_age = min(view.features[i].max_age for i in indices)
+            plans.append(
+                ViewPlan(
+                    view=view,
+                    codec=self._codecs[name],
+                    features=indices,
+                    width=max(indices) + 1,
+                    max_age_ms=int(max_age * 1000),
+                    ttl_ms=int(view.ttl * 1000),
+                    negative_ttl_ms=int(view.negative_ttl * 1000),
+                    stale_window_ms=int((max_age + view.stale_if_error) * 1000),
+                )
+            )
+        position = {name: i for i, name in enumerate(order)}
+        columns = tuple((position[v], i) for v, i in columns_by_view)
+        return Plan(tuple(names), columns, tuple(plans), entity_types.pop())
+
+
+def _bad_id(value: Any, entity_type: str, max_len: int) -> InvalidEntityId:
+    if value is None:
+        return InvalidEntityId("entity id None is not allowed")
+    if isinstance(value, float) and math.isnan(value):
+        return InvalidEntityId("entity id NaN is not allowed")
+    if isinstance(value, bytes | bytearray | memoryview):
+        return InvalidEntityId(f"entity id {bytes(value)[:40]!r} is bytes; decode it to str first")
+    if isinstance(value, bool):
+        return InvalidEntityId(f"entity id {value!r} is a bool; ids are {entity_type}")
+    if isinstance(value, str) and entity_type == "str":
+        if not value:
+            return InvalidEntityId("entity id '' (empty string) is not allowed")
+        return InvalidEntityId(
+            f"entity id of {len(value.encode())} bytes is longer than the limit of {max_len} "
+            "bytes (limits.max_id_length)"
+        )
+    return InvalidEntityId(
+        f"entity id {value!r:.60} is {type(value).__name__}; this view's ids are {entity_type}"
+    )
+
+
+def normalize_ids(entity_ids: Iterable[Any], entity_type: str, max_len: int) -> list[EntityId]:
+    """Unique ids in first-seen order; raises ``InvalidEntityId`` for the first bad one."""
+    if isinstance(entity_ids, str | bytes):
+        raise InvalidRequest(
+            "entity_ids must be a list of ids, not a single "
+            f"{type(entity_ids).__name__}; wrap it: [{entity_ids!r:.40}]"
+        )
+    try:
+        ids: Sequence[Any] = (
+            entity_ids if isinstance(entity_ids, list | tuple) else list(entity_ids)
+        )
+    except TypeError:
+        raise InvalidRequest(
+            f"entity_ids must be an iterable of ids, got {type(entity_ids).__name__}"
+        ) from None
+    try:
+        unique = list(dict.fromkeys(ids))
+    except TypeError:  # an unhashable id (a list, a dict): name it
+        bad = next(x for x in ids if not isinstance(x, Hashable))
+        raise _bad_id(bad, entity_type, max_len) from None
+    if entity_type == "int":
+        if all(type(x) is int for x in unique):
+            return unique
+    else:
+        limit = max_len // 4  # a str this many characters long is under the byte limit for sure
+        if all(type(x) is str and x and len(x) <= limit for x in unique):
+            return unique
+    return list(dict.fromkeys(check_id(x, entity_type, max_len) for x in unique))
+
+
+def check_id(value: Any, entity_type: str, max_len: int) -> EntityId:
+    """One id, converted to ``int`` or ``str`` (numpy scalars too), or ``InvalidEntityId``."""
+    if entity_type == "int":
+        if type(value) is int:
+            return value
+        if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+            return int(value)  # numpy/pandas integers
+        raise _bad_id(value, entity_type, max_len)
+    if isinstance(value, str) and value and len(value.encode()) <= max_len:
+        return str(value)
+    raise _bad_id(value, entity_type, max_len)

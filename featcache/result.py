@@ -1,0 +1,167 @@
+"""``FeatureResult``: the answer of ``get_features``, a read-only mapping with statuses.
+
+It is ``Mapping[entity_id, dict[feature, value]]`` in the caller's order (the shape of the
+original design sketch), keyed by the feature names exactly as the caller spelled them. Every
+value carries a status and the event timestamp of the row it came from. The per-entity dicts are
+built on first access: a caller that goes straight to ``to_arrow()`` never pays for them.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections import Counter
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any, NamedTuple
+
+import pandas as pd
+import pyarrow as pa
+
+from featcache.convert import us_to_timestamp
+from featcache.request import EntityId, Plan
+from featcache.types import FeatureType, Status
+
+__all__ = ["Answer", "FeatureResult", "arrow_type"]
+
+_ARROW_TYPES: dict[FeatureType, pa.DataType] = {
+    FeatureType.INT: pa.int64(),
+    FeatureType.FLOAT: pa.float64(),
+    FeatureType.BOOL: pa.bool_(),
+    FeatureType.STR: pa.string(),
+    FeatureType.TIMESTAMP: pa.timestamp("us", tz="UTC"),
+    FeatureType.EMBEDDING: pa.list_(pa.float64()),
+}
+
+
+def arrow_type(ftype: FeatureType) -> pa.DataType:
+    return _ARROW_TYPES[ftype]
+
+
+class Answer(NamedTuple):
+    """One row of one view for one entity, as answered."""
+
+    status: Status
+    values: Sequence[Any] | None  # None when ABSENT
+    event_us: int | None
+
+
+class FeatureResult(Mapping[EntityId, dict[str, Any]]):
+    """``entity_id -> {feature: value}`` plus ``status()``, ``event_timestamp()``, Arrow, pandas."""
+
+    __slots__ = ("_answers", "_dicts", "_ids", "_plan")
+
+    def __init__(
+        self, ids: Sequence[EntityId], plan: Plan | None, answers: Sequence[dict[EntityId, Answer]]
+    ) -> None:
+        self._ids = ids
+        self._plan = plan
+        self._answers = answers
+        self._dicts: dict[EntityId, dict[str, Any]] = {}
+
+    # ---------------------------------------------------------------- Mapping
+
+    def __getitem__(self, entity_id: EntityId) -> dict[str, Any]:
+        cached = self._dicts.get(entity_id)
+        if cached is not None:
+            return cached
+        if self._plan is None:
+            raise KeyError(entity_id)
+        rows = [answers[entity_id] for answers in self._answers]  # KeyError if not asked for
+        out = {
+            name: (None if rows[v].values is None else rows[v].values[f])  # type: ignore[index]
+            for name, (v, f) in zip(self._plan.names, self._plan.columns, strict=True)
+        }
+        self._dicts[entity_id] = out
+        return out
+
+    def __iter__(self) -> Iterator[EntityId]:
+        return iter(self._ids)
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    def __contains__(self, entity_id: object) -> bool:
+        return bool(self._answers) and entity_id in self._answers[0]
+
+    def __repr__(self) -> str:
+        counts = ", ".join(f"{s.value}={n}" for s, n in sorted(self.status_counts().items()))
+        shape = f"{len(self)} entities x {len(self.feature_names)} features"
+        return f"<FeatureResult {shape}; {counts}>"
+
+    # ---------------------------------------------------------------- statuses
+
+    @property
+    def feature_names(self) -> tuple[str, ...]:
+        return self._plan.names if self._plan is not None else ()
+
+    def _answer(self, entity_id: EntityId, feature: str) -> Answer:
+        if self._plan is None:
+            raise KeyError(entity_id)
+        try:
+            v, _ = self._plan.columns[self._plan.names.index(feature)]
+        except ValueError:
+            raise KeyError(f"{feature!r} was not requested in this call") from None
+        return self._answers[v][entity_id]
+
+    def status(self, entity_id: EntityId, feature: str) -> Status:
+        """Where this value came from (``HIT_REDIS``, ``FILLED``, ``ABSENT``, ``STALE``...)."""
+        return self._answer(entity_id, feature).status
+
+    def event_timestamp(self, entity_id: EntityId, feature: str) -> dt.datetime | None:
+        """The event time of the SQL row behind this value (None when ABSENT or unset)."""
+        return us_to_timestamp(self._answer(entity_id, feature).event_us)
+
+    def statuses(self) -> dict[EntityId, dict[str, Status]]:
+        if self._plan is None:
+            return {}
+        cols = self._plan.columns
+        return {
+            eid: {
+                name: self._answers[v][eid].status
+                for name, (v, _) in zip(self._plan.names, cols, strict=True)
+            }
+            for eid in self._ids
+        }
+
+    def status_counts(self) -> Counter[Status]:
+        """How many values (entity x feature) have each status."""
+        counts: Counter[Status] = Counter()
+        if self._plan is None:
+            return counts
+        per_view = Counter(v for v, _ in self._plan.columns)
+        for v, answers in enumerate(self._answers):
+            for answer in answers.values():
+                counts[answer.status] += per_view[v]
+        return counts
+
+    # ---------------------------------------------------------------- columnar
+
+    def to_arrow(self, with_status: bool = False) -> pa.Table:
+        """One row per entity; columns typed as declared (timestamps UTC, NaN != null).
+
+        ``with_status`` adds ``<feature>.status`` and ``<feature>.event_ts`` columns.
+        """
+        plan = self._plan
+        columns: dict[str, pa.Array[Any]] = {}
+        if plan is None or not plan.views:
+            return pa.table({"entity_id": pa.array([], pa.int64())})
+        id_type = pa.int64() if plan.entity_type == "int" else pa.string()
+        columns["entity_id"] = pa.array(self._ids, id_type)
+        for name, (v, f) in zip(plan.names, plan.columns, strict=True):
+            view_plan = plan.views[v]
+            answers = self._answers[v]
+            rows = [answers[eid] for eid in self._ids]
+            ftype = view_plan.view.features[f].type
+            columns[name] = pa.array(
+                [None if r.values is None else r.values[f] for r in rows], arrow_type(ftype)
+            )
+            if with_status:
+                columns[f"{name}.status"] = pa.array([r.status.value for r in rows], pa.string())
+                columns[f"{name}.event_ts"] = pa.array(
+                    [r.event_us for r in rows], pa.int64()
+                ).cast(pa.timestamp("us", tz="UTC"))
+        return pa.table(columns)
+
+    def to_pandas(self, with_status: bool = False) -> pd.DataFrame:
+        """A DataFrame indexed by entity id, Arrow-backed so int nulls and NaN vs null survive."""
+        frame = self.to_arrow(with_status).to_pandas(types_mapper=pd.ArrowDtype)
+        return frame.set_index("entity_id")

@@ -1,0 +1,270 @@
+"""Fixtures that give every test real, isolated backends.
+
+Out of the box (``pytest`` with no environment) the suite runs against a private embedded
+Valkey, SQLite, and a private PostgreSQL if its binaries are installed; MySQL tests skip.
+CI points the suite at real shared services instead:
+
+``FEATCACHE_TEST_REDIS_URL``   Redis/Valkey to use instead of the embedded server
+``FEATCACHE_TEST_PG_URL``      PostgreSQL server (SQLAlchemy URL) to create schemas on
+``FEATCACHE_TEST_MYSQL_URL``   MySQL/MariaDB server (SQLAlchemy URL) to create databases on
+``FEATCACHE_TEST_REQUIRE``     comma list of redis,postgresql,mysql,sqlite: a named backend
+                               that is unavailable fails the tests instead of skipping them,
+                               so CI can never go green by skipping.
+
+Shared servers are only ever touched inside namespaces the fixtures created: keys under the
+test's ``key_prefix`` and ``fct_<hex>`` schemas/databases. Nothing is ever flushed.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import re
+import secrets
+import sqlite3
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Final
+
+import pytest
+import redis
+import sqlalchemy as sa
+from servers import (
+    SQL_BACKENDS,
+    PrivatePostgres,
+    SqlTarget,
+    find_postgres_bin_dir,
+    isolated_target,
+    mask_url,
+    unlink_matching,
+)
+
+from featcache.embedded import EmbeddedServer, find_server_binary
+from featcache.errors import EmbeddedServerError
+
+ENV_REDIS_URL: Final = "FEATCACHE_TEST_REDIS_URL"
+ENV_PG_URL: Final = "FEATCACHE_TEST_PG_URL"
+ENV_MYSQL_URL: Final = "FEATCACHE_TEST_MYSQL_URL"
+ENV_REQUIRE: Final = "FEATCACHE_TEST_REQUIRE"
+
+_KNOWN_REQUIREMENTS: Final = frozenset({"redis", *SQL_BACKENDS})
+
+#: Distinguishes this pytest process's keys from concurrent runs (and xdist workers) sharing
+#: one Redis; the counter makes each test's prefix unique within the run.
+_RUN_ID: Final = secrets.token_hex(4)
+_prefix_counter = itertools.count(1)
+
+
+def _env(name: str) -> str | None:
+    """The variable's value, with an empty string meaning unset (as CI templates produce)."""
+    return os.environ.get(name) or None
+
+
+def _required() -> frozenset[str]:
+    raw = _env(ENV_REQUIRE) or ""
+    return frozenset(part.strip().lower() for part in raw.split(",") if part.strip())
+
+
+def _unavailable(backend: str, reason: str) -> None:
+    """Skip, or fail when FEATCACHE_TEST_REQUIRE names the backend, so CI never skips silently."""
+    if backend in _required():
+        pytest.fail(f"{backend} is required by {ENV_REQUIRE} but {reason}", pytrace=False)
+    pytest.skip(f"{backend} unavailable: {reason}")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Reject a misconfigured environment before any test runs, not per test."""
+    required = _required()
+    unknown = required - _KNOWN_REQUIREMENTS
+    if unknown:
+        raise pytest.UsageError(
+            f"{ENV_REQUIRE} names unknown backends {sorted(unknown)}; "
+            f"known: {sorted(_KNOWN_REQUIREMENTS)}"
+        )
+    # Requiring redis means "test against the server I configured": silently falling back to
+    # the embedded server would make that run meaningless.
+    if "redis" in required and _env(ENV_REDIS_URL) is None:
+        raise pytest.UsageError(f"{ENV_REQUIRE} contains redis but {ENV_REDIS_URL} is unset")
+
+
+# --------------------------------------------------------------------------------------------
+# Session header
+# --------------------------------------------------------------------------------------------
+
+
+def _redis_description() -> str:
+    url = _env(ENV_REDIS_URL)
+    if url is None:
+        try:
+            binary = find_server_binary()
+        except EmbeddedServerError as exc:
+            return f"embedded: unavailable ({exc})"
+        out = subprocess.run(
+            [binary, "--version"], capture_output=True, text=True, timeout=10, check=False
+        )
+        match = re.search(r"v=(\S+)", out.stdout)
+        version = match.group(1) if match else "unknown version"
+        return f"embedded {Path(binary).name} {version} ({binary}), started on first use"
+    client = redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=2)
+    try:
+        info = client.info("server")
+        name = str(info.get("server_name", "redis"))
+        version = info.get("valkey_version") or info.get("redis_version", "?")
+        return f"{mask_url(url)} ({name} {version})"
+    except redis.RedisError as exc:
+        return f"{mask_url(url)} (UNREACHABLE: {exc})"
+    finally:
+        client.close()
+
+
+def _sql_server_version(url: str) -> str:
+    engine = sa.create_engine(url, poolclass=sa.NullPool, connect_args={"connect_timeout": 2})
+    query = "SHOW server_version" if engine.dialect.name == "postgresql" else "SELECT VERSION()"
+    try:
+        with engine.connect() as conn:
+            return str(conn.exec_driver_sql(query).scalar())
+    except sa.exc.SQLAlchemyError as exc:
+        cause = getattr(exc, "orig", None) or exc
+        return f"UNREACHABLE: {type(cause).__name__}: {cause}"
+    finally:
+        engine.dispose()
+
+
+def _sql_descriptions() -> list[str]:
+    lines = [f"sqlite: {sqlite3.sqlite_version} (a fresh file per test)"]
+    pg_url = _env(ENV_PG_URL)
+    if pg_url is not None:
+        lines.append(f"postgresql: {mask_url(pg_url)} ({_sql_server_version(pg_url)})")
+    elif (bin_dir := find_postgres_bin_dir()) is not None:
+        version = PrivatePostgres(bin_dir).version()
+        lines.append(f"postgresql: private server, {version} ({bin_dir}), started on first use")
+    else:
+        lines.append("postgresql: none (no FEATCACHE_TEST_PG_URL, no initdb found)")
+    mysql_url = _env(ENV_MYSQL_URL)
+    if mysql_url is not None:
+        lines.append(f"mysql: {mask_url(mysql_url)} ({_sql_server_version(mysql_url)})")
+    else:
+        lines.append(f"mysql: none ({ENV_MYSQL_URL} unset)")
+    return lines
+
+
+def pytest_report_header(config: pytest.Config) -> list[str]:
+    """State once per run which servers the results are about; CI logs must show it."""
+    required = ",".join(sorted(_required())) or "nothing (unavailable backends skip)"
+    return [
+        f"featcache redis: {_redis_description()}",
+        *(f"featcache {line}" for line in _sql_descriptions()),
+        f"featcache required: {required}",
+    ]
+
+
+# --------------------------------------------------------------------------------------------
+# Redis
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[EmbeddedServer | None]:
+    """The embedded server, or None when FEATCACHE_TEST_REDIS_URL points at a real one."""
+    if _env(ENV_REDIS_URL) is not None:
+        yield None
+        return
+    with EmbeddedServer() as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def redis_url(redis_server: EmbeddedServer | None) -> str:
+    """The URL every test's cache talks to."""
+    if redis_server is not None:
+        return redis_server.url
+    url = _env(ENV_REDIS_URL)
+    assert url is not None
+    return url
+
+
+@pytest.fixture
+def key_prefix(redis_url: str) -> Iterator[str]:
+    """A key prefix no other test or run uses; teardown removes ``<prefix>:*`` and nothing else.
+
+    This is the only place the suite scans a keyspace: a shared server must never be flushed,
+    and the prefix is what lets us delete exactly what this test wrote.
+    """
+    prefix = f"fct-{_RUN_ID}-{next(_prefix_counter)}"
+    yield prefix
+    client = redis.Redis.from_url(redis_url)
+    try:
+        unlink_matching(client, f"{prefix}:*")
+    finally:
+        client.close()
+
+
+@pytest.fixture
+def redis_client(redis_url: str) -> Iterator[redis.Redis]:
+    """A plain client for arranging and inspecting state; confine writes to ``key_prefix``."""
+    client = redis.Redis.from_url(redis_url)
+    try:
+        yield client
+    finally:
+        client.close()
+
+
+# --------------------------------------------------------------------------------------------
+# SQL
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def pg_base_url() -> Iterator[str | None]:
+    """FEATCACHE_TEST_PG_URL, else a private server (None when PostgreSQL is not installed).
+
+    Session scoped and only requested by postgresql-parametrized tests, so the private server
+    starts on first use and a run that never touches PostgreSQL never pays for it.
+    """
+    url = _env(ENV_PG_URL)
+    if url is not None:
+        yield url
+        return
+    server = PrivatePostgres.find()
+    if server is None:
+        yield None
+        return
+    with server:
+        yield server.url
+
+
+@pytest.fixture(scope="session")
+def mysql_base_url() -> str | None:
+    """FEATCACHE_TEST_MYSQL_URL; there is no private MySQL fallback."""
+    return _env(ENV_MYSQL_URL)
+
+
+def _base_url(request: pytest.FixtureRequest, backend: str) -> str | None:
+    """The server to create the namespace on, resolved lazily so unused servers never start."""
+    if backend == "sqlite":
+        return None
+    if backend == "postgresql":
+        url: str | None = request.getfixturevalue("pg_base_url")
+        if url is None:
+            _unavailable(backend, f"{ENV_PG_URL} is unset and no initdb/postgres was found")
+        return url
+    url = request.getfixturevalue("mysql_base_url")
+    if url is None:
+        _unavailable(backend, f"{ENV_MYSQL_URL} is unset")
+    return url
+
+
+@pytest.fixture(params=SQL_BACKENDS, ids=list(SQL_BACKENDS))
+def sql_target(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[SqlTarget]:
+    """A fresh namespace on each SQL dialect; teardown drops only that namespace."""
+    backend: str = request.param
+    with isolated_target(backend, _base_url(request, backend), tmp_path) as target:
+        yield target
+
+
+@pytest.fixture
+def sqlite_target(tmp_path: Path) -> Iterator[SqlTarget]:
+    """A fresh SQLite file, for tests whose subject is not dialect-specific."""
+    with isolated_target("sqlite", None, tmp_path) as target:
+        yield target

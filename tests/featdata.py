@@ -1,0 +1,196 @@
+"""Builders shared by the read/write path tests: a table in any dialect, a cache, a clock.
+
+Tables use portable SQLAlchemy types (DOUBLE, BIGINT, DATETIME(6) on MySQL, JSON for
+embeddings) so the same data reads back identically on SQLite, PostgreSQL and MariaDB.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import redis
+import sqlalchemy as sa
+from sqlalchemy.dialects import mysql
+
+from featcache import CacheConfig, Feature, FeatureCache, FeatureView
+
+UTC = dt.UTC
+T0 = dt.datetime(2026, 1, 1, tzinfo=UTC)
+
+TIMESTAMP = sa.DateTime(timezone=True).with_variant(mysql.DATETIME(fsp=6), "mysql", "mariadb")
+
+STATS_FEATURES = (
+    Feature("ctr", "float", "10m"),
+    Feature("clicks", "int", "1h"),
+    Feature("country", "str", "1h"),
+    Feature("vip", "bool", "1h"),
+    Feature("last_seen", "timestamp", "1h"),
+    Feature("emb", "list[float]", "1h"),
+)
+
+_SA_TYPES: dict[str, Any] = {
+    "float": sa.Double(),
+    "int": sa.BigInteger(),
+    "str": sa.String(255),
+    "bool": sa.Boolean(),
+    "timestamp": TIMESTAMP,
+    "list[float]": sa.JSON(),
+}
+
+
+class Clock:
+    """An injected wall clock: seconds since the epoch, moved by hand."""
+
+    def __init__(self, start: float = 1_800_000_000.0) -> None:
+        self.now = start
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def make_table(
+    engine: sa.Engine,
+    schema: str | None,
+    name: str,
+    features: Sequence[Feature],
+    entity_type: str = "int",
+) -> sa.Table:
+    table = sa.Table(
+        name,
+        sa.MetaData(schema=schema),
+        sa.Column("entity_id", sa.BigInteger() if entity_type == "int" else sa.String(600)),
+        sa.Column("event_ts", TIMESTAMP),
+        sa.Column("updated_at", TIMESTAMP),
+        *(sa.Column(f.column, _SA_TYPES[f.type.value]) for f in features),
+        mysql_charset="utf8mb4",
+    )
+    table.create(engine)
+    return table
+
+
+def insert(engine: sa.Engine, table: sa.Table, rows: Iterable[Mapping[str, Any]]) -> None:
+    rows = [_for_dialect(engine, dict(r)) for r in rows]
+    if rows:
+        with engine.begin() as conn:
+            conn.execute(table.insert(), rows)
+
+
+def _for_dialect(engine: sa.Engine, row: dict[str, Any]) -> dict[str, Any]:
+    # MySQL DATETIME and SQLite text timestamps hold no offset: store UTC wall time, as a
+    # deployment on those dialects would; featcache reads naive timestamps as UTC.
+    if engine.dialect.name in ("mysql", "mariadb", "sqlite"):
+        for key, value in row.items():
+            if isinstance(value, dt.datetime) and value.tzinfo is not None:
+                row[key] = value.astimezone(UTC).replace(tzinfo=None)
+    return row
+
+
+def stats_row(entity_id: int | str, ts: dt.datetime = T0, **values: Any) -> dict[str, Any]:
+    row: dict[str, Any] = {
+        "entity_id": entity_id,
+        "event_ts": ts,
+        "updated_at": ts,
+        "ctr": 0.25,
+        "clicks": 7,
+        "country": "DE",
+        "vip": False,
+        "last_seen": ts,
+        "emb": [0.5, -1.25],
+    }
+    row.update(values)
+    return row
+
+
+def make_view(
+    name: str,
+    table: str,
+    schema: str | None,
+    features: Sequence[Feature] = STATS_FEATURES,
+    entity_type: str = "int",
+    **options: Any,
+) -> FeatureView:
+    return FeatureView(
+        name=name,
+        table=table,
+        schema=schema,
+        entity_column="entity_id",
+        entity_type=entity_type,  # type: ignore[arg-type]
+        event_timestamp_column="event_ts",
+        updated_at_column="updated_at",
+        features=tuple(features),
+        **options,
+    )
+
+
+def make_cache(
+    views: Sequence[FeatureView],
+    redis_url: str,
+    offline_url: str,
+    key_prefix: str,
+    clock: Clock | None = None,
+    redis_client: redis.Redis | None = None,
+    **options: Any,
+) -> FeatureCache:
+    config = CacheConfig(
+        views=tuple(views),
+        redis_url=redis_url,
+        offline_url=offline_url,
+        key_prefix=key_prefix,
+        **options,
+    )
+    kwargs: dict[str, Any] = {}
+    if clock is not None:
+        kwargs["clock"] = clock
+    if redis_client is not None:
+        kwargs["redis_client"] = redis_client
+    return FeatureCache(config, **kwargs)
+
+
+class SqlCounter:
+    """Counts the feature queries featcache sends (not reflection), with a SQLAlchemy event."""
+
+    def __init__(self, engine: sa.Engine) -> None:
+        self.statements: list[str] = []
+        self._engine = engine
+        sa.event.listen(engine, "before_cursor_execute", self._on_execute)
+
+    def _on_execute(self, conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        if "fc_latest" in statement:
+            self.statements.append(statement)
+
+    @property
+    def count(self) -> int:
+        return len(self.statements)
+
+    def reset(self) -> None:
+        self.statements.clear()
+
+    def close(self) -> None:
+        sa.event.remove(self._engine, "before_cursor_execute", self._on_execute)
+
+
+class CountingConnection(redis.Connection):
+    """A real redis-py connection that counts network round trips (one per packed send)."""
+
+    sends = 0
+    commands: list[bytes] = []
+
+    def send_packed_command(self, command: Any, check_health: bool = True) -> None:
+        type(self).sends += 1
+        chunks = command if isinstance(command, list) else [command]
+        for chunk in chunks:
+            data = bytes(chunk) if not isinstance(chunk, bytes) else chunk
+            type(self).commands.append(data[:64])
+        super().send_packed_command(command, check_health)
+
+
+def counting_client(redis_url: str) -> tuple[redis.Redis, type[CountingConnection]]:
+    """A client whose connections count sends; the returned class holds the counters."""
+    counter = type("Counter", (CountingConnection,), {"sends": 0, "commands": []})
+    pool = redis.ConnectionPool.from_url(redis_url, connection_class=counter)
+    return redis.Redis(connection_pool=pool), counter

@@ -1,0 +1,83 @@
+"""The row format and the freshness rules: pure functions, no servers needed."""
+
+from __future__ import annotations
+
+import struct
+
+import msgpack
+from hypothesis import given
+from hypothesis import strategies as st
+
+from featcache import Feature, FeatureView
+from featcache.codec import NO_EVENT, RowCodec, schema_fingerprint
+from featcache.freshness import is_fresh, servable_stale
+from featcache.keys import LAYOUT_VERSION, KeyLayout
+from featcache.types import FeatureType
+
+VIEW = FeatureView(
+    name="v", table="t", entity_column="id", event_timestamp_column="ts",
+    features=(Feature("a", "float", 60), Feature("b", "int", 60), Feature("c", "str", 60)),
+)
+
+
+def test_header_is_fixed_width_and_big_endian_event() -> None:
+    raw = RowCodec(VIEW).encode((1.5, 2, "x"), 1_700_000_000_000_001, 5)
+    version, kind, event = struct.unpack_from(">BBq", raw)
+    assert (version, kind, event) == (LAYOUT_VERSION, ord("R"), 1_700_000_000_000_001)
+    assert RowCodec(VIEW).encode((1.5, 2, "x"), None, 5)[2:10] == struct.pack(">q", NO_EVENT)
+
+
+def test_absent_entry_round_trip() -> None:
+    row = RowCodec(VIEW).decode(RowCodec.encode_absent(123))
+    assert row is not None and row.absent and row.loaded_ms == 123 and row.values == ()
+
+
+def test_garbage_decodes_to_none_never_raises() -> None:
+    codec = RowCodec(VIEW)
+    good = codec.encode((1.0, 1, "a"), 1, 1)
+    for bad in (b"", b"\x01", b"\x02" + good[1:], good[:-1], good[:12], b"\x01Z" + good[2:],
+                b"\x01R" + b"\x00" * 8 + msgpack.packb({"a": 1}),
+                b"\x01R" + b"\x00" * 8 + msgpack.packb([1, 2, 3, 4, 5, 6, 7])):
+        assert codec.decode(bad) is None
+
+
+def test_other_schema_is_a_miss_but_appended_features_keep_old_rows() -> None:
+    old = RowCodec(VIEW).encode((1.0, 1, "a"), 1, 1)
+    grown = FeatureView(name="v", table="t", entity_column="id", event_timestamp_column="ts",
+                        features=(*VIEW.features, Feature("d", "bool", 60)))
+    row = RowCodec(grown).decode(old)
+    assert row is not None and row.values == (1.0, 1, "a")  # three of four: d is missing
+    retyped = FeatureView(name="v", table="t", entity_column="id", event_timestamp_column="ts",
+                          features=(Feature("a", "int", 60), *VIEW.features[1:]))
+    assert RowCodec(retyped).decode(old) is None
+
+
+def test_fingerprint_depends_on_order_and_type() -> None:
+    a = schema_fingerprint([("x", FeatureType.INT), ("y", FeatureType.STR)])
+    assert a != schema_fingerprint([("y", FeatureType.STR), ("x", FeatureType.INT)])
+    assert a != schema_fingerprint([("x", FeatureType.FLOAT), ("y", FeatureType.STR)])
+    assert a & 1 and a > 0
+
+
+@given(st.floats(allow_nan=False), st.integers(-(2**63), 2**63 - 1), st.text(),
+       st.integers(-(2**62), 2**62), st.integers(0, 2**50))
+def test_any_row_round_trips(f: float, i: int, s: str, event: int, loaded: int) -> None:
+    codec = RowCodec(VIEW)
+    row = codec.decode(codec.encode((f, i, s), event, loaded, 3, 17))
+    assert row is not None
+    assert row.values == (f, i, s) and row.event_us == event
+    assert (row.loaded_ms, row.epoch, row.fill_ms) == (loaded, 3, 17)
+
+
+def test_freshness_boundaries() -> None:
+    assert is_fresh(1000, 1000 + 600_000, 600_000)
+    assert not is_fresh(1000, 1000 + 600_001, 600_000)
+    assert is_fresh(2000, 1000, 10)  # loaded "in the future" (clock skew): fresh, not negative
+    assert servable_stale(0, 900_000, 900_000) and not servable_stale(0, 900_001, 900_000)
+
+
+def test_key_layout() -> None:
+    layout = KeyLayout("fc")
+    assert layout.row_key("users", 42) == "fc:users:42"
+    assert layout.row_keys("users", ["a:b", "ü"]) == ["fc:users:a:b", "fc:users:ü"]
+    assert layout.view_key("users", "epoch") == "fc:~users:epoch"
