@@ -23,7 +23,7 @@ from featcache.codec import RowCodec
 from featcache.config import CacheConfig, FeatureView, load_config
 from featcache.convert import ConversionError, converter, timestamp_to_us
 from featcache.errors import CacheUnavailable, InvalidRequest, OfflineStoreError, UnknownView
-from featcache.freshness import is_fresh, servable_stale
+from featcache.freshness import fresh_since
 from featcache.keys import KeyLayout
 from featcache.offline import OfflineStore
 from featcache.redis_store import RedisStore, WriteItem, connect
@@ -171,11 +171,21 @@ class FeatureCache:
         now_ms: int,
         writes: list[WriteItem],
     ) -> dict[EntityId, Answer]:
+        """Classify one view's Redis values; fill what is missing or stale from SQL.
+
+        This loop runs once per row of every batch: it compares integers against cut-offs
+        computed once (``featcache.freshness``) and builds plain tuples, nothing more.
+        """
         answers: dict[EntityId, Answer] = {}
         missing: list[EntityId] = []
         stale: dict[EntityId, Answer] = {}
         decode = vp.codec.decode
-        hits = negative_hits = decode_errors = 0
+        width = vp.width
+        fresh_after = fresh_since(now_ms, vp.max_age_ms)
+        negative_after = fresh_since(now_ms, vp.negative_ttl_ms)
+        stale_after = fresh_since(now_ms, vp.stale_window_ms)
+        hit, absent = Status.HIT_REDIS, Status.ABSENT
+        negative_hits = decode_errors = 0
         for eid, blob in zip(ids, raw, strict=True):
             if blob is None:
                 missing.append(eid)
@@ -184,27 +194,29 @@ class FeatureCache:
             if row is None:
                 decode_errors += 1
                 missing.append(eid)
-            elif row.absent:
-                if is_fresh(row.loaded_ms, now_ms, vp.negative_ttl_ms):
-                    answers[eid] = Answer(Status.ABSENT, None, None)
+            elif row[0]:  # a negative entry: SQL had no such entity
+                if row[3] >= negative_after:
+                    answers[eid] = (absent, None, None)
                     negative_hits += 1
                 else:
                     missing.append(eid)
-            elif len(row.values) < vp.width:  # written before a requested feature existed
+            elif len(row[5]) < width:  # written before a requested feature existed
                 missing.append(eid)
-            elif is_fresh(row.loaded_ms, now_ms, vp.max_age_ms):
-                answers[eid] = Answer(Status.HIT_REDIS, row.values, row.event_us)
-                hits += 1
+            elif row[3] >= fresh_after:
+                answers[eid] = (hit, row[5], row[1])
             else:
                 missing.append(eid)
-                if servable_stale(row.loaded_ms, now_ms, vp.stale_window_ms):
-                    stale[eid] = Answer(Status.STALE, row.values, row.event_us)
-        counts = {"hit_redis": hits, "negative_hit": negative_hits, "decode_errors": decode_errors}
+                if row[3] >= stale_after:
+                    stale[eid] = (Status.STALE, row[5], row[1])
+        counts = {
+            "hit_redis": len(answers) - negative_hits,
+            "negative_hit": negative_hits,
+            "decode_errors": decode_errors,
+        }
         if missing:
             self._fill(vp, missing, stale, now_ms, answers, writes, counts)
+            answers = {eid: answers[eid] for eid in ids}  # the caller's order
         self._stats.add(vp.view.name, counts)
-        if len(answers) != len(ids):  # keep the caller's order when fills came in between
-            answers = {eid: answers[eid] for eid in ids}
         return answers
 
     def _fill(
@@ -239,11 +251,11 @@ class FeatureCache:
         for eid in missing:
             row = found.get(eid)
             if row is None:
-                answers[eid] = Answer(Status.ABSENT, None, None)
+                answers[eid] = (Status.ABSENT, None, None)
                 writes.append((f"{head}{eid}", codec.encode_absent(now_ms), vp.negative_ttl_ms))
                 absent += 1
             else:
-                answers[eid] = Answer(Status.FILLED, row.values, row.event_us)
+                answers[eid] = (Status.FILLED, row.values, row.event_us)
                 writes.append(
                     (f"{head}{eid}", codec.encode(row.values, row.event_us, now_ms, 0, fill_ms),
                      vp.ttl_ms)

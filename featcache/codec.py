@@ -31,8 +31,7 @@ import sys
 import zlib
 from array import array
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
 import msgpack
 
@@ -50,8 +49,7 @@ _HEADER_SIZE: Final = _HEADER.size
 _LITTLE = sys.byteorder == "little"
 
 
-@dataclass(frozen=True, slots=True)
-class DecodedRow:
+class DecodedRow(NamedTuple):
     """A row read back from Redis. ``values`` may be shorter than the view (older schema)."""
 
     absent: bool
@@ -59,7 +57,10 @@ class DecodedRow:
     epoch: int
     loaded_ms: int
     fill_ms: int
-    values: tuple[Any, ...]
+    values: Sequence[Any]
+
+
+_new_row = tuple.__new__  # builds a DecodedRow without NamedTuple.__new__'s Python frame
 
 
 def _pack_embedding(value: Sequence[float]) -> bytes:
@@ -129,32 +130,30 @@ class RowCodec:
         return _HEADER.pack(LAYOUT_VERSION, KIND_ABSENT, NO_EVENT) + body
 
     def decode(self, raw: bytes) -> DecodedRow | None:
-        """The row, or None when the bytes are not a row of this view's schema (a miss)."""
+        """The row, or None when the bytes are not a row of this view's schema (a miss).
+
+        On the read path for every row of a batch, so it builds no intermediate objects.
+        """
         try:
             version, kind, event_us = _HEADER.unpack_from(raw)
             if version != LAYOUT_VERSION:
                 return None
-            body = msgpack.unpackb(memoryview(raw)[_HEADER_SIZE:], timestamp=3)
+            body = msgpack.unpackb(raw[_HEADER_SIZE:], timestamp=3)
+            if kind == KIND_ROW:
+                width = self._prefix_len.get(body[0])
+                if width is None or len(body) != 4 + width:
+                    return None
+                values = body[4:]
+                if self._embedding_idx:
+                    for i in self._embedding_idx:
+                        if i < width and values[i] is not None:
+                            values[i] = _unpack_embedding(values[i])
+                event = None if event_us == NO_EVENT else event_us
+                return _new_row(DecodedRow, (False, event, body[1], body[2], body[3], values))
             if kind == KIND_ABSENT:
                 _, epoch, loaded_ms = body
-                return DecodedRow(True, None, epoch, loaded_ms, 0, ())
-            if kind != KIND_ROW:
-                return None
-            width = self._prefix_len.get(body[0])
-            if width is None or len(body) != 4 + width:
-                return None
-            values = body[4:]
-            for i in self._embedding_idx:
-                if i < width and values[i] is not None:
-                    values[i] = _unpack_embedding(values[i])
-            return DecodedRow(
-                False,
-                None if event_us == NO_EVENT else event_us,
-                body[1],
-                body[2],
-                body[3],
-                tuple(values),
-            )
+                return _new_row(DecodedRow, (True, None, epoch, loaded_ms, 0, ()))
+            return None
         except Exception:  # any undecodable value is a miss, by contract
             return None
 

@@ -158,7 +158,7 @@ class EmbeddedServer:
         return (err.decode(errors="replace") + log).strip() or "no output"
 
     def kill(self) -> None:
-        """SIGKILL the server (for fault tests); ``restart()`` brings it back on the same port."""
+        """SIGKILL the server, as a crash would (for fault tests)."""
         if self._proc is not None and self._proc.poll() is None:
             self._proc.kill()
             self._proc.wait(timeout=10)

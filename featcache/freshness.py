@@ -8,7 +8,7 @@ strictest ``max_age`` among the features the call asked for of that view.
 
 from __future__ import annotations
 
-__all__ = ["is_fresh", "servable_stale"]
+__all__ = ["fresh_since", "is_fresh", "servable_stale"]
 
 
 def is_fresh(loaded_ms: int, now_ms: int, max_age_ms: int) -> bool:
@@ -19,3 +19,11 @@ def servable_stale(loaded_ms: int, now_ms: int, stale_window_ms: int) -> bool:
     """Past ``max_age`` but within ``max_age + stale_if_error``: may be served as ``STALE``,
     and only when SQL failed."""
     return now_ms - loaded_ms <= stale_window_ms
+
+
+def fresh_since(now_ms: int, max_age_ms: int) -> int:
+    """The oldest ``loaded_at`` that is still fresh: ``is_fresh(x, now, age) == (x >= this)``.
+
+    Lets a batch compare one integer per row instead of calling ``is_fresh`` per row.
+    """
+    return now_ms - max_age_ms

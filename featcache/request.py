@@ -181,7 +181,7 @@ def normalize_ids(entity_ids: Iterable[Any], entity_type: str, max_len: int) -> 
         bad = next(x for x in ids if not isinstance(x, Hashable))
         raise _bad_id(bad, entity_type, max_len) from None
     if entity_type == "int":
-        if all(type(x) is int for x in unique):
+        if set(map(type, unique)) == {int}:  # one C-level pass for the common case
             return unique
     else:
         limit = max_len // 4  # a str this many characters long is under the byte limit for sure

@@ -11,7 +11,7 @@ from __future__ import annotations
 import datetime as dt
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
-from typing import Any, NamedTuple
+from typing import Any
 
 import pandas as pd
 import pyarrow as pa
@@ -36,12 +36,9 @@ def arrow_type(ftype: FeatureType) -> pa.DataType:
     return _ARROW_TYPES[ftype]
 
 
-class Answer(NamedTuple):
-    """One row of one view for one entity, as answered."""
-
-    status: Status
-    values: Sequence[Any] | None  # None when ABSENT
-    event_us: int | None
+#: One row of one view for one entity, as answered: (status, values or None when ABSENT,
+#: event time in microseconds or None). A plain tuple: the read path builds one per row.
+Answer = tuple[Status, Sequence[Any] | None, int | None]
 
 
 class FeatureResult(Mapping[EntityId, dict[str, Any]]):
@@ -66,8 +63,9 @@ class FeatureResult(Mapping[EntityId, dict[str, Any]]):
         if self._plan is None:
             raise KeyError(entity_id)
         rows = [answers[entity_id] for answers in self._answers]  # KeyError if not asked for
+        values = [row[1] for row in rows]
         out = {
-            name: (None if rows[v].values is None else rows[v].values[f])  # type: ignore[index]
+            name: (None if (vals := values[v]) is None else vals[f])
             for name, (v, f) in zip(self._plan.names, self._plan.columns, strict=True)
         }
         self._dicts[entity_id] = out
@@ -104,11 +102,11 @@ class FeatureResult(Mapping[EntityId, dict[str, Any]]):
 
     def status(self, entity_id: EntityId, feature: str) -> Status:
         """Where this value came from (``HIT_REDIS``, ``FILLED``, ``ABSENT``, ``STALE``...)."""
-        return self._answer(entity_id, feature).status
+        return self._answer(entity_id, feature)[0]
 
     def event_timestamp(self, entity_id: EntityId, feature: str) -> dt.datetime | None:
         """The event time of the SQL row behind this value (None when ABSENT or unset)."""
-        return us_to_timestamp(self._answer(entity_id, feature).event_us)
+        return us_to_timestamp(self._answer(entity_id, feature)[2])
 
     def statuses(self) -> dict[EntityId, dict[str, Status]]:
         if self._plan is None:
@@ -116,7 +114,7 @@ class FeatureResult(Mapping[EntityId, dict[str, Any]]):
         cols = self._plan.columns
         return {
             eid: {
-                name: self._answers[v][eid].status
+                name: self._answers[v][eid][0]
                 for name, (v, _) in zip(self._plan.names, cols, strict=True)
             }
             for eid in self._ids
@@ -130,7 +128,7 @@ class FeatureResult(Mapping[EntityId, dict[str, Any]]):
         per_view = Counter(v for v, _ in self._plan.columns)
         for v, answers in enumerate(self._answers):
             for answer in answers.values():
-                counts[answer.status] += per_view[v]
+                counts[answer[0]] += per_view[v]
         return counts
 
     # ---------------------------------------------------------------- columnar
@@ -152,12 +150,12 @@ class FeatureResult(Mapping[EntityId, dict[str, Any]]):
             rows = [answers[eid] for eid in self._ids]
             ftype = view_plan.view.features[f].type
             columns[name] = pa.array(
-                [None if r.values is None else r.values[f] for r in rows], arrow_type(ftype)
+                [None if (vals := r[1]) is None else vals[f] for r in rows], arrow_type(ftype)
             )
             if with_status:
-                columns[f"{name}.status"] = pa.array([r.status.value for r in rows], pa.string())
+                columns[f"{name}.status"] = pa.array([r[0].value for r in rows], pa.string())
                 columns[f"{name}.event_ts"] = pa.array(
-                    [r.event_us for r in rows], pa.int64()
+                    [r[2] for r in rows], pa.int64()
                 ).cast(pa.timestamp("us", tz="UTC"))
         return pa.table(columns)
 

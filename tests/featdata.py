@@ -178,19 +178,14 @@ class CountingConnection(redis.Connection):
     """A real redis-py connection that counts network round trips (one per packed send)."""
 
     sends = 0
-    commands: list[bytes] = []
 
     def send_packed_command(self, command: Any, check_health: bool = True) -> None:
         type(self).sends += 1
-        chunks = command if isinstance(command, list) else [command]
-        for chunk in chunks:
-            data = bytes(chunk) if not isinstance(chunk, bytes) else chunk
-            type(self).commands.append(data[:64])
         super().send_packed_command(command, check_health)
 
 
 def counting_client(redis_url: str) -> tuple[redis.Redis, type[CountingConnection]]:
     """A client whose connections count sends; the returned class holds the counters."""
-    counter = type("Counter", (CountingConnection,), {"sends": 0, "commands": []})
+    counter = type("Counter", (CountingConnection,), {"sends": 0})
     pool = redis.ConnectionPool.from_url(redis_url, connection_class=counter)
     return redis.Redis(connection_pool=pool), counter

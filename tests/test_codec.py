@@ -46,7 +46,7 @@ def test_other_schema_is_a_miss_but_appended_features_keep_old_rows() -> None:
     grown = FeatureView(name="v", table="t", entity_column="id", event_timestamp_column="ts",
                         features=(*VIEW.features, Feature("d", "bool", 60)))
     row = RowCodec(grown).decode(old)
-    assert row is not None and row.values == (1.0, 1, "a")  # three of four: d is missing
+    assert row is not None and tuple(row.values) == (1.0, 1, "a")  # three of four: d missing
     retyped = FeatureView(name="v", table="t", entity_column="id", event_timestamp_column="ts",
                           features=(Feature("a", "int", 60), *VIEW.features[1:]))
     assert RowCodec(retyped).decode(old) is None
@@ -65,7 +65,7 @@ def test_any_row_round_trips(f: float, i: int, s: str, event: int, loaded: int) 
     codec = RowCodec(VIEW)
     row = codec.decode(codec.encode((f, i, s), event, loaded, 3, 17))
     assert row is not None
-    assert row.values == (f, i, s) and row.event_us == event
+    assert tuple(row.values) == (f, i, s) and row.event_us == event
     assert (row.loaded_ms, row.epoch, row.fill_ms) == (loaded, 3, 17)
 
 

@@ -1,0 +1,131 @@
+"""Connecting to Redis: unix sockets, ACL users, TLS, timeouts; secrets never in messages."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from featdata import STATS_FEATURES, insert, make_cache, make_table, make_view, stats_row
+
+from featcache import CacheUnavailable, ConfigError, FeatureCache, Status
+from featcache.embedded import EmbeddedServer
+
+
+@pytest.fixture
+def private_server() -> Iterator[EmbeddedServer]:
+    with EmbeddedServer() as server:
+        yield server
+
+
+@pytest.fixture
+def table_url(sqlite_target: Any) -> str:
+    table = make_table(sqlite_target.engine(), None, "conn", STATS_FEATURES)
+    insert(sqlite_target.engine(), table, [stats_row(1, clicks=3)])
+    return str(sqlite_target.url)
+
+
+def _cache(redis_url: str, sql_url: str, **options: Any) -> FeatureCache:
+    return make_cache([make_view("conn", "conn", None)], redis_url, sql_url, "fct-conn",
+                      **options)
+
+
+def test_unix_socket_url(private_server: EmbeddedServer, table_url: str) -> None:
+    with _cache(f"unix://{private_server.unix_socket}?db=0", table_url) as fc:
+        assert fc.get_features([1], ["clicks"]).status(1, "clicks") is Status.FILLED
+        assert fc.get_features([1], ["clicks"]).status(1, "clicks") is Status.HIT_REDIS
+
+
+def test_acl_user_and_password(private_server: EmbeddedServer, table_url: str) -> None:
+    admin = redis.Redis.from_url(private_server.url)
+    admin.acl_setuser("app", enabled=True, passwords=["+s3cr3t-pw"], keys=["fct-conn:*"],
+                      commands=["+@all"])
+    port = private_server.port
+    with _cache(f"redis://app:s3cr3t-pw@127.0.0.1:{port}/0", table_url) as fc:
+        fc.get_features([1], ["clicks"])
+        assert fc.get_features([1], ["clicks"]).status(1, "clicks") is Status.HIT_REDIS
+    wrong = f"redis://app:wrong-pw@127.0.0.1:{port}/0"
+    with _cache(wrong, table_url) as fc:
+        result = fc.get_features([1], ["clicks"])  # a read still answers, from SQL
+        assert result.status(1, "clicks") is Status.FILLED
+        assert fc.stats()["conn"]["redis_errors"] == 1
+        with pytest.raises(CacheUnavailable) as err:
+            fc.put_rows("conn", [stats_row(1)])
+        assert "wrong-pw" not in str(err.value)
+    admin.close()
+
+
+def test_bad_scheme_is_a_config_error(table_url: str) -> None:
+    with pytest.raises(ConfigError, match="redis://") as err:
+        _cache("http://user:topsecret@localhost:6379", table_url)
+    assert "topsecret" not in str(err.value)
+
+
+def test_slow_redis_is_bounded_by_socket_timeout(private_server: EmbeddedServer,
+                                                 table_url: str) -> None:
+    """A stopped (SIGSTOP) server accepts nothing: the call falls back to SQL, no exception."""
+    with _cache(private_server.url, table_url, redis_socket_timeout=0.2,
+                redis_connect_timeout=0.2) as fc:
+        fc.get_features([1], ["clicks"])
+        os.kill(private_server.pid, signal.SIGSTOP)
+        try:
+            result = fc.get_features([1], ["clicks"])
+        finally:
+            os.kill(private_server.pid, signal.SIGCONT)
+        assert result.status(1, "clicks") is Status.FILLED
+        assert fc.stats()["conn"]["redis_errors"] == 1
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _tls_server(tmp: Path) -> tuple[EmbeddedServer, int, Path]:
+    redis_server = shutil.which("redis-server") or shutil.which("valkey-server")
+    openssl = shutil.which("openssl")
+    if not redis_server or not openssl:
+        pytest.skip("TLS test needs openssl and a redis-server/valkey-server built with TLS")
+    cert, key = tmp / "cert.pem", tmp / "key.pem"
+    subprocess.run(
+        [openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key),
+         "-out", str(cert), "-days", "1", "-subj", "/CN=localhost",
+         "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"],
+        check=True, capture_output=True,
+    )
+    tls_port = _free_port()
+    server = EmbeddedServer(
+        binary=redis_server,
+        extra_args=("--tls-port", str(tls_port), "--tls-cert-file", str(cert),
+                    "--tls-key-file", str(key), "--tls-auth-clients", "no"),
+    )
+    try:
+        server.start()
+    except Exception as exc:  # a server built without TLS refuses the options
+        pytest.skip(f"{redis_server} cannot serve TLS: {exc}")
+    return server, tls_port, cert
+
+
+def test_rediss_tls_url(tmp_path: Path, table_url: str) -> None:
+    server, tls_port, cert = _tls_server(tmp_path)
+    try:
+        url = f"rediss://127.0.0.1:{tls_port}/0?ssl_ca_certs={cert}"
+        with _cache(url, table_url) as fc:
+            assert fc.get_features([1], ["clicks"]).status(1, "clicks") is Status.FILLED
+            assert fc.get_features([1], ["clicks"]).status(1, "clicks") is Status.HIT_REDIS
+        # without trusting the certificate the TLS handshake fails: reads fall back to SQL
+        with _cache(f"rediss://127.0.0.1:{tls_port}/0", table_url,
+                    redis_connect_timeout=1.0) as fc:
+            assert fc.get_features([1], ["clicks"]).status(1, "clicks") is Status.FILLED
+            assert fc.stats()["conn"]["redis_errors"] == 1
+    finally:
+        server.stop()
