@@ -149,14 +149,34 @@ def _sql_descriptions() -> list[str]:
     return lines
 
 
+_BACKEND_LINES: Final = pytest.StashKey[list[str]]()
+
+
+def _backend_lines(config: pytest.Config) -> list[str]:
+    """Which servers this run's results are about; computed once (it may connect to them)."""
+    if _BACKEND_LINES not in config.stash:
+        required = ",".join(sorted(_required())) or "nothing (unavailable backends skip)"
+        config.stash[_BACKEND_LINES] = [
+            f"featcache redis: {_redis_description()}",
+            *(f"featcache {line}" for line in _sql_descriptions()),
+            f"featcache required: {required}",
+        ]
+    return config.stash[_BACKEND_LINES]
+
+
 def pytest_report_header(config: pytest.Config) -> list[str]:
     """State once per run which servers the results are about; CI logs must show it."""
-    required = ",".join(sorted(_required())) or "nothing (unavailable backends skip)"
-    return [
-        f"featcache redis: {_redis_description()}",
-        *(f"featcache {line}" for line in _sql_descriptions()),
-        f"featcache required: {required}",
-    ]
+    return _backend_lines(config)
+
+
+def pytest_terminal_summary(
+    terminalreporter: pytest.TerminalReporter, exitstatus: int, config: pytest.Config
+) -> None:
+    """Repeat the backend lines under ``-q``, which hides the header, as CI and README use it."""
+    if config.get_verbosity() < 0:
+        terminalreporter.write_sep("-", "featcache test backends")
+        for line in _backend_lines(config):
+            terminalreporter.write_line(line)
 
 
 # --------------------------------------------------------------------------------------------
