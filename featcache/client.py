@@ -22,11 +22,24 @@ import sqlalchemy as sa
 from featcache.codec import RowCodec
 from featcache.config import CacheConfig, FeatureView, load_config
 from featcache.convert import ConversionError, converter, timestamp_to_us
-from featcache.errors import CacheUnavailable, InvalidRequest, OfflineStoreError, UnknownView
+from featcache.errors import (
+    CacheUnavailable,
+    InvalidEntityId,
+    InvalidRequest,
+    OfflineStoreError,
+    UnknownView,
+)
 from featcache.freshness import fresh_since
 from featcache.keys import KeyLayout
 from featcache.offline import OfflineStore
-from featcache.redis_store import RedisStore, WriteItem, connect
+from featcache.redis_store import (
+    RedisStore,
+    WriteItem,
+    absent_write,
+    connect,
+    repair_write,
+    row_write,
+)
 from featcache.request import EntityId, Planner, ViewPlan, check_id, normalize_ids
 from featcache.result import Answer, FeatureResult
 from featcache.stats import CacheStats
@@ -179,6 +192,7 @@ class FeatureCache:
         answers: dict[EntityId, Answer] = {}
         missing: list[EntityId] = []
         stale: dict[EntityId, Answer] = {}
+        undecodable: dict[EntityId, bytes] = {}
         decode = vp.codec.decode
         width = vp.width
         fresh_after = fresh_since(now_ms, vp.max_age_ms)
@@ -194,6 +208,7 @@ class FeatureCache:
             if row is None:
                 decode_errors += 1
                 missing.append(eid)
+                undecodable[eid] = blob
             elif row[0]:  # a negative entry: SQL had no such entity
                 if row[3] >= negative_after:
                     answers[eid] = (absent, None, None)
@@ -214,7 +229,7 @@ class FeatureCache:
             "decode_errors": decode_errors,
         }
         if missing:
-            self._fill(vp, missing, stale, now_ms, answers, writes, counts)
+            self._fill(vp, missing, stale, undecodable, now_ms, answers, writes, counts)
             answers = {eid: answers[eid] for eid in ids}  # the caller's order
         self._stats.add(vp.view.name, counts)
         return answers
@@ -224,6 +239,7 @@ class FeatureCache:
         vp: ViewPlan,
         missing: list[EntityId],
         stale: dict[EntityId, Answer],
+        undecodable: dict[EntityId, bytes],
         now_ms: int,
         answers: dict[EntityId, Answer],
         writes: list[WriteItem],
@@ -250,17 +266,20 @@ class FeatureCache:
         filled = absent = 0
         for eid in missing:
             row = found.get(eid)
+            key = f"{head}{eid}"
             if row is None:
                 answers[eid] = (Status.ABSENT, None, None)
-                writes.append((f"{head}{eid}", codec.encode_absent(now_ms), vp.negative_ttl_ms))
+                item = absent_write(key, codec.encode_absent(now_ms), vp.negative_ttl_ms)
                 absent += 1
             else:
                 answers[eid] = (Status.FILLED, row.values, row.event_us)
-                writes.append(
-                    (f"{head}{eid}", codec.encode(row.values, row.event_us, now_ms, 0, fill_ms),
-                     vp.ttl_ms)
-                )
+                value = codec.encode(row.values, row.event_us, now_ms, 0, fill_ms)
+                item = row_write(key, value, vp.ttl_ms)
                 filled += 1
+            garbage = undecodable.get(eid)
+            if garbage is not None:  # replace what could not be read, if nobody did meanwhile
+                item = repair_write(key, item[2], item[3], garbage)
+            writes.append(item)
         counts["filled"] = filled
         counts["absent"] = absent
 
@@ -309,14 +328,24 @@ class FeatureCache:
         events = columns[view_def.event_timestamp_column]
         writes: list[WriteItem] = []
         for i, raw_id in enumerate(entity_col):
-            eid = check_id(raw_id, view_def.entity_type, self.config.max_id_length)
+            try:
+                eid = check_id(raw_id, view_def.entity_type, self.config.max_id_length)
+            except InvalidEntityId as exc:
+                raise InvalidEntityId(f"put_rows({view_def.name!r}), row {i}: {exc}") from None
+            column = view_def.event_timestamp_column
             try:
                 event_us = timestamp_to_us(events[i])
-                values = [conv(col[i]) for conv, col in zip(converters, feature_cols, strict=True)]
+                values = []
+                for feature, conv, col in zip(
+                    view_def.features, converters, feature_cols, strict=True
+                ):
+                    column = feature.column
+                    values.append(conv(col[i]))
             except ConversionError as exc:
-                raise InvalidRequest(f"put_rows({view_def.name!r}), row {i} (id {eid!r}): {exc}")\
-                    from None
-            writes.append((f"{head}{eid}", codec.encode(values, event_us, now_ms), ttl_ms))
+                raise InvalidRequest(
+                    f"put_rows({view_def.name!r}), row {i} (id {eid!r}), column {column!r}: {exc}"
+                ) from None
+            writes.append(row_write(f"{head}{eid}", codec.encode(values, event_us, now_ms), ttl_ms))
         written = self._redis.write(writes)
         report = PutReport(written, len(writes) - written)
         self._stats.add(view_def.name, {"rows_written": report.written,
@@ -337,9 +366,17 @@ def _columns(rows: Any) -> dict[str, list[Any]]:
             f"rows must be dicts, a DataFrame or an Arrow table, got {type(rows).__name__}"
         )
     rows = list(rows)
-    names: dict[str, None] = {}
+    if not rows:
+        return {}
     for i, row in enumerate(rows):
         if not isinstance(row, Mapping):
             raise InvalidRequest(f"row {i} is {type(row).__name__}, expected a dict")
-        names.update(dict.fromkeys(row))
-    return {name: [row.get(name) for row in rows] for name in names}
+    names = list(rows[0])
+    for i, row in enumerate(rows):
+        if len(row) != len(names) or any(name not in row for name in names):
+            lacking = sorted(set(names) - set(row)) or sorted(set(row) - set(names))
+            raise InvalidRequest(
+                f"row {i} does not have the same keys as row 0 (differs in "
+                f"{', '.join(map(str, lacking))}); a missing value is None, never an absent key"
+            )
+    return {name: [row[name] for row in rows] for name in names}

@@ -10,10 +10,12 @@ loading a config must not need a database.
 
 from __future__ import annotations
 
+import copy
 import difflib
 import math
 import os
 import re
+import threading
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -23,6 +25,7 @@ import yaml
 
 from featcache.errors import ConfigError, UnknownView
 from featcache.types import FeatureType
+from featcache.urls import mask_url
 
 __all__ = [
     "CacheConfig",
@@ -80,8 +83,10 @@ class Feature:
     ) -> None:
         path = f"features.{name}"
         _check_name(name, path, "a feature name")
-        if isinstance(type, str) and not isinstance(type, FeatureType):
+        if not isinstance(type, FeatureType):
             try:
+                if not isinstance(type, str):
+                    raise ValueError(type)
                 type = FeatureType.parse(type)
             except ValueError:
                 raise ConfigError(
@@ -137,6 +142,9 @@ class FeatureView:
             raise ConfigError(
                 f"expected 'int' or 'str', got {self.entity_type!r}", f"{path}.entity.type"
             )
+        if not isinstance(self.features, Iterable) or isinstance(self.features, str):
+            raise ConfigError(f"expected a list of Feature, got {self.features!r}",
+                              f"{path}.features")
         features = tuple(self.features)
         if not features:
             raise ConfigError("a view needs at least one feature", f"{path}.features")
@@ -186,6 +194,9 @@ class CacheConfig:
     source: str = field(default="", compare=False)
 
     def __post_init__(self) -> None:
+        if not isinstance(self.views, Iterable) or isinstance(self.views, str):
+            raise ConfigError(f"expected a list of FeatureView, got {self.views!r}", "views",
+                              self.source)
         views = tuple(self.views)
         if not views:
             raise ConfigError("declare at least one view", "views", self.source)
@@ -197,7 +208,7 @@ class CacheConfig:
                 raise ConfigError("declared twice", f"views.{view.name}", self.source)
             names.add(view.name)
         object.__setattr__(self, "views", views)
-        if not _PREFIX_RE.match(self.key_prefix):
+        if not isinstance(self.key_prefix, str) or not _PREFIX_RE.match(self.key_prefix):
             raise ConfigError(
                 f"expected 1-64 characters among letters, digits, '_', '-', '.'; "
                 f"got {self.key_prefix!r}",
@@ -224,6 +235,16 @@ class CacheConfig:
         for key in ("redis_url", "offline_url"):
             if not isinstance(getattr(self, key), str) or not getattr(self, key):
                 raise ConfigError("expected a URL", key, self.source)
+
+    def __repr__(self) -> str:
+        # URLs may carry passwords: a config printed in a log must not show them
+        return (
+            f"CacheConfig(redis_url={mask_url(self.redis_url)!r}, "
+            f"offline_url={mask_url(self.offline_url)!r}, key_prefix={self.key_prefix!r}, "
+            f"views=[{', '.join(v.name for v in self.views)}], source={self.source!r})"
+        )
+
+    __str__ = __repr__
 
     def view(self, name: str) -> FeatureView:
         for view in self.views:
@@ -272,10 +293,16 @@ _INT_FIELDS = {
 }
 
 
+_ENV_ORIGINS: dict[str, str] = {}  # which env var set which path, while one load runs
+_ENV_LOCK = threading.Lock()
+
+
 def _unknown(key: str, known: Iterable[str], path: str, source: str) -> ConfigError:
     close = difflib.get_close_matches(key, list(known), n=1)
     hint = f"; did you mean {close[0]!r}?" if close else f"; expected one of {', '.join(known)}"
-    return ConfigError(f"unknown key {key!r}{hint}", path, source)
+    var = _ENV_ORIGINS.get(path)
+    origin = f" (set by environment variable {var})" if var else ""
+    return ConfigError(f"unknown key {key!r}{origin}{hint}", path, source)
 
 
 def _mapping(value: object, path: str, source: str) -> Mapping[str, Any]:
@@ -287,35 +314,59 @@ def _mapping(value: object, path: str, source: str) -> Mapping[str, Any]:
     return value
 
 
-def _apply_env(doc: dict[str, Any], env: Mapping[str, str], source: str) -> None:
-    """``FEATCACHE_REDIS_URL`` style aliases and ``FEATCACHE__SECTION__KEY`` for any scalar."""
+def _normalize_shorthand(doc: dict[str, Any]) -> None:
+    """Expand ``feature: "float, 10m"`` into a mapping, so env overrides can reach its keys."""
+    views = doc.get("views")
+    if not isinstance(views, dict):
+        return
+    for spec in views.values():
+        features = spec.get("features") if isinstance(spec, dict) else None
+        if not isinstance(features, dict):
+            continue
+        for name, fspec in features.items():
+            if isinstance(fspec, str):
+                type_text, _, age = fspec.partition(",")
+                features[name] = {"type": type_text.strip(), "max_age": age.strip() or None}
+
+
+def _apply_env(doc: dict[str, Any], env: Mapping[str, str], source: str) -> dict[str, str]:
+    """``FEATCACHE_REDIS_URL`` style aliases and ``FEATCACHE__SECTION__KEY`` for any scalar.
+
+    Path segments match the file's keys case-insensitively. Returns which dotted path each
+    variable set, so a later "unknown key" error can name the variable instead of the file.
+    """
+    origins: dict[str, str] = {}
     for var, value in sorted(env.items()):
         if var in _ENV_ALIASES:
             parts: tuple[str, ...] = _ENV_ALIASES[var]
         elif var.startswith("FEATCACHE__"):
-            parts = tuple(p.lower() for p in var[len("FEATCACHE__"):].split("__"))
+            parts = tuple(p for p in var[len("FEATCACHE__"):].split("__"))
         else:
             continue
         node: dict[str, Any] = doc
-        for depth, part in enumerate(parts[:-1]):
-            child = node.get(part)
-            if child is None and depth == 0 and part in _SECTIONS:
-                child = node[part] = {}
+        resolved: list[str] = []
+        for depth, part in enumerate(parts):
+            key = next((k for k in node if k.lower() == part.lower()), part.lower())
+            resolved.append(key)
+            if depth == len(parts) - 1:
+                node[key] = value
+                break
+            child = node.get(key)
+            if child is None and depth == 0 and key in (*_SECTIONS, "defaults"):
+                child = node[key] = {}
             if not isinstance(child, dict):
                 raise ConfigError(
-                    f"environment variable {var} names {'.'.join(parts)!r}, "
+                    f"environment variable {var} names {'.'.join(resolved)!r}, "
                     "which is not in the configuration",
-                    ".".join(parts[: depth + 1]),
+                    ".".join(resolved),
                     source,
                 )
             node = child
-        node[parts[-1]] = value
+        origins[".".join(resolved)] = var
+    return origins
 
 
 def _build_feature(name: str, spec: object, path: str, source: str) -> Feature:
-    if isinstance(spec, str):  # shorthand: "float, 10m"
-        type_text, _, age = spec.partition(",")
-        spec = {"type": type_text.strip(), "max_age": age.strip() or None}
     spec = _mapping(spec, path, source)
     for key in spec:
         if key not in _FEATURE_KEYS:
@@ -374,9 +425,20 @@ def config_from_dict(
     doc: Mapping[str, Any], source: str = "<dict>", env: Mapping[str, str] | None = None
 ) -> CacheConfig:
     """Build a ``CacheConfig`` from the parsed file; ``env`` overrides (default: os.environ)."""
-    doc = dict(_mapping(doc, "", source))
-    doc = {k: (dict(v) if isinstance(v, Mapping) else v) for k, v in doc.items()}
-    _apply_env(doc, os.environ if env is None else env, source)
+    doc = copy.deepcopy(dict(_mapping(doc, "", source)))  # never write into the caller's dict
+    assert isinstance(doc, dict)
+    _normalize_shorthand(doc)
+    origins = _apply_env(doc, os.environ if env is None else env, source)
+    with _ENV_LOCK:
+        _ENV_ORIGINS.clear()
+        _ENV_ORIGINS.update(origins)
+        try:
+            return _build_config(doc, source)
+        finally:
+            _ENV_ORIGINS.clear()
+
+
+def _build_config(doc: dict[str, Any], source: str) -> CacheConfig:
     known_top = (*_SECTIONS, "defaults", "views")
     kwargs: dict[str, Any] = {}
     for key, value in doc.items():
@@ -408,9 +470,10 @@ def config_from_dict(
 def _section_value(target: str, value: Any, path: str, source: str) -> Any:
     """Environment overrides arrive as strings: parse them as the field expects."""
     if target in _INT_FIELDS and isinstance(value, str):
-        if not value.strip().isdigit():
-            raise ConfigError(f"expected an integer, got {value!r}", path, source)
-        return int(value)
+        try:
+            return int(value.strip())
+        except ValueError:
+            raise ConfigError(f"expected an integer, got {value!r}", path, source) from None
     if target.endswith("timeout"):
         try:
             return parse_duration(value, path)
@@ -434,6 +497,9 @@ def load_config(path: str | os.PathLike[str], env: Mapping[str, str] | None = No
         text = Path(path).read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"cannot read the file: {exc.strerror or exc}", "", source) from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"the file is not UTF-8 text ({exc.reason} at byte {exc.start})", "",
+                          source) from None
     try:
         doc = yaml.safe_load(text)
     except yaml.YAMLError as exc:

@@ -23,7 +23,8 @@ from sqlalchemy import exc as sa_exc
 
 from featcache.config import CacheConfig, FeatureView
 from featcache.convert import ConversionError, converter, timestamp_to_us
-from featcache.errors import OfflineStoreError, OfflineStoreUnavailable, SchemaError
+from featcache.errors import ConfigError, OfflineStoreError, OfflineStoreUnavailable, SchemaError
+from featcache.urls import mask_url
 
 __all__ = ["OfflineStore", "SqlRow", "safe_url"]
 
@@ -42,10 +43,7 @@ class SqlRow:
 
 def safe_url(url: str) -> str:
     """The URL with its password masked, for messages and logs."""
-    try:
-        return sa.engine.make_url(url).render_as_string(hide_password=True)
-    except Exception:  # never let a bad URL leak through an error message
-        return "<unparsable url>"
+    return mask_url(url)
 
 
 def _connect_args(url: str, timeout: float) -> dict[str, Any]:
@@ -116,11 +114,14 @@ class OfflineStore:
                 engine = sa.create_engine(
                     config.offline_url,
                     pool_pre_ping=True,
+                    pool_size=config.sql_pool_size,
                     connect_args=_connect_args(config.offline_url, config.sql_connect_timeout),
                 )
-            except (sa_exc.ArgumentError, sa_exc.NoSuchModuleError, ImportError) as exc:
-                raise SchemaError(
-                    f"cannot use offline store URL {self.url}: {exc}", "offline_store.url",
+            except (sa_exc.ArgumentError, sa_exc.NoSuchModuleError, ImportError,
+                    ValueError, TypeError) as exc:
+                raise ConfigError(
+                    f"cannot use offline store URL {self.url}: {_no_secrets(exc, config)}",
+                    "offline_store.url",
                     config.source,
                 ) from None
         self.engine = engine
@@ -231,6 +232,20 @@ class OfflineStore:
         if isinstance(exc, sa_exc.DisconnectionError):
             return OfflineStoreUnavailable(f"offline store {self.url} disconnected while {doing}")
         return OfflineStoreError(f"offline store {self.url} failed while {doing}: {_short(exc)}")
+
+
+def _no_secrets(exc: BaseException, config: CacheConfig) -> str:
+    text = str(exc).replace(config.offline_url, mask_url(config.offline_url))
+    password = _password(config.offline_url)
+    return text.replace(password, "***") if password else text
+
+
+def _password(url: str) -> str | None:
+    try:
+        password = sa.engine.make_url(url).password
+        return None if password is None else str(password)
+    except Exception:  # an unparsable URL has no password we could mask
+        return None
 
 
 def _short(exc: sa_exc.SQLAlchemyError) -> str:

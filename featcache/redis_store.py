@@ -15,36 +15,52 @@ import hashlib
 import logging
 from collections.abc import Sequence
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import redis
 from redis import exceptions as redis_exc
 
 from featcache.errors import CacheUnavailable, ConfigError
+from featcache.urls import mask_url
 
-__all__ = ["RedisStore", "WriteItem", "connect", "safe_redis_url"]
+__all__ = [
+    "RedisStore",
+    "WriteItem",
+    "absent_write",
+    "connect",
+    "repair_write",
+    "row_write",
+    "safe_redis_url",
+]
 
 log = logging.getLogger("featcache.redis")
 
-# KEYS: row keys. ARGV: ttl_ms, value per key. A row ("R" in byte 2) replaces what is there unless
-# that is a row with a later event timestamp (bytes 3-10, big-endian int64); a negative entry
-# ("A") is written only where nothing is. Returns how many keys were written.
+# KEYS: row keys. ARGV: four per key: mode, ttl_ms, value, expected. "Ours" below means a row
+# ("R" in byte 2) of the same layout version (byte 1) as the new value.
+#   mode R  a row: written unless the key holds one of ours with a later event timestamp
+#           (bytes 3-10, big-endian int64); garbage, other types and negative entries give way
+#   mode A  a negative entry: written unless the key holds a row of ours
+#   mode C  a repair: written only where the key still holds ``expected`` (the undecodable
+#           bytes the reader saw) or nothing, so it never clobbers a row written meanwhile
+# Returns how many keys were written.
 _CONDITIONAL_SET = """
 local written = 0
 for i = 1, #KEYS do
-  local ttl = ARGV[2 * i - 1]
-  local value = ARGV[2 * i]
-  local old = redis.call('GET', KEYS[i])
-  local ok = false
-  if not old then
-    ok = true
-  elseif string.byte(value, 2) == 82 then
-    if string.len(old) < 10 or string.byte(old, 1) ~= string.byte(value, 1)
-        or string.byte(old, 2) ~= 82 then
-      ok = true
-    else
-      ok = struct.unpack('>i8', value, 3) >= struct.unpack('>i8', old, 3)
-    end
+  local base = 4 * (i - 1)
+  local mode, ttl, value = ARGV[base + 1], ARGV[base + 2], ARGV[base + 3]
+  local got = redis.pcall('GET', KEYS[i])
+  local old = nil
+  local other_type = type(got) == 'table'
+  if type(got) == 'string' then old = got end
+  local ours = old ~= nil and string.len(old) >= 10
+    and string.byte(old, 1) == string.byte(value, 1) and string.byte(old, 2) == 82
+  local ok
+  if mode == 'C' then
+    ok = (old == nil and not other_type) or old == ARGV[base + 4]
+  elseif mode == 'A' then
+    ok = not ours
+  else
+    ok = (not ours) or struct.unpack('>i8', value, 3) >= struct.unpack('>i8', old, 3)
   end
   if ok then
     redis.call('SET', KEYS[i], value, 'PX', ttl)
@@ -54,25 +70,31 @@ end
 return written
 """
 
-WriteItem = tuple[str, bytes, int]  # key, value, ttl in milliseconds
+#: One conditional write: (mode, key, value, ttl in milliseconds, expected old bytes or b"").
+WriteItem = tuple[bytes, str, bytes, int, bytes]
+
+
+def row_write(key: str, value: bytes, ttl_ms: int) -> WriteItem:
+    """Write a row unless Redis holds a newer one (by event timestamp)."""
+    return (b"R", key, value, ttl_ms, b"")
+
+
+def absent_write(key: str, value: bytes, ttl_ms: int) -> WriteItem:
+    """Write a negative entry unless Redis holds a row."""
+    return (b"A", key, value, ttl_ms, b"")
+
+
+def repair_write(key: str, value: bytes, ttl_ms: int, expected: bytes) -> WriteItem:
+    """Replace undecodable bytes, only if they are still what the key holds."""
+    return (b"C", key, value, ttl_ms, expected)
+
 
 _ERRORS = (redis_exc.ConnectionError, redis_exc.TimeoutError, redis_exc.RedisError, OSError)
 
 
 def safe_redis_url(url: str) -> str:
     """The URL with any password masked, for messages and logs."""
-    try:
-        parts = urlsplit(url)
-        if parts.password is None and parts.username is None:
-            return url
-        host = parts.hostname or ""
-        if parts.port:
-            host = f"{host}:{parts.port}"
-        user = parts.username or ""
-        netloc = f"{user}:***@{host}" if parts.password is not None else f"{user}@{host}"
-        return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
-    except ValueError:
-        return "<unparsable url>"
+    return mask_url(url)
 
 
 def connect(
@@ -84,7 +106,11 @@ def connect(
 ) -> redis.Redis:
     """A client for ``redis://``, ``rediss://`` (TLS; ``ssl_*`` options in the query string),
     ``unix://`` URLs, with ACL user and password from the URL. Nothing is connected yet."""
-    if urlsplit(url).scheme not in ("redis", "rediss", "unix"):
+    try:
+        scheme = urlsplit(url).scheme
+    except ValueError as exc:
+        raise ConfigError(f"{exc} (url {mask_url(url)})", "redis.url") from None
+    if scheme not in ("redis", "rediss", "unix"):
         raise ConfigError(
             f"expected a redis://, rediss:// or unix:// URL, got {safe_redis_url(url)!r}",
             "redis.url",
@@ -148,11 +174,10 @@ class RedisStore:
             for attempt in range(2):
                 pipe = self.client.pipeline(transaction=False)
                 for chunk in chunks:
-                    keys = [key for key, _, _ in chunk]
+                    keys = [item[1] for item in chunk]
                     args: list[Any] = []
-                    for _, value, ttl_ms in chunk:
-                        args.append(max(1, int(ttl_ms)))
-                        args.append(value)
+                    for mode, _, value, ttl_ms, expected in chunk:
+                        args += (mode, max(1, int(ttl_ms)), value, expected)
                     pipe.execute_command(  # type: ignore[no-untyped-call]
                         "EVALSHA", self._sha, len(keys), *keys, *args
                     )

