@@ -324,9 +324,15 @@ def _normalize_shorthand(doc: dict[str, Any]) -> None:
         if not isinstance(features, dict):
             continue
         for name, fspec in features.items():
-            if isinstance(fspec, str):
-                type_text, _, age = fspec.partition(",")
-                features[name] = {"type": type_text.strip(), "max_age": age.strip() or None}
+            features[name] = _expand_shorthand(fspec)
+
+
+def _expand_shorthand(spec: object) -> object:
+    """``"float, 10m"`` -> ``{"type": "float", "max_age": "10m"}``; anything else as it is."""
+    if isinstance(spec, str):
+        type_text, _, age = spec.partition(",")
+        return {"type": type_text.strip(), "max_age": age.strip() or None}
+    return spec
 
 
 def _apply_env(doc: dict[str, Any], env: Mapping[str, str], source: str) -> dict[str, str]:
@@ -352,6 +358,8 @@ def _apply_env(doc: dict[str, Any], env: Mapping[str, str], source: str) -> dict
                 node[key] = value
                 break
             child = node.get(key)
+            if isinstance(child, str) and len(resolved) >= 2 and resolved[-2] == "features":
+                child = node[key] = _expand_shorthand(child)  # "float, 10m" set by a variable
             if child is None and depth == 0 and key in (*_SECTIONS, "defaults"):
                 child = node[key] = {}
             if not isinstance(child, dict):
@@ -367,7 +375,7 @@ def _apply_env(doc: dict[str, Any], env: Mapping[str, str], source: str) -> dict
 
 
 def _build_feature(name: str, spec: object, path: str, source: str) -> Feature:
-    spec = _mapping(spec, path, source)
+    spec = _mapping(_expand_shorthand(spec), path, source)  # a shorthand may come from the env
     for key in spec:
         if key not in _FEATURE_KEYS:
             raise _unknown(key, _FEATURE_KEYS, f"{path}.{key}", source)

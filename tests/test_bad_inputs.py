@@ -413,10 +413,9 @@ def test_bad_id_for_str_view(bench: Bench, bad: Any, word: str) -> None:
                          ids=["1-True", "1-1.0", "0-False", "2-numpy2.0"])
 def test_bad_id_equal_to_an_earlier_good_id_is_still_rejected(bench: Bench, ids: list[Any]
                                                               ) -> None:
-    """BUG: normalize_ids de-duplicates with dict.fromkeys *before* validating, and True == 1,
-    1.0 == 1, so a bool or float id that equals an earlier int is silently dropped instead of
-    raising InvalidEntityId (while [True] alone, or [True, 1], does raise): validation depends
-    on the order of the ids."""
+    """Ids are validated before they are de-duplicated: True == 1 and 1.0 == 1, so a bool or
+    float id equal to an earlier int would otherwise vanish into it as a duplicate, and whether
+    a call is rejected would depend on the order of its ids."""
     with pytest.raises(InvalidEntityId):
         bench.cache.get_features(ids, ["ctr_7d"])
     bench.assert_nothing_happened()
@@ -424,9 +423,9 @@ def test_bad_id_equal_to_an_earlier_good_id_is_still_rejected(bench: Bench, ids:
 
 @pytest.mark.parametrize("bad", [2**63, -(2**63) - 1, 10**30], ids=["2^63", "-2^63-1", "1e30"])
 def test_int_id_outside_int64_is_rejected_before_io(bench: Bench, bad: int) -> None:
-    """BUG: int ids are not range-checked; Redis is read, then SQLite's driver raises a bare
-    OverflowError ("Python int too large to convert to SQLite INTEGER") that escapes the
-    featcache exception tree. It should be InvalidEntityId before any I/O."""
+    """An int id outside int64 is InvalidEntityId before any I/O: no SQL BIGINT can hold it,
+    and a driver would otherwise fail on it with an error outside the featcache tree (SQLite's
+    bare OverflowError)."""
     with pytest.raises(InvalidEntityId):
         bench.cache.get_features([1, bad], ["ctr_7d"])
     bench.assert_nothing_happened()
@@ -661,11 +660,10 @@ def test_undecodable_value_of_an_absent_entity(bench: Bench) -> None:
 
 
 def test_undecodable_value_of_an_absent_entity_is_repaired(bench: Bench) -> None:
-    """BUG: the conditional-write script writes a negative entry only where no key exists, and
-    it counts undecodable bytes as "a key", so garbage at the key of an entity SQL does not
-    have is never replaced: every later read is another decode error and another SQL query
-    (forever, when the garbage has no TTL). A present entity's garbage is repaired by its fill
-    (test_undecodable_value_is_a_miss); an absent entity's should be too."""
+    """Undecodable bytes at the key of an entity SQL does not have are replaced by the negative
+    entry, as a present entity's are by its row (test_undecodable_value_is_a_miss): the next
+    read is a negative hit, not another decode error and another SQL query on every read
+    (forever, when the garbage has no TTL)."""
     bench.inspect.set(bench.key("user", 404), b"garbage")
     bench.cache.get_features([404], USER_NAMES)
     bench.io.reset()
@@ -682,8 +680,8 @@ def test_key_of_another_redis_type_is_a_miss(bench: Bench) -> None:
     result = bench.cache.get_features([1, 2], USER_NAMES)
     assert result[1] == user_values(1)
     assert result.status(1, "ctr_7d") is Status.FILLED
-    # the key space under the prefix is featcache's (docs/redis-layout.md): the fill replaces
-    # the foreign value instead of failing its whole chunk with WRONGTYPE
+    # the key space under the prefix is featcache's ("The Redis key space" in docs/errors.md):
+    # the fill replaces the foreign value instead of failing its whole chunk with WRONGTYPE
     assert bench.inspect.type(key) == b"string"
     assert bench.stats()["fill_errors"] == 0
     assert bench.cache.get_features([1], USER_NAMES).status(1, "ctr_7d") is Status.HIT_REDIS
@@ -823,9 +821,9 @@ def test_put_rows_lacking_the_entity_and_timestamp_columns(bench: Bench) -> None
 
 
 def test_put_rows_one_row_lacking_a_column(bench: Bench) -> None:
-    """BUG: _columns() builds columns from the union of the dicts' keys and fills a key a row
-    lacks with None, so a row without ``score`` is written with score=None (a real cached
-    null) instead of failing with "row 1 lacks score" like a table lacking the column does."""
+    """In a list of dicts every row must have the same keys: a row without ``score`` is
+    rejected, naming the row and the key, like a table lacking the column, rather than being
+    written with score=None (a real cached null)."""
     partial = {k: v for k, v in user_row(2).items() if k != "score"}
     with pytest.raises(InvalidRequest) as err:
         bench.cache.put_rows("user", [user_row(1), partial])
@@ -849,10 +847,8 @@ def test_put_rows_one_row_lacking_a_column(bench: Bench) -> None:
 def test_put_rows_value_of_the_wrong_type_names_row_and_column(
     bench: Bench, column: str, value: Any, fragment: str
 ) -> None:
-    """The row index, the entity id and the reason are in the message. BUG: the column is not:
-    put_rows converts a whole row inside one try block and the ConversionError does not say
-    which column failed, so "row 1 (id 2): expected an int, got 'abc'" leaves the user to guess
-    among the int features."""
+    """The row index, the entity id, the column and the reason are in the message, so the user
+    does not have to guess which of several int features held 'abc'."""
     rows = [user_row(1), {**user_row(2), column: value}]
     with pytest.raises(InvalidRequest) as err:
         bench.cache.put_rows("user", rows)
@@ -872,8 +868,9 @@ def test_put_rows_bad_entity_id(bench: Bench, bad: Any) -> None:
 
 
 def test_put_rows_entity_id_outside_int64(bench: Bench) -> None:
-    """BUG: check_id does not range-check ints, so put_rows writes the row under the key
-    ``<prefix>:user:18446744073709551616``, an id no SQL BIGINT column can hold."""
+    """put_rows range-checks int ids like get_features: 2**64 is InvalidEntityId and nothing
+    is written, never a row under ``<prefix>:user:18446744073709551616``, an id no SQL BIGINT
+    column can hold."""
     with pytest.raises(InvalidEntityId):
         bench.cache.put_rows("user", [{**user_row(1), "user_id": 2**64}])
     bench.assert_nothing_happened()

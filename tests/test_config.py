@@ -483,8 +483,8 @@ def test_directory_instead_of_file(tmp_path: Path) -> None:
 
 
 def test_file_that_is_not_utf8_is_a_config_error(tmp_path: Path) -> None:
-    """BUG: load_config reads with encoding='utf-8' and catches only OSError, so a Latin-1
-    file escapes as a bare UnicodeDecodeError instead of a ConfigError naming the file."""
+    """A file that is not UTF-8 (here Latin-1) is a ConfigError naming the file, like any
+    other unreadable file, never a bare UnicodeDecodeError outside the featcache tree."""
     path = tmp_path / "latin1.yaml"
     path.write_bytes(MINIMAL.replace("user_stats", "us\xe9r_stats").encode("latin-1"))
     with pytest.raises(ConfigError) as err:
@@ -610,8 +610,8 @@ def test_env_override_is_validated_like_the_file(tmp_path: Path) -> None:
 
 
 def test_env_overrides_max_age_of_a_shorthand_feature(tmp_path: Path) -> None:
-    """BUG: ``country: str, 1d`` is a feature as much as the long form, but the override walks
-    into the string and fails with "names ..., which is not in the configuration"."""
+    """``country: str, 1d`` is a feature as much as the long form: the shorthand is expanded
+    before overrides apply, so its max_age can be overridden like any other feature's."""
     config = load_config(
         write(tmp_path, FULL), env={"FEATCACHE__VIEWS__USER__FEATURES__COUNTRY__MAX_AGE": "2h"}
     )
@@ -647,18 +647,17 @@ def test_env_override_of_missing_node_names_the_variable(
     ],
 )
 def test_env_override_of_unknown_key_names_the_variable(tmp_path: Path, var: str) -> None:
-    """BUG: when only the last segment is wrong, the override is written into the document and
-    then fails as an "unknown key" of the *file*, without naming the environment variable, so
-    the user searches the file for a key that is not there."""
+    """When only the last segment is wrong, the "unknown key" error names the environment
+    variable that set it, so the user is not sent searching the file for a key it lacks."""
     with pytest.raises(ConfigError) as err:
         load_config(write(tmp_path, FULL), env={var: "1h"})
     assert var in str(err.value)
 
 
 def test_config_from_dict_does_not_modify_its_argument() -> None:
-    """BUG: config_from_dict copies only the top level of ``doc`` and ``_apply_env`` writes the
-    override into the caller's nested dicts, so a later build from the same dict (without the
-    variable) silently keeps the override."""
+    """config_from_dict works on a deep copy of ``doc``: an override never lands in the
+    caller's nested dicts, so a later build from the same dict (without the variable) gets the
+    file's value back."""
     doc = base_doc()
     before = copy.deepcopy(doc)
     config = config_from_dict(
@@ -755,29 +754,29 @@ def test_constructor_validation(build: Any, path: str, fragment: str) -> None:
 
 @pytest.mark.parametrize("bad_type", [int, None, 3], ids=["builtin-int", "None", "number"])
 def test_feature_type_that_is_not_a_string_is_rejected(bad_type: Any) -> None:
-    """BUG: Feature validates ``type`` only when it is a str, so Feature("x", int, 60) builds a
-    Feature whose type is the builtin ``int`` and fails much later, inside the codec."""
+    """A type that is neither a FeatureType nor one of its spellings (the builtin ``int``,
+    None, a number) is a ConfigError at construction, not a failure much later in the codec."""
     with pytest.raises(ConfigError) as err:
         Feature("x", bad_type, 60)
     assert err.value.path == "features.x.type"
 
 
 def test_key_prefix_that_is_not_a_string_is_a_config_error() -> None:
-    """BUG: CacheConfig(key_prefix=5) raises a bare TypeError from re.match."""
+    """A key_prefix that is not a str is a ConfigError at redis.key_prefix, not a TypeError."""
     with pytest.raises(ConfigError) as err:
         CacheConfig(views=(a_view(),), key_prefix=5)  # type: ignore[arg-type]
     assert err.value.path == "redis.key_prefix"
 
 
 def test_features_none_is_a_config_error() -> None:
-    """BUG: FeatureView(features=None) raises a bare TypeError from tuple(None)."""
+    """features=None is a ConfigError at views.<name>.features, not a TypeError."""
     with pytest.raises(ConfigError) as err:
         a_view(features=None)
     assert err.value.path == "views.user.features"
 
 
 def test_views_none_is_a_config_error() -> None:
-    """BUG: CacheConfig(views=None) raises a bare TypeError from tuple(None)."""
+    """views=None is a ConfigError at views, not a TypeError."""
     with pytest.raises(ConfigError) as err:
         CacheConfig(views=None)  # type: ignore[arg-type]
     assert err.value.path == "views"
@@ -846,8 +845,8 @@ SECRET = "s3cr3t-Pa55"
 
 
 def test_repr_of_config_never_shows_a_password() -> None:
-    """BUG: CacheConfig is a plain dataclass, so repr() (logged on startup, shown in tracebacks
-    and by debuggers) prints redis_url and offline_url with their passwords."""
+    """repr() and str() of a CacheConfig (logged on startup, shown in tracebacks and by
+    debuggers) show redis_url and offline_url with their passwords masked."""
     config = CacheConfig(
         views=(a_view(),),
         redis_url=f"redis://app:{SECRET}@cache:6379/0",
@@ -893,9 +892,8 @@ def test_bad_redis_url_error_never_shows_the_password(tmp_path: Path, url: str) 
     ],
 )
 def test_query_string_password_is_masked_too(tmp_path: Path, url: str) -> None:
-    """BUG: redis-py takes ``?password=`` from the query string (that is the only way to give
-    a password with a ``unix://`` URL), but safe_redis_url masks only the userinfo part, so
-    these errors print the password."""
+    """redis-py also takes a password from a ``?password=`` query option, so safe_redis_url,
+    and with it every URL error, masks that option as well as the userinfo part."""
     assert SECRET not in safe_redis_url(url)
     config = CacheConfig(
         views=(a_view(),), redis_url=url, offline_url=f"sqlite:///{tmp_path / 'x.db'}"
@@ -906,8 +904,8 @@ def test_query_string_password_is_masked_too(tmp_path: Path, url: str) -> None:
 
 
 def test_redis_url_that_urlsplit_rejects_is_a_config_error(tmp_path: Path) -> None:
-    """BUG: connect() calls urlsplit() outside its try block, so an unbalanced IPv6 bracket
-    escapes as a bare ValueError("Invalid IPv6 URL") instead of a ConfigError at redis.url."""
+    """A URL urlsplit() rejects (an unbalanced IPv6 bracket) is a ConfigError at redis.url,
+    without the password, not a bare ValueError("Invalid IPv6 URL")."""
     config = CacheConfig(
         views=(a_view(),), redis_url=f"redis://app:{SECRET}@[::1/0",
         offline_url=f"sqlite:///{tmp_path / 'x.db'}",
@@ -937,9 +935,8 @@ def test_bad_offline_url_error_never_shows_the_password(url: str) -> None:
 
 
 def test_offline_url_with_bad_port_is_a_config_error() -> None:
-    """BUG: OfflineStore calls make_url() (in _connect_args) outside its try block and catches
-    only ArgumentError/NoSuchModuleError/ImportError, so a non-numeric port escapes as a bare
-    ValueError("invalid literal for int()...") from FeatureCache()."""
+    """A non-numeric port in the offline URL is a ConfigError at offline_store.url from
+    FeatureCache(), without the password, not a bare ValueError from SQLAlchemy's URL parser."""
     config = CacheConfig(
         views=(a_view(),), redis_url="redis://127.0.0.1:1/0",
         offline_url=f"postgresql://reader:{SECRET}@db:badport/features",
@@ -988,12 +985,31 @@ def test_schema_error_is_a_config_error() -> None:
 
 
 def test_pool_size_reaches_the_sql_engine() -> None:
-    """BUG: offline_store.pool_size (sql_pool_size) is validated and documented ("connections
-    kept open in the SQLAlchemy pool") but OfflineStore never passes it to create_engine, so
-    the pool always has SQLAlchemy's default size of 5."""
+    """offline_store.pool_size (sql_pool_size) is passed to create_engine: the pool has the
+    configured size, not SQLAlchemy's default of 5."""
     config = CacheConfig(
         views=(a_view(),), redis_url="redis://127.0.0.1:1/0",
         offline_url="postgresql+psycopg://reader@127.0.0.1:1/features", sql_pool_size=8,
     )
     with FeatureCache(config) as cache:  # nothing connects until the first read
         assert cache.engine.pool.size() == 8  # type: ignore[attr-defined]
+
+
+def test_env_override_matches_keys_case_insensitively_and_creates_sections(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text(
+        "views:\n  UserStats:\n    table: t\n    entity: id\n    event_timestamp: ts\n"
+        "    features:\n      CTR: float, 10m\n"
+    )
+    config = load_config(path, env={
+        "FEATCACHE__VIEWS__USERSTATS__FEATURES__CTR__MAX_AGE": "20m",
+        "FEATCACHE__DEFAULTS__NEGATIVE_TTL": "5s",
+        "FEATCACHE__VIEWS__USERSTATS__FEATURES__CTR": "int, 1h",
+    })
+    view = config.view("UserStats")
+    assert view.negative_ttl == 5.0
+    # sorted order: the whole-feature shorthand is applied before its MAX_AGE
+    assert view.features[0].type.value == "int"
+    assert view.features[0].max_age == 20 * 60
