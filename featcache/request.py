@@ -10,8 +10,9 @@ from __future__ import annotations
 import difflib
 import math
 import numbers
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+import operator
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
 
@@ -51,6 +52,20 @@ class Plan:
     columns: tuple[tuple[int, int], ...]  # per name: (index into views, feature index)
     views: tuple[ViewPlan, ...]
     entity_type: str
+    #: the requested values of a single-view plan's row, in output order (one C call)
+    pick: Callable[[Sequence[Any]], Sequence[Any]] = field(init=False, compare=False)
+
+    def __post_init__(self) -> None:
+        positions = [f for _, f in self.columns]
+        picker: Callable[[Sequence[Any]], Sequence[Any]]
+        if len(positions) == 1:
+            only = positions[0]
+
+            def picker(values: Sequence[Any]) -> Sequence[Any]:
+                return (values[only],)
+        else:
+            picker = operator.itemgetter(*positions)
+        object.__setattr__(self, "pick", picker)
 
 
 class Planner:

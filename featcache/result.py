@@ -62,12 +62,19 @@ class FeatureResult(Mapping[EntityId, dict[str, Any]]):
             return cached
         if self._plan is None:
             raise KeyError(entity_id)
-        rows = [answers[entity_id] for answers in self._answers]  # KeyError if not asked for
-        values = [row[1] for row in rows]
-        out = {
-            name: (None if (vals := values[v]) is None else vals[f])
-            for name, (v, f) in zip(self._plan.names, self._plan.columns, strict=True)
-        }
+        plan = self._plan
+        if len(self._answers) == 1:  # one view: pick the requested positions in one C call
+            vals = self._answers[0][entity_id][1]  # KeyError if not asked for
+            if vals is None:
+                out = dict.fromkeys(plan.names)
+            else:
+                out = dict(zip(plan.names, plan.pick(vals), strict=True))
+        else:
+            values = [answers[entity_id][1] for answers in self._answers]
+            out = {
+                name: (None if (vals := values[v]) is None else vals[f])
+                for name, (v, f) in zip(plan.names, plan.columns, strict=True)
+            }
         self._dicts[entity_id] = out
         return out
 

@@ -1,0 +1,342 @@
+"""Machinery shared by the benchmarks: the Redis target, interleaved timing, summaries, output.
+
+Timing rules, the same for every benchmark:
+
+* every case of a comparison runs in the same process against the same server, interleaved:
+  each round runs every case once, in rotating order, so drift and noise (other processes, the
+  VM's scheduler, the allocator) hit all cases alike. The rotation is a Williams design, not a
+  plain cyclic shift: over a cycle of rounds every case runs in every position and right after
+  every other case equally often. A plain shift keeps each case's predecessor fixed, and a case
+  that leaves the machine "cold" (1000 sequential round trips, say) then always taxes the same
+  neighbour: measured here, that alone moved one ratio from 1.9x to 1.4x;
+* each sample is one call on a fresh input, prepared untimed (``Case.prepare``), timed with
+  ``time.perf_counter_ns``; what the call returns is dropped after the clock stops;
+* every case is warmed up before timing; the garbage collector stays on (users have it on),
+  with one ``gc.collect()`` before the timed rounds so no earlier garbage is charged to them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import json
+import math
+import platform
+import secrets
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import redis
+
+from featcache.embedded import EmbeddedServer
+
+# --------------------------------------------------------------------------------------------
+# Redis target
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RedisTarget:
+    """Where a benchmark's keys live. ``private``: a throw-away server this run started."""
+
+    url: str
+    prefix: str
+    private: bool
+
+
+@contextlib.contextmanager
+def redis_target(url: str | None, private_prefix: str = "fc") -> Iterator[RedisTarget]:
+    """A private embedded Valkey (``url`` None), or the given server under a unique prefix.
+
+    On a given server, every key this run writes is under ``fcbench-<hex>:`` and exactly those
+    keys are removed afterwards (SCAN + UNLINK); nothing is ever flushed.
+    """
+    if url is None:
+        with EmbeddedServer() as server:
+            yield RedisTarget(server.url, private_prefix, private=True)
+        return
+    target = RedisTarget(url, f"fcbench-{secrets.token_hex(4)}", private=False)
+    try:
+        yield target
+    finally:
+        client = redis.Redis.from_url(url)
+        try:
+            unlink_matching(client, f"{target.prefix}:*")
+        finally:
+            client.close()
+
+
+def unlink_matching(client: redis.Redis, pattern: str, batch_size: int = 500) -> int:
+    """UNLINK every key matching ``pattern`` (SCAN, never KEYS/FLUSH*); returns how many."""
+    removed = 0
+    batch: list[bytes] = []
+    for key in client.scan_iter(match=pattern, count=1000):
+        batch.append(key)
+        if len(batch) >= batch_size:
+            removed += int(client.unlink(*batch))
+            batch.clear()
+    if batch:
+        removed += int(client.unlink(*batch))
+    return removed
+
+
+def server_description(client: redis.Redis) -> str:
+    """``valkey 8.1.8`` / ``redis 7.2.4``, from INFO server."""
+    info = client.info("server")
+    name = str(info.get("server_name") or "redis")
+    version = info.get(f"{name}_version") or info.get("redis_version", "?")
+    return f"{name} {version}"
+
+
+def parser_name(client: redis.Redis) -> str:
+    """The response parser class redis-py uses for this client (``_HiredisParser`` wanted)."""
+    conn = client.connection_pool.make_connection()
+    try:
+        return type(conn._parser).__name__  # type: ignore[attr-defined]
+    finally:
+        conn.disconnect()  # type: ignore[no-untyped-call]
+
+
+def used_memory(client: redis.Redis) -> dict[str, int]:
+    info = client.info("memory")
+    return {
+        "used_memory": int(info["used_memory"]),
+        "mem_clients_normal": int(info.get("mem_clients_normal", 0)),
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# Interleaved timing
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Case:
+    """One thing to time. ``run(input)`` is timed; ``prepare``/``verify`` run untimed around it.
+
+    ``verify(input, output)`` raises when a sample did not measure what it claims (a "hit" case
+    that missed...), so a broken setup cannot produce a plausible-looking figure.
+    """
+
+    name: str
+    run: Callable[[Any], object]
+    prepare: Callable[[Any], None] | None = None
+    verify: Callable[[Any, object], None] | None = None
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """How long to run one comparison: ``rounds`` timed rounds, stopping early (never before
+    ``min_rounds``) once ``budget_s`` seconds have passed."""
+
+    rounds: int
+    warmup_rounds: int
+    budget_s: float
+    min_rounds: int = 30
+
+
+@dataclass
+class Samples:
+    """Nanosecond samples per case name (the same count for every case), and how many garbage
+    collections per generation ran during the timed rounds (they land in some samples)."""
+
+    by_case: dict[str, list[int]]
+    gc_collections: list[int]
+    seconds: float
+
+    @property
+    def rounds(self) -> int:
+        return len(next(iter(self.by_case.values())))
+
+
+def run_interleaved(
+    cases: Sequence[Case], make_input: Callable[[], Any], schedule: Schedule
+) -> Samples:
+    orders = williams_orders(len(cases))
+    for r in range(schedule.warmup_rounds):
+        for i in orders[r % len(orders)]:
+            _sample(cases[i], make_input())
+    gc.collect()
+    by_case: dict[str, list[int]] = {case.name: [] for case in cases}
+    gc_before = [g["collections"] for g in gc.get_stats()]
+    started = time.perf_counter()
+    deadline = started + schedule.budget_s
+    for r in range(schedule.rounds):
+        for i in orders[r % len(orders)]:
+            by_case[cases[i].name].append(_sample(cases[i], make_input()))
+        if r + 1 >= schedule.min_rounds and time.perf_counter() > deadline:
+            break
+    gc_runs = [g["collections"] - b for g, b in zip(gc.get_stats(), gc_before, strict=True)]
+    return Samples(by_case, gc_runs, time.perf_counter() - started)
+
+
+def williams_orders(n: int) -> list[list[int]]:
+    """Orders of ``n`` cases, balanced for position and for immediate predecessor.
+
+    Rows are cyclic shifts of 0, 1, n-1, 2, n-2, ...; for odd ``n`` the mirrored rows are
+    added, which is what it takes to balance predecessors (Williams, 1949).
+    """
+    if n <= 1:
+        return [list(range(n))]
+    base = [0]
+    low, high = 1, n - 1
+    while len(base) < n:
+        base.append(low)
+        low += 1
+        if len(base) < n:
+            base.append(high)
+            high -= 1
+    rows = [[(b + shift) % n for b in base] for shift in range(n)]
+    if n % 2:
+        rows += [row[::-1] for row in rows]
+    return rows
+
+
+def _sample(case: Case, value: Any) -> int:
+    if case.prepare is not None:
+        case.prepare(value)
+    run = case.run
+    start = time.perf_counter_ns()
+    out = run(value)
+    elapsed = time.perf_counter_ns() - start
+    if case.verify is not None:
+        case.verify(value, out)
+    del out  # freed after the clock stopped, the same for every case
+    return elapsed
+
+
+# --------------------------------------------------------------------------------------------
+# Summaries
+# --------------------------------------------------------------------------------------------
+
+
+def percentile(sorted_values: Sequence[int], q: float) -> int:
+    """Nearest-rank percentile (``q`` in 0..1) of an ascending sequence."""
+    if not sorted_values:
+        raise ValueError("no samples")
+    rank = max(1, math.ceil(q * len(sorted_values)))
+    return sorted_values[rank - 1]
+
+
+@dataclass(frozen=True)
+class Summary:
+    case: str
+    batch: int
+    p50_us: float
+    p99_us: float
+    n: int
+
+    @classmethod
+    def of(cls, case: str, batch: int, samples_ns: Sequence[int]) -> Summary:
+        ordered = sorted(samples_ns)
+        return cls(
+            case=case,
+            batch=batch,
+            p50_us=round(percentile(ordered, 0.50) / 1000, 2),
+            p99_us=round(percentile(ordered, 0.99) / 1000, 2),
+            n=len(ordered),
+        )
+
+
+@dataclass(frozen=True)
+class Ratio:
+    case: str
+    batch: int
+    baseline: str
+    p50_ratio: float
+    p99_ratio: float
+
+
+def ratios_to(baseline: str, summaries: Sequence[Summary]) -> list[Ratio]:
+    base = {s.batch: s for s in summaries if s.case == baseline}
+    out = []
+    for s in summaries:
+        b = base.get(s.batch)
+        if b is None:
+            continue
+        out.append(
+            Ratio(s.case, s.batch, baseline, round(s.p50_us / b.p50_us, 3),
+                  round(s.p99_us / b.p99_us, 3))
+        )
+    return out
+
+
+@dataclass(frozen=True)
+class Target:
+    """A stated performance target and whether this run met it."""
+
+    name: str
+    passed: bool
+    detail: str
+
+    def line(self) -> str:
+        return f"{'PASS' if self.passed else 'FAIL'}  {self.name}: {self.detail}"
+
+
+@dataclass
+class Report:
+    """What a benchmark writes as JSON; ``extra`` holds benchmark-specific figures."""
+
+    cases: list[Summary]
+    ratios: list[Ratio]
+    server: str
+    quick: bool
+    targets: list[Target] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "cases": [asdict(s) for s in self.cases],
+            **self.extra,
+            "server": self.server,
+            "quick": self.quick,
+            "ratios": [asdict(r) for r in self.ratios],
+            "targets": [asdict(t) for t in self.targets],
+            "environment": environment(),
+        }
+
+    def write(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_json(), indent=2) + "\n", encoding="utf-8")
+
+
+def environment() -> dict[str, Any]:
+    import hiredis  # noqa: PLC0415 - only to report its version
+
+    return {
+        "python": sys.version.split()[0],
+        "implementation": platform.python_implementation(),
+        "platform": platform.platform(),
+        "redis_py": redis.__version__,
+        "hiredis": getattr(hiredis, "__version__", "?"),
+        "gc_enabled": gc.isenabled(),
+    }
+
+
+def format_table(summaries: Sequence[Summary], ratios: Sequence[Ratio], baseline: str) -> str:
+    by_key = {(r.case, r.batch): r for r in ratios}
+    header = ("case", "batch", "p50_us", "p99_us", "n", f"p50 vs {baseline}")
+    rows = [header]
+    for s in summaries:
+        r = by_key.get((s.case, s.batch))
+        rows.append((
+            s.case, str(s.batch), f"{s.p50_us:,.1f}", f"{s.p99_us:,.1f}", str(s.n),
+            f"{r.p50_ratio:.2f}x" if r else "-",
+        ))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    lines = []
+    for i, row in enumerate(rows):
+        cells = [row[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(row[1:], widths[1:],
+                                                                       strict=True)]
+        lines.append("  ".join(cells))
+        if i == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def log(message: str) -> None:
+    """Progress on stderr, so stdout holds only the results."""
+    print(message, file=sys.stderr, flush=True)
