@@ -3,11 +3,17 @@
 A row value is a 10-byte header followed by one msgpack array::
 
     byte 0      layout version (1)
-    byte 1      kind: b"R" a row, b"A" "SQL has no such entity" (a negative entry)
+    byte 1      kind: b"R" a row, b"A" "SQL has no such entity" (a negative entry),
+                b"T" a tombstone left by an invalidation (the fence of DESIGN section 4)
     bytes 2-9   event timestamp, microseconds since the Unix epoch, big-endian int64
-                (INT64_MIN when the row has none, and for negative entries)
+                (INT64_MIN when the row has none, and for A and T)
     msgpack     [schema_fp, epoch, loaded_at_ms, fill_ms, v0, v1, ...]   (R)
                 [0, epoch, loaded_at_ms]                                   (A)
+    bytes       the invalidation's stream entry id, unique per invalidation  (T, written by
+                the invalidation script in ``featcache.invalidation``)
+
+``epoch`` is the view's epoch when the row was read (``featcache.invalidation``): a row of an
+older epoch was invalidated with its whole view and is a miss.
 
 The event timestamp sits at a fixed offset so the conditional write script in
 ``featcache.redis_store`` can compare an old row with a new one without parsing msgpack: an
@@ -39,20 +45,28 @@ from featcache.config import FeatureView
 from featcache.keys import LAYOUT_VERSION
 from featcache.types import NO_VALUE, FeatureType
 
-__all__ = ["NO_EVENT", "DecodedRow", "RowCodec"]
+__all__ = [
+    "KIND_ABSENT",
+    "KIND_ROW",
+    "KIND_TOMBSTONE",
+    "NO_EVENT",
+    "DecodedRow",
+    "RowCodec",
+]
 
 NO_EVENT: Final = -(2**63)
 KIND_ROW: Final = 0x52  # "R"
 KIND_ABSENT: Final = 0x41  # "A"
+KIND_TOMBSTONE: Final = 0x54  # "T"
 _HEADER = struct.Struct(">BBq")
 _HEADER_SIZE: Final = _HEADER.size
 _LITTLE = sys.byteorder == "little"
 
 
 class DecodedRow(NamedTuple):
-    """A row read back from Redis. ``values`` may be shorter than the view (older schema)."""
+    """A value read back from Redis. ``values`` may be shorter than the view (older schema)."""
 
-    absent: bool
+    kind: int  # KIND_ROW, KIND_ABSENT or KIND_TOMBSTONE
     event_us: int | None
     epoch: int
     loaded_ms: int
@@ -61,6 +75,7 @@ class DecodedRow(NamedTuple):
 
 
 _new_row = tuple.__new__  # builds a DecodedRow without NamedTuple.__new__'s Python frame
+_TOMBSTONE = DecodedRow(KIND_TOMBSTONE, None, 0, 0, 0, ())
 
 
 def _pack_embedding(value: Sequence[float]) -> bytes:
@@ -138,6 +153,8 @@ class RowCodec:
             version, kind, event_us = _HEADER.unpack_from(raw)
             if version != LAYOUT_VERSION:
                 return None
+            if kind == KIND_TOMBSTONE:
+                return _TOMBSTONE
             body = msgpack.unpackb(raw[_HEADER_SIZE:], timestamp=3)
             if kind == KIND_ROW:
                 width = self._prefix_len.get(body[0])
@@ -149,10 +166,10 @@ class RowCodec:
                         if i < width and values[i] is not None:
                             values[i] = _unpack_embedding(values[i])
                 event = None if event_us == NO_EVENT else event_us
-                return _new_row(DecodedRow, (False, event, body[1], body[2], body[3], values))
+                return _new_row(DecodedRow, (KIND_ROW, event, body[1], body[2], body[3], values))
             if kind == KIND_ABSENT:
                 _, epoch, loaded_ms = body
-                return _new_row(DecodedRow, (True, None, epoch, loaded_ms, 0, ()))
+                return _new_row(DecodedRow, (KIND_ABSENT, None, epoch, loaded_ms, 0, ()))
             return None
         except Exception:  # any undecodable value is a miss, by contract
             return None

@@ -191,6 +191,8 @@ class CacheConfig:
     sql_connect_timeout: float = 5.0
     sql_pool_size: int = 5
     max_id_length: int = 512
+    fence_ttl: float = 60.0
+    stream_maxlen: int = 100_000
     source: str = field(default="", compare=False)
 
     def __post_init__(self) -> None:
@@ -215,7 +217,8 @@ class CacheConfig:
                 "redis.key_prefix",
                 self.source,
             )
-        for key in ("redis_socket_timeout", "redis_connect_timeout", "sql_connect_timeout"):
+        for key in ("redis_socket_timeout", "redis_connect_timeout", "sql_connect_timeout",
+                    "fence_ttl"):
             value = parse_duration(getattr(self, key), key)
             if value <= 0:
                 raise ConfigError("must be greater than zero", key, self.source)
@@ -226,6 +229,7 @@ class CacheConfig:
             ("sql_chunk_size", 1, 30_000),
             ("sql_pool_size", 1, 1_000),
             ("max_id_length", 1, 1_000_000),
+            ("stream_maxlen", 100, 100_000_000),
         ):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
@@ -275,6 +279,7 @@ _SECTIONS: dict[str, dict[str, str]] = {
         "pool_size": "sql_pool_size",
     },
     "limits": {"max_id_length": "max_id_length"},
+    "invalidation": {"fence_ttl": "fence_ttl", "stream_maxlen": "stream_maxlen"},
 }
 _VIEW_DEFAULT_KEYS = ("negative_ttl", "stale_if_error")
 _VIEW_KEYS = (
@@ -289,7 +294,7 @@ _ENV_ALIASES = {
 }
 _INT_FIELDS = {
     "redis_max_connections", "redis_read_chunk", "sql_chunk_size", "sql_pool_size",
-    "max_id_length",
+    "max_id_length", "stream_maxlen",
 }
 
 
@@ -482,7 +487,7 @@ def _section_value(target: str, value: Any, path: str, source: str) -> Any:
             return int(value.strip())
         except ValueError:
             raise ConfigError(f"expected an integer, got {value!r}", path, source) from None
-    if target.endswith("timeout"):
+    if target.endswith("timeout") or target == "fence_ttl":
         try:
             return parse_duration(value, path)
         except ConfigError as exc:

@@ -2,7 +2,11 @@
 
     <prefix>:<view>:<entity>        one row: every feature of one view for one entity
                                     (string value, format in ``featcache.codec``; TTL: the view's
-                                    ttl, or its negative_ttl for "SQL has no such entity")
+                                    ttl, its negative_ttl for "SQL has no such entity", or
+                                    fence_ttl for an invalidation's tombstone)
+    <prefix>:~<view>:epoch          the view's epoch (decimal string, no TTL): moved by a
+                                    whole-view invalidation; rows of another epoch are misses
+    <prefix>:~stream                the invalidation stream (XADD MAXLEN ~ stream_maxlen)
 
 ``prefix`` is ``redis.key_prefix`` (default ``fc``), ``view`` the view name, ``entity`` the id:
 a decimal integer or the UTF-8 string as given. A view has exactly one entity type, so ``7`` and
@@ -40,6 +44,10 @@ class KeyLayout:
     def row_keys(self, view: str, entities: Iterable[int | str]) -> list[str]:
         head = self.row_prefix(view)
         return [f"{head}{e}" for e in entities]
+
+    def stream_key(self) -> str:
+        """The invalidation stream of this prefix (``featcache.invalidation``)."""
+        return f"{self.prefix}:~stream"
 
     def view_key(self, view: str, name: str) -> str:
         """A per-view bookkeeping key, in a space no row key can reach (views never start '~')."""

@@ -2,11 +2,12 @@
 
 This is the Redis boundary: redis-py exceptions become ``CacheUnavailable`` here and nowhere
 else. Reads are one MGET, or several MGETs in one pipeline past ``read_chunk`` keys, so a batch
-is always one network round trip. Writes go through one Lua script that writes a row only when
-it is not older than the row already there (the event timestamp at a fixed offset, see
-``featcache.codec``), and writes a negative entry only where no row exists; all chunks of a
-write share one pipelined round trip. Values are opaque bytes: nothing read is ever unpickled
-or evaluated.
+is always one network round trip. Writes go through one Lua script (``CONDITIONAL_SET``) in two
+modes: a fenced fill writes only where the key still holds what the reader saw before its SQL
+read, and only if the view's epoch did not move; a ``put_rows`` row writes unless a row with a
+later event timestamp is there (the timestamp sits at a fixed offset, see
+``featcache.codec``). All chunks of a write share one pipelined round trip. Values are opaque
+bytes: nothing read is ever unpickled or evaluated.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -24,43 +26,61 @@ from featcache.errors import CacheUnavailable, ConfigError
 from featcache.urls import mask_url
 
 __all__ = [
+    "CONDITIONAL_SET",
+    "LuaScript",
     "RedisStore",
+    "WriteBatch",
     "WriteItem",
-    "absent_write",
     "connect",
-    "repair_write",
+    "fenced_write",
     "row_write",
     "safe_redis_url",
 ]
 
 log = logging.getLogger("featcache.redis")
 
-# KEYS: row keys. ARGV: four per key: mode, ttl_ms, value, expected. "Ours" below means a row
-# ("R" in byte 2) of the same layout version (byte 1) as the new value.
-#   mode R  a row: written unless the key holds one of ours with a later event timestamp
-#           (bytes 3-10, big-endian int64); garbage, other types and negative entries give way
-#   mode A  a negative entry: written unless the key holds a row of ours
-#   mode C  a repair: written only where the key still holds ``expected`` (the undecodable
-#           bytes the reader saw) or nothing, so it never clobbers a row written meanwhile
+class LuaScript:
+    """A server-side script, sent by its SHA-1 and loaded only when the server lacks it."""
+
+    __slots__ = ("sha", "text")
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+        self.sha = hashlib.sha1(text.encode()).hexdigest()  # noqa: S324 - Redis' script id
+
+
+# KEYS[1]: the view's epoch key; KEYS[2..]: row keys of that view.
+# ARGV[1]: "1" when the writer read the epoch before its SQL read, and ARGV[2] is what it read
+# ("" for none): if the epoch changed since, the whole view was invalidated and nothing is
+# written. Then four ARGV per row key: mode, ttl_ms, value, expected. "Ours" means a row ("R" in
+# byte 2) of the same layout version (byte 1) as the new value.
+#   mode F  a fenced fill: written only where the key still holds exactly what the reader saw
+#           before its SQL read (expected; "" = nothing, or a key of another type, which MGET
+#           also shows as nothing). An invalidation, a newer row or another fill in between
+#           changed it, so a value read before them is never written (DESIGN section 4).
+#   mode R  a row from put_rows: written unless the key holds one of ours with a later event
+#           timestamp (bytes 3-10, big-endian int64). Tombstones, negative entries, garbage
+#           and keys of other types give way: the key space under the prefix is featcache's.
 # Returns how many keys were written.
-_CONDITIONAL_SET = """
+CONDITIONAL_SET = LuaScript("""
+if ARGV[1] == '1' then
+  local epoch = redis.call('GET', KEYS[1]) or ''
+  if epoch ~= ARGV[2] then return 0 end
+end
 local written = 0
-for i = 1, #KEYS do
-  local base = 4 * (i - 1)
+for i = 2, #KEYS do
+  local base = 2 + 4 * (i - 2)
   local mode, ttl, value = ARGV[base + 1], ARGV[base + 2], ARGV[base + 3]
   local got = redis.pcall('GET', KEYS[i])
   local old = nil
-  local other_type = type(got) == 'table'
   if type(got) == 'string' then old = got end
-  local ours = old ~= nil and string.len(old) >= 10
-    and string.byte(old, 1) == string.byte(value, 1) and string.byte(old, 2) == 82
   local ok
-  if mode == 'C' then
-    ok = (old == nil and not other_type) or old == ARGV[base + 4]
-  elseif mode == 'A' then
-    ok = not ours
+  if mode == 'F' then
+    ok = (old or '') == ARGV[base + 4]
   else
-    ok = (not ours) or struct.unpack('>i8', value, 3) >= struct.unpack('>i8', old, 3)
+    ok = not (old and string.len(old) >= 10 and string.byte(old, 1) == string.byte(value, 1)
+              and string.byte(old, 2) == 82)
+      or struct.unpack('>i8', value, 3) >= struct.unpack('>i8', old, 3)
   end
   if ok then
     redis.call('SET', KEYS[i], value, 'PX', ttl)
@@ -68,25 +88,29 @@ for i = 1, #KEYS do
   end
 end
 return written
-"""
+""")
 
 #: One conditional write: (mode, key, value, ttl in milliseconds, expected old bytes or b"").
 WriteItem = tuple[bytes, str, bytes, int, bytes]
 
 
 def row_write(key: str, value: bytes, ttl_ms: int) -> WriteItem:
-    """Write a row unless Redis holds a newer one (by event timestamp)."""
+    """Write a row unless Redis holds a newer one (by event timestamp): ``put_rows``."""
     return (b"R", key, value, ttl_ms, b"")
 
 
-def absent_write(key: str, value: bytes, ttl_ms: int) -> WriteItem:
-    """Write a negative entry unless Redis holds a row."""
-    return (b"A", key, value, ttl_ms, b"")
+def fenced_write(key: str, value: bytes, ttl_ms: int, seen: bytes | None) -> WriteItem:
+    """Write only if the key still holds ``seen`` (what the reader saw before reading SQL)."""
+    return (b"F", key, value, ttl_ms, seen or b"")
 
 
-def repair_write(key: str, value: bytes, ttl_ms: int, expected: bytes) -> WriteItem:
-    """Replace undecodable bytes, only if they are still what the key holds."""
-    return (b"C", key, value, ttl_ms, expected)
+@dataclass(frozen=True, slots=True)
+class WriteBatch:
+    """The writes of one view, fenced by the view's epoch when ``epoch_seen`` is not None."""
+
+    epoch_key: str
+    epoch_seen: bytes | None
+    items: Sequence[WriteItem]
 
 
 _ERRORS = (redis_exc.ConnectionError, redis_exc.TimeoutError, redis_exc.RedisError, OSError)
@@ -134,7 +158,6 @@ class RedisStore:
         self.client = client
         self.read_chunk = read_chunk
         self.write_chunk = write_chunk
-        self._sha = hashlib.sha1(_CONDITIONAL_SET.encode()).hexdigest()  # noqa: S324 - Redis' id
         self.url = safe_redis_url(_describe(client))
 
     def close(self) -> None:
@@ -160,43 +183,57 @@ class RedisStore:
         except _ERRORS as exc:
             raise CacheUnavailable(f"Redis {self.url}: {exc}") from exc
 
-    def write(self, items: Sequence[WriteItem]) -> int:
-        """Conditionally write rows in one round trip; returns how many keys were written.
+    def write(self, batches: Sequence[WriteBatch]) -> int:
+        """Conditionally write rows of several views in one round trip; returns how many keys
+        were written (the rest were fenced off or older than what Redis holds)."""
+        calls: list[tuple[list[str], list[Any]]] = []
+        for batch in batches:
+            head: list[Any] = (
+                ["1", batch.epoch_seen] if batch.epoch_seen is not None else ["0", ""]
+            )
+            items = batch.items
+            for start in range(0, len(items), self.write_chunk):
+                chunk = items[start : start + self.write_chunk]
+                keys = [batch.epoch_key, *(item[1] for item in chunk)]
+                args = list(head)
+                for mode, _, value, ttl_ms, expected in chunk:
+                    args += (mode, max(1, int(ttl_ms)), value, expected)
+                calls.append((keys, args))
+        return sum(int(n) for n in self.eval_many(CONDITIONAL_SET, calls))
 
-        EVALSHA by the script's own SHA-1; only when the server answers NOSCRIPT (first use,
-        restart, SCRIPT FLUSH) is the script loaded and the failed chunks sent again.
+    def eval_many(
+        self, script: LuaScript, calls: Sequence[tuple[Sequence[str], Sequence[Any]]]
+    ) -> list[Any]:
+        """Run ``script`` once per (keys, args) in one pipelined round trip; results in order.
+
+        EVALSHA by the script's SHA-1; only when the server answers NOSCRIPT (first use,
+        restart, SCRIPT FLUSH) is the script loaded and the failed calls sent again.
         """
-        if not items:
-            return 0
-        chunks = [items[i : i + self.write_chunk] for i in range(0, len(items), self.write_chunk)]
-        written = 0
+        results: list[Any] = [None] * len(calls)
+        pending = list(range(len(calls)))
         try:
             for attempt in range(2):
                 pipe = self.client.pipeline(transaction=False)
-                for chunk in chunks:
-                    keys = [item[1] for item in chunk]
-                    args: list[Any] = []
-                    for mode, _, value, ttl_ms, expected in chunk:
-                        args += (mode, max(1, int(ttl_ms)), value, expected)
+                for i in pending:
+                    keys, args = calls[i]
                     pipe.execute_command(  # type: ignore[no-untyped-call]
-                        "EVALSHA", self._sha, len(keys), *keys, *args
+                        "EVALSHA", script.sha, len(keys), *keys, *args
                     )
-                results = pipe.execute(raise_on_error=False)
                 retry = []
-                for chunk, result in zip(chunks, results, strict=True):
+                for i, result in zip(pending, pipe.execute(raise_on_error=False), strict=True):
                     if isinstance(result, redis_exc.NoScriptError) and attempt == 0:
-                        retry.append(chunk)
+                        retry.append(i)
                     elif isinstance(result, Exception):
                         raise result
                     else:
-                        written += int(result)
+                        results[i] = result
                 if not retry:
                     break
-                self.client.script_load(_CONDITIONAL_SET)
-                chunks = retry
+                self.client.script_load(script.text)
+                pending = retry
         except _ERRORS as exc:
             raise CacheUnavailable(f"Redis {self.url}: {exc}") from exc
-        return written
+        return results
 
 
 def _describe(client: redis.Redis) -> str:

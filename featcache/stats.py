@@ -28,7 +28,9 @@ EVENTS = (
     "sql_rows",
     "sql_errors",
     "rows_written",
-    "rows_skipped_older",  # put_rows/fill rows not written because Redis held a newer row
+    "rows_skipped_older",  # put_rows rows not written because Redis held a newer row
+    "fills_fenced",  # fills not written: the key changed since it was read (invalidation...)
+    "fills_abandoned",  # fills not written: the call took longer than the fence deadline
 )
 
 

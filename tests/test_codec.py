@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from featcache import Feature, FeatureView
-from featcache.codec import NO_EVENT, RowCodec, schema_fingerprint
+from featcache.codec import KIND_ABSENT, KIND_TOMBSTONE, NO_EVENT, RowCodec, schema_fingerprint
 from featcache.freshness import is_fresh, servable_stale
 from featcache.keys import LAYOUT_VERSION, KeyLayout
 from featcache.types import FeatureType
@@ -29,7 +29,7 @@ def test_header_is_fixed_width_and_big_endian_event() -> None:
 
 def test_absent_entry_round_trip() -> None:
     row = RowCodec(VIEW).decode(RowCodec.encode_absent(123))
-    assert row is not None and row.absent and row.loaded_ms == 123 and row.values == ()
+    assert row is not None and row.kind == KIND_ABSENT and row.loaded_ms == 123 and row.values == ()
 
 
 def test_garbage_decodes_to_none_never_raises() -> None:
@@ -81,3 +81,9 @@ def test_key_layout() -> None:
     assert layout.row_key("users", 42) == "fc:users:42"
     assert layout.row_keys("users", ["a:b", "ü"]) == ["fc:users:a:b", "fc:users:ü"]
     assert layout.view_key("users", "epoch") == "fc:~users:epoch"
+
+
+def test_tombstone_decodes_as_a_tombstone() -> None:
+    raw = b"\x01T" + struct.pack(">q", NO_EVENT) + b"1764000000000-0"
+    row = RowCodec(VIEW).decode(raw)
+    assert row is not None and row.kind == KIND_TOMBSTONE

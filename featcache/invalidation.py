@@ -1,0 +1,121 @@
+"""The invalidation hook: ETL pipelines call it after they commit (DESIGN sections 4 and 6).
+
+Two mechanisms, both changed in Redis before the stream entry is appended, in one atomic
+script per chunk:
+
+* **Per entity**: each row key is replaced by a tombstone (kind ``T``) holding the stream entry
+  id, unique per invalidation, for ``fence_ttl``. A reader that saw the key before the
+  invalidation writes its fill only where the key still holds what it saw (``featcache
+  .redis_store``, mode F), so a value read from SQL before the invalidation can never land
+  after it. A key that did not exist gets a tombstone too: a reader that saw nothing must not
+  be able to write either.
+* **Whole view**: the view's epoch (``<prefix>:~<view>:epoch``) moves to
+  ``max(epoch + 1, server time in microseconds)``, O(1) whatever the view's size. Rows carry the
+  epoch they were read under and are misses under any other; fills check the epoch they saw is
+  still current. Taking the server time means an epoch never repeats, even if an eviction
+  policy dropped the epoch key and it restarted from zero.
+
+Then the script appends one entry to the stream ``<prefix>:~stream`` (``XADD ... MAXLEN ~``) so
+every process's in-process L1 cache can drop the rows: fields ``v`` (view), ``k`` (``ids`` or
+``all``), ``ids`` (msgpack list of the entity ids, per-entity only), ``e`` (the new epoch, whole
+view only). Ids travel as msgpack, never pickle.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+
+from featcache.codec import NO_EVENT
+from featcache.config import FeatureView
+from featcache.keys import LAYOUT_VERSION, KeyLayout
+from featcache.redis_store import LuaScript, RedisStore
+from featcache.request import EntityId, check_id
+
+__all__ = ["STREAM_FIELDS", "InvalidationReport", "Invalidator"]
+
+STREAM_FIELDS = ("v", "k", "ids", "e")
+
+# KEYS[1]: epoch key, KEYS[2]: stream key, KEYS[3..]: row keys (none for a whole-view one).
+# ARGV: kind ("ids" | "all"), fence ttl ms, view name, packed ids, stream maxlen, header bytes.
+_INVALIDATE = LuaScript("""
+local t = redis.call('TIME')
+local now_us = tonumber(t[1]) * 1000000 + tonumber(t[2])
+if ARGV[1] == 'all' then
+  local current = tonumber(redis.call('GET', KEYS[1]) or '0') or 0
+  local epoch = string.format('%d', math.max(current + 1, now_us))
+  redis.call('SET', KEYS[1], epoch)
+  return redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[5], '*',
+                    'v', ARGV[3], 'k', 'all', 'e', epoch)
+end
+local id = redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[5], '*',
+                      'v', ARGV[3], 'k', 'ids', 'ids', ARGV[4])
+local tombstone = ARGV[6] .. id
+for i = 3, #KEYS do
+  redis.call('SET', KEYS[i], tombstone, 'PX', ARGV[2])
+end
+return id
+""")
+
+_TOMBSTONE_HEADER = struct.pack(">BBq", LAYOUT_VERSION, ord("T"), NO_EVENT)
+
+
+@dataclass(frozen=True, slots=True)
+class InvalidationReport:
+    """What one ``invalidate`` call did: rows fenced (0 for a whole view) and stream entry ids."""
+
+    view: str
+    entities: int
+    whole_view: bool
+    stream_ids: tuple[str, ...]
+
+
+class Invalidator:
+    """Runs invalidations for one key layout; used by ``FeatureCache.invalidate`` and the CLI."""
+
+    def __init__(
+        self,
+        store: RedisStore,
+        layout: KeyLayout,
+        fence_ttl_ms: int,
+        stream_maxlen: int,
+        chunk: int = 1000,
+        max_id_length: int = 512,
+    ) -> None:
+        self._store = store
+        self._layout = layout
+        self._fence_ttl_ms = fence_ttl_ms
+        self._maxlen = stream_maxlen
+        self._chunk = chunk
+        self._max_id_length = max_id_length
+
+    def invalidate(
+        self, view: FeatureView, entity_ids: Iterable[Any] | None = None
+    ) -> InvalidationReport:
+        """Fence and announce; 100k ids are chunked into one pipelined round trip."""
+        epoch_key = self._layout.view_key(view.name, "epoch")
+        stream_key = self._layout.stream_key()
+        if entity_ids is None:
+            args = ["all", self._fence_ttl_ms, view.name, b"", self._maxlen, _TOMBSTONE_HEADER]
+            (entry,) = self._store.eval_many(_INVALIDATE, [([epoch_key, stream_key], args)])
+            return InvalidationReport(view.name, 0, True, (_text(entry),))
+        ids = list(
+            dict.fromkeys(check_id(x, view.entity_type, self._max_id_length) for x in entity_ids)
+        )
+        calls: list[tuple[Sequence[str], Sequence[Any]]] = []
+        for start in range(0, len(ids), self._chunk):
+            chunk: list[EntityId] = ids[start : start + self._chunk]
+            keys = [epoch_key, stream_key, *self._layout.row_keys(view.name, chunk)]
+            packed = msgpack.packb(chunk)
+            calls.append((keys, ["ids", self._fence_ttl_ms, view.name, packed, self._maxlen,
+                                 _TOMBSTONE_HEADER]))
+        entries = self._store.eval_many(_INVALIDATE, calls) if calls else []
+        return InvalidationReport(view.name, len(ids), False, tuple(_text(e) for e in entries))
+
+
+def _text(entry: Any) -> str:
+    return entry.decode() if isinstance(entry, bytes) else str(entry)
