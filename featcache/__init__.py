@@ -3,7 +3,7 @@
 Everything public is re-exported here; the modules behind it are private to the package.
 """
 
-from featcache.client import FeatureCache, PutReport
+from featcache.client import FeatureCache, Fence, PutReport
 from featcache.config import CacheConfig, Feature, FeatureView, load_config
 from featcache.errors import (
     AmbiguousFeature,
@@ -20,6 +20,7 @@ from featcache.errors import (
     UnknownFeature,
     UnknownView,
 )
+from featcache.invalidation import InvalidationReport, invalidate
 from featcache.result import FeatureResult
 from featcache.types import NO_VALUE, FeatureType, Status
 
@@ -39,8 +40,10 @@ __all__ = [
     "FeatureResult",
     "FeatureType",
     "FeatureView",
+    "Fence",
     "InvalidEntityId",
     "InvalidRequest",
+    "InvalidationReport",
     "OfflineStoreError",
     "OfflineStoreUnavailable",
     "PutReport",
@@ -48,5 +51,6 @@ __all__ = [
     "Status",
     "UnknownFeature",
     "UnknownView",
+    "invalidate",
     "load_config",
 ]

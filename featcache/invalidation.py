@@ -23,6 +23,7 @@ view only). Ids travel as msgpack, never pickle.
 
 from __future__ import annotations
 
+import os
 import struct
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -31,7 +32,8 @@ from typing import Any
 import msgpack
 
 from featcache.codec import NO_EVENT
-from featcache.config import FeatureView
+from featcache.config import CacheConfig, FeatureView, load_config
+from featcache.errors import ConfigError
 from featcache.keys import LAYOUT_VERSION, KeyLayout
 from featcache.redis_store import LuaScript, RedisStore
 from featcache.request import EntityId, check_id
@@ -119,3 +121,22 @@ class Invalidator:
 
 def _text(entry: Any) -> str:
     return entry.decode() if isinstance(entry, bytes) else str(entry)
+
+
+def invalidate(
+    view: str,
+    entity_ids: Iterable[Any] | None = None,
+    *,
+    config: str | os.PathLike[str] | CacheConfig | None = None,
+) -> InvalidationReport:
+    """The hook for ETL code that holds no ``FeatureCache``: load the config (a path, a
+    ``CacheConfig``, or ``$FEATCACHE_CONFIG``), invalidate, close. Call it after committing."""
+    from featcache.client import FeatureCache  # noqa: PLC0415 - client imports this module
+
+    if config is None:
+        config = os.environ.get("FEATCACHE_CONFIG")
+        if not config:
+            raise ConfigError("pass config= (a path or a CacheConfig) or set FEATCACHE_CONFIG")
+    loaded = config if isinstance(config, CacheConfig) else load_config(config)
+    with FeatureCache(loaded) as cache:
+        return cache.invalidate(view, entity_ids)

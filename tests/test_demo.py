@@ -25,7 +25,7 @@ from servers import SqlTarget
 from sqlalchemy.engine import make_url
 
 from featcache import __version__
-from featcache.cli import main
+from featcache.jobs.cli import main
 
 DEMO_TIMEOUT_S = 120
 
@@ -33,9 +33,9 @@ DEMO_TIMEOUT_S = 120
 def run_cli(
     *args: str, timeout: float = DEMO_TIMEOUT_S, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess[str]:
-    """``python -m featcache.cli ...`` in a child process, as a user would run it."""
+    """``python -m featcache.jobs.cli ...`` in a child process, as a user would run it."""
     return subprocess.run(
-        [sys.executable, "-m", "featcache.cli", *args],
+        [sys.executable, "-m", "featcache.jobs.cli", *args],
         capture_output=True, text=True, timeout=timeout, check=False,
         env=None if env is None else {**os.environ, **env},
     )
@@ -179,7 +179,7 @@ def test_demo_on_shared_servers_touches_only_its_own(
 @pytest.mark.slow
 def test_sigterm_cleans_up() -> None:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "featcache.cli", "demo", "--quick"],
+        [sys.executable, "-m", "featcache.jobs.cli", "demo", "--quick"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     try:

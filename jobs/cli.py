@@ -1,4 +1,8 @@
-"""The ``featcache`` command line.
+"""The ``featcache`` command line (installed as ``featcache.jobs.cli``).
+
+It lives in ``jobs/`` with the processes it starts, so the library never imports its callers:
+data flows from the jobs into ``featcache``, not back. Modules of ``jobs/`` import each other
+relatively, because ``jobs/`` becomes ``featcache.jobs`` only when installed.
 
 Every command is one ``_add_<name>`` function that declares its arguments and a handler taking
 the parsed arguments and returning the exit status; ``_COMMANDS`` lists them, so a new command
@@ -25,6 +29,8 @@ from types import FrameType
 
 from featcache import __version__, demo
 from featcache.errors import FeatcacheError
+
+from . import hook
 
 __all__ = ["main"]
 
@@ -132,7 +138,43 @@ def _run_demo(args: argparse.Namespace) -> int:
     return demo.run_demo(options)
 
 
-_COMMANDS: tuple[Callable[[_Subcommands[argparse.ArgumentParser]], None], ...] = (_add_demo,)
+def _add_invalidate(commands: _Subcommands[argparse.ArgumentParser]) -> None:
+    parser = commands.add_parser(
+        "invalidate",
+        help="after an ETL commit: make every server stop serving rows the tables changed",
+        description=(
+            "Fence the given rows (or the whole view) in Redis and announce them on the "
+            "invalidation stream, so no read that starts after this returns gets a value read "
+            "from SQL before it, and every process's L1 drops them. Run it after the ETL "
+            "transaction commits. Prints one JSON line."
+        ),
+    )
+    parser.add_argument(
+        "--config", metavar="C", default=os.environ.get("FEATCACHE_CONFIG"),
+        required="FEATCACHE_CONFIG" not in os.environ,
+        help="the featcache YAML config (default: $FEATCACHE_CONFIG)",
+    )
+    parser.add_argument("--view", metavar="V", required=True, help="the feature view")
+    which = parser.add_mutually_exclusive_group(required=True)
+    which.add_argument("--ids", metavar="1,2,3", help="comma-separated entity ids")
+    which.add_argument(
+        "--ids-file", metavar="F", help="a file with one entity id per line ('-': stdin)"
+    )
+    which.add_argument(
+        "--all", action="store_true", help="the whole view, in O(1) (a new epoch)"
+    )
+    parser.set_defaults(handler=_run_invalidate)
+
+
+def _run_invalidate(args: argparse.Namespace) -> int:
+    hook.run_invalidate(args.config, args.view, args.ids, args.ids_file, args.all)
+    return 0
+
+
+_COMMANDS: tuple[Callable[[_Subcommands[argparse.ArgumentParser]], None], ...] = (
+    _add_demo,
+    _add_invalidate,
+)
 
 
 # ----------------------------------------------------------------------------- main
