@@ -1,0 +1,200 @@
+"""The write path: ``put_rows`` and ``fence``, the one way rows get into Redis from outside
+the read path (the warmer, backfills, the ETL).
+
+Rows are converted and checked completely before any I/O; they are written through the same
+conditional script as fills (``featcache.redis_store``): without a fence, an older row (by event
+timestamp) never replaces a newer one; with a fence taken before the writer read SQL, a row is
+written only where nothing changed since (no stale set, DESIGN section 4).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow as pa
+
+from featcache.codec import RowCodec
+from featcache.config import CacheConfig, FeatureView
+from featcache.convert import ConversionError, converter, timestamp_to_us
+from featcache.errors import InvalidEntityId, InvalidRequest
+from featcache.keys import KeyLayout
+from featcache.redis_store import RedisStore, WriteBatch, WriteItem, fenced_write, row_write
+from featcache.request import EntityId, check_id, normalize_ids
+from featcache.stats import CacheStats
+
+__all__ = ["Fence", "PutReport", "RowWriter"]
+
+
+@dataclass(frozen=True, slots=True)
+class PutReport:
+    """What ``put_rows`` did: rows written; rows skipped because Redis held a newer one; rows
+    not written because their key changed since the fence (an invalidation or a newer fill)."""
+
+    written: int
+    skipped_older: int
+    fenced_off: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Fence:
+    """What Redis held for some rows of one view before a writer read them from SQL."""
+
+    view: str
+    epoch_raw: bytes
+    seen: dict[EntityId, bytes | None]
+
+
+
+class RowWriter:
+    """``put_rows`` and ``fence`` for every view of one cache."""
+
+    def __init__(
+        self,
+        config: CacheConfig,
+        layout: KeyLayout,
+        codecs: Mapping[str, RowCodec],
+        redis_store: RedisStore,
+        stats: CacheStats,
+        clock: Callable[[], float],
+        view_of: Callable[[str | FeatureView], FeatureView],
+    ) -> None:
+        self.config = config
+        self._layout = layout
+        self._codecs = codecs
+        self._redis = redis_store
+        self._stats = stats
+        self._clock = clock
+        self._view = view_of
+
+    def put_rows(
+        self, view: str | FeatureView, rows: Any, *, fence: Fence | None = None
+    ) -> PutReport:
+        """Write rows of one view into Redis: the one write path of the warmer and the hook.
+
+        ``rows``: a list of dicts, one dict, a pandas DataFrame or a pyarrow Table, with the
+        view's SQL column names (entity column, event timestamp column, every feature column;
+        other columns are ignored). A row older (by event timestamp) than the row already in
+        Redis is skipped, never written over it. In a DataFrame, NaN means missing, as in pandas;
+        pass dicts or Arrow to store a NaN float.
+
+        Rows you computed yourself are current by definition and replace tombstones. Rows you
+        *read from SQL* must be fenced: ``f = cache.fence(view, ids)`` before the read, then
+        ``put_rows(view, rows, fence=f)``; a row whose key changed since the fence (an
+        invalidation, a newer fill) is not written and counts in ``fenced_off``.
+        """
+        view_def = self._view(view)
+        if fence is not None and fence.view != view_def.name:
+            raise InvalidRequest(f"the fence is for view {fence.view!r}, not {view_def.name!r}")
+        columns = _columns(rows)
+        if not columns or not next(iter(columns.values())):
+            return PutReport(0, 0)
+        wanted = [view_def.entity_column, view_def.event_timestamp_column,
+                  *(f.column for f in view_def.features)]
+        lacking = [c for c in wanted if c not in columns]
+        if lacking:
+            raise InvalidRequest(
+                f"put_rows({view_def.name!r}): rows lack the column(s) {', '.join(lacking)}; "
+                f"a row must be complete (columns: {', '.join(wanted)})"
+            )
+        entity_col = columns[view_def.entity_column]
+        head = self._layout.row_prefix(view_def.name)
+        feature_cols = [columns[f.column] for f in view_def.features]
+        converters = [converter(f.type) for f in view_def.features]
+        events = columns[view_def.event_timestamp_column]
+        converted: list[tuple[EntityId, int | None, list[Any]]] = []
+        for i, raw_id in enumerate(entity_col):  # all rows are checked before any I/O
+            try:
+                eid = check_id(raw_id, view_def.entity_type, self.config.max_id_length)
+            except InvalidEntityId as exc:
+                raise InvalidEntityId(f"put_rows({view_def.name!r}), row {i}: {exc}") from None
+            if fence is not None and eid not in fence.seen:
+                raise InvalidRequest(
+                    f"put_rows({view_def.name!r}), row {i}: id {eid!r} is not in the fence; "
+                    "take the fence over every id you write, before reading SQL"
+                )
+            column = view_def.event_timestamp_column
+            try:
+                event_us = timestamp_to_us(events[i])
+                values = []
+                for feature, conv, col in zip(
+                    view_def.features, converters, feature_cols, strict=True
+                ):
+                    column = feature.column
+                    values.append(conv(col[i]))
+            except ConversionError as exc:
+                raise InvalidRequest(
+                    f"put_rows({view_def.name!r}), row {i} (id {eid!r}), column {column!r}: {exc}"
+                ) from None
+            converted.append((eid, event_us, values))
+        now_ms = int(self._clock() * 1000)
+        epoch_key = self._layout.view_key(view_def.name, "epoch")
+        if fence is not None:
+            epoch_raw = fence.epoch_raw
+        else:  # rows are stamped with the current epoch; a whole-view invalidation after
+            # this read makes them misses, which is the safe direction
+            epoch_raw = self._redis.read([epoch_key])[0] or b""
+        epoch = int(epoch_raw) if epoch_raw else 0
+        codec = self._codecs[view_def.name]
+        ttl_ms = int(view_def.ttl * 1000)
+        writes: list[WriteItem] = []
+        for eid, event_us, values in converted:
+            value = codec.encode(values, event_us, now_ms, epoch)
+            key = f"{head}{eid}"
+            if fence is None:
+                writes.append(row_write(key, value, ttl_ms))
+            else:
+                writes.append(fenced_write(key, value, ttl_ms, fence.seen[eid]))
+        batch = WriteBatch(epoch_key, None if fence is None else fence.epoch_raw, writes)
+        written = self._redis.write([batch])
+        skipped = len(writes) - written
+        report = PutReport(written, 0 if fence else skipped, skipped if fence else 0)
+        self._stats.add(view_def.name, {"rows_written": report.written,
+                                        "rows_skipped_older": report.skipped_older,
+                                        "fills_fenced": report.fenced_off})
+        return report
+
+    def fence(self, view: str | FeatureView, entity_ids: Iterable[Any]) -> Fence:
+        """Note what Redis holds for these rows, *before* reading them from SQL.
+
+        A writer that reads SQL and then calls ``put_rows(view, rows, fence=f)`` (the warmer
+        does) writes a row only if nothing changed it since the fence: an invalidation in
+        between leaves a tombstone, so a value read before it is never written after it.
+        """
+        view_def = self._view(view)
+        ids = normalize_ids(entity_ids, view_def.entity_type, self.config.max_id_length)
+        keys = self._layout.row_keys(view_def.name, ids)
+        keys.append(self._layout.view_key(view_def.name, "epoch"))
+        raw = self._redis.read(keys)
+        return Fence(view_def.name, raw[-1] or b"", dict(zip(ids, raw[:-1], strict=True)))
+
+
+
+def _columns(rows: Any) -> dict[str, list[Any]]:
+    """Column name -> list of Python values, from dicts, a DataFrame or an Arrow table."""
+    if isinstance(rows, pa.Table | pa.RecordBatch):
+        return {name: rows.column(name).to_pylist() for name in rows.column_names}
+    if type(rows).__name__ == "DataFrame" and hasattr(rows, "columns"):
+        return {str(name): rows[name].tolist() for name in rows.columns}
+    if isinstance(rows, Mapping):
+        rows = [rows]
+    if not isinstance(rows, Iterable) or isinstance(rows, str | bytes):
+        raise InvalidRequest(
+            f"rows must be dicts, a DataFrame or an Arrow table, got {type(rows).__name__}"
+        )
+    rows = list(rows)
+    if not rows:
+        return {}
+    for i, row in enumerate(rows):
+        if not isinstance(row, Mapping):
+            raise InvalidRequest(f"row {i} is {type(row).__name__}, expected a dict")
+    names = list(rows[0])
+    for i, row in enumerate(rows):
+        if len(row) != len(names) or any(name not in row for name in names):
+            lacking = sorted(set(names) - set(row)) or sorted(set(row) - set(names))
+            raise InvalidRequest(
+                f"row {i} does not have the same keys as row 0 (differs in "
+                f"{', '.join(map(str, lacking))}); a missing value is None, never an absent key"
+            )
+    return {name: [row[name] for row in rows] for name in names}
