@@ -193,6 +193,18 @@ class CacheConfig:
     max_id_length: int = 512
     fence_ttl: float = 60.0
     stream_maxlen: int = 100_000
+    l1_policy: str | None = None  # None: no in-process cache
+    l1_max_entries: int = 100_000
+    l1_max_ttl: float = 5.0
+    lease_ttl: float = 2.0
+    lease_wait: float = 0.2
+    xfetch_beta: float = 1.0  # 0 turns early refresh off
+    breaker_failures: int = 5
+    breaker_window: float = 10.0
+    breaker_open_for: float = 2.0
+    sql_concurrency: int = 16
+    sql_queue_timeout: float = 1.0
+    on_sql_error: str = "raise"  # or "mark": values become None with status UNAVAILABLE
     source: str = field(default="", compare=False)
 
     def __post_init__(self) -> None:
@@ -218,7 +230,8 @@ class CacheConfig:
                 self.source,
             )
         for key in ("redis_socket_timeout", "redis_connect_timeout", "sql_connect_timeout",
-                    "fence_ttl"):
+                    "fence_ttl", "l1_max_ttl", "lease_ttl", "breaker_window",
+                    "breaker_open_for"):
             value = parse_duration(getattr(self, key), key)
             if value <= 0:
                 raise ConfigError("must be greater than zero", key, self.source)
@@ -230,12 +243,28 @@ class CacheConfig:
             ("sql_pool_size", 1, 1_000),
             ("max_id_length", 1, 1_000_000),
             ("stream_maxlen", 100, 100_000_000),
+            ("l1_max_entries", 1, 100_000_000),
+            ("breaker_failures", 1, 1_000_000),
+            ("sql_concurrency", 1, 10_000),
         ):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
                 raise ConfigError(
                     f"expected an integer from {low} to {high}, got {value!r}", key, self.source
                 )
+        for key in ("lease_wait", "sql_queue_timeout", "xfetch_beta"):
+            value = parse_duration(getattr(self, key), key)  # >= 0; 0 is allowed
+            object.__setattr__(self, key, value)
+        if self.l1_policy is not None and self.l1_policy not in _L1_POLICIES:
+            raise ConfigError(
+                f"expected one of {', '.join(_L1_POLICIES)}, got {self.l1_policy!r}",
+                "l1.policy", self.source,
+            )
+        if self.on_sql_error not in ("raise", "mark"):
+            raise ConfigError(
+                f"expected 'raise' or 'mark', got {self.on_sql_error!r}",
+                "degradation.on_sql_error", self.source,
+            )
         for key in ("redis_url", "offline_url"):
             if not isinstance(getattr(self, key), str) or not getattr(self, key):
                 raise ConfigError("expected a URL", key, self.source)
@@ -280,6 +309,23 @@ _SECTIONS: dict[str, dict[str, str]] = {
     },
     "limits": {"max_id_length": "max_id_length"},
     "invalidation": {"fence_ttl": "fence_ttl", "stream_maxlen": "stream_maxlen"},
+    "l1": {"policy": "l1_policy", "max_entries": "l1_max_entries", "max_ttl": "l1_max_ttl"},
+    "stampede": {
+        "lease_ttl": "lease_ttl", "lease_wait": "lease_wait", "xfetch_beta": "xfetch_beta",
+    },
+    "degradation": {
+        "breaker_failures": "breaker_failures",
+        "breaker_window": "breaker_window",
+        "breaker_open_for": "breaker_open_for",
+        "sql_concurrency": "sql_concurrency",
+        "sql_queue_timeout": "sql_queue_timeout",
+        "on_sql_error": "on_sql_error",
+    },
+}
+_L1_POLICIES = ("lru", "lfu", "ttl", "tinylfu")
+_DURATION_FIELDS = {
+    "fence_ttl", "l1_max_ttl", "lease_ttl", "lease_wait", "breaker_window",
+    "breaker_open_for", "sql_queue_timeout",
 }
 _VIEW_DEFAULT_KEYS = ("negative_ttl", "stale_if_error")
 _VIEW_KEYS = (
@@ -294,7 +340,7 @@ _ENV_ALIASES = {
 }
 _INT_FIELDS = {
     "redis_max_connections", "redis_read_chunk", "sql_chunk_size", "sql_pool_size",
-    "max_id_length", "stream_maxlen",
+    "max_id_length", "stream_maxlen", "l1_max_entries", "breaker_failures", "sql_concurrency",
 }
 
 
@@ -487,7 +533,12 @@ def _section_value(target: str, value: Any, path: str, source: str) -> Any:
             return int(value.strip())
         except ValueError:
             raise ConfigError(f"expected an integer, got {value!r}", path, source) from None
-    if target.endswith("timeout") or target == "fence_ttl":
+    if target == "xfetch_beta" and isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            raise ConfigError(f"expected a number, got {value!r}", path, source) from None
+    if target.endswith("timeout") or target in _DURATION_FIELDS:
         try:
             return parse_duration(value, path)
         except ConfigError as exc:

@@ -8,7 +8,9 @@ strictest ``max_age`` among the features the call asked for of that view.
 
 from __future__ import annotations
 
-__all__ = ["fresh_since", "is_fresh", "servable_stale"]
+import math
+
+__all__ = ["fresh_since", "is_fresh", "refresh_early", "servable_stale"]
 
 
 def is_fresh(loaded_ms: int, now_ms: int, max_age_ms: int) -> bool:
@@ -27,3 +29,19 @@ def fresh_since(now_ms: int, max_age_ms: int) -> int:
     Lets a batch compare one integer per row instead of calling ``is_fresh`` per row.
     """
     return now_ms - max_age_ms
+
+
+def refresh_early(
+    loaded_ms: int, now_ms: int, max_age_ms: int, fill_ms: int, beta: float, rand: float
+) -> bool:
+    """XFetch (Vattani et al., "Optimal probabilistic cache stampede prevention"): refresh a
+    still-fresh row early with a probability that grows as its expiry nears and with how long
+    its SQL read took: ``now - delta * beta * ln(rand) >= expiry``, ``rand`` uniform in (0, 1].
+
+    ``delta`` is floored at 1 ms so that rows whose reads were instant still get refreshed a
+    moment before they expire rather than by a hard miss.
+    """
+    if beta <= 0.0:
+        return False
+    delta = max(fill_ms, 1)
+    return now_ms - delta * beta * math.log(rand) >= loaded_ms + max_age_ms

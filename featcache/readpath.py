@@ -1,26 +1,40 @@
-"""The read path of DESIGN section 2, steps 3 to 7: Redis, freshness, SQL, fill, answer.
+"""The read path of DESIGN section 2, steps 2 to 7: L1, Redis, freshness, SQL, fill, answer.
 
-``FeatureCache`` validates a call and hands the plan and ids here. One call costs one Redis read
-round trip for all views (the views' epochs ride in the same MGET), at most one SQL query per
-view per chunk of ids, and one Redis write round trip for everything it filled, fenced against
-invalidations that raced with it (``featcache.redis_store``, mode F).
+``FeatureCache`` validates a call and hands the plan and ids here. One call costs one Redis
+read round trip for all views (the views' epochs ride in the same MGET), at most one SQL query
+per view per chunk of ids, and one Redis write round trip for everything it filled, fenced
+against invalidations that raced with it (``featcache.redis_store``, mode F).
+
+On a miss, threads of one process share one SQL read (``featcache.singleflight``) and
+processes share one through a lease (``featcache.leases``); rows close to expiry are refreshed
+early by one reader (XFetch, ``featcache.freshness.refresh_early``) while the others keep
+reading the fresh value. When Redis fails, a circuit breaker sends calls straight to SQL, under
+a concurrency limit that protects SQL; when SQL fails, rows within ``stale_if_error`` are
+served ``STALE`` and the rest raise or are marked ``UNAVAILABLE`` (``on_sql_error``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import Any
 
+from featcache.breaker import CircuitBreaker, ConcurrencyLimiter
 from featcache.codec import KIND_ABSENT, KIND_ROW
 from featcache.config import CacheConfig
-from featcache.errors import CacheUnavailable, OfflineStoreError
-from featcache.freshness import fresh_since
+from featcache.errors import CacheUnavailable, OfflineStoreError, OfflineStoreUnavailable
+from featcache.freshness import fresh_since, refresh_early
 from featcache.keys import KeyLayout
-from featcache.offline import OfflineStore
+from featcache.l1 import L1Cache
+from featcache.leases import Leases
+from featcache.offline import OfflineStore, SqlRow
 from featcache.redis_store import RedisStore, WriteBatch, WriteItem, fenced_write
 from featcache.request import EntityId, Plan, ViewPlan
 from featcache.result import Answer, FeatureResult
+from featcache.singleflight import MISSING, SingleFlight
 from featcache.stats import CacheStats
 from featcache.types import Status
 
@@ -28,22 +42,41 @@ __all__ = ["ReadPath"]
 
 log = logging.getLogger("featcache")
 
+#: What L1 keeps per row: (status HIT_REDIS/ABSENT source, values, event_us, loaded_ms, epoch)
+L1Entry = tuple[bool, Sequence[Any] | None, int | None, int, int]
 
-class _Fill:
-    """What one call will write back for one view, and the fence it was read under."""
+# What a shared fetch yields per row: from SQL (the row, or None when SQL has none), or a row
+# another process filled while we waited on its lease, or "keep the fresh value" for a row
+# whose early refresh someone else is doing.
+_FROM_SQL, _FROM_REDIS, _KEEP, _FAILED = 0, 1, 2, 3
 
-    __slots__ = ("epoch", "epoch_raw", "items", "seen", "view")
+
+class _ViewRead:
+    """One view's share of one call: answers so far and what to fetch, fill and fence."""
+
+    __slots__ = (
+        "answers", "counts", "early", "epoch", "epoch_raw", "items", "loaded", "missing",
+        "release", "seen", "stale", "vp",
+    )
 
     def __init__(self, vp: ViewPlan, epoch_raw: bytes | None) -> None:
-        self.view = vp.view.name
+        self.vp = vp
         self.epoch_raw = epoch_raw or b""
         self.epoch = int(epoch_raw) if epoch_raw else 0
+        self.answers: dict[EntityId, Answer] = {}
+        self.missing: list[EntityId] = []
+        self.stale: dict[EntityId, Answer] = {}  # servable only if SQL fails
+        self.early: dict[EntityId, Answer] = {}  # fresh, but due for an XFetch refresh
         self.seen: dict[EntityId, bytes] = {}  # what Redis held for each row before SQL
         self.items: list[WriteItem] = []
+        self.release: list[str] = []
+        self.counts: dict[str, int] = {}
+        self.loaded: dict[EntityId, int] = {}  # loaded_at of answered rows, for L1 only
 
     def batch(self, layout: KeyLayout) -> WriteBatch:
-        return WriteBatch(layout.view_key(self.view, "epoch"), self.epoch_raw, self.items)
-
+        return WriteBatch(
+            layout.view_key(self.vp.view.name, "epoch"), self.epoch_raw, self.items, self.release
+        )
 
 
 class ReadPath:
@@ -57,6 +90,7 @@ class ReadPath:
         offline: OfflineStore,
         stats: CacheStats,
         clock: Callable[[], float],
+        l1: L1Cache[L1Entry] | None = None,
     ) -> None:
         self.config = config
         self._layout = layout
@@ -64,163 +98,411 @@ class ReadPath:
         self._offline = offline
         self._stats = stats
         self._clock = clock
+        self.l1 = l1
+        self._leases = Leases(redis_store, layout, int(config.lease_ttl * 1000))
+        self._flights: SingleFlight[tuple[str, EntityId], tuple[int, Any, int]] = SingleFlight()
+        self.breaker = CircuitBreaker(
+            failure_threshold=config.breaker_failures,
+            window=config.breaker_window,
+            open_for=config.breaker_open_for,
+        )
+        self.sql_limiter = ConcurrencyLimiter(config.sql_concurrency, config.sql_queue_timeout)
+        self._beta = config.xfetch_beta
+        self._lease_wait = config.lease_wait
         # A fill is written back only while the tombstone of an invalidation it may have raced
         # with is certainly still in Redis (half its TTL; the other half is margin).
         self._fill_deadline = config.fence_ttl / 2
 
+    # ------------------------------------------------------------------ Redis, guarded
+
+    def _redis_call(self, what: str, fn: Callable[[], Any]) -> Any:
+        """Run one Redis round trip through the breaker; CacheUnavailable when it is open."""
+        if not self.breaker.allow():
+            raise CacheUnavailable(f"Redis circuit open: {what} skipped")
+        try:
+            result = fn()
+        except CacheUnavailable:
+            self.breaker.record_failure()
+            raise
+        self.breaker.record_success()
+        return result
+
+    # ------------------------------------------------------------------ the call
+
     def read(self, plan: Plan, ids: list[EntityId]) -> FeatureResult:
         now_ms = int(self._clock() * 1000)
         started = time.monotonic()
+        n_views = len(plan.views)
+        reads: list[_ViewRead] = []
+        pending: list[list[EntityId]] = []  # per view: ids L1 did not answer
+        l1_hits: list[dict[EntityId, Answer]] = []
+        for vp in plan.views:
+            hits = self._from_l1(vp, ids, now_ms) if self.l1 is not None else {}
+            l1_hits.append(hits)
+            pending.append([e for e in ids if e not in hits] if hits else ids)
         keys: list[str] = []
-        for view_plan in plan.views:
-            keys.extend(self._layout.row_keys(view_plan.view.name, ids))
-        # the epochs ride in the same MGET: one round trip, and a consistent fence for the fill
+        for vp, todo in zip(plan.views, pending, strict=True):
+            keys.extend(self._layout.row_keys(vp.view.name, todo))
+        # the epochs ride in the same MGET: one round trip, and a consistent fence for fills
         keys.extend(self._layout.view_key(vp.view.name, "epoch") for vp in plan.views)
-        try:
-            raw: list[bytes | None] = self._redis.read(keys)
-        except CacheUnavailable as exc:
-            log.warning("Redis read failed, answering from SQL: %s", exc)
-            self._stats.add(plan.views[0].view.name, {"redis_errors": 1})
+        redis_ok = True
+        if any(pending):
+            try:
+                raw: list[bytes | None] = self._redis_call("read", lambda: self._redis.read(keys))
+            except CacheUnavailable as exc:
+                log.warning("Redis unavailable, answering from SQL: %s", exc)
+                self._stats.add(plan.views[0].view.name, {"redis_errors": 1})
+                raw = [None] * len(keys)
+                redis_ok = False
+        else:
             raw = [None] * len(keys)
-        answers: list[dict[EntityId, Answer]] = []
-        batches: list[WriteBatch] = []
-        n = len(ids)
-        epochs = raw[len(plan.views) * n :]
-        for v, view_plan in enumerate(plan.views):
-            epoch_raw = epochs[v]
-            fill = _Fill(view_plan, epoch_raw)
-            answers.append(
-                self._answer_view(view_plan, ids, raw[v * n : (v + 1) * n], now_ms, fill)
-            )
-            if fill.items:
-                batches.append(fill.batch(self._layout))
-        if batches:
-            self._write_fills(plan.views[0].view.name, batches, started)
+        epochs = raw[len(keys) - n_views :]
+        offset = 0
+        for v, vp in enumerate(plan.views):
+            todo = pending[v]
+            vr = _ViewRead(vp, epochs[v])
+            vr.answers.update(l1_hits[v])
+            vr.counts["hit_l1"] = len(l1_hits[v])
+            if todo:
+                self._classify(vr, todo, raw[offset : offset + len(todo)], now_ms)
+                offset += len(todo)
+            reads.append(vr)
+        try:
+            self._fill_all(reads, now_ms, redis_ok)
+        except BaseException:  # the call will not reach its fill write: give leases back now
+            for vr in reads:
+                self._release_now(vr)
+            raise
+        if redis_ok:
+            self._write_fills(plan, reads, started)
+        answers = []
+        for vr in reads:
+            if len(vr.answers) != len(ids) or vr.counts["hit_l1"]:
+                vr.answers = {eid: vr.answers[eid] for eid in ids}  # the caller's order
+            answers.append(vr.answers)
+            self._stats.add(vr.vp.view.name, vr.counts)
+        if self.l1 is not None:
+            for vr in reads:
+                self._to_l1(vr, now_ms)
         return FeatureResult(ids, plan, answers)
 
+    # ------------------------------------------------------------------ L1
 
-    def _answer_view(
-        self,
-        vp: ViewPlan,
-        ids: list[EntityId],
-        raw: list[bytes | None],
-        now_ms: int,
-        fill: _Fill,
-    ) -> dict[EntityId, Answer]:
-        """Classify one view's Redis values; fill what is missing or stale from SQL.
+    def _from_l1(self, vp: ViewPlan, ids: list[EntityId], now_ms: int) -> dict[EntityId, Answer]:
+        assert self.l1 is not None
+        found = self.l1.get_many(vp.view.name, ids)
+        if not found:
+            return {}
+        fresh_after = fresh_since(now_ms, vp.max_age_ms)
+        negative_after = fresh_since(now_ms, vp.negative_ttl_ms)
+        hits: dict[EntityId, Answer] = {}
+        for eid, (is_row, values, event_us, loaded_ms, _epoch) in found.items():
+            if is_row:
+                if values is not None and len(values) >= vp.width and loaded_ms >= fresh_after:
+                    hits[eid] = (Status.HIT_L1, values, event_us)
+            elif loaded_ms >= negative_after:
+                hits[eid] = (Status.ABSENT, None, None)
+        return hits
+
+    def _to_l1(self, vr: _ViewRead, now_ms: int) -> None:
+        assert self.l1 is not None
+        entries: dict[EntityId, L1Entry] = {}
+        for eid, (status, values, event_us) in vr.answers.items():
+            if status is Status.HIT_REDIS or status is Status.FILLED:
+                entries[eid] = (True, values, event_us, vr.loaded.get(eid, now_ms), vr.epoch)
+            elif status is Status.ABSENT and eid in vr.loaded:
+                entries[eid] = (False, None, None, vr.loaded[eid], vr.epoch)
+        if entries:
+            self.l1.put_many(vr.vp.view.name, entries)
+
+    # ------------------------------------------------------------------ Redis values
+
+    def _classify(
+        self, vr: _ViewRead, ids: list[EntityId], raw: list[bytes | None], now_ms: int
+    ) -> None:
+        """Sort one view's Redis values into answers, misses, stale and early-refresh rows.
 
         This loop runs once per row of every batch: it compares integers against cut-offs
         computed once (``featcache.freshness``) and builds plain tuples, nothing more.
         """
-        answers: dict[EntityId, Answer] = {}
-        missing: list[EntityId] = []
-        stale: dict[EntityId, Answer] = {}
-        seen = fill.seen
+        vp = vr.vp
+        answers, missing, seen = vr.answers, vr.missing, vr.seen
+        loaded = vr.loaded if self.l1 is not None else None
         decode = vp.codec.decode
-        width = vp.width
-        epoch = fill.epoch
-        fresh_after = fresh_since(now_ms, vp.max_age_ms)
+        width, epoch, max_age_ms, beta = vp.width, vr.epoch, vp.max_age_ms, self._beta
+        fresh_after = fresh_since(now_ms, max_age_ms)
         negative_after = fresh_since(now_ms, vp.negative_ttl_ms)
         stale_after = fresh_since(now_ms, vp.stale_window_ms)
         hit, absent = Status.HIT_REDIS, Status.ABSENT
-        negative_hits = decode_errors = 0
+        hits = negative_hits = decode_errors = 0
         for eid, blob in zip(ids, raw, strict=True):
             if blob is None:
                 missing.append(eid)
                 continue
-            seen[eid] = blob  # the fill may only replace exactly this
+            seen[eid] = blob  # a fill may only replace exactly this
             row = decode(blob)
             if row is None:
                 decode_errors += 1
                 missing.append(eid)
-            elif row[2] != epoch:  # invalidated with its whole view (or a tombstone: epoch 0)
+            elif row[2] != epoch:  # invalidated with its whole view
                 missing.append(eid)
             elif row[0] == KIND_ROW:
                 if len(row[5]) < width:  # written before a requested feature existed
                     missing.append(eid)
                 elif row[3] >= fresh_after:
-                    answers[eid] = (hit, row[5], row[1])
+                    answer = (hit, row[5], row[1])
+                    # XFetch: only rows within ~10 fill times of expiry can draw an early refresh
+                    if beta and row[3] + max_age_ms - now_ms < 10 * beta * max(row[4], 1) \
+                            and refresh_early(row[3], now_ms, max_age_ms, row[4], beta,
+                                              1.0 - random.random()):
+                        vr.early[eid] = answer
+                        continue
+                    answers[eid] = answer
                     del seen[eid]
+                    hits += 1
+                    if loaded is not None:
+                        loaded[eid] = row[3]
                 else:
                     missing.append(eid)
                     if row[3] >= stale_after:
-                        stale[eid] = (Status.STALE, row[5], row[1])
+                        vr.stale[eid] = (Status.STALE, row[5], row[1])
             elif row[0] == KIND_ABSENT and row[3] >= negative_after:
                 answers[eid] = (absent, None, None)
-                negative_hits += 1
                 del seen[eid]
+                negative_hits += 1
+                if loaded is not None:
+                    loaded[eid] = row[3]
             else:  # a tombstone left by an invalidation, or an expired negative entry
                 missing.append(eid)
-        counts = {
-            "hit_redis": len(answers) - negative_hits,
-            "negative_hit": negative_hits,
-            "decode_errors": decode_errors,
-        }
-        if missing:
-            self._fill(vp, missing, stale, now_ms, answers, fill, counts)
-            answers = {eid: answers[eid] for eid in ids}  # the caller's order
-        self._stats.add(vp.view.name, counts)
-        return answers
+        counts = vr.counts
+        counts["hit_redis"] = hits
+        counts["negative_hit"] = negative_hits
+        counts["decode_errors"] = decode_errors
 
-    def _fill(
-        self,
-        vp: ViewPlan,
-        missing: list[EntityId],
-        stale: dict[EntityId, Answer],
-        now_ms: int,
-        answers: dict[EntityId, Answer],
-        fill: _Fill,
-        counts: dict[str, int],
-    ) -> None:
-        view = vp.view
-        try:
-            found, seconds = self._offline.fetch_latest(view, missing)
-        except OfflineStoreError as exc:
-            counts["sql_errors"] = 1
-            unservable = [eid for eid in missing if eid not in stale]
-            if unservable:
-                raise
-            log.warning("SQL failed for view %s, serving %d stale rows: %s",
-                        view.name, len(missing), exc)
-            answers.update(stale)
-            counts["stale_served"] = len(stale)
+    # ------------------------------------------------------------------ misses
+
+    def _fill_all(self, reads: list[_ViewRead], now_ms: int, redis_ok: bool) -> None:
+        """Fetch every view's misses (and early refreshes) once per process and per Redis."""
+        todo = {vr.vp.view.name: vr for vr in reads if vr.missing or vr.early}
+        if not todo:
             return
-        counts["sql_queries"] = -(-len(missing) // self.config.sql_chunk_size)
-        counts["sql_rows"] = len(found)
-        fill_ms = int(seconds * 1000)
-        codec = vp.codec
-        head = self._layout.row_prefix(view.name)
-        seen = fill.seen
-        epoch = fill.epoch
-        items = fill.items
-        filled = absent = 0
-        for eid in missing:
-            row = found.get(eid)
+        for vr in todo.values():
+            self._offline.bind(vr.vp.view)  # a missing table or column fails before any lease
+        wanted = [(view, eid) for view, vr in todo.items() for eid in (*vr.missing, *vr.early)]
+        led: set[tuple[str, EntityId]] = set()  # rows whose SQL read this call did itself
+
+        def fetch(keys: list[tuple[str, EntityId]]) -> dict[tuple[str, EntityId], Any]:
+            grouped: dict[str, list[EntityId]] = {}
+            for view, eid in keys:
+                grouped.setdefault(view, []).append(eid)
+            got = self._fetch_shared(todo, grouped, now_ms, redis_ok)
+            led.update(key for key, (source, _, _) in got.items() if source == _FROM_SQL)
+            return got
+
+        results = self._flights.do_many(wanted, fetch)
+        for vr in todo.values():
+            self._apply(vr, results, led, now_ms, redis_ok)
+
+    def _apply(
+        self,
+        vr: _ViewRead,
+        results: dict[tuple[str, EntityId], Any],
+        led: set[tuple[str, EntityId]],
+        now_ms: int,
+        redis_ok: bool,
+    ) -> None:
+        view = vr.vp.view.name
+        wanted = [*vr.missing, *vr.early]
+        counts = vr.counts
+        filled = absent = early = joined = 0
+        for eid in wanted:
+            result = results[(view, eid)]
+            if result is MISSING:  # pragma: no cover - fetch answers every key it is given
+                raise RuntimeError(f"no answer for {view}:{eid}")
+            source, payload, fill_ms = result
+            if source == _FAILED:
+                self._sql_failed(vr, payload)
+                return
+            if source == _KEEP:
+                vr.answers[eid] = vr.early[eid]
+                continue
+            if source == _FROM_REDIS:
+                vr.answers[eid] = payload
+                continue
+            row: SqlRow | None = payload
+            if eid in vr.early:
+                early += 1
             if row is None:
-                answers[eid] = (Status.ABSENT, None, None)
-                value = codec.encode_absent(now_ms, epoch)
-                ttl_ms = vp.negative_ttl_ms
+                vr.answers[eid] = (Status.ABSENT, None, None)
                 absent += 1
             else:
-                answers[eid] = (Status.FILLED, row.values, row.event_us)
-                value = codec.encode(row.values, row.event_us, now_ms, epoch, fill_ms)
-                ttl_ms = vp.ttl_ms
+                vr.answers[eid] = (Status.FILLED, row.values, row.event_us)
                 filled += 1
-            items.append(fenced_write(f"{head}{eid}", value, ttl_ms, seen.get(eid)))
+            vr.loaded[eid] = now_ms
+            if (view, eid) in led:
+                if redis_ok:
+                    self._queue_fill(vr, eid, row, now_ms, fill_ms)
+            else:
+                joined += 1
         counts["filled"] = filled
         counts["absent"] = absent
+        counts["early_refreshes"] = early
+        counts["singleflight_joined"] = joined
 
-    def _write_fills(self, view_name: str, batches: list[WriteBatch], started: float) -> None:
+    def _queue_fill(
+        self, vr: _ViewRead, eid: EntityId, row: SqlRow | None, now_ms: int, fill_ms: int
+    ) -> None:
+        vp = vr.vp
+        key = self._layout.row_key(vp.view.name, eid)
+        if row is None:
+            value, ttl_ms = vp.codec.encode_absent(now_ms, vr.epoch), vp.negative_ttl_ms
+        else:
+            value = vp.codec.encode(row.values, row.event_us, now_ms, vr.epoch, fill_ms)
+            ttl_ms = vp.ttl_ms
+        vr.items.append(fenced_write(key, value, ttl_ms, vr.seen.get(eid)))
+
+    def _fetch_shared(
+        self,
+        reads: dict[str, _ViewRead],
+        grouped: dict[str, list[EntityId]],
+        now_ms: int,
+        redis_ok: bool,
+    ) -> dict[tuple[str, EntityId], tuple[int, Any, int]]:
+        """The process leader's fetch: leases for every view in one round trip, a bounded wait
+        for rows other processes are filling, then one SQL read per view for the rest."""
+        got: dict[tuple[str, EntityId], tuple[int, Any, int]] = {}
+        to_read = dict(grouped)
+        if redis_ok:
+            try:
+                leases = self._redis_call("lease", lambda: self._leases.acquire(grouped))
+            except CacheUnavailable:
+                leases = {view: (ids, []) for view, ids in grouped.items()}
+            for view, (won, held) in leases.items():
+                vr = reads[view]
+                vr.release.extend(self._leases.keys(view, won))
+                waiting = []
+                for eid in held:
+                    if eid in vr.early:  # someone else refreshes it: the fresh value stands
+                        got[(view, eid)] = (_KEEP, None, 0)
+                    else:
+                        waiting.append(eid)
+                to_read[view] = won
+                if waiting:
+                    arrived = self._wait_for_fills(vr, waiting, now_ms)
+                    for eid, answer in arrived.items():
+                        got[(view, eid)] = (_FROM_REDIS, answer, 0)
+                    late = [eid for eid in waiting if eid not in arrived]
+                    vr.counts["lease_waits"] = len(waiting)
+                    vr.counts["lease_timeouts"] = len(late)
+                    to_read[view] = [*won, *late]
+        for view, ids in to_read.items():
+            if not ids:
+                continue
+            vr = reads[view]
+            try:
+                found, seconds = self._read_sql(vr, ids)
+            except OfflineStoreError as exc:  # this view's rows fail; other views go on
+                for eid in ids:
+                    got[(view, eid)] = (_FAILED, exc, 0)
+                continue
+            fill_ms = int(seconds * 1000)
+            for eid in ids:
+                got[(view, eid)] = (_FROM_SQL, found.get(eid), fill_ms)
+        return got
+
+    def _release_now(self, vr: _ViewRead) -> None:
+        """Give leases back at once when the call will not reach its fill write."""
+        if vr.release:
+            keys, vr.release = vr.release, []
+            batch = WriteBatch(self._layout.view_key(vr.vp.view.name, "epoch"), None, (), keys)
+            with contextlib.suppress(CacheUnavailable):  # else lease_ttl bounds them
+                self._redis_call("release", lambda: self._redis.write([batch]))
+
+    def _wait_for_fills(
+        self, vr: _ViewRead, ids: list[EntityId], now_ms: int
+    ) -> dict[EntityId, Answer]:
+        """Poll Redis for rows another process holds the lease of, up to ``lease_wait``."""
+        vp = vr.vp
+        keys = self._layout.row_keys(vp.view.name, ids)
+        deadline = time.monotonic() + self._lease_wait
+        pause = 0.001
+        arrived: dict[EntityId, Answer] = {}
+        fresh_after = fresh_since(now_ms, vp.max_age_ms)
+        while True:
+            time.sleep(min(pause, max(0.0, deadline - time.monotonic())))
+            pause = min(pause * 2, 0.01)
+            todo = [i for i, eid in enumerate(ids) if eid not in arrived]
+            try:
+                values = self._redis.read([keys[i] for i in todo])
+            except CacheUnavailable:
+                self.breaker.record_failure()
+                return arrived
+            for i, blob in zip(todo, values, strict=True):
+                row = vp.codec.decode(blob) if blob is not None else None
+                if row is None or row[2] != vr.epoch:
+                    continue
+                if row[0] == KIND_ROW and len(row[5]) >= vp.width and row[3] >= fresh_after:
+                    arrived[ids[i]] = (Status.HIT_REDIS, row[5], row[1])
+                elif row[0] == KIND_ABSENT and row[3] >= fresh_after:
+                    arrived[ids[i]] = (Status.ABSENT, None, None)
+            if len(arrived) == len(ids) or time.monotonic() >= deadline:
+                return arrived
+
+    def _read_sql(
+        self, vr: _ViewRead, ids: list[EntityId]
+    ) -> tuple[dict[EntityId, SqlRow], float]:
+        """One query per chunk, admitted by the limiter that protects SQL from a Redis outage."""
+        if not self.sql_limiter.acquire():
+            vr.counts["sql_rejected"] = len(ids)
+            raise OfflineStoreUnavailable(
+                f"more than {self.config.sql_concurrency} SQL reads in flight for over "
+                f"{self.config.sql_queue_timeout:g} s (degradation.sql_concurrency)"
+            )
+        try:
+            found, seconds = self._offline.fetch_latest(vr.vp.view, ids)
+        finally:
+            self.sql_limiter.release()
+        vr.counts["sql_queries"] = vr.counts.get("sql_queries", 0) + -(
+            -len(ids) // self.config.sql_chunk_size
+        )
+        vr.counts["sql_rows"] = vr.counts.get("sql_rows", 0) + len(found)
+        return found, seconds
+
+    def _sql_failed(self, vr: _ViewRead, exc: OfflineStoreError) -> None:
+        """SQL failed: early refreshes keep their fresh value, STALE within stale_if_error,
+        then ``on_sql_error`` decides between raising and marking the rest UNAVAILABLE."""
+        vr.counts["sql_errors"] = 1
+        for eid, answer in vr.early.items():
+            vr.answers[eid] = answer
+        unservable = [eid for eid in vr.missing if eid not in vr.stale]
+        if unservable and self.config.on_sql_error == "raise":
+            raise exc
+        log.warning("SQL failed for view %s: %d stale rows served, %d unavailable: %s",
+                    vr.vp.view.name, len(vr.missing) - len(unservable), len(unservable), exc)
+        vr.answers.update(vr.stale)
+        for eid in unservable:
+            vr.answers[eid] = (Status.UNAVAILABLE, None, None)
+        vr.counts["stale_served"] = len(vr.missing) - len(unservable)
+        vr.counts["unavailable"] = len(unservable)
+
+    # ------------------------------------------------------------------ fills
+
+    def _write_fills(self, plan: Plan, reads: list[_ViewRead], started: float) -> None:
+        batches = [vr.batch(self._layout) for vr in reads if vr.items or vr.release]
+        if not batches:
+            return
+        view_name = plan.views[0].view.name
         total = sum(len(b.items) for b in batches)
         if time.monotonic() - started > self._fill_deadline:
             # past the deadline a tombstone this read raced with may have expired, and the
             # fence with it: answering is still right, writing back no longer is
             self._stats.add(view_name, {"fills_abandoned": total})
-            return
+            batches = [WriteBatch(b.epoch_key, b.epoch_seen, (), b.release) for b in batches]
         try:
-            written = self._redis.write(batches)
+            written = self._redis_call("fill", lambda: self._redis.write(batches))
         except CacheUnavailable as exc:
             log.warning("writing %d fills to Redis failed: %s", total, exc)
             self._stats.add(view_name, {"fill_errors": 1})
             return
-        self._stats.add(view_name, {"rows_written": written, "fills_fenced": total - written})
+        if batches[0].items or total == 0:
+            self._stats.add(view_name, {"rows_written": written, "fills_fenced": total - written})

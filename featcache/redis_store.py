@@ -49,7 +49,8 @@ class LuaScript:
         self.sha = hashlib.sha1(text.encode()).hexdigest()  # noqa: S324 - Redis' script id
 
 
-# KEYS[1]: the view's epoch key; KEYS[2..]: row keys of that view.
+# KEYS[1]: the view's epoch key; KEYS[2..]: row keys of that view, then ARGV[3] lease keys
+# (``featcache.leases``) deleted once the rows are written, so waiting readers move on.
 # ARGV[1]: "1" when the writer read the epoch before its SQL read, and ARGV[2] is what it read
 # ("" for none): if the epoch changed since, the whole view was invalidated and nothing is
 # written. Then four ARGV per row key: mode, ttl_ms, value, expected. "Ours" means a row ("R" in
@@ -63,13 +64,17 @@ class LuaScript:
 #           and keys of other types give way: the key space under the prefix is featcache's.
 # Returns how many keys were written.
 CONDITIONAL_SET = LuaScript("""
+local rows_end = #KEYS - tonumber(ARGV[3])
+for i = rows_end + 1, #KEYS do
+  redis.call('DEL', KEYS[i])
+end
 if ARGV[1] == '1' then
   local epoch = redis.call('GET', KEYS[1]) or ''
   if epoch ~= ARGV[2] then return 0 end
 end
 local written = 0
-for i = 2, #KEYS do
-  local base = 2 + 4 * (i - 2)
+for i = 2, rows_end do
+  local base = 3 + 4 * (i - 2)
   local mode, ttl, value = ARGV[base + 1], ARGV[base + 2], ARGV[base + 3]
   local got = redis.pcall('GET', KEYS[i])
   local old = nil
@@ -111,6 +116,7 @@ class WriteBatch:
     epoch_key: str
     epoch_seen: bytes | None
     items: Sequence[WriteItem]
+    release: Sequence[str] = ()  # lease keys to delete with the last chunk
 
 
 _ERRORS = (redis_exc.ConnectionError, redis_exc.TimeoutError, redis_exc.RedisError, OSError)
@@ -192,10 +198,12 @@ class RedisStore:
                 ["1", batch.epoch_seen] if batch.epoch_seen is not None else ["0", ""]
             )
             items = batch.items
-            for start in range(0, len(items), self.write_chunk):
+            for start in range(0, max(len(items), 1), self.write_chunk):  # >= 1: releases
                 chunk = items[start : start + self.write_chunk]
-                keys = [batch.epoch_key, *(item[1] for item in chunk)]
-                args = list(head)
+                last = start + self.write_chunk >= len(items)
+                release = list(batch.release) if last else []
+                keys = [batch.epoch_key, *(item[1] for item in chunk), *release]
+                args = [*head, len(release)]
                 for mode, _, value, ttl_ms, expected in chunk:
                     args += (mode, max(1, int(ttl_ms)), value, expected)
                 calls.append((keys, args))

@@ -31,6 +31,12 @@ EVENTS = (
     "rows_skipped_older",  # put_rows rows not written because Redis held a newer row
     "fills_fenced",  # fills not written: the key changed since it was read (invalidation...)
     "fills_abandoned",  # fills not written: the call took longer than the fence deadline
+    "early_refreshes",  # fresh rows refreshed early by XFetch
+    "singleflight_joined",  # rows this call got from another thread's SQL read
+    "lease_waits",  # rows another process was filling: waited for them
+    "lease_timeouts",  # ... and read SQL after lease_wait because they did not arrive
+    "sql_rejected",  # rows refused by the SQL concurrency limit
+    "unavailable",  # rows marked UNAVAILABLE (on_sql_error: mark)
 )
 
 

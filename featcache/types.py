@@ -65,3 +65,5 @@ class Status(enum.StrEnum):
     FILLED = "FILLED"  # read from SQL during this call
     ABSENT = "ABSENT"  # SQL has no row for this entity (value is None)
     STALE = "STALE"  # older than max_age, served only because SQL failed (stale_if_error)
+    UNAVAILABLE = "UNAVAILABLE"  # SQL failed, nothing within stale_if_error; value is None
+    # (only with degradation.on_sql_error: mark; the default raises OfflineStoreUnavailable)
