@@ -24,8 +24,9 @@ from featcache.errors import (
 )
 from featcache.invalidation import InvalidationReport, Invalidator
 from featcache.keys import KeyLayout
+from featcache.l1 import L1Cache
 from featcache.offline import OfflineStore
-from featcache.readpath import ReadPath
+from featcache.readpath import L1Entry, ReadPath
 from featcache.redis_store import (
     RedisStore,
     connect,
@@ -33,9 +34,12 @@ from featcache.redis_store import (
 from featcache.request import EntityId, Planner, normalize_ids
 from featcache.result import FeatureResult
 from featcache.stats import CacheStats
+from featcache.subscriber import InvalidationSubscriber
 from featcache.writes import Fence, PutReport, RowWriter
 
 __all__ = ["FeatureCache", "Fence", "PutReport"]
+
+_STREAM_BLOCK_MS = 500  # how long one XREAD waits: bounds how long close() takes
 
 Clock = Callable[[], float]
 
@@ -79,11 +83,38 @@ class FeatureCache:
             stream_maxlen=config.stream_maxlen,
             max_id_length=config.max_id_length,
         )
+        self._l1: L1Cache[L1Entry] | None = None
+        if config.l1_policy is not None:
+            self._l1 = L1Cache(config.l1_policy, config.l1_max_entries, config.l1_max_ttl)
         self._read = ReadPath(
-            config, self._layout, self._redis, self._offline, self._stats, clock
+            config, self._layout, self._redis, self._offline, self._stats, clock, self._l1
         )
         self._writer = RowWriter(
             config, self._layout, self._codecs, self._redis, self._stats, clock, self._view
+        )
+        self._subscriber: InvalidationSubscriber | None = None
+        if self._l1 is not None:
+            l1 = self._l1
+            self._subscriber = InvalidationSubscriber(
+                self._subscriber_client,
+                self._layout.stream_key(),
+                on_ids=l1.invalidate,
+                on_view=l1.invalidate_view,
+                on_reset=lambda reason: l1.clear(),
+                block_ms=_STREAM_BLOCK_MS,
+                name=f"featcache-l1-{config.key_prefix}",
+            )
+            self._subscriber.start()
+
+    def _subscriber_client(self) -> redis.Redis:
+        """A connection of its own for the stream tail (XREAD BLOCK holds it), built like the
+        cache's own, with a socket timeout longer than one block."""
+        pool = self._redis.client.connection_pool
+        kwargs = dict(pool.connection_kwargs)
+        kwargs["socket_timeout"] = _STREAM_BLOCK_MS / 1000 + 5.0
+        kwargs.setdefault("socket_connect_timeout", self.config.redis_connect_timeout)
+        return redis.Redis(
+            connection_pool=redis.ConnectionPool(connection_class=pool.connection_class, **kwargs)
         )
 
     @classmethod
@@ -94,6 +125,9 @@ class FeatureCache:
     # ------------------------------------------------------------------ lifecycle
 
     def close(self) -> None:
+        """Stop the invalidation tail (within about a second) and release the pools."""
+        if self._subscriber is not None:
+            self._subscriber.stop()
         if self._owns_redis:
             self._redis.close()
         self._offline.close()
@@ -138,7 +172,23 @@ class FeatureCache:
         a value read from SQL before it (DESIGN section 4); in-process L1 caches drop the rows
         through the invalidation stream.
         """
-        return self._invalidator.invalidate(self._view(view), entity_ids)
+        view_def = self._view(view)
+        report = self._invalidator.invalidate(view_def, entity_ids)
+        if self._l1 is not None:  # this process need not wait for its own stream entry
+            if report.whole_view:
+                self._l1.invalidate_view(view_def.name)
+            else:
+                self._l1.invalidate(view_def.name, report.ids)
+        return report
+
+    @property
+    def l1(self) -> L1Cache[L1Entry] | None:
+        """The in-process cache (``l1.policy`` in the config), or None."""
+        return self._l1
+
+    def subscriber_stats(self) -> dict[str, Any]:
+        """The invalidation tail's counters (applied, resets, lag), or {} without an L1."""
+        return self._subscriber.stats() if self._subscriber is not None else {}
 
     def stats(self) -> dict[str, dict[str, int]]:
         """Counters per view: hits, fills, absent, stale served, decode and backend errors."""

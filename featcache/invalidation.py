@@ -74,6 +74,7 @@ class InvalidationReport:
     entities: int
     whole_view: bool
     stream_ids: tuple[str, ...]
+    ids: tuple[EntityId, ...] = ()  # the entities fenced, normalized
 
 
 class Invalidator:
@@ -116,7 +117,9 @@ class Invalidator:
             calls.append((keys, ["ids", self._fence_ttl_ms, view.name, packed, self._maxlen,
                                  _TOMBSTONE_HEADER]))
         entries = self._store.eval_many(_INVALIDATE, calls) if calls else []
-        return InvalidationReport(view.name, len(ids), False, tuple(_text(e) for e in entries))
+        return InvalidationReport(
+            view.name, len(ids), False, tuple(_text(e) for e in entries), tuple(ids)
+        )
 
 
 def _text(entry: Any) -> str:

@@ -323,8 +323,14 @@ class L1Cache(Generic[V]):
         # entries of each view stored under its current generation, so invalidate_view can
         # say how many it dropped without looking at them
         self._live: dict[str, int] = {}
+        # fencing of fills (see fill_token): a sequence number per invalidation event, and the
+        # last one that touched each view
+        self._sequence = 0
+        self._view_fenced_at: dict[str, int] = {}
+        self._cleared_at = 0
         self._hits = 0
         self._misses = 0
+        self._refused = 0
         self._evictions = 0
         self._expired = 0
         self._invalidated = 0
@@ -368,13 +374,33 @@ class L1Cache(Generic[V]):
                 self._settle(store)
         return found
 
-    def put_many(self, view: str, items: Mapping[IdT, V]) -> None:
-        """Store rows just read from Redis or SQL; each lives at most ``max_ttl`` from now."""
+    def fill_token(self) -> int:
+        """Take before reading the rows that will be ``put_many``'d; pass it as ``token``.
+
+        Closes the stale-set race of DESIGN section 4 at the L1 level: a thread misses, reads
+        v0 from Redis, the ETL commits v1 and the invalidation reaches L1, then the thread
+        stores v0, which would be served until ``max_ttl``. With the token, ``put_many``
+        stores nothing if the view saw any invalidation (or the cache a ``clear``) since.
+        Per view, not per id, so the check is O(1); a refused fill is only a later L1 miss.
+        """
+        with self._lock:
+            return self._sequence
+
+    def put_many(self, view: str, items: Mapping[IdT, V], *, token: int | None = None) -> None:
+        """Store rows just read from Redis or SQL; each lives at most ``max_ttl`` from now.
+
+        ``token`` (from ``fill_token``, taken before the read) makes the fill conditional.
+        """
         if not items:
             return
         keyed = [((view, entity), value) for entity, value in items.items()]
         deadline = self._clock() + self.max_ttl
         with self._lock:
+            if token is not None and (
+                self._view_fenced_at.get(view, 0) > token or self._cleared_at > token
+            ):
+                self._refused += len(keyed)
+                return
             store = self._store
             generation = self._generation.get(view, 0)
             peek, put = store.peek, store.set
@@ -410,6 +436,9 @@ class L1Cache(Generic[V]):
         keys = [(view, entity) for entity in ids]
         dropped = 0
         with self._lock:
+            if keys:  # fences fills of these ids even when L1 does not hold them (yet)
+                self._sequence += 1
+                self._view_fenced_at[view] = self._sequence
             store = self._store
             generation = self._generation.get(view, 0)
             for key in keys:
@@ -428,6 +457,8 @@ class L1Cache(Generic[V]):
         this O(1); the count includes entries already past ``max_ttl`` but not yet dropped.
         """
         with self._lock:
+            self._sequence += 1
+            self._view_fenced_at[view] = self._sequence
             self._generation[view] = self._generation.get(view, 0) + 1
             dropped = self._live.pop(view, 0)
             self._invalidated += dropped
@@ -443,6 +474,8 @@ class L1Cache(Generic[V]):
         with self._lock:
             old, self._store = self._store, fresh
             self._live.clear()
+            self._sequence += 1
+            self._cleared_at = self._sequence
             self._cleared += 1
         del old
 
@@ -459,6 +492,7 @@ class L1Cache(Generic[V]):
         ``expired``: entries dropped for age: found by a read for lru/lfu/tinylfu, swept by
         TTLCache for ttl. ``invalidated``: rows of the current generation that
         ``invalidate``/``invalidate_view`` dropped. ``evictions``: dropped to make room.
+        ``refused``: rows ``put_many`` did not store because its ``token`` was fenced.
         """
         with self._lock:
             return {
@@ -468,6 +502,7 @@ class L1Cache(Generic[V]):
                 "expired": self._expired,
                 "invalidated": self._invalidated,
                 "cleared": self._cleared,
+                "refused": self._refused,
                 "entries": len(self._store),
                 "max_entries": self.max_entries,
             }

@@ -132,6 +132,8 @@ class ReadPath:
     def read(self, plan: Plan, ids: list[EntityId]) -> FeatureResult:
         now_ms = int(self._clock() * 1000)
         started = time.monotonic()
+        # taken before Redis is read: L1 refuses our rows if an invalidation lands meanwhile
+        l1_token = self.l1.fill_token() if self.l1 is not None else 0
         n_views = len(plan.views)
         reads: list[_ViewRead] = []
         pending: list[list[EntityId]] = []  # per view: ids L1 did not answer
@@ -183,7 +185,7 @@ class ReadPath:
             self._stats.add(vr.vp.view.name, vr.counts)
         if self.l1 is not None:
             for vr in reads:
-                self._to_l1(vr, now_ms)
+                self._to_l1(vr, now_ms, l1_token)
         return FeatureResult(ids, plan, answers)
 
     # ------------------------------------------------------------------ L1
@@ -204,7 +206,7 @@ class ReadPath:
                 hits[eid] = (Status.ABSENT, None, None)
         return hits
 
-    def _to_l1(self, vr: _ViewRead, now_ms: int) -> None:
+    def _to_l1(self, vr: _ViewRead, now_ms: int, token: int) -> None:
         assert self.l1 is not None
         entries: dict[EntityId, L1Entry] = {}
         for eid, (status, values, event_us) in vr.answers.items():
@@ -213,7 +215,7 @@ class ReadPath:
             elif status is Status.ABSENT and eid in vr.loaded:
                 entries[eid] = (False, None, None, vr.loaded[eid], vr.epoch)
         if entries:
-            self.l1.put_many(vr.vp.view.name, entries)
+            self.l1.put_many(vr.vp.view.name, entries, token=token)
 
     # ------------------------------------------------------------------ Redis values
 

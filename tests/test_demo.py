@@ -21,11 +21,11 @@ import psutil
 import pytest
 import redis
 import sqlalchemy as sa
+from featcache.jobs.cli import main
 from servers import SqlTarget
 from sqlalchemy.engine import make_url
 
 from featcache import __version__
-from featcache.jobs.cli import main
 
 DEMO_TIMEOUT_S = 120
 

@@ -1,0 +1,464 @@
+"""The in-process L1 cache: pure tests, no servers.
+
+Every behaviour that must not depend on the eviction policy is parametrized over all four, so
+a policy swapped in later inherits the same guarantees (bounds, max_ttl, invalidation).
+"""
+
+from __future__ import annotations
+
+import random
+import sys
+import threading
+from collections.abc import Iterator
+
+import pytest
+
+from featcache.errors import ConfigError, FeatcacheError
+from featcache.l1 import POLICIES, EntityId, L1Cache
+
+MAX_TTL = 10.0
+T0 = 1000.0
+
+
+class FakeClock:
+    """A monotonic clock the test moves by hand."""
+
+    def __init__(self, now: float = T0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture(params=POLICIES)
+def policy(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+def make(policy: str, clock: FakeClock, max_entries: int = 100) -> L1Cache[object]:
+    return L1Cache(policy, max_entries, MAX_TTL, clock=clock)
+
+
+def drop_dead(cache: L1Cache[object], views: list[str], ids: range) -> None:
+    """Read every possible key, so entries of old generations or past max_ttl are dropped."""
+    for view in views:
+        cache.get_many(view, ids)
+
+
+# -------------------------------------------------------------------- store and return
+
+
+def test_stores_and_returns(policy: str, clock: FakeClock) -> None:
+    cache = make(policy, clock)
+    rows: dict[EntityId, tuple[str]] = {1: ("a",), 2: ("b",), "x": ("c",)}
+    cache.put_many("user", rows)
+    ids: list[EntityId] = [1, 2, "x", 3]
+    assert cache.get_many("user", ids) == rows
+    assert len(cache) == 3
+    stats = cache.stats()
+    assert (stats["hits"], stats["misses"], stats["entries"]) == (3, 1, 3)
+
+
+def test_overwrite_replaces_value(policy: str, clock: FakeClock) -> None:
+    cache = make(policy, clock)
+    cache.put_many("user", {1: "old"})
+    cache.put_many("user", {1: "new"})
+    assert cache.get_many("user", [1]) == {1: "new"}
+    assert len(cache) == 1
+
+
+def test_values_are_opaque_even_none(policy: str, clock: FakeClock) -> None:
+    cache = make(policy, clock)
+    cache.put_many("user", {1: None, 2: 0, 3: ()})
+    assert cache.get_many("user", [1, 2, 3]) == {1: None, 2: 0, 3: ()}
+
+
+def test_int_and_str_ids_are_distinct(policy: str, clock: FakeClock) -> None:
+    cache = make(policy, clock)
+    rows: dict[EntityId, str] = {1: "int", "1": "str"}
+    cache.put_many("user", rows)
+    assert cache.get_many("user", list(rows)) == rows
+
+
+def test_empty_batches_and_duplicates(policy: str, clock: FakeClock) -> None:
+    cache = make(policy, clock)
+    cache.put_many("user", {})
+    assert cache.get_many("user", []) == {}
+    cache.put_many("user", {7: "v"})
+    assert cache.get_many("user", (i for i in [7, 7, 8])) == {7: "v"}
+    assert cache.stats()["hits"] == 2
+    assert cache.stats()["misses"] == 1
+
+
+# -------------------------------------------------------------------- bounds
+
+
+def test_respects_max_entries(policy: str, clock: FakeClock) -> None:
+    cache = make(policy, clock, max_entries=50)
+    inserted = 0
+    for start in range(0, 1000, 37):  # batches larger and smaller than the cache
+        batch = {i: i for i in range(start, start + 37)}
+        cache.put_many("user", batch)
+        inserted += len(batch)
+        assert len(cache) <= 50
+    for i in range(1000):  # and one at a time
+        cache.put_many("item", {i: i})
+        inserted += 1
+        assert len(cache) <= 50
+    stats = cache.stats()
+    assert len(cache) >= 40  # a cache that keeps evicting everything is not bounded, it is broken
+    assert stats["evictions"] == inserted - len(cache)
+    found = cache.get_many("user", range(1000)) | cache.get_many("item", range(1000))
+    assert len(found) == len(cache)
+
+
+def test_max_entries_of_one(policy: str, clock: FakeClock) -> None:
+    cache = make(policy, clock, max_entries=1)
+    cache.put_many("user", {1: "a", 2: "b", 3: "c"})
+    assert len(cache) == 1
+    assert len(cache.get_many("user", [1, 2, 3])) == 1
+
+
+@pytest.mark.parametrize(
+    ("age", "served"),
+    [
+        (0.0, True),
+        (MAX_TTL - 1e-6, True),
+        (MAX_TTL, False),  # exactly max_ttl old: expired (served only while younger)
+        (MAX_TTL + 1e-6, False),
+        (MAX_TTL * 100, False),
+    ],
+)
+def test_respects_max_ttl(policy: str, clock: FakeClock, age: float, served: bool) -> None:
+    cache = make(policy, clock)
+    cache.put_many("user", {1: "v"})
+    clock.now = T0 + age
+    assert cache.get_many("user", [1]) == ({1: "v"} if served else {})
+    stats = cache.stats()
+    assert stats["expired"] == (0 if served else 1)
+    assert (stats["hits"], stats["misses"]) == ((1, 0) if served else (0, 1))
+    assert len(cache) == (1 if served else 0)  # an expired entry is dropped, not kept
+    assert cache.invalidate_view("user") == (1 if served else 0)
+
+
+def test_max_ttl_counts_from_the_last_put(policy: str, clock: FakeClock) -> None:
+    cache = make(policy, clock)
+    cache.put_many("user", {1: "v1", 2: "v2"})
+    clock.now = T0 + 6
+    cache.put_many("user", {1: "v1b"})
+    clock.now = T0 + MAX_TTL + 1
+    assert cache.get_many("user", [1, 2]) == {1: "v1b"}
+
+
+def test_max_ttl_bounds_a_missed_invalidation(policy: str, clock: FakeClock) -> None:
+    """Reading does not extend an entry's life: hot rows are re-read from Redis every max_ttl."""
+    cache = make(policy, clock)
+    cache.put_many("user", {1: "v"})
+    for step in range(1, 10):
+        clock.now = T0 + step
+        assert cache.get_many("user", [1]) == {1: "v"}
+    clock.now = T0 + MAX_TTL
+    assert cache.get_many("user", [1]) == {}
+
+
+# -------------------------------------------------------------------- invalidation
+
+
+def test_invalidate(policy: str, clock: FakeClock) -> None:
+    cache = make(policy, clock)
+    cache.put_many("user", {1: "a", 2: "b", 3: "c"})
+    assert cache.invalidate("user", [1, 3, 99]) == 2
+    assert cache.get_many("user", [1, 2, 3]) == {2: "b"}
+    assert cache.invalidate("user", [1]) == 0
+    assert len(cache) == 1
+    assert cache.stats()["invalidated"] == 2
+
+
+def test_invalidate_view(policy: str, clock: FakeClock) -> None:
+    cache = make(policy, clock)
+    cache.put_many("user", {1: "a", 2: "b"})
+    cache.put_many("item", {1: "i"})
+    assert cache.invalidate_view("user") == 2
+    assert cache.invalidate_view("user") == 0
+    assert cache.invalidate_view("never-used") == 0
+    assert cache.get_many("user", [1, 2]) == {}
+    assert cache.get_many("item", [1]) == {1: "i"}
+    assert len(cache) == 1  # the reads above dropped the old generation's entries
+    cache.put_many("user", {1: "a2"})
+    assert cache.get_many("user", [1, 2]) == {1: "a2"}
+    assert cache.invalidate_view("user") == 1
+    stats = cache.stats()
+    assert stats["invalidated"] == 3
+    assert stats["expired"] == 0
+
+
+def test_put_over_an_invalidated_entry_counts_once(policy: str, clock: FakeClock) -> None:
+    cache = make(policy, clock)
+    cache.put_many("user", {1: "a", 2: "b"})
+    cache.invalidate_view("user")
+    cache.put_many("user", {1: "a2"})  # replaces the old generation's entry without a read
+    cache.put_many("user", {1: "a3"})
+    assert cache.invalidate_view("user") == 1
+
+
+def test_invalidate_after_max_ttl_counts_what_was_held(policy: str, clock: FakeClock) -> None:
+    cache = make(policy, clock)
+    cache.put_many("user", {1: "a"})
+    clock.now = T0 + MAX_TTL + 1
+    assert cache.invalidate("user", [1]) in (0, 1)  # ttl may have swept it already
+    assert cache.get_many("user", [1]) == {}
+
+
+def test_fill_token_refuses_a_fill_that_raced_an_invalidation(
+    policy: str, clock: FakeClock
+) -> None:
+    """Miss, read v0, the invalidation lands, then the fill: v0 must not be stored."""
+    cache = make(policy, clock)
+    token = cache.fill_token()
+    cache.invalidate("user", [1])  # id 1 is not even in L1: the fence still counts
+    cache.put_many("user", {1: "v0", 2: "v0"}, token=token)
+    assert cache.get_many("user", [1, 2]) == {}
+    assert cache.stats()["refused"] == 2
+    cache.put_many("user", {1: "v1"}, token=cache.fill_token())
+    assert cache.get_many("user", [1]) == {1: "v1"}
+
+
+@pytest.mark.parametrize(
+    "event",
+    ["invalidate_view", "clear", "invalidate_other_view", "invalidate_nothing", "none"],
+)
+def test_fill_token_fences(policy: str, clock: FakeClock, event: str) -> None:
+    cache = make(policy, clock)
+    token = cache.fill_token()
+    if event == "invalidate_view":
+        cache.invalidate_view("user")
+    elif event == "clear":
+        cache.clear()
+    elif event == "invalidate_other_view":
+        cache.invalidate_view("item")
+        cache.invalidate("item", [1])
+    elif event == "invalidate_nothing":
+        cache.invalidate("user", [])
+    cache.put_many("user", {1: "v0"}, token=token)
+    stored = event in ("invalidate_other_view", "invalidate_nothing", "none")
+    assert cache.get_many("user", [1]) == ({1: "v0"} if stored else {})
+    assert cache.stats()["refused"] == (0 if stored else 1)
+
+
+def test_clear(policy: str, clock: FakeClock) -> None:
+    cache = make(policy, clock)
+    cache.put_many("user", {1: "a"})
+    cache.put_many("item", {1: "b"})
+    cache.clear()
+    assert len(cache) == 0
+    assert cache.get_many("user", [1]) == {}
+    assert cache.invalidate_view("user") == 0
+    cache.put_many("user", {1: "a2"})
+    assert cache.get_many("user", [1]) == {1: "a2"}
+    cache.clear()
+    assert cache.stats()["cleared"] == 2
+
+
+def test_view_isolation(policy: str, clock: FakeClock) -> None:
+    cache = make(policy, clock)
+    cache.put_many("user", {1: "user-1", 2: "user-2"})
+    cache.put_many("item", {1: "item-1", 2: "item-2"})
+    assert cache.get_many("user", [1, 2]) == {1: "user-1", 2: "user-2"}
+    assert cache.get_many("item", [1, 2]) == {1: "item-1", 2: "item-2"}
+    assert cache.invalidate("item", [1]) == 1
+    assert cache.get_many("user", [1]) == {1: "user-1"}
+    assert cache.invalidate_view("item") == 1
+    assert cache.get_many("user", [1, 2]) == {1: "user-1", 2: "user-2"}
+
+
+def test_bookkeeping_stays_consistent_under_random_operations(
+    policy: str, clock: FakeClock
+) -> None:
+    """After any sequence, the per-view counts behind invalidate_view match the entries held."""
+    rng = random.Random(1234)
+    views = ["user", "item", "shop"]
+    ids = range(60)
+    cache = make(policy, clock, max_entries=40)
+    checked = 0
+    for step in range(1, 4001):
+        view = rng.choice(views)
+        op = rng.random()
+        if op < 0.35:
+            cache.put_many(view, {i: (view, i) for i in rng.sample(ids, rng.randint(1, 8))})
+        elif op < 0.75:
+            got = cache.get_many(view, rng.sample(ids, rng.randint(1, 12)))
+            assert all(value == (view, i) for i, value in got.items())
+        elif op < 0.85:
+            cache.invalidate(view, rng.sample(ids, rng.randint(1, 5)))
+        elif op < 0.88:
+            cache.invalidate_view(view)
+        elif op < 0.995:
+            clock.now += rng.uniform(0, MAX_TTL / 4)
+        else:
+            cache.clear()
+        assert len(cache) <= 40
+        if step % 200 == 0:
+            drop_dead(cache, views, ids)
+            held = len(cache)
+            checked += held
+            assert sum(cache.invalidate_view(view) for view in views) == held
+    stats = cache.stats()
+    assert checked > 0
+    assert stats["expired"] > 0
+    assert stats["evictions"] > 0
+
+
+# -------------------------------------------------------------------- policies differ
+
+
+def _scan_after_hot_set(policy: str, clock: FakeClock) -> int:
+    cache = make(policy, clock, max_entries=100)
+    hot = range(50)
+    for _ in range(20):
+        missing = [i for i in hot if i not in cache.get_many("hot", hot)]
+        cache.put_many("hot", {i: i for i in missing})
+    for start in range(0, 5000, 10):  # a scan of one-hit keys, read-through like the client
+        batch = range(start, start + 10)
+        cache.get_many("scan", batch)
+        cache.put_many("scan", {i: i for i in batch})
+    return len(cache.get_many("hot", hot))
+
+
+def test_lru_evicts_the_least_recently_used(clock: FakeClock) -> None:
+    cache = make("lru", clock, max_entries=3)
+    cache.put_many("v", {1: 1, 2: 2, 3: 3})
+    cache.get_many("v", [1])
+    cache.put_many("v", {4: 4})
+    assert sorted(cache.get_many("v", [1, 2, 3, 4])) == [1, 3, 4]
+
+
+def test_lfu_evicts_the_least_frequently_used(clock: FakeClock) -> None:
+    cache = make("lfu", clock, max_entries=3)
+    cache.put_many("v", {1: 1, 2: 2, 3: 3})
+    cache.get_many("v", [1, 1, 2, 3, 3])
+    cache.put_many("v", {4: 4})
+    assert sorted(cache.get_many("v", [1, 2, 3, 4])) == [1, 3, 4]
+
+
+def test_tinylfu_keeps_a_hot_set_through_a_scan(clock: FakeClock) -> None:
+    assert _scan_after_hot_set("tinylfu", clock) >= 45
+    assert _scan_after_hot_set("lru", FakeClock()) == 0
+
+
+def test_tinylfu_hash_collisions_never_return_a_wrong_value(clock: FakeClock) -> None:
+    # hash(-1) == hash(-2) in CPython, so ("v", -1) and ("v", -2) share theine's policy slot
+    assert hash(("v", -1)) == hash(("v", -2))
+    cache = make("tinylfu", clock)
+    cache.put_many("v", {-1: "minus one"})
+    cache.put_many("v", {-2: "minus two"})
+    got = cache.get_many("v", [-1, -2])
+    assert got == {-2: "minus two"}
+    assert len(cache) == 1
+    assert cache.invalidate_view("v") == 1
+
+
+# -------------------------------------------------------------------- threads
+
+
+@pytest.fixture
+def frequent_thread_switches() -> Iterator[None]:
+    """Switch threads every few microseconds instead of every 5 ms, so the calls interleave."""
+    before = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    yield
+    sys.setswitchinterval(before)
+
+
+@pytest.mark.usefixtures("frequent_thread_switches")
+def test_thread_safety_smoke(policy: str) -> None:
+    cache: L1Cache[object] = L1Cache(policy, 200, 0.05)  # the real clock: entries do expire
+    views = ["user", "item"]
+    ids = range(1000)
+    errors: list[BaseException] = []
+    reads = [0] * 8
+    start = threading.Barrier(8)
+
+    def hammer(seed: int) -> None:
+        rng = random.Random(seed)
+        try:
+            start.wait()
+            for _ in range(1500):
+                view = rng.choice(views)
+                op = rng.random()
+                if op < 0.5:
+                    batch = [
+                        rng.randrange(300) if rng.random() < 0.8 else rng.choice(ids)
+                        for _ in range(20)
+                    ]
+                    token = cache.fill_token()
+                    got = cache.get_many(view, batch)
+                    reads[seed] += len(batch)
+                    assert all(value == (view, i) for i, value in got.items())
+                    fill = {i: (view, i) for i in batch if i not in got}
+                    cache.put_many(view, fill, token=token)
+                elif op < 0.9:
+                    cache.put_many(view, {i: (view, i) for i in rng.sample(ids, 20)})
+                elif op < 0.97:
+                    cache.invalidate(view, rng.sample(ids, 10))
+                elif op < 0.995:
+                    cache.invalidate_view(view)
+                else:
+                    cache.clear()
+                assert len(cache) <= 200
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=hammer, args=(n,)) for n in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert not any(thread.is_alive() for thread in threads)
+    assert errors == []
+    stats = cache.stats()
+    assert len(cache) <= 200
+    assert stats["hits"] + stats["misses"] == sum(reads)
+    assert stats["hits"] > 0
+    drop_dead(cache, views, ids)
+    held = len(cache)
+    assert sum(cache.invalidate_view(view) for view in views) == held
+
+
+# -------------------------------------------------------------------- configuration
+
+
+@pytest.mark.parametrize("bad", ["arc", "LRU", "", "w-tinylfu"])
+def test_bad_policy(bad: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        L1Cache(bad, 10, 1.0)
+    message = str(info.value)
+    assert repr(bad) in message
+    for name in POLICIES:
+        assert name in message
+    assert isinstance(info.value, FeatcacheError)
+    assert isinstance(info.value, ValueError)
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, True, "10", None])
+def test_bad_max_entries(policy: str, bad: object) -> None:
+    with pytest.raises(ConfigError, match="max_entries"):
+        L1Cache(policy, bad, 1.0)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("bad", [0, 0.0, -1.0, float("nan"), float("inf"), True, "1", None])
+def test_bad_max_ttl(policy: str, bad: object) -> None:
+    with pytest.raises(ConfigError, match="max_ttl"):
+        L1Cache(policy, 10, bad)  # type: ignore[arg-type]
+
+
+def test_integer_max_ttl_is_accepted(policy: str, clock: FakeClock) -> None:
+    cache: L1Cache[str] = L1Cache(policy, 10, 5, clock=clock)
+    assert cache.max_ttl == 5.0
+    cache.put_many("v", {1: "x"})
+    clock.now += 5
+    assert cache.get_many("v", [1]) == {}

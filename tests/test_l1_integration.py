@@ -1,0 +1,94 @@
+"""The L1 cache inside FeatureCache: HIT_L1, per-tier statistics, invalidation through the
+stream from another cache (another process, as far as L1 is concerned), clean shutdown."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+from featdata import STATS_FEATURES, Clock, insert, make_cache, make_table, make_view, stats_row
+
+from featcache import FeatureCache, Status
+
+
+@pytest.fixture
+def caches(sqlite_target: Any, redis_url: str, key_prefix: str
+           ) -> Iterator[tuple[FeatureCache, FeatureCache, Any]]:
+    engine = sqlite_target.engine()
+    table = make_table(engine, None, "l1v", STATS_FEATURES)
+    insert(engine, table, [stats_row(i, clicks=i) for i in range(1, 6)])
+    view = make_view("l1v", "l1v", None)
+    clock = Clock()
+    with make_cache([view], redis_url, sqlite_target.url, key_prefix, clock,
+                    l1_policy="tinylfu", l1_max_ttl=60.0, xfetch_beta=0) as serving, \
+            make_cache([view], redis_url, sqlite_target.url, key_prefix, clock) as etl:
+        yield serving, etl, table
+
+
+def _until(condition: Callable[[], bool], what: str) -> None:
+    """Wait for the background tail to catch up (a synchronisation, not a speed check)."""
+    for _ in range(1000):
+        if condition():
+            return
+        time.sleep(0.01)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_second_read_hits_l1_and_counts_per_tier(caches: Any) -> None:
+    serving, _, _ = caches
+    assert serving.get_features([1, 9], ["clicks"]).status(1, "clicks") is Status.FILLED
+    again = serving.get_features([1, 9], ["clicks"])
+    assert again.status(1, "clicks") is Status.HIT_L1 and again[1]["clicks"] == 1
+    assert again.status(9, "clicks") is Status.ABSENT  # negative entries live in L1 too
+    stats = serving.stats()["l1v"]
+    assert stats["hit_l1"] == 2 and stats["filled"] == 1 and stats["absent"] == 1
+    assert serving.l1 is not None and serving.l1.stats()["hits"] >= 2
+
+
+def test_invalidation_from_another_cache_reaches_l1(caches: Any, sqlite_target: Any) -> None:
+    serving, etl, table = caches
+    serving.get_features([1, 2], ["clicks"])
+    assert serving.get_features([1], ["clicks"]).status(1, "clicks") is Status.HIT_L1
+    applied = serving.subscriber_stats()["entries_applied"]
+    with sqlite_target.engine().begin() as conn:
+        conn.execute(table.update().where(table.c.entity_id == 1).values(clicks=100))
+    etl.invalidate("l1v", [1])
+    _until(lambda: serving.subscriber_stats()["entries_applied"] > applied, "the stream entry")
+    after = serving.get_features([1, 2], ["clicks"])
+    assert after.status(1, "clicks") is Status.FILLED and after[1]["clicks"] == 100
+    assert after.status(2, "clicks") is Status.HIT_L1
+    etl.invalidate("l1v")  # whole view
+    _until(lambda: serving.subscriber_stats()["entries_applied"] > applied + 1, "the entry")
+    assert serving.get_features([2], ["clicks"]).status(2, "clicks") is Status.FILLED
+
+
+def test_own_invalidation_drops_l1_at_once(caches: Any) -> None:
+    serving, _, _ = caches
+    serving.get_features([3], ["clicks"])
+    serving.invalidate("l1v", [3])  # no wait: the calling process drops its own rows
+    assert serving.get_features([3], ["clicks"]).status(3, "clicks") is Status.FILLED
+
+
+def test_l1_respects_max_age_of_the_row(caches: Any) -> None:
+    serving, _, _ = caches
+    serving.get_features([4], ["ctr"])  # ctr: max_age 10 min
+    assert serving.get_features([4], ["ctr"]).status(4, "ctr") is Status.HIT_L1
+    clock: Clock = serving._clock  # type: ignore[assignment]
+    clock.advance(11 * 60)
+    assert serving.get_features([4], ["ctr"]).status(4, "ctr") is Status.FILLED
+
+
+def test_close_stops_the_tail_thread(sqlite_target: Any, redis_url: str,
+                                     key_prefix: str) -> None:
+    make_table(sqlite_target.engine(), None, "l1c", STATS_FEATURES)
+    before = {t.name for t in threading.enumerate()}
+    cache = make_cache([make_view("l1c", "l1c", None)], redis_url, sqlite_target.url,
+                       key_prefix, l1_policy="lru")
+    started = {t.name for t in threading.enumerate()} - before
+    assert any("featcache-l1" in name for name in started)
+    cache.close()
+    _until(lambda: not any("featcache-l1" in t.name for t in threading.enumerate()
+                           if t.name not in before), "the thread to stop")
