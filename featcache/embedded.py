@@ -67,7 +67,7 @@ class EmbeddedServer:
     """One private server on a free loopback port, plus a unix socket; ``stop()`` removes all.
 
     Use as a context manager. ``extra_args`` go to the server command line (``--requirepass``,
-    ``--maxmemory``...).
+    ``--maxmemory``...). ``port`` pins the port, e.g. to restart a killed server in its place.
     """
 
     def __init__(
@@ -75,10 +75,12 @@ class EmbeddedServer:
         binary: str | None = None,
         extra_args: tuple[str, ...] = (),
         start_timeout: float = 10.0,
+        port: int | None = None,
     ) -> None:
         self.binary = binary or find_server_binary()
         self.extra_args = extra_args
         self.start_timeout = start_timeout
+        self.fixed_port = port  # to restart a killed server where its clients expect it
         self.port = 0
         self._dir: str | None = None
         self._proc: subprocess.Popen[bytes] | None = None
@@ -100,8 +102,9 @@ class EmbeddedServer:
     def start(self) -> EmbeddedServer:
         self._dir = tempfile.mkdtemp(prefix="featcache-valkey-")
         last_error = ""
-        for _attempt in range(5):  # a free port can be taken between probe and bind: retry
-            self.port = _free_port()
+        attempts = 1 if self.fixed_port else 5  # a free port can be taken before we bind it
+        for _attempt in range(attempts):
+            self.port = self.fixed_port or _free_port()
             args = [
                 self.binary,
                 "--port", str(self.port),
