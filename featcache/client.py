@@ -26,6 +26,7 @@ from featcache.invalidation import InvalidationReport, Invalidator
 from featcache.keys import KeyLayout
 from featcache.l1 import L1Cache
 from featcache.offline import OfflineStore
+from featcache.popularity import PopularityCounter
 from featcache.readpath import L1Entry, ReadPath
 from featcache.redis_store import (
     RedisStore,
@@ -86,8 +87,21 @@ class FeatureCache:
         self._l1: L1Cache[L1Entry] | None = None
         if config.l1_policy is not None:
             self._l1 = L1Cache(config.l1_policy, config.l1_max_entries, config.l1_max_ttl)
+        self._popularity: PopularityCounter | None = None
+        if config.popularity_sample_rate > 0:
+            self._popularity = PopularityCounter(
+                self._redis,
+                self._layout,
+                sample_rate=config.popularity_sample_rate,
+                bucket_seconds=max(1, int(config.popularity_bucket)),
+                buckets=config.popularity_buckets,
+                half_life=config.popularity_half_life,
+                flush_interval=config.popularity_flush_interval,
+                clock=clock,
+            )
         self._read = ReadPath(
-            config, self._layout, self._redis, self._offline, self._stats, clock, self._l1
+            config, self._layout, self._redis, self._offline, self._stats, clock, self._l1,
+            self._popularity,
         )
         self._writer = RowWriter(
             config, self._layout, self._codecs, self._redis, self._stats, clock, self._view
@@ -128,6 +142,8 @@ class FeatureCache:
         """Stop the invalidation tail (within about a second) and release the pools."""
         if self._subscriber is not None:
             self._subscriber.stop()
+        if self._popularity is not None:
+            self._popularity.close()  # flushes what was sampled
         if self._owns_redis:
             self._redis.close()
         self._offline.close()
@@ -185,6 +201,19 @@ class FeatureCache:
     def l1(self) -> L1Cache[L1Entry] | None:
         """The in-process cache (``l1.policy`` in the config), or None."""
         return self._l1
+
+    @property
+    def popularity(self) -> PopularityCounter | None:
+        """Read counting for the warmer (``popularity.sample_rate`` > 0), or None."""
+        return self._popularity
+
+    def top_k(self, view: str | FeatureView, k: int) -> list[tuple[EntityId, float]]:
+        """The ``k`` most read entities of a view across every serving process, decayed by
+        ``popularity.half_life``; empty when counting is off."""
+        view_def = self._view(view)
+        if self._popularity is None:
+            return []
+        return self._popularity.top_k(view_def.name, k, view_def.entity_type)
 
     def subscriber_stats(self) -> dict[str, Any]:
         """The invalidation tail's counters (applied, resets, lag), or {} without an L1."""

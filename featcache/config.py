@@ -205,6 +205,11 @@ class CacheConfig:
     sql_concurrency: int = 16
     sql_queue_timeout: float = 1.0
     on_sql_error: str = "raise"  # or "mark": values become None with status UNAVAILABLE
+    popularity_sample_rate: float = 0.05  # share of calls counted; 0 turns counting off
+    popularity_bucket: float = 60.0
+    popularity_buckets: int = 120
+    popularity_half_life: float = 3600.0
+    popularity_flush_interval: float = 1.0
     source: str = field(default="", compare=False)
 
     def __post_init__(self) -> None:
@@ -231,7 +236,8 @@ class CacheConfig:
             )
         for key in ("redis_socket_timeout", "redis_connect_timeout", "sql_connect_timeout",
                     "fence_ttl", "l1_max_ttl", "lease_ttl", "breaker_window",
-                    "breaker_open_for"):
+                    "breaker_open_for", "popularity_bucket", "popularity_half_life",
+                    "popularity_flush_interval"):
             value = parse_duration(getattr(self, key), key)
             if value <= 0:
                 raise ConfigError("must be greater than zero", key, self.source)
@@ -246,12 +252,17 @@ class CacheConfig:
             ("l1_max_entries", 1, 100_000_000),
             ("breaker_failures", 1, 1_000_000),
             ("sql_concurrency", 1, 10_000),
+            ("popularity_buckets", 1, 100_000),
         ):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
                 raise ConfigError(
                     f"expected an integer from {low} to {high}, got {value!r}", key, self.source
                 )
+        rate = self.popularity_sample_rate
+        if isinstance(rate, bool) or not isinstance(rate, int | float) or not 0 <= rate <= 1:
+            raise ConfigError(f"expected a number from 0 to 1, got {rate!r}",
+                              "popularity.sample_rate", self.source)
         for key in ("lease_wait", "sql_queue_timeout", "xfetch_beta"):
             value = parse_duration(getattr(self, key), key)  # >= 0; 0 is allowed
             object.__setattr__(self, key, value)
@@ -321,11 +332,19 @@ _SECTIONS: dict[str, dict[str, str]] = {
         "sql_queue_timeout": "sql_queue_timeout",
         "on_sql_error": "on_sql_error",
     },
+    "popularity": {
+        "sample_rate": "popularity_sample_rate",
+        "bucket": "popularity_bucket",
+        "buckets": "popularity_buckets",
+        "half_life": "popularity_half_life",
+        "flush_interval": "popularity_flush_interval",
+    },
 }
 _L1_POLICIES = ("lru", "lfu", "ttl", "tinylfu")
 _DURATION_FIELDS = {
     "fence_ttl", "l1_max_ttl", "lease_ttl", "lease_wait", "breaker_window",
-    "breaker_open_for", "sql_queue_timeout",
+    "breaker_open_for", "sql_queue_timeout", "popularity_bucket", "popularity_half_life",
+    "popularity_flush_interval",
 }
 _VIEW_DEFAULT_KEYS = ("negative_ttl", "stale_if_error")
 _VIEW_KEYS = (
@@ -341,6 +360,7 @@ _ENV_ALIASES = {
 _INT_FIELDS = {
     "redis_max_connections", "redis_read_chunk", "sql_chunk_size", "sql_pool_size",
     "max_id_length", "stream_maxlen", "l1_max_entries", "breaker_failures", "sql_concurrency",
+    "popularity_buckets",
 }
 
 
@@ -533,7 +553,7 @@ def _section_value(target: str, value: Any, path: str, source: str) -> Any:
             return int(value.strip())
         except ValueError:
             raise ConfigError(f"expected an integer, got {value!r}", path, source) from None
-    if target == "xfetch_beta" and isinstance(value, str):
+    if target in ("xfetch_beta", "popularity_sample_rate") and isinstance(value, str):
         try:
             return float(value)
         except ValueError:

@@ -284,8 +284,9 @@ class L1Cache(Generic[V]):
     Batch-oriented because the client works on batches: one lock acquisition and one clock
     read per call, not per row. One lock guards everything, since the libraries behind it are
     not thread-safe (cachetools) or expect the caller's lock (``TlfuCore``), and the per-view
-    generations and counts must move with the entries. Key tuples, the clock and the result
-    are prepared outside it; inside is only the policy's own work, O(batch).
+    generations and counts must move with the entries. Key tuples and the clock reading are
+    prepared before taking it; inside is only the policy's work and the bookkeeping, O(batch),
+    never I/O, logging or a call back into the caller.
 
     ``clock`` must be monotonic (seconds); tests inject a fake one to step across ``max_ttl``.
     """

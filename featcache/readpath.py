@@ -31,6 +31,7 @@ from featcache.keys import KeyLayout
 from featcache.l1 import L1Cache
 from featcache.leases import Leases
 from featcache.offline import OfflineStore, SqlRow
+from featcache.popularity import PopularityCounter
 from featcache.redis_store import RedisStore, WriteBatch, WriteItem, fenced_write
 from featcache.request import EntityId, Plan, ViewPlan
 from featcache.result import Answer, FeatureResult
@@ -91,6 +92,7 @@ class ReadPath:
         stats: CacheStats,
         clock: Callable[[], float],
         l1: L1Cache[L1Entry] | None = None,
+        popularity: PopularityCounter | None = None,
     ) -> None:
         self.config = config
         self._layout = layout
@@ -99,6 +101,7 @@ class ReadPath:
         self._stats = stats
         self._clock = clock
         self.l1 = l1
+        self.popularity = popularity
         self._leases = Leases(redis_store, layout, int(config.lease_ttl * 1000))
         self._flights: SingleFlight[tuple[str, EntityId], tuple[int, Any, int]] = SingleFlight()
         self.breaker = CircuitBreaker(
@@ -139,6 +142,8 @@ class ReadPath:
         pending: list[list[EntityId]] = []  # per view: ids L1 did not answer
         l1_hits: list[dict[EntityId, Answer]] = []
         for vp in plan.views:
+            if self.popularity is not None:  # sampled: almost always one random() and out
+                self.popularity.record(vp.view.name, ids)
             hits = self._from_l1(vp, ids, now_ms) if self.l1 is not None else {}
             l1_hits.append(hits)
             pending.append([e for e in ids if e not in hits] if hits else ids)
