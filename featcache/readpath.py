@@ -321,7 +321,7 @@ class ReadPath:
         view = vr.vp.view.name
         wanted = [*vr.missing, *vr.early]
         counts = vr.counts
-        filled = absent = early = joined = 0
+        filled = absent = early = joined = from_redis = negative = 0
         for eid in wanted:
             result = results[(view, eid)]
             if result is MISSING:  # pragma: no cover - fetch answers every key it is given
@@ -333,8 +333,12 @@ class ReadPath:
             if source == _KEEP:
                 vr.answers[eid] = vr.early[eid]
                 continue
-            if source == _FROM_REDIS:
+            if source == _FROM_REDIS:  # another process filled it while we waited
                 vr.answers[eid] = payload
+                if payload[0] is Status.ABSENT:
+                    negative += 1
+                else:
+                    from_redis += 1
                 continue
             row: SqlRow | None = payload
             if eid in vr.early:
@@ -355,6 +359,8 @@ class ReadPath:
         counts["absent"] = absent
         counts["early_refreshes"] = early
         counts["singleflight_joined"] = joined
+        counts["hit_redis"] = counts.get("hit_redis", 0) + from_redis
+        counts["negative_hit"] = counts.get("negative_hit", 0) + negative
 
     def _queue_fill(
         self, vr: _ViewRead, eid: EntityId, row: SqlRow | None, now_ms: int, fill_ms: int
