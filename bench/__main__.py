@@ -11,7 +11,7 @@ import sys
 from collections.abc import Sequence
 from typing import Protocol
 
-from bench import read
+from bench import l1, l1_policies, read
 
 
 class Benchmark(Protocol):
@@ -24,6 +24,8 @@ class Benchmark(Protocol):
 
 BENCHMARKS: dict[str, Benchmark] = {
     "read": read,
+    "l1_policies": l1_policies,
+    "l1": l1,
 }
 
 

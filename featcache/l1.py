@@ -347,6 +347,7 @@ class L1Cache(Generic[V]):
     def get_many(self, view: str, ids: Iterable[IdT]) -> dict[IdT, V]:
         """The ids L1 can answer; absent ones are for the caller to fetch and ``put_many``."""
         keys = [(view, entity) for entity in ids]
+        asked = len(keys)
         now = self._clock()
         found: dict[IdT, V] = {}
         hits = 0
@@ -354,6 +355,23 @@ class L1Cache(Generic[V]):
             store = self._store
             generation = self._generation.get(view, 0)
             store.begin_reads(now)
+            if isinstance(store, _TinyLfuStore):  # the default policy: its get(), inlined
+                data, accessed = store._data, store._accessed
+                for key in keys:
+                    item = data.get(key)
+                    if item is None:
+                        continue
+                    held = item[0]
+                    if held[2] == generation and now < held[1]:
+                        accessed.append(item[1])
+                        found[key[1]] = held[0]
+                        hits += 1
+                        continue
+                    store.discard(key)
+                    if held[2] == generation:
+                        self._expired += 1
+                        self._live[view] -= 1
+                keys = []  # handled
             get = store.get
             for key in keys:
                 entry = get(key)
@@ -370,7 +388,7 @@ class L1Cache(Generic[V]):
                     self._live[view] -= 1
             store.end_reads()
             self._hits += hits
-            self._misses += len(keys) - hits
+            self._misses += asked - hits
             if store.expired:
                 self._settle(store)
         return found

@@ -19,7 +19,7 @@ import contextlib
 import logging
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 from featcache.breaker import CircuitBreaker, ConcurrencyLimiter
@@ -43,8 +43,10 @@ __all__ = ["ReadPath"]
 
 log = logging.getLogger("featcache")
 
-#: What L1 keeps per row: (status HIT_REDIS/ABSENT source, values, event_us, loaded_ms, epoch)
-L1Entry = tuple[bool, Sequence[Any] | None, int | None, int, int]
+#: What L1 keeps per row: the answer it will give, ready-made ((HIT_L1, values, event_us) or
+#: (ABSENT, None, None)), when the row was loaded (its freshness clock), and how many features
+#: it holds (0 for ABSENT). Ready-made, so an L1 hit is a dict lookup and one comparison.
+L1Entry = tuple[Answer, int, int]
 
 # What a shared fetch yields per row: from SQL (the row, or None when SQL has none), or a row
 # another process filled while we waited on its lease, or "keep the fresh value" for a row
@@ -182,9 +184,9 @@ class ReadPath:
             raise
         if redis_ok:
             self._write_fills(plan, reads, started)
-        answers = []
+        answers: list[dict[EntityId, Answer]] = []
         for vr in reads:
-            if len(vr.answers) != len(ids) or vr.counts["hit_l1"]:
+            if len(vr.answers) != len(ids) or (vr.counts["hit_l1"] and pending[len(answers)]):
                 vr.answers = {eid: vr.answers[eid] for eid in ids}  # the caller's order
             answers.append(vr.answers)
             self._stats.add(vr.vp.view.name, vr.counts)
@@ -199,28 +201,32 @@ class ReadPath:
         assert self.l1 is not None
         found = self.l1.get_many(vp.view.name, ids)
         if not found:
-            return {}
+            return found  # type: ignore[return-value]  # the empty dict
         fresh_after = fresh_since(now_ms, vp.max_age_ms)
         negative_after = fresh_since(now_ms, vp.negative_ttl_ms)
-        hits: dict[EntityId, Answer] = {}
-        for eid, (is_row, values, event_us, loaded_ms, _epoch) in found.items():
-            if is_row:
-                if values is not None and len(values) >= vp.width and loaded_ms >= fresh_after:
-                    hits[eid] = (Status.HIT_L1, values, event_us)
-            elif loaded_ms >= negative_after:
-                hits[eid] = (Status.ABSENT, None, None)
-        return hits
+        width = vp.width
+        return {
+            eid: answer
+            for eid, (answer, loaded_ms, held) in found.items()
+            if (loaded_ms >= fresh_after and held >= width)
+            or (held == 0 and loaded_ms >= negative_after)
+        }
 
     def _to_l1(self, vr: _ViewRead, now_ms: int, token: int) -> None:
+        """Store the rows this call got from Redis or SQL (``vr.loaded``), never L1's own."""
         assert self.l1 is not None
+        if not vr.loaded:
+            return
         entries: dict[EntityId, L1Entry] = {}
-        for eid, (status, values, event_us) in vr.answers.items():
-            if status is Status.HIT_REDIS or status is Status.FILLED:
-                entries[eid] = (True, values, event_us, vr.loaded.get(eid, now_ms), vr.epoch)
-            elif status is Status.ABSENT and eid in vr.loaded:
-                entries[eid] = (False, None, None, vr.loaded[eid], vr.epoch)
-        if entries:
-            self.l1.put_many(vr.vp.view.name, entries, token=token)
+        answers = vr.answers
+        hit_l1, absent = Status.HIT_L1, Status.ABSENT
+        for eid, loaded_ms in vr.loaded.items():
+            status, values, event_us = answers[eid]
+            if status is absent:
+                entries[eid] = ((absent, None, None), loaded_ms, 0)
+            elif values is not None:
+                entries[eid] = ((hit_l1, values, event_us), loaded_ms, len(values))
+        self.l1.put_many(vr.vp.view.name, entries, token=token)
 
     # ------------------------------------------------------------------ Redis values
 
