@@ -148,7 +148,12 @@ class ReadPath:
                 self.popularity.record(vp.view.name, ids)
             hits = self._from_l1(vp, ids, now_ms) if self.l1 is not None else {}
             l1_hits.append(hits)
-            pending.append([e for e in ids if e not in hits] if hits else ids)
+            if not hits:
+                pending.append(ids)
+            elif len(hits) == len(ids):
+                pending.append([])
+            else:
+                pending.append([e for e in ids if e not in hits])
         keys: list[str] = []
         for vp, todo in zip(plan.views, pending, strict=True):
             keys.extend(self._layout.row_keys(vp.view.name, todo))
@@ -205,12 +210,18 @@ class ReadPath:
         fresh_after = fresh_since(now_ms, vp.max_age_ms)
         negative_after = fresh_since(now_ms, vp.negative_ttl_ms)
         width = vp.width
-        return {
-            eid: answer
-            for eid, (answer, loaded_ms, held) in found.items()
-            if (loaded_ms >= fresh_after and held >= width)
-            or (held == 0 and loaded_ms >= negative_after)
-        }
+        # found is ours (a fresh dict): drop the few rows that are too old, keep the rest as is
+        too_old = [
+            eid
+            for eid, (_, loaded_ms, held) in found.items()
+            if not (
+                (loaded_ms >= fresh_after and held >= width)
+                or (held == 0 and loaded_ms >= negative_after)
+            )
+        ]
+        for eid in too_old:
+            del found[eid]
+        return {eid: entry[0] for eid, entry in found.items()}
 
     def _to_l1(self, vr: _ViewRead, now_ms: int, token: int) -> None:
         """Store the rows this call got from Redis or SQL (``vr.loaded``), never L1's own."""
