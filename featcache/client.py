@@ -7,6 +7,7 @@ back into Redis; writers go through ``featcache.writes``; invalidations through
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Iterable, Sequence
 from os import PathLike
@@ -19,6 +20,7 @@ import sqlalchemy as sa
 from featcache.codec import RowCodec
 from featcache.config import CacheConfig, FeatureView, load_config
 from featcache.errors import (
+    CacheUnavailable,
     InvalidRequest,
     UnknownView,
 )
@@ -39,6 +41,8 @@ from featcache.subscriber import InvalidationSubscriber
 from featcache.writes import Fence, PutReport, RowWriter
 
 __all__ = ["FeatureCache", "Fence", "PutReport"]
+
+log = logging.getLogger("featcache")
 
 _STREAM_BLOCK_MS = 500  # how long one XREAD waits: bounds how long close() takes
 
@@ -118,7 +122,14 @@ class FeatureCache:
                 block_ms=_STREAM_BLOCK_MS,
                 name=f"featcache-l1-{config.key_prefix}",
             )
-            self._subscriber.start()
+            try:
+                self._subscriber.start()
+            except CacheUnavailable as exc:
+                # without the tail, L1 could serve invalidated rows: run without L1 instead
+                log.warning("invalidation stream unreachable, L1 disabled: %s", exc)
+                self._subscriber = None
+                self._l1 = None
+                self._read.l1 = None
 
     def _subscriber_client(self) -> redis.Redis:
         """A connection of its own for the stream tail (XREAD BLOCK holds it), built like the

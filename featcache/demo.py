@@ -375,7 +375,9 @@ def run_demo(options: DemoOptions, out: TextIO | None = None) -> int:
             report.item("redis", f"private {version} {where}")
         else:
             report.item("redis", f"{version} at {safe_redis_url(redis_url)}")
+            # close first: closing flushes the cache's own last writes (popularity counts)
             stack.callback(_cleanup_keys, report, cache.redis, prefix)
+            stack.callback(cache.close)
         report.item("key prefix", f"{prefix} (this run's keys only)")
         temporary = " (temporary)" if options.offline_url is None else ""
         report.item("offline store", f"{safe_url(offline_url)}{temporary}")

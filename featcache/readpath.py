@@ -53,6 +53,9 @@ L1Entry = tuple[Answer, int, int]
 # whose early refresh someone else is doing.
 _FROM_SQL, _FROM_REDIS, _KEEP, _FAILED = 0, 1, 2, 3
 
+#: What threads share a SQL read on: (view, entity, the bytes Redis held, the view's epoch).
+FlightKey = tuple[str, EntityId, bytes, bytes]
+
 
 class _ViewRead:
     """One view's share of one call: answers so far and what to fetch, fill and fence."""
@@ -105,7 +108,7 @@ class ReadPath:
         self.l1 = l1
         self.popularity = popularity
         self._leases = Leases(redis_store, layout, int(config.lease_ttl * 1000))
-        self._flights: SingleFlight[tuple[str, EntityId], tuple[int, Any, int]] = SingleFlight()
+        self._flights: SingleFlight[FlightKey, tuple[int, Any, int]] = SingleFlight()
         self.breaker = CircuitBreaker(
             failure_threshold=config.breaker_failures,
             window=config.breaker_window,
@@ -171,6 +174,13 @@ class ReadPath:
         else:
             raw = [None] * len(keys)
         epochs = raw[len(keys) - n_views :]
+        if redis_ok and any(e is None for e in epochs) and any(pending):
+            # a view never used, or its epoch key was evicted: rows must never be stamped
+            # with an epoch a lost key could read as again, so create it (server clock) first;
+            # a missing table or column fails before that first write
+            for vp in plan.views:
+                self._offline.bind(vp.view)
+            epochs = self._ensure_epochs(plan, epochs)
         offset = 0
         for v, vp in enumerate(plan.views):
             todo = pending[v]
@@ -199,6 +209,18 @@ class ReadPath:
             for vr in reads:
                 self._to_l1(vr, now_ms, l1_token)
         return FeatureResult(ids, plan, answers)
+
+    def _ensure_epochs(self, plan: Plan, epochs: list[bytes | None]) -> list[bytes | None]:
+        missing = [i for i, e in enumerate(epochs) if e is None]
+        keys = [self._layout.view_key(plan.views[i].view.name, "epoch") for i in missing]
+        try:
+            created = self._redis_call("epoch", lambda: self._redis.ensure_epochs(keys))
+        except CacheUnavailable:
+            return epochs  # the fills will fail their epoch check, which is the safe side
+        out = list(epochs)
+        for i, value in zip(missing, created, strict=True):
+            out[i] = value
+        return out
 
     # ------------------------------------------------------------------ L1
 
@@ -235,7 +257,7 @@ class ReadPath:
             status, values, event_us = answers[eid]
             if status is absent:
                 entries[eid] = ((absent, None, None), loaded_ms, 0)
-            elif values is not None:
+            elif values is not None and (status is Status.HIT_REDIS or status is Status.FILLED):
                 entries[eid] = ((hit_l1, values, event_us), loaded_ms, len(values))
         self.l1.put_many(vr.vp.view.name, entries, token=token)
 
@@ -312,20 +334,30 @@ class ReadPath:
             return
         for vr in todo.values():
             self._offline.bind(vr.vp.view)  # a missing table or column fails before any lease
-        wanted = [(view, eid) for view, vr in todo.items() for eid in (*vr.missing, *vr.early)]
-        led: set[tuple[str, EntityId]] = set()  # rows whose SQL read this call did itself
+        # A thread may only join a read that saw the same Redis state it saw: a call that starts
+        # after an invalidation returned sees its tombstone (or the new epoch), so it can never
+        # share a SQL read that started before the invalidation.
+        wanted = [
+            (view, eid, vr.seen.get(eid, b""), vr.epoch_raw)
+            for view, vr in todo.items()
+            for eid in (*vr.missing, *vr.early)
+        ]
+        led: set[FlightKey] = set()  # rows whose SQL read this call did itself
 
-        def fetch(keys: list[tuple[str, EntityId]]) -> dict[tuple[str, EntityId], Any]:
+        def fetch(keys: list[FlightKey]) -> dict[FlightKey, Any]:
             grouped: dict[str, list[EntityId]] = {}
-            for view, eid in keys:
+            for view, eid, _, _ in keys:
                 grouped.setdefault(view, []).append(eid)
             got = self._fetch_shared(todo, grouped, now_ms, redis_ok)
-            led.update(key for key, (source, _, _) in got.items() if source == _FROM_SQL)
-            return got
+            out = {key: got[(key[0], key[1])] for key in keys}
+            led.update(key for key, (source, _, _) in out.items() if source == _FROM_SQL)
+            return out
 
         results = self._flights.do_many(wanted, fetch)
+        by_row = {(key[0], key[1]): value for key, value in results.items()}
+        mine = {(key[0], key[1]) for key in led}
         for vr in todo.values():
-            self._apply(vr, results, led, now_ms, redis_ok)
+            self._apply(vr, by_row, mine, now_ms, redis_ok)
 
     def _apply(
         self,
@@ -339,14 +371,17 @@ class ReadPath:
         wanted = [*vr.missing, *vr.early]
         counts = vr.counts
         filled = absent = early = joined = from_redis = negative = 0
+        failed: list[EntityId] = []
+        error: OfflineStoreError | None = None
         for eid in wanted:
             result = results[(view, eid)]
             if result is MISSING:  # pragma: no cover - fetch answers every key it is given
                 raise RuntimeError(f"no answer for {view}:{eid}")
             source, payload, fill_ms = result
             if source == _FAILED:
-                self._sql_failed(vr, payload)
-                return
+                failed.append(eid)
+                error = payload
+                continue
             if source == _KEEP:
                 vr.answers[eid] = vr.early[eid]
                 continue
@@ -378,6 +413,8 @@ class ReadPath:
         counts["singleflight_joined"] = joined
         counts["hit_redis"] = counts.get("hit_redis", 0) + from_redis
         counts["negative_hit"] = counts.get("negative_hit", 0) + negative
+        if error is not None:
+            self._sql_failed(vr, error, failed)
 
     def _queue_fill(
         self, vr: _ViewRead, eid: EntityId, row: SqlRow | None, now_ms: int, fill_ms: int
@@ -498,22 +535,33 @@ class ReadPath:
         vr.counts["sql_rows"] = vr.counts.get("sql_rows", 0) + len(found)
         return found, seconds
 
-    def _sql_failed(self, vr: _ViewRead, exc: OfflineStoreError) -> None:
-        """SQL failed: early refreshes keep their fresh value, STALE within stale_if_error,
-        then ``on_sql_error`` decides between raising and marking the rest UNAVAILABLE."""
+    def _sql_failed(
+        self, vr: _ViewRead, exc: OfflineStoreError, failed: list[EntityId]
+    ) -> None:
+        """SQL failed for ``failed``: early refreshes keep their fresh value, STALE within
+        stale_if_error, then ``on_sql_error`` decides between raising and marking the rest
+        UNAVAILABLE. Rows of the view that did arrive (other threads, other processes) stand."""
         vr.counts["sql_errors"] = 1
-        for eid, answer in vr.early.items():
-            vr.answers[eid] = answer
-        unservable = [eid for eid in vr.missing if eid not in vr.stale]
-        if unservable and self.config.on_sql_error == "raise":
+        served = unservable = 0
+        answers = vr.answers
+        marked = []
+        for eid in failed:
+            if eid in vr.early:
+                answers[eid] = vr.early[eid]
+            elif eid in vr.stale:
+                answers[eid] = vr.stale[eid]
+                served += 1
+            else:
+                marked.append(eid)
+        unservable = len(marked)
+        if marked and self.config.on_sql_error == "raise":
             raise exc
         log.warning("SQL failed for view %s: %d stale rows served, %d unavailable: %s",
-                    vr.vp.view.name, len(vr.missing) - len(unservable), len(unservable), exc)
-        vr.answers.update(vr.stale)
-        for eid in unservable:
-            vr.answers[eid] = (Status.UNAVAILABLE, None, None)
-        vr.counts["stale_served"] = len(vr.missing) - len(unservable)
-        vr.counts["unavailable"] = len(unservable)
+                    vr.vp.view.name, served, unservable, exc)
+        for eid in marked:
+            answers[eid] = (Status.UNAVAILABLE, None, None)
+        vr.counts["stale_served"] = served
+        vr.counts["unavailable"] = unservable
 
     # ------------------------------------------------------------------ fills
 

@@ -27,6 +27,7 @@ from featcache.urls import mask_url
 
 __all__ = [
     "CONDITIONAL_SET",
+    "ENSURE_EPOCH",
     "LuaScript",
     "RedisStore",
     "WriteBatch",
@@ -55,13 +56,14 @@ class LuaScript:
 # ("" for none): if the epoch changed since, the whole view was invalidated and nothing is
 # written. Then four ARGV per row key: mode, ttl_ms, value, expected. "Ours" means a row ("R" in
 # byte 2) of the same layout version (byte 1) as the new value.
-#   mode F  a fenced fill: written only where the key still holds exactly what the reader saw
-#           before its SQL read (expected; "" = nothing, or a key of another type, which MGET
-#           also shows as nothing). An invalidation, a newer row or another fill in between
-#           changed it, so a value read before them is never written (DESIGN section 4).
-#   mode R  a row from put_rows: written unless the key holds one of ours with a later event
-#           timestamp (bytes 3-10, big-endian int64). Tombstones, negative entries, garbage
-#           and keys of other types give way: the key space under the prefix is featcache's.
+#   Both modes: a row never replaces a row of ours with a later event timestamp (bytes 3-10,
+#           big-endian int64). Tombstones, negative entries, garbage and keys of other types
+#           give way to rows: the key space under the prefix is featcache's.
+#   mode F  a fenced fill, also: written only where the key still holds exactly what the
+#           reader saw before its SQL read (expected; "" = nothing, or a key of another type,
+#           which MGET also shows as nothing). An invalidation, a newer row or another fill in
+#           between changed it, so a value read before them is never written (DESIGN 4).
+#   mode R  a row from put_rows without a fence: nothing more.
 # Returns how many keys were written.
 CONDITIONAL_SET = LuaScript("""
 local rows_end = #KEYS - tonumber(ARGV[3])
@@ -80,12 +82,12 @@ for i = 2, rows_end do
   local old = nil
   if type(got) == 'string' then old = got end
   local ok
-  if mode == 'F' then
+  local ours = old and string.len(old) >= 10 and string.byte(old, 1) == string.byte(value, 1)
+    and string.byte(old, 2) == 82
+  ok = (not ours) or string.byte(value, 2) ~= 82
+    or struct.unpack('>i8', value, 3) >= struct.unpack('>i8', old, 3)
+  if ok and mode == 'F' then
     ok = (old or '') == ARGV[base + 4]
-  else
-    ok = not (old and string.len(old) >= 10 and string.byte(old, 1) == string.byte(value, 1)
-              and string.byte(old, 2) == 82)
-      or struct.unpack('>i8', value, 3) >= struct.unpack('>i8', old, 3)
   end
   if ok then
     redis.call('SET', KEYS[i], value, 'PX', ttl)
@@ -93,6 +95,16 @@ for i = 2, rows_end do
   end
 end
 return written
+""")
+
+# KEYS[1]: a view's epoch key. The epoch, created from the server clock if it is missing, so
+# that no row is ever stamped with an epoch a lost key could come back to (0).
+ENSURE_EPOCH = LuaScript("""
+local epoch = redis.call('GET', KEYS[1])
+if epoch then return epoch end
+local t = redis.call('TIME')
+redis.call('SET', KEYS[1], string.format('%d', tonumber(t[1]) * 1000000 + tonumber(t[2])), 'NX')
+return redis.call('GET', KEYS[1])
 """)
 
 #: One conditional write: (mode, key, value, ttl in milliseconds, expected old bytes or b"").
@@ -208,6 +220,10 @@ class RedisStore:
                     args += (mode, max(1, int(ttl_ms)), value, expected)
                 calls.append((keys, args))
         return sum(int(n) for n in self.eval_many(CONDITIONAL_SET, calls))
+
+    def ensure_epochs(self, epoch_keys: Sequence[str]) -> list[bytes]:
+        """The epochs of these views, creating missing ones; one round trip."""
+        return [bytes(e) for e in self.eval_many(ENSURE_EPOCH, [([k], []) for k in epoch_keys])]
 
     def eval_many(
         self, script: LuaScript, calls: Sequence[tuple[Sequence[str], Sequence[Any]]]

@@ -9,6 +9,7 @@ written only where nothing changed since (no stale set, DESIGN section 4).
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -44,6 +45,7 @@ class Fence:
     view: str
     epoch_raw: bytes
     seen: dict[EntityId, bytes | None]
+    taken_at: float = 0.0  # time.monotonic() when it was taken: fences expire (fence_ttl / 2)
 
 
 
@@ -131,11 +133,16 @@ class RowWriter:
         now_ms = int(self._clock() * 1000)
         epoch_key = self._layout.view_key(view_def.name, "epoch")
         if fence is not None:
+            if time.monotonic() - fence.taken_at > self.config.fence_ttl / 2:
+                # a tombstone laid after the fence may have expired by now, and with it the
+                # proof that the rows are stale: write nothing, as the read path does
+                self._stats.add(view_def.name, {"fills_abandoned": len(converted)})
+                return PutReport(0, 0, len(converted))
             epoch_raw = fence.epoch_raw
         else:  # rows are stamped with the current epoch; a whole-view invalidation after
             # this read makes them misses, which is the safe direction
-            epoch_raw = self._redis.read([epoch_key])[0] or b""
-        epoch = int(epoch_raw) if epoch_raw else 0
+            (epoch_raw,) = self._redis.ensure_epochs([epoch_key])
+        epoch = int(epoch_raw)
         codec = self._codecs[view_def.name]
         ttl_ms = int(view_def.ttl * 1000)
         writes: list[WriteItem] = []
@@ -164,10 +171,15 @@ class RowWriter:
         """
         view_def = self._view(view)
         ids = normalize_ids(entity_ids, view_def.entity_type, self.config.max_id_length)
+        epoch_key = self._layout.view_key(view_def.name, "epoch")
+        taken_at = time.monotonic()
         keys = self._layout.row_keys(view_def.name, ids)
-        keys.append(self._layout.view_key(view_def.name, "epoch"))
+        keys.append(epoch_key)
         raw = self._redis.read(keys)
-        return Fence(view_def.name, raw[-1] or b"", dict(zip(ids, raw[:-1], strict=True)))
+        epoch_raw = raw[-1]
+        if epoch_raw is None:  # never stamp rows with an epoch a lost key reads as again
+            (epoch_raw,) = self._redis.ensure_epochs([epoch_key])
+        return Fence(view_def.name, epoch_raw, dict(zip(ids, raw[:-1], strict=True)), taken_at)
 
 
 

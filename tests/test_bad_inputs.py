@@ -197,7 +197,10 @@ class Bench:
         return f"{self.prefix}:{view}:{entity}"
 
     def keys(self) -> list[bytes]:
-        return sorted(self.inspect.scan_iter(match=f"{self.prefix}:*", count=1000))
+        """Row keys; the per-view bookkeeping keys (``<prefix>:~...``: epoch, popularity,
+        stream) are left out."""
+        rows = self.inspect.scan_iter(match=f"{self.prefix}:*", count=1000)
+        return sorted(k for k in rows if not k.startswith(f"{self.prefix}:~".encode()))
 
     def stats(self, view: str = "user") -> dict[str, int]:
         return self.cache.stats().get(view, {})

@@ -211,3 +211,62 @@ def test_fill_past_the_fence_deadline_is_not_written(
             remove()
         assert cache.stats()["slow"]["fills_abandoned"] == 1
         assert cache.get_features([1], ["clicks"]).status(1, "clicks") is Status.FILLED
+
+
+def test_a_call_after_an_invalidation_never_joins_an_older_sql_read(
+    env: dict[str, Any],
+) -> None:
+    """Single-flight shares a SQL read only among calls that saw the same Redis state."""
+    import threading
+
+    reader, writer, engine, table = env["reader"], env["writer"], env["engine"], env["table"]
+    later: dict[str, Any] = {}
+
+    def invalidate_then_read_again() -> None:
+        _set_clicks(engine, table, 2, 222)
+        writer.invalidate("inv", [2])
+        thread = threading.Thread(
+            target=lambda: later.update(result=reader.get_features([2], ["clicks"]))
+        )
+        thread.start()
+        thread.join(timeout=30)
+
+    remove = _after_sql_read(reader, invalidate_then_read_again)
+    try:
+        first = reader.get_features([2], ["clicks"])
+    finally:
+        remove()
+    assert first[2]["clicks"] == 0  # started before the invalidation
+    assert later["result"][2]["clicks"] == 222  # started after it: its own SQL read
+
+
+def test_a_lost_epoch_key_does_not_bring_invalidated_rows_back(
+    env: dict[str, Any], redis_client: redis.Redis, key_prefix: str
+) -> None:
+    reader, writer = env["reader"], env["writer"]
+    reader.get_features([1], ["clicks"])  # a row stamped with the view's first epoch
+    writer.invalidate("inv")
+    redis_client.delete(f"{key_prefix}:~inv:epoch")  # as an eviction would
+    assert reader.get_features([1], ["clicks"]).status(1, "clicks") is Status.FILLED
+
+
+def test_a_fence_expires(sqlite_target: Any, redis_url: str, key_prefix: str) -> None:
+    import time
+
+    make_table(sqlite_target.engine(), None, "fexp", STATS_FEATURES)
+    view = make_view("fexp", "fexp", None)
+    with make_cache([view], redis_url, sqlite_target.url, key_prefix, fence_ttl=0.02) as cache:
+        fence = cache.fence("fexp", [1])
+        time.sleep(0.05)  # longer than fence_ttl / 2: a tombstone may have come and gone
+        report = cache.put_rows("fexp", [stats_row(1)], fence=fence)
+        assert (report.written, report.fenced_off) == (0, 1)
+
+
+def test_a_fenced_write_never_replaces_a_newer_row(env: dict[str, Any]) -> None:
+    writer = env["writer"]
+    newer = T0 + dt.timedelta(days=1)
+    writer.put_rows("inv", [stats_row(1, newer, clicks=2)])
+    fence = writer.fence("inv", [1])
+    report = writer.put_rows("inv", [stats_row(1, T0, clicks=1)], fence=fence)
+    assert report.written == 0
+    assert writer.get_features([1], ["clicks"])[1]["clicks"] == 2
