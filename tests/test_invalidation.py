@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import datetime as dt
+import threading
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -204,7 +206,7 @@ def test_fill_past_the_fence_deadline_is_not_written(
     view = make_view("slow", "slow", None)
     with make_cache([view], redis_url, sqlite_target.url, key_prefix, Clock(),
                     fence_ttl=0.002) as cache:
-        remove = _after_sql_read(cache, lambda: __import__("time").sleep(0.01))
+        remove = _after_sql_read(cache, lambda: time.sleep(0.01))
         try:
             assert cache.get_features([1], ["clicks"]).status(1, "clicks") is Status.FILLED
         finally:
@@ -217,8 +219,6 @@ def test_a_call_after_an_invalidation_never_joins_an_older_sql_read(
     env: dict[str, Any],
 ) -> None:
     """Single-flight shares a SQL read only among calls that saw the same Redis state."""
-    import threading
-
     reader, writer, engine, table = env["reader"], env["writer"], env["engine"], env["table"]
     later: dict[str, Any] = {}
 
@@ -251,8 +251,6 @@ def test_a_lost_epoch_key_does_not_bring_invalidated_rows_back(
 
 
 def test_a_fence_expires(sqlite_target: Any, redis_url: str, key_prefix: str) -> None:
-    import time
-
     make_table(sqlite_target.engine(), None, "fexp", STATS_FEATURES)
     view = make_view("fexp", "fexp", None)
     with make_cache([view], redis_url, sqlite_target.url, key_prefix, fence_ttl=0.02) as cache:
