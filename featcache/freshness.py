@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 
-__all__ = ["fresh_since", "is_fresh", "refresh_early", "servable_stale"]
+__all__ = ["fresh_since", "is_fresh", "refresh_early", "servable_stale", "xfetch_delta"]
 
 
 def is_fresh(loaded_ms: int, now_ms: int, max_age_ms: int) -> bool:
@@ -38,10 +38,22 @@ def refresh_early(
     still-fresh row early with a probability that grows as its expiry nears and with how long
     its SQL read took: ``now - delta * beta * ln(rand) >= expiry``, ``rand`` uniform in (0, 1].
 
-    ``delta`` is floored at 1 ms so that rows whose reads were instant still get refreshed a
-    moment before they expire rather than by a hard miss.
+    ``delta`` is floored (``xfetch_delta``) so that rows whose reads take a few milliseconds
+    still get refreshed before they expire rather than by a hard miss.
     """
     if beta <= 0.0:
         return False
-    delta = max(fill_ms, 1)
+    delta = xfetch_delta(fill_ms, max_age_ms)
     return now_ms - delta * beta * math.log(rand) >= loaded_ms + max_age_ms
+
+
+def xfetch_delta(fill_ms: int, max_age_ms: int) -> int:
+    """The ``delta`` of XFetch: the row's fill time, but at least 1% of its ``max_age``.
+
+    With the fill time alone, a fast SQL read (a few ms) opens a refresh window of a few ms
+    before expiry, which a row read every 5 ms often misses: a hard miss. One percent of
+    ``max_age`` (20 ms for 2 s) makes any row read at least every ~``max_age / 100`` refresh
+    early, and still only about once per ``max_age`` (the refresh resets the clock, and a lease
+    lets one reader do it).
+    """
+    return max(fill_ms, max_age_ms // 100, 1)

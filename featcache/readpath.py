@@ -178,9 +178,13 @@ class ReadPath:
             # a view never used, or its epoch key was evicted: rows must never be stamped
             # with an epoch a lost key could read as again, so create it (server clock) first;
             # a missing table or column fails before that first write
-            for vp in plan.views:
-                self._offline.bind(vp.view)
-            epochs = self._ensure_epochs(plan, epochs)
+            try:
+                for vp in plan.views:
+                    self._offline.bind(vp.view)
+            except OfflineStoreError:
+                pass  # SQL is down: nothing will be filled, and _fill_all answers for it
+            else:
+                epochs = self._ensure_epochs(plan, epochs)
         offset = 0
         for v, vp in enumerate(plan.views):
             todo = pending[v]
@@ -297,8 +301,10 @@ class ReadPath:
                     missing.append(eid)
                 elif row[3] >= fresh_after:
                     answer = (hit, row[5], row[1])
-                    # XFetch: only rows within ~10 fill times of expiry can draw an early refresh
-                    if beta and row[3] + max_age_ms - now_ms < 10 * beta * max(row[4], 1) \
+                    # XFetch: only rows within ~10 deltas of expiry can draw an early refresh
+                    if beta and row[3] + max_age_ms - now_ms < 10 * beta * max(
+                        row[4], max_age_ms // 100, 1
+                    ) \
                             and refresh_early(row[3], now_ms, max_age_ms, row[4], beta,
                                               1.0 - random.random()):
                         vr.early[eid] = answer
@@ -332,8 +338,14 @@ class ReadPath:
         todo = {vr.vp.view.name: vr for vr in reads if vr.missing or vr.early}
         if not todo:
             return
-        for vr in todo.values():
-            self._offline.bind(vr.vp.view)  # a missing table or column fails before any lease
+        for view, vr in list(todo.items()):
+            try:  # a missing table or column fails before any lease (SchemaError)
+                self._offline.bind(vr.vp.view)
+            except OfflineStoreError as exc:  # SQL down before this process ever reflected it
+                del todo[view]
+                self._sql_failed(vr, exc, [*vr.missing, *vr.early])
+        if not todo:
+            return
         # A thread may only join a read that saw the same Redis state it saw: a call that starts
         # after an invalidation returned sees its tombstone (or the new epoch), so it can never
         # share a SQL read that started before the invalidation.

@@ -1,0 +1,218 @@
+"""Bulk reads of a view's latest rows from SQL, in bounded chunks: what the warmer writes.
+
+``iter_latest_rows`` yields lists of row dicts keyed by the view's SQL column names (the
+entity column, the event timestamp column, every feature column), ready for
+``FeatureCache.put_rows``. Values go through the offline store's own converters
+(``OfflineStore._convert``), so they have exactly the types a read-through fill produces.
+Memory is bounded by one chunk, never by the table:
+
+- ``ids``: chunks of ``chunk_rows`` ids, each read with the offline store's latest-row query
+  (an expanding ``IN``, sent in sub-chunks of ``sql_chunk_size`` ids);
+- everything (``ids`` and ``since`` None): one latest-row query without the ``IN`` filter,
+  streamed (``stream_results``: a server-side cursor on PostgreSQL; ``yield_per``);
+- ``since``: like everything, restricted to entities with a row whose ``updated_at`` is at or
+  after ``since``; their *latest* row is read, even when that row itself is older than
+  ``since`` (a backfilled old event must not replace the current row).
+
+``iter_entity_ids`` streams the distinct entity ids (all, or changed since) in chunks: the
+warmer fences a chunk's ids before reading their rows (``featcache.writes``).
+
+The unfiltered query is built here the way ``featcache.offline._BoundView`` builds the
+filtered one (same labels, same ordering, same raw columns), because the bound view keeps only
+its compiled ``IN`` query, not its table or a way to vary the filter.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy import exc as sa_exc
+
+from featcache.client import FeatureCache
+from featcache.config import FeatureView
+from featcache.convert import us_to_timestamp
+from featcache.errors import InvalidRequest
+from featcache.offline import OfflineStore, SqlRow, _BoundView, _raw
+from featcache.request import EntityId
+
+__all__ = ["Rows", "iter_entity_ids", "iter_latest_rows", "resolve"]
+
+#: One chunk of rows: dicts keyed by the view's SQL column names.
+Rows = list[dict[str, Any]]
+
+
+def resolve(
+    source: FeatureCache | OfflineStore, view: str | FeatureView
+) -> tuple[OfflineStore, FeatureView]:
+    """The offline store behind ``source`` and the configured view (``UnknownView`` if none)."""
+    if isinstance(source, FeatureCache):
+        offline: OfflineStore = source._offline  # the cache's own engine and reflection cache
+        config = source.config
+    elif isinstance(source, OfflineStore):
+        offline = source
+        config = source._config
+    else:
+        raise TypeError(f"expected a FeatureCache or an OfflineStore, got {type(source).__name__}")
+    return offline, config.view(view if isinstance(view, str) else view.name)
+
+
+def iter_latest_rows(
+    source: FeatureCache | OfflineStore,
+    view: str | FeatureView,
+    *,
+    ids: Sequence[EntityId] | None = None,
+    since: dt.datetime | None = None,
+    chunk_rows: int = 10_000,
+) -> Iterator[Rows]:
+    """The latest row per entity of ``view``, in chunks of at most ``chunk_rows`` rows.
+
+    Ids that SQL has no row for are left out. Close the iterator (or exhaust it) to release
+    the connection a streamed read holds.
+    """
+    if chunk_rows < 1:
+        raise InvalidRequest(f"chunk_rows must be at least 1, got {chunk_rows}")
+    if ids is not None and since is not None:
+        raise InvalidRequest("pass ids or since, not both")
+    offline, view_def = resolve(source, view)
+    bound = offline.bind(view_def)
+    if ids is not None:
+        yield from _by_ids(offline, bound, list(dict.fromkeys(ids)), chunk_rows)
+        return
+    table = _table(offline, view_def)
+    query = _latest_query(bound, table, _since_filter(view_def, table, since))
+    yield from _streamed(offline, bound, query, chunk_rows)
+
+
+def iter_entity_ids(
+    source: FeatureCache | OfflineStore,
+    view: str | FeatureView,
+    *,
+    since: dt.datetime | None = None,
+    chunk_rows: int = 10_000,
+) -> Iterator[list[EntityId]]:
+    """The distinct entity ids of ``view`` (with a row updated at or after ``since``), in
+    chunks of at most ``chunk_rows``, streamed like ``iter_latest_rows``."""
+    if chunk_rows < 1:
+        raise InvalidRequest(f"chunk_rows must be at least 1, got {chunk_rows}")
+    offline, view_def = resolve(source, view)
+    bound = offline.bind(view_def)
+    table = _table(offline, view_def)
+    entity = table.c[view_def.entity_column]
+    query = sa.select(entity).distinct()
+    where = _since_filter(view_def, table, since)
+    if where is not None:
+        query = query.where(where)
+    try:
+        with offline.engine.connect() as conn:
+            result = conn.execution_options(stream_results=True, yield_per=chunk_rows).execute(
+                query
+            )
+            for part in result.partitions(chunk_rows):
+                yield [int(r[0]) if bound.int_ids else str(r[0]) for r in part]
+    except sa_exc.SQLAlchemyError as exc:
+        raise offline._translate(exc, f"listing the ids of view {view_def.name!r}") from exc
+
+
+# ----------------------------------------------------------------------------- internals
+
+
+def _by_ids(
+    offline: OfflineStore, bound: _BoundView, ids: list[EntityId], chunk_rows: int
+) -> Iterator[Rows]:
+    sub = max(1, min(chunk_rows, offline._config.sql_chunk_size))
+    for start in range(0, len(ids), chunk_rows):
+        chunk = ids[start : start + chunk_rows]
+        found: dict[EntityId, SqlRow] = {}
+        try:
+            with offline.engine.connect() as conn:
+                for s in range(0, len(chunk), sub):
+                    for row in conn.execute(bound.query, {"ids": chunk[s : s + sub]}):
+                        offline._convert(bound, row[0], row, found)
+        except sa_exc.SQLAlchemyError as exc:
+            raise offline._translate(exc, f"reading view {bound.view.name!r}") from exc
+        if found:
+            yield _as_dicts(bound.view, found)
+
+
+def _streamed(
+    offline: OfflineStore, bound: _BoundView, query: sa.Select[Any], chunk_rows: int
+) -> Iterator[Rows]:
+    try:
+        with offline.engine.connect() as conn:
+            result = conn.execution_options(stream_results=True, yield_per=chunk_rows).execute(
+                query
+            )
+            for part in result.partitions(chunk_rows):
+                found: dict[EntityId, SqlRow] = {}
+                for row in part:
+                    offline._convert(bound, row[0], row, found)
+                yield _as_dicts(bound.view, found)
+    except sa_exc.SQLAlchemyError as exc:
+        raise offline._translate(exc, f"reading view {bound.view.name!r}") from exc
+
+
+def _as_dicts(view: FeatureView, found: dict[EntityId, SqlRow]) -> Rows:
+    names = [f.column for f in view.features]
+    out: Rows = []
+    for entity, row in found.items():
+        item: dict[str, Any] = {
+            view.entity_column: entity,
+            view.event_timestamp_column: us_to_timestamp(row.event_us),
+        }
+        item.update(zip(names, row.values, strict=True))
+        out.append(item)
+    return out
+
+
+def _table(offline: OfflineStore, view: FeatureView) -> sa.Table:
+    """The view's reflected table (the bound view does not keep it)."""
+    return offline._reflect(view)
+
+
+def _since_filter(
+    view: FeatureView, table: sa.Table, since: dt.datetime | None
+) -> sa.ColumnElement[bool] | None:
+    if since is None:
+        return None
+    if view.updated_at_column is None:
+        raise InvalidRequest(
+            f"view {view.name!r} has no updated_at column, so rows changed since a time "
+            "cannot be found; configure views.<name>.updated_at or use ids or all"
+        )
+    column = table.c[view.updated_at_column]
+    # naive timestamps are UTC (as featcache reads them); naive columns compare as UTC wall time
+    when = since if since.tzinfo is not None else since.replace(tzinfo=dt.UTC)
+    if not getattr(column.type, "timezone", False):
+        when = when.astimezone(dt.UTC).replace(tzinfo=None)
+    return column >= when
+
+
+def _latest_query(
+    bound: _BoundView, table: sa.Table, where: sa.ColumnElement[bool] | None
+) -> sa.Select[Any]:
+    """``_BoundView.query`` without the ``IN`` filter; ``where`` picks the entities instead."""
+    view = bound.view
+    entity = table.c[view.entity_column]
+    event = table.c[view.event_timestamp_column]
+    order: list[sa.ColumnElement[Any]] = [sa.case((event.is_(None), 1), else_=0), event.desc()]
+    if view.updated_at_column is not None:
+        order.append(table.c[view.updated_at_column].desc())
+    rank = sa.func.row_number().over(partition_by=entity, order_by=order).label("fc_rank")
+    inner_select = sa.select(
+        entity.label("fc_entity"),
+        _raw(event).label("fc_event"),
+        *(_raw(table.c[f.column]).label(f"fc_f{i}") for i, f in enumerate(view.features)),
+        rank,
+    )
+    if where is not None:
+        changed = sa.select(entity).where(where).distinct()
+        inner_select = inner_select.where(entity.in_(changed))
+    inner = inner_select.subquery("fc_latest")
+    return sa.select(
+        inner.c.fc_entity,
+        inner.c.fc_event,
+        *(inner.c[f"fc_f{i}"] for i in range(len(view.features))),
+    ).where(inner.c.fc_rank == 1)

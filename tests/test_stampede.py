@@ -1,0 +1,411 @@
+"""No stampede (DESIGN section 4) on real servers: one SQL read per cold row, however many ask.
+
+* Across processes: 4 spawned processes x 64 threads ask for one cold row at the same moment;
+  single-flight collapses each process's threads, the fill lease collapses the processes, and
+  SQL sees exactly one feature query in total.
+* Within a process: 64 threads, one SQL query, the other 63 joined it (or read its fill).
+* A lease whose holder never fills costs a reader ``lease_wait``, never an answer.
+* XFetch: a hot row read 200 times a second is refreshed about once per ``max_age``, early,
+  so no reader after the first has to wait on a miss.
+
+The cold row has a long history (``HISTORY_ROWS`` rows for the one entity), so that the SQL
+read's window function takes a while (about 0.2-0.35 s on a laptop-class machine, printed with
+``-s``) and every request really does arrive while the first fill is in flight; the tests also
+check that they did (lease waits, single-flight joins), so a pass cannot come from requests that
+merely arrived one after another.
+
+Known bugs and gaps are xfailed precisely, never skipped: a reader that saw the miss before the
+first fill landed takes the just-released lease and reads SQL again (pinned deterministically by
+an ``xfail(strict=True)`` test; the load tests xfail only on its exact signature, one fenced fill
+per extra read).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import multiprocessing as mp
+import queue
+import threading
+import time
+from collections import Counter
+from typing import Any, cast
+
+import pytest
+import redis
+import sqlalchemy as sa
+from featdata import T0, SqlCounter, insert, make_cache, make_table, make_view
+from procs_load import StampedeJob, run_stampede_worker
+
+from featcache import CacheConfig, Feature, FeatureView, Status
+from featcache.codec import RowCodec
+from featcache.keys import KeyLayout
+
+FEATURES = (Feature("clicks", "int", "1h"), Feature("ctr", "float", "1h"))
+NAMES = ["clicks", "ctr"]
+VIEW = "hot"
+COLD = 7  # the entity every thread asks for
+HISTORY_ROWS = 200_000  # rows of COLD's history: the latest one is the answer
+N_PROCS = 4
+N_THREADS = 64
+WAIT_S = 120.0  # bound on every barrier, join and queue wait: nothing here runs forever
+
+
+def _history_table(target: Any, rows: int) -> tuple[sa.Table, FeatureView]:
+    """COLD with ``rows`` versions (clicks = version); the latest has clicks = rows - 1."""
+    engine = target.engine()
+    table = make_table(engine, target.schema, VIEW, FEATURES)
+    insert(engine, table, (
+        {"entity_id": COLD, "event_ts": T0 + dt.timedelta(seconds=i), "updated_at": T0,
+         "clicks": i, "ctr": i / rows}
+        for i in range(rows)
+    ))
+    return table, make_view(VIEW, VIEW, target.schema, FEATURES)
+
+
+def _latest(rows: int) -> dict[str, Any]:
+    return {"clicks": rows - 1, "ctr": (rows - 1) / rows}
+
+
+def _fill_ms(client: redis.Redis, prefix: str, view: FeatureView, entity: int) -> int:
+    """How long the SQL read behind the cached row took, as featcache recorded it."""
+    raw = client.get(KeyLayout(prefix).row_key(view.name, entity))
+    assert isinstance(raw, bytes), "the fill was never written to Redis"
+    row = RowCodec(view).decode(raw)
+    assert row is not None
+    return int(row.fill_ms)
+
+
+KNOWN_LATE_LEASE_BUG = (
+    "known bug (see test_a_reader_that_saw_the_miss_before_a_fill_landed_...): a reader that "
+    "saw the miss before the fill landed took the released lease and read SQL again"
+)
+
+
+def _known_late_lease_bug(sql_reads: int, fills_fenced: int, detail: str) -> None:
+    """More than one SQL read, each extra one with a fenced fill: the reader saw the row
+    missing, yet when it went to write the row was already there, i.e. it read SQL after the
+    first fill had landed. That is the late-lease bug, not a lease or single-flight failure
+    during the overlap, so it xfails (with the numbers) instead of failing."""
+    if sql_reads > 1 and fills_fenced == sql_reads - 1:
+        pytest.xfail(f"{KNOWN_LATE_LEASE_BUG}: {sql_reads} SQL reads, {fills_fenced} fenced "
+                     f"fills; {detail}")
+
+
+# ------------------------------------------------------------------------ across processes
+
+
+@pytest.mark.slow
+def test_4_processes_of_64_threads_one_cold_row_one_sql_read(
+    sql_target: Any, redis_url: str, key_prefix: str, redis_client: redis.Redis
+) -> None:
+    _, view = _history_table(sql_target, HISTORY_ROWS)
+    config = CacheConfig(
+        views=(view,), redis_url=redis_url, offline_url=sql_target.url, key_prefix=key_prefix,
+        # a waiter must outlast the fill (a few tenths of a second, on a loaded 2-CPU box
+        # maybe seconds), and the lease must outlast the waiters, or a late waiter reads SQL
+        lease_wait=30.0, lease_ttl=30.0,
+    )
+    ctx = mp.get_context("spawn")
+    start = ctx.Barrier(N_PROCS)
+    out = ctx.Queue()
+    procs = [
+        ctx.Process(
+            target=run_stampede_worker, name=f"stampede{k}",
+            args=(StampedeJob(config, COLD, 1_000 + k, tuple(NAMES), N_THREADS, WAIT_S),
+                  start, out),
+        )
+        for k in range(N_PROCS)
+    ]
+    for proc in procs:
+        proc.start()
+    reports: list[dict[str, Any]] = []
+    deadline = time.monotonic() + WAIT_S * 1.5
+    try:
+        while len(reports) < N_PROCS and time.monotonic() < deadline:
+            try:
+                reports.append(out.get(timeout=1.0))
+            except queue.Empty:
+                if not any(proc.is_alive() for proc in procs) and out.empty():
+                    break  # a worker died without reporting: no use waiting
+    finally:
+        for proc in procs:
+            proc.join(timeout=max(1.0, deadline - time.monotonic()))
+        hung = [proc.name for proc in procs if proc.is_alive()]
+        for proc in procs:  # only the processes this test started, by handle
+            if proc.is_alive():
+                proc.kill()
+                proc.join(10)
+    assert not hung, f"worker processes hung: {hung}"
+    failures = [r["error"] for r in reports if "error" in r]
+    assert not failures, "\n".join(failures)
+    assert len(reports) == N_PROCS, (
+        f"only {len(reports)} of {N_PROCS} workers reported; exit codes "
+        f"{[proc.exitcode for proc in procs]}"
+    )
+
+    expected = _latest(HISTORY_ROWS)
+    fill_ms = _fill_ms(redis_client, key_prefix, view, COLD)
+    released = [r["released"] for r in reports]
+    summary = "\n".join(
+        f"  pid {r['pid']}: sql={r['sql_queries']} {dict(r['statuses'])} "
+        f"joined={r['stats'].get('singleflight_joined', 0)} "
+        f"lease_waits={r['stats'].get('lease_waits', 0)} "
+        f"lease_timeouts={r['stats'].get('lease_timeouts', 0)} "
+        f"fills_fenced={r['stats'].get('fills_fenced', 0)} "
+        f"last answer {r['last_answer_s']:.3f} s after release"
+        for r in reports
+    )
+    print(f"\n[{sql_target.name}] one fill took {fill_ms} ms; processes released within "
+          f"{(max(released) - min(released)) * 1000:.1f} ms of each other\n{summary}")
+
+    for r in reports:
+        assert not r["errors"], "\n".join(r["errors"])
+        assert r["hung"] == 0 and r["answered"] == N_THREADS, summary
+        assert all(values == expected for values in r["values"]), summary
+        assert set(r["statuses"]) <= {Status.FILLED.value, Status.HIT_REDIS.value}, summary
+        assert r["stats"].get("lease_timeouts", 0) == 0, summary
+    _known_late_lease_bug(sum(r["sql_queries"] for r in reports),
+                          sum(r["stats"].get("fills_fenced", 0) for r in reports), summary)
+    # the point of the test: one SQL read in total
+    assert sum(r["sql_queries"] for r in reports) == 1, summary
+    # featcache's own count agrees (each process also made one warm-up read, before counting)
+    assert sum(r["stats"].get("sql_queries", 0) for r in reports) == N_PROCS + 1, summary
+    (filler,) = [r for r in reports if r["sql_queries"] == 1]
+    # FILLED: the thread that read SQL and the threads of its process that joined its read
+    assert filler["statuses"][Status.FILLED.value] == (
+        1 + filler["stats"].get("singleflight_joined", 0)
+    ), summary
+    assert all(Status.FILLED.value not in r["statuses"] for r in reports if r is not filler)
+    # ... and they really raced: other processes found the lease taken and waited for the
+    # fill, and threads joined the read in flight (not one request after the other)
+    assert sum(r["stats"].get("lease_waits", 0) for r in reports) >= 1, summary
+    assert filler["stats"].get("singleflight_joined", 0) >= 1, summary
+
+
+# ------------------------------------------------------------------------ within a process
+
+
+def test_64_threads_one_cold_row_one_sql_query(
+    sql_target: Any, redis_url: str, key_prefix: str, redis_client: redis.Redis
+) -> None:
+    rows = 50_000
+    _, view = _history_table(sql_target, rows)
+    with make_cache([view], redis_url, sql_target.url, key_prefix,
+                    lease_wait=30.0, lease_ttl=30.0) as fc:
+        fc.get_features([1_000], NAMES)  # connect and reflect before counting (ABSENT)
+        counter = SqlCounter(fc.engine)
+        go = threading.Barrier(N_THREADS)
+        statuses: list[Status] = []
+        values: list[dict[str, Any]] = []
+        errors: list[BaseException] = []
+        lock = threading.Lock()
+
+        def reader() -> None:
+            try:
+                go.wait(WAIT_S)
+                result = fc.get_features([COLD], NAMES)
+                with lock:
+                    statuses.append(result.status(COLD, "clicks"))
+                    values.append(dict(result[COLD]))
+            except BaseException as exc:
+                with lock:
+                    errors.append(exc)
+
+        threads = [threading.Thread(target=reader, daemon=True) for _ in range(N_THREADS)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(WAIT_S)
+        assert not any(thread.is_alive() for thread in threads), "reader threads hung"
+        assert not errors, errors
+        stats = fc.stats()[VIEW]
+        counts = Counter(statuses)
+        fill_ms = _fill_ms(redis_client, key_prefix, view, COLD)
+        print(f"\n[{sql_target.name}] one fill took {fill_ms} ms; statuses {dict(counts)}; "
+              f"joined={stats['singleflight_joined']} lease_waits={stats['lease_waits']}")
+        _known_late_lease_bug(counter.count, stats["fills_fenced"], f"statuses {dict(counts)}")
+        assert counter.count == 1, counter.statements
+        assert stats["sql_queries"] == 1 + 1  # the warm-up read, then exactly one
+        assert values == [_latest(rows)] * N_THREADS
+        assert set(counts) <= {Status.FILLED, Status.HIT_REDIS}
+        # one leader; every other thread joined its read or, arriving after it, read its fill
+        assert counts[Status.FILLED] == 1 + stats["singleflight_joined"]
+        assert stats["singleflight_joined"] + counts[Status.HIT_REDIS] == N_THREADS - 1
+        assert stats["singleflight_joined"] >= 1  # they did overlap
+        assert stats["lease_timeouts"] == 0
+
+
+class ParkingRedis(redis.Redis):
+    """A real client that parks one chosen thread right after its first MGET answer.
+
+    It stands for what the scheduler does to a thread of a busy process (seen in the load
+    tests above, e.g. about one PostgreSQL run in seven of the 4-process test on a 2-CPU box):
+    the thread has read "missing" from Redis and gets the CPU back only after another
+    reader's fill has landed and its lease has been released.
+    """
+
+    parked_thread: threading.Thread | None = None
+    parked: threading.Event
+    resume: threading.Event
+
+    def execute_command(self, *args: Any, **options: Any) -> Any:
+        result = super().execute_command(*args, **options)  # type: ignore[no-untyped-call]
+        if args and args[0] == "MGET" and threading.current_thread() is self.parked_thread:
+            self.parked_thread = None
+            self.parked.set()
+            self.resume.wait(WAIT_S)
+        return result
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "BUG featcache/readpath.py ReadPath._fetch_shared: a won lease is not followed by "
+    "a re-read of the row, so a reader whose MGET ran before another reader's fill landed "
+    "takes the just-released lease and reads SQL a second time (its fill is then fenced)"
+))
+def test_a_reader_that_saw_the_miss_before_a_fill_landed_does_not_read_sql_again(
+    sqlite_target: Any, redis_url: str, key_prefix: str
+) -> None:
+    _, view = _history_table(sqlite_target, 10)
+    client = cast(ParkingRedis, ParkingRedis.from_url(redis_url))
+    client.parked, client.resume = threading.Event(), threading.Event()
+    try:
+        with make_cache([view], redis_url, sqlite_target.url, key_prefix,
+                        redis_client=client) as fc:
+            fc.get_features([1_000], NAMES)  # connect and reflect before counting
+            counter = SqlCounter(fc.engine)
+            late: list[Any] = []
+            reader = threading.Thread(
+                target=lambda: late.append(fc.get_features([COLD], NAMES)), daemon=True
+            )
+            client.parked_thread = reader
+            reader.start()
+            assert client.parked.wait(WAIT_S), "the late reader never read Redis"
+            # meanwhile another reader misses, takes the lease, reads SQL, fills, releases
+            first = fc.get_features([COLD], NAMES)
+            assert first.status(COLD, "clicks") is Status.FILLED
+            assert counter.count == 1
+            client.resume.set()
+            reader.join(WAIT_S)
+            assert not reader.is_alive()
+            assert dict(late[0][COLD]) == _latest(10)
+            stats = fc.stats()[VIEW]
+            # the row it wants is in Redis, fresh, before it takes the lease: no second read
+            assert counter.count == 1, (
+                f"{counter.count} SQL reads; the late reader answered "
+                f"{late[0].status(COLD, 'clicks').value}, fills_fenced={stats['fills_fenced']}"
+            )
+    finally:
+        client.resume.set()
+        client.close()
+
+
+# ------------------------------------------------------------------------ lease timeout
+
+
+def test_lease_held_by_a_silent_holder_costs_lease_wait_then_reads_sql(
+    sqlite_target: Any, redis_url: str, key_prefix: str, redis_client: redis.Redis
+) -> None:
+    _, view = _history_table(sqlite_target, 10)
+    lease_key = KeyLayout(key_prefix).view_key(VIEW, f"lease:{COLD}")
+    assert lease_key == f"{key_prefix}:~{VIEW}:lease:{COLD}"  # the documented spelling
+    with make_cache([view], redis_url, sqlite_target.url, key_prefix, lease_wait=0.05) as fc:
+        counter = SqlCounter(fc.engine)
+        assert redis_client.set(lease_key, "x", px=5000)  # another process that never fills
+        result = fc.get_features([COLD], NAMES)
+        assert result.status(COLD, "clicks") is Status.FILLED  # answered, from SQL itself
+        assert dict(result[COLD]) == _latest(10)
+        stats = fc.stats()[VIEW]
+        assert (stats["lease_waits"], stats["lease_timeouts"]) == (1, 1)
+        assert stats["sql_queries"] == 1 and counter.count == 1
+        # the fill was written back (the key was empty before and after the wait) ...
+        assert fc.get_features([COLD], NAMES).status(COLD, "clicks") is Status.HIT_REDIS
+        # ... and the other holder's lease was left alone: only its holder or its TTL ends it
+        assert redis_client.get(lease_key) == b"x"
+        assert 0 < redis_client.pttl(lease_key) <= 5000
+        assert counter.count == 1
+
+
+# ------------------------------------------------------------------------ XFetch
+
+XF_MAX_AGE_S = 2.0
+XF_DURATION_S = 20.0
+XF_RATE = 200  # reads per second, all threads together
+XF_THREADS = 4
+
+
+@pytest.mark.slow
+def test_xfetch_hot_row_is_refreshed_early_without_hard_misses(
+    sqlite_target: Any, redis_url: str, key_prefix: str, redis_client: redis.Redis
+) -> None:
+    """200 reads/s of one row for 20 s, max_age 2 s: after the first fill no read finds the
+    row expired (a *hard miss*: FILLED but not an early refresh, or a wait on someone else's
+    fill of a missing row), and SQL sees at most 1.2 refreshes per max_age window."""
+    features = (Feature("clicks", "int", f"{XF_MAX_AGE_S:g}s"),)
+    engine = sqlite_target.engine()
+    table = make_table(engine, None, VIEW, features)
+    insert(engine, table, [{"entity_id": COLD, "event_ts": T0, "updated_at": T0, "clicks": 5}])
+    view = make_view(VIEW, VIEW, None, features)
+    with make_cache([view], redis_url, sqlite_target.url, key_prefix) as fc:
+        assert fc.config.xfetch_beta == 1.0  # the default is what is under test
+        counter = SqlCounter(fc.engine)
+        first = fc.get_features([COLD], ["clicks"])
+        assert first.status(COLD, "clicks") is Status.FILLED
+        per_thread = int(XF_DURATION_S * XF_RATE / XF_THREADS)
+        period = XF_THREADS / XF_RATE
+        seen: list[tuple[float, Status]] = []
+        errors: list[BaseException] = []
+        lock = threading.Lock()
+        t0 = time.monotonic()
+
+        def reader(i: int) -> None:
+            offset = i / XF_RATE  # the threads interleave: one read every 5 ms in all
+            try:
+                for k in range(per_thread):
+                    pause = t0 + offset + k * period - time.monotonic()
+                    if pause > 0:
+                        time.sleep(pause)
+                    result = fc.get_features([COLD], ["clicks"])
+                    assert result[COLD]["clicks"] == 5
+                    with lock:
+                        seen.append((time.monotonic() - t0, result.status(COLD, "clicks")))
+            except BaseException as exc:
+                with lock:
+                    errors.append(exc)
+
+        threads = [threading.Thread(target=reader, args=(i,), daemon=True)
+                   for i in range(XF_THREADS)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(XF_DURATION_S * 5)
+        assert not any(thread.is_alive() for thread in threads), "reader threads hung"
+        elapsed = time.monotonic() - t0
+        assert not errors, errors[:3]
+        stats = fc.stats()[VIEW]
+        fill_ms = _fill_ms(redis_client, key_prefix, view, COLD)
+
+    reads = len(seen)
+    windows = elapsed / XF_MAX_AGE_S
+    refreshes = counter.count - 1
+    early = stats["early_refreshes"]
+    # FILLED rows that were not early refreshes are fills of a missing/expired row (joiners
+    # of such a fill included); lease waits are reads that found it missing while another
+    # thread's fill was being written. The first fill is the one allowed hard miss.
+    hard = stats["filled"] - early - 1 + stats["lease_waits"]
+    filled_at = [round(t, 3) for t, s in sorted(seen) if s is Status.FILLED]
+    report = (f"{reads} reads in {elapsed:.1f} s ({reads / elapsed:.0f}/s), "
+              f"{refreshes} refreshes ({refreshes / windows:.2f} per max_age window), "
+              f"early {early}, hard misses after the first {hard}; last fill took {fill_ms} ms "
+              f"(XFetch delta); stats { {k: v for k, v in stats.items() if v} }; "
+              f"FILLED at {filled_at} s")
+    print("\n" + report)
+    assert reads == per_thread * XF_THREADS
+    assert stats["sql_queries"] == counter.count  # featcache's count and SQLAlchemy's agree
+    assert early >= 1, report  # XFetch is at work at all
+    if refreshes / windows > 1.2:
+        # A fenced fill is a refresh whose reader saw the old row before another reader's
+        # refresh landed, then took the lease that reader had just released: the late-lease
+        # bug (test_a_reader_that_saw_the_miss_...). Without those the bound must hold.
+        assert (refreshes - stats["fills_fenced"]) / windows <= 1.2, report
+        pytest.xfail(f"{KNOWN_LATE_LEASE_BUG}: {report}")
+    assert hard == 0, report
