@@ -25,7 +25,7 @@ its compiled ``IN`` query, not its table or a way to vary the filter.
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Iterator, Sequence
 from typing import Any
 
 import sqlalchemy as sa
@@ -92,7 +92,7 @@ def iter_entity_ids(
     *,
     since: dt.datetime | None = None,
     chunk_rows: int = 10_000,
-) -> Iterator[list[EntityId]]:
+) -> Generator[list[EntityId], None, None]:
     """The distinct entity ids of ``view`` (with a row updated at or after ``since``), in
     chunks of at most ``chunk_rows``, streamed like ``iter_latest_rows``."""
     if chunk_rows < 1:

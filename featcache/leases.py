@@ -19,17 +19,25 @@ from featcache.request import EntityId
 
 __all__ = ["Leases"]
 
-# KEYS: lease keys. ARGV: token, ttl_ms. Returns 1 per key taken, 0 per key held elsewhere.
+# KEYS: n lease keys, then the n row keys. ARGV: token, ttl_ms, then per row what the reader
+# saw ("" for nothing). Per row: the row's current bytes when they changed since the reader
+# saw them (another reader's fill landed meanwhile: no lease, nothing to read), else 1 when
+# the lease was taken, 0 when another reader holds it.
 _ACQUIRE = LuaScript("""
-local taken = {}
-for i = 1, #KEYS do
-  if redis.call('SET', KEYS[i], ARGV[1], 'NX', 'PX', ARGV[2]) then
-    taken[i] = 1
+local n = #KEYS / 2
+local out = {}
+for i = 1, n do
+  local current = redis.pcall('GET', KEYS[n + i])
+  if type(current) ~= 'string' then current = '' end
+  if current ~= ARGV[2 + i] then
+    out[i] = current
+  elseif redis.call('SET', KEYS[i], ARGV[1], 'NX', 'PX', ARGV[2]) then
+    out[i] = 1
   else
-    taken[i] = 0
+    out[i] = 0
   end
 end
-return taken
+return out
 """)
 
 
@@ -46,21 +54,37 @@ class Leases:
         return [f"{head}{e}" for e in ids]
 
     def acquire(
-        self, wanted: dict[str, list[EntityId]]
-    ) -> dict[str, tuple[list[EntityId], list[EntityId]]]:
-        """Per view: (ids whose lease this caller took, ids another reader holds).
+        self, wanted: dict[str, list[EntityId]], seen: dict[str, dict[EntityId, bytes]]
+    ) -> dict[str, tuple[list[EntityId], list[EntityId], dict[EntityId, bytes]]]:
+        """Per view: (ids whose lease this caller took, ids another reader holds, rows that
+        changed since the caller saw them, with their current bytes). One round trip.
 
-        Every view's leases in one round trip.
+        Checking the row with the lease closes a gap: a reader whose MGET ran just before
+        another reader's fill landed would otherwise take the lease that reader had just
+        released and read SQL again.
         """
         views = [view for view, ids in wanted.items() if ids]
         if not views:
             return {}
         token = secrets.token_hex(8)
-        calls = [(self.keys(view, wanted[view]), [token, self._ttl_ms]) for view in views]
-        out: dict[str, tuple[list[EntityId], list[EntityId]]] = {}
-        for view, flags in zip(views, self._store.eval_many(_ACQUIRE, calls), strict=True):
+        calls = []
+        for view in views:
             ids = wanted[view]
-            won = [e for e, flag in zip(ids, flags, strict=True) if flag]
-            held = [e for e, flag in zip(ids, flags, strict=True) if not flag]
-            out[view] = (won, held)
+            rows = self._layout.row_keys(view, ids)
+            saw = seen.get(view, {})
+            calls.append(([*self.keys(view, ids), *rows],
+                          [token, self._ttl_ms, *(saw.get(e, b"") for e in ids)]))
+        out: dict[str, tuple[list[EntityId], list[EntityId], dict[EntityId, bytes]]] = {}
+        for view, flags in zip(views, self._store.eval_many(_ACQUIRE, calls), strict=True):
+            won: list[EntityId] = []
+            held: list[EntityId] = []
+            changed: dict[EntityId, bytes] = {}
+            for eid, flag in zip(wanted[view], flags, strict=True):
+                if isinstance(flag, bytes):
+                    changed[eid] = flag
+                elif flag:
+                    won.append(eid)
+                else:
+                    held.append(eid)
+            out[view] = (won, held, changed)
         return out

@@ -452,13 +452,23 @@ class ReadPath:
         got: dict[tuple[str, EntityId], tuple[int, Any, int]] = {}
         to_read = dict(grouped)
         if redis_ok:
+            seen = {view: reads[view].seen for view in grouped}
             try:
-                leases = self._redis_call("lease", lambda: self._leases.acquire(grouped))
+                leases = self._redis_call("lease", lambda: self._leases.acquire(grouped, seen))
             except CacheUnavailable:
-                leases = {view: (ids, []) for view, ids in grouped.items()}
-            for view, (won, held) in leases.items():
+                leases = {view: (ids, [], {}) for view, ids in grouped.items()}
+            for view, (won, held_elsewhere, changed) in leases.items():
                 vr = reads[view]
                 vr.release.extend(self._leases.keys(view, won))
+                held = held_elsewhere
+                if changed:  # filled (or invalidated) since our MGET: use it, or wait
+                    usable = self._usable(vr, changed, now_ms)
+                    for eid, answer in usable.items():
+                        got[(view, eid)] = (_FROM_REDIS, answer, 0)
+                    unusable = [eid for eid in changed if eid not in usable]
+                    for eid in unusable:  # seen before our SQL read: a valid fence for it
+                        vr.seen[eid] = changed[eid]
+                    held = [*held, *unusable]
                 waiting = []
                 for eid in held:
                     if eid in vr.early:  # someone else refreshes it: the fresh value stands
@@ -506,7 +516,6 @@ class ReadPath:
         deadline = time.monotonic() + self._lease_wait
         pause = 0.001
         arrived: dict[EntityId, Answer] = {}
-        fresh_after = fresh_since(now_ms, vp.max_age_ms)
         while True:
             time.sleep(min(pause, max(0.0, deadline - time.monotonic())))
             pause = min(pause * 2, 0.01)
@@ -516,16 +525,28 @@ class ReadPath:
             except CacheUnavailable:
                 self.breaker.record_failure()
                 return arrived
-            for i, blob in zip(todo, values, strict=True):
-                row = vp.codec.decode(blob) if blob is not None else None
-                if row is None or row[2] != vr.epoch:
-                    continue
-                if row[0] == KIND_ROW and len(row[5]) >= vp.width and row[3] >= fresh_after:
-                    arrived[ids[i]] = (Status.HIT_REDIS, row[5], row[1])
-                elif row[0] == KIND_ABSENT and row[3] >= fresh_after:
-                    arrived[ids[i]] = (Status.ABSENT, None, None)
+            blobs = {ids[i]: blob for i, blob in zip(todo, values, strict=True) if blob}
+            arrived.update(self._usable(vr, blobs, now_ms))
             if len(arrived) == len(ids) or time.monotonic() >= deadline:
                 return arrived
+
+    def _usable(
+        self, vr: _ViewRead, blobs: dict[EntityId, bytes], now_ms: int
+    ) -> dict[EntityId, Answer]:
+        """The rows among ``blobs`` that answer this call: fresh, of the current epoch."""
+        vp = vr.vp
+        fresh_after = fresh_since(now_ms, vp.max_age_ms)
+        negative_after = fresh_since(now_ms, vp.negative_ttl_ms)
+        out: dict[EntityId, Answer] = {}
+        for eid, blob in blobs.items():
+            row = vp.codec.decode(blob)
+            if row is None or row[2] != vr.epoch:
+                continue
+            if row[0] == KIND_ROW and len(row[5]) >= vp.width and row[3] >= fresh_after:
+                out[eid] = (Status.HIT_REDIS, row[5], row[1])
+            elif row[0] == KIND_ABSENT and row[3] >= negative_after:
+                out[eid] = (Status.ABSENT, None, None)
+        return out
 
     def _read_sql(
         self, vr: _ViewRead, ids: list[EntityId]

@@ -14,10 +14,8 @@ read's window function takes a while (about 0.2-0.35 s on a laptop-class machine
 check that they did (lease waits, single-flight joins), so a pass cannot come from requests that
 merely arrived one after another.
 
-Known bugs and gaps are xfailed precisely, never skipped: a reader that saw the miss before the
-first fill landed takes the just-released lease and reads SQL again (pinned deterministically by
-an ``xfail(strict=True)`` test; the load tests xfail only on its exact signature, one fenced fill
-per extra read).
+A reader that saw the miss before the first fill landed must not read SQL again once it gets
+the lease (the lease script checks the row too): pinned by a deterministic test.
 """
 
 from __future__ import annotations
@@ -73,22 +71,6 @@ def _fill_ms(client: redis.Redis, prefix: str, view: FeatureView, entity: int) -
     row = RowCodec(view).decode(raw)
     assert row is not None
     return int(row.fill_ms)
-
-
-KNOWN_LATE_LEASE_BUG = (
-    "known bug (see test_a_reader_that_saw_the_miss_before_a_fill_landed_...): a reader that "
-    "saw the miss before the fill landed took the released lease and read SQL again"
-)
-
-
-def _known_late_lease_bug(sql_reads: int, fills_fenced: int, detail: str) -> None:
-    """More than one SQL read, each extra one with a fenced fill: the reader saw the row
-    missing, yet when it went to write the row was already there, i.e. it read SQL after the
-    first fill had landed. That is the late-lease bug, not a lease or single-flight failure
-    during the overlap, so it xfails (with the numbers) instead of failing."""
-    if sql_reads > 1 and fills_fenced == sql_reads - 1:
-        pytest.xfail(f"{KNOWN_LATE_LEASE_BUG}: {sql_reads} SQL reads, {fills_fenced} fenced "
-                     f"fills; {detail}")
 
 
 # ------------------------------------------------------------------------ across processes
@@ -164,8 +146,6 @@ def test_4_processes_of_64_threads_one_cold_row_one_sql_read(
         assert all(values == expected for values in r["values"]), summary
         assert set(r["statuses"]) <= {Status.FILLED.value, Status.HIT_REDIS.value}, summary
         assert r["stats"].get("lease_timeouts", 0) == 0, summary
-    _known_late_lease_bug(sum(r["sql_queries"] for r in reports),
-                          sum(r["stats"].get("fills_fenced", 0) for r in reports), summary)
     # the point of the test: one SQL read in total
     assert sum(r["sql_queries"] for r in reports) == 1, summary
     # featcache's own count agrees (each process also made one warm-up read, before counting)
@@ -223,7 +203,6 @@ def test_64_threads_one_cold_row_one_sql_query(
         fill_ms = _fill_ms(redis_client, key_prefix, view, COLD)
         print(f"\n[{sql_target.name}] one fill took {fill_ms} ms; statuses {dict(counts)}; "
               f"joined={stats['singleflight_joined']} lease_waits={stats['lease_waits']}")
-        _known_late_lease_bug(counter.count, stats["fills_fenced"], f"statuses {dict(counts)}")
         assert counter.count == 1, counter.statements
         assert stats["sql_queries"] == 1 + 1  # the warm-up read, then exactly one
         assert values == [_latest(rows)] * N_THREADS
@@ -257,11 +236,6 @@ class ParkingRedis(redis.Redis):
         return result
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG featcache/readpath.py ReadPath._fetch_shared: a won lease is not followed by "
-    "a re-read of the row, so a reader whose MGET ran before another reader's fill landed "
-    "takes the just-released lease and reads SQL a second time (its fill is then fenced)"
-))
 def test_a_reader_that_saw_the_miss_before_a_fill_landed_does_not_read_sql_again(
     sqlite_target: Any, redis_url: str, key_prefix: str
 ) -> None:
@@ -402,10 +376,5 @@ def test_xfetch_hot_row_is_refreshed_early_without_hard_misses(
     assert reads == per_thread * XF_THREADS
     assert stats["sql_queries"] == counter.count  # featcache's count and SQLAlchemy's agree
     assert early >= 1, report  # XFetch is at work at all
-    if refreshes / windows > 1.2:
-        # A fenced fill is a refresh whose reader saw the old row before another reader's
-        # refresh landed, then took the lease that reader had just released: the late-lease
-        # bug (test_a_reader_that_saw_the_miss_...). Without those the bound must hold.
-        assert (refreshes - stats["fills_fenced"]) / windows <= 1.2, report
-        pytest.xfail(f"{KNOWN_LATE_LEASE_BUG}: {report}")
+    assert refreshes / windows <= 1.2, report
     assert hard == 0, report
