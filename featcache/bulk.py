@@ -17,9 +17,8 @@ Memory is bounded by one chunk, never by the table:
 ``iter_entity_ids`` streams the distinct entity ids (all, or changed since) in chunks: the
 warmer fences a chunk's ids before reading their rows (``featcache.writes``).
 
-The unfiltered query is built here the way ``featcache.offline._BoundView`` builds the
-filtered one (same labels, same ordering, same raw columns), because the bound view keeps only
-its compiled ``IN`` query, not its table or a way to vary the filter.
+Every query is ``featcache.offline._BoundView.latest_query`` with another entity filter, so
+the bulk path and the serving path read rows identically.
 """
 
 from __future__ import annotations
@@ -35,7 +34,7 @@ from featcache.client import FeatureCache
 from featcache.config import FeatureView
 from featcache.convert import us_to_timestamp
 from featcache.errors import InvalidRequest
-from featcache.offline import OfflineStore, SqlRow, _BoundView, _raw
+from featcache.offline import OfflineStore, SqlRow, _BoundView
 from featcache.request import EntityId
 
 __all__ = ["Rows", "iter_entity_ids", "iter_latest_rows", "resolve"]
@@ -81,9 +80,11 @@ def iter_latest_rows(
     if ids is not None:
         yield from _by_ids(offline, bound, list(dict.fromkeys(ids)), chunk_rows)
         return
-    table = _table(offline, view_def)
-    query = _latest_query(bound, table, _since_filter(view_def, table, since))
-    yield from _streamed(offline, bound, query, chunk_rows)
+    table = bound.table
+    where = _since_filter(view_def, table, since)
+    entity = table.c[view_def.entity_column]
+    changed = None if where is None else entity.in_(sa.select(entity).where(where).distinct())
+    yield from _streamed(offline, bound, bound.latest_query(changed), chunk_rows)
 
 
 def iter_entity_ids(
@@ -99,7 +100,7 @@ def iter_entity_ids(
         raise InvalidRequest(f"chunk_rows must be at least 1, got {chunk_rows}")
     offline, view_def = resolve(source, view)
     bound = offline.bind(view_def)
-    table = _table(offline, view_def)
+    table = bound.table
     entity = table.c[view_def.entity_column]
     query = sa.select(entity).distinct()
     where = _since_filter(view_def, table, since)
@@ -167,11 +168,6 @@ def _as_dicts(view: FeatureView, found: dict[EntityId, SqlRow]) -> Rows:
     return out
 
 
-def _table(offline: OfflineStore, view: FeatureView) -> sa.Table:
-    """The view's reflected table (the bound view does not keep it)."""
-    return offline._reflect(view)
-
-
 def _since_filter(
     view: FeatureView, table: sa.Table, since: dt.datetime | None
 ) -> sa.ColumnElement[bool] | None:
@@ -188,31 +184,3 @@ def _since_filter(
     if not getattr(column.type, "timezone", False):
         when = when.astimezone(dt.UTC).replace(tzinfo=None)
     return column >= when
-
-
-def _latest_query(
-    bound: _BoundView, table: sa.Table, where: sa.ColumnElement[bool] | None
-) -> sa.Select[Any]:
-    """``_BoundView.query`` without the ``IN`` filter; ``where`` picks the entities instead."""
-    view = bound.view
-    entity = table.c[view.entity_column]
-    event = table.c[view.event_timestamp_column]
-    order: list[sa.ColumnElement[Any]] = [sa.case((event.is_(None), 1), else_=0), event.desc()]
-    if view.updated_at_column is not None:
-        order.append(table.c[view.updated_at_column].desc())
-    rank = sa.func.row_number().over(partition_by=entity, order_by=order).label("fc_rank")
-    inner_select = sa.select(
-        entity.label("fc_entity"),
-        _raw(event).label("fc_event"),
-        *(_raw(table.c[f.column]).label(f"fc_f{i}") for i, f in enumerate(view.features)),
-        rank,
-    )
-    if where is not None:
-        changed = sa.select(entity).where(where).distinct()
-        inner_select = inner_select.where(entity.in_(changed))
-    inner = inner_select.subquery("fc_latest")
-    return sa.select(
-        inner.c.fc_entity,
-        inner.c.fc_event,
-        *(inner.c[f"fc_f{i}"] for i in range(len(view.features))),
-    ).where(inner.c.fc_rank == 1)

@@ -68,10 +68,22 @@ def _raw(column: sa.ColumnElement[Any]) -> sa.ColumnElement[Any]:
 
 
 class _BoundView:
-    """A view whose table has been reflected: the compiled query and per-column converters."""
+    """A view whose table has been reflected: its latest-row queries and column converters."""
 
     def __init__(self, view: FeatureView, table: sa.Table) -> None:
         self.view = view
+        self.table = table
+        entity = table.c[view.entity_column]
+        self.query = self.latest_query(entity.in_(sa.bindparam("ids", expanding=True)))
+        self.converters: tuple[Callable[[Any], Any], ...] = tuple(
+            converter(f.type) for f in view.features
+        )
+        self.int_ids = view.entity_type == "int"
+
+    def latest_query(self, entities: sa.ColumnElement[bool] | None) -> sa.Select[Any]:
+        """The latest row per entity by event time, for the entities ``entities`` selects
+        (all of them when None): the one query every reader of the view uses."""
+        view, table = self.view, self.table
         entity = table.c[view.entity_column]
         event = table.c[view.event_timestamp_column]
         order: list[sa.ColumnElement[Any]] = [
@@ -82,25 +94,20 @@ class _BoundView:
         if view.updated_at_column is not None:
             order.append(table.c[view.updated_at_column].desc())
         rank = sa.func.row_number().over(partition_by=entity, order_by=order).label("fc_rank")
-        inner = (
-            sa.select(
-                entity.label("fc_entity"),
-                _raw(event).label("fc_event"),
-                *(_raw(table.c[f.column]).label(f"fc_f{i}") for i, f in enumerate(view.features)),
-                rank,
-            )
-            .where(entity.in_(sa.bindparam("ids", expanding=True)))
-            .subquery("fc_latest")
+        ranked = sa.select(
+            entity.label("fc_entity"),
+            _raw(event).label("fc_event"),
+            *(_raw(table.c[f.column]).label(f"fc_f{i}") for i, f in enumerate(view.features)),
+            rank,
         )
-        self.query = sa.select(
+        if entities is not None:
+            ranked = ranked.where(entities)
+        inner = ranked.subquery("fc_latest")
+        return sa.select(
             inner.c.fc_entity,
             inner.c.fc_event,
             *(inner.c[f"fc_f{i}"] for i in range(len(view.features))),
         ).where(inner.c.fc_rank == 1)
-        self.converters: tuple[Callable[[Any], Any], ...] = tuple(
-            converter(f.type) for f in view.features
-        )
-        self.int_ids = view.entity_type == "int"
 
 
 class OfflineStore:

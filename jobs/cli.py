@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import datetime as dt
 import logging
 import os
 import signal
@@ -30,7 +31,7 @@ from types import FrameType
 from featcache import __version__, demo
 from featcache.errors import FeatcacheError
 
-from . import hook
+from . import hook, warm
 
 __all__ = ["main"]
 
@@ -171,9 +172,100 @@ def _run_invalidate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _timestamp(text: str) -> dt.datetime:
+    """An ISO 8601 time; without an offset it is UTC."""
+    try:
+        value = dt.datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected an ISO 8601 time such as 2026-01-31T12:00:00Z, got {text!r}"
+        ) from None
+    return value if value.tzinfo is not None else value.replace(tzinfo=dt.UTC)
+
+
+def _add_materialize(commands: _Subcommands[argparse.ArgumentParser]) -> None:
+    parser = commands.add_parser(
+        "materialize",
+        help="copy the latest SQL rows of a view into Redis (all, some ids, or changed since)",
+        description=(
+            "Read the latest row per entity of a view from SQL in bounded chunks and write "
+            "them into Redis through the fenced write path, so a concurrent invalidation is "
+            "never overwritten. Prints one JSON line."
+        ),
+    )
+    parser.add_argument(
+        "--config", metavar="C", default=os.environ.get("FEATCACHE_CONFIG"),
+        required="FEATCACHE_CONFIG" not in os.environ,
+        help="the featcache YAML config (default: $FEATCACHE_CONFIG)",
+    )
+    parser.add_argument("--view", metavar="V", required=True, help="the feature view")
+    which = parser.add_mutually_exclusive_group(required=True)
+    which.add_argument("--all", action="store_true", help="every entity of the view")
+    which.add_argument(
+        "--ids-file", metavar="F", help="a file with one entity id per line ('-': stdin)"
+    )
+    which.add_argument(
+        "--since", metavar="T", type=_timestamp,
+        help="entities with a row updated at or after T (ISO 8601; UTC without an offset); "
+             "needs the view's updated_at column",
+    )
+    parser.add_argument(
+        "--chunk-rows", type=_int_at_least(1), default=10_000, metavar="N",
+        help="entities per chunk: one fence, one SQL read, one write each (default 10000)",
+    )
+    parser.set_defaults(handler=_run_materialize)
+
+
+def _run_materialize(args: argparse.Namespace) -> int:
+    warm.run_materialize(
+        args.config, args.view, all=args.all, ids_file=args.ids_file, since=args.since,
+        chunk_rows=args.chunk_rows,
+    )
+    return 0
+
+
+def _add_warm(commands: _Subcommands[argparse.ArgumentParser]) -> None:
+    parser = commands.add_parser(
+        "warm",
+        help="refresh the most read entities whose cached rows are missing or expiring",
+        description=(
+            "One warming pass: for each view (or --view), take the view's leader lease, find "
+            "the top K entities by read popularity, and rewrite those missing from Redis or "
+            "expiring within the horizon from SQL, fenced. A view whose lease another warmer "
+            "holds is skipped. Prints one JSON line."
+        ),
+    )
+    parser.add_argument(
+        "--once", action="store_true", required=True,
+        help="run one pass and exit (the long-running warmer is not available yet)",
+    )
+    parser.add_argument(
+        "--config", metavar="C", default=os.environ.get("FEATCACHE_CONFIG"),
+        required="FEATCACHE_CONFIG" not in os.environ,
+        help="the featcache YAML config (default: $FEATCACHE_CONFIG)",
+    )
+    parser.add_argument("--view", metavar="V", help="only this view (default: every view)")
+    parser.add_argument(
+        "--k", type=_int_at_least(1), default=1000, metavar="N",
+        help="the most read entities to consider per view (default 1000)",
+    )
+    parser.add_argument(
+        "--horizon", type=_non_negative_float, default=60.0, metavar="S",
+        help="also refresh rows that go stale within S seconds (default 60)",
+    )
+    parser.set_defaults(handler=_run_warm)
+
+
+def _run_warm(args: argparse.Namespace) -> int:
+    warm.run_warm_once(args.config, args.view, k=args.k, horizon_s=args.horizon)
+    return 0
+
+
 _COMMANDS: tuple[Callable[[_Subcommands[argparse.ArgumentParser]], None], ...] = (
     _add_demo,
     _add_invalidate,
+    _add_materialize,
+    _add_warm,
 )
 
 

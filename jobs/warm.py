@@ -1,0 +1,330 @@
+"""The warmer's write side: bulk materialization and one warming pass (DESIGN section 5).
+
+``materialize`` copies the latest rows of a view (all of them, some ids, or those changed
+since a time) from SQL into Redis. ``warm_once`` refreshes the most read entities whose cached
+rows are missing or about to expire, under the view's leader lease (``.leader``).
+
+Every write is fenced like a read-through fill (``featcache.writes``): for each chunk,
+``cache.fence(view, ids)`` is taken *before* that chunk's rows are read from SQL, then
+``cache.put_rows(view, rows, fence=...)`` writes a row only where nothing changed since, so
+an invalidation that lands between the read and the write is never overwritten with the value
+read before it. A fence needs the chunk's ids before the read, so "all" and "since" first
+stream the distinct entity ids (``featcache.bulk.iter_entity_ids``, a cheap ``SELECT
+DISTINCT`` on a server-side cursor), then, per chunk of ids: fence, read the latest rows of
+exactly those ids, write. That is one extra, narrow scan instead of reading every row twice.
+
+Progress: a rich progress bar when stdout is a terminal, else ``key=value`` log lines on the
+``featcache.warm`` logger.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import json
+import logging
+import sys
+import time
+from collections.abc import Callable, Generator, Iterator, Sequence
+from dataclasses import asdict, dataclass, replace
+from typing import Any, TextIO
+
+from rich import progress as rich_progress
+
+from featcache.bulk import iter_entity_ids, iter_latest_rows
+from featcache.client import FeatureCache
+from featcache.codec import KIND_ABSENT, KIND_ROW, RowCodec
+from featcache.config import FeatureView, load_config
+from featcache.errors import InvalidRequest
+from featcache.redis_store import RedisStore
+from featcache.request import EntityId
+
+from .hook import read_ids_file
+from .leader import ViewLeader
+
+__all__ = [
+    "MaterializeReport",
+    "WarmReport",
+    "materialize",
+    "progress_reporter",
+    "run_materialize",
+    "run_warm_once",
+    "warm_once",
+]
+
+log = logging.getLogger("featcache.warm")
+
+DEFAULT_LEASE_TTL_S = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class MaterializeReport:
+    """Totals of one materialization (also passed, running, to ``progress`` per chunk).
+
+    ``entities``: ids considered; ``rows_read``: latest rows SQL had for them;
+    ``rows_written``: rows written to Redis; ``fenced_off``: rows not written because their key
+    changed since the fence (an invalidation, a newer fill); ``complete``: False when the
+    leader lease was lost and the run stopped early.
+    """
+
+    view: str
+    rows_read: int = 0
+    rows_written: int = 0
+    fenced_off: int = 0
+    seconds: float = 0.0
+    entities: int = 0
+    chunks: int = 0
+    complete: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class WarmReport:
+    """One warming pass of one view. ``leader`` False: another warmer held the view's lease
+    and this one did nothing. ``candidates``: top-K entities found; ``missing``: of those, not
+    in Redis (absent, invalidated, of an old epoch, undecodable); ``expiring``: cached but due
+    within the horizon; ``materialized``: what writing those did."""
+
+    view: str
+    leader: bool
+    candidates: int = 0
+    missing: int = 0
+    expiring: int = 0
+    materialized: MaterializeReport | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["rows_written"] = self.materialized.rows_written if self.materialized else 0
+        return out
+
+
+Progress = Callable[[MaterializeReport], None]
+
+
+# ----------------------------------------------------------------------------- materialize
+
+
+def materialize(
+    cache: FeatureCache,
+    view: str | FeatureView,
+    *,
+    all: bool = False,
+    ids: Sequence[EntityId] | None = None,
+    since: dt.datetime | None = None,
+    chunk_rows: int = 10_000,
+    progress: Progress | None = None,
+    keep_going: Callable[[], bool] | None = None,
+) -> MaterializeReport:
+    """Copy the latest SQL rows of ``view`` into Redis, fenced, chunk by chunk.
+
+    Exactly one of ``all``, ``ids``, ``since`` (rows of entities with a row updated at or
+    after it). ``keep_going`` is asked before every chunk (the warmer renews its lease there);
+    False stops the run with ``complete=False``.
+    """
+    chosen = sum((bool(all), ids is not None, since is not None))
+    if chosen != 1:
+        raise InvalidRequest("materialize: pass exactly one of all=True, ids=..., since=...")
+    if chunk_rows < 1:
+        raise InvalidRequest(f"chunk_rows must be at least 1, got {chunk_rows}")
+    view_def = cache.config.view(view if isinstance(view, str) else view.name)
+    if since is not None and view_def.updated_at_column is None:
+        raise InvalidRequest(
+            f"view {view_def.name!r} has no updated_at column: --since needs one "
+            "(views.<name>.updated_at in the config)"
+        )
+    id_chunks: Generator[Sequence[EntityId], None, None]
+    if ids is not None:
+        unique = list(dict.fromkeys(ids))
+        id_chunks = (unique[i : i + chunk_rows] for i in range(0, len(unique), chunk_rows))
+    else:
+        id_chunks = iter_entity_ids(cache, view_def, since=since, chunk_rows=chunk_rows)
+    started = time.perf_counter()
+    report = MaterializeReport(view_def.name)
+    with contextlib.closing(id_chunks) as chunks:
+        for chunk in chunks:
+            if not chunk:
+                continue
+            if keep_going is not None and not keep_going():
+                report = replace(report, complete=False)
+                log.warning("materialize view=%s stopped: leader lease lost", view_def.name)
+                break
+            fence = cache.fence(view_def, chunk)  # BEFORE the SQL read of these rows
+            rows: list[dict[str, Any]] = []
+            for part in iter_latest_rows(cache, view_def, ids=chunk, chunk_rows=len(chunk)):
+                rows.extend(part)
+            put = cache.put_rows(view_def, rows, fence=fence)
+            report = replace(
+                report,
+                rows_read=report.rows_read + len(rows),
+                rows_written=report.rows_written + put.written,
+                fenced_off=report.fenced_off + put.fenced_off,
+                entities=report.entities + len(chunk),
+                chunks=report.chunks + 1,
+                seconds=time.perf_counter() - started,
+            )
+            if progress is not None:
+                progress(report)
+    return replace(report, seconds=time.perf_counter() - started)
+
+
+# ----------------------------------------------------------------------------- warm
+
+
+def warm_once(
+    cache: FeatureCache,
+    view: str | FeatureView,
+    *,
+    k: int,
+    horizon_s: float,
+    leader: ViewLeader | None = None,
+    lease_ttl_s: float = DEFAULT_LEASE_TTL_S,
+    chunk_rows: int = 10_000,
+    progress: Progress | None = None,
+) -> WarmReport:
+    """Refresh the top ``k`` entities of ``view`` whose cached rows are missing or expire
+    (``loaded_at + the view's shortest max_age``) before now + ``horizon_s``.
+
+    Runs only as the view's leader: with ``leader`` None a lease is taken for this pass and
+    released after it; a given ``leader`` is acquired (or extended) and kept. Not leader: the
+    report says ``leader=False`` and nothing is read or written.
+    """
+    if k < 1:
+        raise InvalidRequest(f"k must be at least 1, got {k}")
+    if horizon_s < 0:
+        raise InvalidRequest(f"horizon_s must be >= 0, got {horizon_s}")
+    view_def = cache.config.view(view if isinstance(view, str) else view.name)
+    store = RedisStore(cache.redis, cache.config.redis_read_chunk)
+    own_lease = leader is None
+    lease = leader or ViewLeader(store, cache.layout, view_def.name, lease_ttl_s)
+    if not lease.acquire():
+        log.info("warm view=%s leader=false", view_def.name)
+        return WarmReport(view_def.name, leader=False)
+    try:
+        top = [entity for entity, _ in cache.top_k(view_def, k)]
+        missing, expiring = _due(cache, store, view_def, top, horizon_s)
+        due = missing + expiring
+        done = (
+            materialize(cache, view_def, ids=due, chunk_rows=chunk_rows, progress=progress,
+                        keep_going=lease.renew)
+            if due else MaterializeReport(view_def.name)
+        )
+        report = WarmReport(view_def.name, True, len(top), len(missing), len(expiring), done)
+        log.info(
+            "warm view=%s leader=true candidates=%d missing=%d expiring=%d rows_written=%d "
+            "fenced_off=%d seconds=%.3f", view_def.name, report.candidates, report.missing,
+            report.expiring, done.rows_written, done.fenced_off, done.seconds,
+        )
+        return report
+    finally:
+        if own_lease:
+            lease.release()
+
+
+def _due(
+    cache: FeatureCache,
+    store: RedisStore,
+    view: FeatureView,
+    ids: list[EntityId],
+    horizon_s: float,
+) -> tuple[list[EntityId], list[EntityId]]:
+    """(missing, expiring) among ``ids``, from one MGET of their rows and the view's epoch."""
+    if not ids:
+        return [], []
+    keys = cache.layout.row_keys(view.name, ids)
+    keys.append(cache.layout.view_key(view.name, "epoch"))
+    raw = store.read(keys)
+    epoch_raw = raw.pop()
+    epoch = int(epoch_raw) if epoch_raw else None
+    codec = RowCodec(view)
+    clock: Callable[[], float] = cache._clock  # the cache's clock stamps what put_rows writes
+    deadline_ms = int((clock() + horizon_s) * 1000)
+    max_age_ms = int(min(f.max_age for f in view.features) * 1000)
+    missing: list[EntityId] = []
+    expiring: list[EntityId] = []
+    for entity, value in zip(ids, raw, strict=True):
+        row = codec.decode(value) if value is not None else None
+        if row is None or row.kind not in (KIND_ROW, KIND_ABSENT) or row.epoch != epoch:
+            missing.append(entity)
+        elif row.kind == KIND_ROW and row.loaded_ms + max_age_ms < deadline_ms:
+            expiring.append(entity)
+        # a fresh negative entry ("SQL has no such entity") has nothing to warm
+    return missing, expiring
+
+
+# ----------------------------------------------------------------------------- progress
+
+
+@contextlib.contextmanager
+def progress_reporter(label: str, total: int | None = None) -> Iterator[Progress]:
+    """A ``progress`` callback: a rich bar when stdout is a terminal, else log lines."""
+    if sys.stdout.isatty():
+        with rich_progress.Progress(
+            rich_progress.TextColumn("{task.description}"), rich_progress.BarColumn(),
+            rich_progress.MofNCompleteColumn(),
+            rich_progress.TextColumn("written {task.fields[written]}"),
+            rich_progress.TimeElapsedColumn(), transient=True,
+        ) as bar:
+            task = bar.add_task(label, total=total, written=0)
+
+            def update(report: MaterializeReport) -> None:
+                bar.update(task, completed=report.entities, written=report.rows_written)
+
+            yield update
+        return
+
+    def log_line(report: MaterializeReport) -> None:
+        log.info(
+            "progress %s entities=%d%s rows_read=%d rows_written=%d fenced_off=%d "
+            "seconds=%.3f", label, report.entities, f" total={total}" if total else "",
+            report.rows_read, report.rows_written, report.fenced_off, report.seconds,
+        )
+
+    yield log_line
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def run_materialize(
+    config_path: str,
+    view_name: str,
+    *,
+    all: bool = False,
+    ids_file: str | None = None,
+    since: dt.datetime | None = None,
+    chunk_rows: int = 10_000,
+    out: TextIO = sys.stdout,
+) -> MaterializeReport:
+    """``featcache materialize``: prints one JSON line with the report."""
+    config = load_config(config_path)
+    view = config.view(view_name)
+    ids: list[EntityId] | None = None
+    if ids_file is not None:
+        ids = read_ids_file(ids_file, view)
+        if not ids:
+            raise InvalidRequest(f"no ids in {ids_file}")
+    with FeatureCache(config) as cache, \
+            progress_reporter(f"materialize view={view.name}", len(ids) if ids else None) as bar:
+        report = materialize(cache, view, all=all, ids=ids, since=since,
+                             chunk_rows=chunk_rows, progress=bar)
+    out.write(json.dumps(asdict(report)) + "\n")
+    return report
+
+
+def run_warm_once(
+    config_path: str,
+    view_name: str | None,
+    *,
+    k: int,
+    horizon_s: float,
+    out: TextIO = sys.stdout,
+) -> list[WarmReport]:
+    """``featcache warm --once``: one pass over one view (or every view); one JSON line."""
+    config = load_config(config_path)
+    views = [config.view(view_name)] if view_name is not None else list(config.views)
+    reports = []
+    with FeatureCache(config) as cache:
+        for view in views:
+            with progress_reporter(f"warm view={view.name}") as bar:
+                reports.append(warm_once(cache, view, k=k, horizon_s=horizon_s, progress=bar))
+    out.write(json.dumps({"views": [r.as_dict() for r in reports]}) + "\n")
+    return reports

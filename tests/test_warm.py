@@ -1,0 +1,351 @@
+"""The warmer's write side on real servers: bulk reads, materialize, warm_once, the leader
+lease and the `materialize` / `warm --once` commands."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import json
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+import sqlalchemy as sa
+from featcache.jobs.leader import ViewLeader
+from featcache.jobs.warm import materialize, warm_once
+from featdata import STATS_FEATURES, T0, Clock, insert, make_cache, make_table, make_view, stats_row
+
+from featcache import FeatureCache, InvalidRequest, Status, UnknownView
+from featcache.bulk import iter_entity_ids, iter_latest_rows
+from featcache.keys import KeyLayout
+from featcache.redis_store import RedisStore
+
+ENTITIES = 1000
+VERSIONS = 5  # 5,000 rows: each entity has 5 versions, the latest (v=4) wins
+HOUR = dt.timedelta(hours=1)
+
+
+def _history() -> list[dict[str, Any]]:
+    rows = []
+    for v in range(VERSIONS):
+        for i in range(1, ENTITIES + 1):
+            ts = T0 + v * HOUR
+            rows.append(stats_row(i, ts, clicks=i * 10 + v, ctr=i + v / 10, country=f"c{v}"))
+    return rows
+
+
+def _env(target: Any, redis_url: str, key_prefix: str, **options: Any) -> dict[str, Any]:
+    engine = target.engine()
+    if target.name == "sqlite":  # an ETL commits while the warmer's cursor is open
+        with engine.begin() as conn:
+            conn.exec_driver_sql("PRAGMA journal_mode=WAL")
+    table = make_table(engine, target.schema, "wv", STATS_FEATURES)
+    insert(engine, table, _history())
+    view = make_view("wv", "wv", target.schema)
+    clock = Clock()
+    cache = make_cache([view], redis_url, target.url, key_prefix, clock=clock, **options)
+    return {"engine": engine, "table": table, "view": view, "cache": cache, "clock": clock,
+            "url": target.url}
+
+
+@pytest.fixture
+def env(sqlite_target: Any, redis_url: str, key_prefix: str) -> Iterator[dict[str, Any]]:
+    e = _env(sqlite_target, redis_url, key_prefix, popularity_sample_rate=1.0)
+    with e["cache"]:
+        yield e
+
+
+def _cached(redis_client: redis.Redis, key_prefix: str, ids: list[int]) -> list[bool]:
+    layout = KeyLayout(key_prefix)
+    return [bool(redis_client.exists(layout.row_key("wv", i))) for i in ids]
+
+
+# ----------------------------------------------------------------------------- bulk reads
+
+
+def test_iter_latest_rows_all_is_chunked_and_latest(env: dict[str, Any]) -> None:
+    chunks = list(iter_latest_rows(env["cache"], "wv", chunk_rows=300))
+    assert [len(c) for c in chunks] == [300, 300, 300, 100]
+    rows = {r["entity_id"]: r for c in chunks for r in c}
+    assert len(rows) == ENTITIES
+    r7 = rows[7]
+    assert r7["clicks"] == 74 and r7["ctr"] == 7.4 and r7["country"] == "c4"
+    assert r7["event_ts"] == T0 + 4 * HOUR and r7["last_seen"] == T0 + 4 * HOUR
+    assert r7["emb"] == [0.5, -1.25] and r7["vip"] is False
+    ids = [i for c in iter_entity_ids(env["cache"], "wv", chunk_rows=400) for i in c]
+    assert sorted(ids) == list(range(1, ENTITIES + 1))
+
+
+# ----------------------------------------------------------------------------- materialize
+
+
+def test_materialize_all_writes_exactly_the_latest_rows(
+    sql_target: Any, redis_url: str, key_prefix: str, redis_client: redis.Redis
+) -> None:
+    e = _env(sql_target, redis_url, key_prefix)
+    with e["cache"] as cache:
+        seen: list[int] = []
+        report = materialize(cache, "wv", all=True, chunk_rows=300,
+                             progress=lambda r: seen.append(r.entities))
+        assert (report.rows_read, report.rows_written, report.fenced_off) == (1000, 1000, 0)
+        assert report.chunks == 4 and report.complete and seen == [300, 600, 900, 1000]
+        ids = list(range(1, ENTITIES + 1))
+        result = cache.get_features(ids, ["clicks", "country", "emb", "last_seen"])
+        assert {result.status(i, "clicks") for i in ids} == {Status.HIT_REDIS}
+        assert all(result[i]["clicks"] == i * 10 + 4 for i in ids)
+        assert result[500]["country"] == "c4" and result[500]["emb"] == [0.5, -1.25]
+        assert result[500]["last_seen"] == T0 + 4 * HOUR
+        assert cache.stats()["wv"]["rows_written"] == 1000
+
+
+def test_materialize_ids(env: dict[str, Any], redis_client: redis.Redis,
+                         key_prefix: str) -> None:
+    report = materialize(env["cache"], "wv", ids=[3, 1, 3, 99_999], chunk_rows=2)
+    assert (report.entities, report.rows_read, report.rows_written) == (3, 2, 2)
+    assert _cached(redis_client, key_prefix, [1, 2, 3, 99_999]) == [True, False, True, False]
+    result = env["cache"].get_features([3], ["clicks"])
+    assert result.status(3, "clicks") is Status.HIT_REDIS and result[3]["clicks"] == 34
+
+
+def test_materialize_since_reads_the_latest_row_of_changed_entities(
+    env: dict[str, Any], redis_client: redis.Redis, key_prefix: str
+) -> None:
+    # entity 5 gets a backfilled *old* event, updated late; entity 6 a new latest row
+    late = T0 + 10 * HOUR
+    insert(env["engine"], env["table"], [
+        stats_row(5, T0 - HOUR, clicks=-1, updated_at=late),
+        stats_row(6, T0 + 6 * HOUR, clicks=666, updated_at=late),
+    ])
+    report = materialize(env["cache"], "wv", since=late - dt.timedelta(minutes=1))
+    assert (report.entities, report.rows_written) == (2, 2)
+    assert _cached(redis_client, key_prefix, [4, 5, 6]) == [False, True, True]
+    result = env["cache"].get_features([5, 6], ["clicks"])
+    assert result.status(5, "clicks") is Status.HIT_REDIS
+    assert result[5]["clicks"] == 54  # the latest event, not the backfilled one
+    assert result[6]["clicks"] == 666
+
+
+def test_materialize_since_needs_updated_at(env: dict[str, Any]) -> None:
+    view = dataclasses.replace(env["view"], updated_at_column=None)
+    with make_cache([view], env["cache"].config.redis_url, env["url"],
+                    env["cache"].config.key_prefix) as cache, \
+            pytest.raises(InvalidRequest, match="no updated_at column"):
+        materialize(cache, "wv", since=T0)
+
+
+def test_materialize_bad_arguments_fail_clearly(env: dict[str, Any]) -> None:
+    with pytest.raises(UnknownView, match="unknown feature view 'nope'"):
+        materialize(env["cache"], "nope", all=True)
+    with pytest.raises(UnknownView, match="nope"):
+        warm_once(env["cache"], "nope", k=3, horizon_s=0)
+    with pytest.raises(InvalidRequest, match="exactly one"):
+        materialize(env["cache"], "wv", all=True, ids=[1])
+    with pytest.raises(InvalidRequest, match="exactly one"):
+        materialize(env["cache"], "wv")
+
+
+def test_an_invalidation_between_fence_and_put_is_respected(
+    env: dict[str, Any], redis_url: str, key_prefix: str
+) -> None:
+    cache: FeatureCache = env["cache"]
+    table, engine = env["table"], env["engine"]
+    fired: list[bool] = []
+
+    def etl_commits_and_invalidates(conn: Any, cursor: Any, statement: str, *a: Any) -> None:
+        if "fc_latest" in statement and not fired:
+            fired.append(True)
+            with engine.begin() as c:
+                c.execute(table.update().where(table.c.entity_id == 1).values(clicks=111))
+            with make_cache([env["view"]], redis_url, env["url"], key_prefix) as writer:
+                writer.invalidate("wv", [1])
+
+    sa.event.listen(cache.engine, "after_cursor_execute", etl_commits_and_invalidates)
+    try:
+        report = materialize(cache, "wv", ids=[1, 2])
+    finally:
+        sa.event.remove(cache.engine, "after_cursor_execute", etl_commits_and_invalidates)
+    assert fired and (report.rows_written, report.fenced_off) == (1, 1)
+    result = cache.get_features([1, 2], ["clicks"])
+    assert result.status(1, "clicks") is Status.FILLED and result[1]["clicks"] == 111
+    assert result.status(2, "clicks") is Status.HIT_REDIS
+
+
+# ----------------------------------------------------------------------------- warm_once
+
+
+def _reads(cache: FeatureCache, counts: dict[int, int]) -> None:
+    popularity = cache.popularity
+    assert popularity is not None
+    for entity, n in counts.items():
+        for _ in range(n):
+            popularity.record("wv", [entity])
+    popularity.flush()
+
+
+def test_warm_once_warms_exactly_the_missing_top_k(
+    env: dict[str, Any], redis_client: redis.Redis, key_prefix: str
+) -> None:
+    cache, clock = env["cache"], env["clock"]
+    _reads(cache, {1: 5, 2: 4, 3: 3, 4: 1})
+    materialize(cache, "wv", ids=[2])  # fresh already
+    report = warm_once(cache, "wv", k=3, horizon_s=0)
+    assert report.leader and (report.candidates, report.missing, report.expiring) == (3, 2, 0)
+    assert report.materialized is not None and report.materialized.rows_written == 2
+    assert _cached(redis_client, key_prefix, [1, 2, 3, 4]) == [True, True, True, False]
+    assert warm_once(cache, "wv", k=3, horizon_s=0).as_dict()["rows_written"] == 0
+    # the shortest max_age is ctr's 10 minutes: 9m30s later, a 60 s horizon catches all three
+    clock.advance(570)
+    again = warm_once(cache, "wv", k=3, horizon_s=60)
+    assert (again.missing, again.expiring, again.as_dict()["rows_written"]) == (0, 3, 3)
+    assert warm_once(cache, "wv", k=3, horizon_s=60).as_dict()["rows_written"] == 0
+
+
+def test_warm_once_does_nothing_without_the_lease(env: dict[str, Any], redis_client: redis.Redis,
+                                                  key_prefix: str) -> None:
+    cache = env["cache"]
+    _reads(cache, {1: 2})
+    with ViewLeader(redis_client, KeyLayout(key_prefix), "wv", ttl_s=30) as other:
+        assert other.held
+        report = warm_once(cache, "wv", k=3, horizon_s=0)
+    assert report == type(report)("wv", leader=False)
+    assert _cached(redis_client, key_prefix, [1]) == [False]
+
+
+def test_three_warmers_at_once_write_each_row_once(
+    env: dict[str, Any], redis_url: str, key_prefix: str
+) -> None:
+    _reads(env["cache"], {i: 10 + i for i in range(1, 51)})
+    caches = [make_cache([env["view"]], redis_url, env["url"], key_prefix, clock=env["clock"],
+                         popularity_sample_rate=1.0) for _ in range(3)]
+    start = threading.Barrier(3)
+    reports: list[Any] = []
+
+    def run(cache: FeatureCache) -> None:
+        start.wait()
+        reports.append(warm_once(cache, "wv", k=50, horizon_s=0, chunk_rows=10))
+
+    threads = [threading.Thread(target=run, args=(c,)) for c in caches]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+        assert len(reports) == 3 and any(r.leader for r in reports)
+        assert sum(r.as_dict()["rows_written"] for r in reports) == 50
+        assert sum(c.stats().get("wv", {}).get("rows_written", 0) for c in caches) == 50
+    finally:
+        for c in caches:
+            c.close()
+
+
+# ----------------------------------------------------------------------------- leader
+
+
+def test_leader_lease(redis_client: redis.Redis, key_prefix: str) -> None:
+    layout = KeyLayout(key_prefix)
+    store = RedisStore(redis_client)
+    a = ViewLeader(store, layout, "wv", ttl_s=30, owner="a")
+    b = ViewLeader(redis_client, layout, "wv", ttl_s=30, owner="b")
+    assert a.acquire() and not b.acquire()
+    assert a.acquire() and a.renew() and not b.renew()  # re-entrant for its owner
+    b.release()  # not b's: a keeps it
+    assert not b.acquire()
+    a.release()
+    assert b.acquire() and not a.acquire()
+    b.release()
+    other_view = ViewLeader(store, layout, "other", ttl_s=30, owner="b")
+    with a, other_view:
+        assert a.held and other_view.held  # one leader per view, not per process
+    assert not a.held and redis_client.get(a.key) is None
+
+
+def test_an_expired_lease_is_taken_over(redis_client: redis.Redis, key_prefix: str) -> None:
+    layout = KeyLayout(key_prefix)
+    a = ViewLeader(redis_client, layout, "wv", ttl_s=0.1, owner="a")
+    b = ViewLeader(redis_client, layout, "wv", ttl_s=30, owner="b")
+    assert a.acquire()
+    time.sleep(0.25)  # a stalled: it did not renew in time
+    assert b.acquire()
+    assert not a.renew() and not a.held
+    a.release()  # must not delete b's lease
+    assert redis_client.get(b.key) == b"b" and b.renew()
+    b.release()
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+@pytest.fixture
+def config_file(env: dict[str, Any], redis_url: str, key_prefix: str, tmp_path: Path) -> Path:
+    path = tmp_path / "featcache.yaml"
+    path.write_text(
+        f"redis: {{url: '{redis_url}', key_prefix: '{key_prefix}'}}\n"
+        f"offline_store: {{url: '{env['url']}'}}\n"
+        "popularity: {sample_rate: 1.0}\n"
+        "views:\n  wv:\n    table: wv\n    entity: {column: entity_id, type: int}\n"
+        "    event_timestamp: event_ts\n    updated_at: updated_at\n"
+        "    features:\n      clicks: int, 1h\n"
+    )
+    return path
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "featcache.jobs.cli", *args],
+        capture_output=True, text=True, timeout=120, check=False,
+    )
+
+
+def test_cli_materialize(config_file: Path, tmp_path: Path, redis_client: redis.Redis,
+                         key_prefix: str) -> None:
+    ids_file = tmp_path / "ids.txt"
+    ids_file.write_text("1\n2\n\n")
+    done = _cli("materialize", "--config", str(config_file), "--view", "wv",
+                "--ids-file", str(ids_file))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.count("\n") == 1
+    report = json.loads(done.stdout)
+    assert (report["view"], report["rows_written"], report["entities"]) == ("wv", 2, 2)
+    done = _cli("materialize", "--config", str(config_file), "--view", "wv",
+                "--since", "2026-01-01T03:30:00Z")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["entities"] == ENTITIES  # v=4 rows are at 04:00
+    done = _cli("materialize", "--config", str(config_file), "--view", "wv", "--all",
+                "--chunk-rows", "400")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["chunks"] == 3
+    assert all(_cached(redis_client, key_prefix, [1, 500, 1000]))
+
+
+def test_cli_warm_once(config_file: Path, redis_client: redis.Redis, key_prefix: str) -> None:
+    with FeatureCache.from_config(config_file) as cache:
+        _reads(cache, {7: 3, 8: 2})
+    done = _cli("warm", "--once", "--config", str(config_file), "--k", "5")
+    assert done.returncode == 0, done.stderr
+    (report,) = json.loads(done.stdout)["views"]
+    assert report["leader"] and report["candidates"] == 2 and report["rows_written"] == 2
+    assert _cached(redis_client, key_prefix, [7, 8, 9]) == [True, True, False]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["materialize", "--view", "nope", "--all"], "unknown feature view 'nope'"),
+        (["materialize", "--view", "wv", "--ids-file", "/nonexistent"], "cannot read ids file"),
+        (["materialize", "--view", "wv", "--since", "yesterday"], "expected an ISO 8601 time"),
+        (["materialize", "--view", "wv"], "one of the arguments"),
+        (["warm", "--once", "--view", "nope"], "unknown feature view 'nope'"),
+        (["warm", "--once", "--k", "0"], "must be at least 1"),
+    ],
+)
+def test_cli_errors_are_one_line(config_file: Path, args: list[str], message: str) -> None:
+    done = _cli(args[0], "--config", str(config_file), *args[1:])
+    assert done.returncode == 2
+    assert message in done.stderr and "Traceback" not in done.stderr
+    assert done.stdout == ""
