@@ -15,7 +15,7 @@ from typing import Any
 __all__ = ["EVENTS", "CacheStats"]
 
 EVENTS = (
-    "hit_l1",  # reserved for the L1 cache
+    "hit_l1",  # answered by the in-process L1 cache
     "hit_redis",
     "filled",
     "absent",

@@ -139,6 +139,15 @@ def _run_demo(args: argparse.Namespace) -> int:
     return demo.run_demo(options)
 
 
+def _config_option(parser: argparse.ArgumentParser) -> None:
+    """``--config C``, defaulting to ``$FEATCACHE_CONFIG``: every command that needs a config."""
+    parser.add_argument(
+        "--config", metavar="C", default=os.environ.get("FEATCACHE_CONFIG"),
+        required="FEATCACHE_CONFIG" not in os.environ,
+        help="the featcache YAML config (default: $FEATCACHE_CONFIG)",
+    )
+
+
 def _add_invalidate(commands: _Subcommands[argparse.ArgumentParser]) -> None:
     parser = commands.add_parser(
         "invalidate",
@@ -150,11 +159,7 @@ def _add_invalidate(commands: _Subcommands[argparse.ArgumentParser]) -> None:
             "transaction commits. Prints one JSON line."
         ),
     )
-    parser.add_argument(
-        "--config", metavar="C", default=os.environ.get("FEATCACHE_CONFIG"),
-        required="FEATCACHE_CONFIG" not in os.environ,
-        help="the featcache YAML config (default: $FEATCACHE_CONFIG)",
-    )
+    _config_option(parser)
     parser.add_argument("--view", metavar="V", required=True, help="the feature view")
     which = parser.add_mutually_exclusive_group(required=True)
     which.add_argument("--ids", metavar="1,2,3", help="comma-separated entity ids")
@@ -193,11 +198,7 @@ def _add_materialize(commands: _Subcommands[argparse.ArgumentParser]) -> None:
             "never overwritten. Prints one JSON line."
         ),
     )
-    parser.add_argument(
-        "--config", metavar="C", default=os.environ.get("FEATCACHE_CONFIG"),
-        required="FEATCACHE_CONFIG" not in os.environ,
-        help="the featcache YAML config (default: $FEATCACHE_CONFIG)",
-    )
+    _config_option(parser)
     parser.add_argument("--view", metavar="V", required=True, help="the feature view")
     which = parser.add_mutually_exclusive_group(required=True)
     which.add_argument("--all", action="store_true", help="every entity of the view")
@@ -239,11 +240,7 @@ def _add_warm(commands: _Subcommands[argparse.ArgumentParser]) -> None:
         "--once", action="store_true", required=True,
         help="run one pass and exit (the long-running warmer is not available yet)",
     )
-    parser.add_argument(
-        "--config", metavar="C", default=os.environ.get("FEATCACHE_CONFIG"),
-        required="FEATCACHE_CONFIG" not in os.environ,
-        help="the featcache YAML config (default: $FEATCACHE_CONFIG)",
-    )
+    _config_option(parser)
     parser.add_argument("--view", metavar="V", help="only this view (default: every view)")
     parser.add_argument(
         "--k", type=_int_at_least(1), default=1000, metavar="N",
