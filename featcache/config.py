@@ -210,6 +210,9 @@ class CacheConfig:
     popularity_buckets: int = 120
     popularity_half_life: float = 3600.0
     popularity_flush_interval: float = 1.0
+    #: the ``warmer:`` section as written; validated by the warmer (``featcache.jobs``) when
+    #: it starts, since only that process reads it
+    warmer: Mapping[str, Any] = field(default_factory=dict, compare=False)
     source: str = field(default="", compare=False)
 
     def __post_init__(self) -> None:
@@ -518,11 +521,13 @@ def config_from_dict(
 
 
 def _build_config(doc: dict[str, Any], source: str) -> CacheConfig:
-    known_top = (*_SECTIONS, "defaults", "views")
+    known_top = (*_SECTIONS, "defaults", "views", "warmer")
     kwargs: dict[str, Any] = {}
     for key, value in doc.items():
         if key not in known_top:
             raise _unknown(key, known_top, key, source)
+        if key == "warmer":
+            kwargs["warmer"] = dict(_mapping(value or {}, key, source))
         if key in _SECTIONS:
             section = _mapping(value, key, source)
             for sub, sub_value in section.items():
