@@ -31,7 +31,7 @@ from types import FrameType
 from featcache import __version__, demo
 from featcache.errors import FeatcacheError
 
-from . import hook, warm
+from . import hook, warm, warmer
 
 __all__ = ["main"]
 
@@ -258,11 +258,38 @@ def _run_warm(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_warmer(commands: _Subcommands[argparse.ArgumentParser]) -> None:
+    parser = commands.add_parser(
+        "warmer",
+        help="run the warmer: scheduled warming and change following, until SIGTERM",
+        description=(
+            "Run the long-running warmer on the config's warmer: section (schedule, k, "
+            "horizon, views, follow_changes): per view, warm the most read entities and "
+            "follow updated_at changes, as the view's leader. SIGTERM or Ctrl-C lets the "
+            "running cycle finish and exits 0. With --health, print the stored health of "
+            "every view's jobs as one JSON line and exit."
+        ),
+    )
+    _config_option(parser)
+    parser.add_argument(
+        "--health", action="store_true",
+        help="print each job's last success, last error, rows warmed and lag (JSON) and exit",
+    )
+    parser.set_defaults(handler=_run_warmer)
+
+
+def _run_warmer(args: argparse.Namespace) -> int:
+    if args.health:
+        return warmer.print_health(args.config)
+    return warmer.run_warmer(args.config)
+
+
 _COMMANDS: tuple[Callable[[_Subcommands[argparse.ArgumentParser]], None], ...] = (
     _add_demo,
     _add_invalidate,
     _add_materialize,
     _add_warm,
+    _add_warmer,
 )
 
 

@@ -1,0 +1,316 @@
+"""Follow changes: poll a view's ``updated_at`` column and refresh what changed (DESIGN 5).
+
+``follow_changes`` reads, per entity, the latest ``updated_at`` among rows with ``updated_at >=
+watermark`` (``>=``, not ``>``: rows committed later with the watermark's exact timestamp must
+not be lost), in ascending order of that time, in chunks. Per chunk of changed entities:
+
+* ``rewrite="cached"`` (default): the entities whose key holds a row (or a "SQL has no such
+  entity" entry) of the view's current epoch are rewritten from SQL with ``materialize`` (fenced,
+  so an invalidation racing with the poll is never overwritten); entities not cached are left
+  alone (the next read fills them), and so are tombstones. ``rewrite="all"``: every changed
+  entity is written.
+* Every changed entity is announced on the invalidation stream as an L1-only entry (fields
+  ``v``, ``k="ids"``, ``ids`` = msgpack list, exactly like ``featcache.invalidation``'s), so
+  the in-process L1 caches of the serving processes drop it. No tombstone is laid:
+  ``cache.invalidate`` would erase the row just rewritten.
+* The watermark advances, in Redis under ``<prefix>:~<view>:watermark``: a small JSON value
+  ``{"v": 1, "ts_us": <max updated_at seen, microseconds UTC>, "ids": [<entities already
+  processed at exactly ts_us>]}`` (JSON, never pickle). A restarted warmer resumes there and
+  re-reads only the rows of the boundary timestamp, skipping the ids it already processed.
+  It is saved after every chunk, so a stop (lease lost, SIGTERM between chunks) loses no work.
+
+With no watermark yet, the first poll considers every entity of the view.
+
+The poll runs under the view's leader lease (``.leader.ViewLeader``), renewed between chunks,
+so several warmers do not process the same changes twice.
+
+Limits, by construction of an ``updated_at`` poll:
+
+* **Deletions are invisible**: a deleted row has no ``updated_at``. ETL code that deletes rows
+  must call the invalidation hook (``featcache invalidate`` or ``featcache.invalidation
+  .invalidate``), or use soft deletes (a flag column, with ``updated_at`` bumped).
+* An entity changed again *with the same* ``updated_at`` as the one it was processed at is not
+  seen again; an ETL must bump ``updated_at`` on every change.
+* A transaction that commits rows with an ``updated_at`` older than the watermark (set at its
+  start, committed after a later poll) is not seen; use commit-time timestamps, or call the hook.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import json
+import logging
+import time
+from collections.abc import Generator, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+import msgpack
+import sqlalchemy as sa
+from sqlalchemy import exc as sa_exc
+
+from featcache.bulk import _since_filter, resolve
+from featcache.client import FeatureCache
+from featcache.codec import KIND_ABSENT, KIND_ROW, RowCodec
+from featcache.config import FeatureView
+from featcache.convert import timestamp_to_us, us_to_timestamp
+from featcache.errors import InvalidRequest
+from featcache.redis_store import RedisStore
+from featcache.request import EntityId
+
+from .leader import ViewLeader
+from .warm import DEFAULT_LEASE_TTL_S, materialize
+
+__all__ = [
+    "ChangesReport",
+    "Watermark",
+    "follow_changes",
+    "load_watermark",
+    "publish_l1_invalidation",
+    "save_watermark",
+]
+
+log = logging.getLogger("featcache.changes")
+
+Rewrite = Literal["cached", "all"]
+_WATERMARK_VERSION = 1
+
+
+@dataclass(frozen=True, slots=True)
+class Watermark:
+    """The largest ``updated_at`` processed (microseconds UTC) and the entities processed at
+    exactly that time."""
+
+    ts_us: int
+    ids: frozenset[EntityId] = field(default_factory=frozenset)
+
+    @property
+    def when(self) -> dt.datetime:
+        value = us_to_timestamp(self.ts_us)
+        assert value is not None
+        return value
+
+
+@dataclass(frozen=True, slots=True)
+class ChangesReport:
+    """One poll of one view. ``leader`` False: another warmer holds the lease, nothing done.
+    ``changed``: entities with new rows; ``rewritten``: rows written to Redis; ``fenced_off``:
+    rows not written because their key changed meanwhile; ``not_cached``: changed entities left
+    for the next read to fill; ``watermark``: ISO time after the poll (None: none yet);
+    ``lag_s``: now minus that watermark; ``complete`` False: the lease was lost mid-way."""
+
+    view: str
+    leader: bool
+    changed: int = 0
+    rewritten: int = 0
+    fenced_off: int = 0
+    not_cached: int = 0
+    published: int = 0
+    watermark: str | None = None
+    lag_s: float | None = None
+    complete: bool = True
+    seconds: float = 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# ----------------------------------------------------------------------------- watermark
+
+
+def _watermark_key(cache: FeatureCache, view: str) -> str:
+    return cache.layout.view_key(view, "watermark")
+
+
+def load_watermark(cache: FeatureCache, view: str | FeatureView) -> Watermark | None:
+    """The stored watermark of ``view``, or None (never polled, or an unreadable value)."""
+    view_def = cache.config.view(view if isinstance(view, str) else view.name)
+    raw = cache.redis.get(_watermark_key(cache, view_def.name))
+    if raw is None:
+        return None
+    try:
+        doc = json.loads(raw)
+        ts_us = doc["ts_us"]
+        ids = doc["ids"]
+        if doc.get("v") != _WATERMARK_VERSION or not isinstance(ts_us, int) \
+                or not isinstance(ids, list):
+            raise ValueError(doc)
+        wanted = int if view_def.entity_type == "int" else str
+        if not all(type(x) is wanted for x in ids):
+            raise ValueError(ids)
+    except (ValueError, KeyError, TypeError) as exc:
+        log.warning("changes view=%s watermark unreadable, starting over: %r", view_def.name, exc)
+        return None
+    return Watermark(ts_us, frozenset(ids))
+
+
+def save_watermark(cache: FeatureCache, view: str, mark: Watermark) -> None:
+    """Store the watermark (no TTL: it must outlive any pause of the warmer)."""
+    doc = {"v": _WATERMARK_VERSION, "ts_us": mark.ts_us, "ids": sorted(mark.ids, key=str)}
+    cache.redis.set(_watermark_key(cache, view), json.dumps(doc, separators=(",", ":")))
+
+
+# ----------------------------------------------------------------------------- L1 notification
+
+
+def publish_l1_invalidation(
+    cache: FeatureCache, view: str, ids: Sequence[EntityId], chunk: int = 1000
+) -> int:
+    """Tell every process's L1 to drop ``ids`` of ``view``, without touching the Redis rows:
+    stream entries in ``featcache.invalidation``'s format (``v``, ``k="ids"``, ``ids`` msgpack).
+    Returns the number of entries appended."""
+    if not ids:
+        return 0
+    stream = cache.layout.stream_key()
+    pipe = cache.redis.pipeline(transaction=False)
+    entries = 0
+    for start in range(0, len(ids), chunk):
+        part = list(ids[start : start + chunk])
+        packed: bytes = msgpack.packb(part)
+        pipe.xadd(stream, {"v": view, "k": "ids", "ids": packed},
+                  maxlen=cache.config.stream_maxlen, approximate=True)
+        entries += 1
+    pipe.execute()
+    if cache.l1 is not None:  # this process's own L1 need not wait for the stream
+        cache.l1.invalidate(view, list(ids))
+    return entries
+
+
+# ----------------------------------------------------------------------------- the poll
+
+
+def _changed(
+    cache: FeatureCache, view: FeatureView, mark: Watermark | None, chunk_rows: int
+) -> Generator[list[tuple[EntityId, int]], None, None]:
+    """(entity, latest updated_at in µs) with updated_at >= the watermark, ascending by time."""
+    offline, view_def = resolve(cache, view)
+    bound = offline.bind(view_def)
+    table = bound.table
+    assert view_def.updated_at_column is not None
+    column = table.c[view_def.updated_at_column]
+    entity = table.c[view_def.entity_column]
+    latest = sa.func.max(column).label("fc_changed_at")
+    query = sa.select(entity, latest).where(column.is_not(None))
+    where = _since_filter(view_def, table, mark.when if mark is not None else None)
+    if where is not None:
+        query = query.where(where)
+    query = query.group_by(entity).order_by(latest, entity)
+    try:
+        with offline.engine.connect() as conn:
+            result = conn.execution_options(stream_results=True, yield_per=chunk_rows).execute(
+                query
+            )
+            for part in result.partitions(chunk_rows):
+                out: list[tuple[EntityId, int]] = []
+                for raw_id, raw_ts in part:
+                    ts_us = timestamp_to_us(raw_ts)
+                    if ts_us is None:
+                        continue
+                    eid: EntityId = int(raw_id) if bound.int_ids else str(raw_id)
+                    out.append((eid, ts_us))
+                yield out
+    except sa_exc.SQLAlchemyError as exc:
+        raise offline._translate(exc, f"polling view {view_def.name!r} for changes") from exc
+
+
+def _cached(cache: FeatureCache, view: FeatureView, ids: list[EntityId]) -> list[EntityId]:
+    """Those of ``ids`` whose key holds a row or a negative entry of the current epoch."""
+    store = RedisStore(cache.redis, cache.config.redis_read_chunk)
+    keys = cache.layout.row_keys(view.name, ids)
+    keys.append(cache.layout.view_key(view.name, "epoch"))
+    raw = store.read(keys)
+    epoch_raw = raw.pop()
+    epoch = int(epoch_raw) if epoch_raw else None
+    codec = RowCodec(view)
+    out: list[EntityId] = []
+    for eid, value in zip(ids, raw, strict=True):
+        row = codec.decode(value) if value is not None else None
+        if row is not None and row.kind in (KIND_ROW, KIND_ABSENT) and row.epoch == epoch:
+            out.append(eid)
+    return out
+
+
+def follow_changes(
+    cache: FeatureCache,
+    view: str | FeatureView,
+    *,
+    rewrite: Rewrite = "cached",
+    leader: ViewLeader | None = None,
+    lease_ttl_s: float = DEFAULT_LEASE_TTL_S,
+    chunk_rows: int = 10_000,
+) -> ChangesReport:
+    """One poll of ``view``'s changes since its watermark; see the module docstring.
+
+    Runs only as the view's leader: with ``leader`` None a lease is taken for this poll and
+    released after it; a given ``leader`` is acquired (or extended) and kept.
+    """
+    if rewrite not in ("cached", "all"):
+        raise InvalidRequest(f"rewrite must be 'cached' or 'all', got {rewrite!r}")
+    if chunk_rows < 1:
+        raise InvalidRequest(f"chunk_rows must be at least 1, got {chunk_rows}")
+    view_def = cache.config.view(view if isinstance(view, str) else view.name)
+    if view_def.updated_at_column is None:
+        raise InvalidRequest(
+            f"view {view_def.name!r} has no updated_at column: following changes needs one "
+            "(views.<name>.updated_at in the config)"
+        )
+    started = time.perf_counter()
+    own_lease = leader is None
+    lease = leader or ViewLeader(
+        RedisStore(cache.redis), cache.layout, view_def.name, lease_ttl_s
+    )
+    if not lease.acquire():
+        log.info("changes view=%s leader=false", view_def.name)
+        return ChangesReport(view_def.name, leader=False)
+    try:
+        mark = load_watermark(cache, view_def)
+        counts = {"changed": 0, "rewritten": 0, "fenced_off": 0, "not_cached": 0, "published": 0}
+        complete = True
+        with contextlib.closing(_changed(cache, view_def, mark, chunk_rows)) as chunks:
+            for part in chunks:
+                fresh = [(e, t) for e, t in part
+                         if mark is None or t != mark.ts_us or e not in mark.ids]
+                if not fresh:
+                    continue
+                if not lease.renew():
+                    complete = False
+                    log.warning("changes view=%s stopped: leader lease lost", view_def.name)
+                    break
+                ids = [e for e, _ in fresh]
+                targets = ids if rewrite == "all" else _cached(cache, view_def, ids)
+                if targets:
+                    done = materialize(cache, view_def, ids=targets, chunk_rows=chunk_rows)
+                    counts["rewritten"] += done.rows_written
+                    counts["fenced_off"] += done.fenced_off
+                counts["not_cached"] += len(ids) - len(targets)
+                counts["changed"] += len(ids)
+                counts["published"] += publish_l1_invalidation(cache, view_def.name, ids)
+                mark = _advance(mark, fresh)
+                save_watermark(cache, view_def.name, mark)
+        now_us = int(cache._clock() * 1_000_000)
+        report = ChangesReport(
+            view_def.name, True, **counts,
+            watermark=mark.when.isoformat() if mark is not None else None,
+            lag_s=max(0.0, (now_us - mark.ts_us) / 1e6) if mark is not None else None,
+            complete=complete, seconds=time.perf_counter() - started,
+        )
+        log.info(
+            "changes view=%s leader=true changed=%d rewritten=%d fenced_off=%d not_cached=%d "
+            "watermark=%s lag_s=%s seconds=%.3f", report.view, report.changed, report.rewritten,
+            report.fenced_off, report.not_cached, report.watermark,
+            f"{report.lag_s:.3f}" if report.lag_s is not None else "none", report.seconds,
+        )
+        return report
+    finally:
+        if own_lease:
+            lease.release()
+
+
+def _advance(mark: Watermark | None, done: list[tuple[EntityId, int]]) -> Watermark:
+    """The watermark after processing ``done`` (ascending by time, all >= ``mark``)."""
+    top = max(t for _, t in done)
+    at_top = {e for e, t in done if t == top}
+    if mark is not None and mark.ts_us == top:
+        at_top |= mark.ids
+    return Watermark(top, frozenset(at_top))

@@ -1,0 +1,408 @@
+"""The long-running warmer (DESIGN section 5): ``featcache warmer --config C``.
+
+An APScheduler 3 ``BlockingScheduler`` runs, per view, a **warm** job (``warm.warm_once``: the
+top K most read entities whose rows are missing or expire within the horizon are rewritten)
+and, when ``follow_changes`` is configured and the view has an ``updated_at`` column, a
+**follow-changes** job (``changes.follow_changes``). Every job has ``coalesce=True``,
+``max_instances=1``, the configured jitter and misfire grace time. Both jobs of a view share one
+leader lease (``leader.ViewLeader``), kept while the warmer runs and released when it stops,
+so several warmers can run: only the leader of a view works on it.
+
+The ``warmer:`` section of the config (validated here, when the warmer starts; a bad value
+raises ``ConfigError`` naming its path)::
+
+    warmer:
+      schedule: {interval: 60s}        # or {cron: "*/5 * * * *"}; default interval 60s
+      jitter: 5s                       # random delay added to each run (default 0)
+      misfire_grace: 30s               # a run late by more than this is skipped (default 30s)
+      k: 10000                         # most read entities considered per view (default 1000)
+      horizon: 5m                      # also refresh rows going stale within it (default 60s)
+      lease_ttl: 30s                   # the per-view leader lease (default 30s)
+      chunk_rows: 10000                # entities per SQL read / Redis write (default 10000)
+      views: [v1, v2]                  # default: every view
+      follow_changes:                  # optional; only views with updated_at
+        interval: 30s
+        rewrite: cached                # or all
+
+Durations take ``featcache.config.parse_duration`` forms (``30``, ``"500ms"``, ``"5m"``).
+
+Stopping: SIGTERM or SIGINT calls ``scheduler.shutdown(wait=True)``: a running cycle finishes
+(its writes are per chunk, atomic per key, so no row is ever half written), the leases are
+released and the process exits 0.
+
+Health: per job, the last run and success time, the last error, rows warmed (warm) or
+rewritten (follow changes), and, for follow-changes, the lag (now - watermark), kept in memory
+(``Warmer.health``) and in Redis in the hash ``<prefix>:~<view>:warmer:health`` (fields
+``<job>.<name>``, JSON values), which ``featcache warmer --health --config C`` prints as JSON.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import math
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from types import FrameType
+from typing import Any, TextIO
+
+from apscheduler.schedulers.base import BaseScheduler
+from apscheduler.schedulers.blocking import BlockingScheduler
+from apscheduler.triggers.base import BaseTrigger
+from apscheduler.triggers.cron import CronTrigger
+from apscheduler.triggers.interval import IntervalTrigger
+
+from featcache.client import FeatureCache
+from featcache.config import CacheConfig, load_config, parse_duration
+from featcache.errors import ConfigError
+from featcache.redis_store import RedisStore
+
+from .changes import Rewrite, follow_changes
+from .leader import ViewLeader
+from .warm import warm_once
+
+__all__ = [
+    "FollowSettings",
+    "Warmer",
+    "WarmerSettings",
+    "build_scheduler",
+    "health",
+    "parse_settings",
+    "run_warmer",
+]
+
+log = logging.getLogger("featcache.warmer")
+
+_TOP_KEYS = ("schedule", "jitter", "misfire_grace", "k", "horizon", "lease_ttl", "chunk_rows",
+             "views", "follow_changes")
+_FOLLOW_KEYS = ("interval", "rewrite")
+HEALTH_NAME = "warmer:health"
+
+
+@dataclass(frozen=True, slots=True)
+class FollowSettings:
+    interval_s: float
+    rewrite: Rewrite = "cached"
+
+
+@dataclass(frozen=True, slots=True)
+class WarmerSettings:
+    """The validated ``warmer:`` section; exactly one of ``interval_s`` and ``cron`` is set."""
+
+    views: tuple[str, ...]
+    interval_s: float | None = 60.0
+    cron: str | None = None
+    jitter_s: float = 0.0
+    misfire_grace_s: float = 30.0
+    k: int = 1000
+    horizon_s: float = 60.0
+    lease_ttl_s: float = 30.0
+    chunk_rows: int = 10_000
+    follow: FollowSettings | None = None
+
+    @classmethod
+    def from_config(cls, config: CacheConfig) -> WarmerSettings:
+        return parse_settings(config)
+
+
+# ----------------------------------------------------------------------------- settings
+
+
+def parse_settings(config: CacheConfig) -> WarmerSettings:
+    """Validate ``config.warmer``; raises ``ConfigError`` with the path of the bad key."""
+    source = config.source
+    raw = config.warmer
+
+    def fail(message: str, path: str) -> ConfigError:
+        return ConfigError(message, path, source)
+
+    def mapping(value: object, path: str) -> Mapping[str, Any]:
+        if value is None:
+            return {}
+        if not isinstance(value, Mapping):
+            raise fail(f"expected a mapping, got {type(value).__name__}", path)
+        return value
+
+    def known(doc: Mapping[str, Any], keys: tuple[str, ...], path: str) -> None:
+        for key in doc:
+            if key not in keys:
+                raise fail(f"unknown key {key!r}; expected one of {', '.join(keys)}",
+                           f"{path}.{key}")
+
+    def duration(doc: Mapping[str, Any], key: str, path: str, default: float,
+                 positive: bool = False) -> float:
+        if key not in doc:
+            return default
+        try:
+            value = parse_duration(doc[key], path)
+        except ConfigError as exc:
+            raise fail(exc.message, path) from None
+        if positive and value <= 0:
+            raise fail("must be greater than zero", path)
+        return value
+
+    def integer(doc: Mapping[str, Any], key: str, path: str, default: int) -> int:
+        value = doc.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise fail(f"expected an integer >= 1, got {value!r}", path)
+        return value
+
+    doc = mapping(raw, "warmer")
+    known(doc, _TOP_KEYS, "warmer")
+
+    schedule = mapping(doc.get("schedule"), "warmer.schedule")
+    known(schedule, ("interval", "cron"), "warmer.schedule")
+    interval_s: float | None = 60.0
+    cron: str | None = None
+    if "interval" in schedule and "cron" in schedule:
+        raise fail("give interval or cron, not both", "warmer.schedule")
+    if "cron" in schedule:
+        cron = schedule["cron"]
+        interval_s = None
+        if not isinstance(cron, str):
+            raise fail(f"bad cron expression: expected a string, got {cron!r}",
+                       "warmer.schedule.cron")
+        try:
+            CronTrigger.from_crontab(cron, timezone=dt.UTC)
+        except ValueError as exc:
+            raise fail(f"bad cron expression: {cron!r}: {exc}", "warmer.schedule.cron") from None
+    else:
+        interval_s = duration(schedule, "interval", "warmer.schedule.interval", 60.0, True)
+
+    all_views = [v.name for v in config.views]
+    views_raw = doc.get("views")
+    if views_raw is None:
+        views = tuple(all_views)
+    else:
+        if not isinstance(views_raw, list) or not views_raw:
+            raise fail(f"expected a non-empty list of view names, got {views_raw!r}",
+                       "warmer.views")
+        for name in views_raw:
+            if name not in all_views:
+                raise fail(f"unknown view; configured: {', '.join(all_views)}",
+                           f"warmer.views.{name}")
+        views = tuple(dict.fromkeys(views_raw))
+
+    follow: FollowSettings | None = None
+    if doc.get("follow_changes") is not None:
+        fdoc = mapping(doc["follow_changes"], "warmer.follow_changes")
+        known(fdoc, _FOLLOW_KEYS, "warmer.follow_changes")
+        rewrite = fdoc.get("rewrite", "cached")
+        if rewrite not in ("cached", "all"):
+            raise fail(f"expected 'cached' or 'all', got {rewrite!r}",
+                       "warmer.follow_changes.rewrite")
+        follow = FollowSettings(
+            duration(fdoc, "interval", "warmer.follow_changes.interval", 30.0, True), rewrite
+        )
+
+    return WarmerSettings(
+        views=views,
+        interval_s=interval_s,
+        cron=cron,
+        jitter_s=duration(doc, "jitter", "warmer.jitter", 0.0),
+        misfire_grace_s=duration(doc, "misfire_grace", "warmer.misfire_grace", 30.0, True),
+        k=integer(doc, "k", "warmer.k", 1000),
+        horizon_s=duration(doc, "horizon", "warmer.horizon", 60.0),
+        lease_ttl_s=duration(doc, "lease_ttl", "warmer.lease_ttl", 30.0, True),
+        chunk_rows=integer(doc, "chunk_rows", "warmer.chunk_rows", 10_000),
+        follow=follow,
+    )
+
+
+# ----------------------------------------------------------------------------- jobs and health
+
+
+def _health_key(cache: FeatureCache, view: str) -> str:
+    return cache.layout.view_key(view, HEALTH_NAME)
+
+
+class Warmer:
+    """The jobs of one warmer process: one leader lease per view, health kept per job."""
+
+    def __init__(self, cache: FeatureCache, settings: WarmerSettings) -> None:
+        self.cache = cache
+        self.settings = settings
+        store = RedisStore(cache.redis)
+        self.leaders = {
+            view: ViewLeader(store, cache.layout, view, settings.lease_ttl_s)
+            for view in settings.views
+        }
+        self._lock = threading.Lock()
+        self.health: dict[str, dict[str, Any]] = {}
+
+    def warm(self, view: str) -> None:
+        s = self.settings
+        self._run("warm", view, lambda: self._warm(view, s))
+
+    def _warm(self, view: str, s: WarmerSettings) -> dict[str, Any]:
+        report = warm_once(self.cache, view, k=s.k, horizon_s=s.horizon_s,
+                           leader=self.leaders[view], chunk_rows=s.chunk_rows)
+        written = report.materialized.rows_written if report.materialized else 0
+        return {"leader": report.leader, "rows": written}
+
+    def follow(self, view: str) -> None:
+        assert self.settings.follow is not None
+        rewrite = self.settings.follow.rewrite
+        self._run("changes", view, lambda: self._follow(view, rewrite))
+
+    def _follow(self, view: str, rewrite: Rewrite) -> dict[str, Any]:
+        report = follow_changes(self.cache, view, rewrite=rewrite, leader=self.leaders[view],
+                                chunk_rows=self.settings.chunk_rows)
+        out: dict[str, Any] = {"leader": report.leader, "rows": report.rewritten,
+                               "changed": report.changed}
+        if report.leader:
+            out["lag_s"] = report.lag_s
+            out["watermark"] = report.watermark
+        return out
+
+    def _run(self, job: str, view: str, work: Callable[[], dict[str, Any]]) -> None:
+        """Run one cycle; record its health; never let an error kill the scheduler thread."""
+        started = time.time()
+        fields: dict[str, Any] = {"last_run": _iso(started)}
+        try:
+            result = work()
+        except Exception as exc:  # recorded and logged, the next cycle retries
+            fields["last_error"] = f"{_iso(time.time())} {type(exc).__name__}: {exc}"
+            log.error("warmer job=%s view=%s ok=false error=%s: %s", job, view,
+                      type(exc).__name__, exc)
+        else:
+            fields["last_success"] = _iso(time.time())
+            fields["leader"] = result.pop("leader")
+            with self._lock:
+                previous = self.health.get(f"{view}/{job}", {}).get("rows_total", 0)
+            fields["rows_last"] = result["rows"]
+            fields["rows_total"] = previous + result.pop("rows")
+            fields.update(result)
+            log.info("warmer job=%s view=%s ok=true %s seconds=%.3f", job, view,
+                     " ".join(f"{k}={v}" for k, v in fields.items() if k != "last_run"),
+                     time.time() - started)
+        with self._lock:
+            self.health.setdefault(f"{view}/{job}", {}).update(fields)
+        try:
+            self.cache.redis.hset(
+                _health_key(self.cache, view),
+                mapping={f"{job}.{k}": json.dumps(v) for k, v in fields.items()},
+            )
+        except Exception as exc:  # health is best effort; Redis may be down
+            log.warning("warmer job=%s view=%s health not stored: %s", job, view, exc)
+
+    def release(self) -> None:
+        """Give every lease up (at shutdown), so another warmer can take over at once."""
+        for leader in self.leaders.values():
+            try:
+                leader.release()
+            except Exception as exc:  # it expires on its own anyway
+                log.warning("warmer view=%s lease not released: %s", leader.view, exc)
+
+
+def _iso(seconds: float) -> str:
+    return dt.datetime.fromtimestamp(seconds, dt.UTC).isoformat()
+
+
+def _trigger(settings: WarmerSettings, interval_s: float | None) -> BaseTrigger:
+    if interval_s is None:
+        assert settings.cron is not None
+        cron = CronTrigger.from_crontab(settings.cron, timezone=dt.UTC)
+        cron.jitter = settings.jitter_s or None
+        return cron
+    return IntervalTrigger(seconds=interval_s, jitter=settings.jitter_s or None,
+                           timezone=dt.UTC)
+
+
+def build_scheduler(
+    cache: FeatureCache,
+    settings: WarmerSettings,
+    scheduler_cls: type[BaseScheduler] = BlockingScheduler,
+    warmer: Warmer | None = None,
+) -> BaseScheduler:
+    """A scheduler (not started) with one warm job per view and, with ``follow_changes`` and an
+    ``updated_at`` column, one follow-changes job. Job ids: ``warm:<view>``, ``changes:<view>``.
+    The ``Warmer`` holding the leases and health is ``scheduler.featcache_warmer``."""
+    warmer = warmer or Warmer(cache, settings)
+    scheduler = scheduler_cls(timezone=dt.UTC)
+    common: dict[str, Any] = {
+        "coalesce": True,
+        "max_instances": 1,
+        "misfire_grace_time": max(1, math.ceil(settings.misfire_grace_s)),
+    }
+    for view in settings.views:
+        scheduler.add_job(warmer.warm, _trigger(settings, settings.interval_s), args=[view],
+                          id=f"warm:{view}", name=f"warm {view}", **common)
+        if settings.follow is None:
+            continue
+        if cache.config.view(view).updated_at_column is None:
+            log.info("warmer view=%s follow_changes=skipped reason=no_updated_at_column", view)
+            continue
+        scheduler.add_job(warmer.follow, _trigger(settings, settings.follow.interval_s),
+                          args=[view], id=f"changes:{view}", name=f"follow changes {view}",
+                          **common)
+    scheduler.featcache_warmer = warmer
+    return scheduler
+
+
+# ----------------------------------------------------------------------------- processes
+
+
+def run_warmer(config_path: str) -> int:
+    """``featcache warmer``: run until SIGTERM/SIGINT, then stop cleanly; returns 0."""
+    config = load_config(config_path)
+    settings = parse_settings(config)
+    with FeatureCache(config) as cache:
+        warmer = Warmer(cache, settings)
+        scheduler = build_scheduler(cache, settings, BlockingScheduler, warmer)
+        stopping = threading.Event()
+
+        def on_signal(signum: int, frame: FrameType | None) -> None:
+            if stopping.is_set():
+                return
+            stopping.set()
+            log.info("warmer stopping signal=%s", signal.Signals(signum).name)
+            if scheduler.running:
+                scheduler.shutdown(wait=True)
+
+        previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            log.info("warmer started views=%s jobs=%s", ",".join(settings.views),
+                     ",".join(job.id for job in scheduler.get_jobs()))
+            if not stopping.is_set():
+                scheduler.start()  # blocks until shutdown
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+            warmer.release()
+        log.info("warmer stopped")
+    return 0
+
+
+def health(config: CacheConfig | str, out: TextIO | None = None) -> dict[str, Any]:
+    """Every view's stored health (``{view: {job: {name: value}}}``); printed as one JSON line
+    when ``out`` is given."""
+    loaded = config if isinstance(config, CacheConfig) else load_config(config)
+    result: dict[str, Any] = {}
+    with FeatureCache(loaded.with_overrides(popularity_sample_rate=0.0,
+                                            l1_policy=None)) as cache:
+        for view in loaded.views:
+            raw = cache.redis.hgetall(_health_key(cache, view.name))
+            jobs: dict[str, dict[str, Any]] = {}
+            for key, value in sorted(raw.items()):
+                name = key.decode() if isinstance(key, bytes) else str(key)
+                job, _, field_name = name.partition(".")
+                try:
+                    jobs.setdefault(job, {})[field_name] = json.loads(value)
+                except ValueError:
+                    jobs.setdefault(job, {})[field_name] = None
+            result[view.name] = jobs
+    if out is not None:
+        out.write(json.dumps({"views": result}) + "\n")
+    return result
+
+
+def print_health(config_path: str, out: TextIO = sys.stdout) -> int:
+    """``featcache warmer --health``."""
+    health(config_path, out)
+    return 0

@@ -1,0 +1,302 @@
+"""The long-running warmer on real servers: its settings, follow_changes (watermark, boundary
+timestamps, restart, L1 notifications, leader lease), the scheduler's jobs and health, and
+``featcache warmer`` stopped by SIGTERM."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import pytest
+import redis
+import sqlalchemy as sa
+from apscheduler.schedulers.background import BackgroundScheduler
+from apscheduler.triggers.cron import CronTrigger
+from apscheduler.triggers.interval import IntervalTrigger
+from featcache.jobs.changes import follow_changes, load_watermark
+from featcache.jobs.leader import ViewLeader
+from featcache.jobs.warmer import build_scheduler, health, parse_settings
+from featdata import STATS_FEATURES, T0, insert, make_table, stats_row
+
+from featcache import ConfigError, FeatureCache, Status, load_config
+from featcache.keys import KeyLayout
+
+HOUR = dt.timedelta(hours=1)
+
+
+def _write_config(path: Path, redis_url: str, key_prefix: str, offline_url: str,
+                  warmer: str = "") -> Path:
+    path.write_text(
+        f"redis: {{url: '{redis_url}', key_prefix: '{key_prefix}'}}\n"
+        f"offline_store: {{url: '{offline_url}'}}\n"
+        "views:\n"
+        "  cv:\n    table: cv\n    entity: {column: entity_id, type: int}\n"
+        "    event_timestamp: event_ts\n    updated_at: updated_at\n"
+        "    features:\n      clicks: int, 1h\n      country: str, 1h\n"
+        "  plain:\n    table: plain\n    entity: {column: entity_id, type: int}\n"
+        "    event_timestamp: event_ts\n    features:\n      ctr: float, 10m\n"
+        + warmer
+    )
+    return path
+
+
+@pytest.fixture
+def env(sqlite_target: Any, redis_url: str, key_prefix: str,
+        tmp_path: Path) -> Iterator[dict[str, Any]]:
+    engine = sqlite_target.engine()
+    table = make_table(engine, None, "cv", STATS_FEATURES)
+    make_table(engine, None, "plain", STATS_FEATURES)
+    insert(engine, table, [stats_row(i) for i in range(1, 6)])
+    path = _write_config(tmp_path / "featcache.yaml", redis_url, key_prefix, sqlite_target.url)
+    with FeatureCache.from_config(path) as cache:
+        yield {"engine": engine, "table": table, "cache": cache, "path": path,
+               "url": sqlite_target.url}
+
+
+def _update(engine: sa.Engine, table: sa.Table, entity: int, when: dt.datetime,
+            **values: Any) -> None:
+    naive = when.astimezone(dt.UTC).replace(tzinfo=None)  # SQLite stores UTC wall time
+    with engine.begin() as conn:
+        conn.execute(table.update().where(table.c.entity_id == entity)
+                     .values(updated_at=naive, **values))
+
+
+def _wait_for(condition: Callable[[], bool], timeout: float = 30.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.05)
+    return condition()
+
+
+# ----------------------------------------------------------------------------- settings
+
+
+@pytest.mark.parametrize(("warmer", "path", "message"), [
+    ("warmer: {views: [cv, nope]}\n", "warmer.views.nope", "unknown view"),
+    ("warmer: {schedule: {cron: '61 * * * *'}}\n", "warmer.schedule.cron",
+     "bad cron expression"),
+    ("warmer: {schedule: {cron: '* * *'}}\n", "warmer.schedule.cron", "bad cron expression"),
+    ("warmer: {jitter: soon}\n", "warmer.jitter", "expected a duration"),
+    ("warmer: {schedule: {interval: 0}}\n", "warmer.schedule.interval", "greater than zero"),
+    ("warmer: {follow_changes: {interval: -1s}}\n", "warmer.follow_changes.interval",
+     "expected a duration"),
+    ("warmer: {follow_changes: {rewrite: some}}\n", "warmer.follow_changes.rewrite",
+     "'cached' or 'all'"),
+    ("warmer: {k: 0}\n", "warmer.k", "integer >= 1"),
+    ("warmer: {kk: 3}\n", "warmer.kk", "unknown key"),
+    ("warmer: {schedule: {interval: 5s, cron: '* * * * *'}}\n", "warmer.schedule", "not both"),
+])
+def test_bad_settings_fail_at_start_with_the_path(
+    tmp_path: Path, redis_url: str, key_prefix: str, warmer: str, path: str, message: str
+) -> None:
+    config_path = _write_config(tmp_path / "c.yaml", redis_url, key_prefix, "sqlite://", warmer)
+    config = load_config(config_path)
+    with pytest.raises(ConfigError, match=message) as caught:
+        parse_settings(config)
+    assert caught.value.path == path
+    assert str(caught.value).startswith(f"{config_path}: {path}: ")
+    # the command fails the same way, before touching any server
+    done = subprocess.run(
+        [sys.executable, "-m", "featcache.jobs.cli", "warmer", "--config", str(config_path)],
+        capture_output=True, text=True, timeout=60, check=False,
+    )
+    assert done.returncode == 2 and f"{path}: " in done.stderr and message in done.stderr
+
+
+def test_settings_defaults_and_values(tmp_path: Path, redis_url: str, key_prefix: str) -> None:
+    config = load_config(_write_config(tmp_path / "c.yaml", redis_url, key_prefix, "sqlite://"))
+    s = parse_settings(config)
+    assert (s.views, s.interval_s, s.cron, s.k, s.horizon_s, s.follow) == (
+        ("cv", "plain"), 60.0, None, 1000, 60.0, None)
+    config = load_config(_write_config(
+        tmp_path / "d.yaml", redis_url, key_prefix, "sqlite://",
+        "warmer:\n  schedule: {cron: '*/5 * * * *'}\n  jitter: 5s\n  misfire_grace: 30s\n"
+        "  k: 10000\n  horizon: 5m\n  lease_ttl: 30s\n  views: [cv]\n"
+        "  follow_changes: {interval: 30s, rewrite: all}\n",
+    ))
+    s = parse_settings(config)
+    assert (s.views, s.interval_s, s.cron, s.jitter_s, s.misfire_grace_s, s.k, s.horizon_s,
+            s.lease_ttl_s) == (("cv",), None, "*/5 * * * *", 5.0, 30.0, 10000, 300.0, 30.0)
+    assert s.follow is not None and (s.follow.interval_s, s.follow.rewrite) == (30.0, "all")
+
+
+# ----------------------------------------------------------------------------- follow_changes
+
+
+def test_an_update_reaches_get_features_after_one_poll(
+    env: dict[str, Any], redis_client: redis.Redis, key_prefix: str
+) -> None:
+    cache: FeatureCache = env["cache"]
+    first = follow_changes(cache, "cv")  # no watermark yet: every entity, none cached
+    assert (first.leader, first.changed, first.rewritten, first.not_cached) == (True, 5, 0, 5)
+    assert [cache.get_features([i], ["clicks"]).status(i, "clicks") for i in (1, 2)] == [
+        Status.FILLED, Status.FILLED]
+    _update(env["engine"], env["table"], 2, T0 + HOUR, clicks=999)
+    _update(env["engine"], env["table"], 3, T0 + HOUR, clicks=333)  # not cached
+    stream = KeyLayout(key_prefix).stream_key()
+    before = redis_client.xlen(stream)
+
+    report = follow_changes(cache, "cv")
+    assert (report.changed, report.rewritten, report.not_cached) == (2, 1, 1)
+    result = cache.get_features([1, 2, 3], ["clicks"])
+    assert result.status(2, "clicks") is Status.HIT_REDIS and result[2]["clicks"] == 999
+    assert result.status(3, "clicks") is Status.FILLED and result[3]["clicks"] == 333
+    assert result[1]["clicks"] == 7
+    # the L1s were told, in the invalidation stream's format, without a tombstone
+    entries = redis_client.xrange(stream)[before:]
+    assert len(entries) == 1
+    fields = entries[0][1]
+    assert fields[b"v"] == b"cv" and fields[b"k"] == b"ids"
+    assert sorted(msgpack.unpackb(fields[b"ids"])) == [2, 3]
+    assert report.watermark == (T0 + HOUR).isoformat() and report.lag_s is not None
+
+
+def test_rewrite_all_writes_uncached_entities(env: dict[str, Any]) -> None:
+    cache: FeatureCache = env["cache"]
+    report = follow_changes(cache, "cv", rewrite="all")
+    assert (report.changed, report.rewritten, report.not_cached) == (5, 5, 0)
+    result = cache.get_features([1, 5], ["clicks"])
+    assert {result.status(i, "clicks") for i in (1, 5)} == {Status.HIT_REDIS}
+
+
+def test_rows_sharing_the_watermark_timestamp_are_not_lost(
+    env: dict[str, Any], redis_client: redis.Redis, key_prefix: str
+) -> None:
+    cache: FeatureCache = env["cache"]
+    follow_changes(cache, "cv")  # past the initial rows
+    t1 = T0 + 2 * HOUR
+    insert(env["engine"], env["table"],
+           [stats_row(i, T0 + HOUR, updated_at=t1) for i in (11, 12, 13)])
+    report = follow_changes(cache, "cv", rewrite="all")
+    assert (report.changed, report.rewritten) == (3, 3)
+    mark = load_watermark(cache, "cv")
+    assert mark is not None and mark.when == t1 and mark.ids == {11, 12, 13}
+
+    insert(env["engine"], env["table"], [stats_row(14, T0 + HOUR, updated_at=t1)])
+    redis_client.delete(*KeyLayout(key_prefix).row_keys("cv", [11, 12, 13]))
+    report = follow_changes(cache, "cv", rewrite="all")
+    assert (report.changed, report.rewritten) == (1, 1)  # only 14; 11-13 not reprocessed
+    assert [bool(redis_client.exists(KeyLayout(key_prefix).row_key("cv", i)))
+            for i in (11, 12, 13, 14)] == [False, False, False, True]
+    mark = load_watermark(cache, "cv")
+    assert mark is not None and mark.ids == {11, 12, 13, 14}
+    assert follow_changes(cache, "cv").changed == 0
+
+
+def test_the_watermark_survives_a_restart(env: dict[str, Any]) -> None:
+    with FeatureCache.from_config(env["path"]) as first:
+        assert follow_changes(first, "cv").changed == 5
+        mark = load_watermark(first, "cv")
+    with FeatureCache.from_config(env["path"]) as second:  # a new process, in effect
+        assert load_watermark(second, "cv") == mark
+        assert follow_changes(second, "cv").changed == 0
+        _update(env["engine"], env["table"], 4, T0 + HOUR, clicks=44)
+        assert follow_changes(second, "cv").changed == 1
+
+
+def test_a_poll_waits_for_the_leader_lease(env: dict[str, Any]) -> None:
+    cache: FeatureCache = env["cache"]
+    other = ViewLeader(cache.redis, cache.layout, "cv", ttl_s=30, owner="another-warmer")
+    assert other.acquire()
+    report = follow_changes(cache, "cv")
+    assert (report.leader, report.changed) == (False, 0)
+    assert load_watermark(cache, "cv") is None
+    other.release()
+    assert follow_changes(cache, "cv").changed == 5
+
+
+# ----------------------------------------------------------------------------- scheduler
+
+
+def test_build_scheduler_creates_the_jobs(tmp_path: Path, env: dict[str, Any],
+                                          redis_url: str, key_prefix: str) -> None:
+    config = load_config(_write_config(
+        tmp_path / "w.yaml", redis_url, key_prefix, env["url"],
+        "warmer:\n  schedule: {interval: 60s}\n  jitter: 5s\n  misfire_grace: 30s\n"
+        "  follow_changes: {interval: 30s}\n",
+    ))
+    settings = parse_settings(config)
+    scheduler = build_scheduler(env["cache"], settings, BackgroundScheduler)
+    jobs = {job.id: job for job in scheduler.get_jobs()}
+    assert set(jobs) == {"warm:cv", "warm:plain", "changes:cv"}  # plain has no updated_at
+    for job in jobs.values():
+        assert (job.coalesce, job.max_instances, job.misfire_grace_time) == (True, 1, 30)
+        assert isinstance(job.trigger, IntervalTrigger) and job.trigger.jitter == 5.0
+    assert jobs["warm:cv"].trigger.interval == dt.timedelta(seconds=60)
+    assert jobs["changes:cv"].trigger.interval == dt.timedelta(seconds=30)
+
+    cron = parse_settings(config.with_overrides(warmer={"schedule": {"cron": "*/5 * * * *"}}))
+    jobs = {job.id: job for job in build_scheduler(env["cache"], cron,
+                                                   BackgroundScheduler).get_jobs()}
+    assert set(jobs) == {"warm:cv", "warm:plain"}
+    assert isinstance(jobs["warm:cv"].trigger, CronTrigger)
+
+
+def test_a_started_scheduler_runs_cycles_and_records_health(
+    env: dict[str, Any], redis_client: redis.Redis, key_prefix: str
+) -> None:
+    cache: FeatureCache = env["cache"]
+    config = cache.config.with_overrides(warmer={
+        "schedule": {"interval": "200ms"}, "views": ["cv"],
+        "follow_changes": {"interval": "200ms", "rewrite": "all"},
+    })
+    scheduler = build_scheduler(cache, parse_settings(config), BackgroundScheduler)
+    scheduler.start()
+    try:
+        assert _wait_for(lambda: "cv/changes" in scheduler.featcache_warmer.health
+                         and "cv/warm" in scheduler.featcache_warmer.health)
+    finally:
+        scheduler.shutdown(wait=True)
+    scheduler.featcache_warmer.release()
+    memory = scheduler.featcache_warmer.health
+    assert memory["cv/changes"]["rows_total"] == 5 and "last_success" in memory["cv/changes"]
+    stored = health(config)
+    assert stored["cv"]["changes"]["rows_total"] == 5
+    assert stored["cv"]["changes"]["lag_s"] > 0 and stored["cv"]["warm"]["leader"] is True
+    assert "last_error" not in stored["cv"]["warm"] and stored["plain"] == {}
+    assert not redis_client.exists(KeyLayout(key_prefix).view_key("cv", "leader"))
+
+
+def test_the_warmer_command_stops_cleanly_on_sigterm(
+    env: dict[str, Any], tmp_path: Path, redis_url: str, key_prefix: str,
+    redis_client: redis.Redis,
+) -> None:
+    path = _write_config(
+        tmp_path / "run.yaml", redis_url, key_prefix, env["url"],
+        "warmer:\n  schedule: {interval: 300ms}\n  views: [cv]\n"
+        "  follow_changes: {interval: 300ms, rewrite: all}\n",
+    )
+    cmd = [sys.executable, "-m", "featcache.jobs.cli", "--log-level", "info", "warmer",
+           "--config", str(path)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        key = KeyLayout(key_prefix).view_key("cv", "warmer:health")
+        assert _wait_for(lambda: redis_client.hexists(key, "changes.last_success")
+                         or proc.poll() is not None), "no cycle ran"
+        assert proc.poll() is None, proc.communicate()
+        proc.send_signal(signal.SIGTERM)
+        _out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, err
+    assert "warmer stopped" in err and "Traceback" not in err
+    assert not redis_client.exists(KeyLayout(key_prefix).view_key("cv", "leader"))
+    assert env["cache"].get_features([3], ["clicks"]).status(3, "clicks") is Status.HIT_REDIS
+
+    done = subprocess.run([*cmd[:-3], "warmer", "--health", "--config", str(path)],
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
+    views = json.loads(done.stdout)["views"]
+    assert views["cv"]["changes"]["rows_total"] == 5 and "last_success" in views["cv"]["warm"]
