@@ -11,7 +11,7 @@ import sys
 from collections.abc import Sequence
 from typing import Protocol
 
-from bench import l1, l1_policies, read
+from bench import l1, l1_policies, materialize, read
 
 
 class Benchmark(Protocol):
@@ -26,6 +26,7 @@ BENCHMARKS: dict[str, Benchmark] = {
     "read": read,
     "l1_policies": l1_policies,
     "l1": l1,
+    "materialize": materialize,
 }
 
 

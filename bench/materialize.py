@@ -1,0 +1,735 @@
+"""``python -m bench materialize``: bulk materialization from SQL into Redis, per SQL source.
+
+The view is ``bench.dataset``'s ``user_stats`` (10 features: 4 float, 4 int, 2 short strings),
+one row per entity, N rows (1M; ``--quick``: 100k) loaded untimed into
+
+``sqlite``      a temp SQLite file (``executemany`` in chunks, one transaction, index after);
+``postgresql``  a private PostgreSQL server started from ``/usr/lib/postgresql/*/bin`` (or the
+                ``--pg-url`` server), in a unique schema dropped afterwards (``COPY``, then
+                the index and ``ANALYZE``).
+
+Each source is then materialized into a fresh private Valkey (or the ``--redis-url`` server
+under a unique prefix) with ``featcache.jobs.warm.materialize(cache, view, all=True)``: the
+timed figure is that call alone. Per source: rows written, wall seconds, rows/s, the client's
+peak RSS (sampled every 50 ms in a thread; also minus the baseline taken just before the call)
+and Redis ``used_memory`` growth per row. Afterwards ``get_features`` of 1000 random ids must be
+HIT_REDIS with exactly the generated values, or the run fails.
+
+Then, unless ``--no-profile``: one materialization of 100k SQLite rows timed stage by stage
+(the same calls ``materialize`` makes, unprofiled), and the same run under cProfile (top 25 by
+tottime, plus cumulative time per stage: id listing, fence, SQL fetch, conversion, encoding,
+Redis write).
+
+The PostgreSQL helper here is deliberately minimal; ``tests/servers.py`` holds the test suite's
+fuller one but is not a package the benchmarks may import.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import cProfile
+import ctypes
+import dataclasses
+import datetime as dt
+import gc
+import glob
+import io
+import json
+import os
+import pstats
+import pwd
+import random
+import secrets
+import shutil
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import psutil
+import sqlalchemy as sa
+from featcache.jobs.warm import MaterializeReport, materialize
+from sqlalchemy.pool import NullPool
+
+from bench import dataset
+from bench.common import (
+    Target,
+    environment,
+    log,
+    redis_target,
+    server_description,
+    used_memory,
+)
+from featcache import CacheConfig, FeatureCache, FeatureView, Status
+from featcache.bulk import iter_entity_ids, iter_latest_rows
+from featcache.redis_store import CONDITIONAL_SET, ENSURE_EPOCH
+
+DESCRIPTION = "bulk materialization (jobs.warm.materialize) from SQLite and PostgreSQL into Redis"
+
+FULL_ROWS = 1_000_000
+QUICK_ROWS = 100_000
+PROFILE_ROWS = 100_000
+LOAD_CHUNK = 20_000  # rows generated, and written to SQL, at a time
+VERIFY_SAMPLE = 1_000
+RSS_INTERVAL_S = 0.05
+
+TARGET_ROWS_PER_S = 150_000
+TARGET_PEAK_RSS_MB = 400.0
+TARGET_BYTES_PER_ROW = 200.0
+
+COLUMNS: tuple[str, ...] = (dataset.ENTITY_COLUMN, dataset.EVENT_COLUMN, *dataset.FEATURE_NAMES)
+_SA_TYPES: dict[str, Any] = {"float": sa.Double(), "int": sa.BigInteger(), "str": sa.String(16)}
+_MB = 1024 * 1024
+
+
+class BenchError(RuntimeError):
+    """The run did not do what it claims (rows missing, a wrong value read back)."""
+
+
+# --------------------------------------------------------------------------------------------
+# CLI
+# --------------------------------------------------------------------------------------------
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", metavar="OUT.json", help="write the results here as JSON")
+    parser.add_argument("--quick", action="store_true",
+                        help=f"{QUICK_ROWS:,} rows instead of {FULL_ROWS:,}")
+    parser.add_argument("--rows", type=_positive, default=None,
+                        help="rows (= entities) to load and materialize (overrides --quick)")
+    parser.add_argument("--pg-url", metavar="URL",
+                        help="use this PostgreSQL server (a unique schema, dropped afterwards) "
+                             "instead of a private one")
+    parser.add_argument("--redis-url", metavar="URL",
+                        help="use this server (keys under a unique fcbench-<hex> prefix, removed "
+                             "afterwards) instead of a fresh private Valkey per source")
+    parser.add_argument("--sources", default="postgresql,sqlite",
+                        help="comma-separated: postgresql, sqlite (default: both)")
+    parser.add_argument("--chunk-rows", type=_positive, default=10_000,
+                        help="materialize(chunk_rows=...) (default: 10000, its default)")
+    parser.add_argument("--no-profile", action="store_true",
+                        help="skip the stage breakdown and cProfile of 100k SQLite rows")
+    parser.add_argument("--seed", type=int, default=20_260_101, help="data seed")
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text.replace("_", ""))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be positive")
+    return value
+
+
+def run(args: argparse.Namespace) -> int:
+    sources = [s.strip() for s in args.sources.split(",") if s.strip()]
+    unknown = sorted(set(sources) - {"postgresql", "sqlite"})
+    if unknown or not sources:
+        raise SystemExit(f"--sources: unknown {', '.join(unknown) or '(none given)'}")
+    rows = args.rows or (QUICK_ROWS if args.quick else FULL_ROWS)
+    return run_benchmark(
+        rows=rows, sources=sources, pg_url=args.pg_url, redis_url=args.redis_url,
+        chunk_rows=args.chunk_rows, profile=not args.no_profile, seed=args.seed,
+        quick=args.quick, json_path=args.json,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Data: generated in chunks, written to every SQL store as it goes
+# --------------------------------------------------------------------------------------------
+
+
+def generate(n: int, seed: int, sample: set[int]) -> Iterator[tuple[list[tuple[Any, ...]],
+                                                              dict[int, dict[str, Any]]]]:
+    """Chunks of rows as tuples in ``COLUMNS`` order (naive UTC timestamps), with the feature
+    dicts of the sampled user ids in that chunk. Never holds more than one chunk."""
+    rng = random.Random(seed)
+    now_dt = dt.datetime.now(dt.UTC)
+    for start in range(0, n, LOAD_CHUNK):
+        rows: list[tuple[Any, ...]] = []
+        expected: dict[int, dict[str, Any]] = {}
+        for uid in dataset.user_ids(min(LOAD_CHUNK, n - start), start):
+            row = dataset.make_row(uid, rng, now_dt)
+            row[dataset.EVENT_COLUMN] = row[dataset.EVENT_COLUMN].replace(tzinfo=None)
+            rows.append(tuple(row[c] for c in COLUMNS))
+            if uid in sample:
+                expected[uid] = dataset.feature_dict(row)
+        yield rows, expected
+
+
+def table_def(metadata: sa.MetaData, schema: str | None) -> sa.Table:
+    """The view's table, one row per entity; the index is created after loading."""
+    return sa.Table(
+        dataset.VIEW_NAME,
+        metadata,
+        sa.Column(dataset.ENTITY_COLUMN, sa.BigInteger(), nullable=False),
+        sa.Column(dataset.EVENT_COLUMN, sa.DateTime(), nullable=False),
+        *(sa.Column(f.column, _SA_TYPES[f.type.value]) for f in dataset.FEATURES),
+        schema=schema,
+    )
+
+
+def _index_sql(qualified: str) -> str:
+    return (f"CREATE INDEX ix_{dataset.VIEW_NAME}_entity_ts ON {qualified} "
+            f"({dataset.ENTITY_COLUMN}, {dataset.EVENT_COLUMN})")
+
+
+class SqliteLoader:
+    """A temp SQLite file filled with ``executemany``; timestamps as SQLAlchemy writes them."""
+
+    name = "sqlite"
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.url = f"sqlite:///{path}"
+        self.schema: str | None = None
+        engine = sa.create_engine(self.url, poolclass=NullPool)
+        try:
+            table_def(sa.MetaData(), None).metadata.create_all(engine)
+        finally:
+            engine.dispose()
+        self._conn = sqlite3.connect(path)
+        self._conn.execute("PRAGMA journal_mode=OFF")
+        self._conn.execute("PRAGMA synchronous=OFF")
+        self._insert = (f"INSERT INTO {dataset.VIEW_NAME} ({', '.join(COLUMNS)}) "
+                        f"VALUES ({', '.join('?' * len(COLUMNS))})")
+        self.rows = 0
+
+    def write(self, rows: Sequence[tuple[Any, ...]]) -> None:
+        # the text SQLAlchemy's DateTime stores, always with microseconds
+        self._conn.executemany(self._insert, (
+            (r[0], r[1].strftime("%Y-%m-%d %H:%M:%S.%f"), *r[2:]) for r in rows
+        ))
+        self.rows += len(rows)
+
+    def finish(self) -> None:
+        self._conn.execute(_index_sql(dataset.VIEW_NAME))
+        self._conn.commit()
+        self._conn.execute("ANALYZE")
+        self._conn.close()
+
+
+class PostgresLoader:
+    """One unique schema on a PostgreSQL server, filled with ``COPY ... FROM STDIN``."""
+
+    name = "postgresql"
+
+    def __init__(self, url: str) -> None:
+        import psycopg  # noqa: PLC0415 - only when PostgreSQL is measured
+
+        self.url = url
+        self.schema = f"fcbench_{secrets.token_hex(4)}"
+        engine = sa.create_engine(url, poolclass=NullPool)
+        try:
+            with engine.begin() as conn:
+                conn.execute(sa.text(f'CREATE SCHEMA "{self.schema}"'))
+            table_def(sa.MetaData(), self.schema).metadata.create_all(engine)
+        finally:
+            engine.dispose()
+        libpq = sa.make_url(url).set(drivername="postgresql").render_as_string(
+            hide_password=False)
+        self._conn = psycopg.connect(libpq)
+        self.qualified = f'"{self.schema}".{dataset.VIEW_NAME}'
+        self._copy_sql = f"COPY {self.qualified} ({', '.join(COLUMNS)}) FROM STDIN"
+        self.rows = 0
+
+    def write(self, rows: Sequence[tuple[Any, ...]]) -> None:
+        with self._conn.cursor() as cur, cur.copy(self._copy_sql) as copy:
+            for row in rows:
+                copy.write_row(row)
+        self.rows += len(rows)
+
+    def finish(self) -> None:
+        with self._conn.cursor() as cur:
+            cur.execute(_index_sql(self.qualified))
+            cur.execute(f"ANALYZE {self.qualified}")
+        self._conn.commit()
+        self._conn.close()
+
+    def drop(self) -> None:
+        """Drop this run's schema, and nothing else."""
+        engine = sa.create_engine(self.url, poolclass=NullPool)
+        try:
+            with engine.begin() as conn:
+                conn.execute(sa.text("SET LOCAL lock_timeout = '10s'"))
+                conn.execute(sa.text(f'DROP SCHEMA IF EXISTS "{self.schema}" CASCADE'))
+        finally:
+            engine.dispose()
+
+
+def pg_sqlalchemy_url(url: str) -> str:
+    """``postgresql://`` / ``postgres://`` URLs get the psycopg (3) driver SQLAlchemy needs."""
+    parsed = sa.make_url(url.replace("postgres://", "postgresql://", 1)
+                         if url.startswith("postgres://") else url)
+    if parsed.drivername == "postgresql":
+        parsed = parsed.set(drivername="postgresql+psycopg")
+    return parsed.render_as_string(hide_password=False)
+
+
+# --------------------------------------------------------------------------------------------
+# A private PostgreSQL (minimal: trust auth on loopback, dies with us, no durability)
+# --------------------------------------------------------------------------------------------
+
+
+class PrivatePostgres:
+    def __init__(self) -> None:
+        bins = sorted(glob.glob("/usr/lib/postgresql/*/bin"),
+                      key=lambda p: int(Path(p).parent.name) if Path(p).parent.name.isdigit()
+                      else -1, reverse=True)
+        found = [Path(b) for b in bins if os.access(Path(b) / "initdb", os.X_OK)]
+        if not found and shutil.which("initdb"):
+            found = [Path(str(shutil.which("initdb"))).parent]
+        if not found:
+            raise BenchError("no PostgreSQL server binaries (initdb, postgres); pass --pg-url")
+        self.bin_dir = found[0]
+        self.port = 0
+        self.dir: Path | None = None
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/postgres"
+
+    def version(self) -> str:
+        out = subprocess.run([str(self.bin_dir / "postgres"), "--version"], capture_output=True,
+                             text=True, timeout=10, check=False)
+        return out.stdout.strip()
+
+    def __enter__(self) -> PrivatePostgres:
+        # PostgreSQL refuses to run as root: drop to nobody then
+        account = pwd.getpwnam("nobody") if os.geteuid() == 0 else None
+        self.dir = Path(tempfile.mkdtemp(prefix="fcbench-pg-"))
+        try:
+            if account is not None:
+                os.chown(self.dir, account.pw_uid, account.pw_gid)
+            env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LANG": "C", "LC_ALL": "C",
+                   "HOME": str(self.dir)}
+
+            def setup() -> None:  # in the child: drop root, then die with the parent
+                if account is not None:
+                    os.setgroups([])
+                    os.setgid(account.pw_gid)
+                    os.setuid(account.pw_uid)
+                with contextlib.suppress(OSError, AttributeError):
+                    ctypes.CDLL("libc.so.6").prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+            data = self.dir / "data"
+            init = subprocess.run(
+                [str(self.bin_dir / "initdb"), "-D", str(data), "-U", "postgres", "-A", "trust",
+                 "-E", "UTF8", "--locale", "C", "--no-sync"],
+                cwd=self.dir, env=env, stdin=subprocess.DEVNULL, capture_output=True,
+                timeout=120, check=False, preexec_fn=setup,
+            )
+            if init.returncode != 0:
+                raise BenchError(f"initdb failed: {(init.stdout + init.stderr).decode()[-800:]}")
+            with socket.socket() as sock:
+                sock.bind(("127.0.0.1", 0))
+                self.port = sock.getsockname()[1]
+            with (self.dir / "server.log").open("ab") as out:
+                self.proc = subprocess.Popen(
+                    [str(self.bin_dir / "postgres"), "-D", str(data), "-p", str(self.port),
+                     "-c", "listen_addresses=127.0.0.1",
+                     "-c", f"unix_socket_directories={self.dir}",
+                     "-c", "fsync=off", "-c", "synchronous_commit=off",
+                     "-c", "full_page_writes=off", "-c", "max_wal_size=4GB"],
+                    cwd=self.dir, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
+                    preexec_fn=setup,  # noqa: PLW1509
+                )
+            deadline = time.monotonic() + 30
+            pid_file = data / "postmaster.pid"
+            while time.monotonic() < deadline:
+                if self.proc.poll() is not None:
+                    break
+                with contextlib.suppress(OSError):
+                    lines = pid_file.read_text().splitlines()
+                    if len(lines) >= 8 and lines[7].strip() == "ready":
+                        return self
+                time.sleep(0.02)
+            log_tail = (self.dir / "server.log").read_text(errors="replace")[-800:]
+            raise BenchError(f"postgres did not start: {log_tail}")
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc is not None:
+            if self.proc.poll() is None:
+                self.proc.send_signal(signal.SIGINT)  # fast shutdown
+                try:
+                    self.proc.wait(timeout=15)
+                except subprocess.TimeoutExpired:
+                    self.proc.kill()
+                    self.proc.wait(timeout=10)
+            self.proc = None
+        if self.dir is not None:
+            shutil.rmtree(self.dir, ignore_errors=True)
+            self.dir = None
+
+
+# --------------------------------------------------------------------------------------------
+# Measuring one materialization
+# --------------------------------------------------------------------------------------------
+
+
+class RssSampler:
+    """This process's RSS every ``interval`` seconds in a daemon thread; ``peak`` in bytes."""
+
+    def __init__(self, interval: float = RSS_INTERVAL_S) -> None:
+        self._proc = psutil.Process()
+        self._interval = interval
+        self._stop = threading.Event()
+        self.baseline = self._proc.memory_info().rss
+        self.peak = self.baseline
+        self.samples = 0
+        self._thread = threading.Thread(target=self._loop, name="rss-sampler", daemon=True)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self._take()
+            self._stop.wait(self._interval)
+
+    def _take(self) -> None:
+        rss = self._proc.memory_info().rss
+        self.samples += 1
+        self.peak = max(self.peak, rss)
+
+    def __enter__(self) -> RssSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._take()
+
+
+def view_for(schema: str | None) -> FeatureView:
+    return dataclasses.replace(dataset.view(), schema=schema)
+
+
+@contextlib.contextmanager
+def fresh_cache(redis_url: str | None, offline_url: str, schema: str | None,
+                ) -> Iterator[tuple[FeatureCache, bool]]:
+    """A cache over ``offline_url`` and a fresh private Valkey (or ``redis_url``, prefixed),
+    connected and with featcache's scripts loaded, so none of that is timed or counted."""
+    with redis_target(redis_url) as target:
+        config = CacheConfig(views=(view_for(schema),), redis_url=target.url,
+                             offline_url=offline_url, key_prefix=target.prefix)
+        with FeatureCache(config) as cache:
+            cache.redis.ping()
+            for script in (CONDITIONAL_SET, ENSURE_EPOCH):
+                cache.redis.script_load(script.text)
+            yield cache, target.private
+
+
+def measure(source: str, offline_url: str, schema: str | None, redis_url: str | None,
+            n: int, chunk_rows: int, expected: dict[int, dict[str, Any]]) -> dict[str, Any]:
+    with fresh_cache(redis_url, offline_url, schema) as (cache, private):
+        client = cache.redis
+        keys_before = client.dbsize()
+        mem_before = used_memory(client)
+        gc.collect()
+        with RssSampler() as rss:
+            started = time.perf_counter()
+            report = materialize(cache, dataset.VIEW_NAME, all=True, chunk_rows=chunk_rows)
+            seconds = time.perf_counter() - started
+        mem_after = used_memory(client)
+        keys_added = client.dbsize() - keys_before
+        server = server_description(client)
+        if report.rows_written != n or report.fenced_off or not report.complete:
+            raise BenchError(f"{source}: {report}; expected {n} rows written")
+        if private and keys_added != n + 1:  # the rows and the view's epoch key
+            raise BenchError(f"{source}: {keys_added} keys appeared in Redis, expected "
+                             f"{n} rows + 1 epoch key")
+        verify(cache, expected, source)
+    delta = mem_after["used_memory"] - mem_before["used_memory"]
+    log(f"{source}: {n:,} rows in {seconds:.2f} s")
+    return {
+        "source": source,
+        "rows": report.rows_written,
+        "seconds": round(seconds, 3),
+        "rows_per_s": round(n / seconds),
+        "peak_rss_mb": round(rss.peak / _MB, 1),
+        "rss_baseline_mb": round(rss.baseline / _MB, 1),
+        "peak_rss_delta_mb": round((rss.peak - rss.baseline) / _MB, 1),
+        "rss_samples": rss.samples,
+        "bytes_per_row": round(delta / n, 1),
+        "redis": {
+            "server": server,
+            "fresh_private_server": private,
+            "used_memory_before": mem_before["used_memory"],
+            "used_memory_after": mem_after["used_memory"],
+            "client_buffers_delta": mem_after["mem_clients_normal"]
+            - mem_before["mem_clients_normal"],
+        },
+        "report": dataclasses.asdict(report),
+        "verified_ids": len(expected),
+    }
+
+
+def verify(cache: FeatureCache, expected: dict[int, dict[str, Any]], source: str) -> None:
+    """Every sampled id is HIT_REDIS with exactly the values generated for it."""
+    ids = sorted(expected)
+    names = list(dataset.FEATURE_NAMES)
+    res = cache.get_features(ids, names)
+    counts = res.status_counts()
+    if counts.get(Status.HIT_REDIS, 0) != len(ids) * len(names):
+        raise BenchError(f"{source}: expected every value HIT_REDIS, got {dict(counts)}")
+    for eid in ids:
+        if res[eid] != expected[eid]:
+            raise BenchError(f"{source}: user {eid}: read {res[eid]}, wrote {expected[eid]}")
+
+
+# --------------------------------------------------------------------------------------------
+# Profile: stages unprofiled, then cProfile
+# --------------------------------------------------------------------------------------------
+
+
+def stage_breakdown(cache: FeatureCache, chunk_rows: int) -> dict[str, float]:
+    """``materialize(all=True)``'s loop with a clock around each call it makes."""
+    view = cache.config.view(dataset.VIEW_NAME)
+    times = dict.fromkeys(("list_ids", "fence", "sql_read_convert", "put_rows"), 0.0)
+    rows_done = 0
+    started = time.perf_counter()
+    mark = started
+    with contextlib.closing(iter_entity_ids(cache, view, chunk_rows=chunk_rows)) as chunks:
+        for chunk in chunks:
+            now = time.perf_counter()
+            times["list_ids"] += now - mark
+            fence = cache.fence(view, chunk)
+            t1 = time.perf_counter()
+            rows: list[dict[str, Any]] = []
+            for part in iter_latest_rows(cache, view, ids=chunk, chunk_rows=len(chunk)):
+                rows.extend(part)
+            t2 = time.perf_counter()
+            rows_done += cache.put_rows(view, rows, fence=fence).written
+            mark = time.perf_counter()
+            times["fence"] += t1 - now
+            times["sql_read_convert"] += t2 - t1
+            times["put_rows"] += mark - t2
+    total = time.perf_counter() - started
+    out = {k: round(v, 3) for k, v in times.items()}
+    out["total"] = round(total, 3)
+    out["rows"] = rows_done
+    return out
+
+
+#: Stages by the cumulative time of one function (file name, function name).
+_STAGE_FUNCS: dict[str, tuple[str, str]] = {
+    "list_ids (iter_entity_ids)": ("bulk.py", "iter_entity_ids"),
+    "fence (RowWriter.fence)": ("writes.py", "fence"),
+    "sql read+convert (bulk._by_ids)": ("bulk.py", "_by_ids"),
+    "  of which OfflineStore._convert": ("offline.py", "_convert"),
+    "  of which bulk._as_dicts": ("bulk.py", "_as_dicts"),
+    "put_rows (RowWriter.put_rows)": ("writes.py", "put_rows"),
+    "  of which writes._columns": ("writes.py", "_columns"),
+    "  of which check_id": ("request.py", "check_id"),
+    "  of which timestamp_to_us": ("convert.py", "timestamp_to_us"),
+    "  of which RowCodec.encode": ("codec.py", "encode"),
+    "  of which RedisStore.write": ("redis_store.py", "write"),
+}
+
+
+def profile_materialize(url: str, redis_url: str | None, chunk_rows: int, n: int,
+                        top: int = 25) -> dict[str, Any]:
+    with fresh_cache(redis_url, url, None) as (cache, _):
+        stages = stage_breakdown(cache, chunk_rows)
+    if stages["rows"] != n:
+        raise BenchError(f"profile: stage breakdown wrote {stages['rows']} rows, expected {n}")
+    with fresh_cache(redis_url, url, None) as (cache, _):
+        gc.collect()
+        profiler = cProfile.Profile()
+        profiler.enable()
+        report: MaterializeReport = materialize(cache, dataset.VIEW_NAME, all=True,
+                                                chunk_rows=chunk_rows)
+        profiler.disable()
+    if report.rows_written != n:
+        raise BenchError(f"profile: wrote {report.rows_written} rows, expected {n}")
+    buf = io.StringIO()
+    stats = pstats.Stats(profiler, stream=buf)
+    raw: dict[tuple[str, int, str], tuple[Any, ...]] = stats.stats  # type: ignore[attr-defined]
+    total = max(t[3] for (_, _, name), t in raw.items() if name == "materialize")
+    cumulative: dict[str, float] = {}
+    for label, (file, func) in _STAGE_FUNCS.items():
+        cumulative[label] = round(sum(t[3] for (path, _, name), t in raw.items()
+                                      if name == func and path.endswith(file)), 3)
+    stats.strip_dirs().sort_stats("tottime").print_stats(top)
+    top_rows = []
+    stripped: dict[Any, tuple[Any, ...]] = stats.stats  # type: ignore[attr-defined]
+    for key in stats.fcn_list[:top]:  # type: ignore[attr-defined]
+        _, nc, tt, ct, _ = stripped[key]
+        top_rows.append({"function": pstats.func_std_string(key), "ncalls": nc,
+                         "tottime": round(tt, 3), "cumtime": round(ct, 3)})
+    return {
+        "rows": n,
+        "chunk_rows": chunk_rows,
+        "unprofiled_stages_s": stages,
+        "profiled_total_s": round(total, 3),
+        "profiled_stage_cumtime_s": cumulative,
+        "top_tottime": top_rows,
+        "text": buf.getvalue(),
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# The benchmark
+# --------------------------------------------------------------------------------------------
+
+
+def run_benchmark(*, rows: int, sources: list[str], pg_url: str | None, redis_url: str | None,
+                  chunk_rows: int, profile: bool, seed: int, quick: bool,
+                  json_path: str | None) -> int:
+    started = time.perf_counter()
+    sample_rng = random.Random(seed + 1)
+    sample = set(dataset.user_ids(rows)[i] for i in
+                 sample_rng.sample(range(rows), min(VERIFY_SAMPLE, rows)))
+    results: list[dict[str, Any]] = []
+    setup: dict[str, Any] = {"rows": rows, "chunk_rows": chunk_rows, "seed": seed,
+                             "features": list(dataset.FEATURE_NAMES)}
+    profile_out: dict[str, Any] | None = None
+    with contextlib.ExitStack() as stack:
+        tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="fcbench-mat-")))
+        loaders: list[SqliteLoader | PostgresLoader] = []
+        if "postgresql" in sources:
+            if pg_url is None:
+                server = stack.enter_context(PrivatePostgres())
+                setup["postgresql"] = f"private server, {server.version()}"
+                base = server.url
+            else:
+                base = pg_sqlalchemy_url(pg_url)
+                setup["postgresql"] = "given --pg-url"
+            pg = PostgresLoader(base)
+            stack.callback(pg.drop)
+            setup["postgresql_schema"] = pg.schema
+            loaders.append(pg)
+        if "sqlite" in sources:
+            loaders.append(SqliteLoader(tmp / "offline.db"))
+        profile_db: SqliteLoader | None = None
+        if profile:
+            sqlite_same = rows == PROFILE_ROWS and "sqlite" in sources
+            profile_db = next(x for x in loaders if isinstance(x, SqliteLoader)) \
+                if sqlite_same else SqliteLoader(tmp / "profile.db")
+        expected: dict[int, dict[str, Any]] = {}
+        t0 = time.perf_counter()
+        load_s = dict.fromkeys((x.name for x in loaders), 0.0)
+        for i, (chunk, exp) in enumerate(generate(max(rows, PROFILE_ROWS if profile else 0),
+                                                  seed, sample)):
+            start = i * LOAD_CHUNK
+            if start < rows:
+                expected.update(exp)
+                for loader in loaders:
+                    t = time.perf_counter()
+                    loader.write(chunk[: rows - start])
+                    load_s[loader.name] += time.perf_counter() - t
+            if profile_db is not None and profile_db not in loaders and start < PROFILE_ROWS:
+                profile_db.write(chunk[: PROFILE_ROWS - start])
+        for loader in loaders:
+            t = time.perf_counter()
+            loader.finish()
+            load_s[loader.name] += time.perf_counter() - t
+        if profile_db is not None and profile_db not in loaders:
+            profile_db.finish()
+        setup["load_seconds"] = {k: round(v, 1) for k, v in load_s.items()}
+        setup["generate_and_load_seconds"] = round(time.perf_counter() - t0, 1)
+        log(f"loaded {rows:,} rows into {', '.join(x.name for x in loaders)} "
+            f"({', '.join(f'{k} {v:.1f} s' for k, v in load_s.items())}; "
+            f"{setup['generate_and_load_seconds']} s with generation)")
+        gc.collect()
+        by_name = {x.name: x for x in loaders}
+        for source in sources:
+            loader = by_name[source]
+            log(f"{source}: materializing {rows:,} rows")
+            results.append(measure(source, loader.url, loader.schema, redis_url, rows,
+                                   chunk_rows, expected))
+        if profile_db is not None:
+            log(f"profile: {PROFILE_ROWS:,} SQLite rows, stages then cProfile")
+            profile_out = profile_materialize(profile_db.url, redis_url, chunk_rows,
+                                              PROFILE_ROWS)
+    targets = evaluate_targets(results)
+    print_results(results, targets, rows, redis_url)
+    if profile_out is not None:
+        print_profile(profile_out)
+    if json_path:
+        out = {
+            "sources": results,
+            "targets": [dataclasses.asdict(t) for t in targets],
+            "quick": quick,
+            "setup": {**setup, "redis": "fresh private Valkey per source" if redis_url is None
+                      else "given --redis-url", "seconds": round(time.perf_counter() - started, 1)},
+            "profile": profile_out,
+            "environment": environment(),
+        }
+        Path(json_path).write_text(json.dumps(out, indent=2) + "\n", encoding="utf-8")
+        print(f"\nwrote {json_path}")
+    log(f"done in {time.perf_counter() - started:.1f} s")
+    return 0  # a measurement, not a test: the PASS/FAIL lines above say how it went
+
+
+def evaluate_targets(results: Sequence[dict[str, Any]]) -> list[Target]:
+    targets: list[Target] = []
+    for r in results:
+        s = r["source"]
+        targets.append(Target(f"{s}: >= {TARGET_ROWS_PER_S:,} rows/s",
+                              r["rows_per_s"] >= TARGET_ROWS_PER_S,
+                              f"{r['rows_per_s']:,} rows/s ({r['rows']:,} rows in "
+                              f"{r['seconds']:.2f} s)"))
+        targets.append(Target(f"{s}: client peak RSS <= {TARGET_PEAK_RSS_MB:.0f} MB",
+                              r["peak_rss_mb"] <= TARGET_PEAK_RSS_MB,
+                              f"{r['peak_rss_mb']:.1f} MB (baseline {r['rss_baseline_mb']:.1f} "
+                              f"MB, +{r['peak_rss_delta_mb']:.1f} MB)"))
+        targets.append(Target(f"{s}: redis bytes per row <= {TARGET_BYTES_PER_ROW:.0f}",
+                              r["bytes_per_row"] <= TARGET_BYTES_PER_ROW,
+                              f"{r['bytes_per_row']:.1f} B/row"))
+    return targets
+
+
+def print_results(results: Sequence[dict[str, Any]], targets: Sequence[Target], rows: int,
+                  redis_url: str | None) -> None:
+    server = results[0]["redis"]["server"] if results else "?"
+    print(f"featcache materialize(all=True): {rows:,} rows x {len(dataset.FEATURE_NAMES)} "
+          f"features into {server} "
+          f"({'fresh private server per source' if redis_url is None else 'given server'})")
+    print()
+    header = ("source", "rows", "seconds", "rows_per_s", "peak_rss_mb", "rss_delta_mb",
+              "bytes_per_row")
+    table = [header] + [
+        (r["source"], f"{r['rows']:,}", f"{r['seconds']:.2f}", f"{r['rows_per_s']:,}",
+         f"{r['peak_rss_mb']:.1f}", f"{r['peak_rss_delta_mb']:.1f}", f"{r['bytes_per_row']:.1f}")
+        for r in results
+    ]
+    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+    for i, row in enumerate(table):
+        print("  ".join([row[0].ljust(widths[0])]
+                        + [c.rjust(w) for c, w in zip(row[1:], widths[1:], strict=True)]))
+        if i == 0:
+            print("  ".join("-" * w for w in widths))
+    print()
+    for t in targets:
+        print(t.line())
+
+
+def print_profile(p: dict[str, Any]) -> None:
+    stages = p["unprofiled_stages_s"]
+    total = stages["total"]
+    print(f"\n=== where the time goes: materialize of {p['rows']:,} SQLite rows, "
+          f"chunk_rows={p['chunk_rows']:,} ===")
+    print(f"unprofiled, by stage ({total:.2f} s = {p['rows'] / total:,.0f} rows/s):")
+    for key in ("list_ids", "fence", "sql_read_convert", "put_rows"):
+        print(f"  {key:<18} {stages[key]:7.3f} s  {100 * stages[key] / total:5.1f}%")
+    print(f"\ncProfile, cumulative time of each stage (profiled total "
+          f"{p['profiled_total_s']:.2f} s; the profiler inflates Python-heavy code):")
+    for label, seconds in p["profiled_stage_cumtime_s"].items():
+        print(f"  {label:<36} {seconds:7.3f} s  {100 * seconds / p['profiled_total_s']:5.1f}%")
+    print(f"\n--- top {len(p['top_tottime'])} by tottime ---")
+    print(p["text"].rstrip())
+    sys.stdout.flush()
+
