@@ -38,6 +38,8 @@ def _is_missing(value: Any) -> bool:
 
 
 def _to_int(value: Any) -> int | None:
+    if type(value) is int and _INT64_MIN <= value <= _INT64_MAX:  # what drivers give: fast
+        return value
     if _is_missing(value):
         return None
     if isinstance(value, bool):
@@ -55,6 +57,8 @@ def _to_int(value: Any) -> int | None:
 
 
 def _to_float(value: Any) -> float | None:
+    if type(value) is float:  # what drivers give: fast
+        return value
     if _is_missing(value):
         return None
     if isinstance(value, bool) or not isinstance(value, numbers.Real | decimal.Decimal):
@@ -63,10 +67,10 @@ def _to_float(value: Any) -> float | None:
 
 
 def _to_bool(value: Any) -> bool | None:
+    if type(value) is bool:
+        return value
     if _is_missing(value):
         return None
-    if isinstance(value, bool):
-        return value
     if type(value).__name__ == "bool_":  # numpy.bool_
         return bool(value)
     if isinstance(value, numbers.Integral) and int(value) in (0, 1):
@@ -75,6 +79,8 @@ def _to_bool(value: Any) -> bool | None:
 
 
 def _to_str(value: Any) -> str | None:
+    if type(value) is str:
+        return value
     if _is_missing(value):
         return None
     if isinstance(value, str):
@@ -83,6 +89,8 @@ def _to_str(value: Any) -> str | None:
 
 
 def to_timestamp(value: Any) -> dt.datetime | None:
+    if type(value) is dt.datetime and value.tzinfo is dt.UTC:  # already what we return
+        return value
     if _is_missing(value):
         return None
     if isinstance(value, str):
