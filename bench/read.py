@@ -64,8 +64,8 @@ DESCRIPTION = "read path: featcache hits and misses vs one raw MGET and a naive 
 
 BATCHES = (1, 10, 100, 1000)
 BASELINE = "floor_mget"
-CASE_ORDER = ("floor_mget", "featcache_hit", "featcache_hit_dicts", "featcache_miss",
-              "naive_get_loop")
+CASE_ORDER = ("floor_mget", "featcache_hit", "featcache_hit_uncounted", "featcache_hit_dicts",
+              "featcache_miss", "naive_get_loop")
 SETUP_CHUNK = 5_000  # rows per put_rows call / per pipeline while loading
 
 
@@ -155,6 +155,7 @@ class Env:
     rows: dict[int, dataset.Row]
     rng: random.Random
     value_bytes: dict[int, int]  # id -> size of featcache's encoded row
+    uncounted: FeatureCache | None = None  # the same cache with popularity counting off
 
     @property
     def floor_head(self) -> str:
@@ -180,6 +181,7 @@ def prepared_env(target: RedisTarget, users: int, seed: int) -> Iterator[Env]:
         offline_url = dataset.build_offline_store(Path(tmp) / "offline.db", latest, rng)
         log(f"offline store: SQLite, {users:,} users ({time.perf_counter() - started:.1f} s)")
         cache = dataset.make_cache(target.url, offline_url, target.prefix)
+        uncounted = FeatureCache(cache.config.with_overrides(popularity_sample_rate=0.0))
         plain = redis.Redis.from_url(target.url)
         try:
             started = time.perf_counter()
@@ -189,13 +191,14 @@ def prepared_env(target: RedisTarget, users: int, seed: int) -> Iterator[Env]:
                 if report.written != len(chunk):
                     raise BenchError(f"put_rows wrote {report.written} rows, expected all")
             rows = {r[dataset.ENTITY_COLUMN]: r for r in latest}
-            env = Env(cache, plain, target.prefix, ids, rows, rng, {})
+            env = Env(cache, plain, target.prefix, ids, rows, rng, {}, uncounted)
             _write_baseline_keys(env)
             log(f"redis: {users:,} rows x3 (featcache, floor, naive) loaded "
                 f"({time.perf_counter() - started:.1f} s)")
             yield env
         finally:
             cache.close()
+            uncounted.close()
             plain.close()
 
 
@@ -231,6 +234,12 @@ def build_cases(env: Env) -> list[Case]:
     def featcache_hit(ids: list[int]) -> FeatureResult:
         return get_features(ids, names)
 
+    uncounted_get = (env.uncounted or env.cache).get_features
+
+    def featcache_hit_uncounted(ids: list[int]) -> FeatureResult:
+        """The same call with popularity counting off: what counting costs."""
+        return uncounted_get(ids, names)
+
     def featcache_hit_dicts(ids: list[int]) -> FeatureResult:
         res = get_features(ids, names)
         for e in res:
@@ -253,6 +262,8 @@ def build_cases(env: Env) -> list[Case]:
     cases = {
         "floor_mget": Case("floor_mget", floor_mget, verify=_all_values),
         "featcache_hit": Case("featcache_hit", featcache_hit, verify=_statuses(Status.HIT_REDIS)),
+        "featcache_hit_uncounted": Case("featcache_hit_uncounted", featcache_hit_uncounted,
+                                        verify=_statuses(Status.HIT_REDIS)),
         "featcache_hit_dicts": Case("featcache_hit_dicts", featcache_hit_dicts,
                                     verify=_statuses(Status.HIT_REDIS)),
         "featcache_miss": Case("featcache_miss", featcache_hit, prepare=unlink_rows,
@@ -487,6 +498,14 @@ def evaluate_targets(summaries: Sequence[Summary], bytes_per_row: float) -> list
             f"{hit.p50_us:.1f} us vs {floor.p50_us:.1f} us = {r:.2f}x; "
             f"p99 {hit.p99_us:.1f} us = {tail:.2f}x p50 "
             f"(for scale: floor_mget's own p99 = {floor.p99_us / floor.p50_us:.2f}x its p50)",
+        ))
+    hit, uncounted = by.get(("featcache_hit", 100)), by.get(("featcache_hit_uncounted", 100))
+    if hit is not None and uncounted is not None:
+        r = hit.p50_us / uncounted.p50_us
+        targets.append(Target(
+            "batch 100 popularity counting adds <= 5% to featcache_hit p50", r <= 1.05,
+            f"{hit.p50_us:.1f} us counted (the default sample_rate) "
+            f"vs {uncounted.p50_us:.1f} us uncounted = {r:.3f}x",
         ))
     targets.append(Target(
         "redis bytes per row <= 200", bytes_per_row <= 200.0, f"{bytes_per_row:.1f} B/row"
