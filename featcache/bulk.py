@@ -37,7 +37,7 @@ from featcache.errors import InvalidRequest
 from featcache.offline import OfflineStore, SqlRow, _BoundView
 from featcache.request import EntityId
 
-__all__ = ["Rows", "iter_entity_ids", "iter_latest_rows", "resolve"]
+__all__ = ["Rows", "iter_entity_ids", "iter_latest_by_id", "iter_latest_rows", "resolve"]
 
 #: One chunk of rows: dicts keyed by the view's SQL column names.
 Rows = list[dict[str, Any]]
@@ -78,13 +78,29 @@ def iter_latest_rows(
     offline, view_def = resolve(source, view)
     bound = offline.bind(view_def)
     if ids is not None:
-        yield from _by_ids(offline, bound, list(dict.fromkeys(ids)), chunk_rows)
+        for found in _by_ids(offline, bound, list(dict.fromkeys(ids)), chunk_rows):
+            yield _as_dicts(view_def, found)
         return
     table = bound.table
     where = _since_filter(view_def, table, since)
     entity = table.c[view_def.entity_column]
     changed = None if where is None else entity.in_(sa.select(entity).where(where).distinct())
     yield from _streamed(offline, bound, bound.latest_query(changed), chunk_rows)
+
+
+def iter_latest_by_id(
+    source: FeatureCache | OfflineStore,
+    view: str | FeatureView,
+    ids: Sequence[EntityId],
+    *,
+    chunk_rows: int = 10_000,
+) -> Iterator[dict[EntityId, SqlRow]]:
+    """The latest rows of ``ids`` as the offline store returns them (already converted), for
+    ``FeatureCache.put_latest``: nothing is converted twice or rebuilt as dicts."""
+    if chunk_rows < 1:
+        raise InvalidRequest(f"chunk_rows must be at least 1, got {chunk_rows}")
+    offline, view_def = resolve(source, view)
+    yield from _by_ids(offline, offline.bind(view_def), list(dict.fromkeys(ids)), chunk_rows)
 
 
 def iter_entity_ids(
@@ -122,7 +138,7 @@ def iter_entity_ids(
 
 def _by_ids(
     offline: OfflineStore, bound: _BoundView, ids: list[EntityId], chunk_rows: int
-) -> Iterator[Rows]:
+) -> Iterator[dict[EntityId, SqlRow]]:
     sub = max(1, min(chunk_rows, offline._config.sql_chunk_size))
     for start in range(0, len(ids), chunk_rows):
         chunk = ids[start : start + chunk_rows]
@@ -135,7 +151,7 @@ def _by_ids(
         except sa_exc.SQLAlchemyError as exc:
             raise offline._translate(exc, f"reading view {bound.view.name!r}") from exc
         if found:
-            yield _as_dicts(bound.view, found)
+            yield found
 
 
 def _streamed(

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from os import PathLike
 from types import TracebackType
 from typing import Any
@@ -27,7 +27,7 @@ from featcache.errors import (
 from featcache.invalidation import InvalidationReport, Invalidator
 from featcache.keys import KeyLayout
 from featcache.l1 import L1Cache
-from featcache.offline import OfflineStore
+from featcache.offline import OfflineStore, SqlRow
 from featcache.popularity import PopularityCounter
 from featcache.readpath import L1Entry, ReadPath
 from featcache.redis_store import (
@@ -273,6 +273,13 @@ class FeatureCache:
         read, then ``put_rows(view, rows, fence=f)`` (see ``featcache.writes``).
         """
         return self._writer.put_rows(view, rows, fence=fence)
+
+    def put_latest(
+        self, view: str | FeatureView, rows: Mapping[EntityId, SqlRow], *, fence: Fence | None
+    ) -> PutReport:
+        """``put_rows`` for rows as ``OfflineStore.fetch_latest`` / ``featcache.bulk`` return
+        them (already converted): the warmer's bulk path, converting nothing twice."""
+        return self._writer.put_latest(view, rows, fence=fence)
 
     def fence(self, view: str | FeatureView, entity_ids: Iterable[Any]) -> Fence:
         """Note what Redis holds for these rows *before* reading them from SQL."""

@@ -10,7 +10,7 @@ written only where nothing changed since (no stale set, DESIGN section 4).
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,6 +21,7 @@ from featcache.config import CacheConfig, FeatureView
 from featcache.convert import ConversionError, converter, timestamp_to_us
 from featcache.errors import InvalidEntityId, InvalidRequest
 from featcache.keys import KeyLayout
+from featcache.offline import SqlRow
 from featcache.redis_store import RedisStore, WriteBatch, WriteItem, fenced_write, row_write
 from featcache.request import EntityId, check_id, normalize_ids
 from featcache.stats import CacheStats
@@ -101,7 +102,6 @@ class RowWriter:
                 f"a row must be complete (columns: {', '.join(wanted)})"
             )
         entity_col = columns[view_def.entity_column]
-        head = self._layout.row_prefix(view_def.name)
         feature_cols = [columns[f.column] for f in view_def.features]
         converters = [converter(f.type) for f in view_def.features]
         events = columns[view_def.event_timestamp_column]
@@ -130,6 +130,33 @@ class RowWriter:
                     f"put_rows({view_def.name!r}), row {i} (id {eid!r}), column {column!r}: {exc}"
                 ) from None
             converted.append((eid, event_us, values))
+        return self._write(view_def, converted, fence)
+
+    def put_latest(
+        self, view: str | FeatureView, rows: Mapping[EntityId, SqlRow], *, fence: Fence | None
+    ) -> PutReport:
+        """Write rows exactly as the offline store returned them (already converted to the
+        declared types): the bulk path, which would otherwise convert every value twice."""
+        view_def = self._view(view)
+        if fence is not None:
+            lacking = [eid for eid in rows if eid not in fence.seen]
+            if lacking:
+                raise InvalidRequest(
+                    f"put_latest({view_def.name!r}): ids {lacking[:5]!r} are not in the fence"
+                )
+        return self._write(
+            view_def, [(eid, row.event_us, row.values) for eid, row in rows.items()], fence
+        )
+
+    def _write(
+        self,
+        view_def: FeatureView,
+        converted: Sequence[tuple[EntityId, int | None, Sequence[Any]]],
+        fence: Fence | None,
+    ) -> PutReport:
+        if not converted:
+            return PutReport(0, 0)
+        head = self._layout.row_prefix(view_def.name)
         now_ms = int(self._clock() * 1000)
         epoch_key = self._layout.view_key(view_def.name, "epoch")
         if fence is not None:

@@ -31,11 +31,12 @@ from typing import Any, TextIO
 
 from rich import progress as rich_progress
 
-from featcache.bulk import iter_entity_ids, iter_latest_rows
+from featcache.bulk import iter_entity_ids, iter_latest_by_id
 from featcache.client import FeatureCache
 from featcache.codec import KIND_ABSENT, KIND_ROW, RowCodec
 from featcache.config import FeatureView, load_config
 from featcache.errors import InvalidRequest
+from featcache.offline import SqlRow
 from featcache.redis_store import RedisStore
 from featcache.request import EntityId
 
@@ -148,10 +149,10 @@ def materialize(
                 log.warning("materialize view=%s stopped: leader lease lost", view_def.name)
                 break
             fence = cache.fence(view_def, chunk)  # BEFORE the SQL read of these rows
-            rows: list[dict[str, Any]] = []
-            for part in iter_latest_rows(cache, view_def, ids=chunk, chunk_rows=len(chunk)):
-                rows.extend(part)
-            put = cache.put_rows(view_def, rows, fence=fence)
+            rows: dict[EntityId, SqlRow] = {}
+            for part in iter_latest_by_id(cache, view_def, chunk, chunk_rows=len(chunk)):
+                rows.update(part)
+            put = cache.put_latest(view_def, rows, fence=fence)
             report = replace(
                 report,
                 rows_read=report.rows_read + len(rows),

@@ -10,7 +10,16 @@ from typing import Any
 import pandas as pd
 import pyarrow as pa
 import pytest
-from featdata import STATS_FEATURES, T0, Clock, make_cache, make_table, make_view, stats_row
+from featdata import (
+    STATS_FEATURES,
+    T0,
+    Clock,
+    insert,
+    make_cache,
+    make_table,
+    make_view,
+    stats_row,
+)
 
 from featcache import Feature, FeatureCache, InvalidRequest, Status, UnknownView
 
@@ -165,3 +174,22 @@ def test_exact_round_trips_through_redis(sqlite_target: Any, redis_url: str,
     frame = result.to_pandas()
     assert frame.loc[0, "i"] == 2**62  # no float64 detour for ints
     assert pd.isna(frame.loc[3, "i"])
+
+
+def test_put_latest_writes_rows_as_the_offline_store_returns_them(
+    sqlite_target: Any, redis_url: str, key_prefix: str
+) -> None:
+    table = make_table(sqlite_target.engine(), None, "pl", STATS_FEATURES)
+    insert(sqlite_target.engine(), table, [stats_row(i, clicks=i) for i in range(3)])
+    with make_cache([make_view("pl", "pl", None)], redis_url, sqlite_target.url,
+                    key_prefix) as fc:
+        fence = fc.fence("pl", [0, 1, 2])
+        found, _ = fc._offline.fetch_latest(fc.config.view("pl"), [0, 1, 2])
+        report = fc.put_latest("pl", found, fence=fence)
+        assert (report.written, report.fenced_off) == (3, 0)
+        result = fc.get_features([0, 1, 2], NAMES)
+        assert result.status_counts() == {Status.HIT_REDIS: 3 * len(NAMES)}
+        assert [result[i]["clicks"] for i in range(3)] == [0, 1, 2]
+        assert result[1]["last_seen"] == T0 and result[1]["emb"] == [0.5, -1.25]
+        with pytest.raises(InvalidRequest, match="not in the fence"):
+            fc.put_latest("pl", found, fence=fc.fence("pl", [0]))
