@@ -60,6 +60,7 @@ from typing import Any, cast
 
 import numpy as np
 
+from bench.common import williams_orders
 from featcache.l1 import POLICIES, L1Cache
 
 DESCRIPTION = "L1 eviction policies: hit rate on Zipf and scan-polluted traces, get_many cost"
@@ -290,22 +291,6 @@ class Throughput:
     warm_ns_per_key_p10: float
     warm_ns_per_key_p90: float
     rounds: int
-
-
-def williams_orders(n: int) -> list[list[int]]:
-    """Orders of ``n`` cases balanced for position and for immediate predecessor."""
-    base = [0]
-    low, high = 1, n - 1
-    while len(base) < n:
-        base.append(low)
-        low += 1
-        if len(base) < n:
-            base.append(high)
-            high -= 1
-    rows = [[(b + shift) % n for b in base] for shift in range(n)]
-    if n % 2:
-        rows += [row[::-1] for row in rows]
-    return rows
 
 
 def measure_throughput(rounds: int, seed: int) -> list[Throughput]:
