@@ -35,7 +35,7 @@ from featcache.popularity import PopularityCounter
 from featcache.redis_store import RedisStore, WriteBatch, WriteItem, fenced_write
 from featcache.request import EntityId, Plan, ViewPlan
 from featcache.result import Answer, FeatureResult
-from featcache.singleflight import MISSING, SingleFlight
+from featcache.singleflight import BUSY, MISSING, SingleFlight
 from featcache.stats import CacheStats
 from featcache.types import Status
 
@@ -365,7 +365,14 @@ class ReadPath:
             led.update(key for key, (source, _, _) in out.items() if source == _FROM_SQL)
             return out
 
-        results = self._flights.do_many(wanted, fetch)
+        # An early refresh another thread is already doing is not waited for: the fresh value
+        # this call holds stands (as it does when another process holds the lease).
+        refreshing = {
+            (view, eid, vr.seen.get(eid, b""), vr.epoch_raw)
+            for view, vr in todo.items()
+            for eid in vr.early
+        }
+        results = self._flights.do_many(wanted, fetch, no_wait=refreshing)
         by_row = {(key[0], key[1]): value for key, value in results.items()}
         mine = {(key[0], key[1]) for key in led}
         for vr in todo.values():
@@ -387,6 +394,9 @@ class ReadPath:
         error: OfflineStoreError | None = None
         for eid in wanted:
             result = results[(view, eid)]
+            if result is BUSY:  # an early refresh another thread is doing
+                vr.answers[eid] = vr.early[eid]
+                continue
             if result is MISSING:  # pragma: no cover - fetch answers every key it is given
                 raise RuntimeError(f"no answer for {view}:{eid}")
             source, payload, fill_ms = result

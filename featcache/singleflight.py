@@ -18,29 +18,33 @@ from __future__ import annotations
 import enum
 import threading
 import time
-from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Container, Hashable, Iterable, Mapping, Sequence
 from typing import Any, Final, Generic, TypeVar
 
 from featcache.errors import FeatcacheError
 
-__all__ = ["MISSING", "Missing", "SingleFlight", "SingleFlightTimeout"]
+__all__ = ["BUSY", "MISSING", "Missing", "SingleFlight", "SingleFlightTimeout"]
 
 K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
 
 
 class Missing(enum.Enum):
-    """The type of ``MISSING``: an enum so that ``value is MISSING`` narrows types."""
+    """The type of ``MISSING`` and ``BUSY``: an enum so that ``value is MISSING`` narrows types."""
 
     MISSING = "MISSING"
+    BUSY = "BUSY"
 
     def __repr__(self) -> str:
-        return "MISSING"
+        return self.value
 
 
 #: In ``do_many`` results: the fetch for this key returned no value for it. Distinct from
 #: ``None``, which may be a legitimate value.
 MISSING: Final = Missing.MISSING
+#: In ``do_many`` results: a ``no_wait`` key that another caller was already fetching. This
+#: caller neither fetched it nor waited for it.
+BUSY: Final = Missing.BUSY
 
 
 class SingleFlightTimeout(FeatcacheError, TimeoutError):
@@ -134,7 +138,7 @@ class SingleFlight(Generic[K, V]):
         if flight.error is not None:
             raise _for_waiter(flight.error)
         got = flight.results.get(key, MISSING)
-        if got is MISSING:
+        if isinstance(got, Missing):  # results never hold BUSY; this narrows the type
             raise KeyError(key)
         return got
 
@@ -144,6 +148,7 @@ class SingleFlight(Generic[K, V]):
         fn: Callable[[list[K]], Mapping[K, V]],
         *,
         wait_timeout: float | None = None,
+        no_wait: Container[K] = (),
     ) -> dict[K, V | Missing]:
         """Results for every distinct key in ``keys``, in request order.
 
@@ -155,6 +160,10 @@ class SingleFlight(Generic[K, V]):
         ``wait_timeout`` bounds the total time spent waiting for other callers' fetches (not
         this caller's own ``fn``); None waits as long as they take. On timeout this raises
         ``SingleFlightTimeout`` after its own fetch has finished and been published.
+
+        ``no_wait`` keys are fetched when nobody else is fetching them, and otherwise map to
+        ``BUSY`` at once: for a caller that already holds a usable answer and only offers to
+        refresh it (an XFetch early refresh), waiting would add latency for nothing.
         """
         wanted = list(dict.fromkeys(keys))
         if not wanted:
@@ -162,6 +171,7 @@ class SingleFlight(Generic[K, V]):
         mine: _Flight[K, V] = _Flight()
         own: list[K] = []
         waits: list[tuple[K, _Flight[K, V]]] = []
+        busy: list[K] = []
         with self._lock:
             flights = self._flights
             for key in wanted:
@@ -169,6 +179,8 @@ class SingleFlight(Generic[K, V]):
                 if flight is None:
                     flights[key] = mine
                     own.append(key)
+                elif key in no_wait:
+                    busy.append(key)
                 else:
                     if flight.event is None:
                         flight.event = threading.Event()
@@ -176,6 +188,8 @@ class SingleFlight(Generic[K, V]):
             self._led += len(own)
             self._joined += len(waits)
         out: dict[K, V | Missing] = dict.fromkeys(wanted, MISSING)
+        for key in busy:
+            out[key] = BUSY
         if own:
             try:
                 got = fn(own)

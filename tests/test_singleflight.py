@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from featcache.errors import FeatcacheError
-from featcache.singleflight import MISSING, Missing, SingleFlight, SingleFlightTimeout
+from featcache.singleflight import BUSY, MISSING, Missing, SingleFlight, SingleFlightTimeout
 
 JOIN = 30.0  # seconds; only reached when something deadlocked
 
@@ -66,6 +66,20 @@ class Started:
         self._thread.join(JOIN * 2)
         assert not self._thread.is_alive()
         return self.results
+
+
+def parked_batch(sf: SingleFlight[int, int], keys: list[int]) -> tuple[Started, threading.Event]:
+    """A ``do_many`` of ``keys`` (answering ``-k``) running in the background, registered and
+    parked in its fetch until the returned event is set."""
+    release = threading.Event()
+
+    def slow(keys: list[int]) -> Mapping[int, int]:
+        release.wait(JOIN)
+        return {k: -k for k in keys}
+
+    batch = Started([lambda: sf.do_many(keys, slow)])
+    wait_until(lambda: sf.in_flight == len(keys), "the parked batch to register")
+    return batch, release
 
 
 # -- do ---------------------------------------------------------------------------------------
@@ -345,14 +359,7 @@ def test_do_many_results_of_others_are_shared() -> None:
 
 def test_do_many_timeout_reports_pending_and_partial() -> None:
     sf: SingleFlight[int, int] = SingleFlight()
-    release = threading.Event()
-
-    def slow(keys: list[int]) -> Mapping[int, int]:
-        release.wait(JOIN)
-        return {k: -k for k in keys}
-
-    a = Started([lambda: sf.do_many([1, 2], slow)])
-    wait_until(lambda: sf.in_flight == 2, "A to register")
+    a, release = parked_batch(sf, [1, 2])
     with pytest.raises(SingleFlightTimeout) as err:
         sf.do_many([3, 1, 4], lambda keys: {3: 3}, wait_timeout=0.02)
     assert err.value.pending == (1,)
@@ -361,6 +368,31 @@ def test_do_many_timeout_reports_pending_and_partial() -> None:
     release.set()
     assert a.finish() == [{1: -1, 2: -2}]
     assert sf.in_flight == 0
+
+
+def test_do_many_no_wait_keys_in_flight_are_busy_at_once() -> None:
+    """An early refresh offers to fetch: a key someone else is fetching comes back BUSY without
+    waiting (while the same call still waits for its other keys), a free key is fetched."""
+    sf: SingleFlight[int, int] = SingleFlight()
+    a, release = parked_batch(sf, [1, 2])
+    fetched: list[list[int]] = []
+
+    def mine(keys: list[int]) -> Mapping[int, int]:
+        fetched.append(keys)
+        return {k: k for k in keys}
+
+    # nothing to wait for: 1 is busy and 3 is ours, so this returns while A still runs
+    assert sf.do_many([1, 3], mine, no_wait={1, 3}) == {1: BUSY, 3: 3}
+    assert fetched == [[3]]
+    assert sf.joined == 0 and sf.in_flight == 2
+    b = Started([lambda: sf.do_many([1, 2], mine, no_wait={1})])
+    wait_until(lambda: sf.joined == 1, "B to wait for 2 only")
+    release.set()
+    assert a.finish() == [{1: -1, 2: -2}]
+    assert b.finish() == [{1: BUSY, 2: -2}]
+    assert fetched == [[3]]
+    assert sf.in_flight == 0
+    assert repr(BUSY) == "BUSY" and repr(MISSING) == "MISSING"
 
 
 def test_do_joining_a_batch_that_lacks_the_key_raises_key_error() -> None:

@@ -378,3 +378,47 @@ def test_xfetch_hot_row_is_refreshed_early_without_hard_misses(
     assert early >= 1, report  # XFetch is at work at all
     assert refreshes / windows <= 1.2, report
     assert hard == 0, report
+
+
+def test_an_early_refresh_in_flight_is_not_waited_for_by_other_threads(
+    sqlite_target: Any, redis_url: str, key_prefix: str
+) -> None:
+    """While one thread's early refresh is parked in SQL, another thread that also draws an
+    early refresh of the row answers at once with the fresh Redis value (HIT_REDIS): waiting
+    for a refresh of a value it already holds would only add latency (the CI failure this pins
+    down: three readers joined a slow refresh and came back FILLED, 15 ms late)."""
+    _, view = _history_table(sqlite_target, 10)
+    now = [1_000_000.0]
+    with make_cache([view], redis_url, sqlite_target.url, key_prefix,
+                    clock=lambda: now[0], xfetch_beta=1e6) as fc:
+        assert fc.get_features([COLD], NAMES).status(COLD, "clicks") is Status.FILLED
+        now[0] += 3600 - 0.001  # 1 ms before max_age (1 h): every read draws a refresh
+        parked, resume = threading.Event(), threading.Event()
+
+        def park(*_: Any) -> None:
+            if threading.current_thread() is refresher:
+                parked.set()
+                assert resume.wait(WAIT_S)
+
+        counter = SqlCounter(fc.engine)
+        sa.event.listen(fc.engine, "before_cursor_execute", park)
+        early: list[Any] = []
+        refresher = threading.Thread(
+            target=lambda: early.append(fc.get_features([COLD], NAMES)), daemon=True
+        )
+        try:
+            refresher.start()
+            assert parked.wait(WAIT_S), "the early refresh never reached SQL"
+            other = fc.get_features([COLD], NAMES)  # returns while the refresh is parked
+            assert other.status(COLD, "clicks") is Status.HIT_REDIS
+            assert dict(other[COLD]) == _latest(10)
+            assert counter.count == 1
+        finally:
+            resume.set()
+            refresher.join(WAIT_S)
+            sa.event.remove(fc.engine, "before_cursor_execute", park)
+        assert not refresher.is_alive()
+        assert early[0].status(COLD, "clicks") is Status.FILLED
+        stats = fc.stats()[VIEW]
+        assert stats["early_refreshes"] == 1 and stats["singleflight_joined"] == 0
+        assert counter.count == 1
