@@ -16,9 +16,12 @@ per call so the result is the policy's and not the batching's, with ``max_ttl`` 
 ``shift`` Zipf(0.9) in four equal phases, each with its own random popularity order
           (trending items, a new day's users): where frequency-based policies lag behind,
 
-each at three cache sizes, 1%, 5% and 20% of the key space. Two columns are references, not
-policies: ``tinylfu_theine_cache``, the same trace through a raw ``theine.Cache`` (no L1Cache
-around it), to show that driving theine's core directly gives theine's hit rate; and
+each at three cache sizes, 1%, 5% and 20% of the key space. ``tinylfu_sampled`` is
+``tinylfu`` recording only a sample of its hits in its frequency sketch, at ``CacheConfig``'s
+default ``l1_access_sample_rate`` (1/8: what ``FeatureCache`` runs), where plain ``tinylfu``
+records every hit. Two columns are references, not policies: ``tinylfu_theine_cache``, the
+same trace through a raw ``theine.Cache`` (no L1Cache around it), to show that driving
+theine's core directly gives theine's hit rate; and
 ``unbounded``, a cache that never evicts, where only the first reference of an id misses: the
 bound no policy can beat at any size (200k requests over 100k ids leave many cold misses).
 
@@ -61,8 +64,10 @@ from typing import Any, cast
 import numpy as np
 
 from bench.common import williams_orders
+from featcache.config import DEFAULT_L1_ACCESS_SAMPLE_RATE
 from featcache.l1 import POLICIES, L1Cache
 
+SAMPLED = "tinylfu_sampled"  # tinylfu with CacheConfig's default access_sample_rate
 DESCRIPTION = "L1 eviction policies: hit rate on Zipf and scan-polluted traces, get_many cost"
 
 KEYS = 100_000
@@ -147,9 +152,12 @@ class HitRate:
     seconds: float
 
 
-def simulate(policy: str, max_entries: int, ids: Sequence[int]) -> tuple[list[bool], int]:
+def simulate(
+    policy: str, max_entries: int, ids: Sequence[int], sample_rate: float = 1.0
+) -> tuple[list[bool], int]:
     """Per request, whether L1Cache answered it; and the evictions it reported."""
-    cache: L1Cache[int] = L1Cache(policy, max_entries, NO_EXPIRY, clock=_FrozenClock())
+    cache: L1Cache[int] = L1Cache(policy, max_entries, NO_EXPIRY, clock=_FrozenClock(),
+                                  access_sample_rate=sample_rate)
     get, put = cache.get_many, cache.put_many
     hit: list[bool] = []
     record = hit.append
@@ -204,6 +212,10 @@ def measure_hit_rates(requests: int, seed: int, reference: bool) -> list[HitRate
     runners: dict[str, Callable[[int, Sequence[int]], tuple[list[bool], int]]] = {
         policy: functools.partial(simulate, policy) for policy in POLICIES
     }
+    # what FeatureCache runs by default: only a sample of tinylfu's hits reach its sketch
+    runners[SAMPLED] = functools.partial(
+        simulate, "tinylfu", sample_rate=DEFAULT_L1_ACCESS_SAMPLE_RATE
+    )
     if reference:
         runners["tinylfu_theine_cache"] = simulate_theine_cache
     runners["unbounded"] = simulate_unbounded

@@ -90,7 +90,12 @@ class FeatureCache:
         )
         self._l1: L1Cache[L1Entry] | None = None
         if config.l1_policy is not None:
-            self._l1 = L1Cache(config.l1_policy, config.l1_max_entries, config.l1_max_ttl)
+            # L1 measures its bounds on a monotonic clock; an injected clock (tests) drives both
+            self._l1 = L1Cache(
+                config.l1_policy, config.l1_max_entries, config.l1_max_ttl,
+                clock=time.monotonic if clock is time.time else clock,
+                access_sample_rate=config.l1_access_sample_rate,
+            )
         self._popularity: PopularityCounter | None = None
         if config.popularity_sample_rate > 0:
             self._popularity = PopularityCounter(

@@ -28,6 +28,7 @@ from featcache.types import FeatureType
 from featcache.urls import mask_url
 
 __all__ = [
+    "DEFAULT_L1_ACCESS_SAMPLE_RATE",
     "CacheConfig",
     "Feature",
     "FeatureView",
@@ -36,6 +37,10 @@ __all__ = [
 ]
 
 EntityType = Literal["int", "str"]
+
+#: Share of L1 hits a ``tinylfu`` L1 records in its frequency sketch (``featcache.l1``);
+#: docs/l1-policies.md measures the hit rate it costs.
+DEFAULT_L1_ACCESS_SAMPLE_RATE = 0.125
 
 _NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 _SQL_IDENT_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_$]{0,127}$")
@@ -196,6 +201,7 @@ class CacheConfig:
     l1_policy: str | None = None  # None: no in-process cache
     l1_max_entries: int = 100_000
     l1_max_ttl: float = 5.0
+    l1_access_sample_rate: float = DEFAULT_L1_ACCESS_SAMPLE_RATE
     lease_ttl: float = 2.0
     lease_wait: float = 0.2
     xfetch_beta: float = 1.0  # 0 turns early refresh off
@@ -262,6 +268,10 @@ class CacheConfig:
                 raise ConfigError(
                     f"expected an integer from {low} to {high}, got {value!r}", key, self.source
                 )
+        rate = self.l1_access_sample_rate
+        if isinstance(rate, bool) or not isinstance(rate, int | float) or not 0 < rate <= 1:
+            raise ConfigError(f"expected a number greater than 0 and at most 1, got {rate!r}",
+                              "l1.access_sample_rate", self.source)
         rate = self.popularity_sample_rate
         if isinstance(rate, bool) or not isinstance(rate, int | float) or not 0 <= rate <= 1:
             raise ConfigError(f"expected a number from 0 to 1, got {rate!r}",
@@ -323,7 +333,10 @@ _SECTIONS: dict[str, dict[str, str]] = {
     },
     "limits": {"max_id_length": "max_id_length"},
     "invalidation": {"fence_ttl": "fence_ttl", "stream_maxlen": "stream_maxlen"},
-    "l1": {"policy": "l1_policy", "max_entries": "l1_max_entries", "max_ttl": "l1_max_ttl"},
+    "l1": {
+        "policy": "l1_policy", "max_entries": "l1_max_entries", "max_ttl": "l1_max_ttl",
+        "access_sample_rate": "l1_access_sample_rate",
+    },
     "stampede": {
         "lease_ttl": "lease_ttl", "lease_wait": "lease_wait", "xfetch_beta": "xfetch_beta",
     },
@@ -344,6 +357,7 @@ _SECTIONS: dict[str, dict[str, str]] = {
     },
 }
 _L1_POLICIES = ("lru", "lfu", "ttl", "tinylfu")
+_FLOAT_FIELDS = {"xfetch_beta", "popularity_sample_rate", "l1_access_sample_rate"}
 _DURATION_FIELDS = {
     "fence_ttl", "l1_max_ttl", "lease_ttl", "lease_wait", "breaker_window",
     "breaker_open_for", "sql_queue_timeout", "popularity_bucket", "popularity_half_life",
@@ -558,7 +572,7 @@ def _section_value(target: str, value: Any, path: str, source: str) -> Any:
             return int(value.strip())
         except ValueError:
             raise ConfigError(f"expected an integer, got {value!r}", path, source) from None
-    if target in ("xfetch_beta", "popularity_sample_rate") and isinstance(value, str):
+    if target in _FLOAT_FIELDS and isinstance(value, str):
         try:
             return float(value)
         except ValueError:

@@ -16,6 +16,19 @@ and ``TTLCache``, and theine's W-TinyLFU engine (``theine_core.TlfuCore``, the R
 ``theine.Cache`` wraps). See ``docs/l1-policies.md`` for the measured comparison and why the
 core is used directly rather than ``theine.Cache``.
 
+A caller may also give each entry a shorter *soft* lifetime (``put_many(fresh_for=...)``): the
+time it knows the value stays valid (for featcache: until the strictest ``max_age`` of the view
+runs out). Before its soft deadline an entry is served with one comparison; between the soft
+and the hard (``max_ttl``) deadline it is served only if the caller's ``recheck`` says so.
+That keeps the hit path at one lookup and two comparisons per id, with no second pass over
+the batch to check freshness.
+
+With ``tinylfu``, recording every hit in the frequency sketch costs about 0.3 us per id (a
+call into theine's core that touches scattered memory) — most of a 100-id hit. Hits are
+therefore *sampled* (``access_sample_rate``, default 1/8 in ``CacheConfig``): a uniform sample
+of accesses keeps the relative frequencies TinyLFU compares, as Caffeine's lossy read buffer
+does; docs/l1-policies.md measures the hit rate with and without it.
+
 Whole-view invalidation is O(1): every view has a generation number, every entry records the
 generation it was stored under, and ``invalidate_view`` only increments the number. An entry
 of an older generation is a miss and is dropped when a read finds it, or evicted as the policy
@@ -28,9 +41,10 @@ from __future__ import annotations
 
 import contextlib
 import math
+import random
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Final, Generic, Protocol, TypeVar
 
 import cachetools
@@ -44,14 +58,20 @@ POLICIES: Final = ("lru", "lfu", "ttl", "tinylfu")
 
 EntityId = int | str
 Key = tuple[str, EntityId]
-#: (value, deadline on the injected clock, generation of the view when stored)
-Entry = tuple[Any, float, int]
+#: (value, soft deadline, generation of the view when stored, hard deadline (max_ttl), the
+#: policy's hash of the key (tinylfu; 0 otherwise), the caller's stamp for ``recheck``).
+#: Deadlines are on the injected clock. One flat tuple: a hit touches one object besides
+#: the value.
+Entry = tuple[Any, float, int, float, int, int]
 Clock = Callable[[], float]
+#: ``recheck(value, stamp)``: may an entry past its soft deadline still be served?
+Recheck = Callable[[Any, int], bool]
 
 V = TypeVar("V")
 #: lets ``put_many`` take a ``dict[int, ...]`` (``Mapping`` is invariant in its key type)
 IdT = TypeVar("IdT", bound=EntityId)
 
+_NO_ENTRIES: Final[Mapping[EntityId, Entry]] = {}
 _peek_contains = cachetools.Cache.__contains__
 _peek_getitem = cachetools.Cache.__getitem__
 
@@ -75,6 +95,10 @@ class _Store(Protocol):
         ...
 
     def set(self, key: Key, entry: Entry) -> None: ...
+
+    def key_hash(self, key: Key) -> int:
+        """What the policy knows the key by (stored in the entry, so a hit need not rehash)."""
+        ...
 
     def discard(self, key: Key) -> Entry | None:
         """Remove without counting an access; return what was there, even if past its TTL."""
@@ -167,6 +191,9 @@ class _CachetoolsStore:
         self.get = inner.get
         self.set = inner.__setitem__
 
+    def key_hash(self, key: Key) -> int:
+        return 0
+
     def peek(self, key: Key) -> Entry | None:
         # the base class methods read the dict without moving the key in LRU order, bumping
         # its LFU count, or hiding an entry TTLCache considers expired
@@ -218,48 +245,63 @@ class _TinyLfuStore:
 
     def __init__(self, max_entries: int) -> None:
         self._core = TlfuCore(max_entries)
-        self._data: dict[Key, tuple[Entry, int]] = {}  # key -> (entry, key hash)
+        # view -> entity -> entry: a hit is one lookup by the caller's own id, no key tuple
+        self.tables: dict[str, dict[EntityId, Entry]] = {}
         self._by_hash: dict[int, Key] = {}
-        self._accessed: list[int] = []
+        self._size = 0
+        self.accessed: list[int] = []
         self._written: list[tuple[int, int]] = []  # (key hash, theine ttl: 0 = none)
         self.evicted: list[tuple[Key, Entry]] = []
         self.expired: list[tuple[Key, Entry]] = []
 
+    def key_hash(self, key: Key) -> int:
+        return spread(hash(key))
+
     def get(self, key: Key) -> Entry | None:
-        item = self._data.get(key)
-        if item is None:
-            return None
-        self._accessed.append(item[1])
-        return item[0]
+        entry = self.peek(key)
+        if entry is not None:
+            self.accessed.append(entry[4])
+        return entry
 
     def peek(self, key: Key) -> Entry | None:
-        item = self._data.get(key)
-        return None if item is None else item[0]
+        table = self.tables.get(key[0])
+        return None if table is None else table.get(key[1])
 
     def set(self, key: Key, entry: Entry) -> None:
-        h = spread(hash(key))
+        h = entry[4]
         other = self._by_hash.get(h)
         if other is not None and other != key:
-            self.evicted.append((other, self._data.pop(other)[0]))
+            self.evicted.append((other, self._pop(other)))
+        table = self.tables.get(key[0])
+        if table is None:
+            table = self.tables[key[0]] = {}
+        if key[1] not in table:
+            self._size += 1
+        table[key[1]] = entry
         self._by_hash[h] = key
-        self._data[key] = (entry, h)
         self._written.append((h, 0))
 
+    def _pop(self, key: Key) -> Entry:
+        self._size -= 1
+        return self.tables[key[0]].pop(key[1])
+
     def discard(self, key: Key) -> Entry | None:
-        item = self._data.pop(key, None)
-        if item is None:
+        table = self.tables.get(key[0])
+        entry = None if table is None else table.pop(key[1], None)
+        if entry is None:
             return None
-        del self._by_hash[item[1]]
-        self._core.remove(item[1])
-        return item[0]
+        self._size -= 1
+        del self._by_hash[entry[4]]
+        self._core.remove(entry[4])
+        return entry
 
     def begin_reads(self, now: float) -> None:
         pass
 
     def end_reads(self) -> None:
-        if self._accessed:
-            self._core.access(self._accessed)
-            self._accessed = []
+        if self.accessed:
+            self._core.access(self.accessed)
+            self.accessed = []
 
     def end_writes(self) -> None:
         if not self._written:
@@ -269,10 +311,10 @@ class _TinyLfuStore:
         for h in victims:
             key = self._by_hash.pop(h, None)
             if key is not None:
-                self.evicted.append((key, self._data.pop(key)[0]))
+                self.evicted.append((key, self._pop(key)))
 
     def __len__(self) -> int:
-        return len(self._data)
+        return self._size
 
 
 # -------------------------------------------------------------------------------- L1Cache
@@ -298,6 +340,7 @@ class L1Cache(Generic[V]):
         max_ttl: float,
         *,
         clock: Clock = time.monotonic,
+        access_sample_rate: float = 1.0,
     ) -> None:
         if policy not in POLICIES:
             raise ConfigError(
@@ -314,7 +357,19 @@ class L1Cache(Generic[V]):
             raise ConfigError(
                 f"L1 max_ttl must be a positive, finite number of seconds, got {max_ttl!r}"
             )
+        if (
+            isinstance(access_sample_rate, bool)
+            or not isinstance(access_sample_rate, int | float)
+            or not 0 < access_sample_rate <= 1
+        ):
+            raise ConfigError(
+                "L1 access_sample_rate must be a number in (0, 1], got "
+                f"{access_sample_rate!r}"
+            )
         self.policy: Final = policy
+        self.access_sample_rate: Final = float(access_sample_rate)
+        # every ``_stride``-th requested id (from a random offset) is recorded: a uniform sample
+        self._stride = max(1, round(1 / access_sample_rate))
         self.max_entries: Final = max_entries
         self.max_ttl: Final = float(max_ttl)
         self._clock = clock
@@ -344,54 +399,97 @@ class L1Cache(Generic[V]):
 
     # ------------------------------------------------------------------ reads and writes
 
-    def get_many(self, view: str, ids: Iterable[IdT]) -> dict[IdT, V]:
-        """The ids L1 can answer; absent ones are for the caller to fetch and ``put_many``."""
-        keys = [(view, entity) for entity in ids]
-        asked = len(keys)
+    def get_many(
+        self, view: str, ids: Iterable[IdT], *, recheck: Recheck | None = None
+    ) -> dict[IdT, V]:
+        """The ids L1 can answer, in the order asked; absent ones are for the caller to fetch
+        and ``put_many``.
+
+        An entry past its soft deadline (see ``put_many``'s ``fresh_for``) but within
+        ``max_ttl`` is answered only if ``recheck(value, stamp)`` is true; it is called after
+        the lock is released. Without ``recheck`` such entries are misses (and kept).
+        """
+        if not isinstance(ids, list | tuple):
+            ids = list(ids)
         now = self._clock()
         found: dict[IdT, V] = {}
-        hits = 0
+        later: list[tuple[IdT, Entry]] = []  # not servable on the fast path
+        missed = 0  # requests (not ids: duplicates count) without an entry
         with self._lock:
             store = self._store
             generation = self._generation.get(view, 0)
             store.begin_reads(now)
-            if isinstance(store, _TinyLfuStore):  # the default policy: its get(), inlined
-                data, accessed = store._data, store._accessed
-                for key in keys:
-                    item = data.get(key)
-                    if item is None:
+            if isinstance(store, _TinyLfuStore):  # the default policy: lookups by the id alone
+                got: list[Entry | None] = list(map(store.tables.get(view, _NO_ENTRIES).get, ids))
+                for entity, entry in zip(ids, got, strict=True):
+                    if entry is None:
+                        missed += 1
                         continue
-                    held = item[0]
-                    if held[2] == generation and now < held[1]:
-                        accessed.append(item[1])
-                        found[key[1]] = held[0]
-                        hits += 1
+                    if now < entry[1] and entry[2] == generation:
+                        found[entity] = entry[0]
+                    else:
+                        later.append((entity, entry))
+                stride = self._stride
+                # a uniform sample of the requests for keys L1 holds (see the module doc)
+                start = 0 if stride == 1 else random.randrange(stride)
+                accessed = store.accessed
+                for entry in got[start::stride]:
+                    if entry is not None:
+                        accessed.append(entry[4])
+            else:
+                get = store.get
+                for entity in ids:
+                    entry = get((view, entity))
+                    if entry is None:
+                        missed += 1
                         continue
-                    store.discard(key)
-                    if held[2] == generation:
-                        self._expired += 1
-                        self._live[view] -= 1
-                keys = []  # handled
-            get = store.get
-            for key in keys:
-                entry = get(key)
-                if entry is None:
-                    continue
-                if entry[2] == generation and now < entry[1]:
-                    found[key[1]] = entry[0]
-                    hits += 1
-                    continue
-                # dropped now so a dead entry does not hold a slot until the policy evicts it
-                store.discard(key)
-                if entry[2] == generation:  # older generations were counted when invalidated
-                    self._expired += 1
-                    self._live[view] -= 1
+                    if now < entry[1] and entry[2] == generation:
+                        found[entity] = entry[0]
+                    else:
+                        later.append((entity, entry))
+            maybe = self._sort_out(view, later, now, generation) if later else ()
             store.end_reads()
-            self._hits += hits
-            self._misses += asked - hits
+            self._hits += len(ids) - missed - len(later)
+            self._misses += missed + len(later)
             if store.expired:
                 self._settle(store)
+        if maybe and recheck is not None:
+            return self._rechecked(found, maybe, ids, recheck)
         return found
+
+    def _sort_out(
+        self, view: str, later: list[tuple[IdT, Entry]], now: float, generation: int
+    ) -> list[tuple[IdT, Any, int]]:
+        """Entries the fast path did not serve: dropped if dead, else candidates for recheck.
+        Called under the lock."""
+        store = self._store
+        maybe: list[tuple[IdT, Any, int]] = []
+        for entity, entry in dict(later).items():  # an id asked twice is dropped once
+            if entry[2] == generation and now < entry[3]:
+                maybe.append((entity, entry[0], entry[5]))
+                continue
+            # dropped now so a dead entry does not hold a slot until the policy evicts it
+            store.discard((view, entity))
+            if entry[2] == generation:  # older generations were counted when invalidated
+                self._expired += 1
+                self._live[view] -= 1
+        return maybe
+
+    def _rechecked(
+        self,
+        found: dict[IdT, V],
+        maybe: Sequence[tuple[IdT, Any, int]],
+        ids: Sequence[IdT],
+        recheck: Recheck,
+    ) -> dict[IdT, V]:
+        passed = {entity: value for entity, value, stamp in maybe if recheck(value, stamp)}
+        if not passed:
+            return found
+        with self._lock:
+            self._hits += len(passed)
+            self._misses -= len(passed)
+        found.update(passed)
+        return {entity: found[entity] for entity in ids if entity in found}
 
     def fill_token(self) -> int:
         """Take before reading the rows that will be ``put_many``'d; pass it as ``token``.
@@ -405,30 +503,48 @@ class L1Cache(Generic[V]):
         with self._lock:
             return self._sequence
 
-    def put_many(self, view: str, items: Mapping[IdT, V], *, token: int | None = None) -> None:
+    def put_many(
+        self,
+        view: str,
+        items: Mapping[IdT, V],
+        *,
+        token: int | None = None,
+        fresh_for: Mapping[IdT, float] | None = None,
+        stamps: Mapping[IdT, int] | None = None,
+    ) -> None:
         """Store rows just read from Redis or SQL; each lives at most ``max_ttl`` from now.
 
         ``token`` (from ``fill_token``, taken before the read) makes the fill conditional.
+        ``fresh_for`` gives entries a shorter soft lifetime in seconds (see ``get_many``);
+        ``stamps`` an int per entry handed back to ``recheck``.
         """
         if not items:
             return
-        keyed = [((view, entity), value) for entity, value in items.items()]
-        deadline = self._clock() + self.max_ttl
+        now = self._clock()
+        deadline = now + self.max_ttl
+        if fresh_for is None:
+            soft = dict.fromkeys(items, deadline)
+        else:
+            soft = {e: min(deadline, now + fresh_for[e]) for e in items}
+        no_stamps: Mapping[IdT, int] = {}
+        stamp_of = (stamps if stamps is not None else no_stamps).get
         with self._lock:
             if token is not None and (
                 self._view_fenced_at.get(view, 0) > token or self._cleared_at > token
             ):
-                self._refused += len(keyed)
+                self._refused += len(items)
                 return
             store = self._store
             generation = self._generation.get(view, 0)
-            peek, put = store.peek, store.set
+            peek, put, key_hash = store.peek, store.set, store.key_hash
             added = 0
-            for key, value in keyed:
+            for entity, value in items.items():
+                key = (view, entity)
                 old = peek(key)
                 if old is None or old[2] != generation:
                     added += 1
-                put(key, (value, deadline, generation))
+                put(key, (value, soft[entity], generation, deadline, key_hash(key),
+                          stamp_of(entity, 0)))
             store.end_writes()
             self._live[view] = self._live.get(view, 0) + added
             if store.evicted or store.expired:

@@ -44,9 +44,13 @@ __all__ = ["ReadPath"]
 log = logging.getLogger("featcache")
 
 #: What L1 keeps per row: the answer it will give, ready-made ((HIT_L1, values, event_us) or
-#: (ABSENT, None, None)), when the row was loaded (its freshness clock), and how many features
-#: it holds (0 for ABSENT). Ready-made, so an L1 hit is a dict lookup and one comparison.
-L1Entry = tuple[Answer, int, int]
+#: (ABSENT, None, None)), so an L1 hit is a lookup and two comparisons. Its soft deadline is
+#: when the strictest ``max_age`` of the view (the negative TTL for ABSENT) runs out; its stamp
+#: is when the row was loaded, for calls that ask only for longer-lived features.
+L1Entry = Answer
+#: L1's soft deadline is brought forward by this much (seconds): the wall-clock remainder is
+#: measured a moment before L1 reads its own clock, and loaded_at is truncated to the ms.
+_L1_MARGIN_S = 0.001
 
 # What a shared fetch yields per row: from SQL (the row, or None when SQL has none), or a row
 # another process filled while we waited on its lease, or "keep the fresh value" for a row
@@ -140,9 +144,8 @@ class ReadPath:
     def read(self, plan: Plan, ids: list[EntityId]) -> FeatureResult:
         now_ms = int(self._clock() * 1000)
         started = time.monotonic()
-        # taken before Redis is read: L1 refuses our rows if an invalidation lands meanwhile
-        l1_token = self.l1.fill_token() if self.l1 is not None else 0
         n_views = len(plan.views)
+        l1_token = 0
         reads: list[_ViewRead] = []
         pending: list[list[EntityId]] = []  # per view: ids L1 did not answer
         l1_hits: list[dict[EntityId, Answer]] = []
@@ -157,6 +160,13 @@ class ReadPath:
                 pending.append([])
             else:
                 pending.append([e for e in ids if e not in hits])
+        if self.l1 is not None:
+            if not any(pending):  # all from L1: each view's hits are complete, in ids' order
+                for vp, hits in zip(plan.views, l1_hits, strict=True):
+                    self._stats.add(vp.view.name, {"hit_l1": len(hits)})
+                return FeatureResult(ids, plan, l1_hits)
+            # taken before Redis is read: L1 refuses our rows if an invalidation lands meanwhile
+            l1_token = self.l1.fill_token()
         keys: list[str] = []
         for vp, todo in zip(plan.views, pending, strict=True):
             keys.extend(self._layout.row_keys(vp.view.name, todo))
@@ -211,7 +221,7 @@ class ReadPath:
             self._stats.add(vr.vp.view.name, vr.counts)
         if self.l1 is not None:
             for vr in reads:
-                self._to_l1(vr, now_ms, l1_token)
+                self._to_l1(vr, l1_token)
         return FeatureResult(ids, plan, answers)
 
     def _ensure_epochs(self, plan: Plan, epochs: list[bytes | None]) -> list[bytes | None]:
@@ -230,40 +240,50 @@ class ReadPath:
 
     def _from_l1(self, vp: ViewPlan, ids: list[EntityId], now_ms: int) -> dict[EntityId, Answer]:
         assert self.l1 is not None
-        found = self.l1.get_many(vp.view.name, ids)
-        if not found:
-            return found  # type: ignore[return-value]  # the empty dict
+        if vp.max_age_ms == vp.view_max_age_ms and vp.width == vp.view_width:
+            # the soft deadline is this call's own freshness bound: nothing to recheck
+            return self.l1.get_many(vp.view.name, ids)
         fresh_after = fresh_since(now_ms, vp.max_age_ms)
         negative_after = fresh_since(now_ms, vp.negative_ttl_ms)
         width = vp.width
-        # found is ours (a fresh dict): drop the few rows that are too old, keep the rest as is
-        too_old = [
-            eid
-            for eid, (_, loaded_ms, held) in found.items()
-            if not (
-                (loaded_ms >= fresh_after and held >= width)
-                or (held == 0 and loaded_ms >= negative_after)
-            )
-        ]
-        for eid in too_old:
-            del found[eid]
-        return {eid: entry[0] for eid, entry in found.items()}
 
-    def _to_l1(self, vr: _ViewRead, now_ms: int, token: int) -> None:
+        def recheck(answer: Answer, loaded_ms: int) -> bool:
+            """Past the view's strictest max_age: still fresh for the features asked for?"""
+            values = answer[1]
+            if values is None:
+                return loaded_ms >= negative_after
+            return loaded_ms >= fresh_after and len(values) >= width
+
+        return self.l1.get_many(vp.view.name, ids, recheck=recheck)
+
+    def _to_l1(self, vr: _ViewRead, token: int) -> None:
         """Store the rows this call got from Redis or SQL (``vr.loaded``), never L1's own."""
         assert self.l1 is not None
         if not vr.loaded:
             return
+        vp = vr.vp
+        now_ms = int(self._clock() * 1000)
+        # seconds each row stays fresh for every feature of the view: its soft deadline
+        row_end = vp.view_max_age_ms - now_ms
+        absent_end = vp.negative_ttl_ms - now_ms
         entries: dict[EntityId, L1Entry] = {}
+        fresh_for: dict[EntityId, float] = {}
         answers = vr.answers
         hit_l1, absent = Status.HIT_L1, Status.ABSENT
+        full = vp.view_width
         for eid, loaded_ms in vr.loaded.items():
             status, values, event_us = answers[eid]
             if status is absent:
-                entries[eid] = ((absent, None, None), loaded_ms, 0)
+                entries[eid] = (absent, None, None)
+                fresh_for[eid] = (loaded_ms + absent_end) / 1000 - _L1_MARGIN_S
             elif values is not None and (status is Status.HIT_REDIS or status is Status.FILLED):
-                entries[eid] = ((hit_l1, values, event_us), loaded_ms, len(values))
-        self.l1.put_many(vr.vp.view.name, entries, token=token)
+                entries[eid] = (hit_l1, values, event_us)
+                # a row without every feature of the view is always rechecked
+                fresh_for[eid] = (
+                    (loaded_ms + row_end) / 1000 - _L1_MARGIN_S if len(values) >= full else 0.0
+                )
+        self.l1.put_many(vp.view.name, entries, token=token, fresh_for=fresh_for,
+                         stamps=vr.loaded)
 
     # ------------------------------------------------------------------ Redis values
 

@@ -44,6 +44,8 @@ class ViewPlan:
     ttl_ms: int
     negative_ttl_ms: int
     stale_window_ms: int  # max_age + stale_if_error: how long a row may be served STALE
+    view_max_age_ms: int  # the strictest max_age of the whole view (L1's soft deadline)
+    view_width: int  # features in the view
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,6 +150,8 @@ class Planner:
                     ttl_ms=int(view.ttl * 1000),
                     negative_ttl_ms=int(view.negative_ttl * 1000),
                     stale_window_ms=int((max_age + view.stale_if_error) * 1000),
+                    view_max_age_ms=int(min(f.max_age for f in view.features) * 1000),
+                    view_width=len(view.features),
                 )
             )
         position = {name: i for i, name in enumerate(order)}

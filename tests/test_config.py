@@ -273,6 +273,10 @@ def test_view_ttl_defaults_to_longest_max_age_plus_stale_if_error() -> None:
 
 BAD_FILES = [
     pytest.param(
+        "l1:\n  policy: tinylfu\n  access_sample_rate: 0\n" + MINIMAL, "l1.access_sample_rate",
+        ["greater than 0 and at most 1, got 0"], id="l1-access-sample-rate-zero",
+    ),
+    pytest.param(
         "redsi:\n  url: redis://h\n" + MINIMAL, "redsi", ["unknown key 'redsi'", "'redis'"],
         id="unknown-top-level-key-suggests-closest",
     ),
@@ -551,6 +555,14 @@ def test_env_bad_timeout_names_the_key(tmp_path: Path) -> None:
     assert "'soon'" in str(err.value)
 
 
+def test_env_float_fields(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, MINIMAL), env={
+        "FEATCACHE__L1__ACCESS_SAMPLE_RATE": "0.5",
+        "FEATCACHE__STAMPEDE__XFETCH_BETA": "2",
+    })
+    assert (config.l1_access_sample_rate, config.xfetch_beta) == (0.5, 2.0)
+
+
 def test_env_integer_fields(tmp_path: Path) -> None:
     config = load_config(write(tmp_path, MINIMAL), env={
         "FEATCACHE__OFFLINE_STORE__CHUNK_SIZE": " 250 ",
@@ -737,6 +749,10 @@ CONSTRUCTOR_ERRORS = [
                  "sql_chunk_size", "expected an integer", id="chunk-size-str"),
     pytest.param(lambda: CacheConfig(views=(a_view(),), max_id_length=True),
                  "max_id_length", "expected an integer", id="max-id-length-bool"),
+    pytest.param(lambda: CacheConfig(views=(a_view(),), l1_access_sample_rate=0),
+                 "l1.access_sample_rate", "greater than 0 and at most 1", id="l1-sample-zero"),
+    pytest.param(lambda: CacheConfig(views=(a_view(),), l1_access_sample_rate=1.5),
+                 "l1.access_sample_rate", "greater than 0 and at most 1", id="l1-sample-big"),
     pytest.param(lambda: CacheConfig(views=(a_view(),), redis_url=""),
                  "redis_url", "expected a URL", id="empty-redis-url"),
     pytest.param(lambda: CacheConfig(views=(a_view(),), offline_url=None),

@@ -462,3 +462,56 @@ def test_integer_max_ttl_is_accepted(policy: str, clock: FakeClock) -> None:
     cache.put_many("v", {1: "x"})
     clock.now += 5
     assert cache.get_many("v", [1]) == {}
+
+
+# -------------------------------------------------------------------- soft deadlines
+
+
+def test_soft_deadline_then_recheck_then_max_ttl(policy: str, clock: FakeClock) -> None:
+    """Before its soft deadline an entry is served outright; between it and max_ttl only when
+    recheck agrees (misses are kept, not dropped); past max_ttl it is gone."""
+    cache = make(policy, clock)
+    cache.put_many("user", {1: "a", 2: "b", 3: "c"}, fresh_for={1: 1.0, 2: 1.0, 3: 100.0},
+                   stamps={1: 11, 2: 22})
+    assert cache.get_many("user", [3, 2, 1]) == {3: "c", 2: "b", 1: "a"}
+    clock.now += 2.0  # past 1 and 2's soft deadline, within max_ttl (10 s)
+    asked: list[tuple[object, int]] = []
+
+    def recheck(value: object, stamp: int) -> bool:
+        asked.append((value, stamp))
+        return stamp == 22
+
+    assert cache.get_many("user", [1, 2, 3]) == {3: "c"}  # no recheck: misses
+    got = cache.get_many("user", [1, 2, 3], recheck=recheck)
+    assert list(got.items()) == [(2, "b"), (3, "c")]  # the order asked, not the order found
+    assert sorted(asked, key=lambda a: a[1]) == [("a", 11), ("b", 22)]
+    assert len(cache) == 3  # a rechecked miss keeps its entry for callers it suits
+    stats = cache.stats()
+    assert (stats["hits"], stats["misses"]) == (3 + 1 + 2, 2 + 1)
+    clock.now += MAX_TTL  # the soft deadline never extends max_ttl (3's was 100 s)
+    assert cache.get_many("user", [1, 2, 3], recheck=lambda v, s: True) == {}
+    assert len(cache) == 0 and cache.stats()["expired"] == 3
+
+
+def test_access_sample_rate_is_validated() -> None:
+    for bad in (0, 0.0, -0.5, 1.5, True, "0.5", float("nan")):
+        with pytest.raises(ConfigError, match="access_sample_rate"):
+            L1Cache("tinylfu", 10, 1.0, access_sample_rate=bad)  # type: ignore[arg-type]
+    assert L1Cache("tinylfu", 10, 1.0, access_sample_rate=0.125).access_sample_rate == 0.125
+
+
+@pytest.mark.parametrize("rate", [1.0, 0.125])
+def test_sampled_tinylfu_keeps_a_hot_set_against_a_scan(rate: float) -> None:
+    """With hits sampled (1 in 8), the frequency sketch still tells a hot set from one-hit
+    ids: a scan of new ids does not flush a read-often working set out of a full cache."""
+    cache: L1Cache[int] = L1Cache("tinylfu", 1000, 1e9, access_sample_rate=rate)
+    hot = list(range(500))
+    for _ in range(40):
+        got = cache.get_many("v", hot)
+        cache.put_many("v", {i: i for i in hot if i not in got})
+    for start in range(10_000, 30_000, 100):  # a scan of 20,000 ids, each read once
+        batch = list(range(start, start + 100))
+        cache.put_many("v", {i: i for i in batch if not cache.get_many("v", [i])})
+        cache.get_many("v", hot[start % 500 : start % 500 + 5])  # light traffic goes on
+    kept = len(cache.get_many("v", hot))
+    assert kept >= 450, f"{kept} of 500 hot ids survived the scan at sample rate {rate}"

@@ -81,6 +81,30 @@ def test_l1_respects_max_age_of_the_row(caches: Any) -> None:
     assert serving.get_features([4], ["ctr"]).status(4, "ctr") is Status.FILLED
 
 
+def test_l1_serves_long_lived_features_past_the_views_strictest_max_age(
+    sqlite_target: Any, redis_url: str, key_prefix: str
+) -> None:
+    """L1 entries are known fresh until the view's strictest max_age (ctr: 10 min); after it,
+    a call for the 1 h features still hits L1 (rechecked against their own max_age), a call
+    for ctr does not, and past 1 h neither does a call for the 1 h features, though the entry
+    is still within l1_max_ttl (2 h here; L1 runs on the injected clock)."""
+    engine = sqlite_target.engine()
+    table = make_table(engine, None, "l1m", STATS_FEATURES)
+    insert(engine, table, [stats_row(i, clicks=i) for i in range(1, 6)])
+    clock = Clock()
+    with make_cache([make_view("l1m", "l1m", None)], redis_url, sqlite_target.url,
+                    key_prefix, clock, l1_policy="tinylfu", l1_max_ttl=7200.0,
+                    xfetch_beta=0) as serving:
+        serving.get_features([4, 5], ["clicks", "ctr"])
+        clock.advance(11 * 60)
+        both = serving.get_features([5, 4], ["clicks", "country"])
+        assert [both.status(e, "clicks") for e in (5, 4)] == [Status.HIT_L1] * 2
+        assert list(both) == [5, 4] and both[4]["clicks"] == 4
+        assert serving.get_features([4], ["ctr"]).status(4, "ctr") is Status.FILLED
+        clock.advance(50 * 60)  # 61 min after the fill: past clicks' max_age
+        assert serving.get_features([5], ["clicks"]).status(5, "clicks") is Status.FILLED
+
+
 def test_close_stops_the_tail_thread(sqlite_target: Any, redis_url: str,
                                      key_prefix: str) -> None:
     make_table(sqlite_target.engine(), None, "l1c", STATS_FEATURES)
