@@ -146,8 +146,8 @@ def _by_ids(
         try:
             with offline.engine.connect() as conn:
                 for s in range(0, len(chunk), sub):
-                    for row in conn.execute(bound.query, {"ids": chunk[s : s + sub]}):
-                        offline._convert(bound, row[0], row, found)
+                    rows = conn.execute(bound.query, {"ids": chunk[s : s + sub]}).fetchall()
+                    offline.convert_rows(bound, rows, found)
         except sa_exc.SQLAlchemyError as exc:
             raise offline._translate(exc, f"reading view {bound.view.name!r}") from exc
         if found:
@@ -164,8 +164,7 @@ def _streamed(
             )
             for part in result.partitions(chunk_rows):
                 found: dict[EntityId, SqlRow] = {}
-                for row in part:
-                    offline._convert(bound, row[0], row, found)
+                offline.convert_rows(bound, part, found)
                 yield _as_dicts(bound.view, found)
     except sa_exc.SQLAlchemyError as exc:
         raise offline._translate(exc, f"reading view {bound.view.name!r}") from exc

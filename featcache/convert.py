@@ -14,15 +14,25 @@ import decimal
 import json
 import math
 import numbers
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from featcache.types import FeatureType
 
-__all__ = ["ConversionError", "converter", "timestamp_to_us", "us_to_timestamp"]
+__all__ = [
+    "ConversionError",
+    "convert_column",
+    "converter",
+    "timestamp_to_us",
+    "timestamps_to_us",
+    "us_to_timestamp",
+]
 
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+_NAIVE_EPOCH = dt.datetime(1970, 1, 1)
+_ONE_US = dt.timedelta(microseconds=1)
+_NONE = type(None)
 
 
 class ConversionError(ValueError):
@@ -156,3 +166,54 @@ def us_to_timestamp(us: int | None) -> dt.datetime | None:
     if us is None:
         return None
     return _EPOCH + dt.timedelta(microseconds=us)
+
+
+# ----------------------------------------------------------------------------- whole columns
+#
+# The bulk paths (materialize, a read of many rows) convert a column at a time: one C-level
+# pass tells whether the driver already gave exactly the declared type (then the column is
+# kept as it is), else the scalar converter is mapped over it. Same results, same errors.
+
+_KEEP_AS_IS: dict[FeatureType, frozenset[type]] = {
+    FeatureType.FLOAT: frozenset({float, _NONE}),
+    FeatureType.BOOL: frozenset({bool, _NONE}),
+    FeatureType.STR: frozenset({str, _NONE}),
+}
+
+
+def convert_column(ftype: FeatureType, column: Sequence[Any]) -> Sequence[Any]:
+    """``[converter(ftype)(v) for v in column]``, without the calls where they change nothing."""
+    kinds = set(map(type, column))
+    if ftype is FeatureType.INT:
+        if kinds == {int} and min(column) >= _INT64_MIN and max(column) <= _INT64_MAX:
+            return column
+    elif kinds <= _KEEP_AS_IS.get(ftype, frozenset()):
+        return column
+    return list(map(_CONVERTERS[ftype], column))
+
+
+def _str_to_us(text: str) -> int:
+    try:
+        value = dt.datetime.fromisoformat(text)
+    except ValueError:
+        raise ConversionError(f"expected an ISO 8601 timestamp, got {text!r}") from None
+    if value.tzinfo is None:  # naive is UTC
+        return (value - _NAIVE_EPOCH) // _ONE_US
+    return (value - _EPOCH) // _ONE_US
+
+
+def _datetime_to_us(value: dt.datetime) -> int:
+    if value.tzinfo is None:
+        return (value - _NAIVE_EPOCH) // _ONE_US
+    return (value - _EPOCH) // _ONE_US
+
+
+def timestamps_to_us(column: Sequence[Any]) -> list[int | None]:
+    """``[timestamp_to_us(v) for v in column]``: the text (SQLite) and ``datetime`` (other
+    drivers) columns without the detour through an aware ``datetime`` per value."""
+    kinds = set(map(type, column))
+    if kinds == {str}:
+        return list(map(_str_to_us, column))
+    if kinds == {dt.datetime}:
+        return list(map(_datetime_to_us, column))
+    return list(map(timestamp_to_us, column))

@@ -15,14 +15,19 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import sqlalchemy as sa
 from sqlalchemy import exc as sa_exc
 
 from featcache.config import CacheConfig, FeatureView
-from featcache.convert import ConversionError, converter, timestamp_to_us
+from featcache.convert import (
+    ConversionError,
+    convert_column,
+    converter,
+    timestamp_to_us,
+    timestamps_to_us,
+)
 from featcache.errors import ConfigError, OfflineStoreError, OfflineStoreUnavailable, SchemaError
 from featcache.urls import mask_url
 
@@ -33,9 +38,9 @@ log = logging.getLogger("featcache.offline")
 EntityId = int | str
 
 
-@dataclass(frozen=True, slots=True)
-class SqlRow:
-    """The latest row of one entity: its event time and the feature values, declared types."""
+class SqlRow(NamedTuple):
+    """The latest row of one entity: its event time and the feature values, declared types.
+    A named tuple: the bulk paths build hundreds of thousands of them."""
 
     event_us: int | None
     values: tuple[Any, ...]
@@ -197,12 +202,37 @@ class OfflineStore:
         try:
             with self.engine.connect() as conn:
                 for chunk in _chunks(ids, self._config.sql_chunk_size):
-                    for row in conn.execute(bound.query, {"ids": list(chunk)}):
-                        entity = row[0]
-                        self._convert(bound, entity, row, found)
+                    rows = conn.execute(bound.query, {"ids": list(chunk)}).fetchall()
+                    self.convert_rows(bound, rows, found)
         except sa_exc.SQLAlchemyError as exc:
             raise self._translate(exc, f"reading view {view.name!r}") from exc
         return found, time.perf_counter() - started
+
+    def convert_rows(
+        self, bound: _BoundView, rows: Sequence[Sequence[Any]], out: dict[EntityId, SqlRow]
+    ) -> None:
+        """``_convert`` for many rows (entity, event, features...), a column at a time: the
+        bulk readers' path. A value that does not convert sends the batch through ``_convert``
+        row by row, for the error that names the entity and the column."""
+        if not rows:
+            return
+        view = bound.view
+        columns = list(zip(*rows, strict=True))
+        ids = columns[0]
+        try:
+            kind: type[int] | type[str] = int if bound.int_ids else str
+            keys: Sequence[EntityId] = ids if set(map(type, ids)) == {kind} else [
+                kind(x) for x in ids
+            ]
+            events = timestamps_to_us(columns[1])
+            values = [
+                convert_column(f.type, columns[2 + i]) for i, f in enumerate(view.features)
+            ]
+        except (ConversionError, ValueError, TypeError):
+            for row in rows:
+                self._convert(bound, row[0], row, out)
+            return
+        out.update(zip(keys, map(SqlRow, events, zip(*values, strict=True)), strict=True))
 
     def _convert(
         self, bound: _BoundView, entity: Any, row: Sequence[Any], out: dict[EntityId, SqlRow]

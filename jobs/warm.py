@@ -26,6 +26,7 @@ import logging
 import sys
 import time
 from collections.abc import Callable, Generator, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from typing import Any, TextIO
 
@@ -39,6 +40,7 @@ from featcache.errors import InvalidRequest
 from featcache.offline import SqlRow
 from featcache.redis_store import RedisStore
 from featcache.request import EntityId
+from featcache.writes import Fence, PutReport
 
 from .hook import read_ids_file
 from .leader import ViewLeader
@@ -140,30 +142,51 @@ def materialize(
         id_chunks = iter_entity_ids(cache, view_def, since=since, chunk_rows=chunk_rows)
     started = time.perf_counter()
     report = MaterializeReport(view_def.name)
-    with contextlib.closing(id_chunks) as chunks:
-        for chunk in chunks:
-            if not chunk:
-                continue
-            if keep_going is not None and not keep_going():
-                report = replace(report, complete=False)
-                log.warning("materialize view=%s stopped: leader lease lost", view_def.name)
-                break
-            fence = cache.fence(view_def, chunk)  # BEFORE the SQL read of these rows
-            rows: dict[EntityId, SqlRow] = {}
-            for part in iter_latest_by_id(cache, view_def, chunk, chunk_rows=len(chunk)):
-                rows.update(part)
-            put = cache.put_latest(view_def, rows, fence=fence)
-            report = replace(
-                report,
-                rows_read=report.rows_read + len(rows),
-                rows_written=report.rows_written + put.written,
-                fenced_off=report.fenced_off + put.fenced_off,
-                entities=report.entities + len(chunk),
-                chunks=report.chunks + 1,
-                seconds=time.perf_counter() - started,
-            )
-            if progress is not None:
-                progress(report)
+
+    def written(pending: Future[tuple[int, int, PutReport]]) -> None:
+        nonlocal report
+        entities, rows_read, put = pending.result()  # re-raises the writer's error
+        report = replace(
+            report,
+            rows_read=report.rows_read + rows_read,
+            rows_written=report.rows_written + put.written,
+            fenced_off=report.fenced_off + put.fenced_off,
+            entities=report.entities + entities,
+            chunks=report.chunks + 1,
+            seconds=time.perf_counter() - started,
+        )
+        if progress is not None:
+            progress(report)
+
+    def write(
+        chunk: Sequence[EntityId], rows: dict[EntityId, SqlRow], fence: Fence
+    ) -> tuple[int, int, PutReport]:
+        return len(chunk), len(rows), cache.put_latest(view_def, rows, fence=fence)
+
+    # One chunk is written (a Redis round trip: mostly the server running the write script,
+    # with the GIL released) while the next is fenced and read from SQL: at most two chunks
+    # in memory, and a chunk's write still follows its own fence and read.
+    in_flight: Future[tuple[int, int, PutReport]] | None = None
+    with ThreadPoolExecutor(1, thread_name_prefix="featcache-materialize") as writer, \
+            contextlib.closing(id_chunks) as chunks:
+        try:
+            for chunk in chunks:
+                if not chunk:
+                    continue
+                if keep_going is not None and not keep_going():
+                    report = replace(report, complete=False)
+                    log.warning("materialize view=%s stopped: leader lease lost", view_def.name)
+                    break
+                fence = cache.fence(view_def, chunk)  # BEFORE the SQL read of these rows
+                rows: dict[EntityId, SqlRow] = {}
+                for part in iter_latest_by_id(cache, view_def, chunk, chunk_rows=len(chunk)):
+                    rows.update(part)
+                if in_flight is not None:
+                    written(in_flight)
+                in_flight = writer.submit(write, chunk, rows, fence)
+        finally:
+            if in_flight is not None:  # on error too: the chunk being written is finished
+                written(in_flight)
     return replace(report, seconds=time.perf_counter() - started)
 
 

@@ -1,0 +1,76 @@
+"""The column converters of the bulk paths give exactly what the scalar ones give.
+
+``convert_column`` keeps a column as it is when the driver already gave the declared type
+and otherwise maps the scalar converter; ``timestamps_to_us`` takes text and datetimes without
+an aware ``datetime`` per value. Both must agree with the scalar path value for value, and fail
+where it fails. Pure: no servers.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import decimal
+from typing import Any
+
+import pytest
+
+from featcache.convert import (
+    ConversionError,
+    convert_column,
+    converter,
+    timestamp_to_us,
+    timestamps_to_us,
+)
+from featcache.types import FeatureType
+
+COLUMNS: list[tuple[FeatureType, list[Any]]] = [
+    (FeatureType.INT, [1, -(2**63), 2**63 - 1, 0]),
+    (FeatureType.INT, [1, None, 3]),
+    (FeatureType.INT, [1.0, decimal.Decimal(7), 2]),
+    (FeatureType.FLOAT, [1.5, None, float("nan"), -0.0]),
+    (FeatureType.FLOAT, [1, decimal.Decimal("2.5"), 3.0]),
+    (FeatureType.BOOL, [True, False, None]),
+    (FeatureType.BOOL, [0, 1, None]),
+    (FeatureType.STR, ["a", "", None, "\u00e9\u4e2d"]),
+    (FeatureType.TIMESTAMP, ["2024-01-02 03:04:05.123456", None]),
+    (FeatureType.TIMESTAMP, [dt.datetime(2024, 1, 2, tzinfo=dt.UTC)]),
+    (FeatureType.EMBEDDING, ["[1, 2.5]", None, [0.5]]),
+]
+
+
+@pytest.mark.parametrize(("ftype", "column"), COLUMNS)
+def test_convert_column_equals_the_scalar_converter(ftype: FeatureType, column: list[Any]) -> None:
+    expected = [converter(ftype)(v) for v in column]
+    got = list(convert_column(ftype, column))
+    assert repr(got) == repr(expected)  # repr: NaN == NaN, -0.0 keeps its sign, types show
+    assert [type(v) for v in got] == [type(v) for v in expected]
+
+
+@pytest.mark.parametrize(("ftype", "column"), [
+    (FeatureType.INT, [1, 2**63]),  # all ints, one out of range: not kept as it is
+    (FeatureType.INT, [1, True]),
+    (FeatureType.FLOAT, [1.0, "x"]),
+    (FeatureType.BOOL, [0, 2]),
+    (FeatureType.STR, ["a", 1]),
+    (FeatureType.TIMESTAMP, ["yesterday"]),
+])
+def test_convert_column_fails_where_the_scalar_converter_fails(
+    ftype: FeatureType, column: list[Any]
+) -> None:
+    with pytest.raises(ConversionError):
+        convert_column(ftype, column)
+
+
+@pytest.mark.parametrize("column", [
+    ["2024-01-02 03:04:05.123456", "1969-12-31 23:59:59.999999", "2024-01-02T03:04:05+02:00"],
+    [dt.datetime(2024, 1, 2, 3, 4, 5, 6), dt.datetime(1900, 1, 1, tzinfo=dt.UTC),
+     dt.datetime(2024, 6, 1, tzinfo=dt.timezone(dt.timedelta(hours=-7)))],
+    ["2024-01-02 03:04:05", None, dt.datetime(2024, 1, 2)],  # mixed: the general path
+])
+def test_timestamps_to_us_equals_the_scalar_path(column: list[Any]) -> None:
+    assert timestamps_to_us(column) == [timestamp_to_us(v) for v in column]
+
+
+def test_timestamps_to_us_rejects_text_that_is_not_a_timestamp() -> None:
+    with pytest.raises(ConversionError, match="ISO 8601"):
+        timestamps_to_us(["2024-01-02", "soon"])
