@@ -1,4 +1,5 @@
-"""Follow changes: poll a view's ``updated_at`` column and refresh what changed (DESIGN 5).
+"""Follow changes: poll a view's ``updated_at`` column (or a configured change query) and
+refresh what changed (DESIGN 5).
 
 ``follow_changes`` reads, per entity, the latest ``updated_at`` among rows with ``updated_at >=
 watermark`` (``>=``, not ``>``: rows committed later with the watermark's exact timestamp must
@@ -21,10 +22,30 @@ not be lost), in ascending order of that time, in chunks. Per chunk of changed e
 
 With no watermark yet, the first poll considers every entity of the view.
 
+**A change query** (``ChangeQuery``; ``warmer.follow_changes.views.<view>.change_query`` in the
+config) replaces the ``updated_at`` poll when changes are recorded elsewhere (an audit or
+outbox table, a join), or the view has no ``updated_at`` column. It is one ``SELECT`` that
+returns the columns ``entity_id`` and ``updated_at`` (alias them: ``SELECT user_id AS
+entity_id, changed_at AS updated_at FROM audit_log WHERE changed_at >= :watermark``), and takes
+the watermark as the bound parameter ``:watermark`` (never formatted into the text). It must
+compare with ``>=`` for the same reason as above. featcache wraps it as a subquery, keeps the
+latest ``updated_at`` per entity and orders by it, so the watermark, the boundary ids and the
+chunks work exactly as for the column. ``:watermark`` is a UTC datetime bound as the column
+poll binds it: timezone-aware when the view's ``updated_at`` column is (``timestamptz``),
+naive UTC wall time when it is not (MySQL/MariaDB ``DATETIME``, SQLite text); for a view
+without ``updated_at``, aware on PostgreSQL and naive elsewhere. A change column of the other
+kind needs a cast in the query (PostgreSQL: ``changed_at >= (:watermark AT TIME ZONE 'UTC')``),
+or its comparison depends on the session's time zone. Before the first watermark it is
+1970-01-01T00:00:00Z. The query is checked when
+the warmer starts (one statement, a ``SELECT``/``WITH``, ``:watermark`` and no other
+parameter) and its columns at first use: a query without ``entity_id``/``updated_at``, or
+whose values are not ids and timestamps, raises ``SchemaError`` naming its config path.
+
 The poll runs under the view's leader lease (``.leader.ViewLeader``), renewed between chunks,
 so several warmers do not process the same changes twice.
 
-Limits, by construction of an ``updated_at`` poll:
+Limits, by construction of an ``updated_at`` poll (a change query has the same ones, on its
+own change column):
 
 * **Deletions are invisible**: a deleted row has no ``updated_at``. ETL code that deletes rows
   must call the invalidation hook (``featcache invalidate`` or ``featcache.invalidation
@@ -41,6 +62,7 @@ import contextlib
 import datetime as dt
 import json
 import logging
+import re
 import time
 from collections.abc import Generator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -55,7 +77,7 @@ from featcache.client import FeatureCache
 from featcache.codec import KIND_ABSENT, KIND_ROW, RowCodec
 from featcache.config import FeatureView
 from featcache.convert import timestamp_to_us, us_to_timestamp
-from featcache.errors import InvalidRequest
+from featcache.errors import ConfigError, InvalidRequest, SchemaError
 from featcache.redis_store import RedisStore
 from featcache.request import EntityId
 
@@ -63,6 +85,7 @@ from .leader import ViewLeader
 from .warm import DEFAULT_LEASE_TTL_S, materialize
 
 __all__ = [
+    "ChangeQuery",
     "ChangesReport",
     "Watermark",
     "follow_changes",
@@ -114,6 +137,67 @@ class ChangesReport:
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+# ----------------------------------------------------------------------------- change query
+
+#: the columns a change query returns, and its one bound parameter
+CHANGE_COLUMNS = ("entity_id", "updated_at")
+WATERMARK_PARAM = "watermark"
+_START = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)  # :watermark before the first poll
+_SELECT = re.compile(r"\s*(select|with)\b", re.IGNORECASE)
+
+
+@dataclass(frozen=True, slots=True)
+class ChangeQuery:
+    """A validated change query (see the module docstring). ``path`` and ``source`` name where
+    it was configured, so a query that fails at first use still points at the key to fix."""
+
+    sql: str
+    path: str = "change_query"
+    source: str = ""
+
+    @classmethod
+    def parse(cls, sql: object, path: str = "change_query", source: str = "") -> ChangeQuery:
+        """Check what can be checked without a database; raises ``ConfigError`` at ``path``."""
+        if not isinstance(sql, str) or not sql.strip():
+            raise ConfigError(f"expected a SELECT statement (a string), got {sql!r}", path,
+                              source)
+        text = sql.strip()
+        if text.endswith(";"):  # a habit from SQL consoles; a subquery cannot carry it
+            text = text[:-1].rstrip()
+        if ";" in text:
+            raise ConfigError("expected one SELECT statement, found ';' inside the query",
+                              path, source)
+        if not _SELECT.match(text):
+            raise ConfigError(
+                f"expected a single SELECT (or WITH ... SELECT) statement, got {_head(text)!r}",
+                path, source)
+        params = set(sa.text(text).compile().params)
+        if WATERMARK_PARAM not in params:
+            raise ConfigError(
+                "the query has no :watermark parameter; select the changes since it, e.g. "
+                "... WHERE updated_at >= :watermark", path, source)
+        if params != {WATERMARK_PARAM}:
+            others = ", ".join(f":{p}" for p in sorted(params - {WATERMARK_PARAM}))
+            raise ConfigError(f"unknown parameters {others}; only :watermark is bound",
+                              path, source)
+        return cls(text, path, source)
+
+    def subquery(self, watermark: dt.datetime, aware: bool) -> sa.Subquery:
+        """The query with ``watermark`` bound, as the subquery ``fc_changes``."""
+        value = watermark if aware else watermark.astimezone(dt.UTC).replace(tzinfo=None)
+        bound = sa.text(self.sql).bindparams(
+            sa.bindparam(WATERMARK_PARAM, value, type_=sa.DateTime(timezone=aware))
+        )
+        return bound.columns(*(sa.column(c) for c in CHANGE_COLUMNS)).subquery("fc_changes")
+
+    def error(self, message: str) -> SchemaError:
+        return SchemaError(f"change query: {message}", self.path, self.source)
+
+
+def _head(text: str) -> str:
+    return text.split(None, 1)[0][:20] if text else ""
 
 
 # ----------------------------------------------------------------------------- watermark
@@ -180,38 +264,95 @@ def publish_l1_invalidation(
 # ----------------------------------------------------------------------------- the poll
 
 
-def _changed(
-    cache: FeatureCache, view: FeatureView, mark: Watermark | None, chunk_rows: int
-) -> Generator[list[tuple[EntityId, int]], None, None]:
-    """(entity, latest updated_at in µs) with updated_at >= the watermark, ascending by time."""
-    offline, view_def = resolve(cache, view)
-    bound = offline.bind(view_def)
-    table = bound.table
-    assert view_def.updated_at_column is not None
-    column = table.c[view_def.updated_at_column]
-    entity = table.c[view_def.entity_column]
-    latest = sa.func.max(column).label("fc_changed_at")
-    query = sa.select(entity, latest).where(column.is_not(None))
-    where = _since_filter(view_def, table, mark.when if mark is not None else None)
+def _changes_query(
+    cache: FeatureCache, view: FeatureView, mark: Watermark | None,
+    change_query: ChangeQuery | None,
+) -> sa.Select[Any]:
+    """(entity, its latest change time) since the watermark, ascending by time, then id."""
+    offline, _ = resolve(cache, view)
+    table = offline.bind(view).table
+    entity: sa.ColumnElement[Any]
+    changed_at: sa.ColumnElement[Any]
+    if change_query is None:
+        assert view.updated_at_column is not None
+        entity, changed_at = table.c[view.entity_column], table.c[view.updated_at_column]
+        where = _since_filter(view, table, mark.when if mark is not None else None)
+    else:
+        if view.updated_at_column is not None:  # bound as the column poll binds it
+            aware = bool(getattr(table.c[view.updated_at_column].type, "timezone", False))
+        else:  # timestamptz is PostgreSQL's usual kind; elsewhere times carry no offset
+            aware = offline.engine.dialect.name == "postgresql"
+        sub = change_query.subquery(mark.when if mark is not None else _START, aware)
+        entity, changed_at = sub.c.entity_id, sub.c.updated_at
+        where = None
+    latest = sa.func.max(changed_at).label("fc_changed_at")
+    query = sa.select(entity, latest).where(changed_at.is_not(None))
     if where is not None:
         query = query.where(where)
-    query = query.group_by(entity).order_by(latest, entity)
+    groups: list[sa.ColumnElement[Any]] = [entity]
+    if view.entity_type == "str" and offline.engine.dialect.name in ("mysql", "mariadb"):
+        # Their default collations compare case- and trailing-space-insensitively: 'a', 'A'
+        # and 'a ' would be one group, and two of three changed entities never refreshed.
+        groups.append(sa.cast(entity, sa.LargeBinary))
+    return query.group_by(*groups).order_by(latest, entity)
+
+
+def _changed(
+    cache: FeatureCache, view: FeatureView, mark: Watermark | None, chunk_rows: int,
+    change_query: ChangeQuery | None = None,
+) -> Generator[list[tuple[EntityId, int]], None, None]:
+    """(entity, latest change time in µs) changed at or after the watermark, ascending by
+    time, in chunks of at most ``chunk_rows``."""
+    offline, view_def = resolve(cache, view)
+    int_ids = offline.bind(view_def).int_ids
+    doing = f"polling view {view_def.name!r} for changes"
     try:
+        query = _changes_query(cache, view_def, mark, change_query)
         with offline.engine.connect() as conn:
-            result = conn.execution_options(stream_results=True, yield_per=chunk_rows).execute(
-                query
-            )
+            try:
+                result = conn.execution_options(
+                    stream_results=True, yield_per=chunk_rows).execute(query)
+            except sa_exc.SQLAlchemyError:
+                if change_query is not None:  # most likely its columns: say which key to fix
+                    _check_columns(offline.engine, change_query)
+                raise
             for part in result.partitions(chunk_rows):
                 out: list[tuple[EntityId, int]] = []
                 for raw_id, raw_ts in part:
-                    ts_us = timestamp_to_us(raw_ts)
-                    if ts_us is None:
+                    if raw_id is None:
                         continue
-                    eid: EntityId = int(raw_id) if bound.int_ids else str(raw_id)
-                    out.append((eid, ts_us))
+                    try:
+                        ts_us = timestamp_to_us(raw_ts)
+                        eid: EntityId = int(raw_id) if int_ids else str(raw_id)
+                    except (ValueError, TypeError) as exc:  # ConversionError is a ValueError
+                        if change_query is None:
+                            raise
+                        raise change_query.error(
+                            f"row ({raw_id!r}, {raw_ts!r}): expected an entity id "
+                            f"({view_def.entity_type}) and a timestamp: {exc}") from None
+                    if ts_us is not None:
+                        out.append((eid, ts_us))
                 yield out
     except sa_exc.SQLAlchemyError as exc:
-        raise offline._translate(exc, f"polling view {view_def.name!r} for changes") from exc
+        raise offline._translate(exc, doing) from exc
+
+
+def _check_columns(engine: sa.Engine, change_query: ChangeQuery) -> None:
+    """Raise ``SchemaError`` when the query does not return the columns it must; return
+    quietly when it does, or cannot tell (the failure was something else)."""
+    probe: sa.Select[Any] = sa.select(sa.literal_column("*")).select_from(
+        change_query.subquery(_START, aware=False)).where(sa.false())
+    try:
+        with engine.connect() as conn:  # a fresh one: the failed transaction may be aborted
+            names = conn.execute(probe).keys()  # a Result's columns, not a dict's keys
+        keys = [str(k).lower() for k in names]
+    except sa_exc.SQLAlchemyError:
+        return
+    missing = [c for c in CHANGE_COLUMNS if c not in keys]
+    if missing:
+        raise change_query.error(
+            f"it returns the columns {', '.join(keys) or 'none'}; it must return "
+            f"{' and '.join(CHANGE_COLUMNS)} (alias them: SELECT user_id AS entity_id, ...)")
 
 
 def _cached(cache: FeatureCache, view: FeatureView, ids: list[EntityId]) -> list[EntityId]:
@@ -239,21 +380,24 @@ def follow_changes(
     leader: ViewLeader | None = None,
     lease_ttl_s: float = DEFAULT_LEASE_TTL_S,
     chunk_rows: int = 10_000,
+    change_query: ChangeQuery | None = None,
 ) -> ChangesReport:
     """One poll of ``view``'s changes since its watermark; see the module docstring.
 
     Runs only as the view's leader: with ``leader`` None a lease is taken for this poll and
-    released after it; a given ``leader`` is acquired (or extended) and kept.
+    released after it; a given ``leader`` is acquired (or extended) and kept. With
+    ``change_query``, it finds the changes instead of the view's ``updated_at`` column.
     """
     if rewrite not in ("cached", "all"):
         raise InvalidRequest(f"rewrite must be 'cached' or 'all', got {rewrite!r}")
     if chunk_rows < 1:
         raise InvalidRequest(f"chunk_rows must be at least 1, got {chunk_rows}")
     view_def = cache.config.view(view if isinstance(view, str) else view.name)
-    if view_def.updated_at_column is None:
+    if view_def.updated_at_column is None and change_query is None:
         raise InvalidRequest(
             f"view {view_def.name!r} has no updated_at column: following changes needs one "
-            "(views.<name>.updated_at in the config)"
+            "(views.<name>.updated_at in the config) or a change query "
+            "(warmer.follow_changes.views.<name>.change_query)"
         )
     started = time.perf_counter()
     own_lease = leader is None
@@ -267,7 +411,8 @@ def follow_changes(
         mark = load_watermark(cache, view_def)
         counts = {"changed": 0, "rewritten": 0, "fenced_off": 0, "not_cached": 0, "published": 0}
         complete = True
-        with contextlib.closing(_changed(cache, view_def, mark, chunk_rows)) as chunks:
+        with contextlib.closing(_changed(cache, view_def, mark, chunk_rows,
+                                              change_query)) as chunks:
             for part in chunks:
                 fresh = [(e, t) for e, t in part
                          if mark is None or t != mark.ts_us or e not in mark.ids]

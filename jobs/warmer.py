@@ -20,9 +20,14 @@ raises ``ConfigError`` naming its path)::
       lease_ttl: 30s                   # the per-view leader lease (default 30s)
       chunk_rows: 10000                # entities per SQL read / Redis write (default 10000)
       views: [v1, v2]                  # default: every view
-      follow_changes:                  # optional; only views with updated_at
+      follow_changes:                  # optional; views with updated_at or a change query
         interval: 30s
         rewrite: cached                # or all
+        views:                         # optional, per view
+          v2:
+            change_query: >-           # instead of v2's updated_at: see changes.py
+              SELECT user_id AS entity_id, changed_at AS updated_at
+              FROM audit_log WHERE changed_at >= :watermark
 
 Durations take ``featcache.config.parse_duration`` forms (``30``, ``"500ms"``, ``"5m"``).
 
@@ -47,7 +52,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import FrameType
 from typing import Any, TextIO
 
@@ -58,11 +63,11 @@ from apscheduler.triggers.cron import CronTrigger
 from apscheduler.triggers.interval import IntervalTrigger
 
 from featcache.client import FeatureCache
-from featcache.config import CacheConfig, load_config, parse_duration
+from featcache.config import CacheConfig, FeatureView, load_config, parse_duration
 from featcache.errors import ConfigError
 from featcache.redis_store import RedisStore
 
-from .changes import Rewrite, follow_changes
+from .changes import ChangeQuery, Rewrite, follow_changes
 from .leader import ViewLeader
 from .warm import warm_once
 
@@ -80,14 +85,22 @@ log = logging.getLogger("featcache.warmer")
 
 _TOP_KEYS = ("schedule", "jitter", "misfire_grace", "k", "horizon", "lease_ttl", "chunk_rows",
              "views", "follow_changes")
-_FOLLOW_KEYS = ("interval", "rewrite")
+_FOLLOW_KEYS = ("interval", "rewrite", "views")
+_FOLLOW_VIEW_KEYS = ("change_query",)
 HEALTH_NAME = "warmer:health"
 
 
 @dataclass(frozen=True, slots=True)
 class FollowSettings:
+    """``warmer.follow_changes``; ``change_queries``: the views polled through a change query
+    instead of their ``updated_at`` column."""
+
     interval_s: float
     rewrite: Rewrite = "cached"
+    change_queries: Mapping[str, ChangeQuery] = field(default_factory=dict)
+
+    def followed(self, view: FeatureView) -> bool:
+        return view.updated_at_column is not None or view.name in self.change_queries
 
 
 @dataclass(frozen=True, slots=True)
@@ -196,8 +209,21 @@ def parse_settings(config: CacheConfig) -> WarmerSettings:
         if rewrite not in ("cached", "all"):
             raise fail(f"expected 'cached' or 'all', got {rewrite!r}",
                        "warmer.follow_changes.rewrite")
+        queries: dict[str, ChangeQuery] = {}
+        per_view = mapping(fdoc.get("views"), "warmer.follow_changes.views")
+        for name, raw_view in per_view.items():
+            path = f"warmer.follow_changes.views.{name}"
+            if name not in views:
+                raise fail(f"not a view this warmer runs; warmer.views: {', '.join(views)}",
+                           path)
+            vdoc = mapping(raw_view, path)
+            known(vdoc, _FOLLOW_VIEW_KEYS, path)
+            if "change_query" in vdoc:
+                queries[name] = ChangeQuery.parse(vdoc["change_query"], f"{path}.change_query",
+                                                  source)
         follow = FollowSettings(
-            duration(fdoc, "interval", "warmer.follow_changes.interval", 30.0, True), rewrite
+            duration(fdoc, "interval", "warmer.follow_changes.interval", 30.0, True), rewrite,
+            queries,
         )
 
     return WarmerSettings(
@@ -246,13 +272,14 @@ class Warmer:
         return {"leader": report.leader, "rows": written}
 
     def follow(self, view: str) -> None:
-        assert self.settings.follow is not None
-        rewrite = self.settings.follow.rewrite
-        self._run("changes", view, lambda: self._follow(view, rewrite))
+        follow = self.settings.follow
+        assert follow is not None
+        self._run("changes", view, lambda: self._follow(view, follow))
 
-    def _follow(self, view: str, rewrite: Rewrite) -> dict[str, Any]:
-        report = follow_changes(self.cache, view, rewrite=rewrite, leader=self.leaders[view],
-                                chunk_rows=self.settings.chunk_rows)
+    def _follow(self, view: str, follow: FollowSettings) -> dict[str, Any]:
+        report = follow_changes(self.cache, view, rewrite=follow.rewrite,
+                                leader=self.leaders[view], chunk_rows=self.settings.chunk_rows,
+                                change_query=follow.change_queries.get(view))
         out: dict[str, Any] = {"leader": report.leader, "rows": report.rewritten,
                                "changed": report.changed}
         if report.leader:
@@ -321,8 +348,9 @@ def build_scheduler(
     warmer: Warmer | None = None,
 ) -> BaseScheduler:
     """A scheduler (not started) with one warm job per view and, with ``follow_changes`` and an
-    ``updated_at`` column, one follow-changes job. Job ids: ``warm:<view>``, ``changes:<view>``.
-    The ``Warmer`` holding the leases and health is ``scheduler.featcache_warmer``."""
+    ``updated_at`` column or a change query, one follow-changes job. Job ids: ``warm:<view>``,
+    ``changes:<view>``. The ``Warmer`` holding the leases and health is
+    ``scheduler.featcache_warmer``."""
     warmer = warmer or Warmer(cache, settings)
     scheduler = scheduler_cls(timezone=dt.UTC)
     common: dict[str, Any] = {
@@ -335,7 +363,7 @@ def build_scheduler(
                           id=f"warm:{view}", name=f"warm {view}", **common)
         if settings.follow is None:
             continue
-        if cache.config.view(view).updated_at_column is None:
+        if not settings.follow.followed(cache.config.view(view)):
             log.info("warmer view=%s follow_changes=skipped reason=no_updated_at_column", view)
             continue
         scheduler.add_job(warmer.follow, _trigger(settings, settings.follow.interval_s),

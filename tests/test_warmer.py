@@ -9,73 +9,41 @@ import json
 import signal
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import msgpack
 import pytest
 import redis
-import sqlalchemy as sa
 from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.cron import CronTrigger
 from apscheduler.triggers.interval import IntervalTrigger
 from featcache.jobs.changes import follow_changes, load_watermark
 from featcache.jobs.leader import ViewLeader
 from featcache.jobs.warmer import build_scheduler, health, parse_settings
-from featdata import STATS_FEATURES, T0, insert, make_table, stats_row
+from featdata import STATS_FEATURES, T0, insert, make_cache, make_table, make_view, stats_row
+from servers import SqlTarget
+from warmerenv import HOUR, cv_env, update, wait_for, write_config
 
 from featcache import ConfigError, FeatureCache, Status, load_config
 from featcache.keys import KeyLayout
 
-HOUR = dt.timedelta(hours=1)
 
-
-def _write_config(path: Path, redis_url: str, key_prefix: str, offline_url: str,
-                  warmer: str = "") -> Path:
-    path.write_text(
-        f"redis: {{url: '{redis_url}', key_prefix: '{key_prefix}'}}\n"
-        f"offline_store: {{url: '{offline_url}'}}\n"
-        "views:\n"
-        "  cv:\n    table: cv\n    entity: {column: entity_id, type: int}\n"
-        "    event_timestamp: event_ts\n    updated_at: updated_at\n"
-        "    features:\n      clicks: int, 1h\n      country: str, 1h\n"
-        "  plain:\n    table: plain\n    entity: {column: entity_id, type: int}\n"
-        "    event_timestamp: event_ts\n    features:\n      ctr: float, 10m\n"
-        + warmer
-    )
-    return path
+@pytest.fixture
+def env(sqlite_target: SqlTarget, redis_url: str, key_prefix: str,
+        tmp_path: Path) -> Iterator[dict[str, Any]]:
+    """The views on SQLite, for what does not depend on the dialect."""
+    with cv_env(sqlite_target, redis_url, key_prefix, tmp_path) as built:
+        yield built
 
 
 @pytest.fixture
-def env(sqlite_target: Any, redis_url: str, key_prefix: str,
-        tmp_path: Path) -> Iterator[dict[str, Any]]:
-    engine = sqlite_target.engine()
-    table = make_table(engine, None, "cv", STATS_FEATURES)
-    make_table(engine, None, "plain", STATS_FEATURES)
-    insert(engine, table, [stats_row(i) for i in range(1, 6)])
-    path = _write_config(tmp_path / "featcache.yaml", redis_url, key_prefix, sqlite_target.url)
-    with FeatureCache.from_config(path) as cache:
-        yield {"engine": engine, "table": table, "cache": cache, "path": path,
-               "url": sqlite_target.url}
-
-
-def _update(engine: sa.Engine, table: sa.Table, entity: int, when: dt.datetime,
-            **values: Any) -> None:
-    naive = when.astimezone(dt.UTC).replace(tzinfo=None)  # SQLite stores UTC wall time
-    with engine.begin() as conn:
-        conn.execute(table.update().where(table.c.entity_id == entity)
-                     .values(updated_at=naive, **values))
-
-
-def _wait_for(condition: Callable[[], bool], timeout: float = 30.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.05)
-    return condition()
+def any_env(sql_target: SqlTarget, redis_url: str, key_prefix: str,
+            tmp_path: Path) -> Iterator[dict[str, Any]]:
+    """The views on every SQL dialect (``sql_target``: SQLite, PostgreSQL, MariaDB/MySQL)."""
+    with cv_env(sql_target, redis_url, key_prefix, tmp_path) as built:
+        yield built
 
 
 # ----------------------------------------------------------------------------- settings
@@ -99,7 +67,7 @@ def _wait_for(condition: Callable[[], bool], timeout: float = 30.0) -> bool:
 def test_bad_settings_fail_at_start_with_the_path(
     tmp_path: Path, redis_url: str, key_prefix: str, warmer: str, path: str, message: str
 ) -> None:
-    config_path = _write_config(tmp_path / "c.yaml", redis_url, key_prefix, "sqlite://", warmer)
+    config_path = write_config(tmp_path / "c.yaml", redis_url, key_prefix, "sqlite://", warmer)
     config = load_config(config_path)
     with pytest.raises(ConfigError, match=message) as caught:
         parse_settings(config)
@@ -114,11 +82,11 @@ def test_bad_settings_fail_at_start_with_the_path(
 
 
 def test_settings_defaults_and_values(tmp_path: Path, redis_url: str, key_prefix: str) -> None:
-    config = load_config(_write_config(tmp_path / "c.yaml", redis_url, key_prefix, "sqlite://"))
+    config = load_config(write_config(tmp_path / "c.yaml", redis_url, key_prefix, "sqlite://"))
     s = parse_settings(config)
     assert (s.views, s.interval_s, s.cron, s.k, s.horizon_s, s.follow) == (
         ("cv", "plain"), 60.0, None, 1000, 60.0, None)
-    config = load_config(_write_config(
+    config = load_config(write_config(
         tmp_path / "d.yaml", redis_url, key_prefix, "sqlite://",
         "warmer:\n  schedule: {cron: '*/5 * * * *'}\n  jitter: 5s\n  misfire_grace: 30s\n"
         "  k: 10000\n  horizon: 5m\n  lease_ttl: 30s\n  views: [cv]\n"
@@ -134,15 +102,15 @@ def test_settings_defaults_and_values(tmp_path: Path, redis_url: str, key_prefix
 
 
 def test_an_update_reaches_get_features_after_one_poll(
-    env: dict[str, Any], redis_client: redis.Redis, key_prefix: str
+    any_env: dict[str, Any], redis_client: redis.Redis, key_prefix: str
 ) -> None:
-    cache: FeatureCache = env["cache"]
+    cache: FeatureCache = any_env["cache"]
     first = follow_changes(cache, "cv")  # no watermark yet: every entity, none cached
     assert (first.leader, first.changed, first.rewritten, first.not_cached) == (True, 5, 0, 5)
     assert [cache.get_features([i], ["clicks"]).status(i, "clicks") for i in (1, 2)] == [
         Status.FILLED, Status.FILLED]
-    _update(env["engine"], env["table"], 2, T0 + HOUR, clicks=999)
-    _update(env["engine"], env["table"], 3, T0 + HOUR, clicks=333)  # not cached
+    update(any_env["engine"], any_env["table"], 2, T0 + HOUR, clicks=999)
+    update(any_env["engine"], any_env["table"], 3, T0 + HOUR, clicks=333)  # not cached
     stream = KeyLayout(key_prefix).stream_key()
     before = redis_client.xlen(stream)
 
@@ -170,19 +138,19 @@ def test_rewrite_all_writes_uncached_entities(env: dict[str, Any]) -> None:
 
 
 def test_rows_sharing_the_watermark_timestamp_are_not_lost(
-    env: dict[str, Any], redis_client: redis.Redis, key_prefix: str
+    any_env: dict[str, Any], redis_client: redis.Redis, key_prefix: str
 ) -> None:
-    cache: FeatureCache = env["cache"]
+    cache: FeatureCache = any_env["cache"]
     follow_changes(cache, "cv")  # past the initial rows
-    t1 = T0 + 2 * HOUR
-    insert(env["engine"], env["table"],
+    t1 = T0 + 2 * HOUR + dt.timedelta(microseconds=123_457)  # sub-second: no dialect rounds it
+    insert(any_env["engine"], any_env["table"],
            [stats_row(i, T0 + HOUR, updated_at=t1) for i in (11, 12, 13)])
     report = follow_changes(cache, "cv", rewrite="all")
     assert (report.changed, report.rewritten) == (3, 3)
     mark = load_watermark(cache, "cv")
     assert mark is not None and mark.when == t1 and mark.ids == {11, 12, 13}
 
-    insert(env["engine"], env["table"], [stats_row(14, T0 + HOUR, updated_at=t1)])
+    insert(any_env["engine"], any_env["table"], [stats_row(14, T0 + HOUR, updated_at=t1)])
     redis_client.delete(*KeyLayout(key_prefix).row_keys("cv", [11, 12, 13]))
     report = follow_changes(cache, "cv", rewrite="all")
     assert (report.changed, report.rewritten) == (1, 1)  # only 14; 11-13 not reprocessed
@@ -193,15 +161,33 @@ def test_rows_sharing_the_watermark_timestamp_are_not_lost(
     assert follow_changes(cache, "cv").changed == 0
 
 
-def test_the_watermark_survives_a_restart(env: dict[str, Any]) -> None:
-    with FeatureCache.from_config(env["path"]) as first:
+def test_the_watermark_survives_a_restart(any_env: dict[str, Any]) -> None:
+    with FeatureCache.from_config(any_env["path"]) as first:
         assert follow_changes(first, "cv").changed == 5
         mark = load_watermark(first, "cv")
-    with FeatureCache.from_config(env["path"]) as second:  # a new process, in effect
+    with FeatureCache.from_config(any_env["path"]) as second:  # a new process, in effect
         assert load_watermark(second, "cv") == mark
         assert follow_changes(second, "cv").changed == 0
-        _update(env["engine"], env["table"], 4, T0 + HOUR, clicks=44)
+        update(any_env["engine"], any_env["table"], 4, T0 + HOUR, clicks=44)
         assert follow_changes(second, "cv").changed == 1
+
+
+def test_string_ids_differing_only_in_case_or_trailing_spaces_are_separate_changes(
+    sql_target: SqlTarget, redis_url: str, key_prefix: str, redis_client: redis.Redis
+) -> None:
+    engine = sql_target.engine()
+    table = make_table(engine, sql_target.schema, "sv", STATS_FEATURES, entity_type="str")
+    ids = ["a", "A", "a "]  # one entity under MariaDB's default collation, unless grouped
+    insert(engine, table, [stats_row(e, T0 + i * HOUR) for i, e in enumerate(ids)])
+    view = make_view("sv", "sv", sql_target.schema, entity_type="str")
+    stream = KeyLayout(key_prefix).stream_key()
+    with make_cache([view], redis_url, sql_target.url, key_prefix) as cache:
+        report = follow_changes(cache, "sv")
+        assert (report.changed, report.not_cached) == (3, 3)
+        entries = redis_client.xrange(stream)
+        assert sorted(msgpack.unpackb(entries[-1][1][b"ids"])) == sorted(ids)
+        mark = load_watermark(cache, "sv")
+        assert mark is not None and mark.ids == {"a "} and mark.when == T0 + 2 * HOUR
 
 
 def test_a_poll_waits_for_the_leader_lease(env: dict[str, Any]) -> None:
@@ -220,7 +206,7 @@ def test_a_poll_waits_for_the_leader_lease(env: dict[str, Any]) -> None:
 
 def test_build_scheduler_creates_the_jobs(tmp_path: Path, env: dict[str, Any],
                                           redis_url: str, key_prefix: str) -> None:
-    config = load_config(_write_config(
+    config = load_config(write_config(
         tmp_path / "w.yaml", redis_url, key_prefix, env["url"],
         "warmer:\n  schedule: {interval: 60s}\n  jitter: 5s\n  misfire_grace: 30s\n"
         "  follow_changes: {interval: 30s}\n",
@@ -253,7 +239,7 @@ def test_a_started_scheduler_runs_cycles_and_records_health(
     scheduler = build_scheduler(cache, parse_settings(config), BackgroundScheduler)
     scheduler.start()
     try:
-        assert _wait_for(lambda: "cv/changes" in scheduler.featcache_warmer.health
+        assert wait_for(lambda: "cv/changes" in scheduler.featcache_warmer.health
                          and "cv/warm" in scheduler.featcache_warmer.health)
     finally:
         scheduler.shutdown(wait=True)
@@ -271,7 +257,7 @@ def test_the_warmer_command_stops_cleanly_on_sigterm(
     env: dict[str, Any], tmp_path: Path, redis_url: str, key_prefix: str,
     redis_client: redis.Redis,
 ) -> None:
-    path = _write_config(
+    path = write_config(
         tmp_path / "run.yaml", redis_url, key_prefix, env["url"],
         "warmer:\n  schedule: {interval: 300ms}\n  views: [cv]\n"
         "  follow_changes: {interval: 300ms, rewrite: all}\n",
@@ -281,7 +267,7 @@ def test_the_warmer_command_stops_cleanly_on_sigterm(
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         key = KeyLayout(key_prefix).view_key("cv", "warmer:health")
-        assert _wait_for(lambda: redis_client.hexists(key, "changes.last_success")
+        assert wait_for(lambda: redis_client.hexists(key, "changes.last_success")
                          or proc.poll() is not None), "no cycle ran"
         assert proc.poll() is None, proc.communicate()
         proc.send_signal(signal.SIGTERM)
