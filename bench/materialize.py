@@ -16,9 +16,9 @@ and Redis ``used_memory`` growth per row. Afterwards ``get_features`` of 1000 ra
 HIT_REDIS with exactly the generated values, or the run fails.
 
 Then, unless ``--no-profile``: one materialization of 100k SQLite rows timed stage by stage
-(the same calls ``materialize`` makes, unprofiled), and the same run under cProfile (top 25 by
-tottime, plus cumulative time per stage: id listing, fence, SQL fetch, conversion, encoding,
-Redis write).
+(the same calls ``materialize`` makes, serially, unprofiled), and the same loop under cProfile
+(top 25 by tottime, plus cumulative time per stage: id listing, fence, SQL fetch, conversion,
+encoding, Redis write).
 
 The PostgreSQL helper here is deliberately minimal; ``tests/servers.py`` holds the test suite's
 fuller one but is not a package the benchmarks may import.
@@ -56,7 +56,7 @@ from typing import Any
 
 import psutil
 import sqlalchemy as sa
-from featcache.jobs.warm import MaterializeReport, materialize
+from featcache.jobs.warm import materialize
 from sqlalchemy.pool import NullPool
 
 from bench import dataset
@@ -69,7 +69,8 @@ from bench.common import (
     used_memory,
 )
 from featcache import CacheConfig, FeatureCache, FeatureView, Status
-from featcache.bulk import iter_entity_ids, iter_latest_rows
+from featcache.bulk import iter_entity_ids, iter_latest_by_id
+from featcache.offline import SqlRow
 from featcache.redis_store import CONDITIONAL_SET, ENSURE_EPOCH
 
 DESCRIPTION = "bulk materialization (jobs.warm.materialize) from SQLite and PostgreSQL into Redis"
@@ -495,9 +496,10 @@ def verify(cache: FeatureCache, expected: dict[int, dict[str, Any]], source: str
 
 
 def stage_breakdown(cache: FeatureCache, chunk_rows: int) -> dict[str, float]:
-    """``materialize(all=True)``'s loop with a clock around each call it makes."""
+    """``materialize(all=True)``'s loop, run serially (materialize overlaps a chunk's write
+    with the next chunk's fence and read), with a clock around each call it makes."""
     view = cache.config.view(dataset.VIEW_NAME)
-    times = dict.fromkeys(("list_ids", "fence", "sql_read_convert", "put_rows"), 0.0)
+    times = dict.fromkeys(("list_ids", "fence", "sql_read_convert", "write"), 0.0)
     rows_done = 0
     started = time.perf_counter()
     mark = started
@@ -507,15 +509,15 @@ def stage_breakdown(cache: FeatureCache, chunk_rows: int) -> dict[str, float]:
             times["list_ids"] += now - mark
             fence = cache.fence(view, chunk)
             t1 = time.perf_counter()
-            rows: list[dict[str, Any]] = []
-            for part in iter_latest_rows(cache, view, ids=chunk, chunk_rows=len(chunk)):
-                rows.extend(part)
+            rows: dict[Any, SqlRow] = {}
+            for part in iter_latest_by_id(cache, view, chunk, chunk_rows=len(chunk)):
+                rows.update(part)
             t2 = time.perf_counter()
-            rows_done += cache.put_rows(view, rows, fence=fence).written
+            rows_done += cache.put_latest(view, rows, fence=fence).written
             mark = time.perf_counter()
             times["fence"] += t1 - now
             times["sql_read_convert"] += t2 - t1
-            times["put_rows"] += mark - t2
+            times["write"] += mark - t2
     total = time.perf_counter() - started
     out = {k: round(v, 3) for k, v in times.items()}
     out["total"] = round(total, 3)
@@ -528,12 +530,8 @@ _STAGE_FUNCS: dict[str, tuple[str, str]] = {
     "list_ids (iter_entity_ids)": ("bulk.py", "iter_entity_ids"),
     "fence (RowWriter.fence)": ("writes.py", "fence"),
     "sql read+convert (bulk._by_ids)": ("bulk.py", "_by_ids"),
-    "  of which OfflineStore._convert": ("offline.py", "_convert"),
-    "  of which bulk._as_dicts": ("bulk.py", "_as_dicts"),
-    "put_rows (RowWriter.put_rows)": ("writes.py", "put_rows"),
-    "  of which writes._columns": ("writes.py", "_columns"),
-    "  of which check_id": ("request.py", "check_id"),
-    "  of which timestamp_to_us": ("convert.py", "timestamp_to_us"),
+    "  of which OfflineStore.convert_rows": ("offline.py", "convert_rows"),
+    "write (RowWriter.put_latest)": ("writes.py", "put_latest"),
     "  of which RowCodec.encode": ("codec.py", "encode"),
     "  of which RedisStore.write": ("redis_store.py", "write"),
 }
@@ -548,16 +546,15 @@ def profile_materialize(url: str, redis_url: str | None, chunk_rows: int, n: int
     with fresh_cache(redis_url, url, None) as (cache, _):
         gc.collect()
         profiler = cProfile.Profile()
-        profiler.enable()
-        report: MaterializeReport = materialize(cache, dataset.VIEW_NAME, all=True,
-                                                chunk_rows=chunk_rows)
+        profiler.enable()  # the serial loop: cProfile sees one thread only
+        profiled = stage_breakdown(cache, chunk_rows)
         profiler.disable()
-    if report.rows_written != n:
-        raise BenchError(f"profile: wrote {report.rows_written} rows, expected {n}")
+    if profiled["rows"] != n:
+        raise BenchError(f"profile: wrote {profiled['rows']} rows, expected {n}")
     buf = io.StringIO()
     stats = pstats.Stats(profiler, stream=buf)
     raw: dict[tuple[str, int, str], tuple[Any, ...]] = stats.stats  # type: ignore[attr-defined]
-    total = max(t[3] for (_, _, name), t in raw.items() if name == "materialize")
+    total = max(t[3] for (_, _, name), t in raw.items() if name == "stage_breakdown")
     cumulative: dict[str, float] = {}
     for label, (file, func) in _STAGE_FUNCS.items():
         cumulative[label] = round(sum(t[3] for (path, _, name), t in raw.items()
@@ -722,8 +719,9 @@ def print_profile(p: dict[str, Any]) -> None:
     total = stages["total"]
     print(f"\n=== where the time goes: materialize of {p['rows']:,} SQLite rows, "
           f"chunk_rows={p['chunk_rows']:,} ===")
-    print(f"unprofiled, by stage ({total:.2f} s = {p['rows'] / total:,.0f} rows/s):")
-    for key in ("list_ids", "fence", "sql_read_convert", "put_rows"):
+    print(f"unprofiled, by stage, serially ({total:.2f} s = {p['rows'] / total:,.0f} rows/s; "
+          "materialize overlaps the write with the next chunk's fence and read):")
+    for key in ("list_ids", "fence", "sql_read_convert", "write"):
         print(f"  {key:<18} {stages[key]:7.3f} s  {100 * stages[key] / total:5.1f}%")
     print(f"\ncProfile, cumulative time of each stage (profiled total "
           f"{p['profiled_total_s']:.2f} s; the profiler inflates Python-heavy code):")
