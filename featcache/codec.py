@@ -139,6 +139,31 @@ class RowCodec:
         body: bytes = msgpack.packb(payload, datetime=True)
         return header + body
 
+    def encode_many(
+        self,
+        rows: Sequence[tuple[int | None, Sequence[Any]]],
+        loaded_ms: int,
+        epoch: int = 0,
+    ) -> list[bytes]:
+        """``encode`` of many (event_us, values) rows stamped alike: the bulk writers' path,
+        with one msgpack packer for the batch instead of one per row. Same bytes."""
+        width, fp, embeddings = self._width, self._fp, self._embedding_idx
+        pack = msgpack.Packer(datetime=True).pack
+        header = _HEADER.pack
+        out: list[bytes] = []
+        for event_us, values in rows:
+            if len(values) != width:
+                raise ValueError(f"expected {width} values, got {len(values)}")
+            payload: list[Any] = [fp, epoch, loaded_ms, 0, *values]
+            for i in embeddings:
+                if payload[4 + i] is not None:
+                    payload[4 + i] = _pack_embedding(payload[4 + i])
+            out.append(
+                header(LAYOUT_VERSION, KIND_ROW, NO_EVENT if event_us is None else event_us)
+                + pack(payload)
+            )
+        return out
+
     @staticmethod
     def encode_absent(loaded_ms: int, epoch: int = 0) -> bytes:
         body: bytes = msgpack.packb([0, epoch, loaded_ms])

@@ -15,6 +15,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
+from itertools import repeat
 from typing import Any, NamedTuple
 
 import sqlalchemy as sa
@@ -232,7 +233,11 @@ class OfflineStore:
             for row in rows:
                 self._convert(bound, row[0], row, out)
             return
-        out.update(zip(keys, map(SqlRow, events, zip(*values, strict=True)), strict=True))
+        # tuple.__new__(SqlRow, (event, values)) builds each row in C (SqlRow(...) would run
+        # the named tuple's Python __new__ once per row)
+        pairs = zip(events, zip(*values, strict=True), strict=True)
+        rows_out = map(tuple.__new__, repeat(SqlRow), pairs)
+        out.update(zip(keys, rows_out, strict=True))
 
     def _convert(
         self, bound: _BoundView, entity: Any, row: Sequence[Any], out: dict[EntityId, SqlRow]

@@ -172,14 +172,16 @@ class RowWriter:
         epoch = int(epoch_raw)
         codec = self._codecs[view_def.name]
         ttl_ms = int(view_def.ttl * 1000)
-        writes: list[WriteItem] = []
-        for eid, event_us, values in converted:
-            value = codec.encode(values, event_us, now_ms, epoch)
-            key = f"{head}{eid}"
-            if fence is None:
-                writes.append(row_write(key, value, ttl_ms))
-            else:
-                writes.append(fenced_write(key, value, ttl_ms, fence.seen[eid]))
+        encoded = codec.encode_many([(event_us, values) for _, event_us, values in converted],
+                                    now_ms, epoch)
+        writes: list[WriteItem]
+        if fence is None:
+            writes = [row_write(f"{head}{eid}", value, ttl_ms)
+                      for (eid, _, _), value in zip(converted, encoded, strict=True)]
+        else:
+            seen = fence.seen
+            writes = [fenced_write(f"{head}{eid}", value, ttl_ms, seen[eid])
+                      for (eid, _, _), value in zip(converted, encoded, strict=True)]
         batch = WriteBatch(epoch_key, None if fence is None else fence.epoch_raw, writes)
         written = self._redis.write([batch])
         skipped = len(writes) - written

@@ -180,7 +180,10 @@ def materialize(
                 fence = cache.fence(view_def, chunk)  # BEFORE the SQL read of these rows
                 rows: dict[EntityId, SqlRow] = {}
                 for part in iter_latest_by_id(cache, view_def, chunk, chunk_rows=len(chunk)):
-                    rows.update(part)
+                    if rows:  # never: one chunk is one part; the rows are not copied again
+                        rows.update(part)
+                    else:
+                        rows = part
                 if in_flight is not None:
                     written(in_flight)
                 in_flight = writer.submit(write, chunk, rows, fence)
