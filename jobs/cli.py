@@ -265,9 +265,10 @@ def _add_warmer(commands: _Subcommands[argparse.ArgumentParser]) -> None:
         description=(
             "Run the long-running warmer on the config's warmer: section (schedule, k, "
             "horizon, views, follow_changes): per view, warm the most read entities and "
-            "follow updated_at changes, as the view's leader. SIGTERM or Ctrl-C lets the "
-            "running cycle finish and exits 0. With --health, print the stored health of "
-            "every view's jobs as one JSON line and exit."
+            "follow updated_at changes (or a change query), as the view's leader. SIGTERM or "
+            "Ctrl-C lets the running cycle finish and exits 0. With --health, print the "
+            "stored health of every view's jobs as one JSON line and exit. With "
+            "--metrics-port, serve Prometheus metrics while it runs."
         ),
     )
     _config_option(parser)
@@ -275,13 +276,31 @@ def _add_warmer(commands: _Subcommands[argparse.ArgumentParser]) -> None:
         "--health", action="store_true",
         help="print each job's last success, last error, rows warmed and lag (JSON) and exit",
     )
+    parser.add_argument(
+        "--metrics-port", type=_port, metavar="PORT",
+        help="serve Prometheus metrics (the warmer's cache counters and job health) on "
+             "http://ADDR:PORT/metrics; 0 picks a free port (logged); default: "
+             "warmer.metrics_port, else no endpoint",
+    )
+    parser.add_argument(
+        "--metrics-addr", metavar="ADDR",
+        help="the address the metrics endpoint listens on (default: warmer.metrics_addr, "
+             "else 127.0.0.1)",
+    )
     parser.set_defaults(handler=_run_warmer)
+
+
+def _port(text: str) -> int:
+    port = _int_at_least(0)(text)
+    if port > 65535:
+        raise argparse.ArgumentTypeError(f"must be a TCP port 0-65535, got {port}")
+    return port
 
 
 def _run_warmer(args: argparse.Namespace) -> int:
     if args.health:
         return warmer.print_health(args.config)
-    return warmer.run_warmer(args.config)
+    return warmer.run_warmer(args.config, args.metrics_port, args.metrics_addr)
 
 
 _COMMANDS: tuple[Callable[[_Subcommands[argparse.ArgumentParser]], None], ...] = (

@@ -28,6 +28,8 @@ raises ``ConfigError`` naming its path)::
             change_query: >-           # instead of v2's updated_at: see changes.py
               SELECT user_id AS entity_id, changed_at AS updated_at
               FROM audit_log WHERE changed_at >= :watermark
+      metrics_port: 9108               # optional: Prometheus /metrics (--metrics-port wins)
+      metrics_addr: 127.0.0.1          # default 127.0.0.1 (--metrics-addr wins)
 
 Durations take ``featcache.config.parse_duration`` forms (``30``, ``"500ms"``, ``"5m"``).
 
@@ -35,10 +37,16 @@ Stopping: SIGTERM or SIGINT calls ``scheduler.shutdown(wait=True)``: a running c
 (its writes are per chunk, atomic per key, so no row is ever half written), the leases are
 released and the process exits 0.
 
-Health: per job, the last run and success time, the last error, rows warmed (warm) or
-rewritten (follow changes), and, for follow-changes, the lag (now - watermark), kept in memory
-(``Warmer.health``) and in Redis in the hash ``<prefix>:~<view>:warmer:health`` (fields
-``<job>.<name>``, JSON values), which ``featcache warmer --health --config C`` prints as JSON.
+Health: per job, the last run and success time, the last error and the count of failed
+cycles (``errors_total``), rows warmed (warm) or rewritten (follow changes), and, for
+follow-changes, the lag (now - watermark), kept in memory (``Warmer.health``) and in Redis in
+the hash ``<prefix>:~<view>:warmer:health`` (fields ``<job>.<name>``, JSON values), which
+``featcache warmer --health --config C`` prints as JSON.
+
+Metrics: with a metrics port, ``featcache.metrics.CacheCollector`` (the warmer's cache) and
+``WarmerCollector`` (runs, errors, rows warmed, last run/success times, leader, watermark and
+lag per job, from ``Warmer.job_metrics()``) are served on ``http://<addr>:<port>/metrics``,
+read at scrape time (docs/metrics.md).
 """
 
 from __future__ import annotations
@@ -51,8 +59,8 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field, replace
 from types import FrameType
 from typing import Any, TextIO
 
@@ -61,10 +69,13 @@ from apscheduler.schedulers.blocking import BlockingScheduler
 from apscheduler.triggers.base import BaseTrigger
 from apscheduler.triggers.cron import CronTrigger
 from apscheduler.triggers.interval import IntervalTrigger
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from featcache.client import FeatureCache
 from featcache.config import CacheConfig, FeatureView, load_config, parse_duration
 from featcache.errors import ConfigError
+from featcache.metrics import CacheCollector, MetricsServer, new_registry, serve_metrics
 from featcache.redis_store import RedisStore
 
 from .changes import ChangeQuery, Rewrite, follow_changes
@@ -73,7 +84,9 @@ from .warm import warm_once
 
 __all__ = [
     "FollowSettings",
+    "JobMetrics",
     "Warmer",
+    "WarmerCollector",
     "WarmerSettings",
     "build_scheduler",
     "health",
@@ -84,7 +97,7 @@ __all__ = [
 log = logging.getLogger("featcache.warmer")
 
 _TOP_KEYS = ("schedule", "jitter", "misfire_grace", "k", "horizon", "lease_ttl", "chunk_rows",
-             "views", "follow_changes")
+             "views", "follow_changes", "metrics_port", "metrics_addr")
 _FOLLOW_KEYS = ("interval", "rewrite", "views")
 _FOLLOW_VIEW_KEYS = ("change_query",)
 HEALTH_NAME = "warmer:health"
@@ -117,6 +130,8 @@ class WarmerSettings:
     lease_ttl_s: float = 30.0
     chunk_rows: int = 10_000
     follow: FollowSettings | None = None
+    metrics_port: int | None = None
+    metrics_addr: str = "127.0.0.1"
 
     @classmethod
     def from_config(cls, config: CacheConfig) -> WarmerSettings:
@@ -226,6 +241,14 @@ def parse_settings(config: CacheConfig) -> WarmerSettings:
             queries,
         )
 
+    port = doc.get("metrics_port")
+    if port is not None and (isinstance(port, bool) or not isinstance(port, int)
+                             or not 1 <= port <= 65535):
+        raise fail(f"expected a TCP port 1-65535, got {port!r}", "warmer.metrics_port")
+    addr = doc.get("metrics_addr", "127.0.0.1")
+    if not isinstance(addr, str) or not addr:
+        raise fail(f"expected an address to listen on, got {addr!r}", "warmer.metrics_addr")
+
     return WarmerSettings(
         views=views,
         interval_s=interval_s,
@@ -237,6 +260,8 @@ def parse_settings(config: CacheConfig) -> WarmerSettings:
         lease_ttl_s=duration(doc, "lease_ttl", "warmer.lease_ttl", 30.0, True),
         chunk_rows=integer(doc, "chunk_rows", "warmer.chunk_rows", 10_000),
         follow=follow,
+        metrics_port=port,
+        metrics_addr=addr,
     )
 
 
@@ -245,6 +270,22 @@ def parse_settings(config: CacheConfig) -> WarmerSettings:
 
 def _health_key(cache: FeatureCache, view: str) -> str:
     return cache.layout.view_key(view, HEALTH_NAME)
+
+
+@dataclass(slots=True)
+class JobMetrics:
+    """One job's numbers for Prometheus (``WarmerCollector``), kept apart from the JSON health
+    because Prometheus wants epoch seconds and counts, and the lag must keep growing between
+    polls: it is computed from ``watermark_s`` at scrape time."""
+
+    runs: int = 0
+    errors: int = 0
+    rows: int = 0
+    changed: int = 0
+    last_run_s: float | None = None
+    last_success_s: float | None = None
+    watermark_s: float | None = None
+    leader: bool | None = None
 
 
 class Warmer:
@@ -260,6 +301,12 @@ class Warmer:
         }
         self._lock = threading.Lock()
         self.health: dict[str, dict[str, Any]] = {}
+        self._metrics: dict[tuple[str, str], JobMetrics] = {}
+
+    def job_metrics(self) -> dict[tuple[str, str], JobMetrics]:
+        """A copy of every job's numbers, keyed by (view, job)."""
+        with self._lock:
+            return {key: replace(m) for key, m in self._metrics.items()}
 
     def warm(self, view: str) -> None:
         s = self.settings
@@ -291,25 +338,40 @@ class Warmer:
         """Run one cycle; record its health; never let an error kill the scheduler thread."""
         started = time.time()
         fields: dict[str, Any] = {"last_run": _iso(started)}
+        result: dict[str, Any] | None = None
         try:
             result = work()
         except Exception as exc:  # recorded and logged, the next cycle retries
             fields["last_error"] = f"{_iso(time.time())} {type(exc).__name__}: {exc}"
             log.error("warmer job=%s view=%s ok=false error=%s: %s", job, view,
                       type(exc).__name__, exc)
-        else:
-            fields["last_success"] = _iso(time.time())
-            fields["leader"] = result.pop("leader")
-            with self._lock:
-                previous = self.health.get(f"{view}/{job}", {}).get("rows_total", 0)
-            fields["rows_last"] = result["rows"]
-            fields["rows_total"] = previous + result.pop("rows")
-            fields.update(result)
+        with self._lock:
+            kept = self.health.setdefault(f"{view}/{job}", {})
+            numbers = self._metrics.setdefault((view, job), JobMetrics())
+            numbers.runs += 1
+            numbers.last_run_s = started
+            if result is None:
+                numbers.errors += 1
+                fields["errors_total"] = numbers.errors
+            else:
+                fields["last_success"] = _iso(time.time())
+                fields["leader"] = result.pop("leader")
+                rows = result.pop("rows")
+                fields["rows_last"] = rows
+                fields["rows_total"] = kept.get("rows_total", 0) + rows
+                fields.update(result)
+                numbers.last_success_s = time.time()
+                numbers.leader = fields["leader"]
+                numbers.rows += rows
+                numbers.changed += result.get("changed", 0)
+                if result.get("watermark"):
+                    numbers.watermark_s = dt.datetime.fromisoformat(
+                        result["watermark"]).timestamp()
+            kept.update(fields)
+        if result is not None:
             log.info("warmer job=%s view=%s ok=true %s seconds=%.3f", job, view,
                      " ".join(f"{k}={v}" for k, v in fields.items() if k != "last_run"),
                      time.time() - started)
-        with self._lock:
-            self.health.setdefault(f"{view}/{job}", {}).update(fields)
         try:
             self.cache.redis.hset(
                 _health_key(self.cache, view),
@@ -325,6 +387,70 @@ class Warmer:
                 leader.release()
             except Exception as exc:  # it expires on its own anyway
                 log.warning("warmer view=%s lease not released: %s", leader.view, exc)
+
+
+class WarmerCollector(Collector):
+    """``featcache_warmer_*`` families from a ``Warmer``'s job numbers, built at each scrape
+    (docs/metrics.md). Labels: ``view``, and ``job`` (``warm`` or ``changes``)."""
+
+    def __init__(self, warmer: Warmer, clock: Callable[[], float] = time.time,
+                 namespace: str = "featcache") -> None:
+        self.warmer = warmer
+        self.clock = clock
+        self.ns = namespace
+
+    def describe(self) -> Iterable[Metric]:
+        """The families without samples, so a registry can check names without a scrape."""
+        return list(self._families({}))
+
+    def collect(self) -> Iterable[Metric]:
+        return list(self._families(self.warmer.job_metrics()))
+
+    def _families(self, jobs: Mapping[tuple[str, str], JobMetrics]) -> Iterator[Metric]:
+        ns, labels = self.ns, ["view", "job"]
+        runs = CounterMetricFamily(f"{ns}_warmer_runs", "Cycles run per job", labels=labels)
+        errors = CounterMetricFamily(f"{ns}_warmer_errors", "Cycles that raised per job",
+                                     labels=labels)
+        rows = CounterMetricFamily(
+            f"{ns}_warmer_rows_warmed", "Rows written to Redis: warmed (warm) or rewritten "
+            "(changes)", labels=labels)
+        changed = CounterMetricFamily(
+            f"{ns}_warmer_changed_entities", "Changed entities found by follow-changes polls",
+            labels=["view"])
+        last_run = GaugeMetricFamily(
+            f"{ns}_warmer_last_run_timestamp_seconds", "When the job's last cycle started",
+            labels=labels)
+        last_success = GaugeMetricFamily(
+            f"{ns}_warmer_last_success_timestamp_seconds",
+            "When the job's last successful cycle ended", labels=labels)
+        leader = GaugeMetricFamily(
+            f"{ns}_warmer_leader", "1 if the last successful cycle held the view's lease",
+            labels=labels)
+        watermark = GaugeMetricFamily(
+            f"{ns}_warmer_watermark_timestamp_seconds",
+            "The latest upstream change time processed (follow changes)", labels=["view"])
+        lag = GaugeMetricFamily(
+            f"{ns}_warmer_lag_seconds", "Now minus the watermark: how far behind upstream "
+            "changes the cache may be (it also grows while upstream is quiet)",
+            labels=["view"])
+        now = self.clock()
+        for (view, job), m in sorted(jobs.items()):
+            key = [view, job]
+            runs.add_metric(key, m.runs)
+            errors.add_metric(key, m.errors)
+            rows.add_metric(key, m.rows)
+            if m.last_run_s is not None:
+                last_run.add_metric(key, m.last_run_s)
+            if m.last_success_s is not None:
+                last_success.add_metric(key, m.last_success_s)
+            if m.leader is not None:
+                leader.add_metric(key, 1 if m.leader else 0)
+            if job == "changes":
+                changed.add_metric([view], m.changed)
+                if m.watermark_s is not None:
+                    watermark.add_metric([view], m.watermark_s)
+                    lag.add_metric([view], max(0.0, now - m.watermark_s))
+        yield from (runs, errors, rows, changed, last_run, last_success, leader, watermark, lag)
 
 
 def _iso(seconds: float) -> str:
@@ -376,13 +502,16 @@ def build_scheduler(
 # ----------------------------------------------------------------------------- processes
 
 
-def run_warmer(config_path: str) -> int:
-    """``featcache warmer``: run until SIGTERM/SIGINT, then stop cleanly; returns 0."""
+def run_warmer(config_path: str, metrics_port: int | None = None,
+               metrics_addr: str | None = None) -> int:
+    """``featcache warmer``: run until SIGTERM/SIGINT, then stop cleanly; returns 0.
+    ``metrics_port``/``metrics_addr`` (the command line) win over ``warmer.metrics_*``."""
     config = load_config(config_path)
     settings = parse_settings(config)
     with FeatureCache(config) as cache:
         warmer = Warmer(cache, settings)
         scheduler = build_scheduler(cache, settings, BlockingScheduler, warmer)
+        metrics = _start_metrics(cache, warmer, settings, metrics_port, metrics_addr)
         stopping = threading.Event()
 
         def on_signal(signum: int, frame: FrameType | None) -> None:
@@ -403,8 +532,30 @@ def run_warmer(config_path: str) -> int:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
             warmer.release()
+            if metrics is not None:
+                metrics.close()
         log.info("warmer stopped")
     return 0
+
+
+def _start_metrics(cache: FeatureCache, warmer: Warmer, settings: WarmerSettings,
+                   port: int | None, addr: str | None) -> MetricsServer | None:
+    """The ``/metrics`` endpoint, started before the first cycle so a bad port fails the
+    start (exit 2) instead of leaving a warmer nobody can watch."""
+    from_cli = port is not None
+    port = port if port is not None else settings.metrics_port
+    if port is None:
+        return None
+    addr = addr or settings.metrics_addr
+    registry = new_registry(CacheCollector(cache), WarmerCollector(warmer))
+    try:
+        server = serve_metrics(registry, port, addr)
+    except OSError as exc:
+        raise ConfigError(f"cannot serve metrics on {addr}:{port}: {exc}",
+                          "--metrics-port" if from_cli else "warmer.metrics_port",
+                          "" if from_cli else cache.config.source) from None
+    log.info("warmer metrics url=%s", server.url)
+    return server
 
 
 def health(config: CacheConfig | str, out: TextIO | None = None) -> dict[str, Any]:

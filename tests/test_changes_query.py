@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import datetime as dt
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,7 @@ from featcache.jobs.changes import ChangeQuery, follow_changes, load_watermark
 from featcache.jobs.warmer import Warmer, build_scheduler, parse_settings
 from featdata import T0, TIMESTAMP, insert, stats_row
 from servers import SqlTarget
-from warmerenv import HOUR, cv_env, write_config
+from warmerenv import CLI, HOUR, cv_env, write_config
 
 from featcache import ConfigError, FeatureCache, SchemaError, Status, load_config
 from featcache.keys import KeyLayout
@@ -179,7 +178,7 @@ def test_the_warmer_command_rejects_a_bad_change_query_before_touching_a_server(
         parse_settings(load_config(config_path))
     assert caught.value.path == path
     done = subprocess.run(
-        [sys.executable, "-m", "featcache.jobs.cli", "warmer", "--config", str(config_path)],
+        [*CLI, "warmer", "--config", str(config_path)],
         capture_output=True, text=True, timeout=60, check=False,
     )
     assert done.returncode == 2 and f"{config_path}: {path}: " in done.stderr

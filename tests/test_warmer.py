@@ -6,9 +6,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import signal
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,7 +22,17 @@ from featcache.jobs.leader import ViewLeader
 from featcache.jobs.warmer import build_scheduler, health, parse_settings
 from featdata import STATS_FEATURES, T0, insert, make_cache, make_table, make_view, stats_row
 from servers import SqlTarget
-from warmerenv import HOUR, cv_env, update, wait_for, write_config
+from warmerenv import (
+    CLI,
+    FAST_WARMER,
+    HOUR,
+    cv_env,
+    stop_warmer,
+    update,
+    wait_for,
+    warmer_process,
+    write_config,
+)
 
 from featcache import ConfigError, FeatureCache, Status, load_config
 from featcache.keys import KeyLayout
@@ -75,7 +83,7 @@ def test_bad_settings_fail_at_start_with_the_path(
     assert str(caught.value).startswith(f"{config_path}: {path}: ")
     # the command fails the same way, before touching any server
     done = subprocess.run(
-        [sys.executable, "-m", "featcache.jobs.cli", "warmer", "--config", str(config_path)],
+        [*CLI, "warmer", "--config", str(config_path)],
         capture_output=True, text=True, timeout=60, check=False,
     )
     assert done.returncode == 2 and f"{path}: " in done.stderr and message in done.stderr
@@ -257,31 +265,18 @@ def test_the_warmer_command_stops_cleanly_on_sigterm(
     env: dict[str, Any], tmp_path: Path, redis_url: str, key_prefix: str,
     redis_client: redis.Redis,
 ) -> None:
-    path = write_config(
-        tmp_path / "run.yaml", redis_url, key_prefix, env["url"],
-        "warmer:\n  schedule: {interval: 300ms}\n  views: [cv]\n"
-        "  follow_changes: {interval: 300ms, rewrite: all}\n",
-    )
-    cmd = [sys.executable, "-m", "featcache.jobs.cli", "--log-level", "info", "warmer",
-           "--config", str(path)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
+    path = write_config(tmp_path / "run.yaml", redis_url, key_prefix, env["url"], FAST_WARMER)
+    with warmer_process(path) as proc:
         key = KeyLayout(key_prefix).view_key("cv", "warmer:health")
         assert wait_for(lambda: redis_client.hexists(key, "changes.last_success")
                          or proc.poll() is not None), "no cycle ran"
-        assert proc.poll() is None, proc.communicate()
-        proc.send_signal(signal.SIGTERM)
-        _out, err = proc.communicate(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
+        err = stop_warmer(proc)
     assert proc.returncode == 0, err
     assert "warmer stopped" in err and "Traceback" not in err
     assert not redis_client.exists(KeyLayout(key_prefix).view_key("cv", "leader"))
     assert env["cache"].get_features([3], ["clicks"]).status(3, "clicks") is Status.HIT_REDIS
 
-    done = subprocess.run([*cmd[:-3], "warmer", "--health", "--config", str(path)],
+    done = subprocess.run([*CLI, "warmer", "--health", "--config", str(path)],
                           capture_output=True, text=True, timeout=60, check=False)
     assert done.returncode == 0, done.stderr
     views = json.loads(done.stdout)["views"]

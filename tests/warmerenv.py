@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import signal
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -18,6 +21,10 @@ from servers import SqlTarget
 from featcache import FeatureCache
 
 HOUR = dt.timedelta(hours=1)
+#: a warmer section that runs every job of view cv several times a second
+FAST_WARMER = ("warmer:\n  schedule: {interval: 300ms}\n  views: [cv]\n"
+               "  follow_changes: {interval: 300ms, rewrite: all}\n")
+CLI = [sys.executable, "-m", "featcache.jobs.cli"]
 
 
 def write_config(path: Path, redis_url: str, key_prefix: str, offline_url: str,
@@ -75,3 +82,26 @@ def wait_for(condition: Callable[[], bool], timeout: float = 30.0) -> bool:
             return True
         time.sleep(0.05)
     return condition()
+
+
+@contextlib.contextmanager
+def warmer_process(config: Path, *options: str) -> Iterator[subprocess.Popen[str]]:
+    """``featcache warmer`` on ``config``, killed at the end of the block if still running, so
+    a failed assertion never leaves it behind."""
+    proc = subprocess.Popen([*CLI, "--log-level", "info", "warmer", "--config", str(config),
+                             *options], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+
+
+def stop_warmer(proc: subprocess.Popen[str]) -> str:
+    """SIGTERM the running warmer and wait for it; returns its stderr."""
+    assert proc.poll() is None, proc.communicate()
+    proc.send_signal(signal.SIGTERM)
+    _out, err = proc.communicate(timeout=30)
+    return err
