@@ -34,7 +34,7 @@ from featcache.client import FeatureCache
 from featcache.config import FeatureView
 from featcache.convert import us_to_timestamp
 from featcache.errors import InvalidRequest
-from featcache.offline import OfflineStore, SqlRow, _BoundView
+from featcache.offline import OfflineStore, SqlRow, _BoundView, only
 from featcache.request import EntityId
 
 __all__ = ["Rows", "iter_entity_ids", "iter_latest_by_id", "iter_latest_rows", "resolve"]
@@ -118,7 +118,8 @@ def iter_entity_ids(
     bound = offline.bind(view_def)
     table = bound.table
     entity = table.c[view_def.entity_column]
-    query = sa.select(entity).distinct()
+    # by their bytes where a collation would fold 'a', 'A' and 'a ' into one (see _BoundView)
+    query = sa.select(sa.cast(entity, sa.LargeBinary) if bound.exact_ids else entity).distinct()
     where = _since_filter(view_def, table, since)
     if where is not None:
         query = query.where(where)
@@ -128,7 +129,10 @@ def iter_entity_ids(
                 query
             )
             for part in result.partitions(chunk_rows):
-                yield [int(r[0]) if bound.int_ids else str(r[0]) for r in part]
+                if bound.exact_ids:
+                    yield [bytes(r[0]).decode() for r in part]
+                else:
+                    yield [int(r[0]) if bound.int_ids else str(r[0]) for r in part]
     except sa_exc.SQLAlchemyError as exc:
         raise offline._translate(exc, f"listing the ids of view {view_def.name!r}") from exc
 
@@ -148,6 +152,8 @@ def _by_ids(
                 for s in range(0, len(chunk), sub):
                     rows = conn.execute(bound.query, {"ids": chunk[s : s + sub]}).fetchall()
                     offline.convert_rows(bound, rows, found)
+            if bound.exact_ids:
+                found = only(found, chunk)
         except sa_exc.SQLAlchemyError as exc:
             raise offline._translate(exc, f"reading view {bound.view.name!r}") from exc
         if found:

@@ -76,9 +76,13 @@ def _raw(column: sa.ColumnElement[Any]) -> sa.ColumnElement[Any]:
 class _BoundView:
     """A view whose table has been reflected: its latest-row queries and column converters."""
 
-    def __init__(self, view: FeatureView, table: sa.Table) -> None:
+    def __init__(self, view: FeatureView, table: sa.Table, dialect: str = "") -> None:
         self.view = view
         self.table = table
+        # MySQL/MariaDB's default collations compare 'a', 'A' and 'a ' as equal: grouping and
+        # listing ids go by their bytes there, and readers drop rows of ids they did not ask
+        # for (``entity IN (...)`` still matches by collation, which keeps the index usable)
+        self.exact_ids = view.entity_type == "str" and dialect in ("mysql", "mariadb")
         entity = table.c[view.entity_column]
         self.query = self.latest_query(entity.in_(sa.bindparam("ids", expanding=True)))
         self.converters: tuple[Callable[[Any], Any], ...] = tuple(
@@ -99,7 +103,8 @@ class _BoundView:
         ]
         if view.updated_at_column is not None:
             order.append(table.c[view.updated_at_column].desc())
-        rank = sa.func.row_number().over(partition_by=entity, order_by=order).label("fc_rank")
+        partition = sa.cast(entity, sa.LargeBinary) if self.exact_ids else entity
+        rank = sa.func.row_number().over(partition_by=partition, order_by=order).label("fc_rank")
         ranked = sa.select(
             entity.label("fc_entity"),
             _raw(event).label("fc_event"),
@@ -153,7 +158,7 @@ class OfflineStore:
         with self._lock:
             bound = self._bound.get(view.name)
             if bound is None:
-                bound = _BoundView(view, self._reflect(view))
+                bound = _BoundView(view, self._reflect(view), self.engine.dialect.name)
                 self._bound[view.name] = bound
         return bound
 
@@ -205,6 +210,8 @@ class OfflineStore:
                 for chunk in _chunks(ids, self._config.sql_chunk_size):
                     rows = conn.execute(bound.query, {"ids": list(chunk)}).fetchall()
                     self.convert_rows(bound, rows, found)
+            if bound.exact_ids:
+                found = only(found, ids)
         except sa_exc.SQLAlchemyError as exc:
             raise self._translate(exc, f"reading view {view.name!r}") from exc
         return found, time.perf_counter() - started
@@ -294,6 +301,14 @@ def _short(exc: sa_exc.SQLAlchemyError) -> str:
     orig = getattr(exc, "orig", None)
     text = str(orig if orig is not None else exc).strip().splitlines()
     return text[0] if text else type(exc).__name__
+
+
+def only(found: dict[EntityId, SqlRow], ids: Sequence[EntityId]) -> dict[EntityId, SqlRow]:
+    """The rows of ``ids`` among ``found``: drops rows of ids a collation matched to them."""
+    wanted = set(ids)
+    if found.keys() <= wanted:
+        return found
+    return {entity: row for entity, row in found.items() if entity in wanted}
 
 
 def _chunks(seq: Sequence[EntityId], size: int) -> Iterator[Sequence[EntityId]]:

@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 import redis
 import sqlalchemy as sa
+from featcache.jobs.warm import materialize
 from featdata import (
     STATS_FEATURES,
     T0,
@@ -358,3 +359,31 @@ def test_same_answers_on_every_dialect(sql_target: Any, redis_url: str,
     assert hit.event_timestamp(1, "ctr") == ts
     assert {hit.status(e, "ctr") for e in (1, 2, 3)} == {Status.HIT_REDIS}
     assert str(hit[1]["last_seen"].tzinfo) == "UTC"
+
+
+def test_string_ids_differing_in_case_or_trailing_space_are_separate_entities(
+    sql_target: Any, redis_url: str, key_prefix: str
+) -> None:
+    """MySQL/MariaDB's default collations compare 'a', 'A' and 'a ' as equal: the latest-row
+    query must still rank each id on its own (get_features) and list each one (materialize),
+    or two of three entities come back ABSENT or are never warmed."""
+    features = (Feature("clicks", "int", "1h"),)
+    engine = sql_target.engine()
+    table = make_table(engine, sql_target.schema, "strids", features, entity_type="str")
+    ids = ["a", "A", "a ", "b"]
+    insert(engine, table, [
+        {"entity_id": eid, "event_ts": T0, "updated_at": T0, "clicks": n}
+        for n, eid in enumerate(ids)
+    ])
+    view = make_view("strids", "strids", sql_target.schema, features, entity_type="str")
+    with make_cache([view], redis_url, sql_target.url, key_prefix) as fc:
+        result = fc.get_features(["A", "a ", "a"], ["clicks"])
+        assert {eid: result[eid]["clicks"] for eid in ("a", "A", "a ")} == {
+            "a": 0, "A": 1, "a ": 2}
+        assert {result.status(e, "clicks") for e in ("a", "A", "a ")} == {Status.FILLED}
+    with make_cache([view], redis_url, sql_target.url, f"{key_prefix}m") as fc:
+        report = materialize(fc, "strids", all=True, chunk_rows=2)
+        assert (report.rows_read, report.rows_written) == (4, 4)
+        result = fc.get_features(ids, ["clicks"])
+        assert [result[e]["clicks"] for e in ids] == [0, 1, 2, 3]
+        assert {result.status(e, "clicks") for e in ids} == {Status.HIT_REDIS}
