@@ -47,9 +47,12 @@ so several warmers do not process the same changes twice.
 Limits, by construction of an ``updated_at`` poll (a change query has the same ones, on its
 own change column):
 
-* **Deletions are invisible**: a deleted row has no ``updated_at``. ETL code that deletes rows
-  must call the invalidation hook (``featcache invalidate`` or ``featcache.invalidation
-  .invalidate``), or use soft deletes (a flag column, with ``updated_at`` bumped).
+* **Deletions are invisible to an ``updated_at`` poll**: a deleted row has no ``updated_at``.
+  ETL code that deletes rows must call the invalidation hook (``featcache invalidate`` or
+  ``featcache.invalidation.invalidate``), or use soft deletes (a flag column, with
+  ``updated_at`` bumped). A change query can see them (an audit or outbox table that records
+  deletions): an entity it reports whose latest row SQL no longer has is invalidated in Redis
+  (a tombstone, so no reader refills it from a value read before), counted as ``deleted``.
 * An entity changed again *with the same* ``updated_at`` as the one it was processed at is not
   seen again; an ETL must bump ``updated_at`` on every change.
 * A transaction that commits rows with an ``updated_at`` older than the watermark (set at its
@@ -121,7 +124,8 @@ class ChangesReport:
     ``changed``: entities with new rows; ``rewritten``: rows written to Redis; ``fenced_off``:
     rows not written because their key changed meanwhile; ``not_cached``: changed entities left
     for the next read to fill; ``watermark``: ISO time after the poll (None: none yet);
-    ``lag_s``: now minus that watermark; ``complete`` False: the lease was lost mid-way."""
+    ``lag_s``: now minus that watermark; ``complete`` False: the lease was lost mid-way;
+    ``deleted``: rewritten entities SQL no longer had a row for, invalidated in Redis."""
 
     view: str
     leader: bool
@@ -130,6 +134,7 @@ class ChangesReport:
     fenced_off: int = 0
     not_cached: int = 0
     published: int = 0
+    deleted: int = 0
     watermark: str | None = None
     lag_s: float | None = None
     complete: bool = True
@@ -409,7 +414,8 @@ def follow_changes(
         return ChangesReport(view_def.name, leader=False)
     try:
         mark = load_watermark(cache, view_def)
-        counts = {"changed": 0, "rewritten": 0, "fenced_off": 0, "not_cached": 0, "published": 0}
+        counts = {"changed": 0, "rewritten": 0, "fenced_off": 0, "not_cached": 0, "published": 0,
+                  "deleted": 0}
         complete = True
         with contextlib.closing(_changed(cache, view_def, mark, chunk_rows,
                                               change_query)) as chunks:
@@ -428,6 +434,9 @@ def follow_changes(
                     done = materialize(cache, view_def, ids=targets, chunk_rows=chunk_rows)
                     counts["rewritten"] += done.rows_written
                     counts["fenced_off"] += done.fenced_off
+                    if done.absent_ids:  # changed, and SQL no longer has a row: deleted
+                        cache.invalidate(view_def, list(done.absent_ids))
+                        counts["deleted"] += len(done.absent_ids)
                 counts["not_cached"] += len(ids) - len(targets)
                 counts["changed"] += len(ids)
                 counts["published"] += publish_l1_invalidation(cache, view_def.name, ids)

@@ -67,7 +67,8 @@ class MaterializeReport:
     ``entities``: ids considered; ``rows_read``: latest rows SQL had for them;
     ``rows_written``: rows written to Redis; ``fenced_off``: rows not written because their key
     changed since the fence (an invalidation, a newer fill); ``complete``: False when the
-    leader lease was lost and the run stopped early.
+    leader lease was lost and the run stopped early; ``absent_ids``: ids considered that SQL
+    has no row for (deleted upstream, or never there), for the caller to invalidate.
     """
 
     view: str
@@ -78,6 +79,7 @@ class MaterializeReport:
     entities: int = 0
     chunks: int = 0
     complete: bool = True
+    absent_ids: tuple[EntityId, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,11 +145,12 @@ def materialize(
     started = time.perf_counter()
     report = MaterializeReport(view_def.name)
 
-    def written(pending: Future[tuple[int, int, PutReport]]) -> None:
+    def written(pending: Future[tuple[int, Sequence[EntityId], int, PutReport]]) -> None:
         nonlocal report
-        entities, rows_read, put = pending.result()  # re-raises the writer's error
+        entities, absent, rows_read, put = pending.result()  # re-raises the writer's error
         report = replace(
             report,
+            absent_ids=report.absent_ids + tuple(absent),
             rows_read=report.rows_read + rows_read,
             rows_written=report.rows_written + put.written,
             fenced_off=report.fenced_off + put.fenced_off,
@@ -160,13 +163,15 @@ def materialize(
 
     def write(
         chunk: Sequence[EntityId], rows: dict[EntityId, SqlRow], fence: Fence
-    ) -> tuple[int, int, PutReport]:
-        return len(chunk), len(rows), cache.put_latest(view_def, rows, fence=fence)
+    ) -> tuple[int, Sequence[EntityId], int, PutReport]:
+        put = cache.put_latest(view_def, rows, fence=fence)
+        absent = [e for e in chunk if e not in rows] if len(rows) < len(chunk) else ()
+        return len(chunk), absent, len(rows), put
 
     # One chunk is written (a Redis round trip: mostly the server running the write script,
     # with the GIL released) while the next is fenced and read from SQL: at most two chunks
     # in memory, and a chunk's write still follows its own fence and read.
-    in_flight: Future[tuple[int, int, PutReport]] | None = None
+    in_flight: Future[tuple[int, Sequence[EntityId], int, PutReport]] | None = None
     with ThreadPoolExecutor(1, thread_name_prefix="featcache-materialize") as writer, \
             contextlib.closing(id_chunks) as chunks:
         try:

@@ -97,6 +97,28 @@ def test_a_change_query_drives_rewrites_and_l1_notifications(
     assert follow_changes(cache, "cv", change_query=query).changed == 0
 
 
+def test_a_deletion_reported_by_the_change_query_is_invalidated_in_redis(
+    audit_env: dict[str, Any]
+) -> None:
+    """An audit table can report what an updated_at poll cannot see, a deleted entity: its
+    cached row is invalidated, so readers get ABSENT from SQL instead of the deleted values
+    until the row's TTL."""
+    env = audit_env
+    cache: FeatureCache = env["cache"]
+    query = _settings_query(env)
+    follow_changes(cache, "cv", change_query=query)
+    assert cache.get_features([1, 2], ["clicks"]).status(1, "clicks") is Status.FILLED
+    table = env["table"]
+    with env["engine"].begin() as conn:
+        conn.execute(table.delete().where(table.c.entity_id == 1))
+    _audit(env, (1, T0 + HOUR), (2, T0 + HOUR))
+    report = follow_changes(cache, "cv", change_query=query)
+    assert (report.changed, report.rewritten, report.deleted) == (2, 1, 1)
+    result = cache.get_features([1, 2], ["clicks"])
+    assert result.status(1, "clicks") is Status.ABSENT and result[1]["clicks"] is None
+    assert result.status(2, "clicks") is Status.HIT_REDIS
+
+
 def test_a_change_query_keeps_rows_sharing_the_watermark_timestamp(
     audit_env: dict[str, Any], redis_client: redis.Redis, key_prefix: str
 ) -> None:
