@@ -532,7 +532,7 @@ _STAGE_FUNCS: dict[str, tuple[str, str]] = {
     "sql read+convert (bulk._by_ids)": ("bulk.py", "_by_ids"),
     "  of which OfflineStore.convert_rows": ("offline.py", "convert_rows"),
     "write (RowWriter.put_latest)": ("writes.py", "put_latest"),
-    "  of which RowCodec.encode": ("codec.py", "encode"),
+    "  of which RowCodec.encode_many": ("codec.py", "encode_many"),
     "  of which RedisStore.write": ("redis_store.py", "write"),
 }
 
