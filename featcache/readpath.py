@@ -26,7 +26,7 @@ from featcache.breaker import CircuitBreaker, ConcurrencyLimiter
 from featcache.codec import KIND_ABSENT, KIND_ROW
 from featcache.config import CacheConfig
 from featcache.errors import CacheUnavailable, OfflineStoreError, OfflineStoreUnavailable
-from featcache.freshness import fresh_since, refresh_early
+from featcache.freshness import fresh_since, refresh_early, xfetch_delta_floor
 from featcache.keys import KeyLayout
 from featcache.l1 import L1Cache
 from featcache.leases import Leases
@@ -303,6 +303,7 @@ class ReadPath:
         fresh_after = fresh_since(now_ms, max_age_ms)
         negative_after = fresh_since(now_ms, vp.negative_ttl_ms)
         stale_after = fresh_since(now_ms, vp.stale_window_ms)
+        delta_floor = xfetch_delta_floor(max_age_ms)
         hit, absent = Status.HIT_REDIS, Status.ABSENT
         hits = negative_hits = decode_errors = 0
         for eid, blob in zip(ids, raw, strict=True):
@@ -323,7 +324,7 @@ class ReadPath:
                     answer = (hit, row[5], row[1])
                     # XFetch: only rows within ~10 deltas of expiry can draw an early refresh
                     if beta and row[3] + max_age_ms - now_ms < 10 * beta * max(
-                        row[4], max_age_ms // 100, 1
+                        row[4], delta_floor
                     ) \
                             and refresh_early(row[3], now_ms, max_age_ms, row[4], beta,
                                               1.0 - random.random()):
