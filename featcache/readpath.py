@@ -303,50 +303,53 @@ class ReadPath:
         fresh_after = fresh_since(now_ms, max_age_ms)
         negative_after = fresh_since(now_ms, vp.negative_ttl_ms)
         stale_after = fresh_since(now_ms, vp.stale_window_ms)
+        # XFetch draws only for rows within 10 deltas of expiry (the chance it misses one
+        # further out is e^-10): with the floor as delta that is "loaded before early_after";
+        # rows whose own fill time exceeds the floor get their wider window tested as well
         delta_floor = xfetch_delta_floor(max_age_ms)
+        early_after = now_ms - max_age_ms + 10 * beta * delta_floor
         hit, absent = Status.HIT_REDIS, Status.ABSENT
         hits = negative_hits = decode_errors = 0
         for eid, blob in zip(ids, raw, strict=True):
             if blob is None:
                 missing.append(eid)
                 continue
-            seen[eid] = blob  # a fill may only replace exactly this
             row = decode(blob)
             if row is None:
                 decode_errors += 1
-                missing.append(eid)
             elif row[2] != epoch:  # invalidated with its whole view
-                missing.append(eid)
+                pass
             elif row[0] == KIND_ROW:
                 if len(row[5]) < width:  # written before a requested feature existed
-                    missing.append(eid)
+                    pass
                 elif row[3] >= fresh_after:
                     answer = (hit, row[5], row[1])
-                    # XFetch: only rows within ~10 deltas of expiry can draw an early refresh
-                    if beta and row[3] + max_age_ms - now_ms < 10 * beta * max(
-                        row[4], delta_floor
-                    ) \
-                            and refresh_early(row[3], now_ms, max_age_ms, row[4], beta,
-                                              1.0 - random.random()):
+                    if beta and (
+                        row[3] < early_after
+                        or (row[4] > delta_floor
+                            and row[3] + max_age_ms - now_ms < 10 * beta * row[4])
+                    ) and refresh_early(row[3], now_ms, max_age_ms, row[4], beta,
+                                        1.0 - random.random()):
+                        seen[eid] = blob
                         vr.early[eid] = answer
                         continue
                     answers[eid] = answer
-                    del seen[eid]
                     hits += 1
                     if loaded is not None:
                         loaded[eid] = row[3]
-                else:
-                    missing.append(eid)
-                    if row[3] >= stale_after:
-                        vr.stale[eid] = (Status.STALE, row[5], row[1])
+                    continue
+                elif row[3] >= stale_after:
+                    vr.stale[eid] = (Status.STALE, row[5], row[1])
             elif row[0] == KIND_ABSENT and row[3] >= negative_after:
                 answers[eid] = (absent, None, None)
-                del seen[eid]
                 negative_hits += 1
                 if loaded is not None:
                     loaded[eid] = row[3]
-            else:  # a tombstone left by an invalidation, or an expired negative entry
-                missing.append(eid)
+                continue
+            # a miss (or a tombstone left by an invalidation, an expired negative entry): a
+            # fill may only replace exactly what Redis held
+            seen[eid] = blob
+            missing.append(eid)
         counts = vr.counts
         counts["hit_redis"] = hits
         counts["negative_hit"] = negative_hits
