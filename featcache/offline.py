@@ -20,6 +20,7 @@ from typing import Any, NamedTuple
 
 import sqlalchemy as sa
 from sqlalchemy import exc as sa_exc
+from sqlalchemy.dialects import postgresql
 
 from featcache.config import CacheConfig, FeatureView
 from featcache.convert import (
@@ -73,6 +74,20 @@ def _raw(column: sa.ColumnElement[Any]) -> sa.ColumnElement[Any]:
     return sa.type_coerce(column, sa.types.NullType())
 
 
+def _any_of_ids(entity: sa.Column[Any], dialect: str) -> sa.ColumnElement[bool]:
+    """``entity`` is one of the bound list ``ids``.
+
+    On PostgreSQL, ``entity = ANY(:ids)`` with the list bound as one array: the statement text
+    is the same for every batch, so neither SQLAlchemy (expanding a 1,000-id ``IN`` into 1,000
+    placeholders) nor psycopg (parsing them) redoes per-query work that cost more than the
+    server's execution (bench materialize, docs/benchmarks.md), and the server can reuse a
+    prepared plan. Elsewhere an expanding ``IN`` (SQLite and MySQL have no array parameters).
+    """
+    if dialect == "postgresql":
+        return entity == sa.any_(sa.bindparam("ids", type_=postgresql.ARRAY(entity.type)))
+    return entity.in_(sa.bindparam("ids", expanding=True))
+
+
 class _BoundView:
     """A view whose table has been reflected: its latest-row queries and column converters."""
 
@@ -84,7 +99,7 @@ class _BoundView:
         # for (``entity IN (...)`` still matches by collation, which keeps the index usable)
         self.exact_ids = view.entity_type == "str" and dialect in ("mysql", "mariadb")
         entity = table.c[view.entity_column]
-        self.query = self.latest_query(entity.in_(sa.bindparam("ids", expanding=True)))
+        self.query = self.latest_query(_any_of_ids(entity, dialect))
         self.converters: tuple[Callable[[Any], Any], ...] = tuple(
             converter(f.type) for f in view.features
         )
