@@ -71,7 +71,7 @@ from bench.common import (
 from featcache import CacheConfig, FeatureCache, FeatureView, Status
 from featcache.bulk import iter_entity_ids, iter_latest_by_id
 from featcache.offline import SqlRow
-from featcache.redis_store import CONDITIONAL_SET, ENSURE_EPOCH
+from featcache.redis_store import CONDITIONAL_SET, ENSURE_EPOCH, SET_IF_ABSENT
 
 DESCRIPTION = "bulk materialization (jobs.warm.materialize) from SQLite and PostgreSQL into Redis"
 
@@ -427,7 +427,7 @@ def fresh_cache(redis_url: str | None, offline_url: str, schema: str | None,
                              offline_url=offline_url, key_prefix=target.prefix)
         with FeatureCache(config) as cache:
             cache.redis.ping()
-            for script in (CONDITIONAL_SET, ENSURE_EPOCH):
+            for script in (CONDITIONAL_SET, ENSURE_EPOCH, SET_IF_ABSENT):
                 cache.redis.script_load(script.text)
             yield cache, target.private
 

@@ -148,6 +148,33 @@ def test_put_rows_with_a_fence(env: dict[str, Any]) -> None:
         writer.put_rows("inv", [stats_row(3)], fence=writer.fence("inv", [1]))
 
 
+
+def test_a_fence_on_empty_keys_keeps_out_rows_invalidated_after_it(
+    env: dict[str, Any], redis_client: redis.Redis, key_prefix: str
+) -> None:
+    """Rows whose fence saw no key are written with SET NX behind the epoch check
+    (``SET_IF_ABSENT``): a tombstone laid after the fence, or a whole-view invalidation,
+    keeps them out exactly as the general script does for keys that held something."""
+    writer = env["writer"]
+    key = f"{key_prefix}:inv:3"
+    fence = writer.fence("inv", [3])
+    assert fence.seen == {3: None}
+    writer.invalidate("inv", [3])
+    tombstone = redis_client.get(key)
+    assert tombstone is not None and tombstone[1:2] == b"T"
+    report = writer.put_rows("inv", [stats_row(3, clicks=30)], fence=fence)
+    assert (report.written, report.fenced_off) == (0, 1)
+    assert redis_client.get(key) == tombstone
+    redis_client.delete(key)
+    fence = writer.fence("inv", [3])
+    writer.invalidate("inv")  # the whole view: its epoch moves
+    report = writer.put_rows("inv", [stats_row(3, clicks=30)], fence=fence)
+    assert (report.written, report.fenced_off) == (0, 1)
+    assert redis_client.get(key) is None
+    fence = writer.fence("inv", [3])  # nothing in between: written
+    assert writer.put_rows("inv", [stats_row(3, clicks=30)], fence=fence).written == 1
+    assert writer.get_features([3], ["clicks"]).status(3, "clicks") is Status.HIT_REDIS
+
 def test_put_rows_without_fence_replaces_tombstone(env: dict[str, Any]) -> None:
     reader, writer = env["reader"], env["writer"]
     writer.invalidate("inv", [1])
