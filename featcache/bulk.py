@@ -15,7 +15,11 @@ Memory is bounded by one chunk, never by the table:
   ``since`` (a backfilled old event must not replace the current row).
 
 ``iter_entity_ids`` streams the distinct entity ids (all, or changed since) in chunks: the
-warmer fences a chunk's ids before reading their rows (``featcache.writes``).
+warmer fences a chunk's ids before reading their rows (``featcache.writes``). Listed in the
+database's order (``ordered=True``), a chunk is a run of consecutive ids, and
+``latest_of_id_run`` reads it with one range query (``BETWEEN first AND last``) instead of
+``IN`` lists: SQLite spends about a third as long per row on a range as on 1,000-id ``IN``
+lists, and nothing has to be expanded or bound per id.
 
 Every query is ``featcache.offline._BoundView.latest_query`` with another entity filter, so
 the bulk path and the serving path read rows identically.
@@ -37,7 +41,15 @@ from featcache.errors import InvalidRequest
 from featcache.offline import OfflineStore, SqlRow, _BoundView, only
 from featcache.request import EntityId
 
-__all__ = ["Rows", "iter_entity_ids", "iter_latest_by_id", "iter_latest_rows", "resolve"]
+__all__ = [
+    "Rows",
+    "iter_entity_ids",
+    "iter_latest_by_id",
+    "iter_latest_rows",
+    "latest_of_id_run",
+    "reads_id_runs",
+    "resolve",
+]
 
 #: One chunk of rows: dicts keyed by the view's SQL column names.
 Rows = list[dict[str, Any]]
@@ -109,9 +121,11 @@ def iter_entity_ids(
     *,
     since: dt.datetime | None = None,
     chunk_rows: int = 10_000,
+    ordered: bool = False,
 ) -> Generator[list[EntityId], None, None]:
     """The distinct entity ids of ``view`` (with a row updated at or after ``since``), in
-    chunks of at most ``chunk_rows``, streamed like ``iter_latest_rows``."""
+    chunks of at most ``chunk_rows``, streamed like ``iter_latest_rows``; ascending in the
+    database's own order with ``ordered`` (for ``latest_of_id_run``)."""
     if chunk_rows < 1:
         raise InvalidRequest(f"chunk_rows must be at least 1, got {chunk_rows}")
     offline, view_def = resolve(source, view)
@@ -119,10 +133,13 @@ def iter_entity_ids(
     table = bound.table
     entity = table.c[view_def.entity_column]
     # by their bytes where a collation would fold 'a', 'A' and 'a ' into one (see _BoundView)
-    query = sa.select(sa.cast(entity, sa.LargeBinary) if bound.exact_ids else entity).distinct()
+    listed = sa.cast(entity, sa.LargeBinary) if bound.exact_ids else entity
+    query = sa.select(listed).distinct()
     where = _since_filter(view_def, table, since)
     if where is not None:
         query = query.where(where)
+    if ordered:
+        query = query.order_by(listed)
     try:
         with offline.engine.connect() as conn:
             result = conn.execution_options(stream_results=True, yield_per=chunk_rows).execute(
@@ -135,6 +152,39 @@ def iter_entity_ids(
                     yield [int(r[0]) if bound.int_ids else str(r[0]) for r in part]
     except sa_exc.SQLAlchemyError as exc:
         raise offline._translate(exc, f"listing the ids of view {view_def.name!r}") from exc
+
+
+def reads_id_runs(source: FeatureCache | OfflineStore, view: str | FeatureView) -> bool:
+    """Whether ``latest_of_id_run`` serves ``view``: everywhere but string ids on
+    MySQL/MariaDB, whose collations make distinct ids compare equal."""
+    offline, view_def = resolve(source, view)
+    return offline.bind(view_def).range_query is not None
+
+
+def latest_of_id_run(
+    source: FeatureCache | OfflineStore, view: str | FeatureView, ids: Sequence[EntityId]
+) -> dict[EntityId, SqlRow]:
+    """The latest rows of ``ids``, a run of consecutive ids in the order
+    ``iter_entity_ids(ordered=True)`` lists them, read with one query for the range
+    ``ids[0]..ids[-1]``. Rows of ids inside the range but not in ``ids`` (inserted since the
+    listing, hence not fenced by a caller that fenced ``ids``) are left out."""
+    offline, view_def = resolve(source, view)
+    bound = offline.bind(view_def)
+    if bound.range_query is None:
+        raise InvalidRequest(
+            f"view {view_def.name!r}: string ids on this database are not read by range "
+            "(check reads_id_runs first)"
+        )
+    if not ids:
+        return {}
+    found: dict[EntityId, SqlRow] = {}
+    try:
+        with offline.engine.connect() as conn:
+            rows = conn.execute(bound.range_query, {"lo": ids[0], "hi": ids[-1]}).fetchall()
+        offline.convert_rows(bound, rows, found)
+    except sa_exc.SQLAlchemyError as exc:
+        raise offline._translate(exc, f"reading view {view_def.name!r}") from exc
+    return only(found, ids)
 
 
 # ----------------------------------------------------------------------------- internals

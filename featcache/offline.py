@@ -100,6 +100,11 @@ class _BoundView:
         self.exact_ids = view.entity_type == "str" and dialect in ("mysql", "mariadb")
         entity = table.c[view.entity_column]
         self.query = self.latest_query(_any_of_ids(entity, dialect))
+        # a run of ids as the database orders them (``bulk.iter_entity_ids(ordered=True)``),
+        # read by its ends; not where the collation makes distinct ids compare equal
+        self.range_query: sa.Select[Any] | None = None if self.exact_ids else self.latest_query(
+            entity.between(sa.bindparam("lo"), sa.bindparam("hi"))
+        )
         self.converters: tuple[Callable[[Any], Any], ...] = tuple(
             converter(f.type) for f in view.features
         )

@@ -32,7 +32,12 @@ from typing import Any, TextIO
 
 from rich import progress as rich_progress
 
-from featcache.bulk import iter_entity_ids, iter_latest_by_id
+from featcache.bulk import (
+    iter_entity_ids,
+    iter_latest_by_id,
+    latest_of_id_run,
+    reads_id_runs,
+)
 from featcache.client import FeatureCache
 from featcache.codec import KIND_ABSENT, KIND_ROW, RowCodec
 from featcache.config import FeatureView, load_config
@@ -137,11 +142,14 @@ def materialize(
             "(views.<name>.updated_at in the config)"
         )
     id_chunks: Generator[Sequence[EntityId], None, None]
+    # the whole view: ids listed in the database's order, each chunk read as one id range
+    by_range = all and reads_id_runs(cache, view_def)
     if ids is not None:
         unique = list(dict.fromkeys(ids))
         id_chunks = (unique[i : i + chunk_rows] for i in range(0, len(unique), chunk_rows))
     else:
-        id_chunks = iter_entity_ids(cache, view_def, since=since, chunk_rows=chunk_rows)
+        id_chunks = iter_entity_ids(cache, view_def, since=since, chunk_rows=chunk_rows,
+                                    ordered=by_range)
     started = time.perf_counter()
     report = MaterializeReport(view_def.name)
 
@@ -183,12 +191,7 @@ def materialize(
                     log.warning("materialize view=%s stopped: leader lease lost", view_def.name)
                     break
                 fence = cache.fence(view_def, chunk)  # BEFORE the SQL read of these rows
-                rows: dict[EntityId, SqlRow] = {}
-                for part in iter_latest_by_id(cache, view_def, chunk, chunk_rows=len(chunk)):
-                    if rows:  # never: one chunk is one part; the rows are not copied again
-                        rows.update(part)
-                    else:
-                        rows = part
+                rows = _latest_rows(cache, view_def, chunk, by_range)
                 if in_flight is not None:
                     written(in_flight)
                 in_flight = writer.submit(write, chunk, rows, fence)
@@ -196,6 +199,20 @@ def materialize(
             if in_flight is not None:  # on error too: the chunk being written is finished
                 written(in_flight)
     return replace(report, seconds=time.perf_counter() - started)
+
+
+def _latest_rows(
+    cache: FeatureCache, view: FeatureView, chunk: Sequence[EntityId], by_range: bool
+) -> dict[EntityId, SqlRow]:
+    if by_range:
+        return latest_of_id_run(cache, view, chunk)
+    rows: dict[EntityId, SqlRow] = {}
+    for part in iter_latest_by_id(cache, view, chunk, chunk_rows=len(chunk)):
+        if rows:  # never: one chunk is one part; the rows are not copied again
+            rows.update(part)
+        else:
+            rows = part
+    return rows
 
 
 # ----------------------------------------------------------------------------- warm

@@ -22,7 +22,13 @@ from featcache.jobs.warm import materialize, warm_once
 from featdata import STATS_FEATURES, T0, Clock, insert, make_cache, make_table, make_view, stats_row
 
 from featcache import FeatureCache, InvalidRequest, Status, UnknownView
-from featcache.bulk import iter_entity_ids, iter_latest_rows
+from featcache.bulk import (
+    iter_entity_ids,
+    iter_latest_by_id,
+    iter_latest_rows,
+    latest_of_id_run,
+    reads_id_runs,
+)
 from featcache.keys import KeyLayout
 from featcache.redis_store import RedisStore
 
@@ -83,6 +89,27 @@ def test_iter_latest_rows_all_is_chunked_and_latest(env: dict[str, Any]) -> None
 
 
 # ----------------------------------------------------------------------------- materialize
+
+
+def test_ordered_id_runs_are_read_by_range_on_every_dialect(
+    sql_target: Any, redis_url: str, key_prefix: str
+) -> None:
+    """``iter_entity_ids(ordered=True)`` lists ascending ids; ``latest_of_id_run`` reads a run
+    by its ends and keeps only the ids it was given: an id inside the range that is not in
+    the run (inserted after the listing, so nobody fenced it) is left out."""
+    e = _env(sql_target, redis_url, key_prefix)
+    with e["cache"] as cache:
+        assert reads_id_runs(cache, "wv")
+        ids = [i for c in iter_entity_ids(cache, "wv", chunk_rows=300, ordered=True) for i in c]
+        assert ids == list(range(1, ENTITIES + 1))
+        rows = latest_of_id_run(cache, "wv", [5, 6, 9])
+        assert sorted(rows) == [5, 6, 9]
+        by_in = {k: v for part in iter_latest_by_id(cache, "wv", [5, 6, 9])
+                 for k, v in part.items()}
+        assert rows[9].values[1] == 94 and rows == by_in  # the IN path's latest rows
+        assert latest_of_id_run(cache, "wv", []) == {}
+
+
 
 
 def test_materialize_all_writes_exactly_the_latest_rows(
@@ -150,8 +177,9 @@ def test_materialize_bad_arguments_fail_clearly(env: dict[str, Any]) -> None:
         materialize(env["cache"], "wv")
 
 
+@pytest.mark.parametrize("whole_view", [False, True], ids=["ids", "all"])
 def test_an_invalidation_between_fence_and_put_is_respected(
-    env: dict[str, Any], redis_url: str, key_prefix: str
+    env: dict[str, Any], redis_url: str, key_prefix: str, whole_view: bool
 ) -> None:
     cache: FeatureCache = env["cache"]
     table, engine = env["table"], env["engine"]
@@ -167,10 +195,14 @@ def test_an_invalidation_between_fence_and_put_is_respected(
 
     sa.event.listen(cache.engine, "after_cursor_execute", etl_commits_and_invalidates)
     try:
-        report = materialize(cache, "wv", ids=[1, 2])
+        if whole_view:  # ids listed in order, each chunk read as one id range
+            report = materialize(cache, "wv", all=True, chunk_rows=300)
+        else:
+            report = materialize(cache, "wv", ids=[1, 2])
     finally:
         sa.event.remove(cache.engine, "after_cursor_execute", etl_commits_and_invalidates)
-    assert fired and (report.rows_written, report.fenced_off) == (1, 1)
+    written = ENTITIES - 1 if whole_view else 1
+    assert fired and (report.rows_written, report.fenced_off) == (written, 1)
     result = cache.get_features([1, 2], ["clicks"])
     assert result.status(1, "clicks") is Status.FILLED and result[1]["clicks"] == 111
     assert result.status(2, "clicks") is Status.HIT_REDIS
