@@ -52,6 +52,7 @@ from bench.common import (
     redis_target,
     run_interleaved,
     server_description,
+    settled_used_memory,
     unlink_matching,
     used_memory,
 )
@@ -353,7 +354,7 @@ def _measure_memory(url: str, prefix: str, n: int, seed: int, fresh: bool) -> di
         for start in range(0, n, SETUP_CHUNK):
             written += cache.put_rows(dataset.VIEW_NAME, rows[start : start + SETUP_CHUNK]).written
         seconds = time.perf_counter() - started
-        after = used_memory(client)
+        after = settled_used_memory(client)
         keys_added = client.dbsize() - keys_before
         server = server_description(client)
         key_example = cache.layout.row_key(dataset.VIEW_NAME, dataset.ID_BASE)
