@@ -75,7 +75,7 @@ from bench.common import (
     used_memory,
 )
 from featcache import CacheConfig, FeatureCache, FeatureView, Status
-from featcache.bulk import iter_entity_ids, iter_latest_by_id, latest_of_id_run, reads_id_runs
+from featcache.bulk import IdRunReader, iter_entity_ids, iter_latest_by_id, reads_id_runs
 from featcache.offline import SqlRow
 from featcache.redis_store import CONDITIONAL_SET, ENSURE_EPOCH, SET_IF_ABSENT
 
@@ -517,7 +517,8 @@ def stage_breakdown(cache: FeatureCache, chunk_rows: int) -> dict[str, float]:
     mark = started
     by_range = reads_id_runs(cache, view)
     with contextlib.closing(iter_entity_ids(cache, view, chunk_rows=chunk_rows,
-                                            ordered=by_range)) as chunks:
+                                            ordered=by_range)) as chunks, \
+            IdRunReader(cache, view) as runs:
         for chunk in chunks:
             now = time.perf_counter()
             times["list_ids"] += now - mark
@@ -525,7 +526,7 @@ def stage_breakdown(cache: FeatureCache, chunk_rows: int) -> dict[str, float]:
             t1 = time.perf_counter()
             rows: dict[Any, SqlRow] = {}
             if by_range:
-                rows = latest_of_id_run(cache, view, chunk)
+                rows = runs.read(chunk)
             else:
                 for part in iter_latest_by_id(cache, view, chunk, chunk_rows=len(chunk)):
                     rows.update(part)
@@ -546,7 +547,7 @@ def stage_breakdown(cache: FeatureCache, chunk_rows: int) -> dict[str, float]:
 _STAGE_FUNCS: dict[str, tuple[str, str]] = {
     "list_ids (iter_entity_ids)": ("bulk.py", "iter_entity_ids"),
     "fence (RowWriter.fence)": ("writes.py", "fence"),
-    "sql read+convert (bulk.latest_of_id_run)": ("bulk.py", "latest_of_id_run"),
+    "sql read+convert (bulk.IdRunReader.read)": ("bulk.py", "read"),
     "  of which OfflineStore.convert_rows": ("offline.py", "convert_rows"),
     "write (RowWriter.put_latest)": ("writes.py", "put_latest"),
     "  of which RowCodec.encode_many": ("codec.py", "encode_many"),

@@ -29,6 +29,7 @@ from featcache.convert import (
     converter,
     timestamp_to_us,
     timestamps_to_us,
+    us_to_timestamp,
 )
 from featcache.errors import ConfigError, OfflineStoreError, OfflineStoreUnavailable, SchemaError
 from featcache.urls import mask_url
@@ -244,20 +245,36 @@ class OfflineStore:
         row by row, for the error that names the entity and the column."""
         if not rows:
             return
+        self.convert_columns(bound, list(zip(*rows, strict=True)), out)
+
+    def convert_columns(
+        self,
+        bound: _BoundView,
+        columns: Sequence[Sequence[Any]],
+        out: dict[EntityId, SqlRow],
+        *,
+        events_us: Sequence[int | None] | None = None,
+    ) -> None:
+        """``convert_rows`` of rows given as columns (entity, event, features...).
+        ``events_us``: the event times already in microseconds (an Arrow timestamp column),
+        instead of converting ``columns[1]``."""
+        if not columns or not columns[0]:
+            return
         view = bound.view
-        columns = list(zip(*rows, strict=True))
         ids = columns[0]
         try:
             kind: type[int] | type[str] = int if bound.int_ids else str
             keys: Sequence[EntityId] = ids if set(map(type, ids)) == {kind} else [
                 kind(x) for x in ids
             ]
-            events = timestamps_to_us(columns[1])
+            events = timestamps_to_us(columns[1]) if events_us is None else events_us
             values = [
                 convert_column(f.type, columns[2 + i]) for i, f in enumerate(view.features)
             ]
         except (ConversionError, ValueError, TypeError):
-            for row in rows:
+            if events_us is not None:
+                columns = [columns[0], [us_to_timestamp(u) for u in events_us], *columns[2:]]
+            for row in zip(*columns, strict=True):
                 self._convert(bound, row[0], row, out)
             return
         # tuple.__new__(SqlRow, (event, values)) builds each row in C (SqlRow(...) would run

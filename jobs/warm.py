@@ -32,12 +32,7 @@ from typing import Any, TextIO
 
 from rich import progress as rich_progress
 
-from featcache.bulk import (
-    iter_entity_ids,
-    iter_latest_by_id,
-    latest_of_id_run,
-    reads_id_runs,
-)
+from featcache.bulk import IdRunReader, iter_entity_ids, iter_latest_by_id, reads_id_runs
 from featcache.client import FeatureCache
 from featcache.codec import KIND_ABSENT, KIND_ROW, RowCodec
 from featcache.config import FeatureView, load_config
@@ -181,7 +176,8 @@ def materialize(
     # in memory, and a chunk's write still follows its own fence and read.
     in_flight: Future[tuple[int, Sequence[EntityId], int, PutReport]] | None = None
     with ThreadPoolExecutor(1, thread_name_prefix="featcache-materialize") as writer, \
-            contextlib.closing(id_chunks) as chunks:
+            contextlib.closing(id_chunks) as chunks, \
+            (IdRunReader(cache, view_def) if by_range else contextlib.nullcontext()) as runs:
         try:
             for chunk in chunks:
                 if not chunk:
@@ -191,7 +187,8 @@ def materialize(
                     log.warning("materialize view=%s stopped: leader lease lost", view_def.name)
                     break
                 fence = cache.fence(view_def, chunk)  # BEFORE the SQL read of these rows
-                rows = _latest_rows(cache, view_def, chunk, by_range)
+                rows = runs.read(chunk) if runs is not None else _latest_rows(
+                    cache, view_def, chunk)
                 if in_flight is not None:
                     written(in_flight)
                 in_flight = writer.submit(write, chunk, rows, fence)
@@ -202,10 +199,8 @@ def materialize(
 
 
 def _latest_rows(
-    cache: FeatureCache, view: FeatureView, chunk: Sequence[EntityId], by_range: bool
+    cache: FeatureCache, view: FeatureView, chunk: Sequence[EntityId]
 ) -> dict[EntityId, SqlRow]:
-    if by_range:
-        return latest_of_id_run(cache, view, chunk)
     rows: dict[EntityId, SqlRow] = {}
     for part in iter_latest_by_id(cache, view, chunk, chunk_rows=len(chunk)):
         if rows:  # never: one chunk is one part; the rows are not copied again

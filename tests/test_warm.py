@@ -23,6 +23,7 @@ from featdata import STATS_FEATURES, T0, Clock, insert, make_cache, make_table, 
 
 from featcache import FeatureCache, InvalidRequest, Status, UnknownView
 from featcache.bulk import (
+    IdRunReader,
     iter_entity_ids,
     iter_latest_by_id,
     iter_latest_rows,
@@ -89,6 +90,61 @@ def test_iter_latest_rows_all_is_chunked_and_latest(env: dict[str, Any]) -> None
 
 
 # ----------------------------------------------------------------------------- materialize
+
+
+def test_id_runs_read_through_adbc_give_the_same_rows_as_sqlalchemy(
+    sql_target: Any, redis_url: str, key_prefix: str
+) -> None:
+    """``IdRunReader`` reads through ADBC on SQLite and PostgreSQL (Arrow columns, the GIL
+    released during the query) and through SQLAlchemy elsewhere; either way the rows are
+    exactly ``latest_of_id_run``'s, for every type, NULLs, NaN, unicode, 2**62 and aware
+    timestamps with microseconds included. After an ADBC failure the run goes on through
+    SQLAlchemy with the same rows."""
+    engine = sql_target.engine()
+    table = make_table(engine, sql_target.schema, "runs", STATS_FEATURES)
+    ts = T0 + dt.timedelta(microseconds=123_457)
+    # only PostgreSQL keeps a NaN (SQLite stores NULL, MySQL refuses it)
+    nan = float("nan") if sql_target.name == "postgresql" else -1.25
+    insert(engine, table, [
+        stats_row(1, ts, ctr=0.5, clicks=2**62, country="Zürich 東京", vip=True,
+                  emb=[1.5, -2.25, 1e-300]),
+        stats_row(2, T0, ctr=None, clicks=None, country=None, vip=None, last_seen=None,
+                  emb=None),
+        stats_row(3, T0 - dt.timedelta(days=400), ctr=nan, clicks=-7, country="",
+                  vip=False, emb=[]),
+        stats_row(3, T0 - dt.timedelta(days=800), clicks=999),  # older: not the latest
+        stats_row(5, ts),
+    ])
+    view = make_view("runs", "runs", sql_target.schema)
+    with make_cache([view], redis_url, sql_target.url, key_prefix) as cache:
+        ids = [i for c in iter_entity_ids(cache, "runs", ordered=True) for i in c]
+        assert ids == [1, 2, 3, 5]
+        expected = latest_of_id_run(cache, "runs", ids)
+        with IdRunReader(cache, "runs") as reader:
+            adbc = sql_target.name in ("sqlite", "postgresql")
+            assert reader.via == ("adbc" if adbc else "sqlalchemy")
+            got = reader.read(ids)
+            assert list(got) == list(expected) and _same(got, expected)
+            assert got[1].values[1] == 2**62 and got[1].values[2] == "Zürich 東京"
+            assert got[1].event_us == expected[1].event_us and got[1].event_us % 10**6 == 123_457
+            assert repr(got[3].values[0]) == repr(nan) and got[3].values[1] == -7
+            assert got[2].values == (None,) * len(STATS_FEATURES)
+            assert reader.read([1, 5]) == {1: got[1], 5: got[5]}  # 2 and 3: not asked for
+            if adbc:  # the connection underneath fails: the rest of the run uses SQLAlchemy
+                arrow = reader._arrow
+                assert arrow is not None
+                arrow._connection.close()
+                again = reader.read(ids)
+                assert reader.via == "sqlalchemy" and _same(again, expected)
+
+
+def _same(a: dict[Any, Any], b: dict[Any, Any]) -> bool:
+    """Equal rows, NaN equal to NaN (a float('nan') is never == itself)."""
+    def key(row: Any) -> Any:
+        return repr(row)
+    return a.keys() == b.keys() and all(key(a[k]) == key(b[k]) for k in a)
+
+
 
 
 def test_ordered_id_runs_are_read_by_range_on_every_dialect(
@@ -181,30 +237,42 @@ def test_materialize_bad_arguments_fail_clearly(env: dict[str, Any]) -> None:
 def test_an_invalidation_between_fence_and_put_is_respected(
     env: dict[str, Any], redis_url: str, key_prefix: str, whole_view: bool
 ) -> None:
+    """An ETL commits and invalidates an entity after materialize read it from SQL and
+    before the write: the old row is not written. ``ids``: the moment is right after the
+    feature query (a SQLAlchemy event). ``all``: chunk 2 (ids 301-600) is read by id range,
+    through ADBC on SQLite, which SQLAlchemy events do not see; chunk 1's progress report
+    comes after chunk 2's read and before chunk 2's write is handed to the writer."""
     cache: FeatureCache = env["cache"]
     table, engine = env["table"], env["engine"]
+    victim = 301 if whole_view else 1
     fired: list[bool] = []
 
-    def etl_commits_and_invalidates(conn: Any, cursor: Any, statement: str, *a: Any) -> None:
-        if "fc_latest" in statement and not fired:
-            fired.append(True)
-            with engine.begin() as c:
-                c.execute(table.update().where(table.c.entity_id == 1).values(clicks=111))
-            with make_cache([env["view"]], redis_url, env["url"], key_prefix) as writer:
-                writer.invalidate("wv", [1])
+    def etl_commits_and_invalidates(*_: Any) -> None:
+        if fired:
+            return
+        fired.append(True)
+        with engine.begin() as c:
+            c.execute(table.update().where(table.c.entity_id == victim).values(clicks=111))
+        with make_cache([env["view"]], redis_url, env["url"], key_prefix) as writer:
+            writer.invalidate("wv", [victim])
 
-    sa.event.listen(cache.engine, "after_cursor_execute", etl_commits_and_invalidates)
-    try:
-        if whole_view:  # ids listed in order, each chunk read as one id range
-            report = materialize(cache, "wv", all=True, chunk_rows=300)
-        else:
+    def after_feature_query(conn: Any, cursor: Any, statement: str, *a: Any) -> None:
+        if "fc_latest" in statement:
+            etl_commits_and_invalidates()
+
+    if whole_view:
+        report = materialize(cache, "wv", all=True, chunk_rows=300,
+                             progress=etl_commits_and_invalidates)
+    else:
+        sa.event.listen(cache.engine, "after_cursor_execute", after_feature_query)
+        try:
             report = materialize(cache, "wv", ids=[1, 2])
-    finally:
-        sa.event.remove(cache.engine, "after_cursor_execute", etl_commits_and_invalidates)
+        finally:
+            sa.event.remove(cache.engine, "after_cursor_execute", after_feature_query)
     written = ENTITIES - 1 if whole_view else 1
     assert fired and (report.rows_written, report.fenced_off) == (written, 1)
-    result = cache.get_features([1, 2], ["clicks"])
-    assert result.status(1, "clicks") is Status.FILLED and result[1]["clicks"] == 111
+    result = cache.get_features([victim, 2], ["clicks"])
+    assert result.status(victim, "clicks") is Status.FILLED and result[victim]["clicks"] == 111
     assert result.status(2, "clicks") is Status.HIT_REDIS
 
 
