@@ -124,7 +124,7 @@ def settled_used_memory(
     the server's incremental rehashing (a little per command and per cron tick) has moved
     every entry. Measured right after 1M rows went into Valkey 8.1, that was 194 B/row,
     falling to 184 B/row within ~8 s of idling. Per-row memory is the steady state's, so the
-    figure waits for it (never longer than ``timeout_s``; the wait is reported by callers).
+    figure waits for it (never longer than ``timeout_s``; bench materialize reports the wait).
     """
     deadline = time.monotonic() + timeout_s
     last = used_memory(client)
