@@ -5,8 +5,9 @@ SQLAlchemy each run costs the driver building a tuple per row and featcache conv
 value, all of it holding the GIL that the concurrent Redis writer needs too. Through ADBC
 (Apache Arrow's database connectivity, with its SQLite and libpq drivers) the query runs with
 the GIL released and the rows arrive as Arrow columns; event times are converted to
-microseconds in Arrow, and the feature values go through the same converters as every other
-read (``OfflineStore.convert_columns``), so both paths return the same rows.
+microseconds in Arrow (SQLite's ISO 8601 text too, where Arrow's parser takes it), and the
+feature values go through the same converters as every other read
+(``OfflineStore.convert_columns``), so both paths return the same rows.
 
 It is an accelerator only. It is used for SQLite files and PostgreSQL, with the statement
 SQLAlchemy compiles for the view (``_BoundView.range_query``; values are bound parameters,
@@ -122,10 +123,29 @@ class ArrowRangeReader:
 
 def _micros(column: pa.ChunkedArray[Any]) -> list[int | None] | None:
     """Microseconds since the epoch of an Arrow timestamp column (naive ones read as UTC,
-    like every featcache read), or None for other types (SQLite's text)."""
+    like every featcache read), or of SQLite's ISO 8601 text, parsed by Arrow; None when
+    Arrow cannot (then ``OfflineStore.convert_columns`` parses the text in Python).
+
+    Arrow's parser takes a subset of what ``datetime.fromisoformat`` takes (it refuses more
+    than six fractional digits, for one) and gives the same instant wherever it parses: text
+    without an offset as naive (UTC, as featcache reads it), text with offsets as aware. A
+    column that mixes the two, or anything else it refuses, goes to Python whole.
+    """
+    if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
+        for target in _TEXT_TARGETS:
+            try:
+                parsed: list[int | None] = column.cast(target).cast(pa.int64()).to_pylist()
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+                continue
+            return parsed
+        return None
     if not pa.types.is_timestamp(column.type):
         return None
     micros: list[int | None] = column.cast(pa.timestamp("us", column.type.tz)).cast(
         pa.int64()
     ).to_pylist()
     return micros
+
+
+#: naive text first (what SQLite columns hold), then text with offsets
+_TEXT_TARGETS = (pa.timestamp("us"), pa.timestamp("us", "UTC"))

@@ -30,6 +30,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 from collections.abc import Generator, Iterator, Sequence
+from operator import itemgetter
 from typing import Any
 
 import sqlalchemy as sa
@@ -55,6 +56,8 @@ __all__ = [
 ]
 
 log = logging.getLogger("featcache.bulk")
+
+_FIRST = itemgetter(0)
 
 #: One chunk of rows: dicts keyed by the view's SQL column names.
 Rows = list[dict[str, Any]]
@@ -150,11 +153,15 @@ def iter_entity_ids(
             result = conn.execution_options(stream_results=True, yield_per=chunk_rows).execute(
                 query
             )
+            kind: type[int] | type[str] = int if bound.int_ids else str
             for part in result.partitions(chunk_rows):
+                listed_ids = list(map(_FIRST, part))
                 if bound.exact_ids:
-                    yield [bytes(r[0]).decode() for r in part]
+                    yield [bytes(x).decode() for x in listed_ids]
+                elif set(map(type, listed_ids)) == {kind}:  # as the driver gave them: no step
+                    yield listed_ids
                 else:
-                    yield [int(r[0]) if bound.int_ids else str(r[0]) for r in part]
+                    yield list(map(kind, listed_ids))
     except sa_exc.SQLAlchemyError as exc:
         raise offline._translate(exc, f"listing the ids of view {view_def.name!r}") from exc
 

@@ -21,6 +21,8 @@ added by later features) live under ``<prefix>:~<view>:<name>``; a view name can
 from __future__ import annotations
 
 from collections.abc import Iterable
+from itertools import repeat
+from operator import add
 
 __all__ = ["LAYOUT_VERSION", "KeyLayout"]
 
@@ -42,8 +44,8 @@ class KeyLayout:
         return f"{self.prefix}:{view}:{entity}"
 
     def row_keys(self, view: str, entities: Iterable[int | str]) -> list[str]:
-        head = self.row_prefix(view)
-        return [f"{head}{e}" for e in entities]
+        # map() alone, no Python step per key: the bulk writers build 10k keys a chunk
+        return list(map(add, repeat(self.row_prefix(view)), map(str, entities)))
 
     def stream_key(self) -> str:
         """The invalidation stream of this prefix (``featcache.invalidation``)."""

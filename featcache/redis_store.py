@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
+import hiredis
 import redis
 from redis import exceptions as redis_exc
 
@@ -32,6 +33,7 @@ __all__ = [
     "CONDITIONAL_SET",
     "ENSURE_EPOCH",
     "SET_IF_ABSENT",
+    "IfAbsent",
     "LuaScript",
     "RedisStore",
     "WriteBatch",
@@ -159,6 +161,16 @@ def fenced_write(key: str, value: bytes, ttl_ms: int, seen: bytes | None) -> Wri
 
 
 @dataclass(frozen=True, slots=True)
+class IfAbsent:
+    """Rows whose fenced reader saw no key, as columns: ``fenced_write(key, value, ttl_ms,
+    None)`` for each, without a ``WriteItem`` per row (the bulk writers' shape)."""
+
+    keys: Sequence[str]
+    values: Sequence[bytes]
+    ttl_ms: int
+
+
+@dataclass(frozen=True, slots=True)
 class WriteBatch:
     """The writes of one view, fenced by the view's epoch when ``epoch_seen`` is not None."""
 
@@ -166,21 +178,30 @@ class WriteBatch:
     epoch_seen: bytes | None
     items: Sequence[WriteItem]
     release: Sequence[str] = ()  # lease keys to delete with the last chunk
+    if_absent: IfAbsent | None = None
 
 
-def _split_if_absent(
-    items: Sequence[WriteItem],
-) -> tuple[list[WriteItem], dict[int, list[WriteItem]]]:
+def _split_if_absent(batch: WriteBatch) -> tuple[list[WriteItem], list[IfAbsent]]:
     """The items that need ``CONDITIONAL_SET``, and the fenced ones whose reader saw nothing
     there, by TTL, for ``SET_IF_ABSENT``."""
     general: list[WriteItem] = []
-    if_absent: dict[int, list[WriteItem]] = {}
-    for item in items:
+    by_ttl: dict[int, list[WriteItem]] = {}
+    for item in batch.items:
         if item[0] == b"E":
-            if_absent.setdefault(max(1, int(item[3])), []).append(item)
+            by_ttl.setdefault(item[3], []).append(item)
         else:
             general.append(item)
-    return general, if_absent
+    groups = [IfAbsent([i[1] for i in group], [i[2] for i in group], ttl_ms)
+              for ttl_ms, group in by_ttl.items()]
+    if batch.if_absent is not None and batch.if_absent.keys:
+        groups.append(batch.if_absent)
+    return general, groups
+
+
+def _pack(args: tuple[Any, ...]) -> bytes:
+    """One command in RESP, by hiredis' C packer (str, bytes, int and float arguments)."""
+    packed: bytes = hiredis.pack_command(args)
+    return packed
 
 
 _ERRORS = (redis_exc.ConnectionError, redis_exc.TimeoutError, redis_exc.RedisError, OSError)
@@ -235,23 +256,47 @@ class RedisStore:
 
     def read(self, keys: Sequence[str]) -> list[bytes | None]:
         """Values in key order, None where absent; one network round trip."""
+        step = self.read_chunk
+        packed = [
+            _pack(("MGET", *keys[start : start + step]))
+            for start in range(0, len(keys), step)
+        ]
+        if len(packed) == 1:
+            result: list[bytes | None] = self._round_trip(packed)[0]
+            return result
+        values: list[bytes | None] = []
+        for part in self._round_trip(packed):
+            values.extend(part)
+        return values
+
+    def _round_trip(self, packed: Sequence[bytes]) -> list[Any]:
+        """Send commands already in RESP form (``hiredis.pack_command``) in one write and read
+        every reply, in order; an error reply is returned in its place, as an exception.
+
+        A pipeline without redis-py's per-argument pass (a type check and a copy of every key
+        and value before hiredis packs them): on the bulk write path that pass cost as much
+        as encoding the rows. Any failure to send or read closes the connection, so a socket
+        with unread replies never goes back to the pool.
+        """
+        pool = self.client.connection_pool
         try:
-            if len(keys) <= self.read_chunk:
-                result: list[bytes | None] = self.client.execute_command(  # type: ignore[no-untyped-call]
-                    "MGET", *keys
-                )
-                return result
-            pipe = self.client.pipeline(transaction=False)
-            for start in range(0, len(keys), self.read_chunk):
-                pipe.execute_command(  # type: ignore[no-untyped-call]
-                    "MGET", *keys[start : start + self.read_chunk]
-                )
-            values: list[bytes | None] = []
-            for part in pipe.execute():
-                values.extend(part)
-            return values
+            conn = pool.get_connection()
+            try:
+                conn.send_packed_command(packed)  # type: ignore[no-untyped-call]
+                replies: list[Any] = []
+                for _ in packed:
+                    try:
+                        replies.append(conn.read_response())
+                    except redis_exc.ResponseError as exc:
+                        replies.append(exc)
+            except BaseException:
+                conn.disconnect()  # type: ignore[no-untyped-call]
+                raise
+            finally:
+                pool.release(conn)
         except _ERRORS as exc:
             raise CacheUnavailable(f"Redis {self.url}: {exc}") from exc
+        return replies
 
     def write(self, batches: Sequence[WriteBatch]) -> int:
         """Conditionally write rows of several views in one round trip; returns how many keys
@@ -262,13 +307,14 @@ class RedisStore:
             head: list[Any] = (
                 ["1", batch.epoch_seen] if batch.epoch_seen is not None else ["0", ""]
             )
-            items, if_absent = _split_if_absent(batch.items)
-            for ttl_ms, group in if_absent.items():
-                for start in range(0, len(group), self.write_chunk):
-                    chunk = group[start : start + self.write_chunk]
+            items, if_absent = _split_if_absent(batch)
+            for group in if_absent:
+                ttl_ms = max(1, int(group.ttl_ms))
+                for start in range(0, len(group.keys), self.write_chunk):
+                    end = start + self.write_chunk
                     absent_calls.append((
-                        [batch.epoch_key, *(item[1] for item in chunk)],
-                        [*head, ttl_ms, *(item[2] for item in chunk)],
+                        [batch.epoch_key, *group.keys[start:end]],
+                        [*head, ttl_ms, *group.values[start:end]],
                     ))
             if not items and not batch.release:
                 continue
@@ -307,29 +353,30 @@ class RedisStore:
         """
         results: list[Any] = [None] * len(calls)
         pending = list(range(len(calls)))
-        try:
-            for attempt in range(2):
-                pipe = self.client.pipeline(transaction=False)
-                for i in pending:
-                    script, keys, args = calls[i]
-                    pipe.execute_command(  # type: ignore[no-untyped-call]
-                        "EVALSHA", script.sha, len(keys), *keys, *args
-                    )
-                retry = []
-                for i, result in zip(pending, pipe.execute(raise_on_error=False), strict=True):
-                    if isinstance(result, redis_exc.NoScriptError) and attempt == 0:
-                        retry.append(i)
-                    elif isinstance(result, Exception):
-                        raise result
-                    else:
-                        results[i] = result
-                if not retry:
-                    break
-                for script in {calls[i][0].sha: calls[i][0] for i in retry}.values():
-                    self.client.script_load(script.text)
-                pending = retry
-        except _ERRORS as exc:
-            raise CacheUnavailable(f"Redis {self.url}: {exc}") from exc
+        for attempt in range(2):
+            packed = []
+            for i in pending:
+                script, keys, args = calls[i]
+                packed.append(
+                    _pack(("EVALSHA", script.sha, len(keys), *keys, *args))
+                )
+            retry = []
+            for i, result in zip(pending, self._round_trip(packed), strict=True):
+                if isinstance(result, redis_exc.NoScriptError) and attempt == 0:
+                    retry.append(i)
+                elif isinstance(result, Exception):
+                    raise CacheUnavailable(f"Redis {self.url}: {result}") from result
+                else:
+                    results[i] = result
+            if not retry:
+                break
+            scripts = {calls[i][0].sha: calls[i][0] for i in retry}.values()
+            for loaded in self._round_trip(
+                [_pack(("SCRIPT", "LOAD", script.text)) for script in scripts]
+            ):
+                if isinstance(loaded, Exception):
+                    raise CacheUnavailable(f"Redis {self.url}: {loaded}") from loaded
+            pending = retry
         return results
 
 

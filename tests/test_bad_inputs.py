@@ -22,6 +22,7 @@ import pytest
 import redis
 import sqlalchemy as sa
 from redis.connection import parse_url
+from wire import command_names
 
 from featcache import (
     AmbiguousFeature,
@@ -153,21 +154,17 @@ class IO:
 
 
 def counting_redis(redis_url: str, io: IO) -> redis.Redis:
-    """A real client whose connections record every command they send."""
+    """A real client whose connections record every command they send (health-check PINGs
+    included, which only happen after 30 idle seconds)."""
     base: type[redis.Connection] = parse_url(redis_url).get("connection_class", redis.Connection)
 
     class Counting(base):  # type: ignore[misc, valid-type]
         def send_packed_command(self, command: Any, check_health: bool = True) -> None:
+            # every command passes here: featcache's own packed ones and redis-py's
             io.redis_sends += 1
+            packed = [command] if isinstance(command, bytes | str) else list(command)
+            io.redis_commands.extend(command_names(packed))
             super().send_packed_command(command, check_health)
-
-        def send_command(self, *args: Any, **kwargs: Any) -> None:
-            io.redis_commands.append(str(args[0]))
-            super().send_command(*args, **kwargs)
-
-        def pack_commands(self, commands: Any) -> Any:
-            io.redis_commands.extend(str(cmd[0]) for cmd in commands)
-            return super().pack_commands(commands)
 
     pool = redis.ConnectionPool.from_url(redis_url, connection_class=Counting)
     return redis.Redis(connection_pool=pool)

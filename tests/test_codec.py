@@ -7,6 +7,7 @@ import math
 import struct
 
 import msgpack
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -89,9 +90,27 @@ def test_encode_many_gives_the_bytes_of_encode() -> None:
     when = dt.datetime(2024, 5, 6, 7, 8, 9, 123456, tzinfo=dt.UTC)
     rows = [(10, ([0.5, -1.0], when, "x", 3)), (None, (None, None, None, None)),
             (-(2**62), ([], when, "\u00e9", 2**62))]
-    assert codec.encode_many(rows, 1234, 7) == [
-        codec.encode(values, event, 1234, 7) for event, values in rows
+    events, values = [e for e, _ in rows], [v for _, v in rows]
+    assert codec.encode_many(events, values, 1234, 7) == [
+        codec.encode(v, event, 1234, 7) for event, v in rows
     ]
+    # without embeddings every row goes through map() alone: same bytes
+    plain = FeatureView(
+        name="p", table="t", entity_column="id", event_timestamp_column="ts",
+        features=(Feature("f", "float", 60), Feature("t", "timestamp", 60),
+                  Feature("s", "str", 60), Feature("b", "bool", 60)),
+    )
+    pcodec = RowCodec(plain)
+    prow = [(1.5, when, "a", True), [float("nan"), None, "", False], (None,) * 4]
+    pevents = [1, None, 2**62]
+    assert pcodec.encode_many(pevents, prow, 99, 3) == [
+        pcodec.encode(v, e, 99, 3) for e, v in zip(pevents, prow, strict=True)
+    ]
+    assert pcodec.encode_many([], [], 99) == []
+    with pytest.raises(ValueError, match="expected 4 values, got 3"):
+        pcodec.encode_many([1, 2], [(1.0, when, "a", True), (1.0, when, "a")], 99)
+    with pytest.raises(ValueError, match="1 event times for 2 rows"):
+        pcodec.encode_many([1], prow[:2], 99)
 
 
 def test_freshness_boundaries() -> None:

@@ -12,8 +12,10 @@ import datetime as dt
 import decimal
 from typing import Any
 
+import pyarrow as pa
 import pytest
 
+from featcache.arrow_reads import _micros
 from featcache.convert import (
     ConversionError,
     convert_column,
@@ -74,3 +76,25 @@ def test_timestamps_to_us_equals_the_scalar_path(column: list[Any]) -> None:
 def test_timestamps_to_us_rejects_text_that_is_not_a_timestamp() -> None:
     with pytest.raises(ConversionError, match="ISO 8601"):
         timestamps_to_us(["2024-01-02", "soon"])
+
+
+@pytest.mark.parametrize(("texts", "by_arrow"), [
+    (["2026-11-26 12:34:56", "2026-11-26 12:34:56.123456", "2026-11-26T12:34:56.5",
+      "2026-11-26", "2026-11-26 12", "0001-01-01 00:00:00", "9999-12-31 23:59:59.999999",
+      None], True),
+    (["2026-11-26 12:34:56+00:00", "2026-11-26T12:34:56Z", "2026-11-26 12:34:56.1-05:30",
+      "2026-11-26 12:34:56+0200", None], True),
+    (["2026-11-26 12:34:56", "2026-11-26 12:34:56+02:00"], False),  # naive and aware mixed
+    (["2026-11-26 12:34:56.1234567"], False),  # Python truncates past 6 digits, Arrow refuses
+    (["20261126T123456"], False),  # basic format: Python only
+])
+def test_sqlite_text_timestamps_parsed_by_arrow_equal_pythons(
+    texts: list[str | None], by_arrow: bool
+) -> None:
+    """The ADBC path parses SQLite's text timestamps in Arrow where Arrow's parser takes the
+    whole column, and must then give exactly the microseconds Python gives; elsewhere it
+    hands the column to Python (None)."""
+    got = _micros(pa.chunked_array([pa.array(texts, pa.string())]))
+    assert (got is not None) == by_arrow
+    if got is not None:
+        assert got == timestamps_to_us(texts)

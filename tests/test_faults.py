@@ -31,16 +31,16 @@ import subprocess
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import pytest
-import redis
 import sqlalchemy as sa
 from featdata import T0, Clock, SqlCounter, insert, make_cache, make_table, make_view
 from servers import PrivatePostgres, _child_setup
+from wire import hooked_client, is_command
 
 from featcache import Feature, FeatureCache, FeatureView, OfflineStoreUnavailable, Status
 from featcache.embedded import EmbeddedServer
@@ -450,23 +450,6 @@ def test_a_cache_started_during_the_sql_outage_still_serves_stale_rows(
             assert _statuses(cold) == {3: Status.UNAVAILABLE} and cold[3]["clicks"] is None
 
 
-class FillDuringWaitRedis(redis.Redis):
-    """A real client that, once, runs ``on_poll`` right before the first MGET of exactly
-    ``poll_keys``: the lease wait's poll. It stands for another process whose fill lands
-    while this reader waits on its lease, at a point the test can name instead of time."""
-
-    poll_keys: list[str]
-    on_poll: Any = None
-
-    def execute_command(self, *args: Any, **options: Any) -> Any:
-        if self.on_poll is not None and args and args[0] == "MGET" and (
-            list(args[1:]) == self.poll_keys
-        ):
-            on_poll, self.on_poll = self.on_poll, None
-            on_poll()
-        return super().execute_command(*args, **options)  # type: ignore[no-untyped-call]
-
-
 def test_sql_failure_does_not_discard_a_row_that_arrived_during_the_lease_wait(
     stoppable_sql: _StoppableSql, redis_url: str, key_prefix: str
 ) -> None:
@@ -478,8 +461,17 @@ def test_sql_failure_does_not_discard_a_row_that_arrived_during_the_lease_wait(
     view = _sview()
     layout_key = f"{key_prefix}:sfeat:1"  # featcache.keys: <prefix>:<view>:<entity>
     lease_key = f"{key_prefix}:~sfeat:lease:1"
-    client = cast(FillDuringWaitRedis, FillDuringWaitRedis.from_url(redis_url))
-    client.poll_keys = [layout_key]
+    # another process whose fill lands while this reader waits on its lease: run once, right
+    # before the first MGET of exactly row 1's key (the lease wait's poll), a point the test
+    # can name instead of a time
+    client, hooks = hooked_client(redis_url)
+    on_poll: list[Callable[[], None]] = []
+
+    def before_send(packed: Sequence[bytes]) -> None:
+        if on_poll and len(packed) == 1 and is_command(packed[0], "MGET", [layout_key]):
+            on_poll.pop()()
+
+    hooks.before_send = before_send
     try:
         with make_cache([view], redis_url, stoppable_sql.url, key_prefix, clock,
                         redis_client=client, lease_wait=5.0, on_sql_error="mark") as fc:
@@ -493,10 +485,10 @@ def test_sql_failure_does_not_discard_a_row_that_arrived_during_the_lease_wait(
                 fc.put_rows("sfeat", {"entity_id": 1, "event_ts": T0 + dt.timedelta(hours=1),
                                       "updated_at": T0, "clicks": 111})
 
-            client.on_poll = other_process_fills_row_1
+            on_poll.append(other_process_fills_row_1)
             result = fc.get_features([1, 2], NAMES)
             stats = fc.stats()["sfeat"]
-            assert client.on_poll is None, "the reader never waited on row 1's lease"
+            assert not on_poll, "the reader never waited on row 1's lease"
             assert stats["lease_waits"] == 1 and stats["lease_timeouts"] == 0
             assert result.status(2, "clicks") is Status.STALE and result[2]["clicks"] == 20
             # row 1 arrived fresh during the wait: the current value, not the stale one

@@ -26,13 +26,15 @@ import queue
 import threading
 import time
 from collections import Counter
-from typing import Any, cast
+from collections.abc import Sequence
+from typing import Any
 
 import pytest
 import redis
 import sqlalchemy as sa
 from featdata import T0, SqlCounter, insert, make_cache, make_table, make_view
 from procs_load import StampedeJob, run_stampede_worker
+from wire import hooked_client, is_command
 
 from featcache import CacheConfig, Feature, FeatureView, Status
 from featcache.codec import RowCodec
@@ -214,8 +216,9 @@ def test_64_threads_one_cold_row_one_sql_query(
         assert stats["lease_timeouts"] == 0
 
 
-class ParkingRedis(redis.Redis):
-    """A real client that parks one chosen thread right after its first MGET answer.
+class Parking:
+    """Parks one chosen thread right after its first MGET answer (through ``wire`` hooks on a
+    real client).
 
     It stands for what the scheduler does to a thread of a busy process (seen in the load
     tests above, e.g. about one PostgreSQL run in seven of the 4-process test on a 2-CPU box):
@@ -223,25 +226,26 @@ class ParkingRedis(redis.Redis):
     reader's fill has landed and its lease has been released.
     """
 
-    parked_thread: threading.Thread | None = None
-    parked: threading.Event
-    resume: threading.Event
+    def __init__(self) -> None:
+        self.thread: threading.Thread | None = None
+        self.parked = threading.Event()
+        self.resume = threading.Event()
 
-    def execute_command(self, *args: Any, **options: Any) -> Any:
-        result = super().execute_command(*args, **options)  # type: ignore[no-untyped-call]
-        if args and args[0] == "MGET" and threading.current_thread() is self.parked_thread:
-            self.parked_thread = None
+    def after_reply(self, packed: Sequence[bytes], reply: Any) -> None:
+        if (packed and is_command(packed[0], "MGET")
+                and threading.current_thread() is self.thread):
+            self.thread = None
             self.parked.set()
             self.resume.wait(WAIT_S)
-        return result
 
 
 def test_a_reader_that_saw_the_miss_before_a_fill_landed_does_not_read_sql_again(
     sqlite_target: Any, redis_url: str, key_prefix: str
 ) -> None:
     _, view = _history_table(sqlite_target, 10)
-    client = cast(ParkingRedis, ParkingRedis.from_url(redis_url))
-    client.parked, client.resume = threading.Event(), threading.Event()
+    client, hooks = hooked_client(redis_url)
+    parking = Parking()
+    hooks.after_reply = parking.after_reply
     try:
         with make_cache([view], redis_url, sqlite_target.url, key_prefix,
                         redis_client=client) as fc:
@@ -251,14 +255,14 @@ def test_a_reader_that_saw_the_miss_before_a_fill_landed_does_not_read_sql_again
             reader = threading.Thread(
                 target=lambda: late.append(fc.get_features([COLD], NAMES)), daemon=True
             )
-            client.parked_thread = reader
+            parking.thread = reader
             reader.start()
-            assert client.parked.wait(WAIT_S), "the late reader never read Redis"
+            assert parking.parked.wait(WAIT_S), "the late reader never read Redis"
             # meanwhile another reader misses, takes the lease, reads SQL, fills, releases
             first = fc.get_features([COLD], NAMES)
             assert first.status(COLD, "clicks") is Status.FILLED
             assert counter.count == 1
-            client.resume.set()
+            parking.resume.set()
             reader.join(WAIT_S)
             assert not reader.is_alive()
             assert dict(late[0][COLD]) == _latest(10)
@@ -269,7 +273,7 @@ def test_a_reader_that_saw_the_miss_before_a_fill_landed_does_not_read_sql_again
                 f"{late[0].status(COLD, 'clicks').value}, fills_fenced={stats['fills_fenced']}"
             )
     finally:
-        client.resume.set()
+        parking.resume.set()
         client.close()
 
 
