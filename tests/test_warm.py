@@ -124,7 +124,7 @@ def test_id_runs_read_through_adbc_give_the_same_rows_as_sqlalchemy(
             adbc = sql_target.name in ("sqlite", "postgresql")
             assert reader.via == ("adbc" if adbc else "sqlalchemy")
             got = reader.read(ids)
-            assert list(got) == list(expected) and _same(got, expected)
+            assert _same(got, expected)
             assert got[1].values[1] == 2**62 and got[1].values[2] == "Zürich 東京"
             assert got[1].event_us == expected[1].event_us and got[1].event_us % 10**6 == 123_457
             assert repr(got[3].values[0]) == repr(nan) and got[3].values[1] == -7
@@ -136,6 +136,57 @@ def test_id_runs_read_through_adbc_give_the_same_rows_as_sqlalchemy(
                 arrow._connection.close()
                 again = reader.read(ids)
                 assert reader.via == "sqlalchemy" and _same(again, expected)
+
+
+def test_id_runs_picked_in_arrow_follow_the_databases_order_exactly(
+    sql_target: Any, redis_url: str, key_prefix: str
+) -> None:
+    """Where ``ArrowRangeReader`` picks the latest row per entity itself (SQLite and
+    PostgreSQL), it picks the row the database's window query picks: event time NULLs last,
+    the later event time, then the later ``updated_at``, whose NULLs sort first on PostgreSQL
+    and last on SQLite (``ORDER BY ... DESC``). A run with more history than the bound goes
+    to the database, for that run and every later one, with the same rows."""
+    engine = sql_target.engine()
+    table = make_table(engine, sql_target.schema, "order", STATS_FEATURES)
+    t1, t2 = T0, T0 + dt.timedelta(minutes=5)
+    u1, u2 = T0 + dt.timedelta(hours=1), T0 + dt.timedelta(hours=2)
+    rows = [
+        # 10: the later event wins over an earlier one and over a NULL event updated later
+        stats_row(10, t1, updated_at=u1, clicks=1001),
+        stats_row(10, t2, updated_at=t2, clicks=1002),
+        stats_row(10, None, updated_at=u2, clicks=1003),
+        # 11: same event time, the later updated_at wins
+        stats_row(11, t1, updated_at=u1, clicks=1101),
+        stats_row(11, t1, updated_at=u2, clicks=1102),
+        # 12: same event time, updated_at NULL against a value: the dialect decides
+        stats_row(12, t1, updated_at=None, clicks=1201),
+        stats_row(12, t1, updated_at=u1, clicks=1202),
+        # 13: only NULL event times: the later updated_at wins
+        stats_row(13, None, updated_at=u1, clicks=1301),
+        stats_row(13, None, updated_at=u2, clicks=1302),
+        stats_row(14, t2, clicks=1401),
+    ]
+    insert(engine, table, rows)
+    view = make_view("order", "order", sql_target.schema)
+    ids = [10, 11, 12, 13, 14]
+    with make_cache([view], redis_url, sql_target.url, key_prefix) as cache:
+        expected = latest_of_id_run(cache, "order", ids)
+        assert {e: r.values[1] for e, r in expected.items()} == {
+            10: 1002, 11: 1102, 12: 1201 if sql_target.name == "postgresql" else 1202,
+            13: 1302, 14: 1401}
+        with IdRunReader(cache, "order") as reader:
+            arrow = reader._arrow
+            here = sql_target.name in ("sqlite", "postgresql")
+            assert (arrow is not None and arrow.picks_latest) == here
+            got = reader.read(ids)
+            assert _same(got, expected)
+            if here:
+                assert arrow is not None and arrow.picks_latest  # picked here, not by SQL
+                arrow.HISTORY_BOUND = 1  # 10 rows for 5 ids: past the bound
+                again = reader.read(ids)
+                assert not arrow.picks_latest and reader.via == "adbc"
+                assert _same(again, expected)
+                assert _same(reader.read(ids), expected)  # the database's pick from now on
 
 
 def _same(a: dict[Any, Any], b: dict[Any, Any]) -> bool:
