@@ -534,7 +534,14 @@ class L1Cache(Generic[V]):
         if fresh_for is None:
             soft = dict.fromkeys(items, deadline)
         else:
-            soft = {e: min(deadline, now + fresh_for[e]) for e in items}
+            # Equal deadlines share one float object (rows loaded together have the same):
+            # a hit reads its entry's deadline, and a shared one is already in the CPU cache
+            # instead of a cache miss of its own per entry.
+            shared: dict[float, float] = {}
+            soft = {}
+            for entity in items:
+                until = min(deadline, now + fresh_for[entity])
+                soft[entity] = shared.setdefault(until, until)
         no_stamps: Mapping[IdT, int] = {}
         stamp_of = (stamps if stamps is not None else no_stamps).get
         with self._lock:
