@@ -58,6 +58,9 @@ class Fence:
     epoch_raw: bytes
     seen: dict[EntityId, bytes | None]
     taken_at: float = 0.0  # time.monotonic() when it was taken: fences expire (fence_ttl / 2)
+    #: the cache's clock (ms) when it was taken, before the SQL read it fences: rows written
+    #: under it are stamped loaded then, never later than the read began (as fills are)
+    loaded_ms: int | None = None
 
 
 
@@ -175,6 +178,8 @@ class RowWriter:
         if not ids:
             return PutReport(0, 0)
         now_ms = int(self._clock() * 1000)
+        if fence is not None and fence.loaded_ms is not None:
+            now_ms = fence.loaded_ms  # the rows are as old as the SQL read that began after it
         epoch_key = self._layout.view_key(view_def.name, "epoch")
         if fence is not None:
             if time.monotonic() - fence.taken_at > self.config.fence_ttl / 2:
@@ -221,13 +226,15 @@ class RowWriter:
         ids = normalize_ids(entity_ids, view_def.entity_type, self.config.max_id_length)
         epoch_key = self._layout.view_key(view_def.name, "epoch")
         taken_at = time.monotonic()
+        loaded_ms = int(self._clock() * 1000)
         keys = self._layout.row_keys(view_def.name, ids)
         keys.append(epoch_key)
         raw = self._redis.read(keys)
         epoch_raw = raw[-1]
         if epoch_raw is None:  # never stamp rows with an epoch a lost key reads as again
             (epoch_raw,) = self._redis.ensure_epochs([epoch_key])
-        return Fence(view_def.name, epoch_raw, dict(zip(ids, raw[:-1], strict=True)), taken_at)
+        return Fence(view_def.name, epoch_raw, dict(zip(ids, raw[:-1], strict=True)), taken_at,
+                     loaded_ms)
 
 
 

@@ -81,6 +81,22 @@ def test_put_rows_sets_loaded_at_so_freshness_counts_from_the_write(
     assert fc.get_features([1], ["ctr"]).status(1, "ctr") is Status.ABSENT
 
 
+def test_rows_written_under_a_fence_are_as_old_as_the_fence(
+    cache: tuple[FeatureCache, Clock]
+) -> None:
+    """Rows read from SQL after a fence are stamped loaded when the fence was taken (before
+    the read), not when they reach Redis: a slow read never makes them look younger, so
+    they never pass as fresh past max_age counted from the read."""
+    fc, clock = cache
+    fence = fc.fence("w", [1, 2])
+    clock.advance(4 * 60)  # a slow SQL read and conversion between the fence and the write
+    assert fc.put_rows("w", [stats_row(1)], fence=fence).written == 1
+    clock.advance(5 * 60 + 30)  # 9.5 min after the fence, 5.5 after the write
+    assert fc.get_features([1], ["ctr"]).status(1, "ctr") is Status.HIT_REDIS
+    clock.advance(60)  # 10.5 min after the fence: ctr (max_age 10 min) is stale
+    assert fc.get_features([1], ["ctr"]).status(1, "ctr") is not Status.HIT_REDIS
+
+
 def test_put_rows_accepts_dataframe_and_arrow(cache: tuple[FeatureCache, Clock]) -> None:
     fc, _ = cache
     rows = [stats_row(i, clicks=i, emb=[float(i)]) for i in range(3)]
