@@ -261,11 +261,12 @@ class RedisStore:
             _pack(("MGET", *keys[start : start + step]))
             for start in range(0, len(keys), step)
         ]
-        if len(packed) == 1:
-            result: list[bytes | None] = self._round_trip(packed)[0]
-            return result
         values: list[bytes | None] = []
         for part in self._round_trip(packed):
+            if isinstance(part, Exception):  # an error reply (ACL, OOM...): no values at all
+                raise CacheUnavailable(f"Redis {self.url}: {part}") from part
+            if len(packed) == 1:
+                return part  # type: ignore[no-any-return]
             values.extend(part)
         return values
 

@@ -62,6 +62,26 @@ def test_acl_user_and_password(private_server: EmbeddedServer, table_url: str) -
     admin.close()
 
 
+def test_an_error_reply_to_the_read_is_redis_unavailable(
+    private_server: EmbeddedServer, table_url: str
+) -> None:
+    """A server that answers the batch read with an error (here ACL: MGET denied) is a Redis
+    failure like a lost connection: the call answers from SQL and counts the error; nothing
+    reads the error reply as values."""
+    admin = redis.Redis.from_url(private_server.url)
+    admin.acl_setuser("nomget", enabled=True, passwords=["+pw-nomget"], keys=["fct-conn:*"],
+                      commands=["+@all", "-mget"])
+    try:
+        url = f"redis://nomget:pw-nomget@127.0.0.1:{private_server.port}/0"
+        with _cache(url, table_url) as fc:
+            result = fc.get_features([1], ["clicks"])
+            assert result.status(1, "clicks") is Status.FILLED and result[1]["clicks"] == 3
+            assert fc.stats()["conn"]["redis_errors"] == 1
+    finally:
+        admin.acl_deluser("nomget")
+        admin.close()
+
+
 def test_bad_scheme_is_a_config_error(table_url: str) -> None:
     with pytest.raises(ConfigError, match="redis://") as err:
         _cache("http://user:topsecret@localhost:6379", table_url)
