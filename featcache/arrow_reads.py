@@ -78,7 +78,8 @@ def open_arrow_reader(offline: OfflineStore, bound: _BoundView) -> ArrowRangeRea
 
 
 class _Statement:
-    """A compiled statement and how to bind ``lo``/``hi`` to it (positional, in ADBC's style)."""
+    """A compiled statement and its parameters in order (positional, in ADBC's style); values
+    given to ``bind`` replace the named ones (``lo``/``hi``)."""
 
     def __init__(self, query: sa.Select[Any], dialect: sa.Dialect) -> None:
         compiled = query.compile(dialect=dialect)
@@ -86,8 +87,8 @@ class _Statement:
         self._order: tuple[str, ...] = tuple(compiled.positiontup or ())
         self._params: dict[str, Any] = dict(compiled.params)
 
-    def bind(self, lo: EntityId, hi: EntityId) -> tuple[Any, ...]:
-        params = dict(self._params, lo=lo, hi=hi)
+    def bind(self, **values: Any) -> tuple[Any, ...]:
+        params = dict(self._params, **values)
         return tuple(params[name] for name in self._order)
 
 
@@ -101,7 +102,9 @@ class ArrowRangeReader:
     SQLite spends 60% less per row without the window function, PostgreSQL 30% less (measured
     2026-11-27, docs/benchmarks.md). "Same rows" is checked, never assumed: the ordering
     columns must be timestamps, or, on SQLite, ISO 8601 text that Arrow parses (so text
-    order is SQLite's binary order and no other storage class hides among them); a run
+    order is SQLite's binary order and no other storage class hides among them), and no
+    column of the table may declare a collation (one could make distinct ids one partition,
+    or order text otherwise than bytes, in the database); a run
     holding more than ``HISTORY_BOUND`` rows per id on average (a long history per entity)
     stops the fetch early so memory stays bounded by the chunk. Either way that run, and a
     long history every later run, goes through ``range_query`` (the database picks).
@@ -122,7 +125,7 @@ class ArrowRangeReader:
         self._updated = bound.view.updated_at_column is not None
         # ``ORDER BY x DESC`` puts NULLs first on PostgreSQL, last on SQLite
         self._nulls_first_desc = dialect.name == "postgresql"
-        if _orders_alike(bound, dialect.name):
+        if _orders_alike(bound, dialect.name) and _no_collations(connection, bound, dialect):
             self._rows = _Statement(_rows_query(bound), dialect)
 
     @property
@@ -158,7 +161,7 @@ class ArrowRangeReader:
         """The statement's rows for the run ``ids``; None past ``limit`` rows (not all read)."""
         cursor = self._connection.cursor()
         try:
-            cursor.execute(statement.sql, statement.bind(ids[0], ids[-1]))
+            cursor.execute(statement.sql, statement.bind(lo=ids[0], hi=ids[-1]))
             if limit is None:
                 table: pa.Table = cursor.fetch_arrow_table()
                 return table
@@ -243,6 +246,51 @@ def _orders_alike(bound: _BoundView, dialect: str) -> bool:
         elif dialect != "sqlite" and not isinstance(column.type, sa.DateTime):
             return False
     return True
+
+
+def _no_collations(connection: Any, bound: _BoundView, dialect: sa.Dialect) -> bool:
+    """Whether the view's table declares no collation where it matters: none at all in the
+    SQLite table's DDL (reflection does not report SQLite collations), none other than the
+    default on the PostgreSQL entity, event time and updated_at columns. Any doubt (the
+    question itself failing) is a no: the database then picks the latest rows, as always."""
+    table, view = bound.table, bound.view
+    names = [view.entity_column, view.event_timestamp_column]
+    if view.updated_at_column is not None:
+        names.append(view.updated_at_column)
+    query: sa.Select[Any]
+    if dialect.name == "sqlite":
+        master = sa.table("sqlite_master", sa.column("sql"), sa.column("type"),
+                          sa.column("name"), schema=table.schema or "main")
+        query = sa.select(master.c.sql).where(master.c.type == "table",
+                                              master.c.name == table.name)
+    else:
+        info = sa.table("columns", sa.column("table_schema"), sa.column("table_name"),
+                        sa.column("column_name"), sa.column("collation_name"),
+                        schema="information_schema")
+        schema: Any = table.schema if table.schema else sa.func.current_schema()
+        query = sa.select(sa.func.count()).select_from(info).where(
+            info.c.table_schema == schema,
+            info.c.table_name == table.name,
+            sa.or_(*(info.c.column_name == name for name in names)),
+            info.c.collation_name.is_not(None),
+        )
+    try:
+        statement = _Statement(query, dialect)
+        cursor = connection.cursor()
+        try:
+            cursor.execute(statement.sql, statement.bind())
+            found = cursor.fetchone()
+        finally:
+            cursor.close()
+    except Exception as exc:  # any driver error: leave the choice to the database
+        log.info("view %s: collations not checked (%s); the database picks the latest rows",
+                 view.name, type(exc).__name__)
+        return False
+    if found is None:
+        return False
+    if dialect.name == "sqlite":
+        return "collate" not in str(found[0]).lower()
+    return int(found[0]) == 0
 
 
 def _orderable(column: pa.Array[Any]) -> bool:

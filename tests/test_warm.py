@@ -21,7 +21,7 @@ from featcache.jobs.leader import ViewLeader
 from featcache.jobs.warm import materialize, warm_once
 from featdata import STATS_FEATURES, T0, Clock, insert, make_cache, make_table, make_view, stats_row
 
-from featcache import FeatureCache, InvalidRequest, Status, UnknownView
+from featcache import Feature, FeatureCache, InvalidRequest, Status, UnknownView
 from featcache.bulk import (
     IdRunReader,
     iter_entity_ids,
@@ -187,6 +187,33 @@ def test_id_runs_picked_in_arrow_follow_the_databases_order_exactly(
                 assert not arrow.picks_latest and reader.via == "adbc"
                 assert _same(again, expected)
                 assert _same(reader.read(ids), expected)  # the database's pick from now on
+
+
+@pytest.mark.parametrize("sql_target", ["sqlite", "postgresql"], indirect=True)  # ADBC's two
+def test_a_declared_collation_leaves_the_pick_to_the_database(
+    sql_target: Any, redis_url: str, key_prefix: str
+) -> None:
+    """A collation on the table (SQLite: anywhere in its DDL; PostgreSQL: on the entity, event
+    time or updated_at column) can merge distinct ids into one partition or order text
+    otherwise than Arrow does, so such a view's runs go through the window query; the rows
+    are the database's own either way."""
+    engine = sql_target.engine()
+    collation = "NOCASE" if sql_target.name == "sqlite" else '"C"'
+    qualified = f"{sql_target.schema}.coll" if sql_target.schema else "coll"
+    with engine.begin() as conn:
+        conn.execute(sa.text(
+            f"CREATE TABLE {qualified} (entity_id VARCHAR(40) COLLATE {collation}, "
+            "event_ts TIMESTAMP, updated_at TIMESTAMP, clicks BIGINT)"))
+        conn.execute(sa.text(f"INSERT INTO {qualified} VALUES ('a', :t, :t, 1), "
+                             "('b', :t, :t, 2)"), {"t": T0.replace(tzinfo=None)})
+    view = make_view("coll", "coll", sql_target.schema, (Feature("clicks", "int", "1h"),),
+                     entity_type="str")
+    with make_cache([view], redis_url, sql_target.url, key_prefix) as cache, \
+            IdRunReader(cache, "coll") as reader:
+        assert reader._arrow is not None and not reader._arrow.picks_latest
+        got = reader.read(["a", "b"])
+        assert {e: r.values for e, r in got.items()} == {"a": (1,), "b": (2,)}
+        assert _same(got, latest_of_id_run(cache, "coll", ["a", "b"]))
 
 
 def _same(a: dict[Any, Any], b: dict[Any, Any]) -> bool:
