@@ -106,8 +106,8 @@ class ArrowRangeReader:
     column of the table may declare a collation (one could make distinct ids one partition,
     or order text otherwise than bytes, in the database); a run
     holding more than ``HISTORY_BOUND`` rows per id on average (a long history per entity)
-    stops the fetch early so memory stays bounded by the chunk. Either way that run, and a
-    long history every later run, goes through ``range_query`` (the database picks).
+    stops the fetch early so memory stays bounded by the chunk. Either way that run and
+    every later one go through ``range_query`` (the database picks).
     """
 
     #: rows per requested id above which a run is left to the database's window query
@@ -191,7 +191,12 @@ class ArrowRangeReader:
         entity, event = arrays[0], arrays[1]
         updated = arrays[2] if self._updated else None
         if not all(_orderable(c) for c in (event, updated) if c is not None):
-            return None  # text Arrow does not read as timestamps: the database's order
+            # text Arrow does not read as timestamps: the database orders this run, and the
+            # later ones (same columns), instead of every run being fetched twice
+            log.info("view %s: ordering columns Arrow cannot compare as the database does; "
+                     "the database picks the latest rows from now on", self._bound.view.name)
+            self._rows = None
+            return None
         features = arrays[3 if self._updated else 2 :]
         if pc.count_distinct(entity).as_py() < len(entity):  # some entity has history
             keys: dict[str, Any] = {"e": entity, "en": pc.is_null(event), "ev": event}

@@ -177,9 +177,9 @@ class RowWriter:
         step per row (the bulk path writes 10k rows a chunk)."""
         if not ids:
             return PutReport(0, 0)
-        now_ms = int(self._clock() * 1000)
-        if fence is not None and fence.loaded_ms is not None:
-            now_ms = fence.loaded_ms  # the rows are as old as the SQL read that began after it
+        # under a fence the rows are as old as the SQL read that began after it
+        now_ms = (fence.loaded_ms if fence is not None and fence.loaded_ms is not None
+                  else int(self._clock() * 1000))
         epoch_key = self._layout.view_key(view_def.name, "epoch")
         if fence is not None:
             if time.monotonic() - fence.taken_at > self.config.fence_ttl / 2:

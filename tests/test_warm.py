@@ -216,6 +216,31 @@ def test_a_declared_collation_leaves_the_pick_to_the_database(
         assert _same(got, latest_of_id_run(cache, "coll", ["a", "b"]))
 
 
+def test_text_arrow_cannot_order_leaves_the_run_and_later_ones_to_the_database(
+    sqlite_target: Any, redis_url: str, key_prefix: str
+) -> None:
+    """SQLite event times with 7 fractional digits: Python reads them, Arrow's parser does
+    not, so Arrow cannot order them as SQLite does; the run is the window query's, and so is
+    every later run (not fetched twice each), with the database's rows."""
+    engine = sqlite_target.engine()
+    with engine.begin() as conn:
+        conn.execute(sa.text("CREATE TABLE frac (entity_id BIGINT, event_ts TEXT, "
+                             "updated_at TEXT, clicks BIGINT)"))
+        conn.execute(sa.text(
+            "INSERT INTO frac VALUES (1, '2026-11-26 12:00:00.1234567', NULL, 10), "
+            "(1, '2026-11-26 13:00:00.1234567', NULL, 11), "
+            "(2, '2026-11-26 12:00:00.7654321', NULL, 20)"))
+    view = make_view("frac", "frac", None, (Feature("clicks", "int", "1h"),))
+    with make_cache([view], redis_url, sqlite_target.url, key_prefix) as cache, \
+            IdRunReader(cache, "frac") as reader:
+        assert reader._arrow is not None and reader._arrow.picks_latest
+        got = reader.read([1, 2])
+        assert not reader._arrow.picks_latest and reader.via == "adbc"
+        assert {e: r.values for e, r in got.items()} == {1: (11,), 2: (20,)}
+        assert _same(got, latest_of_id_run(cache, "frac", [1, 2]))
+        assert _same(reader.read([1, 2]), got)
+
+
 def _same(a: dict[Any, Any], b: dict[Any, Any]) -> bool:
     """Equal rows, NaN equal to NaN (a float('nan') is never == itself)."""
     def key(row: Any) -> Any:
