@@ -29,7 +29,7 @@ from featcache.keys import KeyLayout
 from featcache.l1 import L1Cache
 from featcache.offline import OfflineStore, SqlRow
 from featcache.popularity import PopularityCounter
-from featcache.readpath import L1Entry, ReadPath
+from featcache.readpath import L1_RECORD_WIDTH, L1Entry, ReadPath
 from featcache.redis_store import (
     RedisStore,
     connect,
@@ -95,6 +95,7 @@ class FeatureCache:
                 config.l1_policy, config.l1_max_entries, config.l1_max_ttl,
                 clock=time.monotonic if clock is time.time else clock,
                 access_sample_rate=config.l1_access_sample_rate,
+                record_width=L1_RECORD_WIDTH,
             )
         self._popularity: PopularityCounter | None = None
         if config.popularity_sample_rate > 0:

@@ -43,11 +43,12 @@ from __future__ import annotations
 
 import contextlib
 import math
+import operator
 import random
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any, Final, Generic, Protocol, TypeVar
+from typing import Any, Final, Generic, Protocol, TypeVar, cast
 
 import cachetools
 from theine_core import TlfuCore, spread
@@ -60,11 +61,14 @@ POLICIES: Final = ("lru", "lfu", "ttl", "tinylfu")
 
 EntityId = int | str
 Key = tuple[str, EntityId]
-#: (value, soft deadline, generation of the view when stored, hard deadline (max_ttl), the
-#: policy's hash of the key (tinylfu; 0 otherwise), the caller's stamp for ``recheck``).
-#: Deadlines are on the injected clock. One flat tuple: a hit touches one object besides
-#: the value.
-Entry = tuple[Any, float, int, float, int, int]
+#: One flat tuple: the record's own fields (the value itself for ``record_width=N``, or the
+#: value alone as a 1-tuple), then L1's bookkeeping at these offsets past them: the soft
+#: deadline, the view's generation when stored, the hard deadline (max_ttl), the policy's
+#: hash of the key (tinylfu; 0 otherwise), the caller's stamp for ``recheck``. Deadlines are
+#: on the injected clock. A hit touches this one object: with records, not even the value
+#: is a second object (see ``L1Cache``).
+Entry = tuple[Any, ...]
+_SOFT, _GENERATION, _HARD, _HASH, _STAMP = range(5)
 Clock = Callable[[], float]
 #: ``recheck(value, stamp)``: may an entry past its soft deadline still be served?
 Recheck = Callable[[Any, int], bool]
@@ -77,6 +81,7 @@ _NO_ENTRIES: Final[Mapping[EntityId, Entry]] = {}
 #: tinylfu: sampled accesses are handed to theine's core once this many have gathered (before
 #: any write, too), not on every read: one call per ~20 batches of 100 instead of one per batch
 _READ_BUFFER: Final = 256
+_value_of: Final = operator.itemgetter(0)  # of an entry that wraps its value
 _peek_contains = cachetools.Cache.__contains__
 _peek_getitem = cachetools.Cache.__getitem__
 
@@ -248,8 +253,9 @@ class _TinyLfuStore:
     In CPython ``hash(-1) == hash(-2)``, so entity ids -1 and -2 of one view are such a pair.
     """
 
-    def __init__(self, max_entries: int) -> None:
+    def __init__(self, max_entries: int, hash_at: int) -> None:
         self._core = TlfuCore(max_entries)
+        self._hash_at = hash_at  # where entries keep the key's hash
         # view -> entity -> entry: a hit is one lookup by the caller's own id, no key tuple
         self.tables: dict[str, dict[EntityId, Entry]] = {}
         self._by_hash: dict[int, Key] = {}
@@ -265,7 +271,7 @@ class _TinyLfuStore:
     def get(self, key: Key) -> Entry | None:
         entry = self.peek(key)
         if entry is not None:
-            self.accessed.append(entry[4])
+            self.accessed.append(entry[self._hash_at])
         return entry
 
     def peek(self, key: Key) -> Entry | None:
@@ -273,7 +279,7 @@ class _TinyLfuStore:
         return None if table is None else table.get(key[1])
 
     def set(self, key: Key, entry: Entry) -> None:
-        h = entry[4]
+        h = entry[self._hash_at]
         other = self._by_hash.get(h)
         if other is not None and other != key:
             self.evicted.append((other, self._pop(other)))
@@ -296,8 +302,9 @@ class _TinyLfuStore:
         if entry is None:
             return None
         self._size -= 1
-        del self._by_hash[entry[4]]
-        self._core.remove(entry[4])
+        h = entry[self._hash_at]
+        del self._by_hash[h]
+        self._core.remove(h)
         return entry
 
     def begin_reads(self, now: float) -> None:
@@ -340,6 +347,13 @@ class L1Cache(Generic[V]):
     never I/O, logging or a call back into the caller.
 
     ``clock`` must be monotonic (seconds); tests inject a fake one to step across ``max_ttl``.
+
+    ``record_width=N`` makes every value a tuple of exactly N items (a *record*), stored flat
+    with L1's bookkeeping appended, and ``get_many`` then answers with the stored tuple itself:
+    its first N items are the record, the rest is L1's (read it by index, do not unpack it).
+    That saves a hit the step from the entry to a separate value object, a cache miss per id
+    once the batch's entries have left the CPU caches; the read path stores its answers this
+    way. Without it, any value is stored and answered as given.
     """
 
     def __init__(
@@ -350,6 +364,7 @@ class L1Cache(Generic[V]):
         *,
         clock: Clock = time.monotonic,
         access_sample_rate: float = 1.0,
+        record_width: int | None = None,
     ) -> None:
         if policy not in POLICIES:
             raise ConfigError(
@@ -375,6 +390,22 @@ class L1Cache(Generic[V]):
                 "L1 access_sample_rate must be a number in (0, 1], got "
                 f"{access_sample_rate!r}"
             )
+        if record_width is not None and (
+            isinstance(record_width, bool) or not isinstance(record_width, int) or record_width < 1
+        ):
+            raise ConfigError(f"L1 record_width must be a positive integer, got {record_width!r}")
+        self.record_width: Final = record_width
+        # the entry layout (see ``Entry``): the record's fields, then L1's at these indexes
+        base = 1 if record_width is None else record_width
+        self._soft_at = base + _SOFT
+        self._generation_at = base + _GENERATION
+        self._hard_at = base + _HARD
+        self._hash_at = base + _HASH
+        self._stamp_at = base + _STAMP
+        self._flat = record_width is not None
+        self._soft_of = operator.itemgetter(self._soft_at)
+        self._generation_of = operator.itemgetter(self._generation_at)
+        self._hash_of = operator.itemgetter(self._hash_at)
         self.policy: Final = policy
         self.access_sample_rate: Final = float(access_sample_rate)
         # every ``_stride``-th requested id (from a random offset) is recorded: a uniform sample
@@ -403,7 +434,7 @@ class L1Cache(Generic[V]):
 
     def _new_store(self) -> _Store:
         if self.policy == "tinylfu":
-            return _TinyLfuStore(self.max_entries)
+            return _TinyLfuStore(self.max_entries, self._hash_at)
         return _CachetoolsStore(self.policy, self.max_entries, self.max_ttl, self._clock)
 
     # ------------------------------------------------------------------ reads and writes
@@ -421,41 +452,47 @@ class L1Cache(Generic[V]):
         if not isinstance(ids, list | tuple):
             ids = list(ids)
         now = self._clock()
-        found: dict[IdT, V] = {}
+        found: dict[IdT, Any] = {}  # V: the value, or the entry that starts with the record
         later: list[tuple[IdT, Entry]] = []  # not servable on the fast path
         missed = 0  # requests (not ids: duplicates count) without an entry
+        soft_at, generation_at, flat = self._soft_at, self._generation_at, self._flat
         with self._lock:
             store = self._store
             generation = self._generation.get(view, 0)
             store.begin_reads(now)
+            got: list[Entry | None]
             if isinstance(store, _TinyLfuStore):  # the default policy: lookups by the id alone
-                got: list[Entry | None] = list(map(store.tables.get(view, _NO_ENTRIES).get, ids))
+                got = list(map(store.tables.get(view, _NO_ENTRIES).get, ids))
+            else:
+                got = list(map(store.get, [(view, entity) for entity in ids]))
+            # The usual batch: every id held and servable. Checked by C-level passes (the
+            # earliest soft deadline, the oldest generation); an absent id is a None, which
+            # the getters reject with TypeError, so ``held`` is what ``every`` says.
+            held = cast(list[Entry], got)
+            try:
+                every = bool(held) and min(map(self._soft_of, held)) > now and (
+                    min(map(self._generation_of, held)) == generation
+                )
+            except TypeError:
+                every = False
+            if every:
+                found = dict(zip(ids, held if flat else map(_value_of, held), strict=True))
+            else:
                 for entity, entry in zip(ids, got, strict=True):
                     if entry is None:
                         missed += 1
                         continue
-                    if now < entry[1] and entry[2] == generation:
-                        found[entity] = entry[0]
+                    if now < entry[soft_at] and entry[generation_at] == generation:
+                        found[entity] = entry if flat else entry[0]
                     else:
                         later.append((entity, entry))
-                stride = self._stride
+            if isinstance(store, _TinyLfuStore):
                 # a uniform sample of the requests for keys L1 holds (see the module doc)
-                start = 0 if stride == 1 else random.randrange(stride)
-                accessed = store.accessed
-                for entry in got[start::stride]:
-                    if entry is not None:
-                        accessed.append(entry[4])
-            else:
-                get = store.get
-                for entity in ids:
-                    entry = get((view, entity))
-                    if entry is None:
-                        missed += 1
-                        continue
-                    if now < entry[1] and entry[2] == generation:
-                        found[entity] = entry[0]
-                    else:
-                        later.append((entity, entry))
+                stride = self._stride
+                sample = held[0 if stride == 1 else random.randrange(stride) :: stride]
+                if not every:
+                    sample = [entry for entry in sample if entry is not None]
+                store.accessed.extend(map(self._hash_of, sample))
             maybe = self._sort_out(view, later, now, generation) if later else ()
             store.end_reads()
             self._hits += len(ids) - missed - len(later)
@@ -472,14 +509,15 @@ class L1Cache(Generic[V]):
         """Entries the fast path did not serve: dropped if dead, else candidates for recheck.
         Called under the lock."""
         store = self._store
+        generation_at = self._generation_at
         maybe: list[tuple[IdT, Any, int]] = []
         for entity, entry in dict(later).items():  # an id asked twice is dropped once
-            if entry[2] == generation and now < entry[3]:
-                maybe.append((entity, entry[0], entry[5]))
+            if entry[generation_at] == generation and now < entry[self._hard_at]:
+                maybe.append((entity, entry if self._flat else entry[0], entry[self._stamp_at]))
                 continue
             # dropped now so a dead entry does not hold a slot until the policy evicts it
             store.discard((view, entity))
-            if entry[2] == generation:  # older generations were counted when invalidated
+            if entry[generation_at] == generation:  # older ones were counted when invalidated
                 self._expired += 1
                 self._live[view] -= 1
         return maybe
@@ -544,6 +582,7 @@ class L1Cache(Generic[V]):
                 soft[entity] = shared.setdefault(until, until)
         no_stamps: Mapping[IdT, int] = {}
         stamp_of = (stamps if stamps is not None else no_stamps).get
+        records = self._records(items)
         with self._lock:
             if token is not None and (
                 self._view_fenced_at.get(view, 0) > token or self._cleared_at > token
@@ -553,29 +592,43 @@ class L1Cache(Generic[V]):
             store = self._store
             generation = self._generation.get(view, 0)
             peek, put, key_hash = store.peek, store.set, store.key_hash
+            generation_at = self._generation_at
             added = 0
-            for entity, value in items.items():
+            for entity, record in records.items():
                 key = (view, entity)
                 old = peek(key)
-                if old is None or old[2] != generation:
+                if old is None or old[generation_at] != generation:
                     added += 1
-                put(key, (value, soft[entity], generation, deadline, key_hash(key),
+                put(key, (*record, soft[entity], generation, deadline, key_hash(key),
                           stamp_of(entity, 0)))
             store.end_writes()
             self._live[view] = self._live.get(view, 0) + added
             if store.evicted or store.expired:
                 self._settle(store)
 
+    def _records(self, items: Mapping[IdT, V]) -> Mapping[IdT, tuple[Any, ...]]:
+        """The values as the tuples entries start with; checked before the lock is taken."""
+        width = self.record_width
+        if width is None:
+            return {entity: (value,) for entity, value in items.items()}
+        for entity, value in items.items():
+            if not isinstance(value, tuple) or len(value) != width:
+                raise TypeError(
+                    f"L1 record for {entity!r} must be a tuple of {width} items "
+                    f"(record_width), got {value!r:.80}"
+                )
+        return items  # type: ignore[return-value]  # checked: tuples of the declared width
+
     def _settle(self, store: _Store) -> None:
         """Account for the entries the policy dropped on its own (evicted or aged out)."""
-        generation, live = self._generation, self._live
+        generation, live, generation_at = self._generation, self._live, self._generation_at
         for key, entry in store.evicted:
             self._evictions += 1
-            if entry[2] == generation.get(key[0], 0):
+            if entry[generation_at] == generation.get(key[0], 0):
                 live[key[0]] -= 1
         for key, entry in store.expired:
             self._expired += 1
-            if entry[2] == generation.get(key[0], 0):
+            if entry[generation_at] == generation.get(key[0], 0):
                 live[key[0]] -= 1
         store.evicted.clear()
         store.expired.clear()
@@ -594,7 +647,7 @@ class L1Cache(Generic[V]):
             generation = self._generation.get(view, 0)
             for key in keys:
                 entry = store.discard(key)
-                if entry is not None and entry[2] == generation:
+                if entry is not None and entry[self._generation_at] == generation:
                     dropped += 1
             if dropped:
                 self._live[view] -= dropped

@@ -46,8 +46,11 @@ log = logging.getLogger("featcache")
 #: What L1 keeps per row: the answer it will give, ready-made ((HIT_L1, values, event_us) or
 #: (ABSENT, None, None)), so an L1 hit is a lookup and two comparisons. Its soft deadline is
 #: when the strictest ``max_age`` of the view (the negative TTL for ABSENT) runs out; its stamp
-#: is when the row was loaded, for calls that ask only for longer-lived features.
+#: is when the row was loaded, for calls that ask only for longer-lived features. Stored as an
+#: L1 record, so an L1 hit answers with L1's own entry tuple (the answer's three fields first,
+#: L1's bookkeeping after them, which nothing here reads) and touches no second object.
 L1Entry = Answer
+L1_RECORD_WIDTH = 3
 #: L1's soft deadline is brought forward by this much (seconds): the wall-clock remainder is
 #: measured a moment before L1 reads its own clock, and loaded_at is truncated to the ms.
 _L1_MARGIN_S = 0.001

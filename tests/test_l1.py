@@ -276,14 +276,17 @@ def test_view_isolation(policy: str, clock: FakeClock) -> None:
     assert cache.get_many("user", [1, 2]) == {1: "user-1", 2: "user-2"}
 
 
+@pytest.mark.parametrize("record_width", [None, 2], ids=["values", "records"])
 def test_bookkeeping_stays_consistent_under_random_operations(
-    policy: str, clock: FakeClock
+    policy: str, clock: FakeClock, record_width: int | None
 ) -> None:
-    """After any sequence, the per-view counts behind invalidate_view match the entries held."""
+    """After any sequence, the per-view counts behind invalidate_view match the entries held;
+    every value served is the one stored (a record: the entry's first fields)."""
     rng = random.Random(1234)
     views = ["user", "item", "shop"]
     ids = range(60)
-    cache = make(policy, clock, max_entries=40)
+    cache: L1Cache[object] = L1Cache(policy, 40, MAX_TTL, clock=clock,
+                                     record_width=record_width)
     checked = 0
     for step in range(1, 4001):
         view = rng.choice(views)
@@ -292,7 +295,10 @@ def test_bookkeeping_stays_consistent_under_random_operations(
             cache.put_many(view, {i: (view, i) for i in rng.sample(ids, rng.randint(1, 8))})
         elif op < 0.75:
             got = cache.get_many(view, rng.sample(ids, rng.randint(1, 12)))
-            assert all(value == (view, i) for i, value in got.items())
+            if record_width is None:
+                assert all(value == (view, i) for i, value in got.items())
+            else:
+                assert all(value[:2] == (view, i) for i, value in got.items())  # type: ignore[index]
         elif op < 0.85:
             cache.invalidate(view, rng.sample(ids, rng.randint(1, 5)))
         elif op < 0.88:
@@ -491,6 +497,47 @@ def test_soft_deadline_then_recheck_then_max_ttl(policy: str, clock: FakeClock) 
     clock.now += MAX_TTL  # the soft deadline never extends max_ttl (3's was 100 s)
     assert cache.get_many("user", [1, 2, 3], recheck=lambda v, s: True) == {}
     assert len(cache) == 0 and cache.stats()["expired"] == 3
+
+
+def test_records_are_answered_as_their_entries(policy: str, clock: FakeClock) -> None:
+    """With ``record_width``, a hit answers L1's own entry: the record's fields first, on the
+    every-id-held path, the per-id path (an id missing) and the recheck path alike."""
+    cache: L1Cache[tuple[str, int, None]] = L1Cache(policy, 100, MAX_TTL, clock=clock,
+                                                    record_width=3)
+    cache.put_many("user", {1: ("a", 1, None), 2: ("b", 2, None)},
+                   fresh_for={1: 100.0, 2: 1.0}, stamps={2: 7})
+    every = cache.get_many("user", [2, 1])
+    assert list(every) == [2, 1]
+    assert [v[:3] for v in every.values()] == [("b", 2, None), ("a", 1, None)]
+    assert len(every[1]) > 3  # L1's own fields follow the record
+    some = cache.get_many("user", [3, 1])
+    assert list(some) == [1] and some[1][:3] == ("a", 1, None)
+    clock.now += 2.0  # past 2's soft deadline
+    seen: list[tuple[object, int]] = []
+
+    def recheck(value: object, stamp: int) -> bool:
+        seen.append((value[:3], stamp))
+        return True
+
+    rechecked = cache.get_many("user", [1, 2], recheck=recheck)
+    assert seen == [(("b", 2, None), 7)]
+    assert [v[:3] for v in rechecked.values()] == [("a", 1, None), ("b", 2, None)]
+
+
+@pytest.mark.parametrize("bad", [("a", 1), ("a", 1, None, 4), ["a", 1, None], "abc", None])
+def test_a_record_of_the_wrong_shape_is_refused_whole(
+    policy: str, clock: FakeClock, bad: object
+) -> None:
+    cache: L1Cache[object] = L1Cache(policy, 100, MAX_TTL, clock=clock, record_width=3)
+    with pytest.raises(TypeError, match="tuple of 3 items"):
+        cache.put_many("user", {1: ("a", 1, None), 2: bad})
+    assert len(cache) == 0  # checked before anything is stored
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, True, "3"])
+def test_bad_record_width(bad: object) -> None:
+    with pytest.raises(ConfigError, match="record_width"):
+        L1Cache("tinylfu", 10, 1.0, record_width=bad)  # type: ignore[arg-type]
 
 
 def test_access_sample_rate_is_validated() -> None:
