@@ -63,7 +63,10 @@ class LuaScript:
 # written. Then four ARGV per row key: mode, ttl_ms, value, expected. "Ours" means a row ("R" in
 # byte 2) of the same layout version (byte 1) as the new value.
 #   Both modes: a row never replaces a row of ours with a later event timestamp (bytes 3-10,
-#           big-endian int64). Tombstones, negative entries, garbage and keys of other types
+#           big-endian int64) if that row is of the view's current epoch. One of an older
+#           epoch was invalidated with its whole view (readers miss it): it gives way, or an
+#           ETL that moved an event time back and invalidated the view would leave the key a
+#           miss until its TTL. Tombstones, negative entries, garbage and keys of other types
 #           give way to rows: the key space under the prefix is featcache's.
 #   mode F  a fenced fill, also: written only where the key still holds exactly what the
 #           reader saw before its SQL read (expected; "" = nothing, or a key of another type,
@@ -74,6 +77,34 @@ class LuaScript:
 #   mode R  a row from put_rows without a fence: nothing more.
 # Returns how many keys were written.
 CONDITIONAL_SET = LuaScript("""
+-- an unsigned msgpack int at pos: its value and the position after it, or nil
+local function uint_at(s, pos)
+  local b = string.byte(s, pos)
+  if not b then return nil end
+  if b < 128 then return b, pos + 1 end
+  if b == 204 then return string.byte(s, pos + 1), pos + 2 end
+  if b == 205 then return struct.unpack('>I2', s, pos + 1), pos + 3 end
+  if b == 206 then return struct.unpack('>I4', s, pos + 1), pos + 5 end
+  if b == 207 then return struct.unpack('>I8', s, pos + 1), pos + 9 end
+  return nil
+end
+-- the epoch of a row (msgpack [fp, epoch, ...] after the 10-byte header), or nil
+local function epoch_of(row)
+  local b, pos = string.byte(row, 11), nil
+  if b and b >= 146 and b <= 159 then pos = 12
+  elseif b == 220 then pos = 14
+  elseif b == 221 then pos = 16
+  else return nil end
+  local _, after = uint_at(row, pos)
+  if not after then return nil end
+  return (uint_at(row, after))
+end
+local current = false  -- the view's epoch, read when first needed
+local function of_current_epoch(row)
+  if current == false then current = tonumber(redis.call('GET', KEYS[1]) or '') end
+  local epoch = epoch_of(row)
+  return epoch ~= nil and epoch == current
+end
 local rows_end = #KEYS - tonumber(ARGV[3])
 for i = rows_end + 1, #KEYS do
   redis.call('DEL', KEYS[i])
@@ -94,6 +125,7 @@ for i = 2, rows_end do
     and string.byte(old, 2) == 82
   ok = (not ours) or string.byte(value, 2) ~= 82
     or struct.unpack('>i8', value, 3) >= struct.unpack('>i8', old, 3)
+    or not of_current_epoch(old)
   if ok and mode ~= 'R' then
     ok = (old or '') == ARGV[base + 4]
   end

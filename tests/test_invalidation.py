@@ -110,6 +110,28 @@ def test_whole_view_invalidation_fences_fills_and_misses_old_rows(
     assert reader.get_features([2, 3], ["clicks"]).status_counts() == {Status.HIT_REDIS: 2}
 
 
+def test_a_rewrite_to_an_earlier_event_time_is_cached_again_after_a_view_invalidation(
+    env: dict[str, Any],
+) -> None:
+    """The ETL replaces a row dated in the future by mistake with the right, earlier one and
+    invalidates the whole view. The row in Redis is of the old epoch now (a miss), and it must
+    give way to the refill even though its event time is later: otherwise every read of the
+    entity would go to SQL until the key's TTL ran out."""
+    reader, writer, engine, table = env["reader"], env["writer"], env["engine"], env["table"]
+    with engine.begin() as conn:
+        conn.execute(table.update().where(table.c.entity_id == 1).values(
+            event_ts=T0 + dt.timedelta(days=1), clicks=999))
+    assert reader.get_features([1], ["clicks"])[1]["clicks"] == 999
+    with engine.begin() as conn:
+        conn.execute(table.update().where(table.c.entity_id == 1).values(
+            event_ts=T0 - dt.timedelta(hours=1), clicks=5))
+    writer.invalidate("inv")
+    refilled = reader.get_features([1], ["clicks"])
+    assert refilled.status(1, "clicks") is Status.FILLED and refilled[1]["clicks"] == 5
+    again = reader.get_features([1], ["clicks"])
+    assert again.status(1, "clicks") is Status.HIT_REDIS and again[1]["clicks"] == 5
+
+
 def test_epoch_never_repeats_even_when_its_key_is_lost(
     env: dict[str, Any], redis_client: redis.Redis, key_prefix: str
 ) -> None:

@@ -10,6 +10,7 @@ from typing import Any
 import pandas as pd
 import pyarrow as pa
 import pytest
+import redis
 from featdata import (
     STATS_FEATURES,
     T0,
@@ -60,6 +61,26 @@ def test_older_row_never_overwrites_newer(cache: tuple[FeatureCache, Clock]) -> 
     assert (report.written, report.skipped_older) == (1, 1)
     assert fc.get_features([5], ["clicks"])[5]["clicks"] == 5
     assert fc.stats()["w"]["rows_skipped_older"] == 2
+
+
+@pytest.mark.parametrize("epoch", [5, 200, 70_000, 2**40, 1_790_000_000_000_000],
+                         ids=["fixint", "uint8", "uint32", "uint64", "server-clock"])
+def test_a_newer_row_of_an_invalidated_epoch_gives_way(
+    cache: tuple[FeatureCache, Clock], redis_client: redis.Redis, key_prefix: str, epoch: int
+) -> None:
+    """The script reads the epoch out of the old row's msgpack, whatever size msgpack gave
+    that integer: the older row is kept out while the newer one's epoch is current, and
+    replaces it once the view's epoch moved on (the newer one is then a miss to readers)."""
+    fc, _ = cache
+    epoch_key = f"{key_prefix}:~w:epoch"
+    redis_client.set(epoch_key, epoch)
+    newer, older = T0 + dt.timedelta(hours=1), T0
+    assert fc.put_rows("w", [stats_row(1, newer, clicks=2)]).written == 1
+    assert fc.put_rows("w", [stats_row(1, older, clicks=1)]).skipped_older == 1
+    redis_client.set(epoch_key, epoch + 1)  # a whole-view invalidation
+    assert fc.put_rows("w", [stats_row(1, older, clicks=1)]).written == 1
+    got = fc.get_features([1], ["clicks"])
+    assert got.status(1, "clicks") is Status.HIT_REDIS and got[1]["clicks"] == 1
 
 
 def test_row_replaces_negative_entry(cache: tuple[FeatureCache, Clock]) -> None:
