@@ -15,7 +15,11 @@ expected answers, ~1M objects) frozen out of the garbage collector
 (``bench.common.frozen_heap``): a ``featcache materialize`` process holds none of it, and full
 collections scanning it cost the timed call up to 0.5 s per 100k rows. Per source: rows
 written, wall seconds, rows/s, the client's peak RSS (sampled every 50 ms in a thread; also
-minus the baseline taken just before the call) and Redis ``used_memory`` growth per row.
+minus the baseline taken just before the call) and Redis ``used_memory`` growth per row, and
+where the CPU went during the call (``cpu``: CPU-seconds per 100k rows of this process, of the
+Redis server by ``INFO cpu``, and of the rest of the machine, which is mostly the SQL server
+for PostgreSQL; and how busy the machine's CPUs were): the figure that says whether rows/s
+can grow by overlapping more or only by doing less.
 Afterwards ``get_features`` of 1000 random ids must be HIT_REDIS with exactly the generated
 values, or the run fails.
 
@@ -445,9 +449,11 @@ def measure(source: str, offline_url: str, schema: str | None, redis_url: str | 
         keys_before = client.dbsize()
         mem_before = used_memory(client)
         with frozen_heap(), RssSampler() as rss:
+            cpu_before = cpu_seconds(client)
             started = time.perf_counter()
             report = materialize(cache, dataset.VIEW_NAME, all=True, chunk_rows=chunk_rows)
             seconds = time.perf_counter() - started
+            cpu = cpu_split(cpu_before, cpu_seconds(client), seconds, n)
         mem_right_after = used_memory(client)
         settle_started = time.perf_counter()
         mem_after = settled_used_memory(client)
@@ -461,7 +467,10 @@ def measure(source: str, offline_url: str, schema: str | None, redis_url: str | 
                              f"{n} rows + 1 epoch key")
         verify(cache, expected, source)
     delta = mem_after["used_memory"] - mem_before["used_memory"]
-    log(f"{source}: {n:,} rows in {seconds:.2f} s")
+    log(f"{source}: {n:,} rows in {seconds:.2f} s; CPU-s per 100k rows: client "
+        f"{cpu['client_per_100k']}, redis {cpu['redis_per_100k']}, rest of the machine "
+        f"{cpu['rest_per_100k']} (SQL server, other); machine busy {cpu['machine_busy']:.0%} "
+        f"of {cpu['cpus']} CPUs")
     return {
         "source": source,
         "rows": report.rows_written,
@@ -486,6 +495,40 @@ def measure(source: str, offline_url: str, schema: str | None, redis_url: str | 
         },
         "report": dataclasses.asdict(report),
         "verified_ids": len(expected),
+        "cpu": cpu,
+    }
+
+
+def cpu_seconds(client: Any) -> dict[str, float]:
+    """CPU seconds used so far by this process, the Redis server (INFO cpu: all its threads)
+    and the whole machine (busy = not idle, not waiting on I/O)."""
+    own = psutil.Process().cpu_times()
+    info = client.info("cpu")
+    machine = psutil.cpu_times()
+    return {
+        "client": own.user + own.system,
+        "redis": float(info["used_cpu_user"]) + float(info["used_cpu_sys"]),
+        "machine": sum(machine) - machine.idle - getattr(machine, "iowait", 0.0),
+    }
+
+
+def cpu_split(before: dict[str, float], after: dict[str, float], seconds: float,
+              rows: int) -> dict[str, Any]:
+    """Where the CPU time of the timed call went, per 100k rows: with the machine's CPUs all
+    busy, rows/s can only grow by taking work away, not by overlapping more of it. The rest
+    is the machine minus client and Redis: the SQL server for PostgreSQL, plus anything else
+    running (it is measured, not assumed to be zero)."""
+    used = {k: after[k] - before[k] for k in before}
+    per = 100_000 / rows
+    cpus = psutil.cpu_count() or 1
+    return {
+        "cpus": cpus,
+        "client_per_100k": round(used["client"] * per, 3),
+        "redis_per_100k": round(used["redis"] * per, 3),
+        "rest_per_100k": round(max(0.0, used["machine"] - used["client"] - used["redis"]) * per,
+                               3),
+        "machine_per_100k": round(used["machine"] * per, 3),
+        "machine_busy": round(used["machine"] / (seconds * cpus), 3),
     }
 
 
