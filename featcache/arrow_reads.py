@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Generator, Sequence
 from typing import Any, Literal
 
 import adbc_driver_postgresql.dbapi as pg_driver
@@ -34,7 +34,13 @@ from sqlalchemy.dialects.postgresql.psycopg import PGDialect_psycopg
 from featcache.offline import OfflineStore, SqlRow, _BoundView, _raw, only
 from featcache.request import EntityId
 
-__all__ = ["ArrowRangeReader", "ArrowReadUnavailable", "open_arrow_reader"]
+__all__ = [
+    "ArrowIdStream",
+    "ArrowRangeReader",
+    "ArrowReadUnavailable",
+    "open_arrow_reader",
+    "open_id_stream",
+]
 
 log = logging.getLogger("featcache.bulk")
 
@@ -48,6 +54,62 @@ def open_arrow_reader(offline: OfflineStore, bound: _BoundView) -> ArrowRangeRea
     """An ADBC reader of ``bound``'s id ranges, or None where ADBC does not apply."""
     if bound.range_query is None:
         return None
+    opened = _connect(offline, bound)
+    if opened is None:
+        return None
+    return ArrowRangeReader(offline, bound, *opened)
+
+
+def open_id_stream(
+    offline: OfflineStore, bound: _BoundView, query: sa.Select[Any]
+) -> ArrowIdStream | None:
+    """The one-column listing ``query`` through ADBC, or None where ADBC does not apply."""
+    opened = _connect(offline, bound)
+    if opened is None:
+        return None
+    connection, dialect = opened
+    return ArrowIdStream(connection, _Statement(query, dialect))
+
+
+class ArrowIdStream:
+    """A view's entity ids streamed through their own ADBC connection, chunk by chunk.
+
+    Through SQLAlchemy the listing cost a ``Row`` per id, about 1 us, on the thread that
+    then fences and reads each chunk: a tenth of ``materialize --all``'s time. Here the
+    ids arrive as Arrow batches (memory: one batch plus one chunk). Errors surface from
+    ``chunks`` as they happen, possibly after some chunks (ADBC SQLite types a column by
+    its first rows and stops at a value of another type); ``featcache.bulk`` then lists the
+    rest through SQLAlchemy.
+    """
+
+    def __init__(self, connection: Any, statement: _Statement) -> None:
+        self._connection = connection
+        self._statement = statement
+
+    def chunks(self, chunk_rows: int) -> Generator[list[Any], None, None]:
+        cursor = self._connection.cursor()
+        try:
+            cursor.execute(self._statement.sql, self._statement.bind())
+            reader: pa.RecordBatchReader = cursor.fetch_record_batch()
+            pending: list[Any] = []
+            for batch in reader:
+                pending += batch.column(0).to_pylist()
+                while len(pending) >= chunk_rows:
+                    yield pending[:chunk_rows]
+                    del pending[:chunk_rows]
+            if pending:
+                yield pending
+        finally:
+            cursor.close()
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):  # a connection we no longer use
+            self._connection.close()
+
+
+def _connect(offline: OfflineStore, bound: _BoundView) -> tuple[Any, sa.Dialect] | None:
+    """A new ADBC connection to the offline store and the dialect to compile for it, or None
+    where ADBC does not apply (or fails to connect: then SQLAlchemy serves)."""
     url = offline.engine.url
     backend = url.get_backend_name()
     try:
@@ -74,7 +136,7 @@ def open_arrow_reader(offline: OfflineStore, bound: _BoundView) -> ArrowRangeRea
         log.warning("ADBC unavailable for view %s, reading through SQLAlchemy: %s",
                     bound.view.name, type(exc).__name__)
         return None
-    return ArrowRangeReader(offline, bound, connection, dialect)
+    return connection, dialect
 
 
 class _Statement:

@@ -27,6 +27,7 @@ the bulk path and the serving path read rows identically.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import logging
 from collections.abc import Generator, Iterator, Sequence
@@ -36,7 +37,12 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy import exc as sa_exc
 
-from featcache.arrow_reads import ArrowRangeReader, ArrowReadUnavailable, open_arrow_reader
+from featcache.arrow_reads import (
+    ArrowRangeReader,
+    ArrowReadUnavailable,
+    open_arrow_reader,
+    open_id_stream,
+)
 from featcache.client import FeatureCache
 from featcache.config import FeatureView
 from featcache.convert import us_to_timestamp
@@ -148,12 +154,23 @@ def iter_entity_ids(
         query = query.where(where)
     if ordered:
         query = query.order_by(listed)
+    kind: type[int] | type[str] = int if bound.int_ids else str
+    if ordered and since is None and not bound.exact_ids:
+        # through ADBC where it applies; from where it failed on, if it did, through
+        # SQLAlchemy: the listing is ordered, so "after the last id listed" is the rest
+        # (bound parameters other than these ids, like ``since``'s time, are left to
+        # SQLAlchemy's bind processing, which ADBC would not apply)
+        complete, last = yield from _listed_through_adbc(offline, bound, query, chunk_rows,
+                                                         kind)
+        if complete:
+            return
+        if last:
+            query = query.where(listed > last[0])
     try:
         with offline.engine.connect() as conn:
             result = conn.execution_options(stream_results=True, yield_per=chunk_rows).execute(
                 query
             )
-            kind: type[int] | type[str] = int if bound.int_ids else str
             for part in result.partitions(chunk_rows):
                 listed_ids = list(map(_FIRST, part))
                 if bound.exact_ids:
@@ -164,6 +181,36 @@ def iter_entity_ids(
                     yield list(map(kind, listed_ids))
     except sa_exc.SQLAlchemyError as exc:
         raise offline._translate(exc, f"listing the ids of view {view_def.name!r}") from exc
+
+
+def _listed_through_adbc(
+    offline: OfflineStore,
+    bound: _BoundView,
+    query: sa.Select[Any],
+    chunk_rows: int,
+    kind: type[int] | type[str],
+) -> Generator[list[EntityId], None, tuple[bool, list[EntityId]]]:
+    """Chunks of ids listed through ADBC; returns whether the listing is complete, and the
+    last id yielded (none, or one) for the caller to go on from when it is not."""
+    stream = open_id_stream(offline, bound, query)
+    if stream is None:
+        return False, []
+    last: list[EntityId] = []
+    with contextlib.closing(stream), contextlib.closing(stream.chunks(chunk_rows)) as chunks:
+        while True:
+            try:
+                listed_ids = next(chunks)
+            except StopIteration:
+                return True, last
+            except Exception as exc:  # any ADBC or Arrow error: SQLAlchemy lists the rest
+                log.warning("ADBC listing of view %s failed after %s (%s: %s); listing the "
+                            "rest through SQLAlchemy", bound.view.name,
+                            f"id {last[0]!r}" if last else "no id", type(exc).__name__, exc)
+                return False, last
+            ids: list[EntityId] = listed_ids if set(map(type, listed_ids)) == {kind} else list(
+                map(kind, listed_ids))
+            yield ids
+            last = ids[-1:]
 
 
 def reads_id_runs(source: FeatureCache | OfflineStore, view: str | FeatureView) -> bool:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import json
+import logging
 import subprocess
 import sys
 import threading
@@ -269,6 +270,30 @@ def test_ordered_id_runs_are_read_by_range_on_every_dialect(
         assert latest_of_id_run(cache, "wv", []) == {}
 
 
+
+
+def test_ids_listed_through_adbc_go_on_through_sqlalchemy_after_a_failure(
+    sqlite_target: Any, redis_url: str, key_prefix: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The ordered id listing goes through ADBC; where ADBC stops part-way (SQLite: it types
+    a column by its first 1024 rows, and a REAL id comes later), SQLAlchemy lists the rest,
+    from after the last id already handed out: every id exactly as SQLAlchemy alone lists
+    them, none lost, none twice."""
+    engine = sqlite_target.engine()
+    table = make_table(engine, None, "mixed", STATS_FEATURES)
+    insert(engine, table, [stats_row(i) for i in range(1, 1501)])
+    with engine.begin() as conn:  # INTEGER affinity keeps a non-integral number REAL
+        conn.execute(table.insert().values(stats_row(1400.5)))
+        listed = [row[0] for row in conn.exec_driver_sql(
+            "SELECT DISTINCT entity_id FROM mixed ORDER BY entity_id")]
+    assert any(isinstance(x, float) for x in listed)
+    view = make_view("mixed", "mixed", None)
+    with make_cache([view], redis_url, sqlite_target.url, key_prefix) as cache, \
+            caplog.at_level(logging.WARNING, logger="featcache.bulk"):
+        chunks = list(iter_entity_ids(cache, "mixed", chunk_rows=500, ordered=True))
+    assert "ADBC listing of view mixed failed after id 1000" in caplog.text
+    assert [i for c in chunks for i in c] == [int(x) for x in listed]
+    assert all(type(i) is int for c in chunks for i in c)
 
 
 def test_materialize_all_writes_exactly_the_latest_rows(
