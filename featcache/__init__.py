@@ -3,7 +3,7 @@
 Everything public is re-exported here; the modules behind it are private to the package.
 """
 
-from featcache.client import FeatureCache, Fence, PutReport
+from featcache.client import FeatureCache, Fence, PendingWrite, PutReport
 from featcache.config import CacheConfig, Feature, FeatureView, load_config
 from featcache.errors import (
     AmbiguousFeature,
@@ -46,6 +46,7 @@ __all__ = [
     "InvalidationReport",
     "OfflineStoreError",
     "OfflineStoreUnavailable",
+    "PendingWrite",
     "PutReport",
     "SchemaError",
     "Status",

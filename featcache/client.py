@@ -38,9 +38,9 @@ from featcache.request import EntityId, Planner, normalize_ids
 from featcache.result import FeatureResult
 from featcache.stats import CacheStats
 from featcache.subscriber import InvalidationSubscriber
-from featcache.writes import Fence, PutReport, RowWriter
+from featcache.writes import Fence, PendingWrite, PutReport, RowWriter
 
-__all__ = ["FeatureCache", "Fence", "PutReport"]
+__all__ = ["FeatureCache", "Fence", "PendingWrite", "PutReport"]
 
 log = logging.getLogger("featcache")
 
@@ -286,6 +286,14 @@ class FeatureCache:
         """``put_rows`` for rows as ``OfflineStore.fetch_latest`` / ``featcache.bulk`` return
         them (already converted): the warmer's bulk path, converting nothing twice."""
         return self._writer.put_latest(view, rows, fence=fence)
+
+    def prepare_latest(
+        self, view: str | FeatureView, rows: Mapping[EntityId, SqlRow], *, fence: Fence | None
+    ) -> PendingWrite:
+        """``put_latest`` in two steps: the rows are checked and encoded now, and written by
+        the returned ``PendingWrite.send()``. A bulk writer encodes the next chunk (holding
+        the GIL) while another thread waits on the previous chunk's round trip."""
+        return self._writer.prepare_latest(view, rows, fence=fence)
 
     def fence(self, view: str | FeatureView, entity_ids: Iterable[Any]) -> Fence:
         """Note what Redis holds for these rows *before* reading them from SQL."""

@@ -35,7 +35,7 @@ from featcache.redis_store import (
 from featcache.request import EntityId, check_id, normalize_ids
 from featcache.stats import CacheStats
 
-__all__ = ["Fence", "PutReport", "RowWriter"]
+__all__ = ["Fence", "PendingWrite", "PutReport", "RowWriter"]
 
 _EVENT, _VALUES = itemgetter(0), itemgetter(1)  # of an ``SqlRow``
 
@@ -62,6 +62,24 @@ class Fence:
     #: under it are stamped loaded then, never later than the read began (as fills are)
     loaded_ms: int | None = None
 
+
+
+@dataclass(frozen=True, slots=True)
+class PendingWrite:
+    """Rows of one view encoded for Redis (``RowWriter.prepare_latest``), not yet sent.
+
+    ``send()`` writes them in one round trip and reports as ``put_latest`` does. The fence's
+    age is checked then, when the rows are written, not when they were encoded.
+    """
+
+    writer: RowWriter
+    view: str
+    rows: int
+    batch: WriteBatch | None  # None: no rows
+    fence: Fence | None
+
+    def send(self) -> PutReport:
+        return self.writer._send(self)
 
 
 class RowWriter:
@@ -148,13 +166,20 @@ class RowWriter:
             ids.append(eid)
             events_us.append(event_us)
             value_rows.append(values)
-        return self._write(view_def, ids, events_us, value_rows, fence)
+        return self._prepare(view_def, ids, events_us, value_rows, fence).send()
 
     def put_latest(
         self, view: str | FeatureView, rows: Mapping[EntityId, SqlRow], *, fence: Fence | None
     ) -> PutReport:
         """Write rows exactly as the offline store returned them (already converted to the
         declared types): the bulk path, which would otherwise convert every value twice."""
+        return self.prepare_latest(view, rows, fence=fence).send()
+
+    def prepare_latest(
+        self, view: str | FeatureView, rows: Mapping[EntityId, SqlRow], *, fence: Fence | None
+    ) -> PendingWrite:
+        """``put_latest`` up to the write: the rows checked, encoded and keyed, nothing sent
+        yet (see ``FeatureCache.prepare_latest``)."""
         view_def = self._view(view)
         if fence is not None and not fence.seen.keys() >= rows.keys():
             lacking = [eid for eid in rows if eid not in fence.seen]
@@ -162,31 +187,26 @@ class RowWriter:
                 f"put_latest({view_def.name!r}): ids {lacking[:5]!r} are not in the fence"
             )
         found = rows.values()
-        return self._write(view_def, list(rows), list(map(_EVENT, found)),
-                           list(map(_VALUES, found)), fence)
+        return self._prepare(view_def, list(rows), list(map(_EVENT, found)),
+                             list(map(_VALUES, found)), fence)
 
-    def _write(
+    def _prepare(
         self,
         view_def: FeatureView,
         ids: Sequence[EntityId],
         events_us: Sequence[int | None],
         values: Sequence[Sequence[Any]],
         fence: Fence | None,
-    ) -> PutReport:
+    ) -> PendingWrite:
         """Rows given as columns, converted and checked; each column built without a Python
         step per row (the bulk path writes 10k rows a chunk)."""
         if not ids:
-            return PutReport(0, 0)
+            return PendingWrite(self, view_def.name, 0, None, fence)
         # under a fence the rows are as old as the SQL read that began after it
         now_ms = (fence.loaded_ms if fence is not None and fence.loaded_ms is not None
                   else int(self._clock() * 1000))
         epoch_key = self._layout.view_key(view_def.name, "epoch")
         if fence is not None:
-            if time.monotonic() - fence.taken_at > self.config.fence_ttl / 2:
-                # a tombstone laid after the fence may have expired by now, and with it the
-                # proof that the rows are stale: write nothing, as the read path does
-                self._stats.add(view_def.name, {"fills_abandoned": len(ids)})
-                return PutReport(0, 0, len(ids))
             epoch_raw = fence.epoch_raw
         else:  # rows are stamped with the current epoch; a whole-view invalidation after
             # this read makes them misses, which is the safe direction
@@ -207,12 +227,23 @@ class RowWriter:
                 writes = list(map(fenced_write, keys, encoded, repeat(ttl_ms), seen))
         batch = WriteBatch(epoch_key, None if fence is None else fence.epoch_raw, writes,
                            if_absent=if_absent)
-        written = self._redis.write([batch])
-        skipped = len(ids) - written
+        return PendingWrite(self, view_def.name, len(ids), batch, fence)
+
+    def _send(self, pending: PendingWrite) -> PutReport:
+        view, rows, fence = pending.view, pending.rows, pending.fence
+        if pending.batch is None:
+            return PutReport(0, 0)
+        if fence is not None and time.monotonic() - fence.taken_at > self.config.fence_ttl / 2:
+            # a tombstone laid after the fence may have expired by now, and with it the
+            # proof that the rows are stale: write nothing, as the read path does
+            self._stats.add(view, {"fills_abandoned": rows})
+            return PutReport(0, 0, rows)
+        written = self._redis.write([pending.batch])
+        skipped = rows - written
         report = PutReport(written, 0 if fence else skipped, skipped if fence else 0)
-        self._stats.add(view_def.name, {"rows_written": report.written,
-                                        "rows_skipped_older": report.skipped_older,
-                                        "fills_fenced": report.fenced_off})
+        self._stats.add(view, {"rows_written": report.written,
+                               "rows_skipped_older": report.skipped_older,
+                               "fills_fenced": report.fenced_off})
         return report
 
     def fence(self, view: str | FeatureView, entity_ids: Iterable[Any]) -> Fence:

@@ -40,7 +40,7 @@ from featcache.errors import InvalidRequest
 from featcache.offline import SqlRow
 from featcache.redis_store import RedisStore
 from featcache.request import EntityId
-from featcache.writes import Fence, PutReport
+from featcache.writes import PendingWrite, PutReport
 
 from .hook import read_ids_file
 from .leader import ViewLeader
@@ -165,33 +165,42 @@ def materialize(
             progress(report)
 
     def write(
-        chunk: Sequence[EntityId], rows: dict[EntityId, SqlRow], fence: Fence
+        chunk: Sequence[EntityId], rows: dict[EntityId, SqlRow], pending: PendingWrite
     ) -> tuple[int, Sequence[EntityId], int, PutReport]:
-        put = cache.put_latest(view_def, rows, fence=fence)
+        put = pending.send()
         absent = [e for e in chunk if e not in rows] if len(rows) < len(chunk) else ()
         return len(chunk), absent, len(rows), put
 
     # One chunk is written (a Redis round trip: mostly the server running the write script,
-    # with the GIL released) while the next is fenced and read from SQL: at most two chunks
-    # in memory, and a chunk's write still follows its own fence and read.
+    # with the GIL released) while the next is fenced, read from SQL and encoded: at most
+    # two chunks in memory, and a chunk's write still follows its own fence and read. The
+    # writer thread only sends, as the round trips of the writes are the longest step
+    # (docs/benchmarks.md).
     in_flight: Future[tuple[int, Sequence[EntityId], int, PutReport]] | None = None
     with ThreadPoolExecutor(1, thread_name_prefix="featcache-materialize") as writer, \
             contextlib.closing(id_chunks) as chunks, \
             (IdRunReader(cache, view_def) if by_range else contextlib.nullcontext()) as runs:
         try:
-            for chunk in chunks:
-                if not chunk:
-                    continue
+            listed = (chunk for chunk in chunks if chunk)
+            chunk = next(listed, None)
+            # each fence BEFORE the SQL read of its rows; the next chunk's is taken while
+            # Redis is idle, between one write's end and the next write's start, not behind
+            # a write's scripts (docs/benchmarks.md)
+            fence = cache.fence(view_def, chunk) if chunk is not None else None
+            while chunk is not None and fence is not None:
                 if keep_going is not None and not keep_going():
                     report = replace(report, complete=False)
                     log.warning("materialize view=%s stopped: leader lease lost", view_def.name)
                     break
-                fence = cache.fence(view_def, chunk)  # BEFORE the SQL read of these rows
                 rows = runs.read(chunk) if runs is not None else _latest_rows(
                     cache, view_def, chunk)
+                pending = cache.prepare_latest(view_def, rows, fence=fence)
                 if in_flight is not None:
                     written(in_flight)
-                in_flight = writer.submit(write, chunk, rows, fence)
+                following = next(listed, None)
+                next_fence = cache.fence(view_def, following) if following is not None else None
+                in_flight = writer.submit(write, chunk, rows, pending)
+                chunk, fence = following, next_fence
         finally:
             if in_flight is not None:  # on error too: the chunk being written is finished
                 written(in_flight)

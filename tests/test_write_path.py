@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import math
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -231,3 +232,31 @@ def test_put_latest_writes_rows_as_the_offline_store_returns_them(
         assert result[1]["last_seen"] == T0 and result[1]["emb"] == [0.5, -1.25]
         with pytest.raises(InvalidRequest, match="not in the fence"):
             fc.put_latest("pl", found, fence=fc.fence("pl", [0]))
+
+
+def test_prepare_latest_encodes_now_and_writes_on_send(
+    sqlite_target: Any, redis_url: str, key_prefix: str
+) -> None:
+    """``prepare_latest`` checks and encodes without touching Redis; ``send`` writes and
+    reports as ``put_latest`` would, and judges the fence's age when it writes: a fence that
+    aged past ``fence_ttl / 2`` between the two writes nothing."""
+    table = make_table(sqlite_target.engine(), None, "pp", STATS_FEATURES)
+    insert(sqlite_target.engine(), table, [stats_row(i, clicks=i) for i in range(4)])
+    with make_cache([make_view("pp", "pp", None)], redis_url, sqlite_target.url,
+                    key_prefix, fence_ttl=1.0) as fc:
+        found, _ = fc._offline.fetch_latest(fc.config.view("pp"), [0, 1, 2, 3])
+        early = {i: found[i] for i in (0, 1)}
+        late = {i: found[i] for i in (2, 3)}
+        pending = fc.prepare_latest("pp", early, fence=fc.fence("pp", [0, 1]))
+        stale = fc.prepare_latest("pp", late, fence=fc.fence("pp", [2, 3]))
+        assert fc.get_features([0, 1], ["clicks"]).status_counts() == {Status.FILLED: 2}
+        fc.invalidate("pp", [0, 1])  # the fills above went to Redis: clear them again
+        assert (pending.send().written, pending.rows) == (0, 2)  # invalidated: fenced off
+        time.sleep(0.6)  # past fence_ttl / 2 for the second fence
+        report = stale.send()
+        assert (report.written, report.fenced_off) == (0, 2)
+        fresh = fc.prepare_latest("pp", late, fence=fc.fence("pp", [2, 3]))
+        assert (fresh.send().written, fresh.send().written) == (2, 0)  # once only
+        assert fc.get_features([2, 3], ["clicks"]).status_counts() == {Status.HIT_REDIS: 2}
+        with pytest.raises(InvalidRequest, match="not in the fence"):
+            fc.prepare_latest("pp", found, fence=fc.fence("pp", [0]))
