@@ -33,6 +33,7 @@ from sqlalchemy.dialects.postgresql.psycopg import PGDialect_psycopg
 
 from featcache.offline import OfflineStore, SqlRow, _BoundView, _raw, only
 from featcache.request import EntityId
+from featcache.types import FeatureType
 
 __all__ = [
     "ArrowIdStream",
@@ -210,6 +211,8 @@ class ArrowRangeReader:
             assert table is not None
             columns = table.columns
             events_us = _micros(columns[1])
+            exact = [_holds_exactly(f.type, c.type)
+                     for f, c in zip(self._bound.view.features, columns[2:], strict=True)]
             values: list[Sequence[Any]] = [
                 columns[0].to_pylist(),
                 columns[1].to_pylist() if events_us is None else (),
@@ -218,7 +221,8 @@ class ArrowRangeReader:
         except Exception as exc:  # ADBC and Arrow errors alike: fall back
             raise ArrowReadUnavailable(f"{type(exc).__name__}: {exc}") from exc
         found: dict[EntityId, SqlRow] = {}
-        self._offline.convert_columns(self._bound, values, found, events_us=events_us)
+        self._offline.convert_columns(self._bound, values, found, events_us=events_us,
+                                      exact=exact)
         return only(found, ids)
 
     def _fetch(
@@ -362,6 +366,22 @@ def _no_collations(connection: Any, bound: _BoundView, dialect: sa.Dialect) -> b
     if dialect.name == "sqlite":
         return "collate" not in str(found[0]).lower()
     return int(found[0]) == 0
+
+
+def _holds_exactly(ftype: FeatureType, arrow_type: pa.DataType) -> bool:
+    """Whether every value of an Arrow column of this type, as Python, is what featcache's
+    converter for ``ftype`` would return for it unchanged (or None): signed integers of at
+    most 64 bits for INT (Python ints within int64), floating point for FLOAT, UTF-8 text for
+    STR, booleans for BOOL. Timestamps and embeddings always go through the converters."""
+    if ftype is FeatureType.INT:
+        return bool(pa.types.is_signed_integer(arrow_type))
+    if ftype is FeatureType.FLOAT:
+        return bool(pa.types.is_floating(arrow_type)) and arrow_type != pa.float16()
+    if ftype is FeatureType.STR:
+        return bool(pa.types.is_string(arrow_type) or pa.types.is_large_string(arrow_type))
+    if ftype is FeatureType.BOOL:
+        return bool(pa.types.is_boolean(arrow_type))
+    return False
 
 
 def _orderable(column: pa.Array[Any]) -> bool:

@@ -254,10 +254,13 @@ class OfflineStore:
         out: dict[EntityId, SqlRow],
         *,
         events_us: Sequence[int | None] | None = None,
+        exact: Sequence[bool] = (),
     ) -> None:
         """``convert_rows`` of rows given as columns (entity, event, features...).
         ``events_us``: the event times already in microseconds (an Arrow timestamp column),
-        instead of converting ``columns[1]``."""
+        instead of converting ``columns[1]``. ``exact[i]``: feature column i is known to
+        hold the declared type already (from its Arrow type), so its values are kept as
+        they are, which is what converting them would give."""
         if not columns or not columns[0]:
             return
         view = bound.view
@@ -269,7 +272,9 @@ class OfflineStore:
             ]
             events = timestamps_to_us(columns[1]) if events_us is None else events_us
             values = [
-                convert_column(f.type, columns[2 + i]) for i, f in enumerate(view.features)
+                columns[2 + i] if i < len(exact) and exact[i]
+                else convert_column(f.type, columns[2 + i])
+                for i, f in enumerate(view.features)
             ]
         except (ConversionError, ValueError, TypeError):
             if events_us is not None:

@@ -15,7 +15,7 @@ from typing import Any
 import pyarrow as pa
 import pytest
 
-from featcache.arrow_reads import _micros
+from featcache.arrow_reads import _holds_exactly, _micros
 from featcache.convert import (
     ConversionError,
     convert_column,
@@ -98,3 +98,49 @@ def test_sqlite_text_timestamps_parsed_by_arrow_equal_pythons(
     assert (got is not None) == by_arrow
     if got is not None:
         assert got == timestamps_to_us(texts)
+
+
+_ARROW_COLUMNS: list[pa.Array[Any]] = [
+    pa.array([1, None, -(2**63), 2**63 - 1], pa.int64()),
+    pa.array([1, None, -7], pa.int32()),
+    pa.array([1, None], pa.int8()),
+    pa.array([1, None, 2**64 - 1], pa.uint64()),
+    pa.array([1.5, None, float("nan"), float("inf"), -0.0], pa.float64()),
+    pa.array([1.5, None], pa.float32()),
+    pa.array([1.5, None], pa.float16()),
+    pa.array(["a", None, "", "東京"], pa.string()),
+    pa.array(["a", None], pa.large_string()),
+    pa.array([True, None, False], pa.bool_()),
+    pa.array([b"a", None], pa.binary()),
+    pa.array([dt.datetime(2026, 1, 1), None], pa.timestamp("us")),
+    pa.array([[1.0, 2.0], None], pa.list_(pa.float64())),
+]
+
+
+_KEPT = [(f, c) for f in FeatureType for c in _ARROW_COLUMNS if _holds_exactly(f, c.type)]
+
+
+@pytest.mark.parametrize(("ftype", "column"), _KEPT,
+                         ids=[f"{f.value}-{c.type}" for f, c in _KEPT])
+def test_arrow_columns_kept_as_they_are_are_what_conversion_gives(
+    ftype: FeatureType, column: pa.Array[Any]
+) -> None:
+    """The ADBC path skips the converters for an Arrow column whose type already is the
+    declared one (``_holds_exactly``); that must change nothing: converting those values
+    returns them unchanged, value for value and type for type."""
+    values = column.to_pylist()
+    converted = list(convert_column(ftype, values))
+    assert [(type(v), repr(v)) for v in converted] == [(type(v), repr(v)) for v in values]
+
+
+def test_which_arrow_types_skip_conversion() -> None:
+    assert len(_KEPT) == 8  # int64/32/8, float64/32, string, large_string, bool
+    assert _holds_exactly(FeatureType.INT, pa.int64())
+    assert _holds_exactly(FeatureType.FLOAT, pa.float32())
+    assert _holds_exactly(FeatureType.STR, pa.large_string())
+    assert _holds_exactly(FeatureType.BOOL, pa.bool_())
+    assert not _holds_exactly(FeatureType.INT, pa.uint64())  # may exceed int64
+    assert not _holds_exactly(FeatureType.FLOAT, pa.int64())  # ints become floats
+    assert not _holds_exactly(FeatureType.FLOAT, pa.float16())  # numpy scalars
+    assert not _holds_exactly(FeatureType.TIMESTAMP, pa.timestamp("us"))
+    assert not _holds_exactly(FeatureType.EMBEDDING, pa.list_(pa.float64()))
