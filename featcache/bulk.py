@@ -175,12 +175,18 @@ def iter_entity_ids(
                 listed_ids = list(map(_FIRST, part))
                 if bound.exact_ids:
                     yield [bytes(x).decode() for x in listed_ids]
-                elif set(map(type, listed_ids)) == {kind}:  # as the driver gave them: no step
-                    yield listed_ids
                 else:
-                    yield list(map(kind, listed_ids))
+                    yield _as_kind(listed_ids, kind)
     except sa_exc.SQLAlchemyError as exc:
         raise offline._translate(exc, f"listing the ids of view {view_def.name!r}") from exc
+
+
+def _as_kind(listed_ids: list[Any], kind: type[int] | type[str]) -> list[EntityId]:
+    """The ids as the view's id type: as the driver gave them when they already are (no step
+    per id), else converted one by one."""
+    if set(map(type, listed_ids)) == {kind}:
+        return listed_ids
+    return list(map(kind, listed_ids))
 
 
 def _listed_through_adbc(
@@ -207,8 +213,7 @@ def _listed_through_adbc(
                             "rest through SQLAlchemy", bound.view.name,
                             f"id {last[0]!r}" if last else "no id", type(exc).__name__, exc)
                 return False, last
-            ids: list[EntityId] = listed_ids if set(map(type, listed_ids)) == {kind} else list(
-                map(kind, listed_ids))
+            ids = _as_kind(listed_ids, kind)
             yield ids
             last = ids[-1:]
 

@@ -63,7 +63,6 @@ class Fence:
     loaded_ms: int | None = None
 
 
-
 @dataclass(frozen=True, slots=True)
 class PendingWrite:
     """Rows of one view encoded for Redis (``RowWriter.prepare_latest``), not yet sent.
