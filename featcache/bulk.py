@@ -46,7 +46,7 @@ from featcache.arrow_reads import (
 from featcache.client import FeatureCache
 from featcache.config import FeatureView
 from featcache.convert import us_to_timestamp
-from featcache.errors import InvalidRequest
+from featcache.errors import InvalidRequest, SchemaError
 from featcache.offline import OfflineStore, SqlRow, _BoundView, only
 from featcache.request import EntityId
 
@@ -108,7 +108,7 @@ def iter_latest_rows(
             yield _as_dicts(view_def, found)
         return
     table = bound.table
-    where = _since_filter(view_def, table, since)
+    where = _since_filter(view_def, table, since, offline.engine.dialect.name)
     entity = table.c[view_def.entity_column]
     changed = None if where is None else entity.in_(sa.select(entity).where(where).distinct())
     yield from _streamed(offline, bound, bound.latest_query(changed), chunk_rows)
@@ -148,8 +148,10 @@ def iter_entity_ids(
     entity = table.c[view_def.entity_column]
     # by their bytes where a collation would fold 'a', 'A' and 'a ' into one (see _BoundView)
     listed = sa.cast(entity, sa.LargeBinary) if bound.exact_ids else entity
-    query = sa.select(listed).distinct()
-    where = _since_filter(view_def, table, since)
+    # a row without an id has no entity to cache (and NULL sorts first: as the id "None" it
+    # would become the lower bound of a string view's first id range)
+    query = sa.select(listed).where(entity.is_not(None)).distinct()
+    where = _since_filter(view_def, table, since, offline.engine.dialect.name)
     if where is not None:
         query = query.where(where)
     if ordered:
@@ -176,17 +178,31 @@ def iter_entity_ids(
                 if bound.exact_ids:
                     yield [bytes(x).decode() for x in listed_ids]
                 else:
-                    yield _as_kind(listed_ids, kind)
+                    yield _as_kind(listed_ids, kind, view_def.name)
     except sa_exc.SQLAlchemyError as exc:
         raise offline._translate(exc, f"listing the ids of view {view_def.name!r}") from exc
 
 
-def _as_kind(listed_ids: list[Any], kind: type[int] | type[str]) -> list[EntityId]:
+def _as_kind(listed_ids: list[Any], kind: type[int] | type[str], view: str) -> list[EntityId]:
     """The ids as the view's id type: as the driver gave them when they already are (no step
-    per id), else converted one by one."""
+    per id), else converted one by one; an id that is not one (text in an int view) is the
+    table's fault, said as such rather than as a bare ``int()`` error."""
     if set(map(type, listed_ids)) == {kind}:
         return listed_ids
-    return list(map(kind, listed_ids))
+    try:
+        return list(map(kind, listed_ids))
+    except (TypeError, ValueError):
+        bad = next(x for x in listed_ids if not _converts(x, kind))
+        raise SchemaError(f"view {view!r}: the entity column holds {bad!r}, which is not an "
+                          f"id of the view's type ({kind.__name__})") from None
+
+
+def _converts(value: Any, kind: type[int] | type[str]) -> bool:
+    try:
+        kind(value)
+    except (TypeError, ValueError):
+        return False
+    return True
 
 
 def _listed_through_adbc(
@@ -213,7 +229,7 @@ def _listed_through_adbc(
                             "rest through SQLAlchemy", bound.view.name,
                             f"id {last[0]!r}" if last else "no id", type(exc).__name__, exc)
                 return False, last
-            ids = _as_kind(listed_ids, kind)
+            ids = _as_kind(listed_ids, kind, bound.view.name)
             yield ids
             last = ids[-1:]
 
@@ -343,7 +359,7 @@ def _as_dicts(view: FeatureView, found: dict[EntityId, SqlRow]) -> Rows:
 
 
 def _since_filter(
-    view: FeatureView, table: sa.Table, since: dt.datetime | None
+    view: FeatureView, table: sa.Table, since: dt.datetime | None, dialect: str
 ) -> sa.ColumnElement[bool] | None:
     if since is None:
         return None
@@ -355,6 +371,23 @@ def _since_filter(
     column = table.c[view.updated_at_column]
     # naive timestamps are UTC (as featcache reads them); naive columns compare as UTC wall time
     when = since if since.tzinfo is not None else since.replace(tzinfo=dt.UTC)
+    if dialect == "sqlite":
+        return _sqlite_at_or_after(column, when)
     if not getattr(column.type, "timezone", False):
         when = when.astimezone(dt.UTC).replace(tzinfo=None)
     return column >= when
+
+
+def _sqlite_at_or_after(column: sa.Column[Any], when: dt.datetime) -> sa.ColumnElement[bool]:
+    """``column >= when`` for SQLite, where a DATETIME is text and compares as text: the row
+    '2026-01-01 01:00:00' (CURRENT_TIMESTAMP's form, or Python's for a whole second) sorts
+    before the bound '2026-01-01 01:00:00.000000', and 'T' after ' '. ``julianday()``
+    compares the instants (to the millisecond, never reordering them, so a row at ``when`` or
+    later is always in; one up to 1 ms earlier may be too). The text bound two days earlier
+    is implied by it for ISO text (offsets are at most 14 h) and lets an index on the column
+    narrow the scan."""
+    utc = when.astimezone(dt.UTC).replace(tzinfo=None)
+    floor = sa.bindparam("fc_since_floor", (utc - dt.timedelta(days=2)).date().isoformat(),
+                         type_=sa.String())
+    instant = sa.bindparam("fc_since", utc.isoformat(sep=" "), type_=sa.String())
+    return sa.and_(column >= floor, sa.func.julianday(column) >= sa.func.julianday(instant))

@@ -448,7 +448,7 @@ def _apply_env(doc: dict[str, Any], env: Mapping[str, str], source: str) -> dict
             child = node.get(key)
             if isinstance(child, str) and len(resolved) >= 2 and resolved[-2] == "features":
                 child = node[key] = _expand_shorthand(child)  # "float, 10m" set by a variable
-            if child is None and depth == 0 and key in (*_SECTIONS, "defaults"):
+            if child is None and depth == 0 and key in (*_SECTIONS, "defaults", "warmer"):
                 child = node[key] = {}
             if not isinstance(child, dict):
                 raise ConfigError(

@@ -23,6 +23,7 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from featcache.errors import InvalidRequest
 from featcache.keys import KeyLayout
 from featcache.redis_store import LuaScript, RedisStore
 from featcache.request import EntityId
@@ -150,6 +151,10 @@ class PopularityCounter:
 
     def top_k(self, view: str, k: int, entity_type: str = "int") -> list[tuple[EntityId, float]]:
         """The ``k`` most read entities of a view, with their decayed read estimates."""
+        if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+            raise InvalidRequest(f"top_k: k must be an integer >= 0, got {k!r}")
+        if k == 0:  # ZREVRANGE 0 -1 would be every entity
+            return []
         weights = bucket_weights(self._clock(), self._bucket_seconds, self._buckets,
                                  self._half_life)
         keys = [self._layout.view_key(view, f"pop:{start}") for start, _ in weights]

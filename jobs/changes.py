@@ -5,15 +5,16 @@ refresh what changed (DESIGN 5).
 watermark`` (``>=``, not ``>``: rows committed later with the watermark's exact timestamp must
 not be lost), in ascending order of that time, in chunks. Per chunk of changed entities:
 
-* ``rewrite="cached"`` (default): the entities whose key holds a row (or a "SQL has no such
-  entity" entry) of the view's current epoch are rewritten from SQL with ``materialize`` (fenced,
-  so an invalidation racing with the poll is never overwritten); entities not cached are left
-  alone (the next read fills them), and so are tombstones. ``rewrite="all"``: every changed
-  entity is written.
-* Every changed entity is announced on the invalidation stream as an L1-only entry (fields
-  ``v``, ``k="ids"``, ``ids`` = msgpack list, exactly like ``featcache.invalidation``'s), so
-  the in-process L1 caches of the serving processes drop it. No tombstone is laid:
-  ``cache.invalidate`` would erase the row just rewritten.
+* Every changed entity is invalidated first, as the ETL's hook would (``cache.invalidate``: a
+  tombstone per key, and an entry on the invalidation stream, so the in-process L1 caches of
+  the serving processes drop it). A reader that read SQL before the change and writes its
+  fill after the poll would otherwise land the old value where nothing revisits it (the
+  watermark has moved on); the tombstone makes that fill fail (DESIGN 4, no stale sets).
+* ``rewrite="cached"`` (default): the entities whose key held a row (or a "SQL has no such
+  entity" entry) of the view's current epoch before the poll are then rewritten from SQL with
+  ``materialize``, fenced after the tombstones, so its rows replace them (and an invalidation
+  racing with the poll is never overwritten); entities not cached are left to the next read,
+  which finds the tombstone, a miss. ``rewrite="all"``: every changed entity is written.
 * The watermark advances, in Redis under ``<prefix>:~<view>:watermark``: a small JSON value
   ``{"v": 1, "ts_us": <max updated_at seen, microseconds UTC>, "ids": [<entities already
   processed at exactly ts_us>]}`` (JSON, never pickle). A restarted warmer resumes there and
@@ -67,11 +68,10 @@ import json
 import logging
 import re
 import time
-from collections.abc import Generator, Sequence
+from collections.abc import Generator, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
-import msgpack
 import sqlalchemy as sa
 from sqlalchemy import exc as sa_exc
 
@@ -93,7 +93,6 @@ __all__ = [
     "Watermark",
     "follow_changes",
     "load_watermark",
-    "publish_l1_invalidation",
     "save_watermark",
 ]
 
@@ -240,32 +239,6 @@ def save_watermark(cache: FeatureCache, view: str, mark: Watermark) -> None:
     cache.redis.set(_watermark_key(cache, view), json.dumps(doc, separators=(",", ":")))
 
 
-# ----------------------------------------------------------------------------- L1 notification
-
-
-def publish_l1_invalidation(
-    cache: FeatureCache, view: str, ids: Sequence[EntityId], chunk: int = 1000
-) -> int:
-    """Tell every process's L1 to drop ``ids`` of ``view``, without touching the Redis rows:
-    stream entries in ``featcache.invalidation``'s format (``v``, ``k="ids"``, ``ids`` msgpack).
-    Returns the number of entries appended."""
-    if not ids:
-        return 0
-    stream = cache.layout.stream_key()
-    pipe = cache.redis.pipeline(transaction=False)
-    entries = 0
-    for start in range(0, len(ids), chunk):
-        part = list(ids[start : start + chunk])
-        packed: bytes = msgpack.packb(part)
-        pipe.xadd(stream, {"v": view, "k": "ids", "ids": packed},
-                  maxlen=cache.config.stream_maxlen, approximate=True)
-        entries += 1
-    pipe.execute()
-    if cache.l1 is not None:  # this process's own L1 need not wait for the stream
-        cache.l1.invalidate(view, list(ids))
-    return entries
-
-
 # ----------------------------------------------------------------------------- the poll
 
 
@@ -281,7 +254,8 @@ def _changes_query(
     if change_query is None:
         assert view.updated_at_column is not None
         entity, changed_at = table.c[view.entity_column], table.c[view.updated_at_column]
-        where = _since_filter(view, table, mark.when if mark is not None else None)
+        where = _since_filter(view, table, mark.when if mark is not None else None,
+                              offline.engine.dialect.name)
     else:
         if view.updated_at_column is not None:  # bound as the column poll binds it
             aware = bool(getattr(table.c[view.updated_at_column].type, "timezone", False))
@@ -313,7 +287,8 @@ def _changed(
     doing = f"polling view {view_def.name!r} for changes"
     try:
         query = _changes_query(cache, view_def, mark, change_query)
-        with offline.engine.connect() as conn:
+        with contextlib.ExitStack() as open_read:
+            conn = open_read.enter_context(offline.engine.connect())
             try:
                 result = conn.execution_options(
                     stream_results=True, yield_per=chunk_rows).execute(query)
@@ -321,7 +296,15 @@ def _changed(
                 if change_query is not None:  # most likely its columns: say which key to fix
                     _check_columns(offline.engine, change_query)
                 raise
-            for part in result.partitions(chunk_rows):
+            parts: Iterable[Sequence[Any]] = result.partitions(chunk_rows)
+            if offline.engine.dialect.name == "sqlite":
+                # An open statement holds SQLite's shared lock, and no ETL could commit until
+                # the poll's last chunk was written (rollback journal): the list of changes
+                # (ids and times, ~100 bytes each) is read whole, the read closed, then worked.
+                listed = result.fetchall()
+                open_read.close()
+                parts = (listed[i : i + chunk_rows] for i in range(0, len(listed), chunk_rows))
+            for part in parts:
                 out: list[tuple[EntityId, int]] = []
                 for raw_id, raw_ts in part:
                     if raw_id is None:
@@ -420,8 +403,10 @@ def follow_changes(
         with contextlib.closing(_changed(cache, view_def, mark, chunk_rows,
                                               change_query)) as chunks:
             for part in chunks:
-                fresh = [(e, t) for e, t in part
-                         if mark is None or t != mark.ts_us or e not in mark.ids]
+                # rows before the watermark were processed when it passed them (SQLite's
+                # comparison lets some up to 1 ms earlier through); at it, by the ids kept
+                fresh = [(e, t) for e, t in part if mark is None or t > mark.ts_us
+                         or (t == mark.ts_us and e not in mark.ids)]
                 if not fresh:
                     continue
                 if not lease.renew():
@@ -430,16 +415,15 @@ def follow_changes(
                     break
                 ids = [e for e, _ in fresh]
                 targets = ids if rewrite == "all" else _cached(cache, view_def, ids)
+                counts["published"] += len(cache.invalidate(view_def, ids).stream_ids)
                 if targets:
                     done = materialize(cache, view_def, ids=targets, chunk_rows=chunk_rows)
                     counts["rewritten"] += done.rows_written
                     counts["fenced_off"] += done.fenced_off
-                    if done.absent_ids:  # changed, and SQL no longer has a row: deleted
-                        cache.invalidate(view_def, list(done.absent_ids))
-                        counts["deleted"] += len(done.absent_ids)
+                    # changed, and SQL no longer has a row: deleted (the tombstone stays)
+                    counts["deleted"] += len(done.absent_ids)
                 counts["not_cached"] += len(ids) - len(targets)
                 counts["changed"] += len(ids)
-                counts["published"] += publish_l1_invalidation(cache, view_def.name, ids)
                 mark = _advance(mark, fresh)
                 save_watermark(cache, view_def.name, mark)
         now_us = int(cache._clock() * 1_000_000)

@@ -23,10 +23,15 @@ __all__ = ["parse_ids", "read_ids_file", "run_invalidate"]
 
 
 def parse_ids(texts: Iterator[str] | list[str], view: FeatureView, source: str) -> list[int | str]:
-    """Ids as the view declares them: ``int`` views parse decimals, ``str`` views keep text."""
+    """Ids as the view declares them: ``int`` views parse decimals (surrounding spaces
+    allowed), ``str`` views keep the text exactly as written, spaces included (``'a'`` and
+    ``' a'`` are two entities to the read path too); only a line ending is removed, and empty
+    items are skipped."""
     ids: list[int | str] = []
     for n, line in enumerate(texts, 1):
-        text = line.strip()
+        text = line.rstrip("\r\n")
+        if view.entity_type == "int":
+            text = text.strip()
         if not text:
             continue
         if view.entity_type == "int":
@@ -43,14 +48,18 @@ def parse_ids(texts: Iterator[str] | list[str], view: FeatureView, source: str) 
 
 
 def read_ids_file(path: str, view: FeatureView) -> list[int | str]:
-    """One id per line; ``-`` reads standard input; blank lines are skipped."""
+    """One id per line (UTF-8; a byte-order mark is not part of the first id); ``-`` reads
+    standard input; empty lines are skipped."""
     if path == "-":
         return parse_ids(iter(sys.stdin), view, "stdin")
     try:
-        with Path(path).open(encoding="utf-8") as handle:
+        with Path(path).open(encoding="utf-8-sig") as handle:
             return parse_ids(iter(handle), view, path)
     except OSError as exc:
         raise InvalidRequest(f"cannot read ids file {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise InvalidRequest(f"ids file {path} is not UTF-8 text: {exc.reason} at byte "
+                             f"{exc.start}") from None
 
 
 def run_invalidate(

@@ -51,6 +51,7 @@ read at scrape time (docs/metrics.md).
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import logging
@@ -174,10 +175,17 @@ def parse_settings(config: CacheConfig) -> WarmerSettings:
             raise fail("must be greater than zero", path)
         return value
 
-    def integer(doc: Mapping[str, Any], key: str, path: str, default: int) -> int:
+    def integer(doc: Mapping[str, Any], key: str, path: str, default: int, low: int = 1,
+                high: int | None = None, what: str = "an integer") -> int:
+        """An integer in [low, high]; a string (an environment override) as int() reads it."""
         value = doc.get(key, default)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise fail(f"expected an integer >= 1, got {value!r}", path)
+        if isinstance(value, str):
+            with contextlib.suppress(ValueError):
+                value = int(value.strip())
+        if isinstance(value, bool) or not isinstance(value, int) or value < low or (
+                high is not None and value > high):
+            wanted = f"{low}-{high}" if high is not None else f">= {low}"
+            raise fail(f"expected {what} {wanted}, got {value!r}", path)
         return value
 
     doc = mapping(raw, "warmer")
@@ -241,10 +249,8 @@ def parse_settings(config: CacheConfig) -> WarmerSettings:
             queries,
         )
 
-    port = doc.get("metrics_port")
-    if port is not None and (isinstance(port, bool) or not isinstance(port, int)
-                             or not 1 <= port <= 65535):
-        raise fail(f"expected a TCP port 1-65535, got {port!r}", "warmer.metrics_port")
+    port = None if doc.get("metrics_port") is None else integer(
+        doc, "metrics_port", "warmer.metrics_port", 0, 1, 65535, "a TCP port")
     addr = doc.get("metrics_addr", "127.0.0.1")
     if not isinstance(addr, str) or not addr:
         raise fail(f"expected an address to listen on, got {addr!r}", "warmer.metrics_addr")
