@@ -73,7 +73,10 @@ def _to_float(value: Any) -> float | None:
         return None
     if isinstance(value, bool) or not isinstance(value, numbers.Real | decimal.Decimal):
         raise ConversionError(f"expected a float, got {value!r}")
-    return float(value)
+    try:
+        return float(value)
+    except OverflowError:  # an int beyond the float range
+        raise ConversionError(f"{value!r:.40} does not fit in a float") from None
 
 
 def _to_bool(value: Any) -> bool | None:
@@ -135,7 +138,10 @@ def _to_embedding(value: Any) -> list[float] | None:
     for item in value:
         if isinstance(item, bool) or not isinstance(item, numbers.Real | decimal.Decimal):
             raise ConversionError(f"expected a list of floats, found the element {item!r}")
-        out.append(float(item))
+        try:
+            out.append(float(item))
+        except OverflowError:
+            raise ConversionError(f"the element {item!r:.40} does not fit in a float") from None
     return out
 
 

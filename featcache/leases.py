@@ -3,7 +3,9 @@
 Within a process ``featcache.singleflight`` already shares one SQL read among threads; a lease
 extends that to every process sharing the Redis (DESIGN section 4, "No stampede"). A lease is a
 ``SET NX PX`` on ``<prefix>:~<view>:lease:<entity>`` holding a random token; the fill write
-deletes it (``featcache.redis_store``), and ``lease_ttl`` bounds it if the holder dies. A reader
+deletes it where it still holds that token (``featcache.redis_store``: a lease that expired
+during a slow call and was taken by another reader is that reader's), and ``lease_ttl`` bounds
+it if the holder dies. A reader
 that finds the lease taken polls the row for at most ``lease_wait`` and then reads SQL itself:
 a lease can make a reader wait, never fail.
 """
@@ -53,11 +55,20 @@ class Leases:
         head = self._layout.view_key(view, "lease:")
         return [f"{head}{e}" for e in ids]
 
+    @staticmethod
+    def new_token() -> str:
+        """A caller's token: its leases hold it, and only writes that carry it release them."""
+        return secrets.token_hex(8)
+
     def acquire(
-        self, wanted: dict[str, list[EntityId]], seen: dict[str, dict[EntityId, bytes]]
+        self,
+        wanted: dict[str, list[EntityId]],
+        seen: dict[str, dict[EntityId, bytes]],
+        token: str,
     ) -> dict[str, tuple[list[EntityId], list[EntityId], dict[EntityId, bytes]]]:
-        """Per view: (ids whose lease this caller took, ids another reader holds, rows that
-        changed since the caller saw them, with their current bytes). One round trip.
+        """Per view: (ids whose lease this caller took, under ``token``, ids another reader
+        holds, rows that changed since the caller saw them, with their current bytes). One
+        round trip.
 
         Checking the row with the lease closes a gap: a reader whose MGET ran just before
         another reader's fill landed would otherwise take the lease that reader had just
@@ -66,7 +77,6 @@ class Leases:
         views = [view for view, ids in wanted.items() if ids]
         if not views:
             return {}
-        token = secrets.token_hex(8)
         calls = []
         for view in views:
             ids = wanted[view]

@@ -122,8 +122,9 @@ class _BoundView:
             sa.case((event.is_(None), 1), else_=0),
             event.desc(),
         ]
-        if view.updated_at_column is not None:
-            order.append(table.c[view.updated_at_column].desc())
+        if view.updated_at_column is not None:  # a tie on the event: the latest correction
+            updated = table.c[view.updated_at_column]
+            order += [sa.case((updated.is_(None), 1), else_=0), updated.desc()]
         partition = sa.cast(entity, sa.LargeBinary) if self.exact_ids else entity
         rank = sa.func.row_number().over(partition_by=partition, order_by=order).label("fc_rank")
         ranked = sa.select(

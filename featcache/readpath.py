@@ -57,11 +57,17 @@ _L1_MARGIN_S = 0.001
 
 # What a shared fetch yields per row: from SQL (the row, or None when SQL has none), or a row
 # another process filled while we waited on its lease, or "keep the fresh value" for a row
-# whose early refresh someone else is doing.
+# whose early refresh someone else is doing. With it: the SQL read's duration (ms) and the
+# leader's clock before that read (ms), which is the row's loaded time for every thread.
 _FROM_SQL, _FROM_REDIS, _KEEP, _FAILED = 0, 1, 2, 3
+Shared = tuple[int, Any, int, int]
 
-#: What threads share a SQL read on: (view, entity, the bytes Redis held, the view's epoch).
-FlightKey = tuple[str, EntityId, bytes, bytes]
+#: What threads share a SQL read on: (view, entity, the bytes Redis held, the view's epoch,
+#: the call's strictest max_age in ms, the number of features it needs, whether the row is an
+#: early refresh). The last three make the leader's judgement of a row another process filled
+#: (fresh enough? wide enough?) and its "keep your fresh value" hold for every thread it
+#: answers: a thread asking for a stricter feature never joins a laxer one's read.
+FlightKey = tuple[str, EntityId, bytes, bytes, int, int, bool]
 
 
 class _ViewRead:
@@ -69,7 +75,7 @@ class _ViewRead:
 
     __slots__ = (
         "answers", "counts", "early", "epoch", "epoch_raw", "items", "loaded", "missing",
-        "release", "seen", "stale", "vp",
+        "release", "release_token", "seen", "stale", "vp",
     )
 
     def __init__(self, vp: ViewPlan, epoch_raw: bytes | None) -> None:
@@ -82,14 +88,20 @@ class _ViewRead:
         self.early: dict[EntityId, Answer] = {}  # fresh, but due for an XFetch refresh
         self.seen: dict[EntityId, bytes] = {}  # what Redis held for each row before SQL
         self.items: list[WriteItem] = []
-        self.release: list[str] = []
+        self.release: list[str] = []  # leases this call took, under release_token
+        self.release_token = ""
         self.counts: dict[str, int] = {}
         self.loaded: dict[EntityId, int] = {}  # loaded_at of answered rows, for L1 only
 
     def batch(self, layout: KeyLayout) -> WriteBatch:
-        return WriteBatch(
-            layout.view_key(self.vp.view.name, "epoch"), self.epoch_raw, self.items, self.release
-        )
+        return WriteBatch(layout.view_key(self.vp.view.name, "epoch"), self.epoch_raw,
+                          self.items, self.release, self.release_token)
+
+
+def _flight_key(vr: _ViewRead, eid: EntityId, early: bool) -> FlightKey:
+    vp = vr.vp
+    return (vp.view.name, eid, vr.seen.get(eid, b""), vr.epoch_raw, vp.max_age_ms, vp.width,
+            early)
 
 
 class ReadPath:
@@ -115,7 +127,7 @@ class ReadPath:
         self.l1 = l1
         self.popularity = popularity
         self._leases = Leases(redis_store, layout, int(config.lease_ttl * 1000))
-        self._flights: SingleFlight[FlightKey, tuple[int, Any, int]] = SingleFlight()
+        self._flights: SingleFlight[FlightKey, Shared] = SingleFlight()
         self.breaker = CircuitBreaker(
             failure_threshold=config.breaker_failures,
             window=config.breaker_window,
@@ -377,28 +389,25 @@ class ReadPath:
         # after an invalidation returned sees its tombstone (or the new epoch), so it can never
         # share a SQL read that started before the invalidation.
         wanted = [
-            (view, eid, vr.seen.get(eid, b""), vr.epoch_raw)
-            for view, vr in todo.items()
-            for eid in (*vr.missing, *vr.early)
+            _flight_key(vr, eid, early)
+            for vr in todo.values()
+            for ids, early in ((vr.missing, False), (vr.early, True))
+            for eid in ids
         ]
         led: set[FlightKey] = set()  # rows whose SQL read this call did itself
 
-        def fetch(keys: list[FlightKey]) -> dict[FlightKey, Any]:
+        def fetch(keys: list[FlightKey]) -> dict[FlightKey, Shared]:
             grouped: dict[str, list[EntityId]] = {}
-            for view, eid, _, _ in keys:
-                grouped.setdefault(view, []).append(eid)
+            for key in keys:
+                grouped.setdefault(key[0], []).append(key[1])
             got = self._fetch_shared(todo, grouped, now_ms, redis_ok)
             out = {key: got[(key[0], key[1])] for key in keys}
-            led.update(key for key, (source, _, _) in out.items() if source == _FROM_SQL)
+            led.update(key for key, shared in out.items() if shared[0] == _FROM_SQL)
             return out
 
         # An early refresh another thread is already doing is not waited for: the fresh value
         # this call holds stands (as it does when another process holds the lease).
-        refreshing = {
-            (view, eid, vr.seen.get(eid, b""), vr.epoch_raw)
-            for view, vr in todo.items()
-            for eid in vr.early
-        }
+        refreshing = {_flight_key(vr, eid, True) for vr in todo.values() for eid in vr.early}
         results = self._flights.do_many(wanted, fetch, no_wait=refreshing)
         by_row = {(key[0], key[1]): value for key, value in results.items()}
         mine = {(key[0], key[1]) for key in led}
@@ -426,7 +435,7 @@ class ReadPath:
                 continue
             if result is MISSING:  # pragma: no cover - fetch answers every key it is given
                 raise RuntimeError(f"no answer for {view}:{eid}")
-            source, payload, fill_ms = result
+            source, payload, fill_ms, loaded_ms = result
             if source == _FAILED:
                 failed.append(eid)
                 error = payload
@@ -450,7 +459,8 @@ class ReadPath:
             else:
                 vr.answers[eid] = (Status.FILLED, row.values, row.event_us)
                 filled += 1
-            vr.loaded[eid] = now_ms
+            # as old as the SQL read's start, also when another thread's call started it
+            vr.loaded[eid] = min(now_ms, loaded_ms)
             if (view, eid) in led:
                 if redis_ok:
                     self._queue_fill(vr, eid, row, now_ms, fill_ms)
@@ -483,25 +493,35 @@ class ReadPath:
         grouped: dict[str, list[EntityId]],
         now_ms: int,
         redis_ok: bool,
-    ) -> dict[tuple[str, EntityId], tuple[int, Any, int]]:
+    ) -> dict[tuple[str, EntityId], Shared]:
         """The process leader's fetch: leases for every view in one round trip, a bounded wait
-        for rows other processes are filling, then one SQL read per view for the rest."""
-        got: dict[tuple[str, EntityId], tuple[int, Any, int]] = {}
+        for rows other processes are filling, then one SQL read per view for the rest.
+
+        A row another process filled is judged fresh at the moment it is found, not at this
+        call's start: threads that joined this fetch started later than this call, but none
+        later than that moment, so the judgement holds for each of them."""
+        got: dict[tuple[str, EntityId], Shared] = {}
         to_read = dict(grouped)
         if redis_ok:
             seen = {view: reads[view].seen for view in grouped}
+            token = self._leases.new_token()
+            taken = True
             try:
-                leases = self._redis_call("lease", lambda: self._leases.acquire(grouped, seen))
-            except CacheUnavailable:
+                leases = self._redis_call(
+                    "lease", lambda: self._leases.acquire(grouped, seen, token))
+            except CacheUnavailable:  # read as if we held them; none to give back
                 leases = {view: (ids, [], {}) for view, ids in grouped.items()}
+                taken = False
             for view, (won, held_elsewhere, changed) in leases.items():
                 vr = reads[view]
-                vr.release.extend(self._leases.keys(view, won))
+                if taken:
+                    vr.release.extend(self._leases.keys(view, won))
+                    vr.release_token = token
                 held = held_elsewhere
                 if changed:  # filled (or invalidated) since our MGET: use it, or wait
-                    usable = self._usable(vr, changed, now_ms)
+                    usable = self._usable(vr, changed, int(self._clock() * 1000))
                     for eid, answer in usable.items():
-                        got[(view, eid)] = (_FROM_REDIS, answer, 0)
+                        got[(view, eid)] = (_FROM_REDIS, answer, 0, 0)
                     unusable = [eid for eid in changed if eid not in usable]
                     for eid in unusable:  # seen before our SQL read: a valid fence for it
                         vr.seen[eid] = changed[eid]
@@ -509,14 +529,14 @@ class ReadPath:
                 waiting = []
                 for eid in held:
                     if eid in vr.early:  # someone else refreshes it: the fresh value stands
-                        got[(view, eid)] = (_KEEP, None, 0)
+                        got[(view, eid)] = (_KEEP, None, 0, 0)
                     else:
                         waiting.append(eid)
                 to_read[view] = won
                 if waiting:
-                    arrived = self._wait_for_fills(vr, waiting, now_ms)
+                    arrived = self._wait_for_fills(vr, waiting)
                     for eid, answer in arrived.items():
-                        got[(view, eid)] = (_FROM_REDIS, answer, 0)
+                        got[(view, eid)] = (_FROM_REDIS, answer, 0, 0)
                     late = [eid for eid in waiting if eid not in arrived]
                     vr.counts["lease_waits"] = len(waiting)
                     vr.counts["lease_timeouts"] = len(late)
@@ -529,24 +549,23 @@ class ReadPath:
                 found, seconds = self._read_sql(vr, ids)
             except OfflineStoreError as exc:  # this view's rows fail; other views go on
                 for eid in ids:
-                    got[(view, eid)] = (_FAILED, exc, 0)
+                    got[(view, eid)] = (_FAILED, exc, 0, 0)
                 continue
             fill_ms = int(seconds * 1000)
             for eid in ids:
-                got[(view, eid)] = (_FROM_SQL, found.get(eid), fill_ms)
+                got[(view, eid)] = (_FROM_SQL, found.get(eid), fill_ms, now_ms)
         return got
 
     def _release_now(self, vr: _ViewRead) -> None:
         """Give leases back at once when the call will not reach its fill write."""
         if vr.release:
             keys, vr.release = vr.release, []
-            batch = WriteBatch(self._layout.view_key(vr.vp.view.name, "epoch"), None, (), keys)
+            batch = WriteBatch(self._layout.view_key(vr.vp.view.name, "epoch"), None, (), keys,
+                               vr.release_token)
             with contextlib.suppress(CacheUnavailable):  # else lease_ttl bounds them
                 self._redis_call("release", lambda: self._redis.write([batch]))
 
-    def _wait_for_fills(
-        self, vr: _ViewRead, ids: list[EntityId], now_ms: int
-    ) -> dict[EntityId, Answer]:
+    def _wait_for_fills(self, vr: _ViewRead, ids: list[EntityId]) -> dict[EntityId, Answer]:
         """Poll Redis for rows another process holds the lease of, up to ``lease_wait``."""
         vp = vr.vp
         keys = self._layout.row_keys(vp.view.name, ids)
@@ -563,7 +582,7 @@ class ReadPath:
                 self.breaker.record_failure()
                 return arrived
             blobs = {ids[i]: blob for i, blob in zip(todo, values, strict=True) if blob}
-            arrived.update(self._usable(vr, blobs, now_ms))
+            arrived.update(self._usable(vr, blobs, int(self._clock() * 1000)))
             if len(arrived) == len(ids) or time.monotonic() >= deadline:
                 return arrived
 
@@ -645,7 +664,8 @@ class ReadPath:
             # past the deadline a tombstone this read raced with may have expired, and the
             # fence with it: answering is still right, writing back no longer is
             self._stats.add(view_name, {"fills_abandoned": total})
-            batches = [WriteBatch(b.epoch_key, b.epoch_seen, (), b.release) for b in batches]
+            batches = [WriteBatch(b.epoch_key, b.epoch_seen, (), b.release, b.release_token)
+                       for b in batches]
         try:
             written = self._redis_call("fill", lambda: self._redis.write(batches))
         except CacheUnavailable as exc:

@@ -57,7 +57,9 @@ class LuaScript:
 
 
 # KEYS[1]: the view's epoch key; KEYS[2..]: row keys of that view, then ARGV[3] lease keys
-# (``featcache.leases``) deleted once the rows are written, so waiting readers move on.
+# (``featcache.leases``) deleted once the rows are written, so waiting readers move on: each
+# only where it still holds the writer's token (the last ARGV when there are lease keys); a
+# lease that expired and was taken by another reader meanwhile is that reader's.
 # ARGV[1]: "1" when the writer read the epoch before its SQL read, and ARGV[2] is what it read
 # ("" for none): if the epoch changed since, the whole view was invalidated and nothing is
 # written. Then four ARGV per row key: mode, ttl_ms, value, expected. "Ours" means a row ("R" in
@@ -107,7 +109,7 @@ local function of_current_epoch(row)
 end
 local rows_end = #KEYS - tonumber(ARGV[3])
 for i = rows_end + 1, #KEYS do
-  redis.call('DEL', KEYS[i])
+  if redis.call('GET', KEYS[i]) == ARGV[#ARGV] then redis.call('DEL', KEYS[i]) end
 end
 if ARGV[1] == '1' then
   local epoch = redis.call('GET', KEYS[1]) or ''
@@ -209,7 +211,8 @@ class WriteBatch:
     epoch_key: str
     epoch_seen: bytes | None
     items: Sequence[WriteItem]
-    release: Sequence[str] = ()  # lease keys to delete with the last chunk
+    release: Sequence[str] = ()  # lease keys to delete with the last chunk...
+    release_token: str = ""  # ...where they hold this token (``Leases.acquire``'s)
     if_absent: IfAbsent | None = None
 
 
@@ -359,6 +362,8 @@ class RedisStore:
                 args = [*head, len(release)]
                 for mode, _, value, ttl_ms, expected in chunk:
                     args += (mode, max(1, int(ttl_ms)), value, expected)
+                if release:
+                    args.append(batch.release_token)
                 calls.append((keys, args))
         # the rows first, in one pipeline: leases go (with the last CONDITIONAL_SET call) only
         # once every row is there, so readers waiting on a lease find them

@@ -9,16 +9,17 @@ written only where nothing changed since (no stale set, DESIGN section 4).
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from itertools import repeat
 from operator import itemgetter
 from typing import Any
 
 import pyarrow as pa
 
-from featcache.codec import RowCodec
+from featcache.codec import NO_EVENT, RowCodec
 from featcache.config import CacheConfig, FeatureView
 from featcache.convert import ConversionError, converter, timestamp_to_us
 from featcache.errors import InvalidEntityId, InvalidRequest
@@ -34,6 +35,7 @@ from featcache.redis_store import (
 )
 from featcache.request import EntityId, check_id, normalize_ids
 from featcache.stats import CacheStats
+from featcache.types import FeatureType
 
 __all__ = ["Fence", "PendingWrite", "PutReport", "RowWriter"]
 
@@ -110,8 +112,10 @@ class RowWriter:
         ``rows``: a list of dicts, one dict, a pandas DataFrame or a pyarrow Table, with the
         view's SQL column names (entity column, event timestamp column, every feature column;
         other columns are ignored). A row older (by event timestamp) than the row already in
-        Redis is skipped, never written over it. In a DataFrame, NaN means missing, as in pandas;
-        pass dicts or Arrow to store a NaN float.
+        Redis is skipped, never written over it; of several rows for one id, the latest is
+        written. In a DataFrame, NaN (or NaT) in the column of a non-float feature means
+        missing, as pandas stores it there; in a float column NaN stays NaN (pandas cannot tell
+        the two apart): pass None through dicts or Arrow for a missing float.
 
         Rows you computed yourself are current by definition and replace tombstones. Rows you
         *read from SQL* must be fenced: ``f = cache.fence(view, ids)`` before the read, then
@@ -121,9 +125,14 @@ class RowWriter:
         view_def = self._view(view)
         if fence is not None and fence.view != view_def.name:
             raise InvalidRequest(f"the fence is for view {fence.view!r}, not {view_def.name!r}")
+        is_frame = type(rows).__name__ == "DataFrame"
         columns = _columns(rows)
         if not columns or not next(iter(columns.values())):
             return PutReport(0, 0)
+        if is_frame:  # pandas' missing str/int/bool/embedding is a NaN in an object or float column
+            for f in view_def.features:
+                if f.type is not FeatureType.FLOAT and f.column in columns:
+                    columns[f.column] = list(map(_nan_to_none, columns[f.column]))
         wanted = [view_def.entity_column, view_def.event_timestamp_column,
                   *(f.column for f in view_def.features)]
         lacking = [c for c in wanted if c not in columns]
@@ -165,7 +174,15 @@ class RowWriter:
             ids.append(eid)
             events_us.append(event_us)
             value_rows.append(values)
-        return self._prepare(view_def, ids, events_us, value_rows, fence).send()
+        dropped = 0
+        if len(set(ids)) < len(ids):
+            ids, events_us, value_rows = _newest_per_id(ids, events_us, value_rows)
+            dropped = len(entity_col) - len(ids)
+        report = self._prepare(view_def, ids, events_us, value_rows, fence).send()
+        if not dropped:
+            return report
+        self._stats.add(view_def.name, {"rows_skipped_older": dropped})
+        return replace(report, skipped_older=report.skipped_older + dropped)
 
     def put_latest(
         self, view: str | FeatureView, rows: Mapping[EntityId, SqlRow], *, fence: Fence | None
@@ -266,6 +283,29 @@ class RowWriter:
         return Fence(view_def.name, epoch_raw, dict(zip(ids, raw[:-1], strict=True)), taken_at,
                      loaded_ms)
 
+
+
+def _newest_per_id(
+    ids: list[EntityId], events_us: list[int | None], values: list[list[Any]]
+) -> tuple[list[EntityId], list[int | None], list[list[Any]]]:
+    """One row per id: the one with the latest event time, the last given among equals (what
+    the unfenced write script would leave; under a fence the first row written would change
+    the key and fence the newer one off, or SET NX keep the first)."""
+    best: dict[EntityId, int] = {}
+    for i, (eid, event) in enumerate(zip(ids, events_us, strict=True)):
+        j = best.get(eid)
+        if j is None or _event_order(event) >= _event_order(events_us[j]):
+            best[eid] = i
+    keep = sorted(best.values())
+    return [ids[i] for i in keep], [events_us[i] for i in keep], [values[i] for i in keep]
+
+
+def _nan_to_none(value: Any) -> Any:
+    return None if isinstance(value, float) and math.isnan(value) else value
+
+
+def _event_order(event_us: int | None) -> int:
+    return NO_EVENT if event_us is None else event_us  # as the write script compares them
 
 
 def _columns(rows: Any) -> dict[str, list[Any]]:

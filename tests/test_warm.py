@@ -144,8 +144,9 @@ def test_id_runs_picked_in_arrow_follow_the_databases_order_exactly(
 ) -> None:
     """Where ``ArrowRangeReader`` picks the latest row per entity itself (SQLite and
     PostgreSQL), it picks the row the database's window query picks: event time NULLs last,
-    the later event time, then the later ``updated_at``, whose NULLs sort first on PostgreSQL
-    and last on SQLite (``ORDER BY ... DESC``). A run with more history than the bound goes
+    the later event time, then the later ``updated_at``, its NULLs last on every dialect (a
+    correction with a date wins over an undated row, PostgreSQL's ``DESC`` default of NULLs
+    first overridden). A run with more history than the bound goes
     to the database, for that run and every later one, with the same rows."""
     engine = sql_target.engine()
     table = make_table(engine, sql_target.schema, "order", STATS_FEATURES)
@@ -159,7 +160,7 @@ def test_id_runs_picked_in_arrow_follow_the_databases_order_exactly(
         # 11: same event time, the later updated_at wins
         stats_row(11, t1, updated_at=u1, clicks=1101),
         stats_row(11, t1, updated_at=u2, clicks=1102),
-        # 12: same event time, updated_at NULL against a value: the dialect decides
+        # 12: same event time, updated_at NULL against a value: the dated row, everywhere
         stats_row(12, t1, updated_at=None, clicks=1201),
         stats_row(12, t1, updated_at=u1, clicks=1202),
         # 13: only NULL event times: the later updated_at wins
@@ -173,8 +174,7 @@ def test_id_runs_picked_in_arrow_follow_the_databases_order_exactly(
     with make_cache([view], redis_url, sql_target.url, key_prefix) as cache:
         expected = latest_of_id_run(cache, "order", ids)
         assert {e: r.values[1] for e, r in expected.items()} == {
-            10: 1002, 11: 1102, 12: 1201 if sql_target.name == "postgresql" else 1202,
-            13: 1302, 14: 1401}
+            10: 1002, 11: 1102, 12: 1202, 13: 1302, 14: 1401}
         with IdRunReader(cache, "order") as reader:
             arrow = reader._arrow
             here = sql_target.name in ("sqlite", "postgresql")
