@@ -20,7 +20,6 @@ import sqlalchemy as sa
 from featcache.codec import RowCodec
 from featcache.config import CacheConfig, FeatureView, load_config
 from featcache.errors import (
-    CacheUnavailable,
     InvalidRequest,
     UnknownView,
 )
@@ -130,12 +129,13 @@ class FeatureCache:
             )
             try:
                 self._subscriber.start()
-            except CacheUnavailable as exc:
-                # without the tail, L1 could serve invalidated rows: run without L1 instead
-                log.warning("invalidation stream unreachable, L1 disabled: %s", exc)
+            except BaseException:
+                # without the tail, L1 could serve invalidated rows; quietly running without
+                # the L1 configured would hide that for the process's whole life: the caller
+                # (or its supervisor) retries, as docs/consistency.md says
                 self._subscriber = None
-                self._l1 = None
-                self._read.l1 = None
+                self.close()
+                raise
 
     def _subscriber_client(self) -> redis.Redis:
         """A connection of its own for the stream tail (XREAD BLOCK holds it), built like the

@@ -33,7 +33,7 @@ import msgpack
 
 from featcache.codec import NO_EVENT
 from featcache.config import CacheConfig, FeatureView, load_config
-from featcache.errors import ConfigError
+from featcache.errors import ConfigError, InvalidRequest
 from featcache.keys import LAYOUT_VERSION, KeyLayout
 from featcache.redis_store import LuaScript, RedisStore
 from featcache.request import EntityId, check_id
@@ -106,6 +106,12 @@ class Invalidator:
             args = ["all", self._fence_ttl_ms, view.name, b"", self._maxlen, _TOMBSTONE_HEADER]
             (entry,) = self._store.eval_many(_INVALIDATE, [([epoch_key, stream_key], args)])
             return InvalidationReport(view.name, 0, True, (_text(entry),))
+        if isinstance(entity_ids, str | bytes | bytearray | memoryview):
+            # iterating it would fence its characters (or byte values) and leave the entity
+            raise InvalidRequest(
+                f"entity_ids must be a list of ids, not the {type(entity_ids).__name__} "
+                f"{entity_ids!r:.60}; write [{entity_ids!r:.60}]"
+            )
         ids = list(
             dict.fromkeys(check_id(x, view.entity_type, self._max_id_length) for x in entity_ids)
         )
