@@ -245,7 +245,9 @@ class ReadPath:
         try:
             created = self._redis_call("epoch", lambda: self._redis.ensure_epochs(keys))
         except CacheUnavailable:
-            return epochs  # the fills will fail their epoch check, which is the safe side
+            # the fills then carry epoch 0, which no reader ever matches (epochs come from
+            # the server clock): written for nothing, never served
+            return epochs
         out = list(epochs)
         for i, value in zip(missing, created, strict=True):
             out[i] = value

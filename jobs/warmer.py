@@ -38,7 +38,9 @@ Stopping: SIGTERM or SIGINT calls ``scheduler.shutdown(wait=True)``: a running c
 released and the process exits 0.
 
 Health: per job, the last run and success time, the last error and the count of failed
-cycles (``errors_total``), rows warmed (warm) or rewritten (follow changes), and, for
+cycles (``errors_total``), whether the last cycle ran to its end (``complete``: false when the
+view's lease was lost part-way, which is then neither a success nor leadership), rows warmed
+(warm) or rewritten (follow changes), and, for
 follow-changes, the lag (now - watermark), kept in memory (``Warmer.health``) and in Redis in
 the hash ``<prefix>:~<view>:warmer:health`` (fields ``<job>.<name>``, JSON values), which
 ``featcache warmer --health --config C`` prints as JSON.
@@ -321,8 +323,9 @@ class Warmer:
     def _warm(self, view: str, s: WarmerSettings) -> dict[str, Any]:
         report = warm_once(self.cache, view, k=s.k, horizon_s=s.horizon_s,
                            leader=self.leaders[view], chunk_rows=s.chunk_rows)
-        written = report.materialized.rows_written if report.materialized else 0
-        return {"leader": report.leader, "rows": written}
+        done = report.materialized
+        return {"leader": report.leader, "rows": done.rows_written if done else 0,
+                "complete": done.complete if done else True}
 
     def follow(self, view: str) -> None:
         follow = self.settings.follow
@@ -334,7 +337,7 @@ class Warmer:
                                 leader=self.leaders[view], chunk_rows=self.settings.chunk_rows,
                                 change_query=follow.change_queries.get(view))
         out: dict[str, Any] = {"leader": report.leader, "rows": report.rewritten,
-                               "changed": report.changed}
+                               "changed": report.changed, "complete": report.complete}
         if report.leader:
             out["lag_s"] = report.lag_s
             out["watermark"] = report.watermark
@@ -360,13 +363,18 @@ class Warmer:
                 numbers.errors += 1
                 fields["errors_total"] = numbers.errors
             else:
-                fields["last_success"] = _iso(time.time())
-                fields["leader"] = result.pop("leader")
+                # a cycle that lost the view's lease part-way (another warmer took over) did
+                # its rows, but it is no success and this warmer is no longer the leader
+                complete = result.pop("complete", True)
+                fields["complete"] = complete
+                if complete:
+                    fields["last_success"] = _iso(time.time())
+                    numbers.last_success_s = time.time()
+                fields["leader"] = result.pop("leader") and complete
                 rows = result.pop("rows")
                 fields["rows_last"] = rows
                 fields["rows_total"] = kept.get("rows_total", 0) + rows
                 fields.update(result)
-                numbers.last_success_s = time.time()
                 numbers.leader = fields["leader"]
                 numbers.rows += rows
                 numbers.changed += result.get("changed", 0)

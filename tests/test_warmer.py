@@ -281,3 +281,34 @@ def test_the_warmer_command_stops_cleanly_on_sigterm(
     assert done.returncode == 0, done.stderr
     views = json.loads(done.stdout)["views"]
     assert views["cv"]["changes"]["rows_total"] == 5 and "last_success" in views["cv"]["warm"]
+
+
+class _TakenOverAfterFirstChunk(ViewLeader):
+    """A leader whose lease another warmer takes (for real, in Redis) once it has done one
+    chunk: its next renew fails as it would in production."""
+
+    renewals = 0
+
+    def renew(self) -> bool:
+        self.renewals += 1
+        if self.renewals == 2:
+            self._store.client.set(self.key, "another-warmer", px=self.ttl_ms)
+        return super().renew()
+
+
+def test_a_cycle_that_lost_its_lease_part_way_is_no_success_in_health(
+    env: dict[str, Any], key_prefix: str
+) -> None:
+    cache: FeatureCache = env["cache"]
+    config = cache.config.with_overrides(warmer={
+        "views": ["cv"], "chunk_rows": 1, "follow_changes": {"interval": "1s"}})
+    warmer = build_scheduler(cache, parse_settings(config), BackgroundScheduler).featcache_warmer
+    store = warmer.leaders["cv"]._store
+    warmer.leaders["cv"] = _TakenOverAfterFirstChunk(store, KeyLayout(key_prefix), "cv", 30.0)
+    warmer.follow("cv")
+    kept = warmer.health["cv/changes"]
+    assert kept["complete"] is False and kept["leader"] is False
+    assert kept["changed"] == 1 and "last_success" not in kept
+    assert warmer.job_metrics()[("cv", "changes")].last_success_s is None
+    stored = health(config)["cv"]["changes"]
+    assert stored["complete"] is False and "last_success" not in stored
