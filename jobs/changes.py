@@ -58,6 +58,11 @@ own change column):
   seen again; an ETL must bump ``updated_at`` on every change.
 * A transaction that commits rows with an ``updated_at`` older than the watermark (set at its
   start, committed after a later poll) is not seen; use commit-time timestamps, or call the hook.
+* The watermark keeps every id processed at its exact timestamp, so a transaction that stamps
+  N rows with one ``updated_at`` (PostgreSQL's ``now()`` does) makes it hold N ids (about 7
+  bytes each in its JSON) until a later timestamp is seen, and every poll re-reads those N
+  rows to skip them: measured on SQLite, 300k such rows made a 2 MB watermark and a 1.6 s
+  idle poll. Stamp large loads with ``clock_timestamp()`` (distinct times), or call the hook.
 """
 
 from __future__ import annotations
