@@ -88,6 +88,13 @@ def load_example_config() -> tuple[CacheConfig, str]:
     return load_config(_SOURCE_CONFIG, env={}), str(_SOURCE_CONFIG)
 
 
+def _zipf_weight(rank: int, s: float) -> float:
+    try:
+        return 1.0 / float(rank**s)
+    except OverflowError:  # a large s: the rank is as good as never drawn
+        return 0.0
+
+
 class ZipfSampler:
     """Entity ids drawn with probability proportional to 1/rank**s over a shuffled ranking.
 
@@ -98,7 +105,8 @@ class ZipfSampler:
     def __init__(self, users: int, s: float, rng: random.Random) -> None:
         self._ids = list(range(1, users + 1))
         rng.shuffle(self._ids)
-        self._cum = list(itertools.accumulate(1.0 / rank**s for rank in range(1, users + 1)))
+        self._cum = list(itertools.accumulate(_zipf_weight(rank, s)
+                                              for rank in range(1, users + 1)))
         self._rng = rng
 
     def draw(self, k: int) -> list[int]:
@@ -338,7 +346,8 @@ def _check_urls(options: DemoOptions) -> None:
     if options.offline_url is not None:
         try:
             sa.create_engine(options.offline_url).dispose()
-        except (sa.exc.ArgumentError, ImportError) as exc:
+        except (sa.exc.ArgumentError, ImportError, ValueError, TypeError) as exc:
+            # ValueError: a port that is not a number, as SQLAlchemy's URL parser says it
             raise ConfigError(
                 f"cannot use {safe_url(options.offline_url)}: {exc}", "--offline-url"
             ) from None

@@ -68,6 +68,10 @@ class EmbeddedServer:
 
     Use as a context manager. ``extra_args`` go to the server command line (``--requirepass``,
     ``--maxmemory``...). ``port`` pins the port, e.g. to restart a killed server in its place.
+
+    On Linux the server is killed when its parent dies (``PR_SET_PDEATHSIG``), so a crashed
+    or SIGKILLed test run leaves no server behind. Linux means the parent *thread*: start it
+    from a thread that outlives its use (the main thread, or one kept for it).
     """
 
     def __init__(
@@ -100,6 +104,13 @@ class EmbeddedServer:
         return self._proc.pid
 
     def start(self) -> EmbeddedServer:
+        try:
+            return self._start()
+        except BaseException:  # Ctrl-C while waiting for it too: no server left behind
+            self.stop()
+            raise
+
+    def _start(self) -> EmbeddedServer:
         self._dir = tempfile.mkdtemp(prefix="featcache-valkey-")
         last_error = ""
         attempts = 1 if self.fixed_port else 5  # a free port can be taken before we bind it
@@ -133,17 +144,23 @@ class EmbeddedServer:
         raise EmbeddedServerError(f"{self.binary} did not start: {last_error}")
 
     def _wait_ready(self) -> bool:
+        """Ready when it answers on its own unix socket (in our private directory): a PONG
+        on the TCP port could come from another server that holds it, while ours is exiting
+        because it cannot bind it. The server binds its TCP port before the unix socket and
+        exits if it cannot, so an answer there means the port is ours too."""
         assert self._proc is not None
         deadline = time.monotonic() + self.start_timeout
         while time.monotonic() < deadline:
             if self._proc.poll() is not None:
                 return False
             try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as sock:
+                with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+                    sock.settimeout(0.2)
+                    sock.connect(self.unix_socket)
                     sock.sendall(b"PING\r\n")
                     data = sock.recv(64)
                     if data.startswith((b"+PONG", b"-NOAUTH")):
-                        return True
+                        return self._proc.poll() is None
             except OSError:
                 pass
             time.sleep(0.02)

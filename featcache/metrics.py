@@ -43,6 +43,11 @@ __all__ = ["CacheCollector", "MetricsServer", "new_registry", "serve_metrics"]
 _L1_GAUGES = {"entries": "rows held now", "max_entries": "the configured bound"}
 
 
+#: the invalidation tail's counters (``InvalidationSubscriber.stats``), as docs/metrics.md
+#: lists them
+_STREAM_EVENTS = ("entries_applied", "views_applied", "ids_applied", "gaps", "resets",
+                  "reconnects", "undecodable", "callback_errors")
+
 class CacheCollector(Collector):
     """``featcache_*`` families from one cache's counters, built at each scrape."""
 
@@ -97,9 +102,9 @@ class CacheCollector(Collector):
             "1 while the L1's invalidation tail is connected to Redis")
         tail = self.cache.subscriber_stats() if with_samples else {}
         if tail:
-            for key, value in sorted(tail.items()):
-                if type(value) is int:
-                    applied.add_metric([key], value)
+            for key in _STREAM_EVENTS:  # the counters only: lag_ms is an int, not an event
+                if type(tail.get(key)) is int:
+                    applied.add_metric([key], tail[key])
             if tail.get("lag_ms") is not None:
                 lag.add_metric([], tail["lag_ms"] / 1000)
             connected.add_metric([], 1 if tail.get("connected") else 0)
