@@ -93,7 +93,8 @@ DESCRIPTION = ("L1: batch-100 L1 hits vs Redis hits and a raw MGET; stampede on 
 
 BATCH = 100
 BASELINE = "floor_mget"
-CASE_ORDER = ("floor_mget", "featcache_hit", "featcache_l1_hit", "dict_floor")
+CASE_ORDER = ("floor_mget", "featcache_hit", "featcache_l1_hit", "featcache_l1_hit_dicts",
+              "dict_floor")
 USERS = 20_000  # the L1-hit part: rows in Redis and in the L1 (fits: max_entries 100k)
 L1_POLICY = "tinylfu"
 L1_MAX_ENTRIES = 100_000
@@ -221,9 +222,17 @@ def hit_cases(env: read.Env, cache: FeatureCache) -> list[Case]:
     def featcache_l1_hit(ids: list[int]) -> FeatureResult:
         return get_features(ids, names)
 
+    def featcache_l1_hit_dicts(ids: list[int]) -> FeatureResult:
+        res = get_features(ids, names)
+        for e in res:  # what a caller that reads every value also pays (built lazily)
+            res[e]
+        return res
+
     cases = {c.name: c for c in read.build_cases(env)}  # floor_mget, featcache_hit as there
     cases["featcache_l1_hit"] = Case("featcache_l1_hit", featcache_l1_hit,
                                      verify=_expect_status(Status.HIT_L1))
+    cases["featcache_l1_hit_dicts"] = Case("featcache_l1_hit_dicts", featcache_l1_hit_dicts,
+                                           verify=_expect_status(Status.HIT_L1))
     view = dataset.VIEW_NAME
     res = cache.get_features(env.ids, names)
     plain = {(view, eid): (res.status(eid, names[0]), res[eid]) for eid in env.ids}
@@ -564,11 +573,14 @@ def summarize_stampede(out: list[dict[str, Any]], warmup: int, rounds: int, proc
     after_fill: list[int] = []  # waiter end - filler end
     skews: list[int] = []
     sql_reads: Counter[int] = Counter()
+    sql_queries: Counter[int] = Counter()  # per process and round, from its stats delta
     totals: Counter[str] = Counter()
     for r in range(warmup, warmup + rounds):
         calls = by_round[r]
         readers = sorted((c for c in calls if c[3]), key=lambda c: c[1])
         sql_reads[len(readers)] += 1
+        for w in out:
+            sql_queries[int(w["deltas"][r].get("sql_queries", 0))] += 1
         skews.append(max(c[1] for c in calls) - min(c[1] for c in calls))
         for w in out:
             totals.update(w["deltas"][r])
@@ -605,12 +617,17 @@ def summarize_stampede(out: list[dict[str, Any]], warmup: int, rounds: int, proc
         "waiters_same_process_ms": _ms_stats(joiners),
         "waiters_other_processes_ms": _ms_stats(remote),
         "waiters_p99_ms": waiters_s["p99"],
+        # the issue's "waiters' p99 minus the fill time", read both ways: the waiters' p99
+        # less the fills' p50, and the p99 over waiters of (latency - its own round's fill);
+        # the target holds only if both do
+        "waiters_p99_minus_fill_p50_ms": round(waiters_s["p99"] - fill_s["p50"], 2),
         "waiters_p99_minus_fill_ms": _ms(percentile(sorted(excess), 0.99)),
         "waiters_minus_fill_ms": _ms_stats(excess),
         "waiters_p99_minus_cold_fill_p50_ms": round(waiters_s["p99"] - cold_s["p50"], 2),
         "waiter_done_after_filler_ms": _ms_stats(after_fill),
         "start_skew_ms": _ms_stats(skews),
         "sql_reads_per_round": {str(k): v for k, v in sorted(sql_reads.items())},
+        "sql_queries_per_process_round": {str(k): v for k, v in sorted(sql_queries.items())},
         "stats_totals": dict(totals),
     }
 
@@ -711,6 +728,7 @@ def measure_invalidation(target: RedisTarget, store: SlowStore, subscribers: int
 def summarize_invalidation(out: list[dict[str, Any]], published: list[tuple[int, int]],
                            warmup: int, subscribers: int) -> dict[str, Any]:
     delays: list[int] = []
+    slowest: dict[int, int] = {}  # per round: the last subscriber to drop the row
     missed = 0
     for w in out:
         for r, seen_gone in enumerate(w["dropped"]):
@@ -719,7 +737,9 @@ def summarize_invalidation(out: list[dict[str, Any]], published: list[tuple[int,
             if seen_gone is None:
                 missed += 1
             else:
-                delays.append(seen_gone - published[r][1])
+                delay = seen_gone - published[r][1]
+                delays.append(delay)
+                slowest[r] = max(slowest.get(r, delay), delay)
     calls = [ret - called for called, ret in published[warmup:]]
     subs = [w["subscriber"] for w in out]
     stats = _ms_stats(delays) if delays else {}
@@ -733,6 +753,8 @@ def summarize_invalidation(out: list[dict[str, Any]], published: list[tuple[int,
         "dropped_minus_returned_ms": stats,
         "p50_ms": stats.get("p50"),
         "p99_ms": stats.get("p99"),
+        # the target: "to every subscribed process dropping the row", one figure per round
+        "every_subscriber_dropped_ms": _ms_stats(list(slowest.values())),
         "dropped_before_call_returned": sum(d < 0 for d in delays),
         "not_dropped_within_s": {"seconds": DROP_TIMEOUT_S, "count": missed},
         "subscriber_resets": sum(int(s.get("resets", 0)) for s in subs),
@@ -787,9 +809,16 @@ def evaluate_targets(summaries: Sequence[Summary], stampede: Mapping[str, Any],
     l1, hit, floor = by["featcache_l1_hit"], by["featcache_hit"], by[BASELINE]
     in_process = by["dict_floor"]
     reads = stampede["sql_reads_per_round"]
-    excess = stampede["waiters_p99_minus_fill_ms"]
-    p99 = invalidation["p99_ms"]
+    one_read = reads == {"1": stampede["rounds"]} and set(
+        stampede["sql_queries_per_process_round"]) <= {"0", "1"} and sum(
+        int(k) * v for k, v in stampede["sql_queries_per_process_round"].items()
+    ) == stampede["rounds"]
+    excess = max(stampede["waiters_p99_minus_fill_ms"],
+                 stampede["waiters_p99_minus_fill_p50_ms"])
+    every = invalidation["every_subscriber_dropped_ms"]
+    p99 = every.get("p99")
     missed = invalidation["not_dropped_within_s"]["count"]
+    resets = invalidation["subscriber_resets"]
     return [
         Target(
             f"batch {BATCH} featcache_l1_hit p50 <= {TARGET_L1_P50_US:g} us",
@@ -801,17 +830,24 @@ def evaluate_targets(summaries: Sequence[Summary], stampede: Mapping[str, Any],
             f"{warm['dict_floor']:.1f} us)",
         ),
         Target(
-            f"stampede waiters p99 - fill <= {TARGET_STAMPEDE_EXCESS_MS:g} ms",
-            excess <= TARGET_STAMPEDE_EXCESS_MS,
-            f"{excess:.2f} ms (waiters p99 {stampede['waiters_p99_ms']:.2f} ms, fill p50 "
-            f"{stampede['fill_ms']['p50']:.2f} ms, cold_fill p50 "
-            f"{stampede['cold_fill_ms']['p50']:.2f} ms; SQL reads per round {reads})",
+            f"stampede waiters p99 - fill <= {TARGET_STAMPEDE_EXCESS_MS:g} ms, exactly 1 SQL "
+            "read per round",
+            excess <= TARGET_STAMPEDE_EXCESS_MS and one_read,
+            f"{excess:.2f} ms, the larger of: waiters p99 {stampede['waiters_p99_ms']:.2f} ms "
+            f"- fill p50 {stampede['fill_ms']['p50']:.2f} ms = "
+            f"{stampede['waiters_p99_minus_fill_p50_ms']:.2f} ms, p99 of (waiter - its round's "
+            f"fill) {stampede['waiters_p99_minus_fill_ms']:.2f} ms (cold_fill p50 "
+            f"{stampede['cold_fill_ms']['p50']:.2f} ms); SQL reads per round {reads}, SQL "
+            f"queries per process and round {stampede['sql_queries_per_process_round']}",
         ),
         Target(
-            f"invalidation dropped - returned p99 <= {TARGET_INVALIDATION_P99_MS:g} ms",
-            p99 is not None and p99 <= TARGET_INVALIDATION_P99_MS and missed == 0,
-            f"p99 {p99} ms, p50 {invalidation['p50_ms']} ms over "
-            f"{invalidation['dropped_minus_returned_ms'].get('n', 0)} drops"
+            f"invalidation: every subscriber dropped - returned p99 <= "
+            f"{TARGET_INVALIDATION_P99_MS:g} ms",
+            p99 is not None and p99 <= TARGET_INVALIDATION_P99_MS and missed == 0
+            and resets == 0,
+            f"p99 {p99} ms, p50 {every.get('p50')} ms over {every.get('n', 0)} rounds (the "
+            f"slowest of the subscribers each round; over all drops p99 "
+            f"{invalidation['p99_ms']} ms); subscriber resets {resets}"
             + (f"; {missed} rows not dropped within {DROP_TIMEOUT_S:g} s" if missed else ""),
         ),
     ]
