@@ -96,18 +96,19 @@ class FeatureCache:
                 access_sample_rate=config.l1_access_sample_rate,
                 record_width=L1_RECORD_WIDTH,
             )
-        self._popularity: PopularityCounter | None = None
-        if config.popularity_sample_rate > 0:
-            self._popularity = PopularityCounter(
-                self._redis,
-                self._layout,
-                sample_rate=config.popularity_sample_rate,
-                bucket_seconds=max(1, int(config.popularity_bucket)),
-                buckets=config.popularity_buckets,
-                half_life=config.popularity_half_life,
-                flush_interval=config.popularity_flush_interval,
-                clock=clock,
-            )
+        # The counts in Redis are every serving process's: this process reads them (top_k,
+        # the warmer) whether or not it counts its own reads (popularity.sample_rate > 0).
+        self._counts = PopularityCounter(
+            self._redis,
+            self._layout,
+            sample_rate=config.popularity_sample_rate,
+            bucket_seconds=max(1, int(config.popularity_bucket)),
+            buckets=config.popularity_buckets,
+            half_life=config.popularity_half_life,
+            flush_interval=config.popularity_flush_interval,
+            clock=clock,
+        )
+        self._popularity = self._counts if config.popularity_sample_rate > 0 else None
         self._read = ReadPath(
             config, self._layout, self._redis, self._offline, self._stats, clock, self._l1,
             self._popularity,
@@ -226,11 +227,11 @@ class FeatureCache:
 
     def top_k(self, view: str | FeatureView, k: int) -> list[tuple[EntityId, float]]:
         """The ``k`` most read entities of a view across every serving process, decayed by
-        ``popularity.half_life``; empty when counting is off."""
+        ``popularity.half_life``. They are read from Redis whether or not this process counts
+        its own reads (a warmer configured with ``popularity.sample_rate: 0`` still sees what
+        the serving processes counted)."""
         view_def = self._view(view)
-        if self._popularity is None:
-            return []
-        return self._popularity.top_k(view_def.name, k, view_def.entity_type)
+        return self._counts.top_k(view_def.name, k, view_def.entity_type)
 
     def subscriber_stats(self) -> dict[str, Any]:
         """The invalidation tail's counters (applied, resets, lag), or {} without an L1."""

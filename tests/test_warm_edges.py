@@ -24,7 +24,7 @@ from warmerenv import HOUR, cv_env
 
 from featcache import FeatureCache, InvalidRequest, SchemaError
 from featcache.bulk import iter_entity_ids, iter_latest_by_id
-from featcache.config import config_from_dict
+from featcache.config import FeatureView, config_from_dict
 from featcache.keys import KeyLayout
 
 
@@ -162,12 +162,16 @@ def test_materialize_all_with_text_in_an_int_id_column_is_a_schema_error(
         materialize(cache, "nv", all=True)
 
 
-def test_top_k_zero_returns_no_entities(sqlite_target: SqlTarget, redis_url: str,
-                                       key_prefix: str) -> None:
+def _popularity_view(sqlite_target: SqlTarget) -> FeatureView:
     engine = sqlite_target.engine()
     table = make_table(engine, None, "pv", STATS_FEATURES)
     insert(engine, table, [stats_row(i) for i in range(1, 4)])
-    view = make_view("pv", "pv", None)
+    return make_view("pv", "pv", None)
+
+
+def test_top_k_zero_returns_no_entities(sqlite_target: SqlTarget, redis_url: str,
+                                       key_prefix: str) -> None:
+    view = _popularity_view(sqlite_target)
     with make_cache([view], redis_url, sqlite_target.url, key_prefix,
                     popularity_sample_rate=1.0) as cache:
         cache.get_features([1, 2, 3], ["clicks"])
@@ -176,6 +180,23 @@ def test_top_k_zero_returns_no_entities(sqlite_target: SqlTarget, redis_url: str
         assert cache.top_k("pv", 0) == [], "k=0 returned every entity (ZREVRANGE 0 -1)"
         with pytest.raises(InvalidRequest, match="k must be an integer >= 0"):
             cache.top_k("pv", -1)
+
+
+def test_top_k_reads_the_serving_processes_counts_in_a_process_that_counts_nothing(
+    sqlite_target: SqlTarget, redis_url: str, key_prefix: str
+) -> None:
+    """A warmer configured with popularity.sample_rate 0 (it serves no reads itself) warmed
+    nothing: its top_k answered [] whatever the serving processes had counted in Redis."""
+    view = _popularity_view(sqlite_target)
+    with make_cache([view], redis_url, sqlite_target.url, key_prefix,
+                    popularity_sample_rate=1.0) as serving:
+        serving.get_features([1, 2], ["clicks"])
+        serving.get_features([2], ["clicks"])
+        assert serving.popularity is not None and serving.popularity.flush() > 0
+    with make_cache([view], redis_url, sqlite_target.url, key_prefix,
+                    popularity_sample_rate=0.0) as warmer:
+        assert warmer.popularity is None  # counts nothing itself
+        assert [e for e, _ in warmer.top_k("pv", 5)] == [2, 1]
 
 
 # ----------------------------------------------------------------------------- config
