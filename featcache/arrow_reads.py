@@ -31,6 +31,7 @@ import pyarrow.compute as pc
 import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql.psycopg import PGDialect_psycopg
 
+from featcache.convert import MAX_US, MIN_US
 from featcache.offline import OfflineStore, SqlRow, _BoundView, _raw, only
 from featcache.request import EntityId
 from featcache.types import FeatureType
@@ -407,13 +408,15 @@ def _micros(column: pa.ChunkedArray[Any]) -> list[int | None] | None:
         parsed = _parsed_text(column)
         if parsed is None:
             return None
-        text_micros: list[int | None] = parsed.cast(pa.int64()).to_pylist()
-        return text_micros
-    if not pa.types.is_timestamp(column.type):
+        as_int = parsed.cast(pa.int64())
+    elif pa.types.is_timestamp(column.type):
+        as_int = column.cast(pa.timestamp("us", column.type.tz)).cast(pa.int64())
+    else:
         return None
-    micros: list[int | None] = column.cast(pa.timestamp("us", column.type.tz)).cast(
-        pa.int64()
-    ).to_pylist()
+    low, high = pc.min_max(as_int).values()
+    if (low.is_valid and low.as_py() < MIN_US) or (high.is_valid and high.as_py() > MAX_US):
+        return None  # beyond a UTC datetime (Arrow's range is wider): Python says which row
+    micros: list[int | None] = as_int.to_pylist()
     return micros
 
 

@@ -42,6 +42,8 @@ EntityType = Literal["int", "str"]
 #: docs/l1-policies.md measures the hit rate it costs.
 DEFAULT_L1_ACCESS_SAMPLE_RATE = 0.125
 
+#: the id column of ``FeatureResult.to_arrow()``; no feature may take the name
+RESERVED_FEATURE_NAME = "entity_id"
 _NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 _SQL_IDENT_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_$]{0,127}$")
 _PREFIX_RE = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
@@ -88,6 +90,10 @@ class Feature:
     ) -> None:
         path = f"features.{name}"
         _check_name(name, path, "a feature name")
+        if name == RESERVED_FEATURE_NAME:  # it would replace the ids in to_arrow()/to_pandas()
+            raise ConfigError(
+                f"{name!r} is the id column of FeatureResult.to_arrow() and to_pandas(); give "
+                f"the feature another name (its SQL column can stay: column: {name})", path)
         if not isinstance(type, FeatureType):
             try:
                 if not isinstance(type, str):

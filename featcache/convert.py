@@ -15,7 +15,7 @@ import json
 import math
 import numbers
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Final
 
 from featcache.types import FeatureType
 
@@ -32,6 +32,10 @@ _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 _NAIVE_EPOCH = dt.datetime(1970, 1, 1)
 _ONE_US = dt.timedelta(microseconds=1)
+#: the instants a UTC ``datetime`` can hold (years 1-9999): featcache answers timestamps as
+#: such, so one outside (say 9999-12-31T23:00-02:00) is refused when it is read or written
+MIN_US: Final = (dt.datetime.min.replace(tzinfo=dt.UTC) - _EPOCH) // _ONE_US
+MAX_US: Final = (dt.datetime.max.replace(tzinfo=dt.UTC) - _EPOCH) // _ONE_US
 _NONE = type(None)
 
 
@@ -92,13 +96,25 @@ def _to_bool(value: Any) -> bool | None:
 
 
 def _to_str(value: Any) -> str | None:
-    if type(value) is str:
+    if type(value) is str and (value.isascii() or is_utf8_text(value)):
         return value
     if _is_missing(value):
         return None
-    if isinstance(value, str):
+    if isinstance(value, str) and is_utf8_text(value):
         return str(value)
+    if isinstance(value, str):
+        raise ConversionError(f"{value!r:.60} is not valid Unicode text (a lone surrogate)")
     raise ConversionError(f"expected a str, got {type(value).__name__} {value!r}")
+
+
+def is_utf8_text(text: str) -> bool:
+    """Whether ``text`` encodes as UTF-8: a lone surrogate (left by a bad decode) does not,
+    and would fail in the middle of a Redis command or a SQL query instead of up front."""
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def to_timestamp(value: Any) -> dt.datetime | None:
@@ -117,7 +133,14 @@ def to_timestamp(value: Any) -> dt.datetime | None:
         raise ConversionError(f"expected a timestamp, got {type(value).__name__} {value!r}")
     if value.tzinfo is None:
         return value.replace(tzinfo=dt.UTC)
-    return value.astimezone(dt.UTC)
+    try:
+        return value.astimezone(dt.UTC)
+    except OverflowError:
+        raise _out_of_range(value) from None
+
+
+def _out_of_range(value: Any) -> ConversionError:
+    return ConversionError(f"timestamp {value!r:.60} is outside the years 1-9999 in UTC")
 
 
 def _to_embedding(value: Any) -> list[float] | None:
@@ -203,15 +226,17 @@ def _str_to_us(text: str) -> int:
         value = dt.datetime.fromisoformat(text)
     except ValueError:
         raise ConversionError(f"expected an ISO 8601 timestamp, got {text!r}") from None
-    if value.tzinfo is None:  # naive is UTC
-        return (value - _NAIVE_EPOCH) // _ONE_US
-    return (value - _EPOCH) // _ONE_US
+    return _datetime_to_us(value)
 
 
 def _datetime_to_us(value: dt.datetime) -> int:
-    if value.tzinfo is None:
-        return (value - _NAIVE_EPOCH) // _ONE_US
-    return (value - _EPOCH) // _ONE_US
+    try:
+        us = (value - (_NAIVE_EPOCH if value.tzinfo is None else _EPOCH)) // _ONE_US
+    except OverflowError:
+        raise _out_of_range(value) from None
+    if MIN_US <= us <= MAX_US:  # naive is UTC, always in range; an offset may move it out
+        return us
+    raise _out_of_range(value)
 
 
 def timestamps_to_us(column: Sequence[Any]) -> list[int | None]:

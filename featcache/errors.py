@@ -13,7 +13,8 @@ Input errors also subclass the builtin a Python programmer would expect (``Value
     │   ├── UnknownView (KeyError)
     │   ├── UnknownFeature (KeyError)     carries the closest known names
     │   ├── AmbiguousFeature              a bare name that several views declare
-    │   └── InvalidEntityId (TypeError)   None, NaN, bytes, bool, wrong type, too long
+    │   └── InvalidEntityId (TypeError)   None, NaN, bytes, bool, wrong type, too long, NUL
+    │                                     or not UTF-8 (str)
     ├── BackendError                      a server failed; carries the original as __cause__
     │   ├── CacheUnavailable              Redis/Valkey: connection refused, timeout, auth
     │   └── OfflineStoreError             SQL: a query failed
@@ -108,7 +109,8 @@ class AmbiguousFeature(InvalidRequest):
 
 
 class InvalidEntityId(InvalidRequest, TypeError):
-    """An entity id that is None, NaN, bytes, a bool, of the wrong type, or too long."""
+    """An entity id that is None, NaN, bytes, a bool, of the wrong type, too long, or a str that
+    holds a NUL or is not UTF-8 text."""
 
 
 class BackendError(FeatcacheError):

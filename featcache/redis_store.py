@@ -15,9 +15,10 @@ Values are opaque bytes: nothing read is ever unpickled or evaluated.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -42,6 +43,7 @@ __all__ = [
     "fenced_write",
     "row_write",
     "safe_redis_url",
+    "translated_errors",
 ]
 
 log = logging.getLogger("featcache.redis")
@@ -416,6 +418,16 @@ class RedisStore:
                     raise CacheUnavailable(f"Redis {self.url}: {loaded}") from loaded
             pending = retry
         return results
+
+
+@contextlib.contextmanager
+def translated_errors(url: str) -> Iterator[None]:
+    """redis-py's errors as ``CacheUnavailable`` (URL masked), for the few callers that use
+    the redis-py client directly (the warmer's watermark and health) instead of ``RedisStore``."""
+    try:
+        yield
+    except _ERRORS as exc:
+        raise CacheUnavailable(f"Redis {safe_redis_url(url)}: {exc}") from exc
 
 
 def _describe(client: redis.Redis) -> str:

@@ -19,6 +19,7 @@ from typing import Any
 
 from featcache.codec import RowCodec
 from featcache.config import CacheConfig, FeatureView
+from featcache.convert import is_utf8_text
 from featcache.errors import (
     AmbiguousFeature,
     InvalidEntityId,
@@ -172,6 +173,15 @@ def _bad_id(value: Any, entity_type: str, max_len: int) -> InvalidEntityId:
     if isinstance(value, str) and entity_type == "str":
         if not value:
             return InvalidEntityId("entity id '' (empty string) is not allowed")
+        if "\x00" in value:
+            return InvalidEntityId(
+                f"entity id {value!r:.60} contains a NUL character, which SQL text columns "
+                "(PostgreSQL's) cannot hold"
+            )
+        if not is_utf8_text(value):
+            return InvalidEntityId(
+                f"entity id {value!r:.60} is not valid Unicode text (a lone surrogate)"
+            )
         return InvalidEntityId(
             f"entity id of {len(value.encode())} bytes is longer than the limit of {max_len} "
             "bytes (limits.max_id_length)"
@@ -211,7 +221,9 @@ def normalize_ids(entity_ids: Iterable[Any], entity_type: str, max_len: int) -> 
     else:
         limit = max_len // 4  # a str this many characters long is under the byte limit for sure
         if set(map(type, ids)) == {str} and all(0 < len(x) <= limit for x in ids):
-            return _unique(ids)
+            joined = "".join(ids)  # one pass for a NUL or a lone surrogate among them all
+            if "\x00" not in joined and (joined.isascii() or is_utf8_text(joined)):
+                return _unique(ids)
     return list(dict.fromkeys(check_id(x, entity_type, max_len) for x in ids))
 
 
@@ -230,6 +242,7 @@ def check_id(value: Any, entity_type: str, max_len: int) -> EntityId:
                 return number
             raise InvalidEntityId(f"entity id {number} does not fit in a 64-bit int")
         raise _bad_id(value, entity_type, max_len)
-    if isinstance(value, str) and value and len(value.encode()) <= max_len:
+    if isinstance(value, str) and value and "\x00" not in value and is_utf8_text(value) and len(
+            value.encode()) <= max_len:
         return str(value)
     raise _bad_id(value, entity_type, max_len)

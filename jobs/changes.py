@@ -86,7 +86,7 @@ from featcache.codec import KIND_ABSENT, KIND_ROW, RowCodec
 from featcache.config import FeatureView
 from featcache.convert import timestamp_to_us, us_to_timestamp
 from featcache.errors import ConfigError, InvalidRequest, SchemaError
-from featcache.redis_store import RedisStore
+from featcache.redis_store import RedisStore, translated_errors
 from featcache.request import EntityId
 
 from .leader import ViewLeader
@@ -219,7 +219,8 @@ def _watermark_key(cache: FeatureCache, view: str) -> str:
 def load_watermark(cache: FeatureCache, view: str | FeatureView) -> Watermark | None:
     """The stored watermark of ``view``, or None (never polled, or an unreadable value)."""
     view_def = cache.config.view(view if isinstance(view, str) else view.name)
-    raw = cache.redis.get(_watermark_key(cache, view_def.name))
+    with translated_errors(cache.config.redis_url):
+        raw = cache.redis.get(_watermark_key(cache, view_def.name))
     if raw is None:
         return None
     try:
@@ -241,7 +242,8 @@ def load_watermark(cache: FeatureCache, view: str | FeatureView) -> Watermark | 
 def save_watermark(cache: FeatureCache, view: str, mark: Watermark) -> None:
     """Store the watermark (no TTL: it must outlive any pause of the warmer)."""
     doc = {"v": _WATERMARK_VERSION, "ts_us": mark.ts_us, "ids": sorted(mark.ids, key=str)}
-    cache.redis.set(_watermark_key(cache, view), json.dumps(doc, separators=(",", ":")))
+    with translated_errors(cache.config.redis_url):
+        cache.redis.set(_watermark_key(cache, view), json.dumps(doc, separators=(",", ":")))
 
 
 # ----------------------------------------------------------------------------- the poll

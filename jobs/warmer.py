@@ -67,7 +67,6 @@ from dataclasses import dataclass, field, replace
 from types import FrameType
 from typing import Any, TextIO
 
-import redis
 from apscheduler.schedulers.base import BaseScheduler
 from apscheduler.schedulers.blocking import BlockingScheduler
 from apscheduler.triggers.base import BaseTrigger
@@ -78,10 +77,9 @@ from prometheus_client.registry import Collector
 
 from featcache.client import FeatureCache
 from featcache.config import CacheConfig, FeatureView, load_config, parse_duration
-from featcache.errors import CacheUnavailable, ConfigError
+from featcache.errors import ConfigError
 from featcache.metrics import CacheCollector, MetricsServer, new_registry, serve_metrics
-from featcache.redis_store import RedisStore
-from featcache.urls import mask_url
+from featcache.redis_store import RedisStore, translated_errors
 
 from .changes import ChangeQuery, Rewrite, follow_changes
 from .leader import ViewLeader
@@ -582,11 +580,8 @@ def health(config: CacheConfig | str, out: TextIO | None = None) -> dict[str, An
     with FeatureCache(loaded.with_overrides(popularity_sample_rate=0.0,
                                             l1_policy=None)) as cache:
         for view in loaded.views:
-            try:
+            with translated_errors(loaded.redis_url):  # as every other command reports it
                 raw = cache.redis.hgetall(_health_key(cache, view.name))
-            except (redis.RedisError, OSError) as exc:  # as every other command reports it
-                raise CacheUnavailable(
-                    f"Redis {mask_url(loaded.redis_url)}: {exc}") from None
             jobs: dict[str, dict[str, Any]] = {}
             for key, value in sorted(raw.items()):
                 name = key.decode() if isinstance(key, bytes) else str(key)

@@ -1,0 +1,78 @@
+"""Failure injection on private servers: Redis killed in the middle of a change poll; the
+error it raises is a featcache error (it was redis-py's, found in the 2026-11-27 review)."""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from featcache.jobs.changes import follow_changes
+from featcache.jobs.leader import ViewLeader
+from featdata import T0, insert, make_cache, make_table, make_view
+from wire import hooked_client, is_command
+
+from featcache import FeatcacheError, Feature
+from featcache.embedded import EmbeddedServer
+
+FEATURES = (Feature("clicks", "int", "1m"),)
+NAMES = ["clicks"]
+
+
+def _rows(ids: Any, ts: dt.datetime = T0, mult: int = 10) -> list[dict[str, Any]]:
+    return [{"entity_id": e, "event_ts": ts, "updated_at": ts, "clicks": e * mult} for e in ids]
+
+
+@pytest.fixture
+def server() -> Iterator[EmbeddedServer]:
+    srv = EmbeddedServer().start()  # private: tests kill it
+    try:
+        yield srv
+    finally:
+        srv.stop()
+
+
+@pytest.fixture
+def sql(tmp_path: Path) -> tuple[str, sa.Engine, sa.Table]:
+    url = f"sqlite:///{tmp_path / 'f.db'}"
+    engine = sa.create_engine(url)
+    table = make_table(engine, None, "rfeat", FEATURES)
+    insert(engine, table, _rows(range(1, 6)))
+    return url, engine, table
+
+
+def _view() -> Any:
+    return make_view("rfeat", "rfeat", None, FEATURES)
+
+
+# ------------------------------------------------------------------ follow_changes
+
+
+def test_follow_changes_redis_dies_before_watermark_save_raises_featcache_error(
+    server: EmbeddedServer, sql: tuple[str, sa.Engine, sa.Table]
+) -> None:
+    """docs/errors.md: every exception featcache raises is a FeatcacheError. The watermark
+    is read and written with the raw redis client (jobs/changes.py load/save_watermark), and a
+    Redis failure at that moment leaked redis.exceptions.ConnectionError."""
+    url, _, _ = sql
+    client, hooks = hooked_client(server.url)
+    fc = make_cache([_view()], server.url, url, "rv", redis_client=client,
+                    redis_socket_timeout=0.25, redis_connect_timeout=0.25)
+    try:
+        leader = ViewLeader(client, fc.layout, "rfeat", 30.0)  # as the Warmer passes its own
+        wm_key = fc.layout.view_key("rfeat", "watermark")
+
+        def before_send(packed: Any) -> None:
+            if packed and is_command(packed[0], "SET") and wm_key.encode() in packed[0]:
+                server.kill()
+
+        hooks.before_send = before_send
+        with pytest.raises(FeatcacheError):
+            follow_changes(fc, "rfeat", leader=leader, rewrite="all")
+    finally:
+        hooks.before_send = None
+        fc.close()
+        client.close()
