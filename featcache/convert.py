@@ -140,7 +140,7 @@ def to_timestamp(value: Any) -> dt.datetime | None:
 
 
 def _out_of_range(value: Any) -> ConversionError:
-    return ConversionError(f"timestamp {value!r:.60} is outside the years 1-9999 in UTC")
+    return ConversionError(f"timestamp {str(value)[:60]!r} is outside the years 1-9999 in UTC")
 
 
 def _to_embedding(value: Any) -> list[float] | None:

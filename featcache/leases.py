@@ -24,7 +24,8 @@ __all__ = ["Leases"]
 # KEYS: n lease keys, then the n row keys. ARGV: token, ttl_ms, then per row what the reader
 # saw ("" for nothing). Per row: the row's current bytes when they changed since the reader
 # saw them (another reader's fill landed meanwhile: no lease, nothing to read), else 1 when
-# the lease was taken, 0 when another reader holds it.
+# the lease was taken, 0 when another reader holds it; then the server's TIME (seconds,
+# microseconds): the clock the fill's deadline is set on (``featcache.redis_store``).
 _ACQUIRE = LuaScript("""
 local n = #KEYS / 2
 local out = {}
@@ -39,6 +40,9 @@ for i = 1, n do
     out[i] = 0
   end
 end
+local t = redis.call('TIME')
+out[n + 1] = t[1]
+out[n + 2] = t[2]
 return out
 """)
 
@@ -65,10 +69,10 @@ class Leases:
         wanted: dict[str, list[EntityId]],
         seen: dict[str, dict[EntityId, bytes]],
         token: str,
-    ) -> dict[str, tuple[list[EntityId], list[EntityId], dict[EntityId, bytes]]]:
+    ) -> tuple[dict[str, tuple[list[EntityId], list[EntityId], dict[EntityId, bytes]]], int]:
         """Per view: (ids whose lease this caller took, under ``token``, ids another reader
-        holds, rows that changed since the caller saw them, with their current bytes). One
-        round trip.
+        holds, rows that changed since the caller saw them, with their current bytes); and the
+        server's clock (microseconds) when the leases were taken. One round trip.
 
         Checking the row with the lease closes a gap: a reader whose MGET ran just before
         another reader's fill landed would otherwise take the lease that reader had just
@@ -76,7 +80,7 @@ class Leases:
         """
         views = [view for view, ids in wanted.items() if ids]
         if not views:
-            return {}
+            return {}, 0
         calls = []
         for view in views:
             ids = wanted[view]
@@ -85,7 +89,11 @@ class Leases:
             calls.append(([*self.keys(view, ids), *rows],
                           [token, self._ttl_ms, *(saw.get(e, b"") for e in ids)]))
         out: dict[str, tuple[list[EntityId], list[EntityId], dict[EntityId, bytes]]] = {}
-        for view, flags in zip(views, self._store.eval_many(_ACQUIRE, calls), strict=True):
+        server_us = 0
+        for view, reply in zip(views, self._store.eval_many(_ACQUIRE, calls), strict=True):
+            *flags, seconds, micros = reply
+            # the first view's call ran first: the earliest of the times, the safe one
+            server_us = server_us or int(seconds) * 1_000_000 + int(micros)
             won: list[EntityId] = []
             held: list[EntityId] = []
             changed: dict[EntityId, bytes] = {}
@@ -97,4 +105,4 @@ class Leases:
                 else:
                     held.append(eid)
             out[view] = (won, held, changed)
-        return out
+        return out, server_us

@@ -74,8 +74,8 @@ class _ViewRead:
     """One view's share of one call: answers so far and what to fetch, fill and fence."""
 
     __slots__ = (
-        "answers", "counts", "early", "epoch", "epoch_raw", "items", "loaded", "missing",
-        "release", "release_token", "seen", "stale", "vp",
+        "answers", "counts", "deadline_us", "early", "epoch", "epoch_raw", "items", "loaded",
+        "missing", "read_at", "release", "release_token", "seen", "stale", "vp",
     )
 
     def __init__(self, vp: ViewPlan, epoch_raw: bytes | None) -> None:
@@ -90,12 +90,15 @@ class _ViewRead:
         self.items: list[WriteItem] = []
         self.release: list[str] = []  # leases this call took, under release_token
         self.release_token = ""
+        self.deadline_us = 0  # fills land only before this, on the server's clock (0: none)
+        self.read_at = 0.0  # time.monotonic() before the call's MGET
         self.counts: dict[str, int] = {}
         self.loaded: dict[EntityId, int] = {}  # loaded_at of answered rows, for L1 only
 
     def batch(self, layout: KeyLayout) -> WriteBatch:
         return WriteBatch(layout.view_key(self.vp.view.name, "epoch"), self.epoch_raw,
-                          self.items, self.release, self.release_token)
+                          self.items, self.release, self.release_token,
+                          deadline_us=self.deadline_us)
 
 
 def _flight_key(vr: _ViewRead, eid: EntityId, early: bool) -> FlightKey:
@@ -139,6 +142,7 @@ class ReadPath:
         # A fill is written back only while the tombstone of an invalidation it may have raced
         # with is certainly still in Redis (half its TTL; the other half is margin).
         self._fill_deadline = config.fence_ttl / 2
+        self._fill_deadline_us = int(config.fence_ttl * 1_000_000) // 2
 
     # ------------------------------------------------------------------ Redis, guarded
 
@@ -188,6 +192,7 @@ class ReadPath:
         # the epochs ride in the same MGET: one round trip, and a consistent fence for fills
         keys.extend(self._layout.view_key(vp.view.name, "epoch") for vp in plan.views)
         redis_ok = True
+        read_at = time.monotonic()  # before the MGET: the fence of every fill of this call
         if any(pending):
             try:
                 raw: list[bytes | None] = self._redis_call("read", lambda: self._redis.read(keys))
@@ -214,6 +219,7 @@ class ReadPath:
         for v, vp in enumerate(plan.views):
             todo = pending[v]
             vr = _ViewRead(vp, epochs[v])
+            vr.read_at = read_at
             vr.answers.update(l1_hits[v])
             vr.counts["hit_l1"] = len(l1_hits[v])
             if todo:
@@ -509,13 +515,19 @@ class ReadPath:
             token = self._leases.new_token()
             taken = True
             try:
-                leases = self._redis_call(
+                leases, server_us = self._redis_call(
                     "lease", lambda: self._leases.acquire(grouped, seen, token))
             except CacheUnavailable:  # read as if we held them; none to give back
-                leases = {view: (ids, [], {}) for view, ids in grouped.items()}
+                leases, server_us = {view: (ids, [], {}) for view, ids in grouped.items()}, 0
                 taken = False
+            # The fills' deadline on the server's clock: the MGET (the fence) ran at most the
+            # time since this call sent it before the leases' TIME, so that time back from it,
+            # plus fence_ttl / 2, is never later than the client's own deadline is meant to be
+            since_read_us = int((time.monotonic() - reads[next(iter(grouped))].read_at) * 1e6)
             for view, (won, held_elsewhere, changed) in leases.items():
                 vr = reads[view]
+                if server_us:
+                    vr.deadline_us = server_us - since_read_us + self._fill_deadline_us
                 if taken:
                     vr.release.extend(self._leases.keys(view, won))
                     vr.release_token = token

@@ -58,13 +58,16 @@ class LuaScript:
         self.sha = hashlib.sha1(text.encode()).hexdigest()  # noqa: S324 - Redis' script id
 
 
-# KEYS[1]: the view's epoch key; KEYS[2..]: row keys of that view, then ARGV[3] lease keys
+# KEYS[1]: the view's epoch key; KEYS[2..]: row keys of that view, then ARGV[4] lease keys
 # (``featcache.leases``) deleted once the rows are written, so waiting readers move on: each
 # only where it still holds the writer's token (the last ARGV when there are lease keys); a
 # lease that expired and was taken by another reader meanwhile is that reader's.
 # ARGV[1]: "1" when the writer read the epoch before its SQL read, and ARGV[2] is what it read
 # ("" for none): if the epoch changed since, the whole view was invalidated and nothing is
-# written. Then four ARGV per row key: mode, ttl_ms, value, expected. "Ours" means a row ("R" in
+# written. ARGV[3]: the write's deadline on the server's clock (microseconds, "0" for none):
+# past it nothing is written, since a tombstone laid after the reader's fence may have expired
+# (a write held in a stalled server's socket must not land late). Then four ARGV per row key:
+# mode, ttl_ms, value, expected. "Ours" means a row ("R" in
 # byte 2) of the same layout version (byte 1) as the new value.
 #   Both modes: a row never replaces a row of ours with a later event timestamp (bytes 3-10,
 #           big-endian int64) if that row is of the view's current epoch. One of an older
@@ -109,7 +112,7 @@ local function of_current_epoch(row)
   local epoch = epoch_of(row)
   return epoch ~= nil and epoch == current
 end
-local rows_end = #KEYS - tonumber(ARGV[3])
+local rows_end = #KEYS - tonumber(ARGV[4])
 for i = rows_end + 1, #KEYS do
   if redis.call('GET', KEYS[i]) == ARGV[#ARGV] then redis.call('DEL', KEYS[i]) end
 end
@@ -117,9 +120,13 @@ if ARGV[1] == '1' then
   local epoch = redis.call('GET', KEYS[1]) or ''
   if epoch ~= ARGV[2] then return 0 end
 end
+if ARGV[3] ~= '0' then
+  local t = redis.call('TIME')
+  if tonumber(t[1]) * 1000000 + tonumber(t[2]) > tonumber(ARGV[3]) then return 0 end
+end
 local written = 0
 for i = 2, rows_end do
-  local base = 3 + 4 * (i - 2)
+  local base = 4 + 4 * (i - 2)
   local mode, ttl, value = ARGV[base + 1], ARGV[base + 2], ARGV[base + 3]
   local got = redis.pcall('GET', KEYS[i])
   local old = nil
@@ -142,23 +149,27 @@ return written
 """)
 
 # KEYS[1]: the view's epoch key; KEYS[2..]: row keys whose fenced reader saw them empty.
-# ARGV[1], ARGV[2]: the epoch check of CONDITIONAL_SET; ARGV[3]: the TTL in ms of every row;
-# ARGV[3 + i]: the value for KEYS[1 + i]. Mode E (F where the reader saw no key), for less:
-# the row is written only where the key is still empty (NX). A string there now (a tombstone
-# of an invalidation, another fill, a newer row) keeps the row out; a key of another type,
-# which MGET showed the reader as nothing, gives way as in CONDITIONAL_SET.
+# ARGV[1], ARGV[2], ARGV[3]: the epoch check and the deadline of CONDITIONAL_SET; ARGV[4]: the
+# TTL in ms of every row; ARGV[3 + i]: the value for KEYS[i]. Mode E (F where the reader saw no
+# key), for less: the row is written only where the key is still empty (NX). A string there
+# now (a tombstone of an invalidation, another fill, a newer row) keeps the row out; a key of
+# another type, which MGET showed the reader as nothing, gives way as in CONDITIONAL_SET.
 # Returns how many keys were written.
 SET_IF_ABSENT = LuaScript("""
 if ARGV[1] == '1' then
   local epoch = redis.call('GET', KEYS[1]) or ''
   if epoch ~= ARGV[2] then return 0 end
 end
+if ARGV[3] ~= '0' then
+  local t = redis.call('TIME')
+  if tonumber(t[1]) * 1000000 + tonumber(t[2]) > tonumber(ARGV[3]) then return 0 end
+end
 local written = 0
 for i = 2, #KEYS do
-  if redis.call('SET', KEYS[i], ARGV[i + 2], 'PX', ARGV[3], 'NX') then
+  if redis.call('SET', KEYS[i], ARGV[i + 3], 'PX', ARGV[4], 'NX') then
     written = written + 1
   elseif redis.call('TYPE', KEYS[i]).ok ~= 'string' then
-    redis.call('SET', KEYS[i], ARGV[i + 2], 'PX', ARGV[3])
+    redis.call('SET', KEYS[i], ARGV[i + 3], 'PX', ARGV[4])
     written = written + 1
   end
 end
@@ -215,6 +226,8 @@ class WriteBatch:
     items: Sequence[WriteItem]
     release: Sequence[str] = ()  # lease keys to delete with the last chunk...
     release_token: str = ""  # ...where they hold this token (``Leases.acquire``'s)
+    #: no row is written once the server's clock (microseconds) is past this; 0: no deadline
+    deadline_us: int = 0
     if_absent: IfAbsent | None = None
 
 
@@ -240,6 +253,8 @@ def _pack(args: tuple[Any, ...]) -> bytes:
     packed: bytes = hiredis.pack_command(args)
     return packed
 
+
+_TIME = hiredis.pack_command(("TIME",))
 
 _ERRORS = (redis_exc.ConnectionError, redis_exc.TimeoutError, redis_exc.RedisError, OSError)
 
@@ -293,19 +308,35 @@ class RedisStore:
 
     def read(self, keys: Sequence[str]) -> list[bytes | None]:
         """Values in key order, None where absent; one network round trip."""
+        return self._read(keys, False)[0]
+
+    def read_timed(self, keys: Sequence[str]) -> tuple[list[bytes | None], int]:
+        """``read``, and the server's clock (microseconds) when it ran, in the same round
+        trip: a fence's writes are judged against it by the write scripts (``deadline_us``)."""
+        return self._read(keys, True)
+
+    def _read(self, keys: Sequence[str], timed: bool) -> tuple[list[bytes | None], int]:
         step = self.read_chunk
         packed = [
             _pack(("MGET", *keys[start : start + step]))
             for start in range(0, len(keys), step)
         ]
-        values: list[bytes | None] = []
-        for part in self._round_trip(packed):
+        if timed:
+            packed.append(_TIME)
+        replies = self._round_trip(packed)
+        for part in replies:
             if isinstance(part, Exception):  # an error reply (ACL, OOM...): no values at all
                 raise CacheUnavailable(f"Redis {self.url}: {part}") from part
-            if len(packed) == 1:
-                return part  # type: ignore[no-any-return]
+        server_us = 0
+        if timed:
+            seconds, micros = replies.pop()
+            server_us = int(seconds) * 1_000_000 + int(micros)
+        if len(replies) == 1:
+            return replies[0], server_us
+        values: list[bytes | None] = []
+        for part in replies:
             values.extend(part)
-        return values
+        return values, server_us
 
     def _round_trip(self, packed: Sequence[bytes]) -> list[Any]:
         """Send commands already in RESP form (``hiredis.pack_command``) in one write and read
@@ -345,6 +376,7 @@ class RedisStore:
             head: list[Any] = (
                 ["1", batch.epoch_seen] if batch.epoch_seen is not None else ["0", ""]
             )
+            head.append(batch.deadline_us)
             items, if_absent = _split_if_absent(batch)
             for group in if_absent:
                 ttl_ms = max(1, int(group.ttl_ms))

@@ -63,6 +63,9 @@ class Fence:
     #: the cache's clock (ms) when it was taken, before the SQL read it fences: rows written
     #: under it are stamped loaded then, never later than the read began (as fills are)
     loaded_ms: int | None = None
+    #: the server's clock (microseconds) past which its writes land nowhere: its MGET's time
+    #: plus fence_ttl / 2, checked by the write scripts themselves (0: no server-side check)
+    deadline_us: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -242,7 +245,8 @@ class RowWriter:
             else:
                 writes = list(map(fenced_write, keys, encoded, repeat(ttl_ms), seen))
         batch = WriteBatch(epoch_key, None if fence is None else fence.epoch_raw, writes,
-                           if_absent=if_absent)
+                           if_absent=if_absent,
+                           deadline_us=fence.deadline_us if fence is not None else 0)
         return PendingWrite(self, view_def.name, len(ids), batch, fence)
 
     def _send(self, pending: PendingWrite) -> PutReport:
@@ -276,12 +280,12 @@ class RowWriter:
         loaded_ms = int(self._clock() * 1000)
         keys = self._layout.row_keys(view_def.name, ids)
         keys.append(epoch_key)
-        raw = self._redis.read(keys)
+        raw, server_us = self._redis.read_timed(keys)
         epoch_raw = raw[-1]
         if epoch_raw is None:  # never stamp rows with an epoch a lost key reads as again
             (epoch_raw,) = self._redis.ensure_epochs([epoch_key])
         return Fence(view_def.name, epoch_raw, dict(zip(ids, raw[:-1], strict=True)), taken_at,
-                     loaded_ms)
+                     loaded_ms, server_us + int(self.config.fence_ttl * 1_000_000) // 2)
 
 
 

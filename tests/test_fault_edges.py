@@ -4,6 +4,10 @@ error it raises is a featcache error (it was redis-py's, found in the 2026-11-27
 from __future__ import annotations
 
 import datetime as dt
+import os
+import signal
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -15,8 +19,9 @@ from featcache.jobs.leader import ViewLeader
 from featdata import T0, insert, make_cache, make_table, make_view
 from wire import hooked_client, is_command
 
-from featcache import FeatcacheError, Feature
+from featcache import FeatcacheError, Feature, Status
 from featcache.embedded import EmbeddedServer
+from featcache.redis_store import CONDITIONAL_SET, SET_IF_ABSENT
 
 FEATURES = (Feature("clicks", "int", "1m"),)
 NAMES = ["clicks"]
@@ -74,5 +79,46 @@ def test_follow_changes_redis_dies_before_watermark_save_raises_featcache_error(
             follow_changes(fc, "rfeat", leader=leader, rewrite="all")
     finally:
         hooks.before_send = None
+        fc.close()
+        client.close()
+
+
+# ------------------------------------------------------------------ a stalled Redis
+
+
+def test_a_fill_that_a_stalled_redis_runs_past_its_deadline_lands_nowhere(
+    server: EmbeddedServer, sql: tuple[str, sa.Engine, sa.Table]
+) -> None:
+    """A fill sent well within fence_ttl / 2 but run by the server after it (the server was
+    stalled with the command in its socket: SIGSTOP here, a VM pause or a fork in life) must
+    write nothing, since a tombstone it raced with may have expired meanwhile. The scripts
+    check the deadline on the server's clock (set from the leases' TIME); before, the row
+    landed (found in review, 2026-11-27)."""
+    url, _, _ = sql
+    client, hooks = hooked_client(server.url)
+    fc = make_cache([_view()], server.url, url, "st", redis_client=client, fence_ttl=2.0,
+                    redis_socket_timeout=5)
+    key = fc.layout.row_key("rfeat", 1)
+    stalled: list[float] = []
+
+    def stall(packed: Any) -> None:
+        fill_scripts = (SET_IF_ABSENT.sha.encode(), CONDITIONAL_SET.sha.encode())
+        if not stalled and any(sha in p and key.encode() in p
+                               for p in packed for sha in fill_scripts):
+            stalled.append(time.monotonic())
+            os.kill(server.pid, signal.SIGSTOP)  # the fill is about to go out, in time
+            threading.Timer(1.5, os.kill, (server.pid, signal.SIGCONT)).start()  # > 1 s
+
+    try:
+        hooks.before_send = stall
+        result = fc.get_features([1], NAMES)
+        hooks.before_send = None
+        assert result.status(1, "clicks") is Status.FILLED and stalled
+        assert client.get(key) is None, "a fill ran past its deadline and landed"
+        counts = {k: v for k, v in fc.stats()["rfeat"].items() if v}
+        assert counts.get("fills_fenced") == 1 and "fills_abandoned" not in counts, counts
+    finally:
+        hooks.before_send = None
+        os.kill(server.pid, signal.SIGCONT)
         fc.close()
         client.close()

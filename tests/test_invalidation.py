@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import threading
 import time
@@ -317,3 +318,28 @@ def test_a_fenced_write_never_replaces_a_newer_row(env: dict[str, Any]) -> None:
     report = writer.put_rows("inv", [stats_row(1, T0, clicks=1)], fence=fence)
     assert report.written == 0
     assert writer.get_features([1], ["clicks"])[1]["clicks"] == 2
+
+
+@pytest.mark.parametrize("seen", ["empty", "row"])
+def test_a_fenced_write_past_its_server_deadline_lands_nowhere(
+    env: dict[str, Any], redis_client: redis.Redis, key_prefix: str, seen: str
+) -> None:
+    """The write scripts judge the fence's deadline on the server's clock: a write held in a
+    stalled server's socket past it (its tombstone may have expired by then) writes nothing,
+    even where the key still holds what the fence saw. A fence taken 1 s of server time
+    before its deadline ran out is what such a write carries; shown with both scripts (a key
+    the fence saw empty: SET_IF_ABSENT; a key holding a row: CONDITIONAL_SET)."""
+    writer = env["writer"]
+    key = f"{key_prefix}:inv:3"
+    if seen == "row":
+        writer.put_rows("inv", [stats_row(3, clicks=1)])
+    before = redis_client.get(key)
+    fence = writer.fence("inv", [3])
+    assert fence.deadline_us > 0
+    seconds, micros = redis_client.time()
+    expired = dataclasses.replace(fence, deadline_us=seconds * 1_000_000 + micros - 1_000_000)
+    report = writer.put_rows("inv", [stats_row(3, clicks=30)], fence=expired)
+    assert (report.written, report.fenced_off) == (0, 1)
+    assert redis_client.get(key) == before
+    report = writer.put_rows("inv", [stats_row(3, clicks=30)], fence=fence)  # in time
+    assert report.written == 1
