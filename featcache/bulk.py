@@ -189,20 +189,14 @@ def _as_kind(listed_ids: list[Any], kind: type[int] | type[str], view: str) -> l
     table's fault, said as such rather than as a bare ``int()`` error."""
     if set(map(type, listed_ids)) == {kind}:
         return listed_ids
-    try:
-        return list(map(kind, listed_ids))
-    except (TypeError, ValueError):
-        bad = next(x for x in listed_ids if not _converts(x, kind))
-        raise SchemaError(f"view {view!r}: the entity column holds {bad!r}, which is not an "
-                          f"id of the view's type ({kind.__name__})") from None
-
-
-def _converts(value: Any, kind: type[int] | type[str]) -> bool:
-    try:
-        kind(value)
-    except (TypeError, ValueError):
-        return False
-    return True
+    out: list[EntityId] = []
+    for value in listed_ids:
+        try:
+            out.append(kind(value))
+        except (TypeError, ValueError):
+            raise SchemaError(f"view {view!r}: the entity column holds {value!r}, which is not "
+                              f"an id of the view's type ({kind.__name__})") from None
+    return out
 
 
 def _listed_through_adbc(

@@ -309,6 +309,13 @@ class CacheConfig:
 
     __str__ = __repr__
 
+    @property
+    def fill_window(self) -> float:
+        """Seconds after its fence (the read before SQL) within which a fill or fenced write
+        may still land: half of ``fence_ttl``, so a tombstone it raced with is certainly still
+        there; the other half is margin (docs/consistency.md, "The fill deadline")."""
+        return self.fence_ttl / 2
+
     def view(self, name: str) -> FeatureView:
         for view in self.views:
             if view.name == name:

@@ -20,6 +20,7 @@ import logging
 import random
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 from featcache.breaker import CircuitBreaker, ConcurrencyLimiter
@@ -75,7 +76,7 @@ class _ViewRead:
 
     __slots__ = (
         "answers", "counts", "deadline_us", "early", "epoch", "epoch_raw", "items", "loaded",
-        "missing", "read_at", "release", "release_token", "seen", "stale", "vp",
+        "missing", "release", "release_token", "seen", "stale", "vp",
     )
 
     def __init__(self, vp: ViewPlan, epoch_raw: bytes | None) -> None:
@@ -91,7 +92,6 @@ class _ViewRead:
         self.release: list[str] = []  # leases this call took, under release_token
         self.release_token = ""
         self.deadline_us = 0  # fills land only before this, on the server's clock (0: none)
-        self.read_at = 0.0  # time.monotonic() before the call's MGET
         self.counts: dict[str, int] = {}
         self.loaded: dict[EntityId, int] = {}  # loaded_at of answered rows, for L1 only
 
@@ -141,8 +141,8 @@ class ReadPath:
         self._lease_wait = config.lease_wait
         # A fill is written back only while the tombstone of an invalidation it may have raced
         # with is certainly still in Redis (half its TTL; the other half is margin).
-        self._fill_deadline = config.fence_ttl / 2
-        self._fill_deadline_us = int(config.fence_ttl * 1_000_000) // 2
+        self._fill_window = config.fill_window
+        self._fill_window_us = int(config.fill_window * 1_000_000)
 
     # ------------------------------------------------------------------ Redis, guarded
 
@@ -192,7 +192,6 @@ class ReadPath:
         # the epochs ride in the same MGET: one round trip, and a consistent fence for fills
         keys.extend(self._layout.view_key(vp.view.name, "epoch") for vp in plan.views)
         redis_ok = True
-        read_at = time.monotonic()  # before the MGET: the fence of every fill of this call
         if any(pending):
             try:
                 raw: list[bytes | None] = self._redis_call("read", lambda: self._redis.read(keys))
@@ -219,7 +218,6 @@ class ReadPath:
         for v, vp in enumerate(plan.views):
             todo = pending[v]
             vr = _ViewRead(vp, epochs[v])
-            vr.read_at = read_at
             vr.answers.update(l1_hits[v])
             vr.counts["hit_l1"] = len(l1_hits[v])
             if todo:
@@ -227,7 +225,7 @@ class ReadPath:
                 offset += len(todo)
             reads.append(vr)
         try:
-            self._fill_all(reads, now_ms, redis_ok)
+            self._fill_all(reads, now_ms, started, redis_ok)
         except BaseException:  # the call will not reach its fill write: give leases back now
             for vr in reads:
                 self._release_now(vr)
@@ -380,7 +378,9 @@ class ReadPath:
 
     # ------------------------------------------------------------------ misses
 
-    def _fill_all(self, reads: list[_ViewRead], now_ms: int, redis_ok: bool) -> None:
+    def _fill_all(
+        self, reads: list[_ViewRead], now_ms: int, started: float, redis_ok: bool
+    ) -> None:
         """Fetch every view's misses (and early refreshes) once per process and per Redis."""
         todo = {vr.vp.view.name: vr for vr in reads if vr.missing or vr.early}
         if not todo:
@@ -408,7 +408,7 @@ class ReadPath:
             grouped: dict[str, list[EntityId]] = {}
             for key in keys:
                 grouped.setdefault(key[0], []).append(key[1])
-            got = self._fetch_shared(todo, grouped, now_ms, redis_ok)
+            got = self._fetch_shared(todo, grouped, now_ms, started, redis_ok)
             out = {key: got[(key[0], key[1])] for key in keys}
             led.update(key for key, shared in out.items() if shared[0] == _FROM_SQL)
             return out
@@ -500,6 +500,7 @@ class ReadPath:
         reads: dict[str, _ViewRead],
         grouped: dict[str, list[EntityId]],
         now_ms: int,
+        started: float,
         redis_ok: bool,
     ) -> dict[tuple[str, EntityId], Shared]:
         """The process leader's fetch: leases for every view in one round trip, a bounded wait
@@ -521,13 +522,13 @@ class ReadPath:
                 leases, server_us = {view: (ids, [], {}) for view, ids in grouped.items()}, 0
                 taken = False
             # The fills' deadline on the server's clock: the MGET (the fence) ran at most the
-            # time since this call sent it before the leases' TIME, so that time back from it,
-            # plus fence_ttl / 2, is never later than the client's own deadline is meant to be
-            since_read_us = int((time.monotonic() - reads[next(iter(grouped))].read_at) * 1e6)
+            # time since this call started before the leases' TIME, so that time back from it,
+            # plus the fill window, is never later than the client's own deadline
+            since_start_us = int((time.monotonic() - started) * 1e6)
             for view, (won, held_elsewhere, changed) in leases.items():
                 vr = reads[view]
                 if server_us:
-                    vr.deadline_us = server_us - since_read_us + self._fill_deadline_us
+                    vr.deadline_us = server_us - since_start_us + self._fill_window_us
                 if taken:
                     vr.release.extend(self._leases.keys(view, won))
                     vr.release_token = token
@@ -674,12 +675,11 @@ class ReadPath:
             return
         view_name = plan.views[0].view.name
         total = sum(len(b.items) for b in batches)
-        if time.monotonic() - started > self._fill_deadline:
+        if time.monotonic() - started > self._fill_window:
             # past the deadline a tombstone this read raced with may have expired, and the
             # fence with it: answering is still right, writing back no longer is
             self._stats.add(view_name, {"fills_abandoned": total})
-            batches = [WriteBatch(b.epoch_key, b.epoch_seen, (), b.release, b.release_token)
-                       for b in batches]
+            batches = [replace(b, items=(), if_absent=None) for b in batches]
         try:
             written = self._redis_call("fill", lambda: self._redis.write(batches))
         except CacheUnavailable as exc:

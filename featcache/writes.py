@@ -253,7 +253,7 @@ class RowWriter:
         view, rows, fence = pending.view, pending.rows, pending.fence
         if pending.batch is None:
             return PutReport(0, 0)
-        if fence is not None and time.monotonic() - fence.taken_at > self.config.fence_ttl / 2:
+        if fence is not None and time.monotonic() - fence.taken_at > self.config.fill_window:
             # a tombstone laid after the fence may have expired by now, and with it the
             # proof that the rows are stale: write nothing, as the read path does
             self._stats.add(view, {"fills_abandoned": rows})
@@ -285,7 +285,7 @@ class RowWriter:
         if epoch_raw is None:  # never stamp rows with an epoch a lost key reads as again
             (epoch_raw,) = self._redis.ensure_epochs([epoch_key])
         return Fence(view_def.name, epoch_raw, dict(zip(ids, raw[:-1], strict=True)), taken_at,
-                     loaded_ms, server_us + int(self.config.fence_ttl * 1_000_000) // 2)
+                     loaded_ms, server_us + int(self.config.fill_window * 1_000_000))
 
 
 
