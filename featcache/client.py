@@ -33,7 +33,7 @@ from featcache.redis_store import (
     RedisStore,
     connect,
 )
-from featcache.request import EntityId, Planner, normalize_ids
+from featcache.request import EntityId, Planner, distinct_ids, id_sequence, normalize_ids
 from featcache.result import FeatureResult
 from featcache.stats import CacheStats
 from featcache.subscriber import InvalidationSubscriber
@@ -261,7 +261,12 @@ class FeatureCache:
             plan = self._planner.plan(tuple(feature_names))
         except TypeError:
             raise InvalidRequest("feature_names must be a list of strings") from None
-        ids = normalize_ids(entity_ids, plan.entity_type, self.config.max_id_length)
+        given = id_sequence(entity_ids)
+        if self._read.l1 is not None:
+            distinct = distinct_ids(given, plan.entity_type)
+            if distinct is not None:  # limits checked only if L1 does not answer them all
+                return self._read.read(plan, distinct, checked=False)
+        ids = normalize_ids(given, plan.entity_type, self.config.max_id_length)
         if not ids:
             return FeatureResult(ids, plan, [{} for _ in plan.views])
         return self._read.read(plan, ids)

@@ -19,7 +19,7 @@ import contextlib
 import logging
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import replace
 from typing import Any
 
@@ -29,12 +29,12 @@ from featcache.config import CacheConfig
 from featcache.errors import CacheUnavailable, OfflineStoreError, OfflineStoreUnavailable
 from featcache.freshness import fresh_since, refresh_early, xfetch_delta_floor
 from featcache.keys import KeyLayout
-from featcache.l1 import L1Cache
+from featcache.l1 import InOrder, L1Cache
 from featcache.leases import Leases
 from featcache.offline import OfflineStore, SqlRow
 from featcache.popularity import PopularityCounter
 from featcache.redis_store import RedisStore, WriteBatch, WriteItem, fenced_write
-from featcache.request import EntityId, Plan, ViewPlan
+from featcache.request import EntityId, Plan, ViewPlan, check_ids
 from featcache.result import Answer, FeatureResult
 from featcache.singleflight import BUSY, MISSING, SingleFlight
 from featcache.stats import CacheStats
@@ -160,30 +160,34 @@ class ReadPath:
 
     # ------------------------------------------------------------------ the call
 
-    def read(self, plan: Plan, ids: list[EntityId]) -> FeatureResult:
-        now_ms = int(self._clock() * 1000)
-        started = time.monotonic()
+    def read(self, plan: Plan, ids: list[EntityId], *, checked: bool = True) -> FeatureResult:
+        """``ids``: distinct, from ``normalize_ids``; or, with ``checked=False``, from
+        ``distinct_ids``, checked here against the limits only if L1 does not answer them all."""
         n_views = len(plan.views)
         l1_token = 0
         reads: list[_ViewRead] = []
         pending: list[list[EntityId]] = []  # per view: ids L1 did not answer
-        l1_hits: list[dict[EntityId, Answer]] = []
-        for vp in plan.views:
-            if self.popularity is not None:  # sampled: almost always one random() and out
-                self.popularity.record(vp.view.name, ids)
-            hits = self._from_l1(vp, ids, now_ms) if self.l1 is not None else {}
-            l1_hits.append(hits)
+        l1_hits: list[Mapping[EntityId, Answer]] = [{}] * n_views
+        if self.l1 is not None:
+            l1_hits = [self._from_l1(vp, ids) for vp in plan.views]
+            if [*map(type, l1_hits)].count(InOrder) == n_views:  # every id of every view
+                return self._all_from_l1(plan, ids, l1_hits)
+        for hits in l1_hits:
             if not hits:
                 pending.append(ids)
             elif len(hits) == len(ids):
                 pending.append([])
             else:
                 pending.append([e for e in ids if e not in hits])
+        if not any(pending):  # all from L1 after a recheck: complete, in ids' order
+            return self._all_from_l1(plan, ids, l1_hits)
+        if not checked:
+            check_ids(ids, plan.entity_type, self.config.max_id_length)
+        now_ms = int(self._clock() * 1000)
+        started = time.monotonic()  # before the MGET: the fills' deadlines count from here
+        for vp in plan.views:
+            self._count_read(vp, ids)
         if self.l1 is not None:
-            if not any(pending):  # all from L1: each view's hits are complete, in ids' order
-                for vp, hits in zip(plan.views, l1_hits, strict=True):
-                    self._stats.add(vp.view.name, {"hit_l1": len(hits)})
-                return FeatureResult(ids, plan, l1_hits)
             # taken before Redis is read: L1 refuses our rows if an invalidation lands meanwhile
             l1_token = self.l1.fill_token()
         keys: list[str] = []
@@ -257,13 +261,26 @@ class ReadPath:
             out[i] = value
         return out
 
+    def _all_from_l1(
+        self, plan: Plan, ids: list[EntityId], l1_hits: list[Mapping[EntityId, Answer]]
+    ) -> FeatureResult:
+        for vp in plan.views:
+            self._count_read(vp, ids)
+            self._stats.add_one(vp.view.name, "hit_l1", len(ids))
+        return FeatureResult(ids, plan, l1_hits)
+
+    def _count_read(self, vp: ViewPlan, ids: list[EntityId]) -> None:
+        if self.popularity is not None:  # sampled: almost always one random() and out
+            self.popularity.record(vp.view.name, ids)
+
     # ------------------------------------------------------------------ L1
 
-    def _from_l1(self, vp: ViewPlan, ids: list[EntityId], now_ms: int) -> dict[EntityId, Answer]:
+    def _from_l1(self, vp: ViewPlan, ids: list[EntityId]) -> Mapping[EntityId, Answer]:
         assert self.l1 is not None
         if vp.max_age_ms == vp.view_max_age_ms and vp.width == vp.view_width:
             # the soft deadline is this call's own freshness bound: nothing to recheck
-            return self.l1.get_many(vp.view.name, ids)
+            return self.l1.get_many(vp.view.name, ids, distinct=True)
+        now_ms = int(self._clock() * 1000)
         fresh_after = fresh_since(now_ms, vp.max_age_ms)
         negative_after = fresh_since(now_ms, vp.negative_ttl_ms)
         width = vp.width
@@ -275,7 +292,7 @@ class ReadPath:
                 return loaded_ms >= negative_after
             return loaded_ms >= fresh_after and len(values) >= width
 
-        return self.l1.get_many(vp.view.name, ids, recheck=recheck)
+        return self.l1.get_many(vp.view.name, ids, recheck=recheck, distinct=True)
 
     def _to_l1(self, vr: _ViewRead, token: int) -> None:
         """Store the rows this call got from Redis or SQL (``vr.loaded``), never L1's own."""

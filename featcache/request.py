@@ -15,7 +15,7 @@ from array import array
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Any
+from typing import Any, cast
 
 from featcache.codec import RowCodec
 from featcache.config import CacheConfig, FeatureView
@@ -28,7 +28,17 @@ from featcache.errors import (
     UnknownView,
 )
 
-__all__ = ["EntityId", "Plan", "Planner", "ViewPlan", "check_id", "normalize_ids"]
+__all__ = [
+    "EntityId",
+    "Plan",
+    "Planner",
+    "ViewPlan",
+    "check_id",
+    "check_ids",
+    "distinct_ids",
+    "id_sequence",
+    "normalize_ids",
+]
 
 EntityId = int | str
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
@@ -191,40 +201,77 @@ def _bad_id(value: Any, entity_type: str, max_len: int) -> InvalidEntityId:
     )
 
 
-def normalize_ids(entity_ids: Iterable[Any], entity_type: str, max_len: int) -> list[EntityId]:
-    """Unique ids in first-seen order; raises ``InvalidEntityId`` for the first bad one."""
+def id_sequence(entity_ids: Iterable[Any]) -> Sequence[Any]:
+    """The ids as a list or tuple (an iterator is read once, here); ``InvalidRequest`` for a
+    single str/bytes or something that is not iterable."""
     if isinstance(entity_ids, str | bytes):
         raise InvalidRequest(
             "entity_ids must be a list of ids, not a single "
             f"{type(entity_ids).__name__}; wrap it: [{entity_ids!r:.40}]"
         )
+    if isinstance(entity_ids, list | tuple):
+        return entity_ids
     try:
-        ids: Sequence[Any] = (
-            entity_ids if isinstance(entity_ids, list | tuple) else list(entity_ids)
-        )
+        return list(entity_ids)
     except TypeError:
         raise InvalidRequest(
             f"entity_ids must be an iterable of ids, got {type(entity_ids).__name__}"
         ) from None
+
+
+def normalize_ids(entity_ids: Iterable[Any], entity_type: str, max_len: int) -> list[EntityId]:
+    """Unique ids in first-seen order; raises ``InvalidEntityId`` for the first bad one."""
+    ids = id_sequence(entity_ids)
     # Validate before de-duplicating: True == 1 and 1.0 == 1, so a bad id equal to a good one
     # would otherwise vanish into it silently.
-    # The common cases take C-level passes only: this runs on every call, L1 hits included,
-    # where the old min/max/set-of-types passes were a quarter of a 100-id hit.
-    if entity_type == "int":
-        if [*map(type, ids)].count(int) == len(ids):  # exactly int: no bool, no numpy scalar
-            try:
-                array("q", ids)  # OverflowError unless every id fits in a signed 64-bit int
-            except OverflowError:
-                pass  # check_id below names the id
-            else:
-                return _unique(ids)
-    else:
-        limit = max_len // 4  # a str this many characters long is under the byte limit for sure
-        if set(map(type, ids)) == {str} and all(0 < len(x) <= limit for x in ids):
-            joined = "".join(ids)  # one pass for a NUL or a lone surrogate among them all
-            if "\x00" not in joined and (joined.isascii() or is_utf8_text(joined)):
-                return _unique(ids)
+    # The common cases take C-level passes only: this runs on every call that L1 does not
+    # answer whole (see ``distinct_ids`` for those).
+    if _exact_type(ids, entity_type) and _within_limits(ids, entity_type, max_len):
+        return _unique(ids)
     return list(dict.fromkeys(check_id(x, entity_type, max_len) for x in ids))
+
+
+def distinct_ids(ids: Sequence[Any], entity_type: str) -> list[EntityId] | None:
+    """A copy of ``ids`` when every one is exactly of the view's type and none repeats, else
+    None (then ``normalize_ids``).
+
+    Such ids are not yet checked against the limits (64-bit range, byte length, NUL): an L1
+    that answers every one of them needs no such check, since each id it holds was checked
+    before it was stored and these are equal to them, type included. Only ids going on to
+    Redis or SQL are checked, by ``check_ids``. Skipping that pass is a tenth of a 100-id L1
+    hit (docs/benchmarks.md).
+    """
+    if ids and _exact_type(ids, entity_type) and len(set(ids)) == len(ids):
+        return list(ids)
+    return None
+
+
+def check_ids(ids: Sequence[EntityId], entity_type: str, max_len: int) -> None:
+    """``InvalidEntityId`` for the first id of a ``distinct_ids`` answer beyond the limits."""
+    if not _within_limits(ids, entity_type, max_len):
+        for x in ids:
+            check_id(x, entity_type, max_len)
+
+
+def _exact_type(ids: Sequence[Any], entity_type: str) -> bool:
+    """Every id exactly ``int`` (no bool, no numpy scalar) or exactly ``str``: one C pass."""
+    return [*map(type, ids)].count(int if entity_type == "int" else str) == len(ids)
+
+
+def _within_limits(ids: Sequence[EntityId], entity_type: str, max_len: int) -> bool:
+    """True when every id of an ``_exact_type`` batch is surely valid (C-level passes); False
+    sends it to ``check_id``, which decides each one exactly."""
+    if entity_type == "int":
+        try:
+            array("q", cast(Sequence[int], ids))  # OverflowError past a signed 64-bit int
+        except OverflowError:
+            return False
+        return True
+    limit = max_len // 4  # a str this many characters long is under the byte limit for sure
+    if not all(0 < len(x) <= limit for x in ids):  # type: ignore[arg-type]
+        return False
+    joined = "".join(ids)  # type: ignore[arg-type]  # one pass for a NUL or lone surrogate
+    return "\x00" not in joined and (joined.isascii() or is_utf8_text(joined))
 
 
 def _unique(ids: Sequence[EntityId]) -> list[EntityId]:

@@ -17,6 +17,7 @@ import pandas as pd
 import pyarrow as pa
 
 from featcache.convert import us_to_timestamp
+from featcache.l1 import InOrder
 from featcache.request import EntityId, Plan
 from featcache.types import FeatureType, Status
 
@@ -47,7 +48,10 @@ class FeatureResult(Mapping[EntityId, dict[str, Any]]):
     __slots__ = ("_answers", "_dicts", "_ids", "_plan")
 
     def __init__(
-        self, ids: Sequence[EntityId], plan: Plan | None, answers: Sequence[dict[EntityId, Answer]]
+        self,
+        ids: Sequence[EntityId],
+        plan: Plan | None,
+        answers: Sequence[Mapping[EntityId, Answer]],
     ) -> None:
         self._ids = ids
         self._plan = plan
@@ -151,10 +155,14 @@ class FeatureResult(Mapping[EntityId, dict[str, Any]]):
             return pa.table({"entity_id": pa.array([], pa.int64())})
         id_type = pa.int64() if plan.entity_type == "int" else pa.string()
         columns["entity_id"] = pa.array(self._ids, id_type)
+        in_order = [
+            answers.in_order() if isinstance(answers, InOrder)
+            else [answers[eid] for eid in self._ids]
+            for answers in self._answers
+        ]
         for name, (v, f) in zip(plan.names, plan.columns, strict=True):
             view_plan = plan.views[v]
-            answers = self._answers[v]
-            rows = [answers[eid] for eid in self._ids]
+            rows = in_order[v]
             ftype = view_plan.view.features[f].type
             columns[name] = pa.array(
                 [None if (vals := r[1]) is None else vals[f] for r in rows], arrow_type(ftype)

@@ -53,6 +53,11 @@ class CacheStats:
                 if n:
                     self._counts[(view, event)] += n
 
+    def add_one(self, view: str, event: str, n: int) -> None:
+        """``add`` of one event: the L1-hit path's, without a dict to build and walk."""
+        with self._lock:
+            self._counts[(view, event)] += n
+
     def snapshot(self) -> dict[str, dict[str, int]]:
         """``{view: {event: count}}`` with every known event present."""
         with self._lock:

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 import pytest
 
 from featcache.errors import ConfigError, FeatcacheError
-from featcache.l1 import POLICIES, EntityId, L1Cache
+from featcache.l1 import POLICIES, EntityId, InOrder, L1Cache
 
 MAX_TTL = 10.0
 T0 = 1000.0
@@ -562,3 +562,75 @@ def test_sampled_tinylfu_keeps_a_hot_set_against_a_scan(rate: float) -> None:
         cache.get_many("v", hot[start % 500 : start % 500 + 5])  # light traffic goes on
     kept = len(cache.get_many("v", hot))
     assert kept >= 450, f"{kept} of 500 hot ids survived the scan at sample rate {rate}"
+
+
+# -------------------------------------------------------------------- the all-hit answer
+
+
+def test_an_all_hit_distinct_read_answers_in_order(policy: str, clock: FakeClock) -> None:
+    """``distinct=True``: every id held -> an ``InOrder`` mapping equal to the dict answer,
+    indexed only when asked by id; any id not held -> the usual dict."""
+    cache = make(policy, clock)
+    cache.put_many("user", {1: "a", 2: "b", 3: "c"})
+    got = cache.get_many("user", [3, 1, 2], distinct=True)
+    assert isinstance(got, InOrder)
+    assert list(got) == [3, 1, 2] and len(got) == 3
+    assert list(got.in_order()) == ["c", "a", "b"]
+    assert got._index is None  # nothing built until a lookup by id
+    assert got[1] == "a" and 2 in got and 4 not in got
+    assert got == {1: "a", 2: "b", 3: "c"} and dict(got.items()) == {3: "c", 1: "a", 2: "b"}
+    with pytest.raises(KeyError):
+        got[4]
+    partial = cache.get_many("user", [1, 4], distinct=True)
+    assert type(partial) is dict and partial == {1: "a"}
+    assert type(cache.get_many("user", [1, 2])) is dict  # not vouched distinct: a dict
+    assert cache.stats()["hits"] == 6 and cache.stats()["misses"] == 1
+
+
+def test_no_read_serves_a_value_an_invalidation_dropped(
+    policy: str, clock: FakeClock
+) -> None:
+    """Against a model of what each key may still answer (the value of its last put after
+    its last invalidation, whole-view ones included): over random operations, every value
+    served, by either answer shape, is exactly that one. The all-hit path skips comparing
+    each entry's generation where the view's bookkeeping says none is old (tinylfu), so this
+    also checks that bookkeeping."""
+    rng = random.Random(99)
+    views = ["user", "item"]
+    ids = range(30)
+    cache: L1Cache[object] = L1Cache(policy, 25, MAX_TTL, clock=clock)
+    servable: dict[tuple[str, int], int] = {}
+    stamp = 0
+    served = 0
+    for _ in range(6000):
+        view = rng.choice(views)
+        op = rng.random()
+        if op < 0.4:
+            stamp += 1
+            batch = rng.sample(ids, rng.randint(1, 10))
+            cache.put_many(view, {i: stamp for i in batch})
+            servable.update({(view, i): stamp for i in batch})
+        elif op < 0.85:
+            batch = rng.sample(ids, rng.randint(1, 6))
+            got = cache.get_many(view, batch, distinct=rng.random() < 0.7)
+            for i, value in got.items():
+                assert servable.get((view, i)) == value, (view, i, value)
+            served += len(got)
+        elif op < 0.93:
+            batch = rng.sample(ids, rng.randint(1, 4))
+            cache.invalidate(view, batch)
+            for i in batch:
+                servable.pop((view, i), None)
+        elif op < 0.97:
+            cache.invalidate_view(view)
+            servable = {k: v for k, v in servable.items() if k[0] != view}
+        else:
+            clock.now += rng.uniform(0, MAX_TTL / 3)
+        if policy == "tinylfu":  # the count the all-hit path trusts: live == current entries
+            store = cache._store
+            for v in views:
+                table = store.tables.get(v, {})  # type: ignore[attr-defined]
+                current = sum(1 for entry in table.values()
+                              if entry[cache._generation_at] == cache._generation.get(v, 0))
+                assert cache._live.get(v, 0) == current
+    assert served > 1000

@@ -12,6 +12,7 @@ import pytest
 from featdata import STATS_FEATURES, Clock, insert, make_cache, make_table, make_view, stats_row
 
 from featcache import FeatureCache, Status
+from featcache.errors import InvalidEntityId
 
 
 @pytest.fixture
@@ -116,3 +117,57 @@ def test_close_stops_the_tail_thread(sqlite_target: Any, redis_url: str,
     cache.close()
     _until(lambda: not any("featcache-l1" in t.name for t in threading.enumerate()
                            if t.name not in before), "the thread to stop")
+
+
+# ------------------------------------------------ ids L1 answers are not checked twice
+
+
+def test_ids_l1_does_not_answer_whole_are_still_checked(caches: Any) -> None:
+    """An all-L1 call skips the limit checks (each id L1 holds was checked when stored); any
+    other call is checked before Redis or SQL sees it, as without L1."""
+    serving, _, _ = caches
+    serving.get_features([1, 2], ["clicks"])
+    assert serving.get_features([1, 2], ["clicks"]).status_counts() == {Status.HIT_L1: 2}
+    for bad in ([1, 2**63], [1, -(2**63) - 1], [1, True], [True], [1, 2.0], [1, "2"]):
+        with pytest.raises(InvalidEntityId):
+            serving.get_features(bad, ["clicks"])
+    again = serving.get_features([2, 1, 2, 1], ["clicks"])  # repeats: normalized, one answer
+    assert list(again) == [2, 1] and again.status_counts() == {Status.HIT_L1: 2}
+    assert serving.get_features((i for i in (1, 2)), ["clicks"])[2]["clicks"] == 2
+
+
+def test_str_ids_beyond_the_limits_are_refused_beside_l1_hits(
+    sqlite_target: Any, redis_url: str, key_prefix: str
+) -> None:
+    engine = sqlite_target.engine()
+    table = make_table(engine, None, "l1s", STATS_FEATURES, entity_type="str")
+    insert(engine, table, [stats_row("a", clicks=1), stats_row("b", clicks=2)])
+    view = make_view("l1s", "l1s", None, entity_type="str")
+    with make_cache([view], redis_url, sqlite_target.url, key_prefix, Clock(),
+                    l1_policy="tinylfu", l1_max_ttl=60.0, max_id_length=8) as cache:
+        cache.get_features(["a", "b"], ["clicks"])
+        assert cache.get_features(["b", "a"], ["clicks"]).status_counts() == {Status.HIT_L1: 2}
+        for bad in (["a", "b\x00"], ["a", "\ud800"], ["a", "x" * 9], ["a", ""], ["a", 1]):
+            with pytest.raises(InvalidEntityId):
+                cache.get_features(bad, ["clicks"])
+        assert cache.get_features(["a", "c"], ["clicks"]).status(
+            "c", "clicks") is Status.ABSENT
+
+
+def test_every_call_is_counted_once_for_popularity(
+    sqlite_target: Any, redis_url: str, key_prefix: str
+) -> None:
+    """All-L1 calls, partial ones and L1-less ones each count their ids once."""
+    engine = sqlite_target.engine()
+    table = make_table(engine, None, "l1p", STATS_FEATURES)
+    insert(engine, table, [stats_row(i, clicks=i) for i in range(1, 4)])
+    view = make_view("l1p", "l1p", None)
+    with make_cache([view], redis_url, sqlite_target.url, key_prefix, Clock(),
+                    l1_policy="tinylfu", l1_max_ttl=60.0, popularity_sample_rate=1.0) as cache:
+        cache.get_features([1, 2], ["clicks"])  # filled
+        cache.get_features([1, 2], ["clicks"])  # all from L1
+        cache.get_features([1, 3], ["clicks"])  # partial: 1 from L1, 3 filled
+        assert cache.popularity is not None
+        cache.popularity.flush()
+        counts = dict(cache.top_k("l1p", 10))
+    assert counts == pytest.approx({1: 3.0, 2: 2.0, 3: 1.0}, rel=0.01)
