@@ -80,7 +80,7 @@ from bench.common import (
 )
 from featcache import CacheConfig, FeatureCache, FeatureView, Status
 from featcache.bulk import IdRunReader, iter_entity_ids, iter_latest_by_id, reads_id_runs
-from featcache.offline import SqlRow
+from featcache.offline import RowColumns, SqlRow
 from featcache.redis_store import CONDITIONAL_SET, ENSURE_EPOCH, SET_IF_ABSENT
 
 DESCRIPTION = "bulk materialization (jobs.warm.materialize) from SQLite and PostgreSQL into Redis"
@@ -567,14 +567,17 @@ def stage_breakdown(cache: FeatureCache, chunk_rows: int) -> dict[str, float]:
             times["list_ids"] += now - mark
             fence = cache.fence(view, chunk)
             t1 = time.perf_counter()
-            rows: dict[Any, SqlRow] = {}
+            rows: RowColumns | dict[Any, SqlRow] = {}
             if by_range:
-                rows = runs.read(chunk)
+                rows = runs.read_columns(chunk)
             else:
                 for part in iter_latest_by_id(cache, view, chunk, chunk_rows=len(chunk)):
                     rows.update(part)
             t2 = time.perf_counter()
-            rows_done += cache.put_latest(view, rows, fence=fence).written
+            if isinstance(rows, RowColumns):
+                rows_done += cache.prepare_columns(view, rows, fence=fence).send().written
+            else:
+                rows_done += cache.put_latest(view, rows, fence=fence).written
             mark = time.perf_counter()
             times["fence"] += t1 - now
             times["sql_read_convert"] += t2 - t1
@@ -590,10 +593,11 @@ def stage_breakdown(cache: FeatureCache, chunk_rows: int) -> dict[str, float]:
 _STAGE_FUNCS: dict[str, tuple[str, str]] = {
     "list_ids (iter_entity_ids)": ("bulk.py", "iter_entity_ids"),
     "fence (RowWriter.fence)": ("writes.py", "fence"),
-    "sql read+convert (bulk.IdRunReader.read)": ("bulk.py", "read"),
-    "  of which OfflineStore.convert_rows": ("offline.py", "convert_rows"),
-    "write (RowWriter.put_latest)": ("writes.py", "put_latest"),
-    "  of which RowCodec.encode_many": ("codec.py", "encode_many"),
+    "sql read+convert (bulk.IdRunReader.read_columns)": ("bulk.py", "read_columns"),
+    "  of which OfflineStore.convert_to_columns": ("offline.py", "convert_to_columns"),
+    "encode (RowWriter.prepare_columns)": ("writes.py", "prepare_columns"),
+    "  of which RowCodec.encode_columns": ("codec.py", "encode_columns"),
+    "write (PendingWrite.send)": ("writes.py", "send"),
     "  of which RedisStore.write": ("redis_store.py", "write"),
 }
 

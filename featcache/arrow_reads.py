@@ -32,7 +32,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql.psycopg import PGDialect_psycopg
 
 from featcache.convert import MAX_US, MIN_US
-from featcache.offline import OfflineStore, SqlRow, _BoundView, _raw, only
+from featcache.offline import OfflineStore, RowColumns, SqlRow, _BoundView, _raw, only
 from featcache.request import EntityId
 from featcache.types import FeatureType
 
@@ -203,6 +203,27 @@ class ArrowRangeReader:
         """The latest rows of ``ids``, a run in the database's order (see ``bulk``)."""
         if not ids:
             return {}
+        values, events_us, exact = self._columns(ids)
+        found: dict[EntityId, SqlRow] = {}
+        self._offline.convert_columns(self._bound, values, found, events_us=events_us,
+                                      exact=exact)
+        return only(found, ids)
+
+    def read_columns(self, ids: Sequence[EntityId]) -> RowColumns:
+        """``read`` as columns (``RowColumns``), for ``FeatureCache.prepare_columns``."""
+        if not ids:
+            return RowColumns.of({}, len(self._bound.view.features))
+        values, events_us, exact = self._columns(ids)
+        return self._offline.convert_to_columns(
+            self._bound, values, events_us=events_us, exact=exact
+        ).only(ids)
+
+    def _columns(
+        self, ids: Sequence[EntityId]
+    ) -> tuple[list[Sequence[Any]], list[int | None] | None, list[bool]]:
+        """The run's latest rows as Python columns (entity, event, features...), the event
+        times in microseconds where Arrow converted them, and which feature columns are
+        exactly of their declared type already."""
         try:
             table = self._latest_here(ids) if self._rows is not None else None
             if table is None:
@@ -219,10 +240,7 @@ class ArrowRangeReader:
             ]
         except Exception as exc:  # ADBC and Arrow errors alike: fall back
             raise ArrowReadUnavailable(f"{type(exc).__name__}: {exc}") from exc
-        found: dict[EntityId, SqlRow] = {}
-        self._offline.convert_columns(self._bound, values, found, events_us=events_us,
-                                      exact=exact)
-        return only(found, ids)
+        return values, events_us, exact
 
     def _fetch(
         self, statement: _Statement, ids: Sequence[EntityId], limit: int | None

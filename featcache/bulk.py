@@ -30,9 +30,9 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import logging
-from collections.abc import Generator, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from operator import itemgetter
-from typing import Any
+from typing import Any, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy import exc as sa_exc
@@ -47,8 +47,10 @@ from featcache.client import FeatureCache
 from featcache.config import FeatureView
 from featcache.convert import us_to_timestamp
 from featcache.errors import InvalidRequest, SchemaError
-from featcache.offline import OfflineStore, SqlRow, _BoundView, only
+from featcache.offline import OfflineStore, RowColumns, SqlRow, _BoundView, only
 from featcache.request import EntityId
+
+T = TypeVar("T")
 
 __all__ = [
     "IdRunReader",
@@ -278,15 +280,30 @@ class IdRunReader:
         return "sqlalchemy" if self._arrow is None else "adbc"
 
     def read(self, ids: Sequence[EntityId]) -> dict[EntityId, SqlRow]:
-        if self._arrow is not None:
-            try:
-                return self._arrow.read(ids)
-            except ArrowReadUnavailable as exc:
-                log.warning("ADBC read of view %s failed (%s); reading through SQLAlchemy",
-                            self._view.name, exc)
-                self._arrow.close()
-                self._arrow = None
-        return latest_of_id_run(self._offline, self._view, ids)
+        rows = self._by_arrow(ArrowRangeReader.read, ids)
+        return rows if rows is not None else latest_of_id_run(self._offline, self._view, ids)
+
+    def read_columns(self, ids: Sequence[EntityId]) -> RowColumns | dict[EntityId, SqlRow]:
+        """``read``, as ``RowColumns`` where ADBC reads them (no tuple per row, for
+        ``FeatureCache.prepare_columns``); through SQLAlchemy the rows come as they are read,
+        a dict for ``prepare_latest``, rather than be transposed."""
+        rows = self._by_arrow(ArrowRangeReader.read_columns, ids)
+        return rows if rows is not None else latest_of_id_run(self._offline, self._view, ids)
+
+    def _by_arrow(
+        self, read: Callable[[ArrowRangeReader, Sequence[EntityId]], T], ids: Sequence[EntityId]
+    ) -> T | None:
+        """``read`` through ADBC; None when there is no ADBC reader, or it just failed (one
+        warning, and SQLAlchemy reads the rest of the run)."""
+        if self._arrow is None:
+            return None
+        try:
+            return read(self._arrow, ids)
+        except ArrowReadUnavailable as exc:
+            log.warning("ADBC read of view %s failed (%s); reading through SQLAlchemy",
+                        self._view.name, exc)
+            self.close()
+            return None
 
     def close(self) -> None:
         if self._arrow is not None:

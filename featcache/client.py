@@ -26,7 +26,7 @@ from featcache.errors import (
 from featcache.invalidation import InvalidationReport, Invalidator
 from featcache.keys import KeyLayout
 from featcache.l1 import L1Cache
-from featcache.offline import OfflineStore, SqlRow
+from featcache.offline import OfflineStore, RowColumns, SqlRow
 from featcache.popularity import PopularityCounter
 from featcache.readpath import L1_RECORD_WIDTH, L1Entry, ReadPath
 from featcache.redis_store import (
@@ -300,6 +300,13 @@ class FeatureCache:
         the returned ``PendingWrite.send()``. A bulk writer encodes the next chunk (holding
         the GIL) while another thread waits on the previous chunk's round trip."""
         return self._writer.prepare_latest(view, rows, fence=fence)
+
+    def prepare_columns(
+        self, view: str | FeatureView, rows: RowColumns, *, fence: Fence | None
+    ) -> PendingWrite:
+        """``prepare_latest`` of rows as columns (``featcache.bulk.IdRunReader.read_columns``):
+        the materializer's path, encoding from the columns with no tuple per row."""
+        return self._writer.prepare_columns(view, rows, fence=fence)
 
     def fence(self, view: str | FeatureView, entity_ids: Iterable[Any]) -> Fence:
         """Note what Redis holds for these rows *before* reading them from SQL."""

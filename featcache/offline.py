@@ -14,7 +14,7 @@ import difflib
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from itertools import repeat
 from typing import Any, NamedTuple
 
@@ -34,7 +34,7 @@ from featcache.convert import (
 from featcache.errors import ConfigError, OfflineStoreError, OfflineStoreUnavailable, SchemaError
 from featcache.urls import mask_url
 
-__all__ = ["OfflineStore", "SqlRow", "safe_url"]
+__all__ = ["OfflineStore", "RowColumns", "SqlRow", "safe_url"]
 
 log = logging.getLogger("featcache.offline")
 
@@ -47,6 +47,33 @@ class SqlRow(NamedTuple):
 
     event_us: int | None
     values: tuple[Any, ...]
+
+
+class RowColumns(NamedTuple):
+    """The latest rows of many entities as columns: distinct ids, their event times and one
+    list per feature (declared types, in the view's order). The bulk path's shape: encoded
+    by ``RowCodec.encode_columns`` without a tuple per row."""
+
+    ids: Sequence[EntityId]
+    events_us: Sequence[int | None]
+    columns: Sequence[Sequence[Any]]
+
+    @classmethod
+    def of(cls, rows: Mapping[EntityId, SqlRow], width: int) -> RowColumns:
+        """The same rows, from ``SqlRow``s."""
+        found = rows.values()
+        columns = [list(column) for column in zip(*(row.values for row in found), strict=True)]
+        return cls(list(rows), [row.event_us for row in found],
+                   columns or [[] for _ in range(width)])
+
+    def only(self, ids: Sequence[EntityId]) -> RowColumns:
+        """The rows of ``ids`` among these (see ``only``)."""
+        wanted = set(ids)
+        if wanted.issuperset(self.ids):
+            return self
+        keep = [i for i, entity in enumerate(self.ids) if entity in wanted]
+        return RowColumns([self.ids[i] for i in keep], [self.events_us[i] for i in keep],
+                          [[column[i] for i in keep] for column in self.columns])
 
 
 def safe_url(url: str) -> str:
@@ -264,7 +291,49 @@ class OfflineStore:
         they are, which is what converting them would give."""
         if not columns or not columns[0]:
             return
-        view = bound.view
+        converted = self._converted(bound, columns, events_us, exact)
+        if converted is None:
+            if events_us is not None:
+                columns = [columns[0], [us_to_timestamp(u) for u in events_us], *columns[2:]]
+            for row in zip(*columns, strict=True):
+                self._convert(bound, row[0], row, out)
+            return
+        keys, events, values = converted
+        # tuple.__new__(SqlRow, (event, values)) builds each row in C (SqlRow(...) would run
+        # the named tuple's Python __new__ once per row)
+        pairs = zip(events, zip(*values, strict=True), strict=True)
+        rows_out = map(tuple.__new__, repeat(SqlRow), pairs)
+        out.update(zip(keys, rows_out, strict=True))
+
+    def convert_to_columns(
+        self,
+        bound: _BoundView,
+        columns: Sequence[Sequence[Any]],
+        *,
+        events_us: Sequence[int | None] | None = None,
+        exact: Sequence[bool] = (),
+    ) -> RowColumns:
+        """``convert_columns`` answering ``RowColumns``: the bulk writer encodes them with no
+        tuple per row. Rows needing the per-row path (a value to convert one by one, an id
+        twice) go through ``convert_columns`` and come back transposed."""
+        if not columns or not columns[0]:
+            return RowColumns.of({}, len(bound.view.features))
+        converted = self._converted(bound, columns, events_us, exact)
+        if converted is not None and len(set(converted[0])) == len(converted[0]):
+            return RowColumns(*converted)
+        out: dict[EntityId, SqlRow] = {}
+        self.convert_columns(bound, columns, out, events_us=events_us, exact=exact)
+        return RowColumns.of(out, len(bound.view.features))
+
+    def _converted(
+        self,
+        bound: _BoundView,
+        columns: Sequence[Sequence[Any]],
+        events_us: Sequence[int | None] | None,
+        exact: Sequence[bool],
+    ) -> tuple[Sequence[EntityId], Sequence[int | None], list[Sequence[Any]]] | None:
+        """The columns in the declared types by column-wise passes, or None where some value
+        needs the per-row path (which names the entity of a bad one)."""
         ids = columns[0]
         try:
             kind: type[int] | type[str] = int if bound.int_ids else str
@@ -275,19 +344,11 @@ class OfflineStore:
             values = [
                 columns[2 + i] if i < len(exact) and exact[i]
                 else convert_column(f.type, columns[2 + i])
-                for i, f in enumerate(view.features)
+                for i, f in enumerate(bound.view.features)
             ]
         except (ConversionError, ValueError, TypeError):
-            if events_us is not None:
-                columns = [columns[0], [us_to_timestamp(u) for u in events_us], *columns[2:]]
-            for row in zip(*columns, strict=True):
-                self._convert(bound, row[0], row, out)
-            return
-        # tuple.__new__(SqlRow, (event, values)) builds each row in C (SqlRow(...) would run
-        # the named tuple's Python __new__ once per row)
-        pairs = zip(events, zip(*values, strict=True), strict=True)
-        rows_out = map(tuple.__new__, repeat(SqlRow), pairs)
-        out.update(zip(keys, rows_out, strict=True))
+            return None
+        return keys, events, values
 
     def _convert(
         self, bound: _BoundView, entity: Any, row: Sequence[Any], out: dict[EntityId, SqlRow]

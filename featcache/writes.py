@@ -24,7 +24,7 @@ from featcache.config import CacheConfig, FeatureView
 from featcache.convert import ConversionError, converter, timestamp_to_us
 from featcache.errors import InvalidEntityId, InvalidRequest
 from featcache.keys import KeyLayout
-from featcache.offline import SqlRow
+from featcache.offline import RowColumns, SqlRow
 from featcache.redis_store import (
     IfAbsent,
     RedisStore,
@@ -209,6 +209,29 @@ class RowWriter:
         return self._prepare(view_def, list(rows), list(map(_EVENT, found)),
                              list(map(_VALUES, found)), fence)
 
+    def prepare_columns(
+        self, view: str | FeatureView, rows: RowColumns, *, fence: Fence | None
+    ) -> PendingWrite:
+        """``prepare_latest`` of rows as columns (``IdRunReader.read_columns``): encoded from
+        the columns, with no tuple per row (docs/benchmarks.md)."""
+        view_def = self._view(view)
+        if len(rows.columns) != len(view_def.features):
+            raise InvalidRequest(
+                f"prepare_columns({view_def.name!r}): {len(rows.columns)} columns for "
+                f"{len(view_def.features)} features"
+            )
+        if fence is not None and not all(map(fence.seen.__contains__, rows.ids)):
+            lacking = [eid for eid in rows.ids if eid not in fence.seen]
+            raise InvalidRequest(
+                f"prepare_columns({view_def.name!r}): ids {lacking[:5]!r} are not in the fence"
+            )
+        codec = self._codecs[view_def.name]
+        return self._prepare(
+            view_def, rows.ids, rows.events_us, (), fence,
+            encode=lambda loaded_ms, epoch: codec.encode_columns(
+                rows.events_us, rows.columns, loaded_ms, epoch),
+        )
+
     def _prepare(
         self,
         view_def: FeatureView,
@@ -216,9 +239,12 @@ class RowWriter:
         events_us: Sequence[int | None],
         values: Sequence[Sequence[Any]],
         fence: Fence | None,
+        *,
+        encode: Callable[[int, int], list[bytes]] | None = None,
     ) -> PendingWrite:
-        """Rows given as columns, converted and checked; each column built without a Python
-        step per row (the bulk path writes 10k rows a chunk)."""
+        """Rows given as columns (``values``: a tuple of feature values per row; or
+        ``encode(loaded_ms, epoch)`` encodes them), converted and checked; each column built
+        without a Python step per row (the bulk path writes 10k rows a chunk)."""
         if not ids:
             return PendingWrite(self, view_def.name, 0, None, fence)
         # under a fence the rows are as old as the SQL read that began after it
@@ -230,8 +256,11 @@ class RowWriter:
         else:  # rows are stamped with the current epoch; a whole-view invalidation after
             # this read makes them misses, which is the safe direction
             (epoch_raw,) = self._redis.ensure_epochs([epoch_key])
-        encoded = self._codecs[view_def.name].encode_many(events_us, values, now_ms,
-                                                          int(epoch_raw))
+        encoded = (
+            encode(now_ms, int(epoch_raw)) if encode is not None
+            else self._codecs[view_def.name].encode_many(events_us, values, now_ms,
+                                                         int(epoch_raw))
+        )
         keys = self._layout.row_keys(view_def.name, ids)
         ttl_ms = int(view_def.ttl * 1000)
         writes: list[WriteItem] = []

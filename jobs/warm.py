@@ -25,7 +25,7 @@ import json
 import logging
 import sys
 import time
-from collections.abc import Callable, Generator, Iterator, Sequence
+from collections.abc import Callable, Collection, Generator, Iterator, Sequence, Set
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from typing import Any, TextIO
@@ -37,7 +37,7 @@ from featcache.client import FeatureCache
 from featcache.codec import KIND_ABSENT, KIND_ROW, RowCodec
 from featcache.config import FeatureView, load_config
 from featcache.errors import InvalidRequest
-from featcache.offline import SqlRow
+from featcache.offline import RowColumns, SqlRow
 from featcache.redis_store import RedisStore
 from featcache.request import EntityId
 from featcache.writes import PendingWrite, PutReport
@@ -165,11 +165,15 @@ def materialize(
             progress(report)
 
     def write(
-        chunk: Sequence[EntityId], rows: dict[EntityId, SqlRow], pending: PendingWrite
+        chunk: Sequence[EntityId], read: Collection[EntityId], pending: PendingWrite
     ) -> tuple[int, Sequence[EntityId], int, PutReport]:
         put = pending.send()
-        absent = [e for e in chunk if e not in rows] if len(rows) < len(chunk) else ()
-        return len(chunk), absent, len(rows), put
+        if len(read) < len(chunk):
+            found = read if isinstance(read, Set) else set(read)
+            absent: Sequence[EntityId] = [e for e in chunk if e not in found]
+        else:
+            absent = ()
+        return len(chunk), absent, len(read), put
 
     # One chunk is written (a Redis round trip: mostly the server running the write script,
     # with the GIL released) while the next is fenced, read from SQL and encoded: at most
@@ -192,14 +196,20 @@ def materialize(
                     report = replace(report, complete=False)
                     log.warning("materialize view=%s stopped: leader lease lost", view_def.name)
                     break
-                rows = runs.read(chunk) if runs is not None else _latest_rows(
+                # by ADBC, rows come as columns and are encoded from them (no tuple per row)
+                rows = runs.read_columns(chunk) if runs is not None else _latest_rows(
                     cache, view_def, chunk)
-                pending = cache.prepare_latest(view_def, rows, fence=fence)
+                if isinstance(rows, RowColumns):
+                    read: Collection[EntityId] = rows.ids
+                    pending = cache.prepare_columns(view_def, rows, fence=fence)
+                else:
+                    read = rows.keys()
+                    pending = cache.prepare_latest(view_def, rows, fence=fence)
                 if in_flight is not None:
                     written(in_flight)
                 following = next(listed, None)
                 next_fence = cache.fence(view_def, following) if following is not None else None
-                in_flight = writer.submit(write, chunk, rows, pending)
+                in_flight = writer.submit(write, chunk, read, pending)
                 chunk, fence = following, next_fence
         finally:
             if in_flight is not None:  # on error too: the chunk being written is finished

@@ -113,6 +113,34 @@ def test_encode_many_gives_the_bytes_of_encode() -> None:
         pcodec.encode_many([1], prow[:2], 99)
 
 
+def test_encode_columns_gives_the_bytes_of_encode_many() -> None:
+    """The bulk reader's columns encode to exactly the bytes of the same rows as tuples,
+    embeddings and missing event times included; shapes that do not fit are refused."""
+    view = FeatureView(
+        name="w", table="t", entity_column="id", event_timestamp_column="ts",
+        features=(Feature("e", "list[float]", 60), Feature("t", "timestamp", 60),
+                  Feature("s", "str", 60), Feature("n", "int", 60)),
+    )
+    when = dt.datetime(2024, 5, 6, 7, 8, 9, 123456, tzinfo=dt.UTC)
+    rows = [([0.5, -1.0], when, "x", 3), (None, None, None, None), ([], when, "\u00e9", 2**62)]
+    events = [10, None, -(2**62)]
+    columns = [list(column) for column in zip(*rows, strict=True)]
+    codec = RowCodec(view)  # an embedding: packed per row
+    assert codec.encode_columns(events, columns, 1234, 7) == codec.encode_many(
+        events, rows, 1234, 7)
+    plain = RowCodec(VIEW)  # none: map() alone
+    rows3 = [(1.5, 2, "a"), (float("nan"), None, ""), (None, 2**62, "\u00e9")]
+    columns3 = [list(column) for column in zip(*rows3, strict=True)]
+    assert plain.encode_columns(events, columns3, 99, 3) == plain.encode_many(
+        events, rows3, 99, 3)
+    codec = RowCodec(view)
+    assert codec.encode_columns([], [[], [], [], []], 1) == []
+    with pytest.raises(ValueError, match="expected 4 columns, got 3"):
+        codec.encode_columns(events, columns[:3], 1)
+    with pytest.raises(ValueError, match="columns of"):
+        codec.encode_columns(events[:2], columns, 1)
+
+
 def test_freshness_boundaries() -> None:
     assert is_fresh(1000, 1000 + 600_000, 600_000)
     assert not is_fresh(1000, 1000 + 600_001, 600_000)

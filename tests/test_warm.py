@@ -32,6 +32,7 @@ from featcache.bulk import (
     reads_id_runs,
 )
 from featcache.keys import KeyLayout
+from featcache.offline import RowColumns, SqlRow
 from featcache.redis_store import RedisStore
 
 ENTITIES = 1000
@@ -131,6 +132,15 @@ def test_id_runs_read_through_adbc_give_the_same_rows_as_sqlalchemy(
             assert repr(got[3].values[0]) == repr(nan) and got[3].values[1] == -7
             assert got[2].values == (None,) * len(STATS_FEATURES)
             assert reader.read([1, 5]) == {1: got[1], 5: got[5]}  # 2 and 3: not asked for
+            columns = reader.read_columns(ids)  # the materializer's shape: the same rows
+            if adbc:
+                assert isinstance(columns, RowColumns) and list(columns.ids) == ids
+                assert _same(_as_rows(columns), expected)
+                only = reader.read_columns([1, 5])  # rows of the run not asked for: left out
+                assert isinstance(only, RowColumns)
+                assert _same(_as_rows(only), {1: got[1], 5: got[5]})
+            else:  # read through SQLAlchemy: a dict, as read() gives it
+                assert _same(columns, expected)  # type: ignore[arg-type]
             if adbc:  # the connection underneath fails: the rest of the run uses SQLAlchemy
                 arrow = reader._arrow
                 assert arrow is not None
@@ -240,6 +250,11 @@ def test_text_arrow_cannot_order_leaves_the_run_and_later_ones_to_the_database(
         assert {e: r.values for e, r in got.items()} == {1: (11,), 2: (20,)}
         assert _same(got, latest_of_id_run(cache, "frac", [1, 2]))
         assert _same(reader.read([1, 2]), got)
+
+
+def _as_rows(columns: RowColumns) -> dict[Any, SqlRow]:
+    return {entity: SqlRow(event, tuple(values)) for entity, event, *values in zip(
+        columns.ids, columns.events_us, *columns.columns, strict=True)}
 
 
 def _same(a: dict[Any, Any], b: dict[Any, Any]) -> bool:
@@ -577,3 +592,43 @@ def test_cli_errors_are_one_line(config_file: Path, args: list[str], message: st
     assert done.returncode == 2
     assert message in done.stderr and "Traceback" not in done.stderr
     assert done.stdout == ""
+
+
+def test_prepare_columns_writes_what_prepare_latest_writes(
+    sqlite_target: Any, redis_url: str, key_prefix: str
+) -> None:
+    """The materializer's columnar write answers exactly what the row-wise one does, is
+    fenced the same way, and refuses ids outside its fence or columns that do not fit."""
+    engine = sqlite_target.engine()
+    make_table(engine, None, "pc", STATS_FEATURES)
+    view = make_view("pc", "pc", None)
+    event = int((T0 - dt.datetime(1970, 1, 1, tzinfo=dt.UTC)).total_seconds() * 1_000_000)
+    rows = {
+        1: SqlRow(event, (0.5, 2**62, "Zürich", True, T0, [1.5, -2.0])),
+        2: SqlRow(None, (None,) * len(STATS_FEATURES)),
+        3: SqlRow(event + 1, (float("nan"), -7, "", False, None, [])),
+    }
+    names = [f.name for f in STATS_FEATURES]
+    clock = Clock()
+    with make_cache([view], redis_url, sqlite_target.url, key_prefix, clock) as by_rows, \
+            make_cache([view], redis_url, sqlite_target.url, key_prefix + "c", clock) as by_cols:
+        fence = by_rows.fence("pc", [1, 2, 3, 4])
+        assert by_rows.prepare_latest("pc", rows, fence=fence).send().written == 3
+        fence = by_cols.fence("pc", [1, 2, 3, 4])
+        columns = RowColumns.of(rows, len(STATS_FEATURES))
+        assert by_cols.prepare_columns("pc", columns, fence=fence).send().written == 3
+        a, b = by_rows.get_features([1, 2, 3], names), by_cols.get_features([1, 2, 3], names)
+        assert repr(a.to_arrow(with_status=True).to_pylist()) == repr(
+            b.to_arrow(with_status=True).to_pylist())
+        assert b.status_counts() == {Status.HIT_REDIS: 3 * len(names)}
+        by_cols.invalidate("pc", [1])  # before the fence: its tombstone gives way
+        fence = by_cols.fence("pc", [1, 2])
+        by_cols.invalidate("pc", [2])  # after it: row 2 was read too early, not written
+        two = RowColumns.of({1: rows[1], 2: rows[2]}, len(STATS_FEATURES))
+        assert by_cols.prepare_columns("pc", two, fence=fence).send().written == 1
+        with pytest.raises(InvalidRequest, match=r"ids \[3\] are not in the fence"):
+            by_cols.prepare_columns("pc", RowColumns.of({3: rows[3]}, len(STATS_FEATURES)),
+                                    fence=fence)
+        with pytest.raises(InvalidRequest, match="5 columns for 6 features"):
+            by_cols.prepare_columns("pc", RowColumns([1], [event], columns.columns[:5]),
+                                    fence=fence)
