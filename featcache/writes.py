@@ -66,6 +66,9 @@ class Fence:
     #: the server's clock (microseconds) past which its writes land nowhere: its MGET's time
     #: plus fence_ttl / 2, checked by the write scripts themselves (0: no server-side check)
     deadline_us: int = 0
+    #: the row keys of ``seen``'s ids, in its order: a write of exactly those rows (the bulk
+    #: path's usual chunk) uses them instead of building every key again
+    keys: Sequence[str] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -261,7 +264,10 @@ class RowWriter:
             else self._codecs[view_def.name].encode_many(events_us, values, now_ms,
                                                          int(epoch_raw))
         )
-        keys = self._layout.row_keys(view_def.name, ids)
+        if fence is not None and len(fence.keys) == len(ids) and list(fence.seen) == ids:
+            keys = fence.keys
+        else:
+            keys = self._layout.row_keys(view_def.name, ids)
         ttl_ms = int(view_def.ttl * 1000)
         writes: list[WriteItem] = []
         if_absent: IfAbsent | None = None
@@ -308,13 +314,12 @@ class RowWriter:
         taken_at = time.monotonic()
         loaded_ms = int(self._clock() * 1000)
         keys = self._layout.row_keys(view_def.name, ids)
-        keys.append(epoch_key)
-        raw, server_us = self._redis.read_timed(keys)
+        raw, server_us = self._redis.read_timed([*keys, epoch_key])
         epoch_raw = raw[-1]
         if epoch_raw is None:  # never stamp rows with an epoch a lost key reads as again
             (epoch_raw,) = self._redis.ensure_epochs([epoch_key])
         return Fence(view_def.name, epoch_raw, dict(zip(ids, raw[:-1], strict=True)), taken_at,
-                     loaded_ms, server_us + int(self.config.fill_window * 1_000_000))
+                     loaded_ms, server_us + int(self.config.fill_window * 1_000_000), keys)
 
 
 
