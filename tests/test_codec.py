@@ -180,11 +180,17 @@ def test_a_row_read_every_5_ms_is_refreshed_before_it_expires() -> None:
     )
     assert worst < 2e-5
 
+
 def test_key_layout() -> None:
     layout = KeyLayout("fc")
     assert layout.row_key("users", 42) == "fc:users:42"
     assert layout.row_keys("users", ["a:b", "ü"]) == ["fc:users:a:b", "fc:users:ü"]
     assert layout.view_key("users", "epoch") == "fc:~users:epoch"
+    # the bulk builder spells every key as row_key does, '%' in a prefix or view included
+    odd = KeyLayout("50%s")
+    ids: list[int | str] = [0, -7, 2**63 - 1, "%d", "a%%b"]
+    assert odd.row_keys("v%", ids) == [odd.row_key("v%", i) for i in ids] == [
+        "50%s:v%:0", "50%s:v%:-7", f"50%s:v%:{2**63 - 1}", "50%s:v%:%d", "50%s:v%:a%%b"]
 
 
 def test_tombstone_decodes_as_a_tombstone() -> None:
