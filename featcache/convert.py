@@ -29,6 +29,7 @@ __all__ = [
 ]
 
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+_REAL = (numbers.Real, decimal.Decimal)  # built once, not a union per element
 _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 _NAIVE_EPOCH = dt.datetime(1970, 1, 1)
 _ONE_US = dt.timedelta(microseconds=1)
@@ -159,7 +160,7 @@ def _to_embedding(value: Any) -> list[float] | None:
         raise ConversionError(f"expected a list of floats, got {type(value).__name__}")
     out: list[float] = []
     for item in value:
-        if isinstance(item, bool) or not isinstance(item, numbers.Real | decimal.Decimal):
+        if isinstance(item, bool) or not isinstance(item, _REAL):
             raise ConversionError(f"expected a list of floats, found the element {item!r}")
         try:
             out.append(float(item))

@@ -81,6 +81,7 @@ _NO_ENTRIES: Final[Mapping[EntityId, Entry]] = {}
 #: tinylfu: sampled accesses are handed to theine's core once this many have gathered (before
 #: any write, too), not on every read: one call per ~20 batches of 100 instead of one per batch
 _READ_BUFFER: Final = 256
+_SEQUENCES: Final = (list, tuple)  # built once: ``list | tuple`` is a new union per call
 _value_of: Final = operator.itemgetter(0)  # of an entry that wraps its value
 _peek_contains = cachetools.Cache.__contains__
 _peek_getitem = cachetools.Cache.__getitem__
@@ -494,7 +495,7 @@ class L1Cache(Generic[V]):
         ``distinct``: the caller knows no id repeats. An answer for every id then comes as an
         ``InOrder`` mapping (indexed by id only when first asked by id); otherwise, a dict.
         """
-        if not isinstance(ids, list | tuple):
+        if not isinstance(ids, _SEQUENCES):
             ids = list(ids)
         now = self._clock()
         found: dict[IdT, Any] = {}  # V: the value, or the entry that starts with the record

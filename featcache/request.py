@@ -42,6 +42,9 @@ __all__ = [
 
 EntityId = int | str
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+# isinstance() tuples built once: ``list | tuple`` builds a union object on every evaluation
+_TEXT = (str, bytes)
+_SEQUENCES = (list, tuple)
 
 
 @dataclass(frozen=True, slots=True)
@@ -204,12 +207,12 @@ def _bad_id(value: Any, entity_type: str, max_len: int) -> InvalidEntityId:
 def id_sequence(entity_ids: Iterable[Any]) -> Sequence[Any]:
     """The ids as a list or tuple (an iterator is read once, here); ``InvalidRequest`` for a
     single str/bytes or something that is not iterable."""
-    if isinstance(entity_ids, str | bytes):
+    if isinstance(entity_ids, _TEXT):
         raise InvalidRequest(
             "entity_ids must be a list of ids, not a single "
             f"{type(entity_ids).__name__}; wrap it: [{entity_ids!r:.40}]"
         )
-    if isinstance(entity_ids, list | tuple):
+    if isinstance(entity_ids, _SEQUENCES):
         return entity_ids
     try:
         return list(entity_ids)
