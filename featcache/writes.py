@@ -184,7 +184,11 @@ class RowWriter:
         if len(set(ids)) < len(ids):
             ids, events_us, value_rows = _newest_per_id(ids, events_us, value_rows)
             dropped = len(entity_col) - len(ids)
-        report = self._prepare(view_def, ids, events_us, value_rows, fence).send()
+        codec = self._codecs[view_def.name]
+        report = self._prepare(
+            view_def, ids, fence,
+            lambda loaded_ms, epoch: codec.encode_many(events_us, value_rows, loaded_ms, epoch),
+        ).send()
         if not dropped:
             return report
         self._stats.add(view_def.name, {"rows_skipped_older": dropped})
@@ -203,14 +207,14 @@ class RowWriter:
         """``put_latest`` up to the write: the rows checked, encoded and keyed, nothing sent
         yet (see ``FeatureCache.prepare_latest``)."""
         view_def = self._view(view)
-        if fence is not None and not fence.seen.keys() >= rows.keys():
-            lacking = [eid for eid in rows if eid not in fence.seen]
-            raise InvalidRequest(
-                f"put_latest({view_def.name!r}): ids {lacking[:5]!r} are not in the fence"
-            )
+        _require_fenced("put_latest", view_def, rows, fence)
         found = rows.values()
-        return self._prepare(view_def, list(rows), list(map(_EVENT, found)),
-                             list(map(_VALUES, found)), fence)
+        events_us, values = list(map(_EVENT, found)), list(map(_VALUES, found))
+        codec = self._codecs[view_def.name]
+        return self._prepare(
+            view_def, list(rows), fence,
+            lambda loaded_ms, epoch: codec.encode_many(events_us, values, loaded_ms, epoch),
+        )
 
     def prepare_columns(
         self, view: str | FeatureView, rows: RowColumns, *, fence: Fence | None
@@ -223,15 +227,11 @@ class RowWriter:
                 f"prepare_columns({view_def.name!r}): {len(rows.columns)} columns for "
                 f"{len(view_def.features)} features"
             )
-        if fence is not None and not all(map(fence.seen.__contains__, rows.ids)):
-            lacking = [eid for eid in rows.ids if eid not in fence.seen]
-            raise InvalidRequest(
-                f"prepare_columns({view_def.name!r}): ids {lacking[:5]!r} are not in the fence"
-            )
+        _require_fenced("prepare_columns", view_def, rows.ids, fence)
         codec = self._codecs[view_def.name]
         return self._prepare(
-            view_def, rows.ids, rows.events_us, (), fence,
-            encode=lambda loaded_ms, epoch: codec.encode_columns(
+            view_def, rows.ids, fence,
+            lambda loaded_ms, epoch: codec.encode_columns(
                 rows.events_us, rows.columns, loaded_ms, epoch),
         )
 
@@ -239,15 +239,13 @@ class RowWriter:
         self,
         view_def: FeatureView,
         ids: Sequence[EntityId],
-        events_us: Sequence[int | None],
-        values: Sequence[Sequence[Any]],
         fence: Fence | None,
-        *,
-        encode: Callable[[int, int], list[bytes]] | None = None,
+        encode: Callable[[int, int], list[bytes]],
     ) -> PendingWrite:
-        """Rows given as columns (``values``: a tuple of feature values per row; or
-        ``encode(loaded_ms, epoch)`` encodes them), converted and checked; each column built
-        without a Python step per row (the bulk path writes 10k rows a chunk)."""
+        """The write of ``ids``' rows, already converted and checked: ``encode(loaded_ms,
+        epoch)`` gives their values in ``ids``' order, once the stamps are known; keys and
+        write items are built without a Python step per row (the bulk path writes 10k rows a
+        chunk)."""
         if not ids:
             return PendingWrite(self, view_def.name, 0, None, fence)
         # under a fence the rows are as old as the SQL read that began after it
@@ -259,11 +257,7 @@ class RowWriter:
         else:  # rows are stamped with the current epoch; a whole-view invalidation after
             # this read makes them misses, which is the safe direction
             (epoch_raw,) = self._redis.ensure_epochs([epoch_key])
-        encoded = (
-            encode(now_ms, int(epoch_raw)) if encode is not None
-            else self._codecs[view_def.name].encode_many(events_us, values, now_ms,
-                                                         int(epoch_raw))
-        )
+        encoded = encode(now_ms, int(epoch_raw))
         if fence is not None and len(fence.keys) == len(ids) and list(fence.seen) == ids:
             keys = fence.keys
         else:
@@ -321,6 +315,17 @@ class RowWriter:
         return Fence(view_def.name, epoch_raw, dict(zip(ids, raw[:-1], strict=True)), taken_at,
                      loaded_ms, server_us + int(self.config.fill_window * 1_000_000), keys)
 
+
+
+def _require_fenced(
+    caller: str, view_def: FeatureView, ids: Iterable[EntityId], fence: Fence | None
+) -> None:
+    """Rows read from SQL under a fence are written only if the fence noted every one."""
+    if fence is not None and not all(map(fence.seen.__contains__, ids)):
+        lacking = [eid for eid in ids if eid not in fence.seen]
+        raise InvalidRequest(
+            f"{caller}({view_def.name!r}): ids {lacking[:5]!r} are not in the fence"
+        )
 
 
 def _newest_per_id(
