@@ -55,6 +55,13 @@ L1_RECORD_WIDTH = 3
 #: L1's soft deadline is brought forward by this much (seconds): the wall-clock remainder is
 #: measured a moment before L1 reads its own clock, and loaded_at is truncated to the ms.
 _L1_MARGIN_S = 0.001
+#: A reader waiting on another process's lease polls Redis after 1 ms, then at doubling
+#: intervals up to this: a fill that lands just after a poll is seen at most this late. At
+#: 10 ms that lateness was most of the waiters' excess over the fill (bench l1's stampede,
+#: docs/benchmarks.md); 5 ms costs under twice the polls during a wait (about 41 MGETs
+#: over a full 200 ms ``lease_wait`` against 22).
+_LEASE_POLL_FIRST_S = 0.001
+_LEASE_POLL_MAX_S = 0.005
 
 # What a shared fetch yields per row: from SQL (the row, or None when SQL has none), or a row
 # another process filled while we waited on its lease, or "keep the fresh value" for a row
@@ -602,11 +609,11 @@ class ReadPath:
         vp = vr.vp
         keys = self._layout.row_keys(vp.view.name, ids)
         deadline = time.monotonic() + self._lease_wait
-        pause = 0.001
+        pause = _LEASE_POLL_FIRST_S
         arrived: dict[EntityId, Answer] = {}
         while True:
             time.sleep(min(pause, max(0.0, deadline - time.monotonic())))
-            pause = min(pause * 2, 0.01)
+            pause = min(pause * 2, _LEASE_POLL_MAX_S)
             todo = [i for i, eid in enumerate(ids) if eid not in arrived]
             try:
                 values = self._redis.read([keys[i] for i in todo])
