@@ -187,7 +187,7 @@ def run_interleaved(
     orders = williams_orders(len(cases))
     for r in range(schedule.warmup_rounds):
         for i in orders[r % len(orders)]:
-            _sample(cases[i], make_input())
+            time_call(cases[i], make_input())
     by_case: dict[str, list[int]] = {case.name: [] for case in cases}
     with frozen_heap():
         gc_before = [g["collections"] for g in gc.get_stats()]
@@ -195,7 +195,7 @@ def run_interleaved(
         deadline = started + schedule.budget_s
         for r in range(schedule.rounds):
             for i in orders[r % len(orders)]:
-                by_case[cases[i].name].append(_sample(cases[i], make_input()))
+                by_case[cases[i].name].append(time_call(cases[i], make_input()))
             if r + 1 >= schedule.min_rounds and time.perf_counter() > deadline:
                 break
     gc_runs = [g["collections"] - b for g, b in zip(gc.get_stats(), gc_before, strict=True)]
@@ -236,7 +236,9 @@ def williams_orders(n: int) -> list[list[int]]:
     return rows
 
 
-def _sample(case: Case, value: Any) -> int:
+def time_call(case: Case, value: Any) -> int:
+    """One timed call of ``case`` in nanoseconds: prepared before and verified after the clock,
+    its answer freed after the clock stopped (the same for every case)."""
     if case.prepare is not None:
         case.prepare(value)
     run = case.run

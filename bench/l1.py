@@ -93,6 +93,7 @@ from bench.common import (
     redis_target,
     run_interleaved,
     server_description,
+    time_call,
 )
 from featcache import CacheConfig, FeatureCache, FeatureResult, Status
 
@@ -305,13 +306,7 @@ def measure_consecutive(env: read.Env, cache: FeatureCache, calls: int) -> dict[
             for name in (list(cases) if b % 2 == 0 else list(cases)[::-1]):
                 case, out = cases[name], times[name]
                 for _ in range(BLOCK):
-                    ids = env.rng.sample(env.ids, BATCH)
-                    start = time.perf_counter_ns()
-                    result = case.run(ids)
-                    out.append(time.perf_counter_ns() - start)
-                    if case.verify is not None:
-                        case.verify(ids, result)
-                    del result  # freed after the clock stopped, as in the interleaved rounds
+                    out.append(time_call(case, env.rng.sample(env.ids, BATCH)))
     return {
         "calls_per_case": blocks * BLOCK, "block": BLOCK,
         "p50_us": {name: round(statistics.median(t) / 1000, 1) for name, t in times.items()},
