@@ -22,7 +22,10 @@ Redis server by ``INFO cpu``, and of the rest of the machine, which is mostly th
 for PostgreSQL; and how busy the machine's CPUs were): the figure that says whether rows/s
 can grow by overlapping more or only by doing less.
 Afterwards ``get_features`` of 1000 random ids must be HIT_REDIS with exactly the generated
-values, or the run fails.
+values, or the run fails. Then, unless ``--no-baseline``, the same table is copied by
+``bench.naive_copy`` (SQLAlchemy stream + redis-py pipeline, no featcache) into a fresh server,
+held to the same check: ``vs_baseline`` is featcache's rows/s over its rows/s in the same
+minute, the figure this VM's changing speed moves least.
 
 Then, unless ``--no-profile``: one materialization of 100k SQLite rows timed stage by stage
 (the same calls ``materialize`` makes, serially, unprofiled), and the same loop under cProfile
@@ -63,7 +66,9 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import msgpack
 import psutil
+import redis
 import sqlalchemy as sa
 from featcache.jobs.warm import materialize
 from sqlalchemy.pool import NullPool
@@ -79,6 +84,7 @@ from bench.common import (
     settled_used_memory,
     used_memory,
 )
+from bench.naive_copy import naive_copy
 from featcache import CacheConfig, FeatureCache, FeatureView, Status
 from featcache.bulk import IdRunReader, iter_entity_ids, iter_latest_by_id, reads_id_runs
 from featcache.offline import RowColumns, SqlRow
@@ -129,6 +135,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="materialize(chunk_rows=...) (default: 10000, its default)")
     parser.add_argument("--no-profile", action="store_true",
                         help="skip the stage breakdown and cProfile of 100k SQLite rows")
+    parser.add_argument("--no-baseline", action="store_true",
+                        help="skip the same-run baseline (bench.naive_copy) after each source")
     parser.add_argument("--seed", type=int, default=20_260_101, help="data seed")
 
 
@@ -150,7 +158,8 @@ def run(args: argparse.Namespace) -> int:
     rows = args.rows or (QUICK_ROWS if args.quick else FULL_ROWS)
     return run_benchmark(
         rows=rows, sources=sources, pg_url=args.pg_url, redis_url=args.redis_url,
-        chunk_rows=args.chunk_rows, profile=not args.no_profile, seed=args.seed,
+        chunk_rows=args.chunk_rows, profile=not args.no_profile,
+        baseline=not args.no_baseline, seed=args.seed,
         quick=args.quick, json_path=args.json,
     )
 
@@ -508,6 +517,42 @@ def measure(source: str, offline_url: str, schema: str | None, redis_url: str | 
     }
 
 
+def measure_baseline(source: str, offline_url: str, schema: str | None, redis_url: str | None,
+                     n: int, chunk_rows: int, expected: dict[int, dict[str, Any]],
+                     ) -> dict[str, Any]:
+    """``bench.naive_copy`` of the same table into a fresh server (or under its own prefix),
+    right after featcache's call: the same minute's yardstick, held to the same check (every
+    row there, the sampled ones with their latest values). Its memory is handed back to the
+    OS afterwards, so the next source's RSS figures start where they would have."""
+    with redis_target(redis_url) as target, frozen_heap(), RssSampler() as rss:
+        out = naive_copy(offline_url, table_def(sa.MetaData(), schema), target.url,
+                         target.prefix, chunk_rows)
+        client = redis.Redis.from_url(target.url)
+        try:
+            keys = len(list(client.scan_iter(match=f"{target.prefix}:naive:*", count=10_000)))
+            ids = sorted(expected)
+            stored = client.mget([f"{target.prefix}:naive:{eid}" for eid in ids])
+        finally:
+            client.close()
+    for eid, raw in zip(ids, stored, strict=True):
+        values = msgpack.unpackb(raw)[1:] if raw is not None else None
+        if values != [expected[eid][f] for f in dataset.FEATURE_NAMES]:
+            raise BenchError(f"{source} baseline: user {eid}: read {values}, "
+                             f"expected {expected[eid]}")
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    if out["rows"] != n or keys != n:
+        raise BenchError(f"{source} baseline: {out['rows']} rows copied, {keys} keys found, "
+                         f"expected {n}")
+    log(f"{source} baseline (SQLAlchemy stream + redis-py pipeline): {n:,} rows in "
+        f"{out['seconds']:.2f} s")
+    return {**out, "peak_rss_delta_mb": round((rss.peak - rss.baseline) / _MB, 1),
+            "method": "SQLAlchemy Core stream ordered by (entity, event time), last row per "
+                      "entity, msgpack, redis-py pipeline(transaction=False) of SET PX, one "
+                      "execute per chunk; no fence, no conditional write"}
+
+
 def cpu_seconds(client: Any) -> dict[str, float]:
     """CPU seconds used so far by this process, the Redis server (INFO cpu: all its threads)
     and the whole machine (busy = not idle, not waiting on I/O)."""
@@ -656,7 +701,7 @@ def profile_materialize(url: str, redis_url: str | None, chunk_rows: int, n: int
 
 
 def run_benchmark(*, rows: int, sources: list[str], pg_url: str | None, redis_url: str | None,
-                  chunk_rows: int, profile: bool, seed: int, quick: bool,
+                  chunk_rows: int, profile: bool, seed: int, quick: bool, baseline: bool,
                   json_path: str | None) -> int:
     started = time.perf_counter()
     sample_rng = random.Random(seed + 1)
@@ -719,8 +764,14 @@ def run_benchmark(*, rows: int, sources: list[str], pg_url: str | None, redis_ur
         for source in sources:
             loader = by_name[source]
             log(f"{source}: materializing {rows:,} rows")
-            results.append(measure(source, loader.url, loader.schema, redis_url, rows,
-                                   chunk_rows, expected))
+            result = measure(source, loader.url, loader.schema, redis_url, rows, chunk_rows,
+                             expected)
+            if baseline:
+                naive = measure_baseline(source, loader.url, loader.schema, redis_url, rows,
+                                         chunk_rows, expected)
+                result["baseline"] = naive
+                result["vs_baseline"] = round(result["rows_per_s"] / naive["rows_per_s"], 2)
+            results.append(result)
         if profile_db is not None:
             log(f"profile: {PROFILE_ROWS:,} SQLite rows, stages then cProfile")
             profile_out = profile_materialize(profile_db.url, redis_url, chunk_rows,
@@ -774,10 +825,12 @@ def print_results(results: Sequence[dict[str, Any]], targets: Sequence[Target], 
           f"({'fresh private server per source' if redis_url is None else 'given server'})")
     print()
     header = ("source", "rows", "seconds", "rows_per_s", "peak_rss_mb", "rss_delta_mb",
-              "bytes_per_row")
+              "bytes_per_row", "baseline_rows_per_s", "vs_baseline")
     table = [header] + [
         (r["source"], f"{r['rows']:,}", f"{r['seconds']:.2f}", f"{r['rows_per_s']:,}",
-         f"{r['peak_rss_mb']:.1f}", f"{r['peak_rss_delta_mb']:.1f}", f"{r['bytes_per_row']:.1f}")
+         f"{r['peak_rss_mb']:.1f}", f"{r['peak_rss_delta_mb']:.1f}", f"{r['bytes_per_row']:.1f}",
+         f"{r['baseline']['rows_per_s']:,}" if "baseline" in r else "-",
+         f"{r['vs_baseline']:.2f}x" if "baseline" in r else "-")
         for r in results
     ]
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]
@@ -786,6 +839,12 @@ def print_results(results: Sequence[dict[str, Any]], targets: Sequence[Target], 
                         + [c.rjust(w) for c, w in zip(row[1:], widths[1:], strict=True)]))
         if i == 0:
             print("  ".join("-" * w for w in widths))
+    if any("baseline" in r for r in results):
+        print("\nbaseline: bench.naive_copy, measured right after each source on the same table "
+              "into a fresh server\n(SQLAlchemy stream, last row per entity, msgpack, redis-py "
+              "pipeline of SET PX; no fence, no conditional write).\nvs_baseline = rows_per_s / "
+              "baseline_rows_per_s: both from the same minute, so the VM's speed moves it "
+              "less than either.")
     print()
     for t in targets:
         print(t.line())
