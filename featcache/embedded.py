@@ -5,6 +5,11 @@ wheel; we start it ourselves rather than through that package's client wrapper b
 need a plain URL for redis-py, no persistence, and a process that dies with its parent even
 when the parent is SIGKILLed (Linux ``PR_SET_PDEATHSIG``), so a crashed demo or test run
 never leaves a server behind.
+
+Linux sends that signal when the *thread* that forked the child ends, not the process: a
+server started from a request handler, a worker pool or a test helper's thread was killed the
+moment that thread finished. So every server is forked by one daemon thread kept for it
+(``_Spawner``), which lives exactly as long as the process.
 """
 
 from __future__ import annotations
@@ -13,13 +18,17 @@ import contextlib
 import ctypes
 import importlib.util
 import os
+import queue
 import shutil
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from collections.abc import Sequence
+from concurrent.futures import Future
 from pathlib import Path
 from types import TracebackType
 
@@ -63,15 +72,80 @@ def _die_with_parent() -> None:  # pragma: no cover - runs in the child between 
             libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
+_Request = tuple[Sequence[str], "Future[subprocess.Popen[bytes]]"]
+
+
+class _Spawner:
+    """Forks every embedded server from one daemon thread that ends only with the process,
+    so ``PR_SET_PDEATHSIG`` (tied to the forking thread) means "dies with the process"."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._requests: queue.SimpleQueue[_Request] | None = None
+        os.register_at_fork(after_in_child=self._forget)  # the thread is not in a child
+
+    def _forget(self) -> None:
+        self._lock = threading.Lock()
+        self._requests = None
+
+    def spawn(self, args: Sequence[str]) -> subprocess.Popen[bytes]:
+        done: Future[subprocess.Popen[bytes]] = Future()
+        self._queue().put((args, done))
+        try:
+            return done.result()
+        except BaseException:  # Ctrl-C while it forks: the server must not outlive this call
+            done.add_done_callback(_kill_spawned)
+            raise
+
+    def _queue(self) -> queue.SimpleQueue[_Request]:
+        with self._lock:
+            if self._requests is None:
+                self._requests = queue.SimpleQueue()
+                threading.Thread(target=self._serve, args=(self._requests,),
+                                 name="featcache-embedded-spawner", daemon=True).start()
+            return self._requests
+
+    @staticmethod
+    def _serve(requests: queue.SimpleQueue[_Request]) -> None:
+        while True:
+            args, done = requests.get()
+            if not done.set_running_or_notify_cancel():
+                continue
+            try:
+                proc = subprocess.Popen(  # noqa: S603 - fixed argv, binary we located
+                    args,
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.PIPE,
+                    preexec_fn=_die_with_parent,  # noqa: PLW1509 - needed for PDEATHSIG
+                )
+            except BaseException as exc:  # handed to the caller, who raises it
+                done.set_exception(exc)
+            else:
+                done.set_result(proc)
+
+
+def _kill_spawned(done: Future[subprocess.Popen[bytes]]) -> None:
+    if done.exception() is None:
+        proc = done.result()
+        proc.kill()
+        proc.wait()
+        if proc.stderr is not None:
+            proc.stderr.close()
+
+
+_spawner = _Spawner()
+
+
 class EmbeddedServer:
     """One private server on a free loopback port, plus a unix socket; ``stop()`` removes all.
 
     Use as a context manager. ``extra_args`` go to the server command line (``--requirepass``,
     ``--maxmemory``...). ``port`` pins the port, e.g. to restart a killed server in its place.
 
-    On Linux the server is killed when its parent dies (``PR_SET_PDEATHSIG``), so a crashed
-    or SIGKILLed test run leaves no server behind. Linux means the parent *thread*: start it
-    from a thread that outlives its use (the main thread, or one kept for it).
+    On Linux the server is killed when this process dies (``PR_SET_PDEATHSIG``, set by the
+    process's spawner thread, see the module docstring), so a crashed or SIGKILLed test run
+    leaves no server behind; it may be started from any thread.
     """
 
     def __init__(
@@ -130,13 +204,7 @@ class EmbeddedServer:
                 "--logfile", os.path.join(self._dir, "server.log"),
                 *self.extra_args,
             ]
-            self._proc = subprocess.Popen(  # noqa: S603 - fixed argv, binary we located
-                args,
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.PIPE,
-                preexec_fn=_die_with_parent,  # noqa: PLW1509 - needed for PDEATHSIG
-            )
+            self._proc = _spawner.spawn(args)
             if self._wait_ready():
                 return self
             last_error = self._collect_failure()

@@ -186,9 +186,30 @@ _EMBEDDED_CHILD = textwrap.dedent(
     """
 )
 
+# Linux's PR_SET_PDEATHSIG fires when the *thread* that forked the server ends: started from a
+# thread that has finished (a request handler, a pool worker), the server must still run.
+_EMBEDDED_CHILD_FROM_A_THREAD = textwrap.dedent(
+    """
+    import threading, time
+    from featcache.embedded import EmbeddedServer
 
-def test_embedded_server_dies_when_its_owner_is_sigkilled() -> None:
-    child, line = _spawn_and_read_line(_EMBEDDED_CHILD)
+    started = []
+    worker = threading.Thread(target=lambda: started.append(EmbeddedServer().start()))
+    worker.start()
+    worker.join()
+    time.sleep(0.5)  # the death signal, had it been armed by the worker, has been delivered
+    server = started[0]
+    print(server.pid, server.port, server.unix_socket, flush=True)
+    time.sleep(600)
+    """
+)
+
+
+@pytest.mark.parametrize(
+    "child_code", [_EMBEDDED_CHILD, _EMBEDDED_CHILD_FROM_A_THREAD], ids=["main", "thread"]
+)
+def test_embedded_server_dies_when_its_owner_is_sigkilled(child_code: str) -> None:
+    child, line = _spawn_and_read_line(child_code)
     pid_text, port_text, unix_socket = line.split()
     pid, port = int(pid_text), int(port_text)
     created = psutil.Process(pid).create_time()
@@ -209,6 +230,42 @@ def test_embedded_server_dies_when_its_owner_is_sigkilled() -> None:
         temp_dir = Path(unix_socket).parent
         if temp_dir.name.startswith("featcache-valkey-"):
             shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+_FORKED_CHILD = textwrap.dedent(
+    """
+    import os, redis, signal
+    from featcache.embedded import EmbeddedServer
+
+    with EmbeddedServer() as first:  # the spawner thread now runs in this process...
+        pid = os.fork()
+        if pid == 0:  # ...but not in its forked child, which must start a server of its own
+            signal.alarm(30)  # a child waiting on a spawner it lacks ends, and fails the test
+            code = 1
+            try:
+                with EmbeddedServer() as second:
+                    client = redis.Redis.from_url(second.url)
+                    code = 0 if client.ping() and second.pid != first.pid else 1
+                    client.close()
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        print(os.waitstatus_to_exitcode(status), flush=True)
+    """
+)
+
+
+def test_embedded_server_starts_in_a_child_forked_after_one_started() -> None:
+    child, line = _spawn_and_read_line(_FORKED_CHILD)
+    try:
+        assert line.strip() == "0", f"the forked child's server failed: exit {line.strip()}"
+        child.wait(timeout=30)
+        assert child.returncode == 0
+    finally:
+        if child.poll() is None:
+            _sigkill_and_reap(child)
+        elif child.stdout is not None:
+            child.stdout.close()
 
 
 # --------------------------------------------------------------------------------------------
