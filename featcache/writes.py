@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from itertools import repeat
 from operator import itemgetter
@@ -184,10 +184,8 @@ class RowWriter:
         if len(set(ids)) < len(ids):
             ids, events_us, value_rows = _newest_per_id(ids, events_us, value_rows)
             dropped = len(entity_col) - len(ids)
-        codec = self._codecs[view_def.name]
         report = self._prepare(
-            view_def, ids, fence,
-            lambda loaded_ms, epoch: codec.encode_many(events_us, value_rows, loaded_ms, epoch),
+            view_def, ids, fence, self._row_encoder(view_def, events_us, value_rows)
         ).send()
         if not dropped:
             return report
@@ -210,10 +208,8 @@ class RowWriter:
         _require_fenced("put_latest", view_def, rows, fence)
         found = rows.values()
         events_us, values = list(map(_EVENT, found)), list(map(_VALUES, found))
-        codec = self._codecs[view_def.name]
         return self._prepare(
-            view_def, list(rows), fence,
-            lambda loaded_ms, epoch: codec.encode_many(events_us, values, loaded_ms, epoch),
+            view_def, list(rows), fence, self._row_encoder(view_def, events_us, values)
         )
 
     def prepare_columns(
@@ -234,6 +230,16 @@ class RowWriter:
             lambda loaded_ms, epoch: codec.encode_columns(
                 rows.events_us, rows.columns, loaded_ms, epoch),
         )
+
+    def _row_encoder(
+        self,
+        view_def: FeatureView,
+        events_us: Sequence[int | None],
+        values: Sequence[Sequence[Any]],
+    ) -> Callable[[int, int], list[bytes]]:
+        """``_prepare``'s ``encode`` for rows given as a sequence of feature values each."""
+        codec = self._codecs[view_def.name]
+        return lambda loaded_ms, epoch: codec.encode_many(events_us, values, loaded_ms, epoch)
 
     def _prepare(
         self,
@@ -318,7 +324,7 @@ class RowWriter:
 
 
 def _require_fenced(
-    caller: str, view_def: FeatureView, ids: Iterable[EntityId], fence: Fence | None
+    caller: str, view_def: FeatureView, ids: Collection[EntityId], fence: Fence | None
 ) -> None:
     """Rows read from SQL under a fence are written only if the fence noted every one."""
     if fence is not None and not all(map(fence.seen.__contains__, ids)):
