@@ -8,6 +8,7 @@ from featcache.config import CacheConfig, Feature, FeatureView, load_config
 from featcache.errors import (
     AmbiguousFeature,
     BackendError,
+    CacheConfigError,
     CacheUnavailable,
     ConfigError,
     EmbeddedServerError,
@@ -31,6 +32,7 @@ __all__ = [
     "AmbiguousFeature",
     "BackendError",
     "CacheConfig",
+    "CacheConfigError",
     "CacheUnavailable",
     "ConfigError",
     "EmbeddedServerError",

@@ -20,6 +20,8 @@ import sqlalchemy as sa
 from featcache.codec import RowCodec
 from featcache.config import CacheConfig, FeatureView, load_config
 from featcache.errors import (
+    CacheConfigError,
+    CacheUnavailable,
     InvalidRequest,
     UnknownView,
 )
@@ -117,6 +119,7 @@ class FeatureCache:
             config, self._layout, self._codecs, self._redis, self._stats, clock, self._view
         )
         self._subscriber: InvalidationSubscriber | None = None
+        self._probe_redis()
         if self._l1 is not None:
             l1 = self._l1
             self._subscriber = InvalidationSubscriber(
@@ -137,6 +140,20 @@ class FeatureCache:
                 self._subscriber = None
                 self.close()
                 raise
+
+    def _probe_redis(self) -> None:
+        """Read one key the cache will read: a wrong password, ACL user, key permission or
+        database number fails here, as ``CacheConfigError``, instead of sending every call to
+        SQL for the process's whole life. An outage is not a configuration error: the cache
+        starts, and degrades as it would mid-life."""
+        try:
+            self._redis.read([self._layout.view_key(self.config.views[0].name, "epoch")])
+        except CacheConfigError:
+            self.close()
+            raise
+        except CacheUnavailable as exc:
+            log.warning("Redis unavailable at start; calls answer from SQL until it is "
+                        "back: %s", exc)
 
     def _subscriber_client(self) -> redis.Redis:
         """A connection of its own for the stream tail (XREAD BLOCK holds it), built like the

@@ -32,6 +32,7 @@ array of floats.
 
 from __future__ import annotations
 
+import datetime as dt
 import struct
 import sys
 import zlib
@@ -39,9 +40,10 @@ from array import array
 from collections.abc import Iterable, Sequence
 from itertools import repeat
 from operator import add
-from typing import Any, Final, NamedTuple
+from typing import Annotated, Any, Final, NamedTuple
 
 import msgpack
+import msgspec
 
 from featcache.config import FeatureView
 from featcache.keys import LAYOUT_VERSION
@@ -62,6 +64,29 @@ KIND_ABSENT: Final = 0x41  # "A"
 KIND_TOMBSTONE: Final = 0x54  # "T"
 _HEADER = struct.Struct(">BBq")
 _HEADER_SIZE: Final = _HEADER.size
+_unpack_header = _HEADER.unpack_from
+_unpackb = msgpack.unpackb
+_Int64 = Annotated[int, msgspec.Meta(ge=-(2**63), le=2**63 - 1)]
+#: how a row body's first four elements (schema fingerprint, epoch, loaded_at_ms, fill_ms)
+#: and each declared type are read back: msgspec refuses anything else (a bool for an int, an
+#: int beyond int64, text for a float...) while it parses, in C
+_BOOKKEEPING: Final[tuple[Any, ...]] = (int, _Int64, _Int64, _Int64)
+_STORED_TYPE: Final[dict[FeatureType, Any]] = {
+    FeatureType.INT: _Int64,
+    FeatureType.FLOAT: float,  # an int there reads as the same float: lossless, so allowed
+    FeatureType.BOOL: bool,
+    FeatureType.STR: str,
+    FeatureType.TIMESTAMP: dt.datetime,  # the msgpack Timestamp extension, aware UTC
+    FeatureType.EMBEDDING: bytes,  # raw little-endian float64, unpacked after
+}
+_ABSENT_BODY = msgspec.msgpack.Decoder(tuple[int, _Int64, _Int64])
+_ANY_BODY = msgspec.msgpack.Decoder()
+
+
+def _row_decoder(types: Sequence[FeatureType]) -> msgspec.msgpack.Decoder[tuple[Any, ...]]:
+    """A decoder of a row body whose features are ``types``, each also null."""
+    fields = (*_BOOKKEEPING, *(_STORED_TYPE[t] | None for t in types))
+    return msgspec.msgpack.Decoder(tuple[fields])  # type: ignore[valid-type]
 _LITTLE = sys.byteorder == "little"
 
 
@@ -104,7 +129,7 @@ def schema_fingerprint(features: Sequence[tuple[str, FeatureType]]) -> int:
 class RowCodec:
     """Encodes and decodes the rows of one view; knows the view's types and schema history."""
 
-    __slots__ = ("_embedding_idx", "_fp", "_prefix_len", "_width")
+    __slots__ = ("_decoders", "_embedding_idx", "_fp", "_full", "_prefix_len", "_width")
 
     def __init__(self, view: FeatureView) -> None:
         pairs = [(f.name, f.type) for f in view.features]
@@ -115,6 +140,10 @@ class RowCodec:
         self._embedding_idx = tuple(
             i for i, f in enumerate(view.features) if f.type is FeatureType.EMBEDDING
         )
+        types = [f.type for f in view.features]
+        #: a typed decoder per leading part of the feature list, by its length
+        self._decoders = {k: _row_decoder(types[:k]) for k in range(1, len(types) + 1)}
+        self._full = self._decoders[len(types)]
 
     @property
     def fingerprint(self) -> int:
@@ -211,32 +240,53 @@ class RowCodec:
     def decode(self, raw: bytes) -> DecodedRow | None:
         """The row, or None when the bytes are not a row of this view's schema (a miss).
 
-        On the read path for every row of a batch, so it builds no intermediate objects.
+        Every value must be of its feature's declared type (or null), and the bookkeeping
+        fields int64s: a row some other writer left with ``"x"`` or ``1.5`` in an ``int``
+        feature is a decode error, never a hit that ``to_arrow()`` would then reject or
+        truncate. msgspec checks the types while it parses the msgpack body, in C, and parses
+        faster than msgpack itself; only rows of an older, shorter feature list take a second
+        parse (``_decode_older``). On the read path for every row of a batch.
         """
         try:
-            version, kind, event_us = _HEADER.unpack_from(raw)
+            version, kind, event_us = _unpack_header(raw)
             if version != LAYOUT_VERSION:
                 return None
-            if kind == KIND_TOMBSTONE:
-                return _TOMBSTONE
-            body = msgpack.unpackb(raw[_HEADER_SIZE:], timestamp=3)
             if kind == KIND_ROW:
-                width = self._prefix_len.get(body[0])
-                if width is None or len(body) != 4 + width:
-                    return None
-                values = body[4:]
+                try:
+                    body = self._full.decode(memoryview(raw)[_HEADER_SIZE:])
+                except msgspec.ValidationError:
+                    body = self._decode_older(raw)
+                if body[0] != self._fp:
+                    body = self._decode_older(raw)
+                values: Sequence[Any] = body[4:]
                 if self._embedding_idx:
-                    for i in self._embedding_idx:
-                        if i < width and values[i] is not None:
-                            values[i] = _unpack_embedding(values[i])
+                    values = self._unpack_embeddings(values)
                 event = None if event_us == NO_EVENT else event_us
                 return _new_row(DecodedRow, (KIND_ROW, event, body[1], body[2], body[3], values))
+            if kind == KIND_TOMBSTONE:
+                return _TOMBSTONE
             if kind == KIND_ABSENT:
-                _, epoch, loaded_ms = body
+                _, epoch, loaded_ms = _ABSENT_BODY.decode(memoryview(raw)[_HEADER_SIZE:])
                 return _new_row(DecodedRow, (KIND_ABSENT, None, epoch, loaded_ms, 0, ()))
             return None
         except Exception:  # any undecodable value is a miss, by contract
             return None
+
+    def _decode_older(self, raw: bytes) -> tuple[Any, ...]:
+        """The body of a row written before features were appended to the view (its schema
+        fingerprint is that of a leading part of the feature list), checked against that
+        part's types; raises for anything else."""
+        body = _ANY_BODY.decode(memoryview(raw)[_HEADER_SIZE:])
+        width = self._prefix_len[body[0]]  # KeyError: another schema
+        checked: tuple[Any, ...] = self._decoders[width].decode(memoryview(raw)[_HEADER_SIZE:])
+        return checked
+
+    def _unpack_embeddings(self, values: Sequence[Any]) -> list[Any]:
+        out = list(values)
+        for i in self._embedding_idx:
+            if i < len(out) and out[i] is not None:
+                out[i] = _unpack_embedding(out[i])
+        return out
 
     def value_or_missing(self, row: DecodedRow, index: int) -> Any:
         return row.values[index] if index < len(row.values) else NO_VALUE

@@ -8,7 +8,8 @@ Input errors also subclass the builtin a Python programmer would expect (``Value
 
     FeatcacheError
     ├── ConfigError (ValueError)          bad file, bad env override, bad constructor argument
-    │   └── SchemaError                   the SQL table or a configured column does not exist
+    │   ├── SchemaError                   the SQL table or a configured column does not exist
+    │   └── CacheConfigError              Redis refused the credentials, permissions or database
     ├── InvalidRequest (ValueError)       a call's arguments are wrong; raised before any I/O
     │   ├── UnknownView (KeyError)
     │   ├── UnknownFeature (KeyError)     carries the closest known names
@@ -16,7 +17,7 @@ Input errors also subclass the builtin a Python programmer would expect (``Value
     │   └── InvalidEntityId (TypeError)   None, NaN, bytes, bool, wrong type, too long, NUL
     │                                     or not UTF-8 (str)
     ├── BackendError                      a server failed; carries the original as __cause__
-    │   ├── CacheUnavailable              Redis/Valkey: connection refused, timeout, auth
+    │   ├── CacheUnavailable              Redis/Valkey: connection refused, timeout, failover
     │   └── OfflineStoreError             SQL: a query failed
     │       └── OfflineStoreUnavailable   SQL: the database cannot be reached
     └── EmbeddedServerError               no valkey-server/redis-server binary, or it did not start
@@ -29,6 +30,7 @@ from collections.abc import Sequence
 __all__ = [
     "AmbiguousFeature",
     "BackendError",
+    "CacheConfigError",
     "CacheUnavailable",
     "ConfigError",
     "EmbeddedServerError",
@@ -65,6 +67,19 @@ class SchemaError(ConfigError):
     Raised at the first use of the view, not at load, because loading a config must not need
     a database connection.
     """
+
+
+class CacheConfigError(ConfigError):
+    """Redis/Valkey answered, and refused what the configuration asks of it: a wrong password
+    or ACL user, a command or key pattern the ACL user may not use (``NOPERM``), a database
+    number the server does not have.
+
+    Not an outage: retrying or answering from SQL would hide it for the process's whole life,
+    so it is raised at construction and by every later call that meets it, never degraded.
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, "redis.url")
 
 
 class InvalidRequest(FeatcacheError, ValueError):
@@ -118,7 +133,8 @@ class BackendError(FeatcacheError):
 
 
 class CacheUnavailable(BackendError):
-    """Redis/Valkey could not be reached or refused the command (timeout, auth, connection)."""
+    """Redis/Valkey could not be reached or could not run the command now (refused
+    connection, timeout, out of memory, a replica that is read-only during a failover)."""
 
 
 class OfflineStoreError(BackendError):

@@ -6,26 +6,31 @@ extends that to every process sharing the Redis (DESIGN section 4, "No stampede"
 deletes it where it still holds that token (``featcache.redis_store``: a lease that expired
 during a slow call and was taken by another reader is that reader's), and ``lease_ttl`` bounds
 it if the holder dies. A reader
-that finds the lease taken polls the row for at most ``lease_wait`` and then reads SQL itself:
-a lease can make a reader wait, never fail.
+that finds the lease taken polls the row and the lease together for at most ``lease_wait``:
+it takes the row once it lands, and takes the lease over as soon as the lease is gone while
+the row is not there (the holder's fill was fenced out by an invalidation, abandoned, or the
+holder died), so no reader sleeps out its wait for a fill that will never come. Past
+``lease_wait`` it reads SQL itself: a lease can make a reader wait, never fail.
 """
 
 from __future__ import annotations
 
 import secrets
 from collections.abc import Sequence
+from typing import NamedTuple
 
 from featcache.keys import KeyLayout
 from featcache.redis_store import LuaScript, RedisStore
 from featcache.request import EntityId
 
-__all__ = ["Leases"]
+__all__ = ["Leases", "Taken"]
 
 # KEYS: n lease keys, then the n row keys. ARGV: token, ttl_ms, then per row what the reader
 # saw ("" for nothing). Per row: the row's current bytes when they changed since the reader
 # saw them (another reader's fill landed meanwhile: no lease, nothing to read), else 1 when
-# the lease was taken, 0 when another reader holds it; then the server's TIME (seconds,
-# microseconds): the clock the fill's deadline is set on (``featcache.redis_store``).
+# the lease was taken, else {holder's token} (a one-element array) when another reader holds
+# it; then the server's TIME (seconds, microseconds): the clock the fill's deadline is set on
+# (``featcache.redis_store``).
 _ACQUIRE = LuaScript("""
 local n = #KEYS / 2
 local out = {}
@@ -37,7 +42,9 @@ for i = 1, n do
   elseif redis.call('SET', KEYS[i], ARGV[1], 'NX', 'PX', ARGV[2]) then
     out[i] = 1
   else
-    out[i] = 0
+    local holder = redis.pcall('GET', KEYS[i])
+    if type(holder) ~= 'string' then holder = '' end
+    out[i] = {holder}
   end
 end
 local t = redis.call('TIME')
@@ -45,6 +52,14 @@ out[n + 1] = t[1]
 out[n + 2] = t[2]
 return out
 """)
+
+
+class Taken(NamedTuple):
+    """What one view's ``Leases.acquire`` found."""
+
+    won: list[EntityId]  # leases this caller took, under its token
+    held: dict[EntityId, bytes]  # leases another reader holds: id -> the holder's token
+    changed: dict[EntityId, bytes]  # rows that changed since the caller saw them: id -> bytes
 
 
 class Leases:
@@ -69,10 +84,9 @@ class Leases:
         wanted: dict[str, list[EntityId]],
         seen: dict[str, dict[EntityId, bytes]],
         token: str,
-    ) -> tuple[dict[str, tuple[list[EntityId], list[EntityId], dict[EntityId, bytes]]], int]:
-        """Per view: (ids whose lease this caller took, under ``token``, ids another reader
-        holds, rows that changed since the caller saw them, with their current bytes); and the
-        server's clock (microseconds) when the leases were taken. One round trip.
+    ) -> tuple[dict[str, Taken], int]:
+        """Per view, what the caller took, what others hold and what changed (``Taken``); and
+        the server's clock (microseconds) when the leases were taken. One round trip.
 
         Checking the row with the lease closes a gap: a reader whose MGET ran just before
         another reader's fill landed would otherwise take the lease that reader had just
@@ -88,21 +102,19 @@ class Leases:
             saw = seen.get(view, {})
             calls.append(([*self.keys(view, ids), *rows],
                           [token, self._ttl_ms, *(saw.get(e, b"") for e in ids)]))
-        out: dict[str, tuple[list[EntityId], list[EntityId], dict[EntityId, bytes]]] = {}
+        out: dict[str, Taken] = {}
         server_us = 0
         for view, reply in zip(views, self._store.eval_many(_ACQUIRE, calls), strict=True):
             *flags, seconds, micros = reply
             # the first view's call ran first: the earliest of the times, the safe one
             server_us = server_us or int(seconds) * 1_000_000 + int(micros)
-            won: list[EntityId] = []
-            held: list[EntityId] = []
-            changed: dict[EntityId, bytes] = {}
+            taken = Taken([], {}, {})
             for eid, flag in zip(wanted[view], flags, strict=True):
                 if isinstance(flag, bytes):
-                    changed[eid] = flag
-                elif flag:
-                    won.append(eid)
+                    taken.changed[eid] = flag
+                elif isinstance(flag, list):
+                    taken.held[eid] = bytes(flag[0])
                 else:
-                    held.append(eid)
-            out[view] = (won, held, changed)
+                    taken.won.append(eid)
+            out[view] = taken
         return out, server_us

@@ -25,6 +25,7 @@ from typing import Any
 
 from featcache.errors import InvalidRequest
 from featcache.keys import KeyLayout
+from featcache.outage import OutageLog
 from featcache.redis_store import LuaScript, RedisStore
 from featcache.request import EntityId
 
@@ -91,6 +92,7 @@ class PopularityCounter:
         self._thread: threading.Thread | None = None
         self.flushed_reads = 0
         self.flush_errors = 0
+        self._outage = OutageLog(log, f"Redis {store.url}")
 
     # ------------------------------------------------------------------ serving side
 
@@ -137,8 +139,9 @@ class PopularityCounter:
             pipe.execute()
         except Exception as exc:
             self.flush_errors += 1
-            log.warning("flushing popularity counts failed: %s", exc)
+            self._outage.failed("popularity counts not flushed", exc)
             return 0
+        self._outage.ok()
         self.flushed_reads += reads
         return reads
 

@@ -21,7 +21,7 @@ import random
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import replace
-from typing import Any
+from typing import Any, NamedTuple
 
 from featcache.breaker import CircuitBreaker, ConcurrencyLimiter
 from featcache.codec import KIND_ABSENT, KIND_ROW
@@ -30,8 +30,9 @@ from featcache.errors import CacheUnavailable, OfflineStoreError, OfflineStoreUn
 from featcache.freshness import fresh_since, refresh_early, xfetch_delta_floor
 from featcache.keys import KeyLayout
 from featcache.l1 import InOrder, L1Cache
-from featcache.leases import Leases
+from featcache.leases import Leases, Taken
 from featcache.offline import OfflineStore, SqlRow
+from featcache.outage import OutageLog
 from featcache.popularity import PopularityCounter
 from featcache.redis_store import RedisStore, WriteBatch, WriteItem, fenced_write
 from featcache.request import EntityId, Plan, ViewPlan, check_ids
@@ -76,6 +77,14 @@ Shared = tuple[int, Any, int, int]
 #: (fresh enough? wide enough?) and its "keep your fresh value" hold for every thread it
 #: answers: a thread asking for a stricter feature never joins a laxer one's read.
 FlightKey = tuple[str, EntityId, bytes, bytes, int, int, bool]
+
+
+class _Waited(NamedTuple):
+    """How a wait on other readers' leases ended, per row."""
+
+    arrived: dict[EntityId, Answer]  # their fill landed and answers this call
+    taken_over: list[EntityId]  # their fill will not land: this call took the lease, reads SQL
+    timed_out: list[EntityId]  # still being filled at lease_wait: this call reads SQL
 
 
 class _ViewRead:
@@ -144,6 +153,8 @@ class ReadPath:
             open_for=config.breaker_open_for,
         )
         self.sql_limiter = ConcurrencyLimiter(config.sql_concurrency, config.sql_queue_timeout)
+        self._redis_outage = OutageLog(log, f"Redis {redis_store.url}")
+        self._sql_outage = OutageLog(log, f"offline store {offline.url}")
         self._beta = config.xfetch_beta
         self._lease_wait = config.lease_wait
         # A fill is written back only while the tombstone of an invalidation it may have raced
@@ -207,10 +218,12 @@ class ReadPath:
             try:
                 raw: list[bytes | None] = self._redis_call("read", lambda: self._redis.read(keys))
             except CacheUnavailable as exc:
-                log.warning("Redis unavailable, answering from SQL: %s", exc)
+                self._redis_outage.failed("answering from SQL", exc)
                 self._stats.add(plan.views[0].view.name, {"redis_errors": 1})
                 raw = [None] * len(keys)
                 redis_ok = False
+            else:
+                self._redis_outage.ok()
         else:
             raw = [None] * len(keys)
         epochs = raw[len(keys) - n_views :]
@@ -240,6 +253,9 @@ class ReadPath:
         except BaseException:  # the call will not reach its fill write: give leases back now
             for vr in reads:
                 self._release_now(vr)
+                # what the call did before it failed (SQL errors and refusals among it) is
+                # counted like any call's: an outage with a cold cache must show in stats
+                self._stats.add(vr.vp.view.name, vr.counts)
             raise
         if redis_ok:
             self._write_fills(plan, reads, started)
@@ -543,7 +559,7 @@ class ReadPath:
                 leases, server_us = self._redis_call(
                     "lease", lambda: self._leases.acquire(grouped, seen, token))
             except CacheUnavailable:  # read as if we held them; none to give back
-                leases, server_us = {view: (ids, [], {}) for view, ids in grouped.items()}, 0
+                leases, server_us = {view: Taken(ids, {}, {}) for view, ids in grouped.items()}, 0
                 taken = False
             # The fills' deadline on the server's clock: the MGET (the fence) ran at most the
             # time since this call started before the leases' TIME, so that time back from it,
@@ -556,30 +572,29 @@ class ReadPath:
                 if taken:
                     vr.release.extend(self._leases.keys(view, won))
                     vr.release_token = token
-                held = held_elsewhere
+                held: dict[EntityId, bytes | None] = dict(held_elsewhere)
                 if changed:  # filled (or invalidated) since our MGET: use it, or wait
                     usable = self._usable(vr, changed, int(self._clock() * 1000))
                     for eid, answer in usable.items():
                         got[(view, eid)] = (_FROM_REDIS, answer, 0, 0)
-                    unusable = [eid for eid in changed if eid not in usable]
-                    for eid in unusable:  # seen before our SQL read: a valid fence for it
-                        vr.seen[eid] = changed[eid]
-                    held = [*held, *unusable]
-                waiting = []
-                for eid in held:
+                    for eid in changed.keys() - usable.keys():
+                        vr.seen[eid] = changed[eid]  # seen before our SQL read: a valid fence
+                        held[eid] = None  # whoever changed it may be filling it: wait
+                waiting: dict[EntityId, bytes | None] = {}
+                for eid, holder in held.items():
                     if eid in vr.early:  # someone else refreshes it: the fresh value stands
                         got[(view, eid)] = (_KEEP, None, 0, 0)
                     else:
-                        waiting.append(eid)
+                        waiting[eid] = holder
                 to_read[view] = won
                 if waiting:
-                    arrived = self._wait_for_fills(vr, waiting)
-                    for eid, answer in arrived.items():
+                    wait = self._wait_for_fills(vr, waiting, token)
+                    for eid, answer in wait.arrived.items():
                         got[(view, eid)] = (_FROM_REDIS, answer, 0, 0)
-                    late = [eid for eid in waiting if eid not in arrived]
                     vr.counts["lease_waits"] = len(waiting)
-                    vr.counts["lease_timeouts"] = len(late)
-                    to_read[view] = [*won, *late]
+                    vr.counts["lease_takeovers"] = len(wait.taken_over)
+                    vr.counts["lease_timeouts"] = len(wait.timed_out)
+                    to_read[view] = [*won, *wait.taken_over, *wait.timed_out]
         for view, ids in to_read.items():
             if not ids:
                 continue
@@ -604,26 +619,86 @@ class ReadPath:
             with contextlib.suppress(CacheUnavailable):  # else lease_ttl bounds them
                 self._redis_call("release", lambda: self._redis.write([batch]))
 
-    def _wait_for_fills(self, vr: _ViewRead, ids: list[EntityId]) -> dict[EntityId, Answer]:
-        """Poll Redis for rows another process holds the lease of, up to ``lease_wait``."""
+    def _wait_for_fills(
+        self, vr: _ViewRead, holders: dict[EntityId, bytes | None], token: str
+    ) -> _Waited:
+        """Poll Redis for rows other readers hold the leases of (``holders``: id -> the
+        holder's token, None when not known yet), up to ``lease_wait``.
+
+        Each poll reads the rows and their leases in one MGET. A row whose lease is gone while
+        no usable row is there will not be filled by that holder (its fill was fenced out by
+        an invalidation, or abandoned, or the holder died): this call takes the lease over at
+        once, with what it just read as the fence of its own fill, instead of sleeping out
+        the wait; another waiter that took it first becomes the holder waited on.
+        """
         vp = vr.vp
-        keys = self._layout.row_keys(vp.view.name, ids)
+        view = vp.view.name
         deadline = time.monotonic() + self._lease_wait
         pause = _LEASE_POLL_FIRST_S
-        arrived: dict[EntityId, Answer] = {}
-        while True:
+        waited = _Waited({}, [], [])
+        holders = dict(holders)
+        while holders:
             time.sleep(min(pause, max(0.0, deadline - time.monotonic())))
             pause = min(pause * 2, _LEASE_POLL_MAX_S)
-            todo = [i for i, eid in enumerate(ids) if eid not in arrived]
+            ids = list(holders)
             try:
-                values = self._redis.read([keys[i] for i in todo])
+                values = self._redis.read([*self._layout.row_keys(view, ids),
+                                           *self._leases.keys(view, ids)])
             except CacheUnavailable:
                 self.breaker.record_failure()
-                return arrived
-            blobs = {ids[i]: blob for i, blob in zip(todo, values, strict=True) if blob}
-            arrived.update(self._usable(vr, blobs, int(self._clock() * 1000)))
-            if len(arrived) == len(ids) or time.monotonic() >= deadline:
-                return arrived
+                break
+            rows, leases = values[: len(ids)], values[len(ids) :]
+            blobs = {eid: blob for eid, blob in zip(ids, rows, strict=True) if blob}
+            arrived = self._usable(vr, blobs, int(self._clock() * 1000))
+            waited.arrived.update(arrived)
+            released: dict[EntityId, bytes | None] = {}
+            for eid, row, lease in zip(ids, rows, leases, strict=True):
+                if eid in arrived:
+                    del holders[eid]
+                elif lease is None:  # the fill waited for will not land
+                    released[eid] = row
+                elif holders[eid] != lease:  # a new holder (or the first one seen): wait on it
+                    holders[eid] = lease
+            if released:
+                for eid, row in released.items():
+                    del holders[eid]
+                    if row is None:
+                        vr.seen.pop(eid, None)
+                    else:
+                        vr.seen[eid] = row
+                self._take_over(vr, list(released), token, holders, waited)
+            if time.monotonic() >= deadline:
+                break
+        waited.timed_out.extend(holders)
+        return waited
+
+    def _take_over(
+        self,
+        vr: _ViewRead,
+        ids: list[EntityId],
+        token: str,
+        holders: dict[EntityId, bytes | None],
+        waited: _Waited,
+    ) -> None:
+        """Take the leases of rows whose holder's fill will not land; the rows won are read
+        from SQL by this call, the others waited on (a new holder) or taken as they are."""
+        view = vr.vp.view.name
+        try:
+            leases, _ = self._leases.acquire({view: ids}, {view: vr.seen}, token)
+        except CacheUnavailable:
+            self.breaker.record_failure()
+            waited.taken_over.extend(ids)  # read SQL ourselves, as when leases fail at first
+            return
+        won, held, changed = leases[view]
+        vr.release.extend(self._leases.keys(view, won))
+        vr.release_token = token
+        waited.taken_over.extend(won)
+        holders.update(held)
+        usable = self._usable(vr, changed, int(self._clock() * 1000))
+        waited.arrived.update(usable)
+        for eid in changed.keys() - usable.keys():
+            vr.seen[eid] = changed[eid]
+            holders[eid] = None
 
     def _usable(
         self, vr: _ViewRead, blobs: dict[EntityId, bytes], now_ms: int
@@ -648,7 +723,7 @@ class ReadPath:
     ) -> tuple[dict[EntityId, SqlRow], float]:
         """One query per chunk, admitted by the limiter that protects SQL from a Redis outage."""
         if not self.sql_limiter.acquire():
-            vr.counts["sql_rejected"] = len(ids)
+            vr.counts["sql_rejected"] = vr.counts.get("sql_rejected", 0) + len(ids)
             raise OfflineStoreUnavailable(
                 f"more than {self.config.sql_concurrency} SQL reads in flight for over "
                 f"{self.config.sql_queue_timeout:g} s (degradation.sql_concurrency)"
@@ -657,6 +732,7 @@ class ReadPath:
             found, seconds = self._offline.fetch_latest(vr.vp.view, ids)
         finally:
             self.sql_limiter.release()
+        self._sql_outage.ok()
         vr.counts["sql_queries"] = vr.counts.get("sql_queries", 0) + -(
             -len(ids) // self.config.sql_chunk_size
         )
@@ -682,10 +758,15 @@ class ReadPath:
             else:
                 marked.append(eid)
         unservable = len(marked)
-        if marked and self.config.on_sql_error == "raise":
+        raising = bool(marked) and self.config.on_sql_error == "raise"
+        if raising:
+            consequence = f"view {vr.vp.view.name}: raising for {unservable} rows"
+        else:
+            consequence = (f"view {vr.vp.view.name}: {served} stale rows served, "
+                           f"{unservable} unavailable")
+        self._sql_outage.failed(consequence, exc)
+        if raising:
             raise exc
-        log.warning("SQL failed for view %s: %d stale rows served, %d unavailable: %s",
-                    vr.vp.view.name, served, unservable, exc)
         for eid in marked:
             answers[eid] = (Status.UNAVAILABLE, None, None)
         vr.counts["stale_served"] = served
@@ -707,7 +788,7 @@ class ReadPath:
         try:
             written = self._redis_call("fill", lambda: self._redis.write(batches))
         except CacheUnavailable as exc:
-            log.warning("writing %d fills to Redis failed: %s", total, exc)
+            self._redis_outage.failed(f"{total} fills not written", exc)
             self._stats.add(view_name, {"fill_errors": 1})
             return
         if batches[0].items or total == 0:

@@ -1,8 +1,12 @@
 """The Redis transport: moves bytes in as few round trips as possible, decides nothing.
 
-This is the Redis boundary: redis-py exceptions become ``CacheUnavailable`` here and nowhere
-else. Reads are one MGET, or several MGETs in one pipeline past ``read_chunk`` keys, so a batch
-is always one network round trip. Writes go through one Lua script (``CONDITIONAL_SET``) in two
+This is the Redis boundary: redis-py exceptions are translated here and nowhere else
+(``translate``): a refused password, ACL permission or database number becomes
+``CacheConfigError``, everything else (refused connections, timeouts, error replies of a
+server that cannot serve now) ``CacheUnavailable``.
+
+Reads are one MGET, or several MGETs in one pipeline past ``read_chunk`` keys, so a batch is
+always one network round trip. Writes go through one Lua script (``CONDITIONAL_SET``) in two
 modes: a fenced fill writes only where the key still holds what the reader saw before its SQL
 read, and only if the view's epoch did not move; a ``put_rows`` row writes unless a row with a
 later event timestamp is there (the timestamp sits at a fixed offset, see
@@ -18,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -27,7 +32,7 @@ import hiredis
 import redis
 from redis import exceptions as redis_exc
 
-from featcache.errors import CacheUnavailable, ConfigError
+from featcache.errors import CacheConfigError, CacheUnavailable, ConfigError
 from featcache.urls import mask_url
 
 __all__ = [
@@ -43,6 +48,7 @@ __all__ = [
     "fenced_write",
     "row_write",
     "safe_redis_url",
+    "translate",
     "translated_errors",
 ]
 
@@ -274,13 +280,21 @@ def connect(
     """A client for ``redis://``, ``rediss://`` (TLS; ``ssl_*`` options in the query string),
     ``unix://`` URLs, with ACL user and password from the URL. Nothing is connected yet."""
     try:
-        scheme = urlsplit(url).scheme
+        parts = urlsplit(url)
+        scheme = parts.scheme
     except ValueError as exc:
         raise ConfigError(f"{exc} (url {mask_url(url)})", "redis.url") from None
     if scheme not in ("redis", "rediss", "unix"):
         raise ConfigError(
             f"expected a redis://, rediss:// or unix:// URL, got {safe_redis_url(url)!r}",
             "redis.url",
+        )
+    if scheme != "unix" and not _DB_PATH.match(parts.path):
+        # redis-py ignores a path that is not a number and uses database 0: a typo would
+        # silently read and write another application's database
+        raise ConfigError(
+            f"the path of a Redis URL is the database number (redis://host:6379/0), got "
+            f"{parts.path!r} in {safe_redis_url(url)!r}", "redis.url",
         )
     try:
         return redis.Redis.from_url(
@@ -292,6 +306,9 @@ def connect(
         )
     except ValueError as exc:
         raise ConfigError(f"{exc} (url {safe_redis_url(url)})", "redis.url") from None
+
+
+_DB_PATH = re.compile(r"^/?(?:\d{1,5}/?)?$")
 
 
 class RedisStore:
@@ -326,7 +343,7 @@ class RedisStore:
         replies = self._round_trip(packed)
         for part in replies:
             if isinstance(part, Exception):  # an error reply (ACL, OOM...): no values at all
-                raise CacheUnavailable(f"Redis {self.url}: {part}") from part
+                raise translate(part, self.url) from part
         server_us = 0
         if timed:
             seconds, micros = replies.pop()
@@ -364,7 +381,7 @@ class RedisStore:
             finally:
                 pool.release(conn)
         except _ERRORS as exc:
-            raise CacheUnavailable(f"Redis {self.url}: {exc}") from exc
+            raise translate(exc, self.url) from exc
         return replies
 
     def write(self, batches: Sequence[WriteBatch]) -> int:
@@ -437,7 +454,7 @@ class RedisStore:
                 if isinstance(result, redis_exc.NoScriptError) and attempt == 0:
                     retry.append(i)
                 elif isinstance(result, Exception):
-                    raise CacheUnavailable(f"Redis {self.url}: {result}") from result
+                    raise translate(result, self.url) from result
                 else:
                     results[i] = result
             if not retry:
@@ -447,19 +464,50 @@ class RedisStore:
                 [_pack(("SCRIPT", "LOAD", script.text)) for script in scripts]
             ):
                 if isinstance(loaded, Exception):
-                    raise CacheUnavailable(f"Redis {self.url}: {loaded}") from loaded
+                    raise translate(loaded, self.url) from loaded
             pending = retry
         return results
 
 
+def translate(exc: BaseException, url: str) -> CacheConfigError | CacheUnavailable:
+    """The featcache error for a redis-py exception or error reply (``url`` masked already).
+
+    Wrong credentials, an ACL that forbids a command or key, a database number the server
+    does not have: the configuration is wrong, and no retry or fallback will fix it.
+    Everything else says the server cannot serve now: an outage, which callers degrade.
+    """
+    if isinstance(exc, redis_exc.AuthenticationError | redis_exc.NoPermissionError) or (
+        isinstance(exc, redis_exc.ResponseError) and _misconfigured(str(exc))
+    ):
+        return CacheConfigError(
+            f"Redis {url} refused the configured access: {exc} (check the user, password "
+            f"and database number of redis.url, and the ACL rules of that user)"
+        )
+    return CacheUnavailable(f"Redis {url}: {exc}")
+
+
+def _misconfigured(reply: str) -> bool:
+    """Error replies that mean the configuration is wrong (``ResponseError`` is raised for
+    every error reply; redis-py gives these no class of their own)."""
+    text = reply.upper()
+    return any(mark in text for mark in _CONFIG_REPLIES)
+
+
+#: A database number out of range (redis-py selects it while connecting), authentication
+#: refused by a server older than the ACL classes, an ACL denial spelled by a proxy.
+_CONFIG_REPLIES = ("DB INDEX IS OUT OF RANGE", "INVALID DB INDEX", "WRONGPASS", "NOAUTH",
+                   "NOPERM", "INVALID PASSWORD")
+
+
 @contextlib.contextmanager
 def translated_errors(url: str) -> Iterator[None]:
-    """redis-py's errors as ``CacheUnavailable`` (URL masked), for the few callers that use
-    the redis-py client directly (the warmer's watermark and health) instead of ``RedisStore``."""
+    """redis-py's errors translated by ``translate`` (URL masked), for the few callers that
+    use the redis-py client directly (the warmer's watermark and health) instead of
+    ``RedisStore``."""
     try:
         yield
     except _ERRORS as exc:
-        raise CacheUnavailable(f"Redis {safe_redis_url(url)}: {exc}") from exc
+        raise translate(exc, safe_redis_url(url)) from exc
 
 
 def _describe(client: redis.Redis) -> str:

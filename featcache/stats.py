@@ -35,6 +35,7 @@ EVENTS = (
     "singleflight_joined",  # rows this call got from another thread's SQL read
     "lease_waits",  # rows another process was filling: waited for them
     "lease_timeouts",  # ... and read SQL after lease_wait because they did not arrive
+    "lease_takeovers",  # ... and read SQL at once: the holder's fill would not land
     "sql_rejected",  # rows refused by the SQL concurrency limit
     "unavailable",  # rows marked UNAVAILABLE (on_sql_error: mark)
 )

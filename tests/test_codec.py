@@ -197,3 +197,74 @@ def test_tombstone_decodes_as_a_tombstone() -> None:
     raw = b"\x01T" + struct.pack(">q", NO_EVENT) + b"1764000000000-0"
     row = RowCodec(VIEW).decode(raw)
     assert row is not None and row.kind == KIND_TOMBSTONE
+
+
+# ------------------------------------------------------------------ declared types on decode
+
+TYPED = FeatureView(
+    name="v", table="t", entity_column="id", event_timestamp_column="ts",
+    features=(Feature("i", "int", 60), Feature("f", "float", 60), Feature("b", "bool", 60),
+              Feature("s", "str", 60), Feature("t", "timestamp", 60),
+              Feature("e", "list[float]", 60)),
+)
+_GOOD = (7, 0.5, True, "x", dt.datetime(2026, 1, 1, tzinfo=dt.UTC), [1.0, -2.5])
+#: for each feature of TYPED, values msgpack can hold that are not of its declared type
+_WRONG: tuple[tuple[object, ...], ...] = (
+    ("7", 7.0, True, [7], b"7", {"a": 7}),
+    ("0.5", False, [0.5], b"\x00" * 8),
+    (1, 0, "true", 1.0, [True]),
+    (b"x", 1, 1.0, ["x"], True),
+    (1_767_225_600_000_000, "2026-01-01", 1.5),
+    ([1.0, -2.5], "e", 1.0, 3),
+)
+
+
+def _with(values: tuple[object, ...], index: int, value: object) -> bytes:
+    """An encoded row of TYPED whose value ``index`` is replaced after encoding (as a foreign
+    writer would leave it): fingerprint, epoch and header are those of a real row."""
+    real = RowCodec(TYPED).encode(values, 1, 2, 3)
+    body = msgpack.unpackb(real[10:], timestamp=3)
+    body[4 + index] = value
+    return real[:10] + msgpack.packb(body, datetime=True)
+
+
+@pytest.mark.parametrize("index", range(len(_GOOD)))
+def test_a_value_of_another_type_than_declared_is_a_decode_error(index: int) -> None:
+    codec = RowCodec(TYPED)
+    for wrong in _WRONG[index]:
+        assert codec.decode(_with(_GOOD, index, wrong)) is None, (index, wrong)
+    assert codec.decode(_with(_GOOD, index, None)) is not None  # a null is always allowed
+
+
+def test_an_int_in_a_float_feature_reads_as_that_float() -> None:
+    """Lossless (as Arrow's float64 would take it), so not refused; featcache itself always
+    writes floats there."""
+    row = RowCodec(TYPED).decode(_with(_GOOD, 1, 3))
+    assert row is not None and row.values[1] == 3.0 and type(row.values[1]) is float
+
+
+def test_an_int_beyond_int64_is_a_decode_error() -> None:
+    assert RowCodec(TYPED).decode(_with(_GOOD, 0, 2**63)) is None
+    assert RowCodec(TYPED).decode(_with(_GOOD, 0, 2**63 - 1)) is not None
+
+
+def test_rows_with_nulls_and_rows_of_a_leading_schema_still_decode() -> None:
+    codec = RowCodec(TYPED)
+    nulls = codec.decode(codec.encode((None,) * 6, None, 5, 6))
+    assert nulls is not None and tuple(nulls.values) == (None,) * 6
+    older = FeatureView(name="v", table="t", entity_column="id", event_timestamp_column="ts",
+                        features=TYPED.features[:3])
+    row = codec.decode(RowCodec(older).encode((1, None, False), 9, 5, 6))
+    assert row is not None and tuple(row.values) == (1, None, False)
+    bad_older = RowCodec(older).encode((1, None, 0), 9, 5, 6)  # bool feature holding an int
+    body = msgpack.unpackb(bad_older[10:])
+    body[6] = 0
+    assert codec.decode(bad_older[:10] + msgpack.packb(body)) is None
+
+
+def test_a_negative_entry_with_bookkeeping_of_another_type_is_a_decode_error() -> None:
+    good = RowCodec.encode_absent(123, 4)
+    assert RowCodec(TYPED).decode(good) is not None
+    body = msgpack.unpackb(good[10:])
+    body[2] = "123"
+    assert RowCodec(TYPED).decode(good[:10] + msgpack.packb(body)) is None

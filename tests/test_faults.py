@@ -462,13 +462,13 @@ def test_sql_failure_does_not_discard_a_row_that_arrived_during_the_lease_wait(
     layout_key = f"{key_prefix}:sfeat:1"  # featcache.keys: <prefix>:<view>:<entity>
     lease_key = f"{key_prefix}:~sfeat:lease:1"
     # another process whose fill lands while this reader waits on its lease: run once, right
-    # before the first MGET of exactly row 1's key (the lease wait's poll), a point the test
-    # can name instead of a time
+    # before the first MGET of exactly row 1's key and lease (the lease wait's poll), a point
+    # the test can name instead of a time
     client, hooks = hooked_client(redis_url)
     on_poll: list[Callable[[], None]] = []
 
     def before_send(packed: Sequence[bytes]) -> None:
-        if on_poll and len(packed) == 1 and is_command(packed[0], "MGET", [layout_key]):
+        if on_poll and len(packed) == 1 and is_command(packed[0], "MGET", [layout_key, lease_key]):
             on_poll.pop()()
 
     hooks.before_send = before_send

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
 import socket
 import subprocess
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -15,7 +18,8 @@ import pytest
 import redis
 from featdata import STATS_FEATURES, insert, make_cache, make_table, make_view, stats_row
 
-from featcache import CacheUnavailable, ConfigError, FeatureCache, Status
+import featcache
+from featcache import CacheConfig, CacheConfigError, ConfigError, FeatureCache, Status
 from featcache.embedded import EmbeddedServer
 
 
@@ -51,35 +55,139 @@ def test_acl_user_and_password(private_server: EmbeddedServer, table_url: str) -
     with _cache(f"redis://app:s3cr3t-pw@127.0.0.1:{port}/0", table_url) as fc:
         fc.get_features([1], ["clicks"])
         assert fc.get_features([1], ["clicks"]).status(1, "clicks") is Status.HIT_REDIS
-    wrong = f"redis://app:wrong-pw@127.0.0.1:{port}/0"
-    with _cache(wrong, table_url) as fc:
-        result = fc.get_features([1], ["clicks"])  # a read still answers, from SQL
-        assert result.status(1, "clicks") is Status.FILLED
-        assert fc.stats()["conn"]["redis_errors"] == 1
-        with pytest.raises(CacheUnavailable) as err:
-            fc.put_rows("conn", [stats_row(1)])
-        assert "wrong-pw" not in str(err.value)
     admin.close()
+
+
+def _acl_user(server: EmbeddedServer, name: str, password: str, *rules: str) -> str:
+    """An ACL user on the private server; returns the URL that logs in as it."""
+    admin = redis.Redis.from_url(server.url)
+    try:
+        admin.execute_command("ACL", "SETUSER", name, "reset", "on", f">{password}", *rules)
+    finally:
+        admin.close()
+    return f"redis://{name}:{password}@127.0.0.1:{server.port}/0"
+
+
+@pytest.mark.parametrize("url_of", [
+    pytest.param(lambda s: f"redis://app:wrong-pw@127.0.0.1:{s.port}/0", id="wrong-password"),
+    pytest.param(lambda s: f"redis://nobody:wrong-pw@127.0.0.1:{s.port}/0", id="unknown-user"),
+    pytest.param(lambda s: f"redis://127.0.0.1:{s.port}/99", id="database-out-of-range"),
+    pytest.param(lambda s: _acl_user(s, "others", "pw-o", "~other:*", "+@all"),
+                 id="keys-not-permitted"),
+    pytest.param(lambda s: _acl_user(s, "nomget", "pw-m", "~fct-conn:*", "+@all", "-mget"),
+                 id="read-not-permitted"),
+])
+def test_a_refused_configuration_fails_at_construction(
+    private_server: EmbeddedServer, table_url: str, url_of: Any
+) -> None:
+    """Wrong credentials, ACL rules that forbid what featcache needs, a database the server
+    does not have: configuration errors, raised at once with the URL masked, instead of a
+    cache that sends every call to SQL for its whole life."""
+    _acl_user(private_server, "app", "s3cr3t-pw", "~fct-conn:*", "+@all")
+    url = url_of(private_server)
+    with pytest.raises(CacheConfigError) as err:
+        _cache(url, table_url)
+    assert isinstance(err.value, ConfigError) and err.value.path == "redis.url"
+    assert "wrong-pw" not in str(err.value) and "pw-" not in str(err.value)
+    with pytest.raises(CacheConfigError):
+        featcache.invalidate("conn", [1], config=_config(url, table_url))
+
+
+def test_a_password_changed_under_a_running_cache_fails_every_call(
+    private_server: EmbeddedServer, table_url: str
+) -> None:
+    """Met mid-life (the password rotated, the ACL changed), the refusal is raised by the
+    calls that meet it, reads included: not answered from SQL as an outage would be."""
+    url = _acl_user(private_server, "app", "s3cr3t-pw", "~fct-conn:*", "+@all")
+    with _cache(url, table_url) as fc:
+        assert fc.get_features([1], ["clicks"]).status(1, "clicks") is Status.FILLED
+        _acl_user(private_server, "app", "rotated-pw", "~fct-conn:*", "+@all")
+        admin = redis.Redis.from_url(private_server.url)
+        try:
+            assert admin.execute_command("CLIENT", "KILL", "USER", "app") >= 1
+        finally:
+            admin.close()
+        for _ in range(3):  # every call, not only the first: nothing degrades to SQL
+            with pytest.raises(CacheConfigError):
+                fc.get_features([1], ["clicks"])
+        with pytest.raises(CacheConfigError):
+            fc.invalidate("conn", [1])
+        with pytest.raises(CacheConfigError):
+            fc.put_rows("conn", [stats_row(1)])
+        assert fc.stats()["conn"]["redis_errors"] == 0
+
+
+@pytest.mark.parametrize("path", ["/abc", "/0x1", "/1/2", "/-1"])
+def test_a_database_that_is_not_a_number_is_a_config_error(table_url: str, path: str) -> None:
+    """redis-py reads ``/abc`` as database 0: featcache refuses it instead."""
+    with pytest.raises(ConfigError, match="database number") as err:
+        _cache(f"redis://user:topsecret@127.0.0.1:6379{path}", table_url)
+    assert "topsecret" not in str(err.value)
+
+
+def test_an_outage_at_construction_is_not_a_config_error(table_url: str) -> None:
+    """Nothing listening: the cache starts and answers from SQL, as it does mid-life."""
+    with _cache(f"redis://127.0.0.1:{_free_port()}/0", table_url,
+                redis_connect_timeout=0.5) as fc:
+        assert fc.get_features([1], ["clicks"]).status(1, "clicks") is Status.FILLED
+        assert fc.stats()["conn"]["redis_errors"] == 1
 
 
 def test_an_error_reply_to_the_read_is_redis_unavailable(
     private_server: EmbeddedServer, table_url: str
 ) -> None:
-    """A server that answers the batch read with an error (here ACL: MGET denied) is a Redis
-    failure like a lost connection: the call answers from SQL and counts the error; nothing
-    reads the error reply as values."""
+    """A server that answers the batch read with an error reply of a server that cannot serve
+    now (BUSY: a script ran past busy-reply-threshold) is a Redis failure like a lost
+    connection: the call answers from SQL and counts the error; nothing reads the error reply
+    as values."""
     admin = redis.Redis.from_url(private_server.url)
-    admin.acl_setuser("nomget", enabled=True, passwords=["+pw-nomget"], keys=["fct-conn:*"],
-                      commands=["+@all", "-mget"])
+    admin.config_set("busy-reply-threshold", 50)
+    busy = redis.Redis.from_url(private_server.url)
+    spinning = threading.Thread(
+        target=lambda: _swallow(lambda: busy.eval("while true do end", 0)), daemon=True
+    )
     try:
-        url = f"redis://nomget:pw-nomget@127.0.0.1:{private_server.port}/0"
-        with _cache(url, table_url) as fc:
+        with _cache(private_server.url, table_url) as fc:
+            spinning.start()
+            _wait_until_busy(private_server)
             result = fc.get_features([1], ["clicks"])
             assert result.status(1, "clicks") is Status.FILLED and result[1]["clicks"] == 3
             assert fc.stats()["conn"]["redis_errors"] == 1
     finally:
-        admin.acl_deluser("nomget")
+        killer = redis.Redis.from_url(private_server.url)
+        _swallow(killer.script_kill)
+        spinning.join(10)
+        killer.close()
+        busy.close()
         admin.close()
+
+
+def _swallow(call: Any) -> None:
+    with contextlib.suppress(redis.RedisError):
+        call()
+
+
+def _wait_until_busy(server: EmbeddedServer) -> None:
+    probe = redis.Redis.from_url(server.url)
+    try:
+        for _ in range(200):
+            try:
+                probe.ping()
+            except redis.exceptions.BusyLoadingError:
+                continue
+            except redis.ResponseError as exc:
+                if "BUSY" in str(exc):
+                    return
+                raise
+            time.sleep(0.01)
+        raise AssertionError("the script never made the server BUSY")
+    finally:
+        probe.close()
+
+
+def _config(redis_url: str, sql_url: str) -> CacheConfig:
+    return CacheConfig(views=(make_view("conn", "conn", None),), redis_url=redis_url,
+                       offline_url=sql_url, key_prefix="fct-conn")
 
 
 def test_bad_scheme_is_a_config_error(table_url: str) -> None:
