@@ -145,15 +145,14 @@ class FeatureCache:
         """Read one key the cache will read: a wrong password, ACL user, key permission or
         database number fails here, as ``CacheConfigError``, instead of sending every call to
         SQL for the process's whole life. An outage is not a configuration error: the cache
-        starts, and degrades as it would mid-life."""
+        starts, and degrades (and logs the outage) as it would mid-life."""
         try:
             self._redis.read([self._layout.view_key(self.config.views[0].name, "epoch")])
         except CacheConfigError:
             self.close()
             raise
-        except CacheUnavailable as exc:
-            log.warning("Redis unavailable at start; calls answer from SQL until it is "
-                        "back: %s", exc)
+        except CacheUnavailable as exc:  # the first call that meets it logs the outage
+            log.debug("Redis unavailable at start: %s", exc)
 
     def _subscriber_client(self) -> redis.Redis:
         """A connection of its own for the stream tail (XREAD BLOCK holds it), built like the

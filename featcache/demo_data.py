@@ -25,7 +25,7 @@ import sqlalchemy as sa
 from sqlalchemy import exc as sa_exc
 
 from featcache.errors import OfflineStoreError, OfflineStoreUnavailable
-from featcache.offline import safe_url
+from featcache.offline import engine_url, safe_url
 
 __all__ = ["ACTIVITY_TABLE", "PROFILE_TABLE", "SampleReport", "ensure_sample"]
 
@@ -220,7 +220,7 @@ def ensure_sample(url: str, users: int, seed: int) -> SampleReport:
     started = time.perf_counter()
     engine: sa.Engine | None = None
     try:
-        engine = sa.create_engine(url)
+        engine = sa.create_engine(engine_url(url))
         with engine.begin() as conn:
             _metadata.create_all(conn, checkfirst=True)
             now = dt.datetime.now(dt.UTC).replace(microsecond=0, tzinfo=None)

@@ -16,7 +16,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from itertools import repeat
-from typing import Any, NamedTuple
+from typing import Any, Final, NamedTuple
 
 import sqlalchemy as sa
 from sqlalchemy import exc as sa_exc
@@ -34,7 +34,15 @@ from featcache.convert import (
 from featcache.errors import ConfigError, OfflineStoreError, OfflineStoreUnavailable, SchemaError
 from featcache.urls import mask_url
 
-__all__ = ["OfflineStore", "RowColumns", "SqlRow", "safe_url"]
+__all__ = [
+    "INSTALLED_DRIVERS",
+    "OfflineStore",
+    "RowColumns",
+    "SqlRow",
+    "create_engine",
+    "engine_url",
+    "safe_url",
+]
 
 log = logging.getLogger("featcache.offline")
 
@@ -81,8 +89,63 @@ def safe_url(url: str) -> str:
     return mask_url(url)
 
 
-def _connect_args(url: str, timeout: float) -> dict[str, Any]:
-    backend = sa.engine.make_url(url).get_backend_name()
+#: The DBAPI driver featcache installs (pyproject.toml) for each dialect whose SQLAlchemy
+#: default driver is another one (psycopg2 before SQLAlchemy 2.1; mysqlclient, imported as
+#: ``MySQLdb``): a URL that names no driver gets this one.
+INSTALLED_DRIVERS: Final[Mapping[str, str]] = {
+    "postgresql": "psycopg", "mysql": "pymysql", "mariadb": "pymysql",
+}
+_DIALECTS: Final = ("sqlite", "postgresql", "mysql", "mariadb", "mssql", "oracle")
+
+
+def engine_url(url: str) -> sa.URL:
+    """``url`` as the engine is created with it: ``postgresql://``, ``mysql://`` and
+    ``mariadb://`` without a driver use the one featcache installs (``INSTALLED_DRIVERS``), so
+    they work rather than fail on a driver that is not a dependency; a URL that names its
+    driver is kept as written. Raises what ``make_url`` raises for a URL that does not parse."""
+    parsed = sa.engine.make_url(url)
+    driver = INSTALLED_DRIVERS.get(parsed.drivername)
+    return parsed if driver is None else parsed.set(drivername=f"{parsed.drivername}+{driver}")
+
+
+def create_engine(
+    url: str, path: str, source: str = "", connect_timeout: float | None = None, **options: Any
+) -> sa.Engine:
+    """An engine for ``engine_url(url)``; nothing connects yet. A URL that does not parse, an
+    unknown dialect or a driver that is not installed is a ``ConfigError`` at ``path`` that
+    says which URL works, with the password masked."""
+    try:
+        parsed = engine_url(url)
+        if connect_timeout is not None:
+            options["connect_args"] = _connect_args(parsed, connect_timeout)
+        return sa.create_engine(parsed, **options)
+    except (sa_exc.ArgumentError, ImportError, ValueError, TypeError) as exc:
+        raise ConfigError(
+            f"cannot use offline store URL {mask_url(url)}: {_no_secrets(exc, url)}"
+            f"{_driver_hint(url, exc)}", path, source,
+        ) from None
+
+
+def _driver_hint(url: str, exc: BaseException) -> str:
+    """What to write instead, when the dialect or the driver of ``url`` is the problem."""
+    if not isinstance(exc, ImportError | sa_exc.NoSuchModuleError):
+        return ""  # the URL does not parse: its own message says where
+    dialect, _, driver = engine_url(url).drivername.partition("+")
+    if dialect not in _DIALECTS:
+        close = difflib.get_close_matches(dialect, _DIALECTS, n=1)
+        return f"; unknown dialect {dialect!r}" + (
+            f", did you mean {close[0]}://?" if close
+            else f" (SQLAlchemy ships {', '.join(_DIALECTS)}; others come as plugins)")
+    installed = INSTALLED_DRIVERS.get(dialect)
+    if installed is not None:
+        return (f"; the driver {driver!r} is not available: write {dialect}+{installed}:// "
+                f"(or {dialect}://, which uses {installed}), the driver featcache installs")
+    named = f"the {dialect} driver {driver!r}" if driver else f"SQLAlchemy's {dialect} driver"
+    return f"; {named} is not available: install it, or name an installed one ({dialect}+DRIVER://)"
+
+
+def _connect_args(url: sa.URL, timeout: float) -> dict[str, Any]:
+    backend = url.get_backend_name()
     seconds = max(1, round(timeout))
     if backend == "sqlite":
         return {"timeout": timeout}
@@ -177,20 +240,11 @@ class OfflineStore:
         self._config = config
         self.url = safe_url(config.offline_url)
         if engine is None:
-            try:
-                engine = sa.create_engine(
-                    config.offline_url,
-                    pool_pre_ping=True,
-                    pool_size=config.sql_pool_size,
-                    connect_args=_connect_args(config.offline_url, config.sql_connect_timeout),
-                )
-            except (sa_exc.ArgumentError, sa_exc.NoSuchModuleError, ImportError,
-                    ValueError, TypeError) as exc:
-                raise ConfigError(
-                    f"cannot use offline store URL {self.url}: {_no_secrets(exc, config)}",
-                    "offline_store.url",
-                    config.source,
-                ) from None
+            engine = create_engine(
+                config.offline_url, "offline_store.url", config.source,
+                connect_timeout=config.sql_connect_timeout,
+                pool_pre_ping=True, pool_size=config.sql_pool_size,
+            )
         self.engine = engine
         self._bound: dict[str, _BoundView] = {}
         self._lock = threading.Lock()
@@ -387,9 +441,9 @@ class OfflineStore:
         return OfflineStoreError(f"offline store {self.url} failed while {doing}: {_short(exc)}")
 
 
-def _no_secrets(exc: BaseException, config: CacheConfig) -> str:
-    text = str(exc).replace(config.offline_url, mask_url(config.offline_url))
-    password = _password(config.offline_url)
+def _no_secrets(exc: BaseException, url: str) -> str:
+    text = str(exc).replace(url, mask_url(url))
+    password = _password(url)
     return text.replace(password, "***") if password else text
 
 

@@ -5,14 +5,16 @@ data flows from the jobs into ``featcache``, not back. Modules of ``jobs/`` impo
 relatively, because ``jobs/`` becomes ``featcache.jobs`` only when installed.
 
 Every command is one ``_add_<name>`` function that declares its arguments and a handler taking
-the parsed arguments and returning the exit status; ``_COMMANDS`` lists them, so a new command
-(``invalidate``, ``warmer``, ``warm``, ``materialize``, ``stats``...) plugs in without touching
-the rest.
+the parsed arguments and returning the exit status; ``_COMMANDS`` lists them (``demo``,
+``invalidate``, ``materialize``, ``warm``, ``warmer``), so a new command plugs in without
+touching the rest. The global options (``--log-level``, ``--version``) are accepted before and
+after the command's name.
 
-Exit statuses: 0 success, 2 a usage error or a ``FeatcacheError`` (printed as one line, no
-traceback: these are the user's to fix, not bugs), 130 interrupted (Ctrl-C), 143 terminated
-(SIGTERM), 141 stdout closed early (``featcache demo | head``). Interruptions unwind normally,
-so commands clean up after themselves (servers, temporary files, keys) on the way out.
+A ``FeatcacheError`` is printed as one line, no traceback (an outcome to act on, not a bug),
+and its class decides the exit status (``EXIT_STATUSES``, listed by ``featcache --help``), so a
+script can tell what to retry: only 75, a server that could not be reached or failed. The
+statuses are those of BSD's sysexits.h where one fits. Interruptions unwind normally, so commands
+clean up after themselves (servers, temporary files, keys) on the way out.
 """
 
 from __future__ import annotations
@@ -24,24 +26,82 @@ import logging
 import os
 import signal
 import sys
+import textwrap
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from types import FrameType
+from typing import Final
 
 from featcache import __version__, demo
-from featcache.errors import FeatcacheError
+from featcache.config import parse_duration
+from featcache.errors import (
+    BackendError,
+    ConfigError,
+    EmbeddedServerError,
+    FeatcacheError,
+    InvalidRequest,
+    OfflineStoreError,
+    OfflineStoreUnavailable,
+    UnknownView,
+)
 
 from . import hook, warm, warmer
 
-__all__ = ["main"]
+__all__ = ["EXIT_STATUSES", "exit_status", "main"]
 
 _Handler = Callable[[argparse.Namespace], int]
 _Subcommands = argparse._SubParsersAction  # what add_subparsers() returns
 
-EXIT_USAGE = 2
-EXIT_INTERRUPTED = 130
-EXIT_TERMINATED = 143
-EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what a shell reports for a process killed by it
+EXIT_OK: Final = 0
+EXIT_OTHER: Final = 1
+EXIT_USAGE: Final = 2
+EXIT_DATAERR: Final = 65  # sysexits.h EX_DATAERR
+EXIT_UNAVAILABLE: Final = 69  # EX_UNAVAILABLE
+EXIT_TEMPFAIL: Final = 75  # EX_TEMPFAIL
+EXIT_CONFIG: Final = 78  # EX_CONFIG
+EXIT_INTERRUPTED: Final = 130
+EXIT_BROKEN_PIPE: Final = 141  # 128 + SIGPIPE, what a shell reports for a process killed by it
+EXIT_TERMINATED: Final = 143
+
+#: Every exit status and what it means, as ``featcache --help`` lists them.
+EXIT_STATUSES: Final[tuple[tuple[int, str], ...]] = (
+    (EXIT_OK, "success"),
+    (EXIT_OTHER, "any other error (a bug prints a traceback)"),
+    (EXIT_USAGE, "a bad command line: unknown option, bad or missing value"),
+    (EXIT_DATAERR, "bad input data: an id not of the view's type, no ids, an ids file "
+                   "that cannot be read or is not UTF-8"),
+    (EXIT_UNAVAILABLE, "a query the database rejected (a permission, a column of another "
+                       "type), or the demo's valkey-server missing or not starting: not "
+                       "worth retrying as it is"),
+    (EXIT_TEMPFAIL, "a server could not be reached or failed (Redis, SQL: refused, timed "
+                    "out, connection lost): the one status worth retrying"),
+    (EXIT_CONFIG, "bad configuration (any ConfigError): the config file, an unknown view, a "
+                  "missing table or column, a URL or driver that cannot work"),
+    (EXIT_INTERRUPTED, "interrupted (Ctrl-C)"),
+    (EXIT_BROKEN_PIPE, "stdout closed early (featcache demo | head)"),
+    (EXIT_TERMINATED, "terminated (SIGTERM)"),
+)
+
+#: The exit status of a ``FeatcacheError``, by base class: the first that matches decides.
+#: ``UnknownView`` is also an ``InvalidRequest``, but the name it rejects is configuration. A
+#: plain ``OfflineStoreError`` is a query the database answered with an error (the drivers'
+#: transient failures, deadlocks and timeouts included, are ``OfflineStoreUnavailable``):
+#: running it again gets the same answer.
+_ERROR_STATUSES: Final[tuple[tuple[type[FeatcacheError], int], ...]] = (
+    (ConfigError, EXIT_CONFIG),
+    (UnknownView, EXIT_CONFIG),
+    (InvalidRequest, EXIT_DATAERR),
+    (OfflineStoreUnavailable, EXIT_TEMPFAIL),
+    (OfflineStoreError, EXIT_UNAVAILABLE),
+    (BackendError, EXIT_TEMPFAIL),
+    (EmbeddedServerError, EXIT_UNAVAILABLE),
+)
+
+
+def exit_status(error: FeatcacheError) -> int:
+    """The exit status the command line ends with after ``error``."""
+    return next((status for base, status in _ERROR_STATUSES if isinstance(error, base)),
+                EXIT_OTHER)
 
 
 class _Terminated(BaseException):
@@ -62,6 +122,14 @@ def _int_at_least(low: int) -> Callable[[str], int]:
         return value
 
     return parse
+
+
+def _duration(text: str) -> float:
+    """A duration as the config writes them (``90``, ``500ms``, ``5m``, ``1h``), in seconds."""
+    try:
+        return parse_duration(text)
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(exc.message) from None
 
 
 def _non_negative_float(text: str) -> float:
@@ -228,17 +296,19 @@ def _run_materialize(args: argparse.Namespace) -> int:
 def _add_warm(commands: _Subcommands[argparse.ArgumentParser]) -> None:
     parser = commands.add_parser(
         "warm",
-        help="refresh the most read entities whose cached rows are missing or expiring",
+        help="one warming pass: refresh the most read entities whose rows are missing or "
+             "expiring",
         description=(
-            "One warming pass: for each view (or --view), take the view's leader lease, find "
-            "the top K entities by read popularity, and rewrite those missing from Redis or "
-            "expiring within the horizon from SQL, fenced. A view whose lease another warmer "
-            "holds is skipped. Prints one JSON line."
+            "One warming pass, then exit: for each view (or --view), take the view's leader "
+            "lease, find the top K entities by read popularity, and rewrite those missing "
+            "from Redis or expiring within the horizon from SQL, fenced. A view whose lease "
+            "another warmer holds is skipped. Prints one JSON line. `featcache warmer` is the "
+            "long-running warmer, which runs such passes on a schedule."
         ),
     )
     parser.add_argument(
-        "--once", action="store_true", required=True,
-        help="run one pass and exit (the long-running warmer is not available yet)",
+        "--once", action="store_true",
+        help="run one pass and exit, which is what warm does with or without it",
     )
     _config_option(parser)
     parser.add_argument("--view", metavar="V", help="only this view (default: every view)")
@@ -247,8 +317,9 @@ def _add_warm(commands: _Subcommands[argparse.ArgumentParser]) -> None:
         help="the most read entities to consider per view (default 1000)",
     )
     parser.add_argument(
-        "--horizon", type=_non_negative_float, default=60.0, metavar="S",
-        help="also refresh rows that go stale within S seconds (default 60)",
+        "--horizon", type=_duration, default=60.0, metavar="D",
+        help="also refresh rows that go stale within D: seconds, or a duration as in the "
+             "config (500ms, 5m, 1h) (default 60)",
     )
     parser.set_defaults(handler=_run_warm)
 
@@ -315,21 +386,38 @@ _COMMANDS: tuple[Callable[[_Subcommands[argparse.ArgumentParser]], None], ...] =
 # ----------------------------------------------------------------------------- main
 
 
-def _build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="featcache",
-        description="featcache: a batched read-through cache of ML features, "
-                    "Redis/Valkey in front of a SQL offline store.",
-    )
-    parser.add_argument("--version", action="version", version=f"featcache {__version__}")
-    parser.add_argument(
-        "--log-level", default="warning", type=str.lower,
+def _global_options(parser: argparse.ArgumentParser, top: bool) -> None:
+    """The options every command takes, before or after its name. After it, a default would
+    overwrite a value given before it, so there they have none (``SUPPRESS``)."""
+    options = parser.add_argument_group("global options") if not top else parser
+    options.add_argument("--version", action="version", version=f"featcache {__version__}")
+    options.add_argument(
+        "--log-level", default="warning" if top else argparse.SUPPRESS, type=str.lower,
         choices=("debug", "info", "warning", "error"),
         help="log messages from this level up go to stderr (default warning)",
     )
+
+
+def _exit_statuses_epilog() -> str:
+    lines = [textwrap.fill(meaning, 79, initial_indent=f"  {status:<4} ",
+                           subsequent_indent=" " * 7) for status, meaning in EXIT_STATUSES]
+    return "exit statuses:\n" + "\n".join(lines)
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="featcache",
+        description="featcache: a batched read-through cache of ML features,\n"
+                    "Redis/Valkey in front of a SQL offline store.",
+        epilog=_exit_statuses_epilog(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,  # keeps the epilog's table
+    )
+    _global_options(parser, top=True)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for add in _COMMANDS:
         add(commands)
+    for command in commands.choices.values():
+        _global_options(command, top=False)
     return parser
 
 
@@ -372,7 +460,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return handler(args)
     except FeatcacheError as exc:
         print(f"featcache: error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+        return exit_status(exc)
     except KeyboardInterrupt:
         print("featcache: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED

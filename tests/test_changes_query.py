@@ -203,7 +203,7 @@ def test_the_warmer_command_rejects_a_bad_change_query_before_touching_a_server(
         [*CLI, "warmer", "--config", str(config_path)],
         capture_output=True, text=True, timeout=60, check=False,
     )
-    assert done.returncode == 2 and f"{config_path}: {path}: " in done.stderr
+    assert done.returncode == 78 and f"{config_path}: {path}: " in done.stderr
 
 
 def test_a_view_without_updated_at_is_followed_through_its_change_query(

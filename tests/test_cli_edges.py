@@ -72,7 +72,7 @@ def test_demo_prints_an_offline_password_containing_a_slash(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     url = f"postgresql+psycopg://reader:{SECRET}@127.0.0.1:{_closed_port()}/features"
-    assert main(["demo", "--users", "50", "--calls", "5", "--offline-url", url]) == 2
+    assert main(["demo", "--users", "50", "--calls", "5", "--offline-url", url]) == 75
     captured = capsys.readouterr()
     assert SECRET not in captured.out + captured.err, captured.out + captured.err
 
@@ -84,7 +84,7 @@ def test_demo_offline_url_with_a_bad_port_is_one_line(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     # errors.md: a non-numeric port is a ConfigError; the demo lets SQLAlchemy's ValueError out
-    assert main(["demo", "--offline-url", "postgresql://u:s3cret@h:badport/db"]) == 2
+    assert main(["demo", "--offline-url", "postgresql://u:s3cret@h:badport/db"]) == 78
     err = capsys.readouterr().err
     assert err.startswith("featcache: error: --offline-url: ")
     assert "s3cret" not in err
@@ -112,7 +112,7 @@ def test_warmer_health_with_redis_down_is_one_line(
         "views:\n  stats:\n    table: stats\n    entity: {column: entity_id, type: int}\n"
         "    event_timestamp: event_ts\n    features:\n      clicks: int, 1h\n"
     )
-    assert main(["warmer", "--health", "--config", str(path)]) == 2
+    assert main(["warmer", "--health", "--config", str(path)]) == 75
     err = capsys.readouterr().err
     assert err.startswith("featcache: error: ") and "s3cret" not in err
 

@@ -250,7 +250,7 @@ def test_bad_demo_arguments_exit_2(
 
 def test_unreachable_redis_is_one_clear_line(capsys: pytest.CaptureFixture[str]) -> None:
     port = free_port()
-    assert main(["demo", "--quick", "--redis-url", f"redis://127.0.0.1:{port}/0"]) == 2
+    assert main(["demo", "--quick", "--redis-url", f"redis://127.0.0.1:{port}/0"]) == 75
     err = capsys.readouterr().err
     assert err.startswith(f"featcache: error: cannot reach Redis at redis://127.0.0.1:{port}/0")
     assert err.count("\n") == 1 and "Traceback" not in err
@@ -266,7 +266,7 @@ def test_unreachable_redis_is_one_clear_line(capsys: pytest.CaptureFixture[str])
 def test_malformed_urls_name_the_flag(
     capsys: pytest.CaptureFixture[str], args: list[str], message: str
 ) -> None:
-    assert main(["demo", *args]) == 2
+    assert main(["demo", *args]) == 78
     captured = capsys.readouterr()
     assert captured.err.startswith(message)
     assert captured.out == "", "nothing is started for a URL that cannot work"

@@ -181,11 +181,11 @@ def test_an_ids_file_with_a_utf8_bom_invalidates_its_first_id(
     assert statuses == [Status.FILLED, Status.FILLED], (report.ids, statuses)
 
 
-def test_an_ids_file_that_is_not_utf8_is_one_error_line_and_exit_2(
+def test_an_ids_file_that_is_not_utf8_is_one_error_line_and_exit_65(
     tmp_path: Any, sqlite_target: Any, redis_url: str, key_prefix: str,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    """docs: any error reading the ids is one 'featcache: error: ...' line and exit status 2.
+    """docs: any error reading the ids is one 'featcache: error: ...' line and exit status 65.
     A Latin-1 or UTF-16 file is such an error (its UnicodeDecodeError used to escape main()
     as a traceback)."""
     config = _str_view_config(tmp_path, sqlite_target, redis_url, key_prefix)
@@ -196,7 +196,7 @@ def test_an_ids_file_that_is_not_utf8_is_one_error_line_and_exit_2(
                          "--ids-file", str(ids_file)])
     except UnicodeDecodeError as exc:
         pytest.fail(f"escaped main(): {exc!r}")
-    assert code == 2
+    assert code == 65
     assert "featcache: error:" in capsys.readouterr().err
 
 

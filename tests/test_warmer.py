@@ -86,7 +86,7 @@ def test_bad_settings_fail_at_start_with_the_path(
         [*CLI, "warmer", "--config", str(config_path)],
         capture_output=True, text=True, timeout=60, check=False,
     )
-    assert done.returncode == 2 and f"{path}: " in done.stderr and message in done.stderr
+    assert done.returncode == 78 and f"{path}: " in done.stderr and message in done.stderr
 
 
 def test_settings_defaults_and_values(tmp_path: Path, redis_url: str, key_prefix: str) -> None:
