@@ -23,6 +23,8 @@ raises ``ConfigError`` naming its path)::
       follow_changes:                  # optional; views with updated_at or a change query
         interval: 30s
         rewrite: cached                # or all
+        lookback: 5m                   # re-read this far behind the watermark (default 5m)
+        start: now                     # a first poll: now minus lookback, or all (default now)
         views:                         # optional, per view
           v2:
             change_query: >-           # instead of v2's updated_at: see changes.py
@@ -81,7 +83,7 @@ from featcache.errors import ConfigError
 from featcache.metrics import CacheCollector, MetricsServer, new_registry, serve_metrics
 from featcache.redis_store import RedisStore, translated_errors
 
-from .changes import ChangeQuery, Rewrite, follow_changes
+from .changes import DEFAULT_LOOKBACK_S, ChangeQuery, Rewrite, Start, follow_changes
 from .leader import ViewLeader
 from .warm import warm_once
 
@@ -101,7 +103,7 @@ log = logging.getLogger("featcache.warmer")
 
 _TOP_KEYS = ("schedule", "jitter", "misfire_grace", "k", "horizon", "lease_ttl", "chunk_rows",
              "views", "follow_changes", "metrics_port", "metrics_addr")
-_FOLLOW_KEYS = ("interval", "rewrite", "views")
+_FOLLOW_KEYS = ("interval", "rewrite", "lookback", "start", "views")
 _FOLLOW_VIEW_KEYS = ("change_query",)
 HEALTH_NAME = "warmer:health"
 
@@ -109,11 +111,14 @@ HEALTH_NAME = "warmer:health"
 @dataclass(frozen=True, slots=True)
 class FollowSettings:
     """``warmer.follow_changes``; ``change_queries``: the views polled through a change query
-    instead of their ``updated_at`` column."""
+    instead of their ``updated_at`` column; ``lookback_s`` and ``start``: see
+    ``changes.follow_changes``."""
 
     interval_s: float
     rewrite: Rewrite = "cached"
     change_queries: Mapping[str, ChangeQuery] = field(default_factory=dict)
+    lookback_s: float = DEFAULT_LOOKBACK_S
+    start: Start = "now"
 
     def followed(self, view: FeatureView) -> bool:
         return view.updated_at_column is not None or view.name in self.change_queries
@@ -234,6 +239,9 @@ def parse_settings(config: CacheConfig) -> WarmerSettings:
         if rewrite not in ("cached", "all"):
             raise fail(f"expected 'cached' or 'all', got {rewrite!r}",
                        "warmer.follow_changes.rewrite")
+        start = fdoc.get("start", "now")
+        if start not in ("now", "all"):
+            raise fail(f"expected 'now' or 'all', got {start!r}", "warmer.follow_changes.start")
         queries: dict[str, ChangeQuery] = {}
         per_view = mapping(fdoc.get("views"), "warmer.follow_changes.views")
         for name, raw_view in per_view.items():
@@ -249,6 +257,8 @@ def parse_settings(config: CacheConfig) -> WarmerSettings:
         follow = FollowSettings(
             duration(fdoc, "interval", "warmer.follow_changes.interval", 30.0, True), rewrite,
             queries,
+            duration(fdoc, "lookback", "warmer.follow_changes.lookback", DEFAULT_LOOKBACK_S),
+            start,
         )
 
     port = None if doc.get("metrics_port") is None else integer(
@@ -335,7 +345,8 @@ class Warmer:
     def _follow(self, view: str, follow: FollowSettings) -> dict[str, Any]:
         report = follow_changes(self.cache, view, rewrite=follow.rewrite,
                                 leader=self.leaders[view], chunk_rows=self.settings.chunk_rows,
-                                change_query=follow.change_queries.get(view))
+                                change_query=follow.change_queries.get(view),
+                                lookback_s=follow.lookback_s, start=follow.start)
         out: dict[str, Any] = {"leader": report.leader, "rows": report.rewritten,
                                "changed": report.changed, "complete": report.complete}
         if report.leader:

@@ -113,7 +113,7 @@ def test_an_update_reaches_get_features_after_one_poll(
     any_env: dict[str, Any], redis_client: redis.Redis, key_prefix: str
 ) -> None:
     cache: FeatureCache = any_env["cache"]
-    first = follow_changes(cache, "cv")  # no watermark yet: every entity, none cached
+    first = follow_changes(cache, "cv", start="all")  # every entity, none cached
     assert (first.leader, first.changed, first.rewritten, first.not_cached) == (True, 5, 0, 5)
     assert [cache.get_features([i], ["clicks"]).status(i, "clicks") for i in (1, 2)] == [
         Status.FILLED, Status.FILLED]
@@ -139,7 +139,7 @@ def test_an_update_reaches_get_features_after_one_poll(
 
 def test_rewrite_all_writes_uncached_entities(env: dict[str, Any]) -> None:
     cache: FeatureCache = env["cache"]
-    report = follow_changes(cache, "cv", rewrite="all")
+    report = follow_changes(cache, "cv", rewrite="all", start="all")
     assert (report.changed, report.rewritten, report.not_cached) == (5, 5, 0)
     result = cache.get_features([1, 5], ["clicks"])
     assert {result.status(i, "clicks") for i in (1, 5)} == {Status.HIT_REDIS}
@@ -149,7 +149,7 @@ def test_rows_sharing_the_watermark_timestamp_are_not_lost(
     any_env: dict[str, Any], redis_client: redis.Redis, key_prefix: str
 ) -> None:
     cache: FeatureCache = any_env["cache"]
-    follow_changes(cache, "cv")  # past the initial rows
+    follow_changes(cache, "cv", start="all")  # past the initial rows
     t1 = T0 + 2 * HOUR + dt.timedelta(microseconds=123_457)  # sub-second: no dialect rounds it
     insert(any_env["engine"], any_env["table"],
            [stats_row(i, T0 + HOUR, updated_at=t1) for i in (11, 12, 13)])
@@ -171,7 +171,7 @@ def test_rows_sharing_the_watermark_timestamp_are_not_lost(
 
 def test_the_watermark_survives_a_restart(any_env: dict[str, Any]) -> None:
     with FeatureCache.from_config(any_env["path"]) as first:
-        assert follow_changes(first, "cv").changed == 5
+        assert follow_changes(first, "cv", start="all").changed == 5
         mark = load_watermark(first, "cv")
     with FeatureCache.from_config(any_env["path"]) as second:  # a new process, in effect
         assert load_watermark(second, "cv") == mark
@@ -190,7 +190,7 @@ def test_string_ids_differing_only_in_case_or_trailing_spaces_are_separate_chang
     view = make_view("sv", "sv", sql_target.schema, entity_type="str")
     stream = KeyLayout(key_prefix).stream_key()
     with make_cache([view], redis_url, sql_target.url, key_prefix) as cache:
-        report = follow_changes(cache, "sv")
+        report = follow_changes(cache, "sv", start="all")
         assert (report.changed, report.not_cached) == (3, 3)
         entries = redis_client.xrange(stream)
         assert sorted(msgpack.unpackb(entries[-1][1][b"ids"])) == sorted(ids)
@@ -206,7 +206,7 @@ def test_a_poll_waits_for_the_leader_lease(env: dict[str, Any]) -> None:
     assert (report.leader, report.changed) == (False, 0)
     assert load_watermark(cache, "cv") is None
     other.release()
-    assert follow_changes(cache, "cv").changed == 5
+    assert follow_changes(cache, "cv", start="all").changed == 5
 
 
 # ----------------------------------------------------------------------------- scheduler
@@ -242,7 +242,7 @@ def test_a_started_scheduler_runs_cycles_and_records_health(
     cache: FeatureCache = env["cache"]
     config = cache.config.with_overrides(warmer={
         "schedule": {"interval": "200ms"}, "views": ["cv"],
-        "follow_changes": {"interval": "200ms", "rewrite": "all"},
+        "follow_changes": {"interval": "200ms", "rewrite": "all", "start": "all"},
     })
     scheduler = build_scheduler(cache, parse_settings(config), BackgroundScheduler)
     scheduler.start()
@@ -301,7 +301,8 @@ def test_a_cycle_that_lost_its_lease_part_way_is_no_success_in_health(
 ) -> None:
     cache: FeatureCache = env["cache"]
     config = cache.config.with_overrides(warmer={
-        "views": ["cv"], "chunk_rows": 1, "follow_changes": {"interval": "1s"}})
+        "views": ["cv"], "chunk_rows": 1,
+        "follow_changes": {"interval": "1s", "start": "all"}})
     warmer = build_scheduler(cache, parse_settings(config), BackgroundScheduler).featcache_warmer
     store = warmer.leaders["cv"]._store
     warmer.leaders["cv"] = _TakenOverAfterFirstChunk(store, KeyLayout(key_prefix), "cv", 30.0)
