@@ -220,7 +220,7 @@ def test_a_view_without_updated_at_is_followed_through_its_change_query(
         settings = parse_settings(config)
         jobs = {job.id for job in build_scheduler(env["cache"], settings,
                                                   BackgroundScheduler).get_jobs()}
-        assert jobs == {"warm:plain", "changes:plain"}
+        assert jobs == {"warm:plain", "changes:plain", "heartbeat"}
         warmer = Warmer(env["cache"], settings)
         try:
             warmer.follow("plain")

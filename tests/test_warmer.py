@@ -222,17 +222,21 @@ def test_build_scheduler_creates_the_jobs(tmp_path: Path, env: dict[str, Any],
     settings = parse_settings(config)
     scheduler = build_scheduler(env["cache"], settings, BackgroundScheduler)
     jobs = {job.id: job for job in scheduler.get_jobs()}
-    assert set(jobs) == {"warm:cv", "warm:plain", "changes:cv"}  # plain has no updated_at
+    # plain has no updated_at; the heartbeat keeps the warmer's health entries alive
+    assert set(jobs) == {"warm:cv", "warm:plain", "changes:cv", "heartbeat"}
     for job in jobs.values():
         assert (job.coalesce, job.max_instances, job.misfire_grace_time) == (True, 1, 30)
-        assert isinstance(job.trigger, IntervalTrigger) and job.trigger.jitter == 5.0
+        assert isinstance(job.trigger, IntervalTrigger)
+        assert job.trigger.jitter == (None if job.id == "heartbeat" else 5.0)
+    assert jobs["heartbeat"].trigger.interval == dt.timedelta(
+        seconds=scheduler.featcache_warmer.health_ttl_s / 3)
     assert jobs["warm:cv"].trigger.interval == dt.timedelta(seconds=60)
     assert jobs["changes:cv"].trigger.interval == dt.timedelta(seconds=30)
 
     cron = parse_settings(config.with_overrides(warmer={"schedule": {"cron": "*/5 * * * *"}}))
     jobs = {job.id: job for job in build_scheduler(env["cache"], cron,
                                                    BackgroundScheduler).get_jobs()}
-    assert set(jobs) == {"warm:cv", "warm:plain"}
+    assert set(jobs) == {"warm:cv", "warm:plain", "heartbeat"}
     assert isinstance(jobs["warm:cv"].trigger, CronTrigger)
 
 
@@ -255,9 +259,13 @@ def test_a_started_scheduler_runs_cycles_and_records_health(
     memory = scheduler.featcache_warmer.health
     assert memory["cv/changes"]["rows_total"] == 5 and "last_success" in memory["cv/changes"]
     stored = health(config)
-    assert stored["cv"]["changes"]["rows_total"] == 5
-    assert stored["cv"]["changes"]["lag_s"] > 0 and stored["cv"]["warm"]["leader"] is True
-    assert "last_error" not in stored["cv"]["warm"] and stored["plain"] == {}
+    jobs = stored["cv"]["jobs"]
+    assert jobs["changes"]["rows_total"] == 5 and jobs["changes"]["ok"] is True
+    assert jobs["changes"]["lag_s"] > 0
+    assert jobs["warm"]["warmer"] == scheduler.featcache_warmer.id
+    assert "last_error" not in jobs["warm"]
+    assert stored["plain"] == {"leader": None, "jobs": {}, "warmers": {}}
+    assert stored["cv"]["warmers"] == {}  # removed by the release
     assert not redis_client.exists(KeyLayout(key_prefix).view_key("cv", "leader"))
 
 
@@ -280,7 +288,9 @@ def test_the_warmer_command_stops_cleanly_on_sigterm(
                           capture_output=True, text=True, timeout=60, check=False)
     assert done.returncode == 0, done.stderr
     views = json.loads(done.stdout)["views"]
-    assert views["cv"]["changes"]["rows_total"] == 5 and "last_success" in views["cv"]["warm"]
+    jobs = views["cv"]["jobs"]
+    assert jobs["changes"]["rows_total"] == 5 and "last_success" in jobs["warm"]
+    assert views["cv"]["leader"] is None and views["cv"]["warmers"] == {}  # stopped cleanly
 
 
 class _TakenOverAfterFirstChunk(ViewLeader):
@@ -311,5 +321,10 @@ def test_a_cycle_that_lost_its_lease_part_way_is_no_success_in_health(
     assert kept["complete"] is False and kept["leader"] is False
     assert kept["changed"] == 1 and "last_success" not in kept
     assert warmer.job_metrics()[("cv", "changes")].last_success_s is None
-    stored = health(config)["cv"]["changes"]
-    assert stored["complete"] is False and "last_success" not in stored
+    stored = health(config)["cv"]
+    # it led the view for a chunk: the view's record shows the cycle, unfinished
+    assert stored["jobs"]["changes"]["complete"] is False
+    assert "last_success" not in stored["jobs"]["changes"]
+    assert stored["leader"] == "another-warmer"
+    mine = stored["warmers"][warmer.id]["jobs"]["changes"]
+    assert mine["complete"] is False and mine["leader"] is False
