@@ -1,9 +1,11 @@
 """One leader per view: a lease in Redis, renewed while the work runs.
 
 The lease is one key, ``<prefix>:~<view>:leader`` (``KeyLayout.view_key``), holding the
-owner's token with a TTL. ``acquire`` sets it only if it is free (``SET NX PX``) or already
-ours; ``renew`` extends it and ``release`` deletes it only while it still holds our token, each
-in one small Lua script so check and act are atomic. A leader that stops renewing (crashed,
+owner's token with a TTL (the warmer uses its own id, ``host:pid:random``, as the token of
+every lease it takes, so ``lease_holder`` names the warmer whose health entry to look at).
+``acquire`` sets it only if it is free (``SET NX PX``) or already ours; ``renew`` extends it
+and ``release`` deletes it only while it still holds our token, each in one small Lua script
+so check and act are atomic. A leader that stops renewing (crashed,
 stalled) loses the lease when it expires, and another warmer takes over; the old one learns it
 from ``renew`` returning False and must stop writing.
 
@@ -23,7 +25,7 @@ import redis
 from featcache.keys import KeyLayout
 from featcache.redis_store import LuaScript, RedisStore
 
-__all__ = ["ViewLeader", "default_owner"]
+__all__ = ["ViewLeader", "default_owner", "lease_holder"]
 
 # KEYS[1]: the lease key. ARGV[1]: owner token; ARGV[2]: ttl in ms. 1 if we hold it now.
 _ACQUIRE = LuaScript("""
@@ -58,6 +60,18 @@ def default_owner() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(6)}"
 
 
+def _lease_key(layout: KeyLayout, view: str) -> str:
+    return layout.view_key(view, "leader")
+
+
+def lease_holder(client: redis.Redis, layout: KeyLayout, view: str) -> str | None:
+    """The owner token of ``view``'s lease now (None: nobody leads it), for health reports."""
+    raw = client.get(_lease_key(layout, view))
+    if raw is None:
+        return None
+    return raw.decode(errors="replace") if isinstance(raw, bytes) else str(raw)
+
+
 class ViewLeader:
     """The leader lease of one view. ``acquire`` / ``renew`` / ``release``, or ``with``:
 
@@ -78,7 +92,7 @@ class ViewLeader:
             raise ValueError(f"ttl_s must be positive, got {ttl_s}")
         self._store = store if isinstance(store, RedisStore) else RedisStore(store)
         self.view = view
-        self.key = layout.view_key(view, "leader")
+        self.key = _lease_key(layout, view)
         self.ttl_ms = max(1, int(ttl_s * 1000))
         self.owner = owner or default_owner()
         self.held = False

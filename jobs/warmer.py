@@ -23,6 +23,8 @@ raises ``ConfigError`` naming its path)::
       follow_changes:                  # optional; views with updated_at or a change query
         interval: 30s
         rewrite: cached                # or all
+        lookback: 5m                   # re-read this far behind the watermark (default 5m)
+        start: now                     # a first poll: now minus lookback, or all (default now)
         views:                         # optional, per view
           v2:
             change_query: >-           # instead of v2's updated_at: see changes.py
@@ -38,16 +40,21 @@ Stopping: SIGTERM or SIGINT calls ``scheduler.shutdown(wait=True)``: a running c
 released and the process exits 0.
 
 Health: per job, the last run and success time, the last error and the count of failed
-cycles (``errors_total``), whether the last cycle ran to its end (``complete``: false when the
-view's lease was lost part-way, which is then neither a success nor leadership), rows warmed
-(warm) or rewritten (follow changes), and, for
-follow-changes, the lag (now - watermark), kept in memory (``Warmer.health``) and in Redis in
-the hash ``<prefix>:~<view>:warmer:health`` (fields ``<job>.<name>``, JSON values), which
-``featcache warmer --health --config C`` prints as JSON.
+cycles (``errors_total``), whether the last cycle succeeded (``ok``) and ran to its end
+(``complete``: false when the view's lease was lost part-way, which is then neither a success
+nor leadership), rows warmed (warm) or rewritten (follow changes), and, for follow-changes, the
+changes found (``changed``, ``late``: behind the watermark) and the lag (now - watermark). Kept
+in memory (``Warmer.health``: this warmer's own) and in Redis, per view, twice: the warmer's
+own entry (with a TTL, so several warmers each show their own and a dead one's disappears),
+and the view's record, written only by cycles run as the view's leader (``Warmer`` says
+where). ``featcache warmer --health --config C`` prints both with the lease's current holder
+(``health``), so a leader failing every cycle shows even while standbys skip theirs
+successfully.
 
 Metrics: with a metrics port, ``featcache.metrics.CacheCollector`` (the warmer's cache) and
-``WarmerCollector`` (runs, errors, rows warmed, last run/success times, leader, watermark and
-lag per job, from ``Warmer.job_metrics()``) are served on ``http://<addr>:<port>/metrics``,
+``WarmerCollector`` (runs, errors, rows warmed, last run/success/error times, the last
+success as the view's leader, leader, watermark and lag per job, from ``Warmer.job_metrics()``,
+and the warmer's id) are served on ``http://<addr>:<port>/metrics``,
 read at scrape time (docs/metrics.md).
 """
 
@@ -74,6 +81,8 @@ from apscheduler.triggers.cron import CronTrigger
 from apscheduler.triggers.interval import IntervalTrigger
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
+from redis.client import Pipeline
+from redis.typing import EncodableT, FieldT
 
 from featcache.client import FeatureCache
 from featcache.config import CacheConfig, FeatureView, load_config, parse_duration
@@ -81,8 +90,8 @@ from featcache.errors import ConfigError
 from featcache.metrics import CacheCollector, MetricsServer, new_registry, serve_metrics
 from featcache.redis_store import RedisStore, translated_errors
 
-from .changes import ChangeQuery, Rewrite, follow_changes
-from .leader import ViewLeader
+from .changes import DEFAULT_LOOKBACK_S, ChangeQuery, Rewrite, Start, follow_changes
+from .leader import ViewLeader, default_owner, lease_holder
 from .warm import warm_once
 
 __all__ = [
@@ -101,19 +110,33 @@ log = logging.getLogger("featcache.warmer")
 
 _TOP_KEYS = ("schedule", "jitter", "misfire_grace", "k", "horizon", "lease_ttl", "chunk_rows",
              "views", "follow_changes", "metrics_port", "metrics_addr")
-_FOLLOW_KEYS = ("interval", "rewrite", "views")
+_FOLLOW_KEYS = ("interval", "rewrite", "lookback", "start", "views")
 _FOLLOW_VIEW_KEYS = ("change_query",)
 HEALTH_NAME = "warmer:health"
+INSTANCES_NAME = "warmer:instances"
+INSTANCE_NAME = "warmer:instance:"
+#: how long a warmer's own health entry outlives its last write (cycles and heartbeats)
+HEALTH_TTL_S = 120.0
+# KEYS[1]: a key; ARGV[1]: a TTL in ms. Sets it unless the key already has a longer one.
+_EXTEND_TTL = """
+if redis.call('PTTL', KEYS[1]) < tonumber(ARGV[1]) then
+  return redis.call('PEXPIRE', KEYS[1], ARGV[1])
+end
+return 0
+"""
 
 
 @dataclass(frozen=True, slots=True)
 class FollowSettings:
     """``warmer.follow_changes``; ``change_queries``: the views polled through a change query
-    instead of their ``updated_at`` column."""
+    instead of their ``updated_at`` column; ``lookback_s`` and ``start``: see
+    ``changes.follow_changes``."""
 
     interval_s: float
     rewrite: Rewrite = "cached"
     change_queries: Mapping[str, ChangeQuery] = field(default_factory=dict)
+    lookback_s: float = DEFAULT_LOOKBACK_S
+    start: Start = "now"
 
     def followed(self, view: FeatureView) -> bool:
         return view.updated_at_column is not None or view.name in self.change_queries
@@ -234,6 +257,9 @@ def parse_settings(config: CacheConfig) -> WarmerSettings:
         if rewrite not in ("cached", "all"):
             raise fail(f"expected 'cached' or 'all', got {rewrite!r}",
                        "warmer.follow_changes.rewrite")
+        start = fdoc.get("start", "now")
+        if start not in ("now", "all"):
+            raise fail(f"expected 'now' or 'all', got {start!r}", "warmer.follow_changes.start")
         queries: dict[str, ChangeQuery] = {}
         per_view = mapping(fdoc.get("views"), "warmer.follow_changes.views")
         for name, raw_view in per_view.items():
@@ -249,6 +275,8 @@ def parse_settings(config: CacheConfig) -> WarmerSettings:
         follow = FollowSettings(
             duration(fdoc, "interval", "warmer.follow_changes.interval", 30.0, True), rewrite,
             queries,
+            duration(fdoc, "lookback", "warmer.follow_changes.lookback", DEFAULT_LOOKBACK_S),
+            start,
         )
 
     port = None if doc.get("metrics_port") is None else integer(
@@ -277,7 +305,18 @@ def parse_settings(config: CacheConfig) -> WarmerSettings:
 
 
 def _health_key(cache: FeatureCache, view: str) -> str:
+    """The view's record: the outcome of its leader's last cycle per job."""
     return cache.layout.view_key(view, HEALTH_NAME)
+
+
+def _instances_key(cache: FeatureCache, view: str) -> str:
+    """The ids of the warmers that run ``view`` (score: when their entry expires, ms)."""
+    return cache.layout.view_key(view, INSTANCES_NAME)
+
+
+def _instance_key(cache: FeatureCache, view: str, warmer_id: str) -> str:
+    """One warmer's own record for ``view``, with a TTL."""
+    return cache.layout.view_key(view, f"{INSTANCE_NAME}{warmer_id}")
 
 
 @dataclass(slots=True)
@@ -292,19 +331,36 @@ class JobMetrics:
     changed: int = 0
     last_run_s: float | None = None
     last_success_s: float | None = None
+    last_error_s: float | None = None
+    leader_last_success_s: float | None = None
     watermark_s: float | None = None
     leader: bool | None = None
 
 
 class Warmer:
-    """The jobs of one warmer process: one leader lease per view, health kept per job."""
+    """The jobs of one warmer process: one leader lease per view, health kept per job.
 
-    def __init__(self, cache: FeatureCache, settings: WarmerSettings) -> None:
+    ``id`` (``host:pid:random``) names this warmer: it is the token of every lease it takes and
+    the key of its own health entries. Health goes to three places per view: the warmer's own
+    entry ``<prefix>:~<view>:warmer:instance:<id>`` (every cycle; a TTL of ``health_ttl_s``,
+    refreshed by every cycle and by ``heartbeat``, so a dead warmer's entry expires), the
+    registry ``<prefix>:~<view>:warmer:instances`` that lists the ids, and the view's record
+    ``<prefix>:~<view>:warmer:health``, written only by cycles that ran as the view's leader:
+    a standby's skipped cycle never hides the leader's outcome.
+    """
+
+    def __init__(self, cache: FeatureCache, settings: WarmerSettings, *,
+                 warmer_id: str | None = None, health_ttl_s: float = HEALTH_TTL_S) -> None:
+        if health_ttl_s <= 0:
+            raise ValueError(f"health_ttl_s must be positive, got {health_ttl_s}")
         self.cache = cache
         self.settings = settings
+        self.id = warmer_id or default_owner()
+        self.health_ttl_s = health_ttl_s
+        self.started = _iso(time.time())
         store = RedisStore(cache.redis)
         self.leaders = {
-            view: ViewLeader(store, cache.layout, view, settings.lease_ttl_s)
+            view: ViewLeader(store, cache.layout, view, settings.lease_ttl_s, owner=self.id)
             for view in settings.views
         }
         self._lock = threading.Lock()
@@ -335,10 +391,12 @@ class Warmer:
     def _follow(self, view: str, follow: FollowSettings) -> dict[str, Any]:
         report = follow_changes(self.cache, view, rewrite=follow.rewrite,
                                 leader=self.leaders[view], chunk_rows=self.settings.chunk_rows,
-                                change_query=follow.change_queries.get(view))
+                                change_query=follow.change_queries.get(view),
+                                lookback_s=follow.lookback_s, start=follow.start)
         out: dict[str, Any] = {"leader": report.leader, "rows": report.rewritten,
                                "changed": report.changed, "complete": report.complete}
         if report.leader:
+            out["late"] = report.late
             out["lag_s"] = report.lag_s
             out["watermark"] = report.watermark
         return out
@@ -354,23 +412,32 @@ class Warmer:
             fields["last_error"] = f"{_iso(time.time())} {type(exc).__name__}: {exc}"
             log.error("warmer job=%s view=%s ok=false error=%s: %s", job, view,
                       type(exc).__name__, exc)
+        ended = time.time()
+        rows = 0
         with self._lock:
             kept = self.health.setdefault(f"{view}/{job}", {})
             numbers = self._metrics.setdefault((view, job), JobMetrics())
             numbers.runs += 1
             numbers.last_run_s = started
             if result is None:
+                # a cycle that raised while holding the lease failed as the view's leader
+                led = self.leaders[view].held
                 numbers.errors += 1
+                numbers.last_error_s = ended
+                fields["ok"] = False
                 fields["errors_total"] = numbers.errors
             else:
                 # a cycle that lost the view's lease part-way (another warmer took over) did
                 # its rows, but it is no success and this warmer is no longer the leader
                 complete = result.pop("complete", True)
-                fields["complete"] = complete
+                led = result.pop("leader")
+                fields["ok"] = fields["complete"] = complete
                 if complete:
-                    fields["last_success"] = _iso(time.time())
-                    numbers.last_success_s = time.time()
-                fields["leader"] = result.pop("leader") and complete
+                    fields["last_success"] = _iso(ended)
+                    numbers.last_success_s = ended
+                    if led:
+                        numbers.leader_last_success_s = ended
+                fields["leader"] = led and complete
                 rows = result.pop("rows")
                 fields["rows_last"] = rows
                 fields["rows_total"] = kept.get("rows_total", 0) + rows
@@ -385,22 +452,77 @@ class Warmer:
         if result is not None:
             log.info("warmer job=%s view=%s ok=true %s seconds=%.3f", job, view,
                      " ".join(f"{k}={v}" for k, v in fields.items() if k != "last_run"),
-                     time.time() - started)
+                     ended - started)
         try:
-            self.cache.redis.hset(
-                _health_key(self.cache, view),
-                mapping={f"{job}.{k}": json.dumps(v) for k, v in fields.items()},
-            )
+            self._store_health(view, job, fields, led, rows)
         except Exception as exc:  # health is best effort; Redis may be down
             log.warning("warmer job=%s view=%s health not stored: %s", job, view, exc)
 
+    def _store_health(self, view: str, job: str, fields: Mapping[str, Any], led: bool,
+                      rows: int) -> None:
+        """This warmer's entry; and, for a cycle run as the view's leader, the view's record
+        (its totals summed over every leader the view has had)."""
+        pipe = self.cache.redis.pipeline(transaction=False)
+        own = {f"{job}.{k}": json.dumps(v) for k, v in fields.items()}
+        self._register(pipe, view, own)
+        if led:
+            record = _health_key(self.cache, view)
+            shared: dict[FieldT, EncodableT] = {
+                f"{job}.{k}": json.dumps(v) for k, v in fields.items()
+                if k not in ("leader", "rows_total", "errors_total")}
+            shared[f"{job}.warmer"] = json.dumps(self.id)
+            pipe.hset(record, mapping=shared)
+            pipe.hincrby(record, f"{job}.rows_total", rows)  # a JSON integer is its digits
+            if not fields["ok"] and "last_error" in fields:
+                pipe.hincrby(record, f"{job}.errors_total", 1)
+        pipe.execute()
+
+    def _register(self, pipe: Pipeline, view: str, fields: Mapping[str, str]) -> None:
+        """Queue the writes that keep this warmer's entry for ``view`` alive for one more
+        ``health_ttl_s``, and forget the ids whose entries expired a TTL ago (a dead warmer's;
+        a TTL of margin for clock skew between warmers)."""
+        now_ms = int(time.time() * 1000)
+        ttl_ms = max(1, int(self.health_ttl_s * 1000))
+        own = _instance_key(self.cache, view, self.id)
+        registry = _instances_key(self.cache, view)
+        entry: dict[FieldT, EncodableT] = {"started": json.dumps(self.started),
+                                           "last_seen": json.dumps(_iso(now_ms / 1000))}
+        entry.update(fields)
+        pipe.hset(own, mapping=entry)
+        pipe.pexpire(own, ttl_ms)
+        pipe.zadd(registry, {self.id: now_ms + ttl_ms})
+        pipe.zremrangebyscore(registry, "-inf", now_ms - ttl_ms)
+        # the registry lives as long as its longest-lived entry: never shortened by a warmer
+        # with a shorter TTL than another's (what PEXPIRE ... GT does, on Redis 7 only)
+        pipe.eval(_EXTEND_TTL, 1, registry, ttl_ms)
+
+    def heartbeat(self) -> None:
+        """Refresh this warmer's entries (run by the scheduler every third of their TTL, so a
+        live warmer stays listed between cycles of any schedule)."""
+        try:
+            pipe = self.cache.redis.pipeline(transaction=False)
+            for view in self.settings.views:
+                self._register(pipe, view, {})
+            pipe.execute()
+        except Exception as exc:  # best effort, as every health write
+            log.warning("warmer heartbeat not stored: %s", exc)
+
     def release(self) -> None:
-        """Give every lease up (at shutdown), so another warmer can take over at once."""
+        """Give every lease up (at shutdown), so another warmer can take over at once, and
+        remove this warmer's own entries (the views' records stay)."""
         for leader in self.leaders.values():
             try:
                 leader.release()
             except Exception as exc:  # it expires on its own anyway
                 log.warning("warmer view=%s lease not released: %s", leader.view, exc)
+        try:
+            pipe = self.cache.redis.pipeline(transaction=False)
+            for view in self.settings.views:
+                pipe.delete(_instance_key(self.cache, view, self.id))
+                pipe.zrem(_instances_key(self.cache, view), self.id)
+            pipe.execute()
+        except Exception as exc:  # they expire on their own
+            log.warning("warmer health entries not removed: %s", exc)
 
 
 class WarmerCollector(Collector):
@@ -415,12 +537,13 @@ class WarmerCollector(Collector):
 
     def describe(self) -> Iterable[Metric]:
         """The families without samples, so a registry can check names without a scrape."""
-        return list(self._families({}))
+        return list(self._families({}, None))
 
     def collect(self) -> Iterable[Metric]:
-        return list(self._families(self.warmer.job_metrics()))
+        return list(self._families(self.warmer.job_metrics(), self.warmer.id))
 
-    def _families(self, jobs: Mapping[tuple[str, str], JobMetrics]) -> Iterator[Metric]:
+    def _families(self, jobs: Mapping[tuple[str, str], JobMetrics],
+                  warmer_id: str | None) -> Iterator[Metric]:
         ns, labels = self.ns, ["view", "job"]
         runs = CounterMetricFamily(f"{ns}_warmer_runs", "Cycles run per job", labels=labels)
         errors = CounterMetricFamily(f"{ns}_warmer_errors", "Cycles that raised per job",
@@ -436,7 +559,15 @@ class WarmerCollector(Collector):
             labels=labels)
         last_success = GaugeMetricFamily(
             f"{ns}_warmer_last_success_timestamp_seconds",
-            "When the job's last successful cycle ended", labels=labels)
+            "When the job's last successful cycle ended (a standby's skipped cycle included)",
+            labels=labels)
+        last_error = GaugeMetricFamily(
+            f"{ns}_warmer_last_error_timestamp_seconds", "When the job's last failed cycle ended",
+            labels=labels)
+        leader_success = GaugeMetricFamily(
+            f"{ns}_warmer_leader_last_success_timestamp_seconds",
+            "When the job's last successful cycle as the view's leader ended; the max over "
+            "warmers is the view's", labels=labels)
         leader = GaugeMetricFamily(
             f"{ns}_warmer_leader", "1 if the last successful cycle held the view's lease",
             labels=labels)
@@ -457,6 +588,10 @@ class WarmerCollector(Collector):
                 last_run.add_metric(key, m.last_run_s)
             if m.last_success_s is not None:
                 last_success.add_metric(key, m.last_success_s)
+            if m.last_error_s is not None:
+                last_error.add_metric(key, m.last_error_s)
+            if m.leader_last_success_s is not None:
+                leader_success.add_metric(key, m.leader_last_success_s)
             if m.leader is not None:
                 leader.add_metric(key, 1 if m.leader else 0)
             if job == "changes":
@@ -464,7 +599,13 @@ class WarmerCollector(Collector):
                 if m.watermark_s is not None:
                     watermark.add_metric([view], m.watermark_s)
                     lag.add_metric([view], max(0.0, now - m.watermark_s))
-        yield from (runs, errors, rows, changed, last_run, last_success, leader, watermark, lag)
+        info = GaugeMetricFamily(f"{ns}_warmer_info",
+                                 "This warmer's id: its lease token and --health entry",
+                                 labels=["warmer"])
+        if warmer_id is not None:
+            info.add_metric([warmer_id], 1)
+        yield from (runs, errors, rows, changed, last_run, last_success, last_error,
+                    leader_success, leader, watermark, lag, info)
 
 
 def _iso(seconds: float) -> str:
@@ -488,9 +629,9 @@ def build_scheduler(
     warmer: Warmer | None = None,
 ) -> BaseScheduler:
     """A scheduler (not started) with one warm job per view and, with ``follow_changes`` and an
-    ``updated_at`` column or a change query, one follow-changes job. Job ids: ``warm:<view>``,
-    ``changes:<view>``. The ``Warmer`` holding the leases and health is
-    ``scheduler.featcache_warmer``."""
+    ``updated_at`` column or a change query, one follow-changes job, and the warmer's health
+    heartbeat. Job ids: ``warm:<view>``, ``changes:<view>``, ``heartbeat``. The ``Warmer``
+    holding the leases and health is ``scheduler.featcache_warmer``."""
     warmer = warmer or Warmer(cache, settings)
     scheduler = scheduler_cls(timezone=dt.UTC)
     common: dict[str, Any] = {
@@ -509,6 +650,9 @@ def build_scheduler(
         scheduler.add_job(warmer.follow, _trigger(settings, settings.follow.interval_s),
                           args=[view], id=f"changes:{view}", name=f"follow changes {view}",
                           **common)
+    scheduler.add_job(warmer.heartbeat, IntervalTrigger(seconds=warmer.health_ttl_s / 3,
+                                                        timezone=dt.UTC),
+                      id="heartbeat", name="warmer heartbeat", **common)
     scheduler.featcache_warmer = warmer
     return scheduler
 
@@ -538,8 +682,9 @@ def run_warmer(config_path: str, metrics_port: int | None = None,
 
         previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
         try:
-            log.info("warmer started views=%s jobs=%s", ",".join(settings.views),
+            log.info("warmer started id=%s views=%s jobs=%s", warmer.id, ",".join(settings.views),
                      ",".join(job.id for job in scheduler.get_jobs()))
+            warmer.heartbeat()  # listed in --health from the start, before any cycle ends
             if not stopping.is_set():
                 scheduler.start()  # blocks until shutdown
         finally:
@@ -573,27 +718,64 @@ def _start_metrics(cache: FeatureCache, warmer: Warmer, settings: WarmerSettings
 
 
 def health(config: CacheConfig | str, out: TextIO | None = None) -> dict[str, Any]:
-    """Every view's stored health (``{view: {job: {name: value}}}``); printed as one JSON line
-    when ``out`` is given."""
+    """Every view's stored health, printed as one JSON line ``{"views": ...}`` when ``out`` is
+    given::
+
+        {view: {"leader": <the lease holder's id now, or None>,
+                "jobs": {job: <the last cycle run as the view's leader: "warmer" (whose),
+                               last_run, ok, last_success, last_error, rows_last, rows_total,
+                               errors_total, ...>},
+                "warmers": {<id>: {"started", "last_seen", "jobs": {job: <its own cycles>}}}}}
+
+    ``jobs`` is written only by leaders, so a standby's skipped cycle never hides a failing
+    leader; ``warmers`` lists the warmers whose entries have not expired (a clean stop removes
+    its own at once)."""
     loaded = config if isinstance(config, CacheConfig) else load_config(config)
     result: dict[str, Any] = {}
     with FeatureCache(loaded.with_overrides(popularity_sample_rate=0.0,
                                             l1_policy=None)) as cache:
         for view in loaded.views:
             with translated_errors(loaded.redis_url):  # as every other command reports it
-                raw = cache.redis.hgetall(_health_key(cache, view.name))
-            jobs: dict[str, dict[str, Any]] = {}
-            for key, value in sorted(raw.items()):
-                name = key.decode() if isinstance(key, bytes) else str(key)
-                job, _, field_name = name.partition(".")
-                try:
-                    jobs.setdefault(job, {})[field_name] = json.loads(value)
-                except ValueError:
-                    jobs.setdefault(job, {})[field_name] = None
-            result[view.name] = jobs
+                holder = lease_holder(cache.redis, cache.layout, view.name)
+                record = cache.redis.hgetall(_health_key(cache, view.name))
+                ids = [_text(i) for i in cache.redis.zrange(_instances_key(cache, view.name),
+                                                            0, -1)]
+                pipe = cache.redis.pipeline(transaction=False)
+                for warmer_id in ids:
+                    pipe.hgetall(_instance_key(cache, view.name, warmer_id))
+                entries = pipe.execute()
+            warmers: dict[str, Any] = {}
+            for warmer_id, entry in zip(ids, entries, strict=True):
+                if entry:  # an id whose entry expired: a warmer gone without a clean stop
+                    meta, jobs = _parse_fields(entry)
+                    warmers[warmer_id] = {**meta, "jobs": jobs}
+            result[view.name] = {"leader": holder, "jobs": _parse_fields(record)[1],
+                                 "warmers": warmers}
     if out is not None:
         out.write(json.dumps({"views": result}) + "\n")
     return result
+
+
+def _text(value: object) -> str:
+    return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
+
+
+def _parse_fields(raw: Mapping[Any, Any]) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """A health hash as (fields without a job, {job: {name: value}}); values are JSON (an
+    unreadable one is None)."""
+    meta: dict[str, Any] = {}
+    jobs: dict[str, dict[str, Any]] = {}
+    for key, value in sorted((_text(k), v) for k, v in raw.items()):
+        job, dot, name = key.partition(".")
+        try:
+            decoded = json.loads(value)
+        except ValueError:
+            decoded = None
+        if dot:
+            jobs.setdefault(job, {})[name] = decoded
+        else:
+            meta[key] = decoded
+    return meta, jobs
 
 
 def print_health(config_path: str, out: TextIO = sys.stdout) -> int:

@@ -72,7 +72,7 @@ def test_a_change_query_drives_rewrites_and_l1_notifications(
     env = audit_env
     cache: FeatureCache = env["cache"]
     query = _settings_query(env)
-    first = follow_changes(cache, "cv", change_query=query)  # nothing audited yet
+    first = follow_changes(cache, "cv", change_query=query, start="all")  # nothing audited
     assert (first.leader, first.changed, first.watermark) == (True, 0, None)
     assert [cache.get_features([i], ["clicks"]).status(i, "clicks") for i in (1, 2)] == [
         Status.FILLED, Status.FILLED]
@@ -83,7 +83,7 @@ def test_a_change_query_drives_rewrites_and_l1_notifications(
     stream = KeyLayout(key_prefix).stream_key()
     before = redis_client.xlen(stream)
 
-    report = follow_changes(cache, "cv", change_query=query)
+    report = follow_changes(cache, "cv", change_query=query, start="all")  # still none
     assert (report.changed, report.rewritten, report.not_cached) == (2, 1, 1)
     assert report.watermark == t1.isoformat()
     result = cache.get_features([1, 2, 3], ["clicks"])
@@ -106,13 +106,13 @@ def test_a_deletion_reported_by_the_change_query_is_invalidated_in_redis(
     env = audit_env
     cache: FeatureCache = env["cache"]
     query = _settings_query(env)
-    follow_changes(cache, "cv", change_query=query)
+    follow_changes(cache, "cv", change_query=query, start="all")
     assert cache.get_features([1, 2], ["clicks"]).status(1, "clicks") is Status.FILLED
     table = env["table"]
     with env["engine"].begin() as conn:
         conn.execute(table.delete().where(table.c.entity_id == 1))
     _audit(env, (1, T0 + HOUR), (2, T0 + HOUR))
-    report = follow_changes(cache, "cv", change_query=query)
+    report = follow_changes(cache, "cv", change_query=query, start="all")  # still none
     assert (report.changed, report.rewritten, report.deleted) == (2, 1, 1)
     result = cache.get_features([1, 2], ["clicks"])
     assert result.status(1, "clicks") is Status.ABSENT and result[1]["clicks"] is None
@@ -128,7 +128,7 @@ def test_a_change_query_keeps_rows_sharing_the_watermark_timestamp(
     _audit(env, (11, t1), (12, t1))
     insert(env["engine"], env["table"], [stats_row(i, T0 + HOUR) for i in (11, 12, 13)])
     with FeatureCache.from_config(env["path"]) as cache:
-        report = follow_changes(cache, "cv", rewrite="all", change_query=query)
+        report = follow_changes(cache, "cv", rewrite="all", change_query=query, start="all")
         assert (report.changed, report.rewritten) == (2, 2)
         mark = load_watermark(cache, "cv")
         assert mark is not None and mark.when == t1 and mark.ids == {11, 12}
@@ -155,7 +155,7 @@ def test_a_change_query_with_wrong_columns_fails_at_first_use_with_the_path(
     _audit(env, (1, T0 + HOUR))
     query = _settings_query(env, select=select)
     with pytest.raises(SchemaError, match=message) as caught:
-        follow_changes(env["cache"], "cv", change_query=query)
+        follow_changes(env["cache"], "cv", change_query=query, start="all")
     assert caught.value.path == QUERY_PATH
     assert load_watermark(env["cache"], "cv") is None
 
@@ -213,13 +213,14 @@ def test_a_view_without_updated_at_is_followed_through_its_change_query(
         insert(env["engine"], env["plain"], [stats_row(i, ctr=0.5) for i in (1, 2)])
         plain = env["plain"].name
         config = env["cache"].config.with_overrides(warmer={"views": ["plain"],
-            "follow_changes": {"rewrite": "all", "views": {"plain": {"change_query":
+            "follow_changes": {"rewrite": "all", "start": "all", "views": {"plain": {
+                "change_query":
                 f"SELECT entity_id, event_ts AS updated_at FROM {plain} "
                 "WHERE event_ts >= :watermark"}}}})
         settings = parse_settings(config)
         jobs = {job.id for job in build_scheduler(env["cache"], settings,
                                                   BackgroundScheduler).get_jobs()}
-        assert jobs == {"warm:plain", "changes:plain"}
+        assert jobs == {"warm:plain", "changes:plain", "heartbeat"}
         warmer = Warmer(env["cache"], settings)
         try:
             warmer.follow("plain")
@@ -254,8 +255,9 @@ def test_polls_do_not_depend_on_the_session_time_zone(
         offline_url=_in_session_time_zone(sql_target, "Asia/Tokyo"))
     query = _settings_query(env)
     t1 = T0 + HOUR + dt.timedelta(microseconds=1)
+    lookback = dt.timedelta(minutes=5)
     with FeatureCache(config) as cache:
-        assert follow_changes(cache, "cv").changed == 5
+        assert follow_changes(cache, "cv", start="all").changed == 5
         insert(env["engine"], env["table"], [stats_row(7, T0, updated_at=t1)])
         report = follow_changes(cache, "cv")
         assert (report.changed, report.watermark) == (1, t1.isoformat())
@@ -263,7 +265,13 @@ def test_polls_do_not_depend_on_the_session_time_zone(
 
         cache.redis.delete(cache.layout.view_key("cv", "watermark"))
         _audit(env, (3, t1))
-        report = follow_changes(cache, "cv", change_query=query)
+        report = follow_changes(cache, "cv", change_query=query, start="all")
         assert (report.changed, report.watermark) == (1, t1.isoformat())
-        _audit(env, (4, t1 - dt.timedelta(microseconds=1)))  # before the watermark: not seen
+        # the window re-read behind the watermark starts exactly lookback before it: a shift
+        # by the session's offset would take in, or leave out, one of these two
+        _audit(env, (4, t1 - lookback - dt.timedelta(microseconds=1)),
+               (5, t1 - lookback))
+        report = follow_changes(cache, "cv", change_query=query,
+                                lookback_s=lookback.total_seconds())
+        assert (report.changed, report.late) == (1, 1)
         assert follow_changes(cache, "cv", change_query=query).changed == 0

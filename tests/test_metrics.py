@@ -109,7 +109,8 @@ def test_warmer_health_metrics_after_real_cycles(
     with cv_env(sqlite_target, redis_url, key_prefix, tmp_path) as env:
         cache: FeatureCache = env["cache"]
         settings = parse_settings(cache.config.with_overrides(warmer={
-            "follow_changes": {"rewrite": "all", "views": {"plain": {"change_query":
+            "follow_changes": {"rewrite": "all", "start": "all", "views": {"plain": {
+                "change_query":
                 "SELECT entity_id, event_ts AS updated_at FROM no_such_table "
                 "WHERE event_ts >= :watermark"}}}}))
         warmer = Warmer(cache, settings)

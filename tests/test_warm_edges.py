@@ -54,7 +54,7 @@ def test_sqlite_second_precision_rows_at_the_watermark_timestamp_are_not_lost(
     engine = env["engine"]
     _sql(engine, "UPDATE cv SET updated_at = '2026-01-01 01:00:00', clicks = 100 "
                  "WHERE entity_id IN (1, 2)")
-    first = follow_changes(cache, "cv", rewrite="all")
+    first = follow_changes(cache, "cv", rewrite="all", start="all")
     assert first.changed == 5
     mark = load_watermark(cache, "cv")
     assert mark is not None and mark.when == T0 + HOUR and mark.ids == {1, 2}
@@ -83,7 +83,7 @@ def test_a_fill_read_before_the_change_does_not_outlive_the_poll(
     then the reader's fenced fill lands. The watermark has moved past the change, so nothing
     will ever revisit it: the old value is served from Redis until its max_age."""
     cache: FeatureCache = env["cache"]
-    follow_changes(cache, "cv")  # past the initial rows
+    follow_changes(cache, "cv", start="all")  # past the initial rows
     view = cache.config.view("cv")
     # the reader: fence (its MGET) and SQL read, before the ETL commit
     fence = cache.fence(view, [2])
@@ -301,7 +301,7 @@ def test_a_poll_does_not_block_etl_commits_between_chunks(
         thread = threading.Thread(target=etl)
         thread.start()
         try:
-            report = follow_changes(cache, "cv", chunk_rows=20, rewrite="all")
+            report = follow_changes(cache, "cv", chunk_rows=20, rewrite="all", start="all")
             outcome["poll"] = f"changed={report.changed}"
         except Exception as exc:
             outcome["poll"] = repr(exc)

@@ -113,7 +113,7 @@ def test_an_update_reaches_get_features_after_one_poll(
     any_env: dict[str, Any], redis_client: redis.Redis, key_prefix: str
 ) -> None:
     cache: FeatureCache = any_env["cache"]
-    first = follow_changes(cache, "cv")  # no watermark yet: every entity, none cached
+    first = follow_changes(cache, "cv", start="all")  # every entity, none cached
     assert (first.leader, first.changed, first.rewritten, first.not_cached) == (True, 5, 0, 5)
     assert [cache.get_features([i], ["clicks"]).status(i, "clicks") for i in (1, 2)] == [
         Status.FILLED, Status.FILLED]
@@ -139,7 +139,7 @@ def test_an_update_reaches_get_features_after_one_poll(
 
 def test_rewrite_all_writes_uncached_entities(env: dict[str, Any]) -> None:
     cache: FeatureCache = env["cache"]
-    report = follow_changes(cache, "cv", rewrite="all")
+    report = follow_changes(cache, "cv", rewrite="all", start="all")
     assert (report.changed, report.rewritten, report.not_cached) == (5, 5, 0)
     result = cache.get_features([1, 5], ["clicks"])
     assert {result.status(i, "clicks") for i in (1, 5)} == {Status.HIT_REDIS}
@@ -149,7 +149,7 @@ def test_rows_sharing_the_watermark_timestamp_are_not_lost(
     any_env: dict[str, Any], redis_client: redis.Redis, key_prefix: str
 ) -> None:
     cache: FeatureCache = any_env["cache"]
-    follow_changes(cache, "cv")  # past the initial rows
+    follow_changes(cache, "cv", start="all")  # past the initial rows
     t1 = T0 + 2 * HOUR + dt.timedelta(microseconds=123_457)  # sub-second: no dialect rounds it
     insert(any_env["engine"], any_env["table"],
            [stats_row(i, T0 + HOUR, updated_at=t1) for i in (11, 12, 13)])
@@ -171,7 +171,7 @@ def test_rows_sharing_the_watermark_timestamp_are_not_lost(
 
 def test_the_watermark_survives_a_restart(any_env: dict[str, Any]) -> None:
     with FeatureCache.from_config(any_env["path"]) as first:
-        assert follow_changes(first, "cv").changed == 5
+        assert follow_changes(first, "cv", start="all").changed == 5
         mark = load_watermark(first, "cv")
     with FeatureCache.from_config(any_env["path"]) as second:  # a new process, in effect
         assert load_watermark(second, "cv") == mark
@@ -190,7 +190,7 @@ def test_string_ids_differing_only_in_case_or_trailing_spaces_are_separate_chang
     view = make_view("sv", "sv", sql_target.schema, entity_type="str")
     stream = KeyLayout(key_prefix).stream_key()
     with make_cache([view], redis_url, sql_target.url, key_prefix) as cache:
-        report = follow_changes(cache, "sv")
+        report = follow_changes(cache, "sv", start="all")
         assert (report.changed, report.not_cached) == (3, 3)
         entries = redis_client.xrange(stream)
         assert sorted(msgpack.unpackb(entries[-1][1][b"ids"])) == sorted(ids)
@@ -206,7 +206,7 @@ def test_a_poll_waits_for_the_leader_lease(env: dict[str, Any]) -> None:
     assert (report.leader, report.changed) == (False, 0)
     assert load_watermark(cache, "cv") is None
     other.release()
-    assert follow_changes(cache, "cv").changed == 5
+    assert follow_changes(cache, "cv", start="all").changed == 5
 
 
 # ----------------------------------------------------------------------------- scheduler
@@ -222,17 +222,21 @@ def test_build_scheduler_creates_the_jobs(tmp_path: Path, env: dict[str, Any],
     settings = parse_settings(config)
     scheduler = build_scheduler(env["cache"], settings, BackgroundScheduler)
     jobs = {job.id: job for job in scheduler.get_jobs()}
-    assert set(jobs) == {"warm:cv", "warm:plain", "changes:cv"}  # plain has no updated_at
+    # plain has no updated_at; the heartbeat keeps the warmer's health entries alive
+    assert set(jobs) == {"warm:cv", "warm:plain", "changes:cv", "heartbeat"}
     for job in jobs.values():
         assert (job.coalesce, job.max_instances, job.misfire_grace_time) == (True, 1, 30)
-        assert isinstance(job.trigger, IntervalTrigger) and job.trigger.jitter == 5.0
+        assert isinstance(job.trigger, IntervalTrigger)
+        assert job.trigger.jitter == (None if job.id == "heartbeat" else 5.0)
+    assert jobs["heartbeat"].trigger.interval == dt.timedelta(
+        seconds=scheduler.featcache_warmer.health_ttl_s / 3)
     assert jobs["warm:cv"].trigger.interval == dt.timedelta(seconds=60)
     assert jobs["changes:cv"].trigger.interval == dt.timedelta(seconds=30)
 
     cron = parse_settings(config.with_overrides(warmer={"schedule": {"cron": "*/5 * * * *"}}))
     jobs = {job.id: job for job in build_scheduler(env["cache"], cron,
                                                    BackgroundScheduler).get_jobs()}
-    assert set(jobs) == {"warm:cv", "warm:plain"}
+    assert set(jobs) == {"warm:cv", "warm:plain", "heartbeat"}
     assert isinstance(jobs["warm:cv"].trigger, CronTrigger)
 
 
@@ -242,7 +246,7 @@ def test_a_started_scheduler_runs_cycles_and_records_health(
     cache: FeatureCache = env["cache"]
     config = cache.config.with_overrides(warmer={
         "schedule": {"interval": "200ms"}, "views": ["cv"],
-        "follow_changes": {"interval": "200ms", "rewrite": "all"},
+        "follow_changes": {"interval": "200ms", "rewrite": "all", "start": "all"},
     })
     scheduler = build_scheduler(cache, parse_settings(config), BackgroundScheduler)
     scheduler.start()
@@ -255,9 +259,13 @@ def test_a_started_scheduler_runs_cycles_and_records_health(
     memory = scheduler.featcache_warmer.health
     assert memory["cv/changes"]["rows_total"] == 5 and "last_success" in memory["cv/changes"]
     stored = health(config)
-    assert stored["cv"]["changes"]["rows_total"] == 5
-    assert stored["cv"]["changes"]["lag_s"] > 0 and stored["cv"]["warm"]["leader"] is True
-    assert "last_error" not in stored["cv"]["warm"] and stored["plain"] == {}
+    jobs = stored["cv"]["jobs"]
+    assert jobs["changes"]["rows_total"] == 5 and jobs["changes"]["ok"] is True
+    assert jobs["changes"]["lag_s"] > 0
+    assert jobs["warm"]["warmer"] == scheduler.featcache_warmer.id
+    assert "last_error" not in jobs["warm"]
+    assert stored["plain"] == {"leader": None, "jobs": {}, "warmers": {}}
+    assert stored["cv"]["warmers"] == {}  # removed by the release
     assert not redis_client.exists(KeyLayout(key_prefix).view_key("cv", "leader"))
 
 
@@ -280,7 +288,9 @@ def test_the_warmer_command_stops_cleanly_on_sigterm(
                           capture_output=True, text=True, timeout=60, check=False)
     assert done.returncode == 0, done.stderr
     views = json.loads(done.stdout)["views"]
-    assert views["cv"]["changes"]["rows_total"] == 5 and "last_success" in views["cv"]["warm"]
+    jobs = views["cv"]["jobs"]
+    assert jobs["changes"]["rows_total"] == 5 and "last_success" in jobs["warm"]
+    assert views["cv"]["leader"] is None and views["cv"]["warmers"] == {}  # stopped cleanly
 
 
 class _TakenOverAfterFirstChunk(ViewLeader):
@@ -301,7 +311,8 @@ def test_a_cycle_that_lost_its_lease_part_way_is_no_success_in_health(
 ) -> None:
     cache: FeatureCache = env["cache"]
     config = cache.config.with_overrides(warmer={
-        "views": ["cv"], "chunk_rows": 1, "follow_changes": {"interval": "1s"}})
+        "views": ["cv"], "chunk_rows": 1,
+        "follow_changes": {"interval": "1s", "start": "all"}})
     warmer = build_scheduler(cache, parse_settings(config), BackgroundScheduler).featcache_warmer
     store = warmer.leaders["cv"]._store
     warmer.leaders["cv"] = _TakenOverAfterFirstChunk(store, KeyLayout(key_prefix), "cv", 30.0)
@@ -310,5 +321,10 @@ def test_a_cycle_that_lost_its_lease_part_way_is_no_success_in_health(
     assert kept["complete"] is False and kept["leader"] is False
     assert kept["changed"] == 1 and "last_success" not in kept
     assert warmer.job_metrics()[("cv", "changes")].last_success_s is None
-    stored = health(config)["cv"]["changes"]
-    assert stored["complete"] is False and "last_success" not in stored
+    stored = health(config)["cv"]
+    # it led the view for a chunk: the view's record shows the cycle, unfinished
+    assert stored["jobs"]["changes"]["complete"] is False
+    assert "last_success" not in stored["jobs"]["changes"]
+    assert stored["leader"] == "another-warmer"
+    mine = stored["warmers"][warmer.id]["jobs"]["changes"]
+    assert mine["complete"] is False and mine["leader"] is False

@@ -21,9 +21,10 @@ from servers import SqlTarget
 from featcache import FeatureCache
 
 HOUR = dt.timedelta(hours=1)
-#: a warmer section that runs every job of view cv several times a second
+#: a warmer section that runs every job of view cv several times a second; its first poll
+#: reads the whole history (the rows are stamped T0, long before now)
 FAST_WARMER = ("warmer:\n  schedule: {interval: 300ms}\n  views: [cv]\n"
-               "  follow_changes: {interval: 300ms, rewrite: all}\n")
+               "  follow_changes: {interval: 300ms, rewrite: all, start: all}\n")
 CLI = [sys.executable, "-m", "featcache.jobs.cli"]
 
 
