@@ -9,32 +9,39 @@ built on first access: a caller that goes straight to ``to_arrow()`` never pays 
 from __future__ import annotations
 
 import datetime as dt
+import functools
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
-from typing import Any
-
-import pandas as pd
-import pyarrow as pa
+from typing import TYPE_CHECKING, Any
 
 from featcache.convert import us_to_timestamp
 from featcache.l1 import InOrder
 from featcache.request import EntityId, Plan
 from featcache.types import FeatureType, Status
 
-__all__ = ["Answer", "FeatureResult", "arrow_type"]
+if TYPE_CHECKING:  # imported by the calls that use them: a serving import pays for neither
+    import pandas as pd
+    import pyarrow as pa
 
-_ARROW_TYPES: dict[FeatureType, pa.DataType] = {
-    FeatureType.INT: pa.int64(),
-    FeatureType.FLOAT: pa.float64(),
-    FeatureType.BOOL: pa.bool_(),
-    FeatureType.STR: pa.string(),
-    FeatureType.TIMESTAMP: pa.timestamp("us", tz="UTC"),
-    FeatureType.EMBEDDING: pa.list_(pa.float64()),
-}
+__all__ = ["Answer", "FeatureResult", "arrow_type"]
 
 
 def arrow_type(ftype: FeatureType) -> pa.DataType:
-    return _ARROW_TYPES[ftype]
+    return _arrow_types()[ftype]
+
+
+@functools.cache
+def _arrow_types() -> dict[FeatureType, pa.DataType]:
+    import pyarrow as pa  # noqa: PLC0415 - only to_arrow() and the bulk paths need Arrow
+
+    return {
+        FeatureType.INT: pa.int64(),
+        FeatureType.FLOAT: pa.float64(),
+        FeatureType.BOOL: pa.bool_(),
+        FeatureType.STR: pa.string(),
+        FeatureType.TIMESTAMP: pa.timestamp("us", tz="UTC"),
+        FeatureType.EMBEDDING: pa.list_(pa.float64()),
+    }
 
 
 #: One row of one view for one entity, as answered: (status, values or None when ABSENT,
@@ -149,6 +156,8 @@ class FeatureResult(Mapping[EntityId, dict[str, Any]]):
 
         ``with_status`` adds ``<feature>.status`` and ``<feature>.event_ts`` columns.
         """
+        import pyarrow as pa  # noqa: PLC0415 - see arrow_type
+
         plan = self._plan
         columns: dict[str, pa.Array[Any]] = {}
         if plan is None or not plan.views:
@@ -176,5 +185,7 @@ class FeatureResult(Mapping[EntityId, dict[str, Any]]):
 
     def to_pandas(self, with_status: bool = False) -> pd.DataFrame:
         """A DataFrame indexed by entity id, Arrow-backed so int nulls and NaN vs null survive."""
+        import pandas as pd  # noqa: PLC0415 - half of a serving import's time, when at the top
+
         frame = self.to_arrow(with_status).to_pandas(types_mapper=pd.ArrowDtype)
         return frame.set_index("entity_id")

@@ -10,14 +10,13 @@ written only where nothing changed since (no stale set, DESIGN section 4).
 from __future__ import annotations
 
 import math
+import sys
 import time
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from itertools import repeat
 from operator import itemgetter
 from typing import Any
-
-import pyarrow as pa
 
 from featcache.codec import NO_EVENT, RowCodec
 from featcache.config import CacheConfig, FeatureView
@@ -359,7 +358,8 @@ def _event_order(event_us: int | None) -> int:
 
 def _columns(rows: Any) -> dict[str, list[Any]]:
     """Column name -> list of Python values, from dicts, a DataFrame or an Arrow table."""
-    if isinstance(rows, pa.Table | pa.RecordBatch):
+    pa = sys.modules.get("pyarrow")  # an Arrow table can only come from a loaded pyarrow
+    if pa is not None and isinstance(rows, pa.Table | pa.RecordBatch):
         return {name: rows.column(name).to_pylist() for name in rows.column_names}
     if type(rows).__name__ == "DataFrame" and hasattr(rows, "columns"):
         return {str(name): rows[name].tolist() for name in rows.columns}
