@@ -40,6 +40,7 @@ import pytest
 import sqlalchemy as sa
 from featdata import T0, Clock, SqlCounter, insert, make_cache, make_table, make_view
 from servers import PrivatePostgres, _child_setup
+from sqloutage import refuses
 from wire import hooked_client, is_command
 
 from featcache import Feature, FeatureCache, FeatureView, OfflineStoreUnavailable, Status
@@ -271,16 +272,7 @@ class _StoppableSql:
         raise NotImplementedError
 
     def is_down(self) -> bool:
-        """Whether a brand-new connection fails (the check does not go through featcache)."""
-        engine = sa.create_engine(self.url, poolclass=sa.NullPool)
-        try:
-            with engine.connect() as conn:
-                conn.exec_driver_sql("SELECT clicks FROM sfeat")
-            return False
-        except sa.exc.OperationalError:
-            return True
-        finally:
-            engine.dispose()
+        return refuses(self.url, "SELECT clicks FROM sfeat")
 
 
 class _Postgres(_StoppableSql):
