@@ -244,7 +244,8 @@ def test_a_joined_sql_read_is_not_made_younger_in_l1(
             _until(lambda: _applied(cache, report.stream_ids[-1]), "the tail")
             clock.advance(1.5)
             joiner.start()
-            time.sleep(0.5)  # B reads Redis (nothing yet) and waits on A's flight
+            # B reads Redis (nothing yet) and waits on A's flight
+            _until(lambda: cache._read._flights.joined == 1, "B to join A's SQL read")
 
         sa.event.listen(cache.engine, "after_cursor_execute", during_a_sql_read)
         try:
