@@ -31,12 +31,15 @@ import pytest
 import redis
 import sqlalchemy as sa
 from servers import (
+    ENV_REQUIRE,
     SQL_BACKENDS,
     PrivatePostgres,
     SqlTarget,
     find_postgres_bin_dir,
     isolated_target,
     mask_url,
+    required_backends,
+    unavailable,
     unlink_matching,
 )
 
@@ -46,7 +49,6 @@ from featcache.errors import EmbeddedServerError
 ENV_REDIS_URL: Final = "FEATCACHE_TEST_REDIS_URL"
 ENV_PG_URL: Final = "FEATCACHE_TEST_PG_URL"
 ENV_MYSQL_URL: Final = "FEATCACHE_TEST_MYSQL_URL"
-ENV_REQUIRE: Final = "FEATCACHE_TEST_REQUIRE"
 
 _KNOWN_REQUIREMENTS: Final = frozenset({"redis", *SQL_BACKENDS})
 
@@ -61,21 +63,9 @@ def _env(name: str) -> str | None:
     return os.environ.get(name) or None
 
 
-def _required() -> frozenset[str]:
-    raw = _env(ENV_REQUIRE) or ""
-    return frozenset(part.strip().lower() for part in raw.split(",") if part.strip())
-
-
-def _unavailable(backend: str, reason: str) -> None:
-    """Skip, or fail when FEATCACHE_TEST_REQUIRE names the backend, so CI never skips silently."""
-    if backend in _required():
-        pytest.fail(f"{backend} is required by {ENV_REQUIRE} but {reason}", pytrace=False)
-    pytest.skip(f"{backend} unavailable: {reason}")
-
-
 def pytest_configure(config: pytest.Config) -> None:
     """Reject a misconfigured environment before any test runs, not per test."""
-    required = _required()
+    required = required_backends()
     unknown = required - _KNOWN_REQUIREMENTS
     if unknown:
         raise pytest.UsageError(
@@ -155,7 +145,7 @@ _BACKEND_LINES: Final = pytest.StashKey[list[str]]()
 def _backend_lines(config: pytest.Config) -> list[str]:
     """Which servers this run's results are about; computed once (it may connect to them)."""
     if _BACKEND_LINES not in config.stash:
-        required = ",".join(sorted(_required())) or "nothing (unavailable backends skip)"
+        required = ",".join(sorted(required_backends())) or "nothing (unavailable backends skip)"
         config.stash[_BACKEND_LINES] = [
             f"featcache redis: {_redis_description()}",
             *(f"featcache {line}" for line in _sql_descriptions()),
@@ -267,11 +257,11 @@ def _base_url(request: pytest.FixtureRequest, backend: str) -> str | None:
     if backend == "postgresql":
         url: str | None = request.getfixturevalue("pg_base_url")
         if url is None:
-            _unavailable(backend, f"{ENV_PG_URL} is unset and no initdb/postgres was found")
+            unavailable(backend, f"{ENV_PG_URL} is unset and no initdb/postgres was found")
         return url
     url = request.getfixturevalue("mysql_base_url")
     if url is None:
-        _unavailable(backend, f"{ENV_MYSQL_URL} is unset")
+        unavailable(backend, f"{ENV_MYSQL_URL} is unset")
     return url
 
 

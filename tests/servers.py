@@ -27,24 +27,32 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Final
+from typing import Final, NoReturn
 
+import pytest
 import redis
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.pool import NullPool
 
 __all__ = [
+    "ENV_REQUIRE",
     "SQL_BACKENDS",
     "PrivatePostgres",
     "SqlTarget",
     "find_postgres_bin_dir",
     "isolated_target",
     "mask_url",
+    "required_backends",
+    "unavailable",
     "unlink_matching",
 ]
 
 SQL_BACKENDS: Final = ("sqlite", "postgresql", "mysql")
+
+#: Comma list of redis,postgresql,mysql,sqlite: a named backend that is unavailable fails the
+#: tests that need it instead of skipping them (CI's second run requires every backend).
+ENV_REQUIRE: Final = "FEATCACHE_TEST_REQUIRE"
 
 #: The superuser ``initdb`` creates. Fixed (rather than the OS user, which is ``nobody`` when
 #: we run as root) so the URL is the same on every machine.
@@ -61,6 +69,20 @@ _UNPRIVILEGED_USER: Final = "nobody"
 _DROP_LOCK_TIMEOUT_S: Final = 10
 
 _PR_SET_PDEATHSIG: Final = 1
+
+
+def required_backends() -> frozenset[str]:
+    """The backends ``FEATCACHE_TEST_REQUIRE`` names, lower-cased."""
+    raw = os.environ.get(ENV_REQUIRE) or ""
+    return frozenset(part.strip().lower() for part in raw.split(",") if part.strip())
+
+
+def unavailable(backend: str, reason: str) -> NoReturn:
+    """Skip, or fail when ``FEATCACHE_TEST_REQUIRE`` names ``backend``: the one way a test
+    gives up for want of a server or a binary, so CI never goes green by skipping."""
+    if backend in required_backends():
+        pytest.fail(f"{backend} is required by {ENV_REQUIRE} but {reason}", pytrace=False)
+    pytest.skip(f"{backend} unavailable: {reason}")
 
 
 def mask_url(url: str) -> str:

@@ -167,14 +167,30 @@ def slow_binary(tmp_path: Path) -> Iterator[str]:
     yield str(script)
 
 
-def test_embedded_start_interrupted_leaves_no_process(slow_binary: str) -> None:
+@pytest.fixture
+def own_tempdir(monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """A temp root of the test's own for ``tempfile`` (the embedded server's directory goes
+    there): other runs on the machine create ``featcache-valkey-*`` in the shared one. Short,
+    so the server's unix socket path stays within the 108-byte limit."""
+    root = Path(tempfile.mkdtemp(prefix="fct-"))
+    monkeypatch.setattr(tempfile, "tempdir", str(root))
+    try:
+        yield root
+    finally:
+        monkeypatch.undo()
+        for leftover in sorted(root.rglob("*"), reverse=True):
+            (leftover.rmdir if leftover.is_dir() else leftover.unlink)()
+        root.rmdir()
+
+
+def test_embedded_start_interrupted_leaves_no_process(slow_binary: str, own_tempdir: Path
+                                                      ) -> None:
     def interrupt(signum: int, frame: object) -> None:
         raise KeyboardInterrupt
 
     server = EmbeddedServer(binary=slow_binary)
     me = psutil.Process()
     before = {child.pid for child in me.children(recursive=True)}
-    dirs_before = set(Path(tempfile.gettempdir()).glob("featcache-valkey-*"))
     previous = signal.signal(signal.SIGALRM, interrupt)
     signal.setitimer(signal.ITIMER_REAL, 0.5)
     try:
@@ -188,7 +204,7 @@ def test_embedded_start_interrupted_leaves_no_process(slow_binary: str) -> None:
             if c.pid not in before]
     try:
         assert not [pid for pid, created in left if _alive(pid, created)], left
-        assert set(Path(tempfile.gettempdir()).glob("featcache-valkey-*")) <= dirs_before
+        assert not list(own_tempdir.glob("featcache-valkey-*"))
     finally:
         for pid, created in left:
             if _alive(pid, created):

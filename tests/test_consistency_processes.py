@@ -38,7 +38,7 @@ from procs_consistency import (
     timestamp_for,
 )
 
-from featcache import CacheConfig, Feature, FeatureCache, FeatureView
+from featcache import CacheConfig, Feature, FeatureView
 from featcache.codec import KIND_ABSENT, KIND_ROW, KIND_TOMBSTONE, RowCodec
 from featcache.keys import KeyLayout
 
@@ -265,8 +265,6 @@ def test_with_l1_no_read_is_older_than_the_l1_bound(
 ) -> None:
     """The same history with every reader's in-process L1 on: reads may lag an invalidation
     only until their L1 hears of it (the stream), never beyond the declared bound."""
-    if not hasattr(FeatureCache, "l1"):
-        pytest.skip("this FeatureCache has no L1")
     history = _history(sqlite_target, redis_url, key_prefix, l1_policy="lru")
     report, mismatches, text = _run_and_check("sqlite L1", history, sqlite_target,
                                               redis_client, key_prefix, tmp_path)

@@ -27,7 +27,7 @@ import psutil
 import pytest
 import redis
 import sqlalchemy as sa
-from servers import PrivatePostgres, SqlTarget, unlink_matching
+from servers import PrivatePostgres, SqlTarget, unavailable, unlink_matching
 from sqlalchemy.engine import make_url
 
 import featcache.embedded
@@ -278,7 +278,7 @@ def private_postgres() -> PrivatePostgres:
     """A not yet started private server; tests own its lifecycle."""
     server = PrivatePostgres.find()
     if server is None:
-        pytest.skip("no PostgreSQL server binaries (initdb, postgres) installed")
+        unavailable("postgresql", "no PostgreSQL server binaries (initdb, postgres) installed")
     return server
 
 

@@ -39,7 +39,8 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 from featdata import T0, Clock, SqlCounter, insert, make_cache, make_table, make_view
-from servers import PrivatePostgres, _child_setup
+from servers import PrivatePostgres, _child_setup, unavailable
+from sqloutage import refuses
 from wire import hooked_client, is_command
 
 from featcache import Feature, FeatureCache, FeatureView, OfflineStoreUnavailable, Status
@@ -271,16 +272,7 @@ class _StoppableSql:
         raise NotImplementedError
 
     def is_down(self) -> bool:
-        """Whether a brand-new connection fails (the check does not go through featcache)."""
-        engine = sa.create_engine(self.url, poolclass=sa.NullPool)
-        try:
-            with engine.connect() as conn:
-                conn.exec_driver_sql("SELECT clicks FROM sfeat")
-            return False
-        except sa.exc.OperationalError:
-            return True
-        finally:
-            engine.dispose()
+        return refuses(self.url, "SELECT clicks FROM sfeat")
 
 
 class _Postgres(_StoppableSql):
@@ -316,11 +308,6 @@ class _Sqlite(_StoppableSql):
         os.replace(self.away, self.path)
 
 
-def _pg_required() -> bool:
-    raw = os.environ.get("FEATCACHE_TEST_REQUIRE") or ""
-    return "postgresql" in {p.strip().lower() for p in raw.split(",")}
-
-
 @pytest.fixture(params=["postgresql", "sqlite"])
 def stoppable_sql(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[_StoppableSql]:
     """A SQL store of the test's own, holding table ``sfeat`` with entities 1-3 (clicks 10x).
@@ -332,10 +319,8 @@ def stoppable_sql(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[_S
     if request.param == "postgresql":
         found = PrivatePostgres.find()
         if found is None:
-            message = "postgresql binaries (initdb, postgres) not found for a private server"
-            if _pg_required():
-                pytest.fail(message, pytrace=False)
-            pytest.skip(message)
+            unavailable("postgresql", "binaries (initdb, postgres) not found for a private "
+                                      "server")
         server = StoppablePostgres(found.bin_dir)
         server.start()
         store = _Postgres(server)

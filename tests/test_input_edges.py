@@ -13,7 +13,6 @@ from featdata import STATS_FEATURES, T0, insert, make_cache, make_table, make_vi
 
 from featcache import (
     ConfigError,
-    FeatcacheError,
     Feature,
     FeatureCache,
     InvalidEntityId,
@@ -130,20 +129,19 @@ def test_sql_timestamp_beyond_datetime_range_is_schema_error(
         cache.close()
 
 
-def test_event_time_beyond_datetime_range_never_raises_a_raw_error(
+def test_event_time_beyond_datetime_range_is_a_schema_error(
     sqlite_target: Any, redis_url: str, key_prefix: str
 ) -> None:
     """An event time of year 10000 UTC was stored (int64 microseconds) and answered FILLED,
-    and result.event_timestamp() then raised a raw OverflowError (us_to_timestamp)."""
+    and result.event_timestamp() then raised a raw OverflowError (us_to_timestamp). It is a
+    SQL value that does not fit its declared type: a SchemaError naming the event timestamp
+    and the entity."""
     cache = _one_sql_row(sqlite_target, redis_url, key_prefix, "ctr", "float",
                          "'9999-12-31 23:00:00-02:00'", "0.5")
     try:
-        try:
-            result = cache.get_features([1], ["ctr"])
-        except FeatcacheError:
-            return  # rejecting the row as a SchemaError would be fine too
-        assert result.status(1, "ctr") is Status.FILLED
-        result.event_timestamp(1, "ctr")  # raised OverflowError
+        with pytest.raises(SchemaError, match="entity 1: event timestamp") as caught:
+            cache.get_features([1], ["ctr"])
+        assert caught.value.path == "views.user.event_timestamp"
     finally:
         cache.close()
 
@@ -169,16 +167,14 @@ def test_put_rows_aware_timestamp_near_datetime_min_is_invalid_request(
 def test_nul_in_str_id_does_not_fail_the_other_ids_on_postgres(
     sql_target: Any, redis_url: str, key_prefix: str
 ) -> None:
-    """'a\\x00b' passes id validation (and works on SQLite), but PostgreSQL text cannot hold
-    NUL: the whole chunk's query fails, so the valid 'alice' is UNAVAILABLE (on_sql_error:
-    mark), or the whole call raises OfflineStoreError (raise), counted as sql_errors; stale
-    rows of every other id get served STALE. Bad input should be InvalidEntityId before I/O."""
+    """'a\\x00b' passed id validation (and works on SQLite), but PostgreSQL text cannot hold
+    NUL: the whole chunk's query failed, so the valid 'alice' was UNAVAILABLE (on_sql_error:
+    mark), or the whole call raised OfflineStoreError (raise). It is InvalidEntityId before
+    any I/O, and the valid id alone is answered."""
     cache = _str_cache(sql_target, redis_url, key_prefix, on_sql_error="mark")
     try:
-        try:
-            result = cache.get_features(["alice", "a\x00b"], ["ctr"])
-        except InvalidEntityId:
-            return
-        assert result.status("alice", "ctr") is Status.FILLED
+        with pytest.raises(InvalidEntityId, match="NUL"):
+            cache.get_features(["alice", "a\x00b"], ["ctr"])
+        assert cache.get_features(["alice"], ["ctr"]).status("alice", "ctr") is Status.FILLED
     finally:
         cache.close()

@@ -11,12 +11,13 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+import redis
 import sqlalchemy as sa
 from featcache.jobs import cli
 from featcache.jobs.hook import run_invalidate
 from featdata import STATS_FEATURES, Clock, insert, make_cache, make_table, make_view, stats_row
 
-from featcache import CacheUnavailable, Feature, FeatureCache, Status
+from featcache import CacheUnavailable, Feature, FeatureCache, InvalidRequest, Status
 from featcache.subscriber import parse_id
 
 
@@ -83,8 +84,8 @@ def test_stress_no_old_value_after_the_tail_applied_the_entry(
 # --------------------------------------------------------------------------------------------
 
 
-def test_invalidating_one_str_id_passed_as_a_bare_string_fences_that_id(
-    sqlite_target: Any, redis_url: str, key_prefix: str
+def test_invalidating_one_str_id_passed_as_a_bare_string_is_refused_and_fences_nothing(
+    sqlite_target: Any, redis_url: str, redis_client: redis.Redis, key_prefix: str
 ) -> None:
     """A bare string for entity_ids is refused as get_features refuses it ("wrap it"); it was
     iterated, fencing one key per character and leaving the real id cached as fresh."""
@@ -96,26 +97,29 @@ def test_invalidating_one_str_id_passed_as_a_bare_string_fences_that_id(
         assert cache.get_features(["abc"], ["clicks"]).status("abc", "clicks") is Status.FILLED
         with engine.begin() as conn:
             conn.execute(table.update().values(clicks=2))
-        try:
-            report = cache.invalidate("skus", "abc")
-        except Exception:  # rejecting the call, as get_features does, is fine too
-            return
+        with pytest.raises(InvalidRequest, match=r"write \['abc'\]"):
+            cache.invalidate("skus", "abc")
+        # refused before any I/O: no character fenced, the row still cached as it was
+        assert redis_client.exists(*(f"{key_prefix}:skus:{c}" for c in "abc")) == 0
+        assert not redis_client.exists(cache.layout.stream_key())
+        assert cache.get_features(["abc"], ["clicks"]).status("abc", "clicks") \
+            is Status.HIT_REDIS
+        # the call the message asks for invalidates the id
+        assert cache.invalidate("skus", ["abc"]).ids == ("abc",)
         after = cache.get_features(["abc"], ["clicks"])
-        # the row changed in SQL and was "invalidated": it must not be served as fresh
-        assert after["abc"]["clicks"] == 2, (report, after.status("abc", "clicks"))
+        assert (after.status("abc", "clicks"), after["abc"]["clicks"]) == (Status.FILLED, 2)
 
 
 def test_invalidating_int_ids_passed_as_bytes_is_rejected(
-    sqlite_target: Any, redis_url: str, key_prefix: str
+    sqlite_target: Any, redis_url: str, redis_client: redis.Redis, key_prefix: str
 ) -> None:
     """b"12" is refused; it was iterated as the ints 49 and 50, fenced silently."""
     make_table(sqlite_target.engine(), None, "ub", STATS_FEATURES)
     view = make_view("ub", "ub", None)
     with make_cache([view], redis_url, sqlite_target.url, key_prefix) as cache:
-        with pytest.raises(Exception) as caught:
-            report = cache.invalidate("ub", b"12")
-            pytest.fail(f"accepted: fenced {report.ids}")
-        assert "accepted" not in str(caught.value)
+        with pytest.raises(InvalidRequest, match="must be a list of ids, not the bytes"):
+            cache.invalidate("ub", b"12")
+        assert redis_client.exists(f"{key_prefix}:ub:49", f"{key_prefix}:ub:50") == 0
 
 
 # --------------------------------------------------------------------------------------------
@@ -240,7 +244,8 @@ def test_a_joined_sql_read_is_not_made_younger_in_l1(
             _until(lambda: _applied(cache, report.stream_ids[-1]), "the tail")
             clock.advance(1.5)
             joiner.start()
-            time.sleep(0.5)  # B reads Redis (nothing yet) and waits on A's flight
+            # B reads Redis (nothing yet) and waits on A's flight
+            _until(lambda: cache._read._flights.joined == 1, "B to join A's SQL read")
 
         sa.event.listen(cache.engine, "after_cursor_execute", during_a_sql_read)
         try:

