@@ -187,7 +187,8 @@ def test_control_alone_the_strict_reader_rejects_the_old_row(
     redis_client: redis.Redis,
 ) -> None:
     """Control for the first test (passes): without the lenient reader B does the right thing,
-    rejects the 10 s old row, and reads SQL itself once the lease wait runs out."""
+    rejects the 10 s old row, and, the lease gone with no row fresh enough for it, takes the
+    lease over and reads SQL itself."""
     clock = Clock()
     view = make_view("t", "t", None, FAST_SLOW)
     with make_cache([view], redis_url, sqlite_target.url, key_prefix, clock,
@@ -204,7 +205,8 @@ def test_control_alone_the_strict_reader_rejects_the_old_row(
         b.join(10)
         assert out["b"].status(1, "fast") is Status.FILLED
         stats = fc.stats()["t"]  # B waited on the lease, and the row that came was too old
-        assert (stats["lease_waits"], stats["lease_timeouts"]) == (1, 1)
+        assert (stats["lease_waits"], stats["lease_takeovers"], stats["lease_timeouts"]) == (
+            1, 1, 0)
 
 
 # --------------------------------------------------------------------------- leases
@@ -221,7 +223,8 @@ def test_a_fill_releases_only_its_own_leases(
     view = make_view("t", "t", None, FAST_SLOW)
     theirs = f"{key_prefix}:~t:lease:1"
     client, hooks = hooked_client(redis_url)
-    took: list[list[Any]] = []  # lease round trips' replies: a flag per row, then TIME
+    took: list[list[Any]] = []  # lease round trips' replies: per row 1 (taken) or [holder],
+    # then TIME
 
     def after_reply(packed: Sequence[bytes], reply: Any) -> None:
         if packed and is_command(packed[0], "EVALSHA") and isinstance(reply, list):
@@ -236,7 +239,8 @@ def test_a_fill_releases_only_its_own_leases(
         out: dict[str, Any] = {}
         a = _run(lambda: fc.get_features([1, 2], ["slow"]), out, "a")
         _wait_for(lambda: bool(took), what="our lease round trip")
-        assert took[0][:2] == [1, 0], f"row 1's lease ours, row 2's held: {took[0]}"
+        assert took[0][:2] == [1, [b"another-process"]], (
+            f"row 1's lease ours, row 2's held: {took[0]}")
         _wait_for(lambda: redis_client.exists(theirs) == 0, what="our lease's expiry")
         assert redis_client.set(theirs, "process-B-token", px=10_000, nx=True)
         assert _flights(fc).in_flight == 2, "our call's fill is not pending any more"
