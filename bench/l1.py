@@ -18,7 +18,7 @@ consecutive calls (fresh random ids each), alternating block by block, every cal
 50 us target is judged on these; the interleaved rounds, where a Redis round trip and another
 cache's objects come between two calls, judge the L1 against the plain dict in the same rounds
 (at most 1.25x it): there the dict alone takes 63-87 us on this VM, and the L1 hit 0.70-1.01x
-that (docs/benchmarks.md, "How the L1 hit is judged").
+that (docs/benchmarks.md, "L1 hits").
 
 The L1 runs with ``l1_max_ttl`` = 1 h here so no entry ages out during the timed rounds.
 """
@@ -185,7 +185,7 @@ def measure_consecutive(env: read.Env, cache: FeatureCache, calls: int) -> dict[
     calls (fresh random ids each), alternating between the cases block by block, every call
     counted. The L1 target is judged here: the interleaved rounds above put a Redis round
     trip and another cache's objects between two calls, which moves even the plain dict
-    from ~50 to ~70 us (docs/benchmarks.md, "How the L1 hit is judged")."""
+    from ~50 to 63-87 us (docs/benchmarks.md, "L1 hits")."""
     cases = {c.name: c for c in hit_cases(env, cache) if c.name in ("featcache_l1_hit",
                                                                     "dict_floor")}
     times: dict[str, list[int]] = {name: [] for name in cases}
