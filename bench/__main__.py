@@ -1,7 +1,7 @@
 """Dispatcher: ``python -m bench <benchmark> [options]``.
 
-A benchmark is a module with ``DESCRIPTION``, ``add_arguments(parser)`` and ``run(args) -> int``;
-to add one (``l1``, ``materialize``...), import it here and add it to ``BENCHMARKS``.
+Each benchmark is one module with ``DESCRIPTION``, ``add_arguments(parser)`` and
+``run(args) -> int``; to add one, import it here and add it to ``BENCHMARKS``.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import sys
 from collections.abc import Sequence
 from typing import Protocol
 
-from bench import l1, l1_policies, materialize, read
+from bench import invalidation, l1, l1_policies, materialize, read, stampede
 
 
 class Benchmark(Protocol):
@@ -26,6 +26,8 @@ BENCHMARKS: dict[str, Benchmark] = {
     "read": read,
     "l1_policies": l1_policies,
     "l1": l1,
+    "stampede": stampede,
+    "invalidation": invalidation,
     "materialize": materialize,
 }
 

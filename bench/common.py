@@ -1,4 +1,5 @@
-"""Machinery shared by the benchmarks: the Redis target, interleaved timing, summaries, output.
+"""Machinery shared by the benchmarks: the Redis target, interleaved timing, summaries, the
+command line and the output.
 
 Timing rules, the same for every benchmark:
 
@@ -23,15 +24,17 @@ Timing rules, the same for every benchmark:
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import gc
 import json
 import math
+import os
 import platform
 import secrets
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -378,6 +381,132 @@ def format_table(summaries: Sequence[Summary], ratios: Sequence[Ratio], baseline
         if i == 0:
             lines.append("  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+def ms(ns: float) -> float:
+    """Nanoseconds as milliseconds, rounded to hundredths."""
+    return round(ns / 1e6, 2)
+
+
+def ms_stats(values_ns: Sequence[int]) -> dict[str, Any]:
+    """``n``, ``min``, ``p50``, ``p99`` and ``max`` in ms of nanosecond samples (just ``n``
+    when there are none)."""
+    if not values_ns:
+        return {"n": 0}
+    ordered = sorted(values_ns)
+    return {
+        "n": len(ordered),
+        "min": ms(ordered[0]),
+        "p50": ms(percentile(ordered, 0.50)),
+        "p99": ms(percentile(ordered, 0.99)),
+        "max": ms(ordered[-1]),
+    }
+
+
+def format_ms_table(rows: Sequence[tuple[str, Mapping[str, Any]]]) -> str:
+    """One line per ``(label, ms_stats(...))``."""
+    header = ("", "n", "min_ms", "p50_ms", "p99_ms", "max_ms")
+    table: list[tuple[str, ...]] = [header]
+    for name, s in rows:
+        table.append((name, str(s.get("n", 0)),
+                      *(f"{s[k]:,.2f}" if k in s else "-" for k in ("min", "p50", "p99", "max"))))
+    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+    lines = []
+    for i, row in enumerate(table):
+        lines.append("  ".join([row[0].ljust(widths[0]),
+                                *(c.rjust(w) for c, w in zip(row[1:], widths[1:], strict=True))]))
+        if i == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------
+# Command line and run context
+# --------------------------------------------------------------------------------------------
+
+
+class BenchError(RuntimeError):
+    """The setup does not measure what it claims (an L1 hit that missed, a lost worker...)."""
+
+
+def add_common_arguments(parser: argparse.ArgumentParser, quick_help: str) -> None:
+    """``--json``, ``--quick``, ``--redis-url`` and ``--seed``, as every Redis benchmark has."""
+    parser.add_argument("--json", metavar="OUT.json", help="write the results here as JSON")
+    parser.add_argument("--quick", action="store_true", help=quick_help)
+    parser.add_argument("--redis-url", metavar="URL",
+                        help="use this server (keys under a unique fcbench-<hex> prefix, removed "
+                             "afterwards) instead of a private embedded Valkey")
+    parser.add_argument("--seed", type=int, default=20_260_101, help="data and id sampling seed")
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: an integer of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """What a run records about where and when it ran: the server, the machine's load."""
+
+    target: RedisTarget
+    server: str
+    started: float  # time.perf_counter()
+    load_before: tuple[float, float, float]
+
+    def setup(self, seed: int) -> dict[str, Any]:
+        """The ``setup`` fields every benchmark's JSON shares (it adds its own)."""
+        return {
+            "redis": "private embedded server" if self.target.private else "given --redis-url",
+            "key_prefix": self.target.prefix,
+            "seed": seed,
+            "seconds": round(time.perf_counter() - self.started, 1),
+            "cpus": os.cpu_count(),
+            "load_average_1_5_15": {"start": [round(x, 2) for x in self.load_before],
+                                    "end": [round(x, 2) for x in os.getloadavg()]},
+        }
+
+    def header(self, title: str, quick: bool, setup: Mapping[str, Any]) -> str:
+        """The first line of a benchmark's printout."""
+        load = setup["load_average_1_5_15"]
+        return (f"{title}: {self.server} ({setup['redis']}); {'quick' if quick else 'full'} "
+                f"run; {os.cpu_count()} CPUs, load average {load['start'][0]:.1f} at start, "
+                f"{load['end'][0]:.1f} at end")
+
+
+@contextlib.contextmanager
+def run_context(url: str | None) -> Iterator[RunContext]:
+    """``redis_target(url)``, with the clock and the load average taken before it starts."""
+    started = time.perf_counter()
+    load_before = os.getloadavg()
+    with redis_target(url) as target:
+        yield RunContext(target, describe_server(target.url), started, load_before)
+
+
+def describe_server(url: str) -> str:
+    """``server_description`` of the server at ``url``, on a client opened for it alone."""
+    client = redis.Redis.from_url(url)
+    try:
+        return server_description(client)
+    finally:
+        client.close()
+
+
+def finish(report: Report, json_path: str | None, started: float) -> int:
+    """Print the report's targets, write its JSON if asked: the end of every benchmark's run."""
+    print()
+    for t in report.targets:
+        print(t.line())
+    if json_path:
+        report.write(json_path)
+        print(f"\nwrote {json_path}")
+    log(f"done in {time.perf_counter() - started:.1f} s")
+    return 0
 
 
 def log(message: str) -> None:

@@ -49,6 +49,7 @@ from bench.common import (
     Schedule,
     Summary,
     Target,
+    finish,
     format_table,
     log,
     parser_name,
@@ -456,14 +457,7 @@ def run_benchmark(
     print(f"redis_bytes_per_row: {memory['redis_bytes_per_row']} "
           f"({memory['memory']['rows']:,} rows via put_rows, {memory['memory']['server']}, "
           f"{'fresh private server' if memory['memory']['fresh_server'] else 'given server'})")
-    print()
-    for t in targets:
-        print(t.line())
-    if json_path:
-        report.write(json_path)
-        print(f"\nwrote {json_path}")
-    log(f"done in {time.perf_counter() - started:.1f} s")
-    return 0
+    return finish(report, json_path, started)
 
 
 def _sampler(env: Env, batch: int) -> Callable[[], list[int]]:

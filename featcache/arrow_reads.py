@@ -76,7 +76,7 @@ def open_id_stream(
 class ArrowIdStream:
     """A view's entity ids streamed through their own ADBC connection, chunk by chunk.
 
-    Through SQLAlchemy the listing cost a ``Row`` per id, about 1 us, on the thread that
+    Through SQLAlchemy the listing costs a ``Row`` per id, about 1 us, on the thread that
     then fences and reads each chunk: a tenth of ``materialize --all``'s time. Here the ids
     arrive as Arrow batches (memory: one Arrow batch, at most two chunks as Python ints).
     Errors surface from ``chunks`` as they happen, possibly after some chunks (ADBC SQLite
@@ -167,8 +167,8 @@ class ArrowRangeReader:
     database: a run's rows are fetched as they are (``entity BETWEEN lo AND hi``) and sorted in
     Arrow by exactly the order of ``_BoundView.latest_query`` (event time NULLs last, event
     time descending, then ``updated_at`` NULLs last, ``updated_at`` descending).
-    SQLite spends 60% less per row without the window function, PostgreSQL 30% less (measured
-    2026-11-27, docs/benchmarks.md). "Same rows" is checked, never assumed: the ordering
+    SQLite spends 60% less per row without the window function, PostgreSQL 30% less
+    (docs/benchmarks.md, "Materialize"). "Same rows" is checked, never assumed: the ordering
     columns must be timestamps, or, on SQLite, ISO 8601 text that Arrow parses (so text
     order is SQLite's binary order and no other storage class hides among them), and no
     column of the table may declare a collation (one could make distinct ids one partition,

@@ -43,7 +43,8 @@ class KeyLayout:
 
     def row_keys(self, view: str, entities: Iterable[int | str]) -> list[str]:
         # map() alone, no Python step per key (the bulk writers build 10k keys a chunk), and
-        # one %-format per key: str() and a concatenation cost a third more (2026-11-27)
+        # one %-format per key, cheaper than str() and a concatenation (docs/benchmarks.md,
+        # "Materialize")
         template = self.row_prefix(view).replace("%", "%%") + "%s"
         return list(map(template.__mod__, entities))
 

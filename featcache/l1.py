@@ -242,7 +242,7 @@ class InOrder(Mapping[IdT, V]):
     """An all-hit answer of ``get_many(distinct=True)``: the ids as asked and their values in
     the same order, indexed by id on the first lookup by id.
 
-    Building that dict (a hundred inserts) was a sixth of a 100-id L1 hit, and a caller that
+    Building that dict (a hundred inserts) costs a sixth of a 100-id L1 hit, and a caller that
     reads the answers in order (``FeatureResult.to_arrow``, iteration) never needs it. Read-
     only; safe to share between threads (two first lookups may both build the index; either
     one is kept).

@@ -1,0 +1,17 @@
+"""The L1 that ``bench l1``, ``bench stampede`` and ``bench invalidation`` give their caches:
+the policy and size a serving process would run (``FeatureCache``'s recommended ``tinylfu``)."""
+
+from __future__ import annotations
+
+from featcache import CacheConfig
+
+L1_POLICY = "tinylfu"
+L1_MAX_ENTRIES = 100_000
+#: stampede and invalidation: long enough that only an invalidation drops a row
+PROCESS_L1_MAX_TTL = 600.0
+
+
+def l1_config(base: CacheConfig, max_ttl: float) -> CacheConfig:
+    """``base`` with the L1 of ``L1_POLICY`` and ``L1_MAX_ENTRIES``, entries living ``max_ttl``."""
+    return base.with_overrides(l1_policy=L1_POLICY, l1_max_entries=L1_MAX_ENTRIES,
+                               l1_max_ttl=max_ttl)
