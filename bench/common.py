@@ -185,14 +185,17 @@ class Samples:
 
 
 def run_interleaved(
-    cases: Sequence[Case], make_input: Callable[[], Any], schedule: Schedule
+    cases: Sequence[Case], make_input: Callable[[], Any], schedule: Schedule,
+    *, freeze: bool = True,
 ) -> Samples:
+    """Time every case once per round, in balanced orders. ``freeze``: under ``frozen_heap``;
+    without it the collector runs as in a serving process that never froze its heap."""
     orders = williams_orders(len(cases))
     for r in range(schedule.warmup_rounds):
         for i in orders[r % len(orders)]:
             time_call(cases[i], make_input())
     by_case: dict[str, list[int]] = {case.name: [] for case in cases}
-    with frozen_heap():
+    with frozen_heap() if freeze else contextlib.nullcontext():
         gc_before = [g["collections"] for g in gc.get_stats()]
         started = time.perf_counter()
         deadline = started + schedule.budget_s

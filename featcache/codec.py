@@ -33,6 +33,7 @@ array of floats.
 from __future__ import annotations
 
 import datetime as dt
+import operator
 import struct
 import sys
 import zlib
@@ -50,11 +51,16 @@ from featcache.keys import LAYOUT_VERSION
 from featcache.types import NO_VALUE, FeatureType
 
 __all__ = [
+    "BODY_EPOCH",
+    "BODY_FILL_MS",
+    "BODY_LOADED_MS",
+    "BODY_VALUES",
     "KIND_ABSENT",
     "KIND_ROW",
     "KIND_TOMBSTONE",
     "NO_EVENT",
     "DecodedRow",
+    "RowBatch",
     "RowCodec",
 ]
 
@@ -87,6 +93,26 @@ def _row_decoder(types: Sequence[FeatureType]) -> msgspec.msgpack.Decoder[tuple[
     """A decoder of a row body whose features are ``types``, each also null."""
     fields = (*_BOOKKEEPING, *(_STORED_TYPE[t] | None for t in types))
     return msgspec.msgpack.Decoder(tuple[fields])  # type: ignore[valid-type]
+
+
+_heads = operator.itemgetter(slice(0, 2))  # layout version and kind
+_events = operator.itemgetter(slice(2, _HEADER.size))
+_bodies = operator.itemgetter(slice(_HEADER.size, None))
+_ROW_HEAD: Final = bytes((LAYOUT_VERSION, KIND_ROW))
+
+
+class RowBatch(NamedTuple):
+    """Rows of one view decoded together: what ``RowCodec.decode_rows`` returns."""
+
+    events_us: list[int | None]  # the event time of each row, None where it has none
+    bodies: list[tuple[Any, ...]]  # each row's body: the BODY_* fields, then its values
+
+
+#: Where each bookkeeping field sits in a decoded row body; the values follow ``BODY_VALUES``.
+BODY_EPOCH: Final = 1
+BODY_LOADED_MS: Final = 2
+BODY_FILL_MS: Final = 3
+BODY_VALUES: Final = 4
 _LITTLE = sys.byteorder == "little"
 
 
@@ -271,6 +297,38 @@ class RowCodec:
             return None
         except Exception:  # any undecodable value is a miss, by contract
             return None
+
+    def decode_rows(self, blobs: Sequence[bytes]) -> RowBatch | None:
+        """Every value a row of this view's full schema: their event times and bodies, checked
+        as ``decode`` checks one; None when any is not (a miss, a tombstone, a negative entry,
+        an older schema, garbage): then decode them one by one.
+
+        The all-hit batch's path: the headers are checked, the event times read and the bodies
+        parsed by C-level maps over the batch, so no Python code runs per row. Each body is
+        parsed on its own (not the batch's bodies as one msgpack array, which costs the same):
+        a value that held two rows, or half of one, must not shift its neighbours into rows.
+        """
+        n = len(blobs)
+        if not n:
+            return RowBatch([], [])
+        if b"".join(map(_heads, blobs)) != _ROW_HEAD * n:
+            return None
+        try:
+            bodies = list(map(self._full.decode, map(_bodies, blobs)))
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            return None
+        if {body[0] for body in bodies} != {self._fp}:
+            return None
+        events = array("q", b"".join(map(_events, blobs)))
+        if _LITTLE:
+            events.byteswap()
+        events_us: list[int | None] = events.tolist()  # type: ignore[assignment]
+        if NO_EVENT in events_us:
+            events_us = [None if e == NO_EVENT else e for e in events_us]
+        if self._embedding_idx:
+            bodies = [(*body[:BODY_VALUES], *self._unpack_embeddings(body[BODY_VALUES:]))
+                      for body in bodies]
+        return RowBatch(events_us, bodies)
 
     def _decode_older(self, raw: bytes) -> tuple[Any, ...]:
         """The body of a row written before features were appended to the view (its schema

@@ -21,10 +21,19 @@ import random
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import replace
+from itertools import repeat
+from operator import itemgetter
 from typing import Any, NamedTuple
 
 from featcache.breaker import CircuitBreaker, ConcurrencyLimiter
-from featcache.codec import KIND_ABSENT, KIND_ROW
+from featcache.codec import (
+    BODY_EPOCH,
+    BODY_FILL_MS,
+    BODY_LOADED_MS,
+    BODY_VALUES,
+    KIND_ABSENT,
+    KIND_ROW,
+)
 from featcache.config import CacheConfig
 from featcache.errors import CacheUnavailable, OfflineStoreError, OfflineStoreUnavailable
 from featcache.freshness import fresh_since, refresh_early, xfetch_delta_floor
@@ -69,6 +78,13 @@ _LEASE_POLL_MAX_S = 0.005
 # whose early refresh someone else is doing. With it: the SQL read's duration (ms) and the
 # leader's clock before that read (ms), which is the row's loaded time for every thread.
 _FROM_SQL, _FROM_REDIS, _KEEP, _FAILED = 0, 1, 2, 3
+#: Rows from which an all-hit batch is decoded in one call (``ReadPath._all_hits``); below
+#: it the per-row loop is cheaper than the batch's fixed cost.
+_BATCH_DECODE_MIN = 8
+_loaded_ms = itemgetter(BODY_LOADED_MS)
+_epoch = itemgetter(BODY_EPOCH)
+_fill_ms = itemgetter(BODY_FILL_MS)
+_values = itemgetter(slice(BODY_VALUES, None))
 Shared = tuple[int, Any, int, int]
 
 #: What threads share a SQL read on: (view, entity, the bytes Redis held, the view's epoch,
@@ -370,6 +386,10 @@ class ReadPath:
         delta_floor = xfetch_delta_floor(max_age_ms)
         early_after = now_ms - max_age_ms + 10 * beta * delta_floor
         hit, absent = Status.HIT_REDIS, Status.ABSENT
+        if len(raw) >= _BATCH_DECODE_MIN and None not in raw and self._all_hits(
+            vr, ids, raw, max(fresh_after, early_after), delta_floor
+        ):
+            return
         hits = negative_hits = decode_errors = 0
         for eid, blob in zip(ids, raw, strict=True):
             if blob is None:
@@ -415,6 +435,42 @@ class ReadPath:
         counts["hit_redis"] = hits
         counts["negative_hit"] = negative_hits
         counts["decode_errors"] = decode_errors
+
+    def _all_hits(
+        self,
+        vr: _ViewRead,
+        ids: list[EntityId],
+        raw: list[bytes | None],
+        plain_after: float,
+        delta_floor: int,
+    ) -> bool:
+        """Answer ``ids`` at once when every row is a plain hit: a row of the full schema and
+        the view's epoch, loaded after ``plain_after`` (fresh and, with XFetch on, too far
+        from expiry to draw an early refresh) with a fill time under ``delta_floor``. The
+        all-hit batch is the common one: decoded in one call (``RowCodec.decode_rows``) and
+        answered by C-level zips, with no Python step per row. False (nothing done) when any
+        row needs ``_classify``'s per-row judgement.
+        """
+        batch = vr.vp.codec.decode_rows(raw)  # type: ignore[arg-type]  # no None: checked
+        if batch is None:
+            return False
+        bodies = batch.bodies
+        loaded = list(map(_loaded_ms, bodies))
+        if (
+            min(loaded) < plain_after
+            or {*map(_epoch, bodies)} != {vr.epoch}
+            or (self._beta and max(map(_fill_ms, bodies)) > delta_floor)
+        ):
+            return False
+        answers = zip(repeat(Status.HIT_REDIS), map(_values, bodies), batch.events_us,
+                      strict=False)  # repeat() is endless; the other two have a row each
+        vr.answers.update(zip(ids, answers, strict=True))
+        if self.l1 is not None:
+            vr.loaded.update(zip(ids, loaded, strict=True))
+        counts = vr.counts
+        counts["hit_redis"] = len(ids)
+        counts["negative_hit"] = counts["decode_errors"] = 0
+        return True
 
     # ------------------------------------------------------------------ misses
 

@@ -268,3 +268,63 @@ def test_a_negative_entry_with_bookkeeping_of_another_type_is_a_decode_error() -
     body = msgpack.unpackb(good[10:])
     body[2] = "123"
     assert RowCodec(TYPED).decode(good[:10] + msgpack.packb(body)) is None
+
+
+# ------------------------------------------------------------------ a batch decoded at once
+
+_VALUE_OF = {
+    "int": st.integers(-(2**63), 2**63 - 1),
+    "float": st.floats(allow_nan=False),
+    "bool": st.booleans(),
+    "str": st.text(max_size=8),
+    "timestamp": st.datetimes(timezones=st.just(dt.UTC)).map(lambda d: d.replace(microsecond=0)),
+    "list[float]": st.lists(st.floats(allow_nan=False), max_size=4),
+}
+_ROWS = st.lists(
+    st.tuples(
+        st.tuples(*(st.none() | _VALUE_OF[f.type.value] for f in TYPED.features)),
+        st.none() | st.integers(-(2**62), 2**62),
+    ),
+    min_size=1, max_size=12,
+)
+
+
+@given(_ROWS)
+def test_decode_rows_reads_what_decode_reads(
+    rows: list[tuple[tuple[object, ...], int | None]],
+) -> None:
+    codec = RowCodec(TYPED)
+    blobs = [codec.encode(values, event, 5, 6, 7) for values, event in rows]
+    batch = codec.decode_rows(blobs)
+    assert batch is not None
+    one_by_one = [codec.decode(b) for b in blobs]
+    assert batch.events_us == [r.event_us for r in one_by_one if r is not None]
+    assert [tuple(b[4:]) for b in batch.bodies] == [tuple(r.values) for r in one_by_one if r]
+    assert [b[1:4] for b in batch.bodies] == [(6, 5, 7)] * len(rows)
+
+
+def test_decode_rows_leaves_any_batch_with_one_other_value_to_decode() -> None:
+    """One value that is not a row of the full schema (whatever it is) and the batch is not
+    decoded at once: the caller judges each value on its own."""
+    codec = RowCodec(TYPED)
+    good = codec.encode(_GOOD, 1, 2, 3)
+    older = FeatureView(name="v", table="t", entity_column="id", event_timestamp_column="ts",
+                        features=TYPED.features[:2])
+    body = good[10:]
+    others = {
+        "garbage": b"\x00\xffnope",
+        "tombstone": b"\x01T" + b"\x80" + b"\x00" * 7 + b"1-0",
+        "negative entry": RowCodec.encode_absent(1, 2),
+        "older schema": RowCodec(older).encode((1, 0.5), 1, 2, 3),
+        "wrong type": _with(_GOOD, 0, "7"),
+        "two rows in one value": good + body,
+        "half a row": good[: 10 + len(body) // 2],
+        "layout 2": b"\x02" + good[1:],
+        "empty": b"",
+    }
+    for name, other in others.items():
+        assert codec.decode_rows([good, other, good]) is None, name
+    # the two halves of a row split across two values do not make two rows either
+    half = 10 + len(body) // 2
+    assert codec.decode_rows([good[:half], good[:10] + good[half:]]) is None
+    assert codec.decode_rows([good, good]) is not None

@@ -1,0 +1,124 @@
+"""A batch of hits is answered at once (``ReadPath._all_hits``): every row of it must be
+answered exactly as one at a time, and one row that is not a plain hit sends the batch through
+the per-row judgement. Real Valkey and SQLite; batches of 20 rows (the batch path starts at 8).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import redis
+from featdata import STATS_FEATURES, Clock, insert, make_cache, make_table, make_view, stats_row
+from test_bad_inputs import CORRUPTIONS
+
+from featcache import Status
+from featcache.codec import RowCodec
+
+IDS = list(range(1, 21))
+NAMES = [f.name for f in STATS_FEATURES]
+VIEW = "batch"
+
+
+@pytest.fixture
+def sql_url(sqlite_target: Any) -> str:
+    table = make_table(sqlite_target.engine(), None, VIEW, STATS_FEATURES)
+    insert(sqlite_target.engine(), table, [stats_row(i, clicks=i, ctr=i / 8) for i in IDS])
+    return str(sqlite_target.url)
+
+
+def _expected(eid: int) -> dict[str, Any]:
+    row = stats_row(eid, clicks=eid, ctr=eid / 8)
+    return {name: row[name] for name in NAMES}
+
+
+@pytest.mark.parametrize("corrupt", CORRUPTIONS)
+def test_one_undecodable_row_in_a_batch_of_hits_is_a_miss(
+    sql_url: str, redis_url: str, key_prefix: str, redis_client: redis.Redis,
+    corrupt: Callable[[bytes], bytes],
+) -> None:
+    with make_cache([make_view(VIEW, VIEW, None)], redis_url, sql_url, key_prefix,
+                    xfetch_beta=0) as fc:
+        fc.get_features(IDS, NAMES)
+        key = f"{key_prefix}:{VIEW}:7"
+        real = redis_client.get(key)
+        assert real is not None
+        redis_client.set(key, corrupt(real))
+        result = fc.get_features(IDS, NAMES)
+        assert {e: result.status(e, "clicks") for e in IDS} == {
+            e: Status.FILLED if e == 7 else Status.HIT_REDIS for e in IDS}
+        assert [dict(result[e]) for e in IDS] == [_expected(e) for e in IDS]
+        assert fc.stats()[VIEW]["decode_errors"] == 1
+        again = fc.get_features(IDS, NAMES)  # repaired: the whole batch hits again
+        assert again.status_counts() == {Status.HIT_REDIS: len(IDS) * len(NAMES)}
+
+
+def test_one_stale_row_in_a_batch_of_hits_is_read_again(
+    sql_url: str, redis_url: str, key_prefix: str,
+) -> None:
+    clock = Clock()
+    view = make_view(VIEW, VIEW, None)
+    with make_cache([view], redis_url, sql_url, key_prefix, clock, xfetch_beta=0) as fc:
+        fc.get_features([3], NAMES)
+        clock.advance(30 * 60)  # row 3 is past ctr's 10 min max_age; the others are loaded now
+        fc.get_features([e for e in IDS if e != 3], NAMES)
+        result = fc.get_features(IDS, NAMES)
+        assert {e: result.status(e, "ctr") for e in IDS} == {
+            e: Status.FILLED if e == 3 else Status.HIT_REDIS for e in IDS}
+        assert [dict(result[e]) for e in IDS] == [_expected(e) for e in IDS]
+        # the same batch for a feature whose max_age (1 h) row 3 still meets: all hits
+        assert fc.get_features(IDS, ["clicks"]).status_counts() == {Status.HIT_REDIS: len(IDS)}
+
+
+def test_a_row_of_an_older_epoch_in_a_batch_of_hits_is_a_miss(
+    sql_url: str, redis_url: str, key_prefix: str, redis_client: redis.Redis,
+) -> None:
+    view = make_view(VIEW, VIEW, None)
+    with make_cache([view], redis_url, sql_url, key_prefix, xfetch_beta=0) as fc:
+        fc.get_features([5], NAMES)
+        row_5 = redis_client.get(f"{key_prefix}:{VIEW}:5")
+        fc.invalidate(VIEW)  # a new epoch: every row cached so far is a miss
+        fc.get_features(IDS, NAMES)
+        assert row_5 is not None
+        redis_client.set(f"{key_prefix}:{VIEW}:5", row_5)  # row 5 of the old epoch, back
+        result = fc.get_features(IDS, NAMES)
+        assert {e: result.status(e, "clicks") for e in IDS} == {
+            e: Status.FILLED if e == 5 else Status.HIT_REDIS for e in IDS}
+
+
+def test_rows_close_to_expiry_in_a_batch_are_refreshed_early_by_xfetch(
+    sql_url: str, redis_url: str, key_prefix: str,
+) -> None:
+    """With XFetch on, a batch of rows a few seconds from expiry is not answered at once: each
+    row draws its early refresh, as it would alone."""
+    clock = Clock()
+    view = make_view(VIEW, VIEW, None)
+    with make_cache([view], redis_url, sql_url, key_prefix, clock, xfetch_beta=1.0) as fc:
+        fc.get_features(IDS, NAMES)
+        clock.advance(10 * 60 - 1)  # 1 s before ctr's max_age: within 10 deltas of expiry
+        result = fc.get_features(IDS, NAMES)
+        assert Status.FILLED in result.status_counts()  # some drew their early refresh
+        assert fc.stats()[VIEW]["early_refreshes"] >= 1
+
+
+def test_rows_whose_fill_was_slow_draw_xfetch_further_from_expiry(
+    sql_url: str, redis_url: str, key_prefix: str, redis_client: redis.Redis,
+) -> None:
+    """A row remembers how long its SQL read took (``fill_ms``): one that took 30 min may be
+    refreshed early from 300 min before its expiry. Rows 1000 s from expiry (far outside the
+    window of the default fill time, 72 s) with that fill time must each draw (about 57% each
+    refresh), not be answered at once as plain hits."""
+    clock = Clock()
+    view = make_view(VIEW, VIEW, None, features=STATS_FEATURES[1:2])  # clicks, max_age 1 h
+    codec = RowCodec(view)
+    with make_cache([view], redis_url, sql_url, key_prefix, clock, xfetch_beta=1.0) as fc:
+        fc.get_features(IDS, ["clicks"])  # creates the epoch and the rows
+        epoch = int(redis_client.get(f"{key_prefix}:~{VIEW}:epoch") or 0)
+        now_ms = int(clock.now * 1000)
+        loaded_ms = now_ms - 3600_000 + 1000_000  # 1000 s before max_age runs out
+        for e in IDS:
+            redis_client.set(f"{key_prefix}:{VIEW}:{e}",
+                             codec.encode([e], None, loaded_ms, epoch, fill_ms=1800_000))
+        result = fc.get_features(IDS, ["clicks"])
+        assert fc.stats()[VIEW]["early_refreshes"] >= 1, result.status_counts()
