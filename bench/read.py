@@ -476,19 +476,22 @@ def measure_serving_gc(env: Env, batches: Sequence[int], quick: bool) -> list[Su
     """``floor_mget``, ``featcache_hit`` and ``featcache_hit_dicts`` again, as ``<case>_gc``,
     in a process that does not freeze its heap (``gc.freeze()``, which every other round
     here runs under) and holds 100k more long-lived tracked objects: the tail a serving
-    process sees from the garbage collector."""
+    process sees from the garbage collector. Each case runs alone, call after call, as a
+    serving loop would: interleaved, one case's garbage would trigger collections that
+    another case's calls pay for."""
     by_name = {case.name: case for case in build_cases(env)}
-    cases = [replace(by_name[name], name=f"{name}_gc") for name in GC_CASES]
     heap = [{"k": i, "v": [i]} for i in range(GC_HEAP_DICTS)]
     gc.collect()  # the heap is old, as a serving process's start-up objects are
     out: list[Summary] = []
     for batch in batches:
-        samples = run_interleaved(cases, _sampler(env, batch), _schedule_for(batch, quick),
-                                  freeze=False)
-        out.extend(Summary.of(case.name, batch, samples.by_case[case.name]) for case in cases)
-        log(f"batch {batch} without gc.freeze, {len(gc.get_objects()):,} tracked objects: "
-            f"{samples.rounds} rounds, gc collections gen0/1/2: "
-            f"{'/'.join(map(str, samples.gc_collections))}")
+        schedule = _schedule_for(batch, quick)
+        for name in GC_CASES:
+            case = replace(by_name[name], name=f"{name}_gc")
+            samples = run_interleaved([case], _sampler(env, batch), schedule, freeze=False)
+            out.append(Summary.of(case.name, batch, samples.by_case[case.name]))
+            log(f"batch {batch} {case.name}: {len(gc.get_objects()):,} tracked objects, "
+                f"{samples.rounds} calls, gc collections gen0/1/2: "
+                f"{'/'.join(map(str, samples.gc_collections))}")
     del heap
     return out
 

@@ -96,6 +96,7 @@ def _row_decoder(types: Sequence[FeatureType]) -> msgspec.msgpack.Decoder[tuple[
 
 
 _heads = operator.itemgetter(slice(0, 2))  # layout version and kind
+_fingerprint = operator.itemgetter(0)
 _events = operator.itemgetter(slice(2, _HEADER.size))
 _bodies = operator.itemgetter(slice(_HEADER.size, None))
 _ROW_HEAD: Final = bytes((LAYOUT_VERSION, KIND_ROW))
@@ -317,7 +318,7 @@ class RowCodec:
             bodies = list(map(self._full.decode, map(_bodies, blobs)))
         except (msgspec.DecodeError, msgspec.ValidationError):
             return None
-        if {body[0] for body in bodies} != {self._fp}:
+        if {*map(_fingerprint, bodies)} != {self._fp}:
             return None
         events = array("q", b"".join(map(_events, blobs)))
         if _LITTLE:

@@ -16,6 +16,7 @@ served ``STALE`` and the rest raise or are marked ``UNAVAILABLE`` (``on_sql_erro
 from __future__ import annotations
 
 import contextlib
+import enum
 import logging
 import random
 import time
@@ -45,7 +46,7 @@ from featcache.outage import OutageLog
 from featcache.popularity import PopularityCounter
 from featcache.redis_store import RedisStore, WriteBatch, WriteItem, fenced_write
 from featcache.request import EntityId, Plan, ViewPlan, check_ids
-from featcache.result import Answer, FeatureResult
+from featcache.result import STATUS, VALUES, Answer, FeatureResult
 from featcache.singleflight import BUSY, MISSING, SingleFlight
 from featcache.stats import CacheStats
 from featcache.types import Status
@@ -73,11 +74,26 @@ _L1_MARGIN_S = 0.001
 _LEASE_POLL_FIRST_S = 0.001
 _LEASE_POLL_MAX_S = 0.005
 
-# What a shared fetch yields per row: from SQL (the row, or None when SQL has none), or a row
-# another process filled while we waited on its lease, or "keep the fresh value" for a row
-# whose early refresh someone else is doing. With it: the SQL read's duration (ms) and the
-# leader's clock before that read (ms), which is the row's loaded time for every thread.
-_FROM_SQL, _FROM_REDIS, _KEEP, _FAILED = 0, 1, 2, 3
+
+class Source(enum.Enum):
+    """Where a shared fetch got a row from."""
+
+    SQL = "sql"  # read from SQL: the row, or None when SQL has none
+    REDIS = "redis"  # another process filled it while this one waited on its lease
+    KEEP = "keep"  # someone else refreshes it early: the fresh value in hand stands
+    FAILED = "failed"  # the SQL read failed: the payload is the error
+
+
+class Shared(NamedTuple):
+    """What a shared fetch yields per row, for every thread that joined it."""
+
+    source: Source
+    payload: Any  # SqlRow | None (SQL), an Answer (REDIS), an OfflineStoreError (FAILED)
+    fill_ms: int = 0  # the SQL read's duration
+    loaded_ms: int = 0  # the leader's clock before that read: the row's loaded time for all
+
+
+_KEEP = Shared(Source.KEEP, None)
 #: Rows from which an all-hit batch is decoded in one call (``ReadPath._all_hits``); below
 #: it the per-row loop is cheaper than the batch's fixed cost.
 _BATCH_DECODE_MIN = 8
@@ -85,14 +101,21 @@ _loaded_ms = itemgetter(BODY_LOADED_MS)
 _epoch = itemgetter(BODY_EPOCH)
 _fill_ms = itemgetter(BODY_FILL_MS)
 _values = itemgetter(slice(BODY_VALUES, None))
-Shared = tuple[int, Any, int, int]
 
-#: What threads share a SQL read on: (view, entity, the bytes Redis held, the view's epoch,
-#: the call's strictest max_age in ms, the number of features it needs, whether the row is an
-#: early refresh). The last three make the leader's judgement of a row another process filled
-#: (fresh enough? wide enough?) and its "keep your fresh value" hold for every thread it
-#: answers: a thread asking for a stricter feature never joins a laxer one's read.
-FlightKey = tuple[str, EntityId, bytes, bytes, int, int, bool]
+
+class FlightKey(NamedTuple):
+    """What threads share a SQL read on. The last three fields make the leader's judgement of
+    a row another process filled (fresh enough? wide enough?) and its "keep your fresh value"
+    hold for every thread it answers: a thread asking for a stricter feature never joins a
+    laxer one's read."""
+
+    view: str
+    entity: EntityId
+    seen: bytes  # what Redis held for the row before SQL
+    epoch: bytes  # the view's epoch, as Redis held it
+    max_age_ms: int  # the call's strictest max_age
+    width: int  # how many features it needs
+    early: bool  # an early refresh (XFetch), not a miss
 
 
 class _Waited(NamedTuple):
@@ -135,8 +158,8 @@ class _ViewRead:
 
 def _flight_key(vr: _ViewRead, eid: EntityId, early: bool) -> FlightKey:
     vp = vr.vp
-    return (vp.view.name, eid, vr.seen.get(eid, b""), vr.epoch_raw, vp.max_age_ms, vp.width,
-            early)
+    return FlightKey(vp.view.name, eid, vr.seen.get(eid, b""), vr.epoch_raw, vp.max_age_ms,
+                     vp.width, early)
 
 
 class ReadPath:
@@ -326,7 +349,7 @@ class ReadPath:
 
         def recheck(answer: Answer, loaded_ms: int) -> bool:
             """Past the view's strictest max_age: still fresh for the features asked for?"""
-            values = answer[1]
+            values = answer[VALUES]
             if values is None:
                 return loaded_ms >= negative_after
             return loaded_ms >= fresh_after and len(values) >= width
@@ -398,18 +421,18 @@ class ReadPath:
             row = decode(blob)
             if row is None:
                 decode_errors += 1
-            elif row[2] != epoch:  # invalidated with its whole view
+            elif row.epoch != epoch:  # invalidated with its whole view
                 pass
-            elif row[0] == KIND_ROW:
-                if len(row[5]) < width:  # written before a requested feature existed
+            elif row.kind == KIND_ROW:
+                if len(row.values) < width:  # written before a requested feature existed
                     pass
-                elif row[3] >= fresh_after:
-                    answer = (hit, row[5], row[1])
+                elif row.loaded_ms >= fresh_after:
+                    answer = (hit, row.values, row.event_us)
                     if beta and (
-                        row[3] < early_after
-                        or (row[4] > delta_floor
-                            and row[3] + max_age_ms - now_ms < 10 * beta * row[4])
-                    ) and refresh_early(row[3], now_ms, max_age_ms, row[4], beta,
+                        row.loaded_ms < early_after
+                        or (row.fill_ms > delta_floor
+                            and row.loaded_ms + max_age_ms - now_ms < 10 * beta * row.fill_ms)
+                    ) and refresh_early(row.loaded_ms, now_ms, max_age_ms, row.fill_ms, beta,
                                         1.0 - random.random()):
                         seen[eid] = blob
                         vr.early[eid] = answer
@@ -417,15 +440,15 @@ class ReadPath:
                     answers[eid] = answer
                     hits += 1
                     if loaded is not None:
-                        loaded[eid] = row[3]
+                        loaded[eid] = row.loaded_ms
                     continue
-                elif row[3] >= stale_after:
-                    vr.stale[eid] = (Status.STALE, row[5], row[1])
-            elif row[0] == KIND_ABSENT and row[3] >= negative_after:
+                elif row.loaded_ms >= stale_after:
+                    vr.stale[eid] = (Status.STALE, row.values, row.event_us)
+            elif row.kind == KIND_ABSENT and row.loaded_ms >= negative_after:
                 answers[eid] = (absent, None, None)
                 negative_hits += 1
                 if loaded is not None:
-                    loaded[eid] = row[3]
+                    loaded[eid] = row.loaded_ms
                 continue
             # a miss (or a tombstone left by an invalidation, an expired negative entry): a
             # fill may only replace exactly what Redis held
@@ -503,18 +526,18 @@ class ReadPath:
         def fetch(keys: list[FlightKey]) -> dict[FlightKey, Shared]:
             grouped: dict[str, list[EntityId]] = {}
             for key in keys:
-                grouped.setdefault(key[0], []).append(key[1])
+                grouped.setdefault(key.view, []).append(key.entity)
             got = self._fetch_shared(todo, grouped, now_ms, started, redis_ok)
-            out = {key: got[(key[0], key[1])] for key in keys}
-            led.update(key for key, shared in out.items() if shared[0] == _FROM_SQL)
+            out = {key: got[(key.view, key.entity)] for key in keys}
+            led.update(key for key, shared in out.items() if shared.source is Source.SQL)
             return out
 
         # An early refresh another thread is already doing is not waited for: the fresh value
         # this call holds stands (as it does when another process holds the lease).
         refreshing = {_flight_key(vr, eid, True) for vr in todo.values() for eid in vr.early}
         results = self._flights.do_many(wanted, fetch, no_wait=refreshing)
-        by_row = {(key[0], key[1]): value for key, value in results.items()}
-        mine = {(key[0], key[1]) for key in led}
+        by_row = {(key.view, key.entity): value for key, value in results.items()}
+        mine = {(key.view, key.entity) for key in led}
         for vr in todo.values():
             self._apply(vr, by_row, mine, now_ms, redis_ok)
 
@@ -540,16 +563,16 @@ class ReadPath:
             if result is MISSING:  # pragma: no cover - fetch answers every key it is given
                 raise RuntimeError(f"no answer for {view}:{eid}")
             source, payload, fill_ms, loaded_ms = result
-            if source == _FAILED:
+            if source is Source.FAILED:
                 failed.append(eid)
                 error = payload
                 continue
-            if source == _KEEP:
+            if source is Source.KEEP:
                 vr.answers[eid] = vr.early[eid]
                 continue
-            if source == _FROM_REDIS:  # another process filled it while we waited
+            if source is Source.REDIS:  # another process filled it while we waited
                 vr.answers[eid] = payload
-                if payload[0] is Status.ABSENT:
+                if payload[STATUS] is Status.ABSENT:
                     negative += 1
                 else:
                     from_redis += 1
@@ -632,21 +655,21 @@ class ReadPath:
                 if changed:  # filled (or invalidated) since our MGET: use it, or wait
                     usable = self._usable(vr, changed, int(self._clock() * 1000))
                     for eid, answer in usable.items():
-                        got[(view, eid)] = (_FROM_REDIS, answer, 0, 0)
+                        got[(view, eid)] = Shared(Source.REDIS, answer)
                     for eid in changed.keys() - usable.keys():
                         vr.seen[eid] = changed[eid]  # seen before our SQL read: a valid fence
                         held[eid] = None  # whoever changed it may be filling it: wait
                 waiting: dict[EntityId, bytes | None] = {}
                 for eid, holder in held.items():
                     if eid in vr.early:  # someone else refreshes it: the fresh value stands
-                        got[(view, eid)] = (_KEEP, None, 0, 0)
+                        got[(view, eid)] = _KEEP
                     else:
                         waiting[eid] = holder
                 to_read[view] = won
                 if waiting:
                     wait = self._wait_for_fills(vr, waiting, token)
                     for eid, answer in wait.arrived.items():
-                        got[(view, eid)] = (_FROM_REDIS, answer, 0, 0)
+                        got[(view, eid)] = Shared(Source.REDIS, answer)
                     vr.counts["lease_waits"] = len(waiting)
                     vr.counts["lease_takeovers"] = len(wait.taken_over)
                     vr.counts["lease_timeouts"] = len(wait.timed_out)
@@ -659,11 +682,11 @@ class ReadPath:
                 found, seconds = self._read_sql(vr, ids)
             except OfflineStoreError as exc:  # this view's rows fail; other views go on
                 for eid in ids:
-                    got[(view, eid)] = (_FAILED, exc, 0, 0)
+                    got[(view, eid)] = Shared(Source.FAILED, exc)
                 continue
             fill_ms = int(seconds * 1000)
             for eid in ids:
-                got[(view, eid)] = (_FROM_SQL, found.get(eid), fill_ms, now_ms)
+                got[(view, eid)] = Shared(Source.SQL, found.get(eid), fill_ms, now_ms)
         return got
 
     def _release_now(self, vr: _ViewRead) -> None:
@@ -766,11 +789,12 @@ class ReadPath:
         out: dict[EntityId, Answer] = {}
         for eid, blob in blobs.items():
             row = vp.codec.decode(blob)
-            if row is None or row[2] != vr.epoch:
+            if row is None or row.epoch != vr.epoch:
                 continue
-            if row[0] == KIND_ROW and len(row[5]) >= vp.width and row[3] >= fresh_after:
-                out[eid] = (Status.HIT_REDIS, row[5], row[1])
-            elif row[0] == KIND_ABSENT and row[3] >= negative_after:
+            if (row.kind == KIND_ROW and len(row.values) >= vp.width
+                    and row.loaded_ms >= fresh_after):
+                out[eid] = (Status.HIT_REDIS, row.values, row.event_us)
+            elif row.kind == KIND_ABSENT and row.loaded_ms >= negative_after:
                 out[eid] = (Status.ABSENT, None, None)
         return out
 

@@ -12,7 +12,7 @@ import datetime as dt
 import functools
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 from featcache.convert import us_to_timestamp
 from featcache.l1 import InOrder
@@ -23,7 +23,7 @@ if TYPE_CHECKING:  # imported by the calls that use them: a serving import pays 
     import pandas as pd
     import pyarrow as pa
 
-__all__ = ["Answer", "FeatureResult", "arrow_type"]
+__all__ = ["EVENT_US", "STATUS", "VALUES", "Answer", "FeatureResult", "arrow_type"]
 
 
 def arrow_type(ftype: FeatureType) -> pa.DataType:
@@ -45,8 +45,12 @@ def _arrow_types() -> dict[FeatureType, pa.DataType]:
 
 
 #: One row of one view for one entity, as answered: (status, values or None when ABSENT,
-#: event time in microseconds or None). A plain tuple: the read path builds one per row.
+#: event time in microseconds or None). A plain tuple with named positions, not a NamedTuple:
+#: the read path builds one per row, for a batch of hits by C-level zips.
 Answer = tuple[Status, Sequence[Any] | None, int | None]
+STATUS: Final = 0
+VALUES: Final = 1
+EVENT_US: Final = 2
 
 
 class FeatureResult(Mapping[EntityId, dict[str, Any]]):
@@ -75,13 +79,13 @@ class FeatureResult(Mapping[EntityId, dict[str, Any]]):
             raise KeyError(entity_id)
         plan = self._plan
         if len(self._answers) == 1:  # one view: pick the requested positions in one C call
-            vals = self._answers[0][entity_id][1]  # KeyError if not asked for
+            vals = self._answers[0][entity_id][VALUES]  # KeyError if not asked for
             if vals is None:
                 out = dict.fromkeys(plan.names)
             else:
                 out = dict(zip(plan.names, plan.pick(vals), strict=True))
         else:
-            values = [answers[entity_id][1] for answers in self._answers]
+            values = [answers[entity_id][VALUES] for answers in self._answers]
             out = {
                 name: (None if (vals := values[v]) is None else vals[f])
                 for name, (v, f) in zip(plan.names, plan.columns, strict=True)
@@ -120,11 +124,11 @@ class FeatureResult(Mapping[EntityId, dict[str, Any]]):
 
     def status(self, entity_id: EntityId, feature: str) -> Status:
         """Where this value came from (``HIT_REDIS``, ``FILLED``, ``ABSENT``, ``STALE``...)."""
-        return self._answer(entity_id, feature)[0]
+        return self._answer(entity_id, feature)[STATUS]
 
     def event_timestamp(self, entity_id: EntityId, feature: str) -> dt.datetime | None:
         """The event time of the SQL row behind this value (None when ABSENT or unset)."""
-        return us_to_timestamp(self._answer(entity_id, feature)[2])
+        return us_to_timestamp(self._answer(entity_id, feature)[EVENT_US])
 
     def statuses(self) -> dict[EntityId, dict[str, Status]]:
         if self._plan is None:
@@ -132,7 +136,7 @@ class FeatureResult(Mapping[EntityId, dict[str, Any]]):
         cols = self._plan.columns
         return {
             eid: {
-                name: self._answers[v][eid][0]
+                name: self._answers[v][eid][STATUS]
                 for name, (v, _) in zip(self._plan.names, cols, strict=True)
             }
             for eid in self._ids
@@ -146,7 +150,7 @@ class FeatureResult(Mapping[EntityId, dict[str, Any]]):
         per_view = Counter(v for v, _ in self._plan.columns)
         for v, answers in enumerate(self._answers):
             for answer in answers.values():
-                counts[answer[0]] += per_view[v]
+                counts[answer[STATUS]] += per_view[v]
         return counts
 
     # ---------------------------------------------------------------- columnar
@@ -174,12 +178,14 @@ class FeatureResult(Mapping[EntityId, dict[str, Any]]):
             rows = in_order[v]
             ftype = view_plan.view.features[f].type
             columns[name] = pa.array(
-                [None if (vals := r[1]) is None else vals[f] for r in rows], arrow_type(ftype)
+                [None if (vals := r[VALUES]) is None else vals[f] for r in rows],
+                arrow_type(ftype),
             )
             if with_status:
-                columns[f"{name}.status"] = pa.array([r[0].value for r in rows], pa.string())
+                columns[f"{name}.status"] = pa.array([r[STATUS].value for r in rows],
+                                                     pa.string())
                 columns[f"{name}.event_ts"] = pa.array(
-                    [r[2] for r in rows], pa.int64()
+                    [r[EVENT_US] for r in rows], pa.int64()
                 ).cast(pa.timestamp("us", tz="UTC"))
         return pa.table(columns)
 
