@@ -18,7 +18,9 @@ script per chunk:
 Then the script appends one entry to the stream ``<prefix>:~stream`` (``XADD ... MAXLEN ~``) so
 every process's in-process L1 cache can drop the rows: fields ``v`` (view), ``k`` (``ids`` or
 ``all``), ``ids`` (msgpack list of the entity ids, per-entity only), ``e`` (the new epoch, whole
-view only). Ids travel as msgpack, never pickle.
+view only), ``t`` (the server's time in microseconds, per-entity only: with ``e`` it makes
+every entry's content unique, so a subscriber can tell a stream recreated under it even when
+the new entries repeat the ids of the old ones). Ids travel as msgpack, never pickle.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ from featcache.request import EntityId, check_id
 
 __all__ = ["STREAM_FIELDS", "InvalidationReport", "Invalidator"]
 
-STREAM_FIELDS = ("v", "k", "ids", "e")
+STREAM_FIELDS = ("v", "k", "ids", "e", "t")
 
 # KEYS[1]: epoch key, KEYS[2]: stream key, KEYS[3..]: row keys (none for a whole-view one).
 # ARGV: kind ("ids" | "all"), fence ttl ms, view name, packed ids, stream maxlen, header bytes.
@@ -55,7 +57,8 @@ if ARGV[1] == 'all' then
                     'v', ARGV[3], 'k', 'all', 'e', epoch)
 end
 local id = redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[5], '*',
-                      'v', ARGV[3], 'k', 'ids', 'ids', ARGV[4])
+                      'v', ARGV[3], 'k', 'ids', 'ids', ARGV[4],
+                      't', string.format('%d', now_us))
 local tombstone = ARGV[6] .. id
 for i = 3, #KEYS do
   redis.call('SET', KEYS[i], tombstone, 'PX', ARGV[2])

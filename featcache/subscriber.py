@@ -83,10 +83,12 @@ _MAX_SEQ: Final = 2**64 - 1
 # check and the read see the same stream (a trim between the two would otherwise go unseen).
 # XINFO runs server-side and only four ids travel back, not the first and last entries XINFO
 # embeds (which can be a thousand ids each).
-# KEYS[1]: the stream. ARGV[1]: first id to read (inclusive), ARGV[2]: COUNT (0: no read).
+# KEYS[1]: the stream. ARGV[1]: first id to read (inclusive), ARGV[2]: COUNT (0: no read),
+# ARGV[3]: the id of the last entry read ('' for none).
 # Returns {type} when the key is not a stream ('none' when missing), else
 # {'stream', last-generated-id, max-deleted-entry-id ('' before Redis 7), first entry id
-#  ('' when empty), entries-added ('' before Redis 7), length, entries}.
+#  ('' when empty), entries-added ('' before Redis 7), length, entries, the entry now at the
+#  last id read ({} when there is none)}.
 _SNAPSHOT = LuaScript("""
 local kind = redis.call('TYPE', KEYS[1])
 if type(kind) == 'table' then kind = kind['ok'] end
@@ -106,7 +108,9 @@ local entries = {}
 if tonumber(ARGV[2]) > 0 then
   entries = redis.call('XRANGE', KEYS[1], ARGV[1], '+', 'COUNT', ARGV[2])
 end
-return {kind, last, deleted, first, added, length, entries}
+local at_last = {}
+if ARGV[3] ~= '' then at_last = redis.call('XRANGE', KEYS[1], ARGV[3], ARGV[3]) end
+return {kind, last, deleted, first, added, length, entries, at_last}
 """)
 
 #: Errors that mean "this connection or server is unusable right now".
@@ -295,6 +299,9 @@ class InvalidationSubscriber:
         self._client: redis.Redis | None = None
         self._lock = threading.Lock()  # guards the fields stats() reads
         self._last: StreamId = ZERO
+        #: the fields of the entry at ``_last`` as read (None: not read yet): a stream
+        #: recreated within that entry's millisecond repeats its id, but not its content
+        self._last_fields: dict[bytes, bytes] | None = None
         self._connected = False
         self._outage = False
         self._caught_up = False
@@ -333,7 +340,7 @@ class InvalidationSubscriber:
             with self._client_lock:
                 self._client = client
             if from_id is None:
-                kind, info, _ = self._snapshot(client, ZERO, 0)
+                kind, info, _, _ = self._snapshot(client, ZERO, 0, None)
                 if kind not in ("stream", "none"):
                     raise CacheUnavailable(
                         f"{self.stream_key!r} is a {kind}, not a stream"
@@ -536,7 +543,8 @@ class InvalidationSubscriber:
                 self._client = client
         with self._lock:
             last = self._last
-        kind, info, entries = self._snapshot(client, _successor(last), self.batch)
+        kind, info, entries, at_last = self._snapshot(client, _successor(last), self.batch,
+                                                      last)
         if self._outage:
             self._outage = False
             with self._lock:
@@ -550,6 +558,11 @@ class InvalidationSubscriber:
             log.warning("%r is a %s, not a stream: treating it as gone", self.stream_key, kind)
         self._bad_kind = kind if kind not in ("stream", "none") else ""
         gap = _find_gap(info, last)
+        if gap is None and at_last is not None:
+            if self._last_fields is None:
+                self._last_fields = at_last  # the position we started from: its content now
+            elif at_last != self._last_fields:
+                gap = "the stream was recreated (the entry at our last id is another one)"
         if gap is not None:
             restart = info.last_generated if info is not None else ZERO
             log.warning(
@@ -558,6 +571,7 @@ class InvalidationSubscriber:
             )
             with self._lock:
                 self._last = restart
+                self._last_fields = None
                 self._counts["gaps"] += 1
                 self._caught_up = False
             # The entries of this snapshot are all <= restart: the reset covers them.
@@ -585,9 +599,13 @@ class InvalidationSubscriber:
         )
 
     def _snapshot(
-        self, client: redis.Redis, read_from: StreamId, count: int
-    ) -> tuple[str, _StreamInfo | None, list[tuple[StreamId, dict[bytes, bytes]]]]:
-        args = (format_id(read_from), count)
+        self, client: redis.Redis, read_from: StreamId, count: int, last: StreamId | None
+    ) -> tuple[str, _StreamInfo | None, list[tuple[StreamId, dict[bytes, bytes]]],
+               dict[bytes, bytes] | None]:
+        """(type, stream info, entries from ``read_from``, the fields of the entry at ``last``
+        or None when there is none), in one atomic call."""
+        args = (format_id(read_from), count,
+                format_id(last) if last is not None and last != ZERO else "")
         try:
             reply = client.execute_command(  # type: ignore[no-untyped-call]
                 "EVALSHA", _SNAPSHOT.sha, 1, self.stream_key, *args
@@ -599,17 +617,17 @@ class InvalidationSubscriber:
             )
         kind = _text(reply[0])
         if kind != "stream":
-            return kind, None, []
-        _, last, deleted, first, added, length, raw_entries = reply
+            return kind, None, [], None
+        _, last_id, deleted, first, added, length, raw_entries, at_last = reply
         info = _StreamInfo(
-            last_generated=parse_id(last),
+            last_generated=parse_id(last_id),
             max_deleted=parse_id(deleted) if deleted else None,
             first=parse_id(first) if first else None,
             entries_added=int(added) if added else None,
             length=int(length),
         )
         entries = [(parse_id(raw[0]), _fields(raw[1])) for raw in raw_entries]
-        return kind, info, entries
+        return kind, info, entries, _fields(at_last[0][1]) if at_last else None
 
     def _lost(self, exc: Exception) -> None:
         """The connection failed: clear once per outage, then back off and reconnect."""
@@ -646,6 +664,7 @@ class InvalidationSubscriber:
                         self.stream_key, format_id(entry_id), exc)
             with self._lock:
                 self._last = entry_id
+                self._last_fields = dict(fields)
                 self._counts["undecodable"] += 1
             self._reset(RESET_UNDECODABLE)
             return
@@ -659,11 +678,13 @@ class InvalidationSubscriber:
                           format_id(entry_id), view)
             with self._lock:
                 self._last = entry_id
+                self._last_fields = dict(fields)
                 self._counts["callback_errors"] += 1
             self._reset(RESET_CALLBACK_ERROR)
             return
         with self._lock:
             self._last = entry_id
+            self._last_fields = dict(fields)
             self._counts["entries_applied"] += 1
             if ids is None:
                 self._counts["views_applied"] += 1

@@ -26,6 +26,9 @@ from featdata import (
 )
 
 from featcache import FeatureCache, InvalidEntityId, InvalidRequest, Status, UnknownView
+from featcache.invalidation import Invalidator
+from featcache.keys import KeyLayout
+from featcache.redis_store import RedisStore
 
 
 @pytest.fixture
@@ -334,3 +337,22 @@ def test_a_fenced_write_past_its_server_deadline_lands_nowhere(
     assert redis_client.get(key) == before
     report = writer.put_rows("inv", [stats_row(3, clicks=30)], fence=fence)  # in time
     assert report.written == 1
+
+
+def test_two_invalidations_of_the_same_ids_publish_different_entries(
+    redis_url: str, key_prefix: str, redis_client: redis.Redis
+) -> None:
+    """Entries differ in content even for the same ids (``t``, the server time), so a
+    subscriber can tell a recreated stream whose new entry repeats an old id and its ids."""
+    layout = KeyLayout(key_prefix)
+    store = RedisStore(redis.Redis.from_url(redis_url))
+    try:
+        invalidator = Invalidator(store, layout, fence_ttl_ms=60_000, stream_maxlen=1000)
+        view = make_view("v", "t", None)
+        first = invalidator.invalidate(view, [1]).stream_ids[0]
+        second = invalidator.invalidate(view, [1]).stream_ids[0]
+        entries = dict(redis_client.xrange(layout.stream_key()))
+        assert entries[first.encode()] != entries[second.encode()]
+        assert {b"v", b"k", b"ids", b"t"} == set(entries[first.encode()])
+    finally:
+        store.close()
