@@ -16,7 +16,14 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from featcache import CacheConfig, Feature, FeatureCache, FeatureView
+from featcache import (
+    CacheConfig,
+    Feature,
+    FeatureCache,
+    FeatureView,
+    OfflineStoreConfig,
+    RedisConfig,
+)
 
 VIEW_NAME = "user_stats"
 ENTITY_COLUMN = "user_id"
@@ -125,6 +132,6 @@ def _with_history(latest: Sequence[Row], rng: random.Random) -> Iterator[Row]:
 
 def make_cache(redis_url: str, offline_url: str, prefix: str) -> FeatureCache:
     return FeatureCache(
-        CacheConfig(views=(view(),), redis_url=redis_url, offline_url=offline_url,
-                    key_prefix=prefix)
+        CacheConfig(views=(view(),), redis=RedisConfig(url=redis_url, key_prefix=prefix),
+                    offline_store=OfflineStoreConfig(url=offline_url))
     )

@@ -5,7 +5,7 @@ process (an ETL job: no L1) calls ``cache.invalidate(view, [id])`` and records w
 returned; each subscriber polls ``cache.l1.get_many`` (sleeping ``POLL_S`` between polls) and
 records when the row left its L1. Reported: ``dropped - returned`` over every subscriber and
 round (negative when a subscriber dropped the row before the publisher's call had returned),
-and per round the slowest subscriber's, which the target judges. ``l1_max_ttl`` is 10 min
+and per round the slowest subscriber's, which the target judges. ``l1.max_ttl`` is 10 min
 there, so only the invalidation can drop the row; the subscribers' reset counters are
 reported to show none cleared its L1. The rows are those of ``bench.slow_store`` (the
 offline store ``bench stampede`` reads), written to Redis first by the publisher.
@@ -45,7 +45,7 @@ from bench.processes import (
 )
 from bench.serving_l1 import PROCESS_L1_MAX_TTL, l1_config
 from bench.slow_store import SlowStore
-from featcache import CacheConfig, FeatureCache, Status
+from featcache import CacheConfig, FeatureCache, OfflineStoreConfig, RedisConfig, Status
 
 DESCRIPTION = ("invalidation: from invalidate() returning to every subscribed process's L1 "
                "dropping the row")
@@ -152,8 +152,8 @@ def measure_invalidation(target: RedisTarget, store: SlowStore, subscribers: int
     warmup, rounds = mode.warmup, mode.rounds
     ids = rng.sample(sorted(store.base), warmup + rounds)
     config = CacheConfig(
-        views=(dataset.view(),), redis_url=target.url, offline_url=store.url,
-        key_prefix=target.prefix,
+        views=(dataset.view(),), redis=RedisConfig(url=target.url, key_prefix=target.prefix),
+        offline_store=OfflineStoreConfig(url=store.url),
     )
     ctx = multiprocessing.get_context("spawn")
     barrier = ctx.Barrier(subscribers + 1)

@@ -5,7 +5,7 @@ baseline measured in the same run; fresh random distinct ids per sample, drawn f
 whose rows are all in Redis *and* in the L1:
 
 ``featcache_l1_hit``  ``get_features(ids, <the 10 features>)`` on a cache with
-                      ``l1_policy="tinylfu"``, every row already in its L1 (``HIT_L1``)
+                      ``L1Config("tinylfu")``, every row already in its L1 (``HIT_L1``)
 ``featcache_hit``     the same call on a cache without L1, every row in Redis (``HIT_REDIS``)
 ``floor_mget``        one raw ``MGET`` of same-sized values, decoding nothing (``bench read``)
 ``dict_floor``        the in-process floor: a plain ``dict`` holding the same answers, keyed by
@@ -20,7 +20,7 @@ cache's objects come between two calls, judge the L1 against the plain dict in t
 (at most 1.25x it): there the dict alone takes 63-87 us on this VM, and the L1 hit 0.70-1.01x
 that (docs/benchmarks.md, "L1 hits").
 
-The L1 runs with ``l1_max_ttl`` = 1 h here so no entry ages out during the timed rounds.
+The L1 runs with ``l1.max_ttl`` = 1 h here so no entry ages out during the timed rounds.
 """
 
 from __future__ import annotations

@@ -17,8 +17,8 @@ per call so the result is the policy's and not the batching's, with ``max_ttl`` 
           (trending items, a new day's users): where frequency-based policies lag behind,
 
 each at three cache sizes, 1%, 5% and 20% of the key space. ``tinylfu_sampled`` is
-``tinylfu`` recording only a sample of its hits in its frequency sketch, at ``CacheConfig``'s
-default ``l1_access_sample_rate`` (1/8: what ``FeatureCache`` runs), where plain ``tinylfu``
+``tinylfu`` recording only a sample of its hits in its frequency sketch, at ``L1Config``'s
+default ``access_sample_rate`` (1/8: what ``FeatureCache`` runs), where plain ``tinylfu``
 records every hit. Two columns are references, not policies: ``tinylfu_theine_cache``, the
 same trace through a raw ``theine.Cache`` (no L1Cache around it), to show that driving
 theine's core directly gives theine's hit rate; and
@@ -64,7 +64,7 @@ from typing import Any, cast
 import numpy as np
 
 from bench.common import williams_orders
-from featcache.config import DEFAULT_L1_ACCESS_SAMPLE_RATE
+from featcache.config import DEFAULT_L1_ACCESS_SAMPLE_RATE, L1Config
 from featcache.l1 import POLICIES, L1Cache
 
 SAMPLED = "tinylfu_sampled"  # tinylfu with CacheConfig's default access_sample_rate
@@ -156,8 +156,8 @@ def simulate(
     policy: str, max_entries: int, ids: Sequence[int], sample_rate: float = 1.0
 ) -> tuple[list[bool], int]:
     """Per request, whether L1Cache answered it; and the evictions it reported."""
-    cache: L1Cache[int] = L1Cache(policy, max_entries, NO_EXPIRY, clock=_FrozenClock(),
-                                  access_sample_rate=sample_rate)
+    cache: L1Cache[int] = L1Cache(L1Config(policy, max_entries, NO_EXPIRY, sample_rate),
+                                  clock=_FrozenClock())
     get, put = cache.get_many, cache.put_many
     hit: list[bool] = []
     record = hit.append
@@ -310,7 +310,8 @@ def measure_throughput(rounds: int, seed: int) -> list[Throughput]:
     rng = np.random.default_rng(seed)
 
     def filled(policy: str) -> L1Cache[tuple[int, int]]:
-        cache: L1Cache[tuple[int, int]] = L1Cache(policy, entries, 3600.0)  # the real clock
+        # the real clock
+        cache: L1Cache[tuple[int, int]] = L1Cache(L1Config(policy, entries, 3600.0))
         for _ in range(10):  # tinylfu's admission may refuse some: offer them again
             missing = [i for i in range(entries) if not cache.get_many(VIEW, [i])]
             if not missing:
@@ -397,11 +398,12 @@ def measure_throughput(rounds: int, seed: int) -> list[Throughput]:
 
 _MEMORY_PROBE = """
 import gc, sys, psutil
+from featcache.config import L1Config
 from featcache.l1 import L1Cache
 n, policy = int(sys.argv[1]), sys.argv[2]
 value = (1, 2)  # one shared value: what is measured is the cache's own cost per entry
 ids = list(range(n))
-cache = L1Cache(policy, n, 3600.0)
+cache = L1Cache(L1Config(policy, n, 3600.0))
 gc.collect()
 before = psutil.Process().memory_info().rss
 for start in range(0, n, 100):

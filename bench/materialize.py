@@ -85,7 +85,14 @@ from bench.common import (
     used_memory,
 )
 from bench.naive_copy import naive_copy
-from featcache import CacheConfig, FeatureCache, FeatureView, Status
+from featcache import (
+    CacheConfig,
+    FeatureCache,
+    FeatureView,
+    OfflineStoreConfig,
+    RedisConfig,
+    Status,
+)
 from featcache.bulk import IdRunReader, iter_entity_ids, iter_latest_by_id, reads_id_runs
 from featcache.offline import RowColumns, SqlRow
 from featcache.redis_store import CONDITIONAL_SET, ENSURE_EPOCH, SET_IF_ABSENT
@@ -451,8 +458,9 @@ def fresh_cache(redis_url: str | None, offline_url: str, schema: str | None,
     """A cache over ``offline_url`` and a fresh private Valkey (or ``redis_url``, prefixed),
     connected and with featcache's scripts loaded, so none of that is timed or counted."""
     with redis_target(redis_url) as target:
-        config = CacheConfig(views=(view_for(schema),), redis_url=target.url,
-                             offline_url=offline_url, key_prefix=target.prefix)
+        config = CacheConfig(views=(view_for(schema),),
+                             redis=RedisConfig(url=target.url, key_prefix=target.prefix),
+                             offline_store=OfflineStoreConfig(url=offline_url))
         with FeatureCache(config) as cache:
             cache.redis.ping()
             for script in (CONDITIONAL_SET, ENSURE_EPOCH, SET_IF_ABSENT):

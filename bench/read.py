@@ -62,7 +62,7 @@ from bench.common import (
     unlink_matching,
     used_memory,
 )
-from featcache import FeatureCache, FeatureResult, Status
+from featcache import FeatureCache, FeatureResult, PopularityConfig, Status
 from featcache.codec import RowCodec
 from featcache.embedded import EmbeddedServer
 from featcache.redis_store import RedisStore
@@ -190,7 +190,7 @@ def prepared_env(target: RedisTarget, users: int, seed: int) -> Iterator[Env]:
         offline_url = dataset.build_offline_store(Path(tmp) / "offline.db", latest, rng)
         log(f"offline store: SQLite, {users:,} users ({time.perf_counter() - started:.1f} s)")
         cache = dataset.make_cache(target.url, offline_url, target.prefix)
-        uncounted = FeatureCache(cache.config.with_overrides(popularity_sample_rate=0.0))
+        uncounted = FeatureCache(cache.config.replace(popularity=PopularityConfig(sample_rate=0.0)))
         plain = redis.Redis.from_url(target.url)
         try:
             started = time.perf_counter()

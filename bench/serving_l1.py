@@ -3,7 +3,7 @@ the policy and size a serving process would run (``FeatureCache``'s recommended 
 
 from __future__ import annotations
 
-from featcache import CacheConfig
+from featcache import CacheConfig, L1Config
 
 L1_POLICY = "tinylfu"
 L1_MAX_ENTRIES = 100_000
@@ -13,5 +13,4 @@ PROCESS_L1_MAX_TTL = 600.0
 
 def l1_config(base: CacheConfig, max_ttl: float) -> CacheConfig:
     """``base`` with the L1 of ``L1_POLICY`` and ``L1_MAX_ENTRIES``, entries living ``max_ttl``."""
-    return base.with_overrides(l1_policy=L1_POLICY, l1_max_entries=L1_MAX_ENTRIES,
-                               l1_max_ttl=max_ttl)
+    return base.replace(l1=L1Config(L1_POLICY, L1_MAX_ENTRIES, max_ttl))

@@ -58,9 +58,16 @@ from bench.processes import (
     report_from,
     run_on_slow_store,
 )
-from bench.serving_l1 import L1_MAX_ENTRIES, L1_POLICY, PROCESS_L1_MAX_TTL
+from bench.serving_l1 import PROCESS_L1_MAX_TTL, l1_config
 from bench.slow_store import SlowStore
-from featcache import CacheConfig, FeatureCache, FeatureResult, Status
+from featcache import (
+    CacheConfig,
+    FeatureCache,
+    FeatureResult,
+    OfflineStoreConfig,
+    RedisConfig,
+    Status,
+)
 
 DESCRIPTION = ("stampede: processes x threads asking for one cold row at once, against one "
                "uncontended cold read")
@@ -248,11 +255,10 @@ def measure_stampede(target: RedisTarget, store: SlowStore, procs: int, threads:
     solo, cold = cold[:procs], cold[procs:]
     round_ids, baseline_ids = cold[: warmup + rounds], cold[warmup + rounds :]
     expected = {eid: store.expected(eid) for eid in (*solo, *round_ids, *baseline_ids)}
-    config = CacheConfig(
-        views=(dataset.view(),), redis_url=target.url, offline_url=store.url,
-        key_prefix=target.prefix, l1_policy=L1_POLICY, l1_max_entries=L1_MAX_ENTRIES,
-        l1_max_ttl=PROCESS_L1_MAX_TTL,
-    )
+    config = l1_config(CacheConfig(
+        views=(dataset.view(),), redis=RedisConfig(url=target.url, key_prefix=target.prefix),
+        offline_store=OfflineStoreConfig(url=store.url),
+    ), PROCESS_L1_MAX_TTL)
     ctx = multiprocessing.get_context("spawn")
     barrier = ctx.Barrier(procs * threads + 1)  # + this process, which paces the rounds
     start_at: Synchronized[float] = ctx.Value("d", 0.0)

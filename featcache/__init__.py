@@ -13,7 +13,24 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from featcache.client import FeatureCache, Fence, PendingWrite, PutReport
-    from featcache.config import CacheConfig, Feature, FeatureView, load_config
+    from featcache.config import (
+        CacheConfig,
+        ChangeQuery,
+        DegradationConfig,
+        Feature,
+        FeatureView,
+        FollowChangesConfig,
+        InvalidationConfig,
+        L1Config,
+        LimitsConfig,
+        OfflineStoreConfig,
+        PopularityConfig,
+        RedisConfig,
+        ScheduleConfig,
+        StampedeConfig,
+        WarmerConfig,
+        load_config,
+    )
     from featcache.errors import (
         AmbiguousFeature,
         BackendError,
@@ -39,7 +56,12 @@ __version__ = "0.1.0"
 #: public name -> the module that defines it
 _EXPORTS: dict[str, str] = {
     **dict.fromkeys(("FeatureCache", "Fence", "PendingWrite", "PutReport"), "client"),
-    **dict.fromkeys(("CacheConfig", "Feature", "FeatureView", "load_config"), "config"),
+    **dict.fromkeys((
+        "CacheConfig", "ChangeQuery", "DegradationConfig", "Feature", "FeatureView",
+        "FollowChangesConfig", "InvalidationConfig", "L1Config", "LimitsConfig",
+        "OfflineStoreConfig", "PopularityConfig", "RedisConfig", "ScheduleConfig",
+        "StampedeConfig", "WarmerConfig", "load_config",
+    ), "config"),
     **dict.fromkeys((
         "AmbiguousFeature", "BackendError", "CacheConfigError", "CacheUnavailable",
         "ConfigError", "EmbeddedServerError", "FeatcacheError", "InvalidEntityId",
@@ -58,7 +80,9 @@ __all__ = [
     "CacheConfig",
     "CacheConfigError",
     "CacheUnavailable",
+    "ChangeQuery",
     "ConfigError",
+    "DegradationConfig",
     "EmbeddedServerError",
     "FeatcacheError",
     "Feature",
@@ -67,17 +91,27 @@ __all__ = [
     "FeatureType",
     "FeatureView",
     "Fence",
+    "FollowChangesConfig",
     "InvalidEntityId",
     "InvalidRequest",
+    "InvalidationConfig",
     "InvalidationReport",
+    "L1Config",
+    "LimitsConfig",
+    "OfflineStoreConfig",
     "OfflineStoreError",
     "OfflineStoreUnavailable",
     "PendingWrite",
+    "PopularityConfig",
     "PutReport",
+    "RedisConfig",
+    "ScheduleConfig",
     "SchemaError",
+    "StampedeConfig",
     "Status",
     "UnknownFeature",
     "UnknownView",
+    "WarmerConfig",
     "invalidate",
     "load_config",
 ]

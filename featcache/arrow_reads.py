@@ -130,7 +130,7 @@ def _connect(offline: OfflineStore, bound: _BoundView) -> tuple[Any, sa.Dialect]
         elif backend == "postgresql":
             pg_url = url.set(drivername="postgresql")
             if "connect_timeout" not in pg_url.query:  # as the SQLAlchemy engine connects
-                seconds = max(1, round(offline._config.sql_connect_timeout))
+                seconds = max(1, round(offline.config.connect_timeout))
                 pg_url = pg_url.update_query_dict({"connect_timeout": str(seconds)})
             uri = pg_url.render_as_string(hide_password=False)
             connection = pg_driver.connect(uri, autocommit=True)

@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Final, Literal
 
+from featcache.config_sections import DegradationConfig
 from featcache.errors import ConfigError
 
 __all__ = ["BreakerState", "CircuitBreaker", "ConcurrencyLimiter"]
@@ -86,6 +87,12 @@ class CircuitBreaker:
         self._probe_at = 0.0  # when the latest probe slot was granted
         self._opened = 0
         self._rejected = 0
+
+    @classmethod
+    def from_config(cls, config: DegradationConfig) -> CircuitBreaker:
+        """The breaker ``degradation`` describes (``breaker_failures`` within
+        ``breaker_window`` seconds open it for ``breaker_open_for``)."""
+        return cls(config.breaker_failures, config.breaker_window, config.breaker_open_for)
 
     def allow(self) -> bool:
         """Whether the caller may try the backend now. A True in the half-open state is a probe
@@ -187,6 +194,12 @@ class ConcurrencyLimiter:
         self._peak = 0
         self._admitted = 0
         self._rejected = 0
+
+    @classmethod
+    def from_config(cls, config: DegradationConfig) -> ConcurrencyLimiter:
+        """The SQL limit ``degradation`` describes (``sql_concurrency`` queries, waiting at most
+        ``sql_queue_timeout`` seconds)."""
+        return cls(config.sql_concurrency, config.sql_queue_timeout)
 
     def acquire(self, timeout: float | None = None) -> bool:
         """Take a slot, waiting up to ``timeout`` seconds (default ``acquire_timeout``; 0 does

@@ -7,7 +7,7 @@ entity column, the event timestamp column, every feature column), ready for
 Memory is bounded by one chunk, never by the table:
 
 - ``ids``: chunks of ``chunk_rows`` ids, each read with the offline store's latest-row query
-  (an expanding ``IN``, sent in sub-chunks of ``sql_chunk_size`` ids);
+  (an expanding ``IN``, sent in sub-chunks of ``offline_store.chunk_size`` ids);
 - everything (``ids`` and ``since`` None): one latest-row query without the ``IN`` filter,
   streamed (``stream_results``: a server-side cursor on PostgreSQL; ``yield_per``);
 - ``since``: like everything, restricted to entities with a row whose ``updated_at`` is at or
@@ -77,13 +77,11 @@ def resolve(
     """The offline store behind ``source`` and the configured view (``UnknownView`` if none)."""
     if isinstance(source, FeatureCache):
         offline: OfflineStore = source._offline  # the cache's own engine and reflection cache
-        config = source.config
     elif isinstance(source, OfflineStore):
         offline = source
-        config = source._config
     else:
         raise TypeError(f"expected a FeatureCache or an OfflineStore, got {type(source).__name__}")
-    return offline, config.view(view if isinstance(view, str) else view.name)
+    return offline, offline.view(view if isinstance(view, str) else view.name)
 
 
 def iter_latest_rows(
@@ -323,7 +321,7 @@ class IdRunReader:
 def _by_ids(
     offline: OfflineStore, bound: _BoundView, ids: list[EntityId], chunk_rows: int
 ) -> Iterator[dict[EntityId, SqlRow]]:
-    sub = max(1, min(chunk_rows, offline._config.sql_chunk_size))
+    sub = max(1, min(chunk_rows, offline.config.chunk_size))
     for start in range(0, len(ids), chunk_rows):
         chunk = ids[start : start + chunk_rows]
         found: dict[EntityId, SqlRow] = {}

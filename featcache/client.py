@@ -68,55 +68,39 @@ class FeatureCache:
     ) -> None:
         self.config = config
         self._clock = clock
-        self._layout = KeyLayout(config.key_prefix)
+        self._layout = KeyLayout(config.redis.key_prefix)
         self._codecs = {view.name: RowCodec(view) for view in config.views}
         self._views = {view.name: view for view in config.views}
         self._planner = Planner(config, self._codecs)
         self._owns_redis = redis_client is None
-        client = redis_client or connect(
-            config.redis_url,
-            socket_timeout=config.redis_socket_timeout,
-            connect_timeout=config.redis_connect_timeout,
-            max_connections=config.redis_max_connections,
-        )
-        self._redis = RedisStore(client, config.redis_read_chunk)
-        self._offline = OfflineStore(config, engine)
+        client = redis_client or connect(config.redis)
+        self._redis = RedisStore(client, config.redis.read_chunk)
+        self._offline = OfflineStore(config.offline_store, config.views, engine,
+                                     source=config.source)
         self._stats = CacheStats()
         self._invalidator = Invalidator(
-            self._redis,
-            self._layout,
-            fence_ttl_ms=int(config.fence_ttl * 1000),
-            stream_maxlen=config.stream_maxlen,
-            max_id_length=config.max_id_length,
+            self._redis, self._layout, config.invalidation, config.limits
         )
         self._l1: L1Cache[L1Entry] | None = None
-        if config.l1_policy is not None:
+        if config.l1.policy is not None:
             # L1 measures its bounds on a monotonic clock; an injected clock (tests) drives both
             self._l1 = L1Cache(
-                config.l1_policy, config.l1_max_entries, config.l1_max_ttl,
+                config.l1,
                 clock=time.monotonic if clock is time.time else clock,
-                access_sample_rate=config.l1_access_sample_rate,
                 record_width=L1_RECORD_WIDTH,
             )
         # The counts in Redis are every serving process's: this process reads them (top_k,
         # the warmer) whether or not it counts its own reads (popularity.sample_rate > 0).
-        self._counts = PopularityCounter(
-            self._redis,
-            self._layout,
-            sample_rate=config.popularity_sample_rate,
-            bucket_seconds=max(1, int(config.popularity_bucket)),
-            buckets=config.popularity_buckets,
-            half_life=config.popularity_half_life,
-            flush_interval=config.popularity_flush_interval,
-            clock=clock,
-        )
-        self._popularity = self._counts if config.popularity_sample_rate > 0 else None
+        self._counts = PopularityCounter(self._redis, self._layout, config.popularity,
+                                         clock=clock)
+        self._popularity = self._counts if config.popularity.sample_rate > 0 else None
         self._read = ReadPath(
             config, self._layout, self._redis, self._offline, self._stats, clock, self._l1,
             self._popularity,
         )
         self._writer = RowWriter(
-            config, self._layout, self._codecs, self._redis, self._stats, clock, self._view
+            config.invalidation, config.limits, self._layout, self._codecs, self._redis,
+            self._stats, clock, self._view,
         )
         self._subscriber: InvalidationSubscriber | None = None
         self._probe_redis()
@@ -129,7 +113,7 @@ class FeatureCache:
                 on_view=l1.invalidate_view,
                 on_reset=lambda reason: l1.clear(),
                 block_ms=_STREAM_BLOCK_MS,
-                name=f"featcache-l1-{config.key_prefix}",
+                name=f"featcache-l1-{config.redis.key_prefix}",
             )
             try:
                 self._subscriber.start()
@@ -160,7 +144,7 @@ class FeatureCache:
         pool = self._redis.client.connection_pool
         kwargs = dict(pool.connection_kwargs)
         kwargs["socket_timeout"] = _STREAM_BLOCK_MS / 1000 + 5.0
-        kwargs.setdefault("socket_connect_timeout", self.config.redis_connect_timeout)
+        kwargs.setdefault("socket_connect_timeout", self.config.redis.connect_timeout)
         return redis.Redis(
             connection_pool=redis.ConnectionPool(connection_class=pool.connection_class, **kwargs)
         )
@@ -282,7 +266,7 @@ class FeatureCache:
             distinct = distinct_ids(given, plan.entity_type)
             if distinct is not None:  # limits checked only if L1 does not answer them all
                 return self._read.read(plan, distinct, checked=False)
-        ids = normalize_ids(given, plan.entity_type, self.config.max_id_length)
+        ids = normalize_ids(given, plan.entity_type, self.config.limits.max_id_length)
         if not ids:
             return FeatureResult(ids, plan, [{} for _ in plan.views])
         return self._read.read(plan, ids)

@@ -1,28 +1,52 @@
 """Configuration: the dataclasses the cache runs on, and the YAML loader that builds them.
 
-Code that builds its views itself constructs ``CacheConfig``/``FeatureView``/``Feature``
-directly; ``load_config`` reads the file format documented in ``docs/configuration.md``
-(commented example: ``config/featcache.yaml``). Both paths run the same validation, so a bad
-value fails at construction with the path of the bad key and what was expected, never later on
-the serving path. Whether a table or column exists is checked at the view's first use, since
-loading a config must not need a database.
+``CacheConfig`` holds the views (``FeatureView``, ``Feature``) and one small frozen dataclass
+per section of the file (``featcache.config_sections``; the warmer's in
+``featcache.config_warmer``), each given to the part that runs on it. Code that builds its
+views itself constructs them directly; ``load_config`` reads the file format documented in
+``docs/configuration.md`` (commented example: ``config/featcache.yaml``). Both paths run the
+same validation, once, in the dataclasses, so a bad value fails at construction with the path
+of the bad key and what was expected, never later on the serving path. Whether a table or
+column exists is checked at the view's first use, since loading a config must not need a
+database.
 """
 
 from __future__ import annotations
 
 import copy
 import difflib
-import math
 import os
 import re
 import threading
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import Field, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import yaml
 
+from featcache.config_sections import (
+    DEFAULT_L1_ACCESS_SAMPLE_RATE,
+    KIND,
+    SECTIONS,
+    DegradationConfig,
+    InvalidationConfig,
+    L1Config,
+    LimitsConfig,
+    OfflineStoreConfig,
+    PopularityConfig,
+    RedisConfig,
+    Section,
+    StampedeConfig,
+    parse_duration,
+)
+from featcache.config_warmer import (
+    ChangeQuery,
+    FollowChangesConfig,
+    ScheduleConfig,
+    WarmerConfig,
+    check_followed_view,
+)
 from featcache.errors import ConfigError, UnknownView
 from featcache.types import FeatureType
 from featcache.urls import mask_url
@@ -30,42 +54,32 @@ from featcache.urls import mask_url
 __all__ = [
     "DEFAULT_L1_ACCESS_SAMPLE_RATE",
     "CacheConfig",
+    "ChangeQuery",
+    "DegradationConfig",
     "Feature",
     "FeatureView",
+    "FollowChangesConfig",
+    "InvalidationConfig",
+    "L1Config",
+    "LimitsConfig",
+    "OfflineStoreConfig",
+    "PopularityConfig",
+    "RedisConfig",
+    "ScheduleConfig",
+    "StampedeConfig",
+    "WarmerConfig",
+    "config_from_dict",
+    "find_view",
     "load_config",
     "parse_duration",
 ]
 
 EntityType = Literal["int", "str"]
 
-#: Share of L1 hits a ``tinylfu`` L1 records in its frequency sketch (``featcache.l1``);
-#: docs/l1-policies.md measures the hit rate it costs.
-DEFAULT_L1_ACCESS_SAMPLE_RATE = 0.125
-
 #: the id column of ``FeatureResult.to_arrow()``; no feature may take the name
 RESERVED_FEATURE_NAME = "entity_id"
 _NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 _SQL_IDENT_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_$]{0,127}$")
-_PREFIX_RE = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
-_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
-_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
-
-
-def parse_duration(value: object, path: str = "") -> float:
-    """Seconds from ``30``, ``2.5``, ``"500ms"``, ``"10m"``, ``"1h"`` or ``"7d"``."""
-    if isinstance(value, bool):
-        raise ConfigError(f"expected a duration like 30, '500ms', '10m', got {value!r}", path)
-    if isinstance(value, int | float):
-        seconds = float(value)
-    elif isinstance(value, str) and (m := _DURATION_RE.match(value)):
-        seconds = float(m.group(1)) * _UNITS[m.group(2)]
-    else:
-        raise ConfigError(
-            f"expected a duration like 30, '500ms', '10m', '1h', '7d', got {value!r}", path
-        )
-    if not math.isfinite(seconds) or seconds < 0:
-        raise ConfigError(f"expected a non-negative duration, got {value!r}", path)
-    return seconds
 
 
 def _check_name(value: str, path: str, what: str, pattern: re.Pattern[str] = _NAME_RE) -> None:
@@ -188,43 +202,21 @@ class FeatureView:
 
 @dataclass(frozen=True, slots=True)
 class CacheConfig:
-    """Everything a ``FeatureCache`` needs. Secrets belong in the URLs, set from the environment."""
+    """Everything a ``FeatureCache`` needs: the views, and one section per concern, each with
+    its defaults (``RedisConfig``, ``OfflineStoreConfig``...). Secrets belong in the URLs, set
+    from the environment."""
 
     views: tuple[FeatureView, ...]
-    redis_url: str = "redis://127.0.0.1:6379/0"
-    offline_url: str = "sqlite:///featcache.db"
-    key_prefix: str = "fc"
-    redis_socket_timeout: float = 0.5
-    redis_connect_timeout: float = 2.0
-    redis_max_connections: int = 64
-    redis_read_chunk: int = 1000
-    sql_chunk_size: int = 1000
-    sql_connect_timeout: float = 5.0
-    sql_pool_size: int = 5
-    max_id_length: int = 512
-    fence_ttl: float = 60.0
-    stream_maxlen: int = 100_000
-    l1_policy: str | None = None  # None: no in-process cache
-    l1_max_entries: int = 100_000
-    l1_max_ttl: float = 5.0
-    l1_access_sample_rate: float = DEFAULT_L1_ACCESS_SAMPLE_RATE
-    lease_ttl: float = 2.0
-    lease_wait: float = 0.2
-    xfetch_beta: float = 1.0  # 0 turns early refresh off
-    breaker_failures: int = 5
-    breaker_window: float = 10.0
-    breaker_open_for: float = 2.0
-    sql_concurrency: int = 16
-    sql_queue_timeout: float = 1.0
-    on_sql_error: str = "raise"  # or "mark": values become None with status UNAVAILABLE
-    popularity_sample_rate: float = 0.05  # share of calls counted; 0 turns counting off
-    popularity_bucket: float = 60.0
-    popularity_buckets: int = 120
-    popularity_half_life: float = 3600.0
-    popularity_flush_interval: float = 1.0
-    #: the ``warmer:`` section as written; validated by the warmer (``featcache.jobs``) when
-    #: it starts, since only that process reads it
-    warmer: Mapping[str, Any] = field(default_factory=dict, compare=False)
+    redis: RedisConfig = field(default_factory=RedisConfig)
+    offline_store: OfflineStoreConfig = field(default_factory=OfflineStoreConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    invalidation: InvalidationConfig = field(default_factory=InvalidationConfig)
+    l1: L1Config = field(default_factory=L1Config)
+    stampede: StampedeConfig = field(default_factory=StampedeConfig)
+    degradation: DegradationConfig = field(default_factory=DegradationConfig)
+    popularity: PopularityConfig = field(default_factory=PopularityConfig)
+    #: read only by the warmer (``featcache.jobs.warmer``); validated with the rest
+    warmer: WarmerConfig = field(default_factory=WarmerConfig)
     source: str = field(default="", compare=False)
 
     def __post_init__(self) -> None:
@@ -242,140 +234,49 @@ class CacheConfig:
                 raise ConfigError("declared twice", f"views.{view.name}", self.source)
             names.add(view.name)
         object.__setattr__(self, "views", views)
-        if not isinstance(self.key_prefix, str) or not _PREFIX_RE.match(self.key_prefix):
-            raise ConfigError(
-                f"expected 1-64 characters among letters, digits, '_', '-', '.'; "
-                f"got {self.key_prefix!r}",
-                "redis.key_prefix",
-                self.source,
-            )
-        for key in ("redis_socket_timeout", "redis_connect_timeout", "sql_connect_timeout",
-                    "fence_ttl", "l1_max_ttl", "lease_ttl", "breaker_window",
-                    "breaker_open_for", "popularity_bucket", "popularity_half_life",
-                    "popularity_flush_interval"):
-            value = parse_duration(getattr(self, key), key)
-            if value <= 0:
-                raise ConfigError("must be greater than zero", key, self.source)
-            object.__setattr__(self, key, value)
-        for key, low, high in (
-            ("redis_max_connections", 1, 10_000),
-            ("redis_read_chunk", 1, 100_000),
-            ("sql_chunk_size", 1, 30_000),
-            ("sql_pool_size", 1, 1_000),
-            ("max_id_length", 1, 1_000_000),
-            ("stream_maxlen", 100, 100_000_000),
-            ("l1_max_entries", 1, 100_000_000),
-            ("breaker_failures", 1, 1_000_000),
-            ("sql_concurrency", 1, 10_000),
-            ("popularity_buckets", 1, 100_000),
-        ):
-            value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-                raise ConfigError(
-                    f"expected an integer from {low} to {high}, got {value!r}", key, self.source
-                )
-        rate = self.l1_access_sample_rate
-        if isinstance(rate, bool) or not isinstance(rate, int | float) or not 0 < rate <= 1:
-            raise ConfigError(f"expected a number greater than 0 and at most 1, got {rate!r}",
-                              "l1.access_sample_rate", self.source)
-        rate = self.popularity_sample_rate
-        if isinstance(rate, bool) or not isinstance(rate, int | float) or not 0 <= rate <= 1:
-            raise ConfigError(f"expected a number from 0 to 1, got {rate!r}",
-                              "popularity.sample_rate", self.source)
-        for key in ("lease_wait", "sql_queue_timeout", "xfetch_beta"):
-            value = parse_duration(getattr(self, key), key)  # >= 0; 0 is allowed
-            object.__setattr__(self, key, value)
-        if self.l1_policy is not None and self.l1_policy not in _L1_POLICIES:
-            raise ConfigError(
-                f"expected one of {', '.join(_L1_POLICIES)}, got {self.l1_policy!r}",
-                "l1.policy", self.source,
-            )
-        if self.on_sql_error not in ("raise", "mark"):
-            raise ConfigError(
-                f"expected 'raise' or 'mark', got {self.on_sql_error!r}",
-                "degradation.on_sql_error", self.source,
-            )
-        for key in ("redis_url", "offline_url"):
-            if not isinstance(getattr(self, key), str) or not getattr(self, key):
-                raise ConfigError("expected a URL", key, self.source)
+        kinds: tuple[type[Section], ...] = (*SECTIONS, WarmerConfig)
+        for kind in kinds:
+            section = getattr(self, kind.NAME)
+            if not isinstance(section, kind):
+                raise ConfigError(f"expected a {kind.__name__}, got {section!r}", kind.NAME,
+                                  self.source)
+        try:
+            self.warmer.check_views(view.name for view in views)
+        except ConfigError as exc:
+            raise ConfigError(exc.message, exc.path, self.source) from None
 
     def __repr__(self) -> str:
         # URLs may carry passwords: a config printed in a log must not show them
         return (
-            f"CacheConfig(redis_url={mask_url(self.redis_url)!r}, "
-            f"offline_url={mask_url(self.offline_url)!r}, key_prefix={self.key_prefix!r}, "
+            f"CacheConfig(redis.url={mask_url(self.redis.url)!r}, "
+            f"offline_store.url={mask_url(self.offline_store.url)!r}, "
+            f"redis.key_prefix={self.redis.key_prefix!r}, "
             f"views=[{', '.join(v.name for v in self.views)}], source={self.source!r})"
         )
 
     __str__ = __repr__
 
-    @property
-    def fill_window(self) -> float:
-        """Seconds after its fence (the read before SQL) within which a fill or fenced write
-        may still land: half of ``fence_ttl``, so a tombstone it raced with is certainly still
-        there; the other half is margin (docs/consistency.md, "The fill deadline")."""
-        return self.fence_ttl / 2
-
     def view(self, name: str) -> FeatureView:
-        for view in self.views:
-            if view.name == name:
-                return view
-        raise UnknownView(name, [v.name for v in self.views])
+        return find_view(self.views, name)
 
-    def with_overrides(self, **changes: Any) -> CacheConfig:
-        return replace(self, **changes)
+    def replace(self, **sections: Any) -> CacheConfig:
+        """A validated copy with some fields replaced: sections (``l1=L1Config("tinylfu")``,
+        ``redis=dataclasses.replace(config.redis, key_prefix="canary")``), ``views``."""
+        return replace(self, **sections)
+
+
+def find_view(views: Iterable[FeatureView], name: str) -> FeatureView:
+    """The view called ``name``; ``UnknownView`` (with the closest names) if there is none."""
+    views = tuple(views)
+    for view in views:
+        if view.name == name:
+            return view
+    raise UnknownView(name, [v.name for v in views])
 
 
 # --------------------------------------------------------------------------- file loading
 
-_SECTIONS: dict[str, dict[str, str]] = {
-    # yaml section -> {yaml key: CacheConfig field}
-    "redis": {
-        "url": "redis_url",
-        "key_prefix": "key_prefix",
-        "socket_timeout": "redis_socket_timeout",
-        "connect_timeout": "redis_connect_timeout",
-        "max_connections": "redis_max_connections",
-        "read_chunk": "redis_read_chunk",
-    },
-    "offline_store": {
-        "url": "offline_url",
-        "chunk_size": "sql_chunk_size",
-        "connect_timeout": "sql_connect_timeout",
-        "pool_size": "sql_pool_size",
-    },
-    "limits": {"max_id_length": "max_id_length"},
-    "invalidation": {"fence_ttl": "fence_ttl", "stream_maxlen": "stream_maxlen"},
-    "l1": {
-        "policy": "l1_policy", "max_entries": "l1_max_entries", "max_ttl": "l1_max_ttl",
-        "access_sample_rate": "l1_access_sample_rate",
-    },
-    "stampede": {
-        "lease_ttl": "lease_ttl", "lease_wait": "lease_wait", "xfetch_beta": "xfetch_beta",
-    },
-    "degradation": {
-        "breaker_failures": "breaker_failures",
-        "breaker_window": "breaker_window",
-        "breaker_open_for": "breaker_open_for",
-        "sql_concurrency": "sql_concurrency",
-        "sql_queue_timeout": "sql_queue_timeout",
-        "on_sql_error": "on_sql_error",
-    },
-    "popularity": {
-        "sample_rate": "popularity_sample_rate",
-        "bucket": "popularity_bucket",
-        "buckets": "popularity_buckets",
-        "half_life": "popularity_half_life",
-        "flush_interval": "popularity_flush_interval",
-    },
-}
-_L1_POLICIES = ("lru", "lfu", "ttl", "tinylfu")
-_FLOAT_FIELDS = {"xfetch_beta", "popularity_sample_rate", "l1_access_sample_rate"}
-_DURATION_FIELDS = {
-    "fence_ttl", "l1_max_ttl", "lease_ttl", "lease_wait", "breaker_window",
-    "breaker_open_for", "sql_queue_timeout", "popularity_bucket", "popularity_half_life",
-    "popularity_flush_interval",
-}
+_TOP_KEYS = (*(section.NAME for section in SECTIONS), "defaults", "views", "warmer")
 _VIEW_DEFAULT_KEYS = ("negative_ttl", "stale_if_error")
 _VIEW_KEYS = (
     "table", "schema", "entity", "event_timestamp", "updated_at", "ttl",
@@ -387,11 +288,8 @@ _ENV_ALIASES = {
     "FEATCACHE_OFFLINE_URL": ("offline_store", "url"),
     "FEATCACHE_KEY_PREFIX": ("redis", "key_prefix"),
 }
-_INT_FIELDS = {
-    "redis_max_connections", "redis_read_chunk", "sql_chunk_size", "sql_pool_size",
-    "max_id_length", "stream_maxlen", "l1_max_entries", "breaker_failures", "sql_concurrency",
-    "popularity_buckets",
-}
+_FOLLOW_KEYS = ("interval", "rewrite", "lookback", "start", "views")
+_FOLLOW_VIEW_KEYS = ("change_query",)
 
 
 _ENV_ORIGINS: dict[str, str] = {}  # which env var set which path, while one load runs
@@ -461,7 +359,7 @@ def _apply_env(doc: dict[str, Any], env: Mapping[str, str], source: str) -> dict
             child = node.get(key)
             if isinstance(child, str) and len(resolved) >= 2 and resolved[-2] == "features":
                 child = node[key] = _expand_shorthand(child)  # "float, 10m" set by a variable
-            if child is None and depth == 0 and key in (*_SECTIONS, "defaults", "warmer"):
+            if child is None and depth == 0 and key in _TOP_KEYS and key != "views":
                 child = node[key] = {}
             if not isinstance(child, dict):
                 raise ConfigError(
@@ -548,20 +446,13 @@ def config_from_dict(
 
 
 def _build_config(doc: dict[str, Any], source: str) -> CacheConfig:
-    known_top = (*_SECTIONS, "defaults", "views", "warmer")
-    kwargs: dict[str, Any] = {}
-    for key, value in doc.items():
-        if key not in known_top:
-            raise _unknown(key, known_top, key, source)
-        if key == "warmer":
-            kwargs["warmer"] = dict(_mapping(value or {}, key, source))
-        if key in _SECTIONS:
-            section = _mapping(value, key, source)
-            for sub, sub_value in section.items():
-                target = _SECTIONS[key].get(sub)
-                if target is None:
-                    raise _unknown(sub, _SECTIONS[key], f"{key}.{sub}", source)
-                kwargs[target] = _section_value(target, sub_value, f"{key}.{sub}", source)
+    for key in doc:
+        if key not in _TOP_KEYS:
+            raise _unknown(key, _TOP_KEYS, key, source)
+    kwargs: dict[str, Any] = {
+        section.NAME: _build_section(section, doc[section.NAME], source)
+        for section in SECTIONS if section.NAME in doc
+    }
     defaults = _mapping(doc.get("defaults") or {}, "defaults", source)
     for key in defaults:
         if key not in _VIEW_DEFAULT_KEYS:
@@ -570,40 +461,116 @@ def _build_config(doc: dict[str, Any], source: str) -> CacheConfig:
     kwargs["views"] = tuple(
         _build_view(name, spec, defaults, source) for name, spec in views_spec.items()
     )
+    if "warmer" in doc:
+        kwargs["warmer"] = _build_warmer(doc["warmer"], [v.name for v in kwargs["views"]],
+                                         source)
     try:
         return CacheConfig(source=source, **kwargs)
     except ConfigError as exc:
-        raise ConfigError(exc.message, _field_path(exc.path), source) from None
-    except TypeError as exc:  # a wrong type slipped past the section readers
+        raise ConfigError(exc.message, exc.path, source) from None
+
+
+def _build_section(kind: type[Section], value: object, source: str) -> Any:
+    """One section from its mapping in the file: unknown keys are named with the closest
+    known one, an override's text is read as its field expects, and the dataclass checks the
+    rest."""
+    section = _mapping(value, kind.NAME, source)
+    known = {f.name: f for f in fields(kind)}
+    kwargs: dict[str, Any] = {}
+    for key, raw in section.items():
+        path = f"{kind.NAME}.{key}"
+        if key not in known:
+            raise _unknown(key, known, path, source)
+        kwargs[key] = _from_text(known[key], raw, path, source)
+    try:
+        return cast(Any, kind)(**kwargs)
+    except ConfigError as exc:
+        raise ConfigError(exc.message, exc.path, source) from None
+    except TypeError as exc:  # a wrong type slipped past the section's checks
         raise ConfigError(str(exc), "", source) from None
 
 
-def _section_value(target: str, value: Any, path: str, source: str) -> Any:
-    """Environment overrides arrive as strings: parse them as the field expects."""
-    if target in _INT_FIELDS and isinstance(value, str):
+def _from_text(spec: Field[Any], value: object, path: str, source: str) -> object:
+    """Environment overrides arrive as strings: an integer or plain number field reads them
+    with ``int()``/``float()`` (durations are read by ``parse_duration`` in the section)."""
+    if not isinstance(value, str):
+        return value
+    kind = spec.metadata.get(KIND)
+    if kind == "integer":
         try:
             return int(value.strip())
         except ValueError:
             raise ConfigError(f"expected an integer, got {value!r}", path, source) from None
-    if target in _FLOAT_FIELDS and isinstance(value, str):
+    if kind == "number":
         try:
             return float(value)
         except ValueError:
             raise ConfigError(f"expected a number, got {value!r}", path, source) from None
-    if target.endswith("timeout") or target in _DURATION_FIELDS:
+    if kind == "count":  # the warmer's: text that is not an integer is reported as it is
         try:
-            return parse_duration(value, path)
-        except ConfigError as exc:
-            raise ConfigError(exc.message, path, source) from None
+            return int(value.strip())
+        except ValueError:
+            return value
     return value
 
 
-def _field_path(field_name: str) -> str:
-    for section, mapping in _SECTIONS.items():
-        for key, target in mapping.items():
-            if target == field_name:
-                return f"{section}.{key}"
-    return field_name
+# ------------------------------------------------------------------------ the warmer's section
+
+
+def _build_warmer(value: object, configured: list[str], source: str) -> WarmerConfig:
+    """``warmer:`` (``featcache.config_warmer``), checked in the order the warmer reads it: a
+    missing or null mapping is empty, and an unknown key is listed with the known ones."""
+    try:
+        doc = _warmer_mapping(value, "warmer", [f.name for f in fields(WarmerConfig)])
+        kwargs: dict[str, Any] = {}
+        schedule = _warmer_mapping(doc.get("schedule"), "warmer.schedule", ("interval", "cron"))
+        if "interval" in schedule and schedule["interval"] is None:
+            parse_duration(None, "warmer.schedule.interval")  # a null is no duration
+        kwargs["schedule"] = ScheduleConfig(**schedule)
+        # the views first: a follow_changes view must be one the warmer runs
+        probe = WarmerConfig(views=doc.get("views"))
+        probe.check_views(configured)
+        if probe.views is not None:
+            kwargs["views"] = probe.views
+        runs = probe.views_among(configured)
+        if doc.get("follow_changes") is not None:
+            kwargs["follow_changes"] = _build_follow(doc["follow_changes"], runs, source)
+        for key, raw in doc.items():
+            if key not in ("schedule", "views", "follow_changes"):
+                kwargs[key] = _from_text(WarmerConfig.__dataclass_fields__[key], raw,
+                                         f"warmer.{key}", source)
+        return WarmerConfig(**kwargs)
+    except ConfigError as exc:
+        raise ConfigError(exc.message, exc.path, source) from None
+
+
+def _build_follow(value: object, runs: tuple[str, ...], source: str) -> FollowChangesConfig:
+    path = "warmer.follow_changes"
+    doc = _warmer_mapping(value, path, _FOLLOW_KEYS)
+    queries: dict[str, ChangeQuery] = {}
+    for name, raw_view in _warmer_mapping(doc.get("views"), f"{path}.views", None).items():
+        view_path = f"{path}.views.{name}"
+        check_followed_view(name, runs)
+        spec = _warmer_mapping(raw_view, view_path, _FOLLOW_VIEW_KEYS)
+        if "change_query" in spec:
+            queries[name] = ChangeQuery(spec["change_query"], f"{view_path}.change_query",
+                                        source)
+    options = {key: raw for key, raw in doc.items() if key != "views"}
+    return FollowChangesConfig(**options, change_queries=queries)
+
+
+def _warmer_mapping(value: object, path: str, keys: Iterable[str] | None) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"expected a mapping, got {type(value).__name__}", path)
+    if keys is not None:
+        known = tuple(keys)
+        for key in value:
+            if key not in known:
+                raise ConfigError(f"unknown key {key!r}; expected one of {', '.join(known)}",
+                                  f"{path}.{key}")
+    return dict(value)
 
 
 def load_config(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> CacheConfig:

@@ -34,7 +34,13 @@ from typing import Any
 import msgpack
 
 from featcache.codec import NO_EVENT
-from featcache.config import CacheConfig, FeatureView, load_config
+from featcache.config import (
+    CacheConfig,
+    FeatureView,
+    InvalidationConfig,
+    LimitsConfig,
+    load_config,
+)
 from featcache.errors import ConfigError, InvalidRequest
 from featcache.keys import LAYOUT_VERSION, KeyLayout
 from featcache.redis_store import LuaScript, RedisStore
@@ -87,17 +93,18 @@ class Invalidator:
         self,
         store: RedisStore,
         layout: KeyLayout,
-        fence_ttl_ms: int,
-        stream_maxlen: int,
+        config: InvalidationConfig,
+        limits: LimitsConfig,
         chunk: int = 1000,
-        max_id_length: int = 512,
     ) -> None:
+        """``config``: the tombstones' TTL and the stream's length; ``limits``: the ids it
+        accepts; ``chunk``: row keys per script call."""
         self._store = store
         self._layout = layout
-        self._fence_ttl_ms = fence_ttl_ms
-        self._maxlen = stream_maxlen
+        self._fence_ttl_ms = int(config.fence_ttl * 1000)
+        self._maxlen = config.stream_maxlen
         self._chunk = chunk
-        self._max_id_length = max_id_length
+        self._max_id_length = limits.max_id_length
 
     def invalidate(
         self, view: FeatureView, entity_ids: Iterable[Any] | None = None

@@ -25,7 +25,7 @@ the batch to check freshness.
 
 With ``tinylfu``, recording every hit in the frequency sketch costs about 0.3 us per id (a
 call into theine's core that touches scattered memory) — most of a 100-id hit. Hits are
-therefore *sampled* (``access_sample_rate``, default 1/8 in ``CacheConfig``): a uniform sample
+therefore *sampled* (``access_sample_rate``, default 1/8 in ``L1Config``): a uniform sample
 of accesses keeps the relative frequencies TinyLFU compares, as Caffeine's lossy read buffer
 does; docs/l1-policies.md measures the hit rate with and without it. The sampled accesses are
 buffered and handed to the core in batches of ``_READ_BUFFER`` (and before every write, so
@@ -42,7 +42,6 @@ milliseconds on a large view; with generations the lock is held for one dict upd
 from __future__ import annotations
 
 import contextlib
-import math
 import operator
 import threading
 import time
@@ -53,11 +52,12 @@ from typing import Any, Final, Generic, Protocol, TypeVar
 import cachetools
 from theine_core import TlfuCore, spread
 
+from featcache.config_sections import L1_POLICIES, L1Config
 from featcache.errors import ConfigError
 
 __all__ = ["POLICIES", "EntityId", "InOrder", "L1Cache"]
 
-POLICIES: Final = ("lru", "lfu", "ttl", "tinylfu")
+POLICIES: Final = L1_POLICIES
 
 EntityId = int | str
 Key = tuple[str, EntityId]
@@ -396,37 +396,16 @@ class L1Cache(Generic[V]):
 
     def __init__(
         self,
-        policy: str,
-        max_entries: int,
-        max_ttl: float,
+        config: L1Config,
         *,
         clock: Clock = time.monotonic,
-        access_sample_rate: float = 1.0,
         record_width: int | None = None,
     ) -> None:
-        if policy not in POLICIES:
+        """``config``: the policy and the two bounds (validated by ``L1Config``)."""
+        policy = config.policy
+        if policy is None:
             raise ConfigError(
-                f"unknown L1 policy {policy!r}; valid policies: {', '.join(POLICIES)}"
-            )
-        if isinstance(max_entries, bool) or not isinstance(max_entries, int) or max_entries < 1:
-            raise ConfigError(f"L1 max_entries must be a positive integer, got {max_entries!r}")
-        if (
-            isinstance(max_ttl, bool)
-            or not isinstance(max_ttl, int | float)
-            or not math.isfinite(max_ttl)
-            or max_ttl <= 0
-        ):
-            raise ConfigError(
-                f"L1 max_ttl must be a positive, finite number of seconds, got {max_ttl!r}"
-            )
-        if (
-            isinstance(access_sample_rate, bool)
-            or not isinstance(access_sample_rate, int | float)
-            or not 0 < access_sample_rate <= 1
-        ):
-            raise ConfigError(
-                "L1 access_sample_rate must be a number in (0, 1], got "
-                f"{access_sample_rate!r}"
+                f"an L1 needs a policy, one of {', '.join(POLICIES)}; got None", "l1.policy"
             )
         if record_width is not None and (
             isinstance(record_width, bool) or not isinstance(record_width, int) or record_width < 1
@@ -445,11 +424,11 @@ class L1Cache(Generic[V]):
         self._generation_of = operator.itemgetter(self._generation_at)
         self._hash_of = operator.itemgetter(self._hash_at)
         self.policy: Final = policy
-        self.access_sample_rate: Final = float(access_sample_rate)
+        self.access_sample_rate: Final = float(config.access_sample_rate)
         # every ``_stride``-th requested id (from a random offset) is recorded: a uniform sample
-        self._stride = max(1, round(1 / access_sample_rate))
-        self.max_entries: Final = max_entries
-        self.max_ttl: Final = float(max_ttl)
+        self._stride = max(1, round(1 / config.access_sample_rate))
+        self.max_entries: Final = config.max_entries
+        self.max_ttl: Final = float(config.max_ttl)
         self._clock = clock
         self._lock = threading.Lock()
         self._store = self._new_store()

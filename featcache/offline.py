@@ -14,7 +14,7 @@ import difflib
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from itertools import repeat
 from typing import Any, Final, NamedTuple
 
@@ -22,7 +22,7 @@ import sqlalchemy as sa
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.dialects import postgresql
 
-from featcache.config import CacheConfig, FeatureView
+from featcache.config import FeatureView, OfflineStoreConfig, find_view
 from featcache.convert import (
     ConversionError,
     convert_column,
@@ -236,14 +236,25 @@ class _BoundView:
 class OfflineStore:
     """Latest-row reads for every configured view, on one pooled SQLAlchemy engine."""
 
-    def __init__(self, config: CacheConfig, engine: sa.Engine | None = None) -> None:
-        self._config = config
-        self.url = safe_url(config.offline_url)
+    def __init__(
+        self,
+        config: OfflineStoreConfig,
+        views: Iterable[FeatureView],
+        engine: sa.Engine | None = None,
+        *,
+        source: str = "",
+    ) -> None:
+        """``views``: the views it may be asked for (``view``); ``source``: the config file,
+        named by its errors."""
+        self.config = config
+        self.views = tuple(views)
+        self._source = source
+        self.url = safe_url(config.url)
         if engine is None:
             engine = create_engine(
-                config.offline_url, "offline_store.url", config.source,
-                connect_timeout=config.sql_connect_timeout,
-                pool_pre_ping=True, pool_size=config.sql_pool_size,
+                config.url, "offline_store.url", source,
+                connect_timeout=config.connect_timeout,
+                pool_pre_ping=True, pool_size=config.pool_size,
             )
         self.engine = engine
         self._bound: dict[str, _BoundView] = {}
@@ -251,6 +262,10 @@ class OfflineStore:
 
     def close(self) -> None:
         self.engine.dispose()
+
+    def view(self, name: str) -> FeatureView:
+        """The configured view ``name`` (``UnknownView`` if there is none)."""
+        return find_view(self.views, name)
 
     # ------------------------------------------------------------------ schema, at first use
 
@@ -276,7 +291,7 @@ class OfflineStore:
             raise SchemaError(
                 f"table {qualified!r} does not exist in the offline store {self.url}",
                 f"{path}.table",
-                self._config.source,
+                self._source,
             ) from None
         except sa_exc.SQLAlchemyError as exc:
             raise self._translate(exc, f"reflecting table {qualified!r}") from exc
@@ -295,7 +310,7 @@ class OfflineStore:
                     f"column {column!r} does not exist in table {qualified!r}{hint} "
                     f"(columns: {', '.join(columns)})",
                     key_path,
-                    self._config.source,
+                    self._source,
                 )
         return table
 
@@ -310,7 +325,7 @@ class OfflineStore:
         started = time.perf_counter()
         try:
             with self.engine.connect() as conn:
-                for chunk in _chunks(ids, self._config.sql_chunk_size):
+                for chunk in _chunks(ids, self.config.chunk_size):
                     rows = conn.execute(bound.query, {"ids": list(chunk)}).fetchall()
                     self.convert_rows(bound, rows, found)
             if bound.exact_ids:
@@ -414,7 +429,7 @@ class OfflineStore:
         except ConversionError as exc:
             raise SchemaError(
                 f"entity {key!r}: event timestamp: {exc}", f"views.{view.name}.event_timestamp",
-                self._config.source,
+                self._source,
             ) from None
         values = []
         for i, convert in enumerate(bound.converters):
@@ -426,7 +441,7 @@ class OfflineStore:
                     f"entity {key!r}: column {feature.column!r} holds a value that is not "
                     f"{feature.type.value}: {exc}",
                     f"views.{view.name}.features.{feature.name}.type",
-                    self._config.source,
+                    self._source,
                 ) from None
         out[key] = SqlRow(event_us, tuple(values))
 

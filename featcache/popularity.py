@@ -23,6 +23,7 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from featcache.config_sections import PopularityConfig
 from featcache.errors import InvalidRequest
 from featcache.keys import KeyLayout
 from featcache.outage import OutageLog
@@ -67,23 +68,20 @@ class PopularityCounter:
         self,
         store: RedisStore,
         layout: KeyLayout,
+        config: PopularityConfig,
         *,
-        sample_rate: float,
-        bucket_seconds: int,
-        buckets: int,
-        half_life: float,
-        flush_interval: float,
         clock: Callable[[], float] = time.time,
         rng: Callable[[], float] = random.random,
     ) -> None:
         self._store = store
         self._layout = layout
+        sample_rate = config.sample_rate
         self.sample_rate = sample_rate
         self._weight = 1.0 / sample_rate if sample_rate > 0 else 0.0
-        self._bucket_seconds = bucket_seconds
-        self._buckets = buckets
-        self._half_life = half_life
-        self._flush_interval = flush_interval
+        self._bucket_seconds = max(1, int(config.bucket))  # bucket keys are whole seconds
+        self._buckets = config.buckets
+        self._half_life = config.half_life
+        self._flush_interval = config.flush_interval
         self._clock = clock
         self._rng = rng
         self._lock = threading.Lock()

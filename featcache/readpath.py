@@ -184,22 +184,18 @@ class ReadPath:
         self._clock = clock
         self.l1 = l1
         self.popularity = popularity
-        self._leases = Leases(redis_store, layout, int(config.lease_ttl * 1000))
+        self._leases = Leases(redis_store, layout, int(config.stampede.lease_ttl * 1000))
         self._flights: SingleFlight[FlightKey, Shared] = SingleFlight()
-        self.breaker = CircuitBreaker(
-            failure_threshold=config.breaker_failures,
-            window=config.breaker_window,
-            open_for=config.breaker_open_for,
-        )
-        self.sql_limiter = ConcurrencyLimiter(config.sql_concurrency, config.sql_queue_timeout)
+        self.breaker = CircuitBreaker.from_config(config.degradation)
+        self.sql_limiter = ConcurrencyLimiter.from_config(config.degradation)
         self._redis_outage = OutageLog(log, f"Redis {redis_store.url}")
         self._sql_outage = OutageLog(log, f"offline store {offline.url}")
-        self._beta = config.xfetch_beta
-        self._lease_wait = config.lease_wait
+        self._beta = config.stampede.xfetch_beta
+        self._lease_wait = config.stampede.lease_wait
         # A fill is written back only while the tombstone of an invalidation it may have raced
         # with is certainly still in Redis (half its TTL; the other half is margin).
-        self._fill_window = config.fill_window
-        self._fill_window_us = int(config.fill_window * 1_000_000)
+        self._fill_window = config.invalidation.fill_window
+        self._fill_window_us = int(config.invalidation.fill_window * 1_000_000)
 
     # ------------------------------------------------------------------ Redis, guarded
 
@@ -239,7 +235,7 @@ class ReadPath:
         if not any(pending):  # all from L1 after a recheck: complete, in ids' order
             return self._all_from_l1(plan, ids, l1_hits)
         if not checked:
-            check_ids(ids, plan.entity_type, self.config.max_id_length)
+            check_ids(ids, plan.entity_type, self.config.limits.max_id_length)
         now_ms = int(self._clock() * 1000)
         started = time.monotonic()  # before the MGET: the fills' deadlines count from here
         for vp in plan.views:
@@ -805,8 +801,9 @@ class ReadPath:
         if not self.sql_limiter.acquire():
             vr.counts["sql_rejected"] = vr.counts.get("sql_rejected", 0) + len(ids)
             raise OfflineStoreUnavailable(
-                f"more than {self.config.sql_concurrency} SQL reads in flight for over "
-                f"{self.config.sql_queue_timeout:g} s (degradation.sql_concurrency)"
+                f"more than {self.config.degradation.sql_concurrency} SQL reads in flight for "
+                f"over {self.config.degradation.sql_queue_timeout:g} s "
+                "(degradation.sql_concurrency)"
             )
         try:
             found, seconds = self._offline.fetch_latest(vr.vp.view, ids)
@@ -814,7 +811,7 @@ class ReadPath:
             self.sql_limiter.release()
         self._sql_outage.ok()
         vr.counts["sql_queries"] = vr.counts.get("sql_queries", 0) + -(
-            -len(ids) // self.config.sql_chunk_size
+            -len(ids) // self.config.offline_store.chunk_size
         )
         vr.counts["sql_rows"] = vr.counts.get("sql_rows", 0) + len(found)
         return found, seconds
@@ -838,7 +835,7 @@ class ReadPath:
             else:
                 marked.append(eid)
         unservable = len(marked)
-        raising = bool(marked) and self.config.on_sql_error == "raise"
+        raising = bool(marked) and self.config.degradation.on_sql_error == "raise"
         if raising:
             consequence = f"view {vr.vp.view.name}: raising for {unservable} rows"
         else:

@@ -32,6 +32,7 @@ import hiredis
 import redis
 from redis import exceptions as redis_exc
 
+from featcache.config_sections import RedisConfig
 from featcache.errors import CacheConfigError, CacheUnavailable, ConfigError
 from featcache.urls import mask_url
 
@@ -270,15 +271,11 @@ def safe_redis_url(url: str) -> str:
     return mask_url(url)
 
 
-def connect(
-    url: str,
-    *,
-    socket_timeout: float,
-    connect_timeout: float,
-    max_connections: int,
-) -> redis.Redis:
-    """A client for ``redis://``, ``rediss://`` (TLS; ``ssl_*`` options in the query string),
-    ``unix://`` URLs, with ACL user and password from the URL. Nothing is connected yet."""
+def connect(config: RedisConfig) -> redis.Redis:
+    """A client for ``config.url``: ``redis://``, ``rediss://`` (TLS; ``ssl_*`` options in the
+    query string), ``unix://`` URLs, with ACL user and password from the URL, and the section's
+    timeouts and pool size. Nothing is connected yet."""
+    url = config.url
     try:
         parts = urlsplit(url)
         scheme = parts.scheme
@@ -299,9 +296,9 @@ def connect(
     try:
         return redis.Redis.from_url(
             url,
-            socket_timeout=socket_timeout,
-            socket_connect_timeout=connect_timeout,
-            max_connections=max_connections,
+            socket_timeout=config.socket_timeout,
+            socket_connect_timeout=config.connect_timeout,
+            max_connections=config.max_connections,
             health_check_interval=30,
         )
     except ValueError as exc:

@@ -48,6 +48,7 @@ from redis import exceptions as redis_exc
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from featcache.config_sections import RedisConfig
 from featcache.errors import CacheUnavailable, ConfigError
 from featcache.redis_store import LuaScript, connect, safe_redis_url
 
@@ -441,12 +442,12 @@ class InvalidationSubscriber:
     def _new_client(self) -> redis.Redis:
         source = self._source
         if isinstance(source, str):
-            client = connect(
-                source,
+            client = connect(RedisConfig(
+                url=source,
                 socket_timeout=self._socket_timeout,
                 connect_timeout=self._connect_timeout,
                 max_connections=4,
-            )
+            ))
         elif isinstance(source, Mapping):
             kwargs = {
                 "socket_timeout": self._socket_timeout,

@@ -19,7 +19,7 @@ from operator import itemgetter
 from typing import Any
 
 from featcache.codec import NO_EVENT, RowCodec
-from featcache.config import CacheConfig, FeatureView
+from featcache.config import FeatureView, InvalidationConfig, LimitsConfig
 from featcache.convert import ConversionError, converter, timestamp_to_us
 from featcache.errors import InvalidEntityId, InvalidRequest
 from featcache.keys import KeyLayout
@@ -93,7 +93,8 @@ class RowWriter:
 
     def __init__(
         self,
-        config: CacheConfig,
+        invalidation: InvalidationConfig,
+        limits: LimitsConfig,
         layout: KeyLayout,
         codecs: Mapping[str, RowCodec],
         redis_store: RedisStore,
@@ -101,7 +102,9 @@ class RowWriter:
         clock: Callable[[], float],
         view_of: Callable[[str | FeatureView], FeatureView],
     ) -> None:
-        self.config = config
+        # fenced writes land only within the fill window; ids are checked against the limits
+        self._fill_window = invalidation.fill_window
+        self._max_id_length = limits.max_id_length
         self._layout = layout
         self._codecs = codecs
         self._redis = redis_store
@@ -155,7 +158,7 @@ class RowWriter:
         value_rows: list[list[Any]] = []
         for i, raw_id in enumerate(entity_col):  # all rows are checked before any I/O
             try:
-                eid = check_id(raw_id, view_def.entity_type, self.config.max_id_length)
+                eid = check_id(raw_id, view_def.entity_type, self._max_id_length)
             except InvalidEntityId as exc:
                 raise InvalidEntityId(f"put_rows({view_def.name!r}), row {i}: {exc}") from None
             if fence is not None and eid not in fence.seen:
@@ -287,7 +290,7 @@ class RowWriter:
         view, rows, fence = pending.view, pending.rows, pending.fence
         if pending.batch is None:
             return PutReport(0, 0)
-        if fence is not None and time.monotonic() - fence.taken_at > self.config.fill_window:
+        if fence is not None and time.monotonic() - fence.taken_at > self._fill_window:
             # a tombstone laid after the fence may have expired by now, and with it the
             # proof that the rows are stale: write nothing, as the read path does
             self._stats.add(view, {"fills_abandoned": rows})
@@ -308,7 +311,7 @@ class RowWriter:
         between leaves a tombstone, so a value read before it is never written after it.
         """
         view_def = self._view(view)
-        ids = normalize_ids(entity_ids, view_def.entity_type, self.config.max_id_length)
+        ids = normalize_ids(entity_ids, view_def.entity_type, self._max_id_length)
         epoch_key = self._layout.view_key(view_def.name, "epoch")
         taken_at = time.monotonic()
         loaded_ms = int(self._clock() * 1000)
@@ -318,7 +321,7 @@ class RowWriter:
         if epoch_raw is None:  # never stamp rows with an epoch a lost key reads as again
             (epoch_raw,) = self._redis.ensure_epochs([epoch_key])
         return Fence(view_def.name, epoch_raw, dict(zip(ids, raw[:-1], strict=True)), taken_at,
-                     loaded_ms, server_us + int(self.config.fill_window * 1_000_000), keys)
+                     loaded_ms, server_us + int(self._fill_window * 1_000_000), keys)
 
 
 

@@ -73,9 +73,10 @@ aware on PostgreSQL and naive elsewhere. A change column of the other kind needs
 query (PostgreSQL: ``changed_at >= (:watermark AT TIME ZONE 'UTC')``), or its comparison
 depends on the session's time zone. At the first poll it is now minus the lookback
 (``start="now"``) or 1970-01-01T00:00:00Z (``start="all"``). The query is checked when
-the warmer starts (one statement, a ``SELECT``/``WITH``, ``:watermark`` and no other
-parameter) and its columns at first use: a query without ``entity_id``/``updated_at``, or
-whose values are not ids and timestamps, raises ``SchemaError`` naming its config path.
+the configuration is loaded (``featcache.config_warmer``: one statement, a ``SELECT``/``WITH``,
+``:watermark`` and no other parameter) and its columns at first use: a query without
+``entity_id``/``updated_at``, or whose values are not ids and timestamps, raises
+``SchemaError`` naming its config path.
 
 The poll runs under the view's leader lease (``.leader.ViewLeader``), renewed between chunks,
 so several warmers do not process the same changes twice.
@@ -110,11 +111,10 @@ import datetime as dt
 import json
 import logging
 import math
-import re
 import time
 from collections.abc import Generator, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy import exc as sa_exc
@@ -123,8 +123,16 @@ from featcache.bulk import _since_filter, resolve
 from featcache.client import FeatureCache
 from featcache.codec import KIND_ABSENT, KIND_ROW, RowCodec
 from featcache.config import FeatureView
+from featcache.config_warmer import (
+    CHANGE_COLUMNS,
+    DEFAULT_LOOKBACK_S,
+    WATERMARK_PARAM,
+    ChangeQuery,
+    Rewrite,
+    Start,
+)
 from featcache.convert import timestamp_to_us, us_to_timestamp
-from featcache.errors import ConfigError, InvalidRequest, SchemaError
+from featcache.errors import InvalidRequest
 from featcache.redis_store import RedisStore, translated_errors
 from featcache.request import EntityId
 
@@ -135,6 +143,7 @@ __all__ = [
     "DEFAULT_LOOKBACK_S",
     "ChangeQuery",
     "ChangesReport",
+    "Rewrite",
     "Start",
     "Watermark",
     "follow_changes",
@@ -144,10 +153,6 @@ __all__ = [
 
 log = logging.getLogger("featcache.changes")
 
-Rewrite = Literal["cached", "all"]
-Start = Literal["now", "all"]
-#: how far behind the watermark every poll looks again (module docstring: the late commit)
-DEFAULT_LOOKBACK_S = 300.0
 _WATERMARK_VERSION = 2
 
 
@@ -198,63 +203,16 @@ class ChangesReport:
 
 # ----------------------------------------------------------------------------- change query
 
-#: the columns a change query returns, and its one bound parameter
-CHANGE_COLUMNS = ("entity_id", "updated_at")
-WATERMARK_PARAM = "watermark"
 _START = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)  # :watermark of a first poll from the start
-_SELECT = re.compile(r"\s*(select|with)\b", re.IGNORECASE)
 
 
-@dataclass(frozen=True, slots=True)
-class ChangeQuery:
-    """A validated change query (see the module docstring). ``path`` and ``source`` name where
-    it was configured, so a query that fails at first use still points at the key to fix."""
-
-    sql: str
-    path: str = "change_query"
-    source: str = ""
-
-    @classmethod
-    def parse(cls, sql: object, path: str = "change_query", source: str = "") -> ChangeQuery:
-        """Check what can be checked without a database; raises ``ConfigError`` at ``path``."""
-        if not isinstance(sql, str) or not sql.strip():
-            raise ConfigError(f"expected a SELECT statement (a string), got {sql!r}", path,
-                              source)
-        text = sql.strip()
-        if text.endswith(";"):  # a habit from SQL consoles; a subquery cannot carry it
-            text = text[:-1].rstrip()
-        if ";" in text:
-            raise ConfigError("expected one SELECT statement, found ';' inside the query",
-                              path, source)
-        if not _SELECT.match(text):
-            raise ConfigError(
-                f"expected a single SELECT (or WITH ... SELECT) statement, got {_head(text)!r}",
-                path, source)
-        params = set(sa.text(text).compile().params)
-        if WATERMARK_PARAM not in params:
-            raise ConfigError(
-                "the query has no :watermark parameter; select the changes since it, e.g. "
-                "... WHERE updated_at >= :watermark", path, source)
-        if params != {WATERMARK_PARAM}:
-            others = ", ".join(f":{p}" for p in sorted(params - {WATERMARK_PARAM}))
-            raise ConfigError(f"unknown parameters {others}; only :watermark is bound",
-                              path, source)
-        return cls(text, path, source)
-
-    def subquery(self, watermark: dt.datetime, aware: bool) -> sa.Subquery:
-        """The query with ``watermark`` bound, as the subquery ``fc_changes``."""
-        value = watermark if aware else watermark.astimezone(dt.UTC).replace(tzinfo=None)
-        bound = sa.text(self.sql).bindparams(
-            sa.bindparam(WATERMARK_PARAM, value, type_=sa.DateTime(timezone=aware))
-        )
-        return bound.columns(*(sa.column(c) for c in CHANGE_COLUMNS)).subquery("fc_changes")
-
-    def error(self, message: str) -> SchemaError:
-        return SchemaError(f"change query: {message}", self.path, self.source)
-
-
-def _head(text: str) -> str:
-    return text.split(None, 1)[0][:20] if text else ""
+def _subquery(change_query: ChangeQuery, watermark: dt.datetime, aware: bool) -> sa.Subquery:
+    """The query with ``watermark`` bound, as the subquery ``fc_changes``."""
+    value = watermark if aware else watermark.astimezone(dt.UTC).replace(tzinfo=None)
+    bound = sa.text(change_query.sql).bindparams(
+        sa.bindparam(WATERMARK_PARAM, value, type_=sa.DateTime(timezone=aware))
+    )
+    return bound.columns(*(sa.column(c) for c in CHANGE_COLUMNS)).subquery("fc_changes")
 
 
 # ----------------------------------------------------------------------------- watermark
@@ -279,7 +237,7 @@ def _read_watermark(
 ) -> tuple[Watermark | None, int]:
     """The watermark and its value's version; its ids only from a version-1 value, or with
     ``with_ids`` (the poll looks the applied set up for its candidates instead)."""
-    with translated_errors(cache.config.redis_url):
+    with translated_errors(cache.config.redis.url):
         raw = cache.redis.get(_watermark_key(cache, view.name))
     if raw is None:
         return None, _WATERMARK_VERSION
@@ -295,7 +253,7 @@ def _read_watermark(
             if not isinstance(ids, list) or not all(type(x) is wanted for x in ids):
                 raise ValueError(ids)
         elif with_ids:
-            with translated_errors(cache.config.redis_url):
+            with translated_errors(cache.config.redis.url):
                 members = cache.redis.zrangebyscore(_applied_key(cache, view.name), ts_us,
                                                     ts_us)
             ids = [wanted(m.decode() if isinstance(m, bytes) else str(m)) for m in members]
@@ -322,7 +280,7 @@ def save_watermark(
     for eid, ts_us in applied:
         scores[eid] = max(ts_us, scores.get(eid, ts_us))
     key = _applied_key(cache, view)
-    with translated_errors(cache.config.redis_url):
+    with translated_errors(cache.config.redis.url):
         if scores:
             # only ever added when newer than what the set holds (the poll's filter), so a
             # plain ZADD; the scores are µs, exact in a double until the year 2255
@@ -339,7 +297,7 @@ def _applied(cache: FeatureCache, view: str, ids: Sequence[EntityId]) -> dict[En
     applied set."""
     if not ids:
         return {}
-    with translated_errors(cache.config.redis_url):
+    with translated_errors(cache.config.redis.url):
         scores = cache.redis.zmscore(_applied_key(cache, view), [str(e) for e in ids])
     return {e: int(s) for e, s in zip(ids, scores, strict=True) if s is not None}
 
@@ -366,7 +324,7 @@ def _changes_query(
             aware = bool(getattr(table.c[view.updated_at_column].type, "timezone", False))
         else:  # timestamptz is PostgreSQL's usual kind; elsewhere times carry no offset
             aware = offline.engine.dialect.name == "postgresql"
-        sub = change_query.subquery(since if since is not None else _START, aware)
+        sub = _subquery(change_query, since if since is not None else _START, aware)
         entity, changed_at = sub.c.entity_id, sub.c.updated_at
         where = None
     latest = sa.func.max(changed_at).label("fc_changed_at")
@@ -434,7 +392,7 @@ def _check_columns(engine: sa.Engine, change_query: ChangeQuery) -> None:
     """Raise ``SchemaError`` when the query does not return the columns it must; return
     quietly when it does, or cannot tell (the failure was something else)."""
     probe: sa.Select[Any] = sa.select(sa.literal_column("*")).select_from(
-        change_query.subquery(_START, aware=False)).where(sa.false())
+        _subquery(change_query, _START, aware=False)).where(sa.false())
     try:
         with engine.connect() as conn:  # a fresh one: the failed transaction may be aborted
             names = conn.execute(probe).keys()  # a Result's columns, not a dict's keys
@@ -450,7 +408,7 @@ def _check_columns(engine: sa.Engine, change_query: ChangeQuery) -> None:
 
 def _cached(cache: FeatureCache, view: FeatureView, ids: list[EntityId]) -> list[EntityId]:
     """Those of ``ids`` whose key holds a row or a negative entry of the current epoch."""
-    store = RedisStore(cache.redis, cache.config.redis_read_chunk)
+    store = RedisStore(cache.redis, cache.config.redis.read_chunk)
     keys = cache.layout.row_keys(view.name, ids)
     keys.append(cache.layout.view_key(view.name, "epoch"))
     raw = store.read(keys)

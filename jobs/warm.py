@@ -255,7 +255,7 @@ def warm_once(
     if horizon_s < 0:
         raise InvalidRequest(f"horizon_s must be >= 0, got {horizon_s}")
     view_def = cache.config.view(view if isinstance(view, str) else view.name)
-    store = RedisStore(cache.redis, cache.config.redis_read_chunk)
+    store = RedisStore(cache.redis, cache.config.redis.read_chunk)
     own_lease = leader is None
     lease = leader or ViewLeader(store, cache.layout, view_def.name, lease_ttl_s)
     if not lease.acquire():

@@ -8,32 +8,9 @@ and, when ``follow_changes`` is configured and the view has an ``updated_at`` co
 leader lease (``leader.ViewLeader``), kept while the warmer runs and released when it stops,
 so several warmers can run: only the leader of a view works on it.
 
-The ``warmer:`` section of the config (validated here, when the warmer starts; a bad value
-raises ``ConfigError`` naming its path)::
-
-    warmer:
-      schedule: {interval: 60s}        # or {cron: "*/5 * * * *"}; default interval 60s
-      jitter: 5s                       # random delay added to each run (default 0)
-      misfire_grace: 30s               # a run late by more than this is skipped (default 30s)
-      k: 10000                         # most read entities considered per view (default 1000)
-      horizon: 5m                      # also refresh rows going stale within it (default 60s)
-      lease_ttl: 30s                   # the per-view leader lease (default 30s)
-      chunk_rows: 10000                # entities per SQL read / Redis write (default 10000)
-      views: [v1, v2]                  # default: every view
-      follow_changes:                  # optional; views with updated_at or a change query
-        interval: 30s
-        rewrite: cached                # or all
-        lookback: 5m                   # re-read this far behind the watermark (default 5m)
-        start: now                     # a first poll: now minus lookback, or all (default now)
-        views:                         # optional, per view
-          v2:
-            change_query: >-           # instead of v2's updated_at: see changes.py
-              SELECT user_id AS entity_id, changed_at AS updated_at
-              FROM audit_log WHERE changed_at >= :watermark
-      metrics_port: 9108               # optional: Prometheus /metrics (--metrics-port wins)
-      metrics_addr: 127.0.0.1          # default 127.0.0.1 (--metrics-addr wins)
-
-Durations take ``featcache.config.parse_duration`` forms (``30``, ``"500ms"``, ``"5m"``).
+It runs on the ``warmer:`` section of the config (``WarmerConfig``, documented and validated
+with the rest of the file in ``featcache.config_warmer``: a bad value fails at load, naming its
+path).
 
 Stopping: SIGTERM or SIGINT calls ``scheduler.shutdown(wait=True)``: a running cycle finishes
 (its writes are per chunk, atomic per key, so no row is ever half written), the leases are
@@ -60,7 +37,6 @@ read at scrape time (docs/metrics.md).
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 import json
 import logging
@@ -70,7 +46,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from types import FrameType
 from typing import Any, TextIO
 
@@ -85,33 +61,27 @@ from redis.client import Pipeline
 from redis.typing import EncodableT, FieldT
 
 from featcache.client import FeatureCache
-from featcache.config import CacheConfig, FeatureView, load_config, parse_duration
+from featcache.config import CacheConfig, L1Config, load_config
+from featcache.config_warmer import FollowChangesConfig, WarmerConfig
 from featcache.errors import ConfigError
 from featcache.metrics import CacheCollector, MetricsServer, new_registry, serve_metrics
 from featcache.redis_store import RedisStore, translated_errors
 
-from .changes import DEFAULT_LOOKBACK_S, ChangeQuery, Rewrite, Start, follow_changes
+from .changes import follow_changes
 from .leader import ViewLeader, default_owner, lease_holder
 from .warm import warm_once
 
 __all__ = [
-    "FollowSettings",
     "JobMetrics",
     "Warmer",
     "WarmerCollector",
-    "WarmerSettings",
     "build_scheduler",
     "health",
-    "parse_settings",
     "run_warmer",
 ]
 
 log = logging.getLogger("featcache.warmer")
 
-_TOP_KEYS = ("schedule", "jitter", "misfire_grace", "k", "horizon", "lease_ttl", "chunk_rows",
-             "views", "follow_changes", "metrics_port", "metrics_addr")
-_FOLLOW_KEYS = ("interval", "rewrite", "lookback", "start", "views")
-_FOLLOW_VIEW_KEYS = ("change_query",)
 HEALTH_NAME = "warmer:health"
 INSTANCES_NAME = "warmer:instances"
 INSTANCE_NAME = "warmer:instance:"
@@ -124,181 +94,6 @@ if redis.call('PTTL', KEYS[1]) < tonumber(ARGV[1]) then
 end
 return 0
 """
-
-
-@dataclass(frozen=True, slots=True)
-class FollowSettings:
-    """``warmer.follow_changes``; ``change_queries``: the views polled through a change query
-    instead of their ``updated_at`` column; ``lookback_s`` and ``start``: see
-    ``changes.follow_changes``."""
-
-    interval_s: float
-    rewrite: Rewrite = "cached"
-    change_queries: Mapping[str, ChangeQuery] = field(default_factory=dict)
-    lookback_s: float = DEFAULT_LOOKBACK_S
-    start: Start = "now"
-
-    def followed(self, view: FeatureView) -> bool:
-        return view.updated_at_column is not None or view.name in self.change_queries
-
-
-@dataclass(frozen=True, slots=True)
-class WarmerSettings:
-    """The validated ``warmer:`` section; exactly one of ``interval_s`` and ``cron`` is set."""
-
-    views: tuple[str, ...]
-    interval_s: float | None = 60.0
-    cron: str | None = None
-    jitter_s: float = 0.0
-    misfire_grace_s: float = 30.0
-    k: int = 1000
-    horizon_s: float = 60.0
-    lease_ttl_s: float = 30.0
-    chunk_rows: int = 10_000
-    follow: FollowSettings | None = None
-    metrics_port: int | None = None
-    metrics_addr: str = "127.0.0.1"
-
-    @classmethod
-    def from_config(cls, config: CacheConfig) -> WarmerSettings:
-        return parse_settings(config)
-
-
-# ----------------------------------------------------------------------------- settings
-
-
-def parse_settings(config: CacheConfig) -> WarmerSettings:
-    """Validate ``config.warmer``; raises ``ConfigError`` with the path of the bad key."""
-    source = config.source
-    raw = config.warmer
-
-    def fail(message: str, path: str) -> ConfigError:
-        return ConfigError(message, path, source)
-
-    def mapping(value: object, path: str) -> Mapping[str, Any]:
-        if value is None:
-            return {}
-        if not isinstance(value, Mapping):
-            raise fail(f"expected a mapping, got {type(value).__name__}", path)
-        return value
-
-    def known(doc: Mapping[str, Any], keys: tuple[str, ...], path: str) -> None:
-        for key in doc:
-            if key not in keys:
-                raise fail(f"unknown key {key!r}; expected one of {', '.join(keys)}",
-                           f"{path}.{key}")
-
-    def duration(doc: Mapping[str, Any], key: str, path: str, default: float,
-                 positive: bool = False) -> float:
-        if key not in doc:
-            return default
-        try:
-            value = parse_duration(doc[key], path)
-        except ConfigError as exc:
-            raise fail(exc.message, path) from None
-        if positive and value <= 0:
-            raise fail("must be greater than zero", path)
-        return value
-
-    def integer(doc: Mapping[str, Any], key: str, path: str, default: int, low: int = 1,
-                high: int | None = None, what: str = "an integer") -> int:
-        """An integer in [low, high]; a string (an environment override) as int() reads it."""
-        value = doc.get(key, default)
-        if isinstance(value, str):
-            with contextlib.suppress(ValueError):
-                value = int(value.strip())
-        if isinstance(value, bool) or not isinstance(value, int) or value < low or (
-                high is not None and value > high):
-            wanted = f"{low}-{high}" if high is not None else f">= {low}"
-            raise fail(f"expected {what} {wanted}, got {value!r}", path)
-        return value
-
-    doc = mapping(raw, "warmer")
-    known(doc, _TOP_KEYS, "warmer")
-
-    schedule = mapping(doc.get("schedule"), "warmer.schedule")
-    known(schedule, ("interval", "cron"), "warmer.schedule")
-    interval_s: float | None = 60.0
-    cron: str | None = None
-    if "interval" in schedule and "cron" in schedule:
-        raise fail("give interval or cron, not both", "warmer.schedule")
-    if "cron" in schedule:
-        cron = schedule["cron"]
-        interval_s = None
-        if not isinstance(cron, str):
-            raise fail(f"bad cron expression: expected a string, got {cron!r}",
-                       "warmer.schedule.cron")
-        try:
-            CronTrigger.from_crontab(cron, timezone=dt.UTC)
-        except ValueError as exc:
-            raise fail(f"bad cron expression: {cron!r}: {exc}", "warmer.schedule.cron") from None
-    else:
-        interval_s = duration(schedule, "interval", "warmer.schedule.interval", 60.0, True)
-
-    all_views = [v.name for v in config.views]
-    views_raw = doc.get("views")
-    if views_raw is None:
-        views = tuple(all_views)
-    else:
-        if not isinstance(views_raw, list) or not views_raw:
-            raise fail(f"expected a non-empty list of view names, got {views_raw!r}",
-                       "warmer.views")
-        for name in views_raw:
-            if name not in all_views:
-                raise fail(f"unknown view; configured: {', '.join(all_views)}",
-                           f"warmer.views.{name}")
-        views = tuple(dict.fromkeys(views_raw))
-
-    follow: FollowSettings | None = None
-    if doc.get("follow_changes") is not None:
-        fdoc = mapping(doc["follow_changes"], "warmer.follow_changes")
-        known(fdoc, _FOLLOW_KEYS, "warmer.follow_changes")
-        rewrite = fdoc.get("rewrite", "cached")
-        if rewrite not in ("cached", "all"):
-            raise fail(f"expected 'cached' or 'all', got {rewrite!r}",
-                       "warmer.follow_changes.rewrite")
-        start = fdoc.get("start", "now")
-        if start not in ("now", "all"):
-            raise fail(f"expected 'now' or 'all', got {start!r}", "warmer.follow_changes.start")
-        queries: dict[str, ChangeQuery] = {}
-        per_view = mapping(fdoc.get("views"), "warmer.follow_changes.views")
-        for name, raw_view in per_view.items():
-            path = f"warmer.follow_changes.views.{name}"
-            if name not in views:
-                raise fail(f"not a view this warmer runs; warmer.views: {', '.join(views)}",
-                           path)
-            vdoc = mapping(raw_view, path)
-            known(vdoc, _FOLLOW_VIEW_KEYS, path)
-            if "change_query" in vdoc:
-                queries[name] = ChangeQuery.parse(vdoc["change_query"], f"{path}.change_query",
-                                                  source)
-        follow = FollowSettings(
-            duration(fdoc, "interval", "warmer.follow_changes.interval", 30.0, True), rewrite,
-            queries,
-            duration(fdoc, "lookback", "warmer.follow_changes.lookback", DEFAULT_LOOKBACK_S),
-            start,
-        )
-
-    port = None if doc.get("metrics_port") is None else integer(
-        doc, "metrics_port", "warmer.metrics_port", 0, 1, 65535, "a TCP port")
-    addr = doc.get("metrics_addr", "127.0.0.1")
-    if not isinstance(addr, str) or not addr:
-        raise fail(f"expected an address to listen on, got {addr!r}", "warmer.metrics_addr")
-
-    return WarmerSettings(
-        views=views,
-        interval_s=interval_s,
-        cron=cron,
-        jitter_s=duration(doc, "jitter", "warmer.jitter", 0.0),
-        misfire_grace_s=duration(doc, "misfire_grace", "warmer.misfire_grace", 30.0, True),
-        k=integer(doc, "k", "warmer.k", 1000),
-        horizon_s=duration(doc, "horizon", "warmer.horizon", 60.0),
-        lease_ttl_s=duration(doc, "lease_ttl", "warmer.lease_ttl", 30.0, True),
-        chunk_rows=integer(doc, "chunk_rows", "warmer.chunk_rows", 10_000),
-        follow=follow,
-        metrics_port=port,
-        metrics_addr=addr,
-    )
 
 
 # ----------------------------------------------------------------------------- jobs and health
@@ -349,19 +144,21 @@ class Warmer:
     a standby's skipped cycle never hides the leader's outcome.
     """
 
-    def __init__(self, cache: FeatureCache, settings: WarmerSettings, *,
+    def __init__(self, cache: FeatureCache, settings: WarmerConfig, *,
                  warmer_id: str | None = None, health_ttl_s: float = HEALTH_TTL_S) -> None:
         if health_ttl_s <= 0:
             raise ValueError(f"health_ttl_s must be positive, got {health_ttl_s}")
         self.cache = cache
         self.settings = settings
+        #: the views it runs: ``settings.views``, or every view of the cache
+        self.views = settings.views_among(v.name for v in cache.config.views)
         self.id = warmer_id or default_owner()
         self.health_ttl_s = health_ttl_s
         self.started = _iso(time.time())
         store = RedisStore(cache.redis)
         self.leaders = {
-            view: ViewLeader(store, cache.layout, view, settings.lease_ttl_s, owner=self.id)
-            for view in settings.views
+            view: ViewLeader(store, cache.layout, view, settings.lease_ttl, owner=self.id)
+            for view in self.views
         }
         self._lock = threading.Lock()
         self.health: dict[str, dict[str, Any]] = {}
@@ -376,23 +173,23 @@ class Warmer:
         s = self.settings
         self._run("warm", view, lambda: self._warm(view, s))
 
-    def _warm(self, view: str, s: WarmerSettings) -> dict[str, Any]:
-        report = warm_once(self.cache, view, k=s.k, horizon_s=s.horizon_s,
+    def _warm(self, view: str, s: WarmerConfig) -> dict[str, Any]:
+        report = warm_once(self.cache, view, k=s.k, horizon_s=s.horizon,
                            leader=self.leaders[view], chunk_rows=s.chunk_rows)
         done = report.materialized
         return {"leader": report.leader, "rows": done.rows_written if done else 0,
                 "complete": done.complete if done else True}
 
     def follow(self, view: str) -> None:
-        follow = self.settings.follow
+        follow = self.settings.follow_changes
         assert follow is not None
         self._run("changes", view, lambda: self._follow(view, follow))
 
-    def _follow(self, view: str, follow: FollowSettings) -> dict[str, Any]:
+    def _follow(self, view: str, follow: FollowChangesConfig) -> dict[str, Any]:
         report = follow_changes(self.cache, view, rewrite=follow.rewrite,
                                 leader=self.leaders[view], chunk_rows=self.settings.chunk_rows,
                                 change_query=follow.change_queries.get(view),
-                                lookback_s=follow.lookback_s, start=follow.start)
+                                lookback_s=follow.lookback, start=follow.start)
         out: dict[str, Any] = {"leader": report.leader, "rows": report.rewritten,
                                "changed": report.changed, "complete": report.complete}
         if report.leader:
@@ -501,7 +298,7 @@ class Warmer:
         live warmer stays listed between cycles of any schedule)."""
         try:
             pipe = self.cache.redis.pipeline(transaction=False)
-            for view in self.settings.views:
+            for view in self.views:
                 self._register(pipe, view, {})
             pipe.execute()
         except Exception as exc:  # best effort, as every health write
@@ -517,7 +314,7 @@ class Warmer:
                 log.warning("warmer view=%s lease not released: %s", leader.view, exc)
         try:
             pipe = self.cache.redis.pipeline(transaction=False)
-            for view in self.settings.views:
+            for view in self.views:
                 pipe.delete(_instance_key(self.cache, view, self.id))
                 pipe.zrem(_instances_key(self.cache, view), self.id)
             pipe.execute()
@@ -612,19 +409,19 @@ def _iso(seconds: float) -> str:
     return dt.datetime.fromtimestamp(seconds, dt.UTC).isoformat()
 
 
-def _trigger(settings: WarmerSettings, interval_s: float | None) -> BaseTrigger:
+def _trigger(settings: WarmerConfig, interval_s: float | None, cron: str | None) -> BaseTrigger:
     if interval_s is None:
-        assert settings.cron is not None
-        cron = CronTrigger.from_crontab(settings.cron, timezone=dt.UTC)
-        cron.jitter = settings.jitter_s or None
-        return cron
-    return IntervalTrigger(seconds=interval_s, jitter=settings.jitter_s or None,
+        assert cron is not None
+        trigger = CronTrigger.from_crontab(cron, timezone=dt.UTC)
+        trigger.jitter = settings.jitter or None
+        return trigger
+    return IntervalTrigger(seconds=interval_s, jitter=settings.jitter or None,
                            timezone=dt.UTC)
 
 
 def build_scheduler(
     cache: FeatureCache,
-    settings: WarmerSettings,
+    settings: WarmerConfig,
     scheduler_cls: type[BaseScheduler] = BlockingScheduler,
     warmer: Warmer | None = None,
 ) -> BaseScheduler:
@@ -637,17 +434,18 @@ def build_scheduler(
     common: dict[str, Any] = {
         "coalesce": True,
         "max_instances": 1,
-        "misfire_grace_time": max(1, math.ceil(settings.misfire_grace_s)),
+        "misfire_grace_time": max(1, math.ceil(settings.misfire_grace)),
     }
-    for view in settings.views:
-        scheduler.add_job(warmer.warm, _trigger(settings, settings.interval_s), args=[view],
-                          id=f"warm:{view}", name=f"warm {view}", **common)
-        if settings.follow is None:
+    schedule, follow = settings.schedule, settings.follow_changes
+    for view in warmer.views:
+        scheduler.add_job(warmer.warm, _trigger(settings, schedule.interval, schedule.cron),
+                          args=[view], id=f"warm:{view}", name=f"warm {view}", **common)
+        if follow is None:
             continue
-        if not settings.follow.followed(cache.config.view(view)):
+        if not follow.followed(cache.config.view(view)):
             log.info("warmer view=%s follow_changes=skipped reason=no_updated_at_column", view)
             continue
-        scheduler.add_job(warmer.follow, _trigger(settings, settings.follow.interval_s),
+        scheduler.add_job(warmer.follow, _trigger(settings, follow.interval, None),
                           args=[view], id=f"changes:{view}", name=f"follow changes {view}",
                           **common)
     scheduler.add_job(warmer.heartbeat, IntervalTrigger(seconds=warmer.health_ttl_s / 3,
@@ -665,7 +463,7 @@ def run_warmer(config_path: str, metrics_port: int | None = None,
     """``featcache warmer``: run until SIGTERM/SIGINT, then stop cleanly; returns 0.
     ``metrics_port``/``metrics_addr`` (the command line) win over ``warmer.metrics_*``."""
     config = load_config(config_path)
-    settings = parse_settings(config)
+    settings = config.warmer
     with FeatureCache(config) as cache:
         warmer = Warmer(cache, settings)
         scheduler = build_scheduler(cache, settings, BlockingScheduler, warmer)
@@ -682,7 +480,7 @@ def run_warmer(config_path: str, metrics_port: int | None = None,
 
         previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
         try:
-            log.info("warmer started id=%s views=%s jobs=%s", warmer.id, ",".join(settings.views),
+            log.info("warmer started id=%s views=%s jobs=%s", warmer.id, ",".join(warmer.views),
                      ",".join(job.id for job in scheduler.get_jobs()))
             warmer.heartbeat()  # listed in --health from the start, before any cycle ends
             if not stopping.is_set():
@@ -697,7 +495,7 @@ def run_warmer(config_path: str, metrics_port: int | None = None,
     return 0
 
 
-def _start_metrics(cache: FeatureCache, warmer: Warmer, settings: WarmerSettings,
+def _start_metrics(cache: FeatureCache, warmer: Warmer, settings: WarmerConfig,
                    port: int | None, addr: str | None) -> MetricsServer | None:
     """The ``/metrics`` endpoint, started before the first cycle so a bad port fails the
     start (exit 2) instead of leaving a warmer nobody can watch."""
@@ -732,10 +530,12 @@ def health(config: CacheConfig | str, out: TextIO | None = None) -> dict[str, An
     its own at once)."""
     loaded = config if isinstance(config, CacheConfig) else load_config(config)
     result: dict[str, Any] = {}
-    with FeatureCache(loaded.with_overrides(popularity_sample_rate=0.0,
-                                            l1_policy=None)) as cache:
+    # no counting and no L1 (with its stream tail): this process only reads bookkeeping
+    parts_off = loaded.replace(popularity=replace(loaded.popularity, sample_rate=0.0),
+                               l1=L1Config())
+    with FeatureCache(parts_off) as cache:
         for view in loaded.views:
-            with translated_errors(loaded.redis_url):  # as every other command reports it
+            with translated_errors(loaded.redis.url):  # as every other command reports it
                 holder = lease_holder(cache.redis, cache.layout, view.name)
                 record = cache.redis.hgetall(_health_key(cache, view.name))
                 ids = [_text(i) for i in cache.redis.zrange(_instances_key(cache, view.name),

@@ -8,13 +8,21 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
 import redis
 import sqlalchemy as sa
 from sqlalchemy.dialects import mysql
 
-from featcache import CacheConfig, Feature, FeatureCache, FeatureView
+from featcache import (
+    CacheConfig,
+    Feature,
+    FeatureCache,
+    FeatureView,
+    OfflineStoreConfig,
+    RedisConfig,
+)
 
 UTC = dt.UTC
 T0 = dt.datetime(2026, 1, 1, tzinfo=UTC)
@@ -127,6 +135,44 @@ def make_view(
     )
 
 
+#: the option names tests pass to ``make_cache`` and ``with_options``: their section and key
+OPTION_KEYS: dict[str, tuple[str, str]] = {
+    "redis_socket_timeout": ("redis", "socket_timeout"),
+    "redis_connect_timeout": ("redis", "connect_timeout"),
+    "redis_read_chunk": ("redis", "read_chunk"),
+    "offline_url": ("offline_store", "url"),
+    "sql_chunk_size": ("offline_store", "chunk_size"),
+    "sql_connect_timeout": ("offline_store", "connect_timeout"),
+    "max_id_length": ("limits", "max_id_length"),
+    "fence_ttl": ("invalidation", "fence_ttl"),
+    "l1_policy": ("l1", "policy"),
+    "l1_max_entries": ("l1", "max_entries"),
+    "l1_max_ttl": ("l1", "max_ttl"),
+    "lease_ttl": ("stampede", "lease_ttl"),
+    "lease_wait": ("stampede", "lease_wait"),
+    "xfetch_beta": ("stampede", "xfetch_beta"),
+    "breaker_failures": ("degradation", "breaker_failures"),
+    "breaker_window": ("degradation", "breaker_window"),
+    "breaker_open_for": ("degradation", "breaker_open_for"),
+    "sql_concurrency": ("degradation", "sql_concurrency"),
+    "sql_queue_timeout": ("degradation", "sql_queue_timeout"),
+    "on_sql_error": ("degradation", "on_sql_error"),
+    "popularity_sample_rate": ("popularity", "sample_rate"),
+}
+
+
+def with_options(config: CacheConfig, **options: Any) -> CacheConfig:
+    """``config`` with some keys of its sections replaced, named as in ``OPTION_KEYS``
+    (``lease_wait=0.05`` sets ``stampede.lease_wait``)."""
+    changes: dict[str, dict[str, Any]] = {}
+    for name, value in options.items():
+        section, key = OPTION_KEYS[name]
+        changes.setdefault(section, {})[key] = value
+    return config.replace(**{
+        section: replace(getattr(config, section), **keys) for section, keys in changes.items()
+    })
+
+
 def make_cache(
     views: Sequence[FeatureView],
     redis_url: str,
@@ -136,13 +182,12 @@ def make_cache(
     redis_client: redis.Redis | None = None,
     **options: Any,
 ) -> FeatureCache:
-    config = CacheConfig(
+    """A cache on these servers; ``options`` as ``with_options`` takes them."""
+    config = with_options(CacheConfig(
         views=tuple(views),
-        redis_url=redis_url,
-        offline_url=offline_url,
-        key_prefix=key_prefix,
-        **options,
-    )
+        redis=RedisConfig(url=redis_url, key_prefix=key_prefix),
+        offline_store=OfflineStoreConfig(url=offline_url),
+    ), **options)
     kwargs: dict[str, Any] = {}
     if clock is not None:
         kwargs["clock"] = clock

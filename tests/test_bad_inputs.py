@@ -38,8 +38,11 @@ from featcache import (
     FeatureView,
     InvalidEntityId,
     InvalidRequest,
+    LimitsConfig,
+    OfflineStoreConfig,
     OfflineStoreError,
     OfflineStoreUnavailable,
+    RedisConfig,
     SchemaError,
     Status,
     UnknownFeature,
@@ -236,8 +239,7 @@ def bench(
         engine, None, "account_stats", "account_id", sa.String(600), {"plan": sa.String(50)},
         [{"account_id": a, "event_ts": T0, "plan": plan_of(a)} for a in STR_IDS],
     )
-    config = CacheConfig(
-        views=(
+    config = CacheConfig(views=(
             user_view(None),
             FeatureView(name="item", table="item_stats", entity_column="item_id",
                         event_timestamp_column="event_ts", features=ITEM_FEATURES),
@@ -245,9 +247,8 @@ def bench(
                         entity_type="str", event_timestamp_column="event_ts",
                         features=ACCOUNT_FEATURES),
         ),
-        redis_url=redis_url,
-        offline_url=sqlite_target.url,
-        key_prefix=key_prefix,
+        redis=RedisConfig(url=redis_url, key_prefix=key_prefix),
+        offline_store=OfflineStoreConfig(url=sqlite_target.url),
     )
     io = IO()
     cache = open_cache(config, redis_url, io)
@@ -578,8 +579,9 @@ def test_max_id_length_is_configurable(
         views=(FeatureView(name="account", table="account_stats", entity_column="account_id",
                            entity_type="str", event_timestamp_column="event_ts",
                            features=ACCOUNT_FEATURES),),
-        redis_url=redis_url, offline_url=sqlite_target.url, key_prefix=key_prefix,
-        max_id_length=8,
+        redis=RedisConfig(url=redis_url, key_prefix=key_prefix),
+        offline_store=OfflineStoreConfig(url=sqlite_target.url),
+        limits=LimitsConfig(max_id_length=8),
     )
     io = IO()
     with open_cache(config, redis_url, io) as cache:
@@ -737,7 +739,8 @@ def test_missing_column_is_a_schema_error_at_first_use(
     features = (Feature("ctr", "float", "10m", column="ctr_7"), *USER_FEATURES[1:])
     config = CacheConfig(
         views=(user_view(sql_target.schema, features),),
-        redis_url=redis_url, offline_url=sql_target.url, key_prefix=key_prefix,
+        redis=RedisConfig(url=redis_url, key_prefix=key_prefix),
+        offline_store=OfflineStoreConfig(url=sql_target.url),
     )
     io = IO()
     with open_cache(config, redis_url, io) as cache:
@@ -770,8 +773,9 @@ def test_missing_column_is_a_schema_error_at_first_use(
 def test_missing_key_column_is_a_schema_error(
     bench: Bench, changes: dict[str, str], path: str, column: str
 ) -> None:
-    config = CacheConfig(views=(user_view(None, **changes),), redis_url="redis://unused",
-                         offline_url=bench.url, key_prefix=bench.prefix)
+    config = CacheConfig(views=(user_view(None, **changes),),
+                         redis=RedisConfig(url="redis://unused", key_prefix=bench.prefix),
+                         offline_store=OfflineStoreConfig(url=bench.url))
     with (
         FeatureCache(config, redis_client=bench.cache.redis) as cache,
         pytest.raises(SchemaError) as err,
@@ -782,8 +786,9 @@ def test_missing_key_column_is_a_schema_error(
 
 
 def test_missing_table_is_a_schema_error(bench: Bench) -> None:
-    config = CacheConfig(views=(user_view(None, table="user_stat"),), redis_url="redis://unused",
-                         offline_url=bench.url, key_prefix=bench.prefix)
+    config = CacheConfig(views=(user_view(None, table="user_stat"),),
+                         redis=RedisConfig(url="redis://unused", key_prefix=bench.prefix),
+                         offline_store=OfflineStoreConfig(url=bench.url))
     with (
         FeatureCache(config, redis_client=bench.cache.redis) as cache,
         pytest.raises(SchemaError) as err,
@@ -796,7 +801,8 @@ def test_missing_table_is_a_schema_error(bench: Bench) -> None:
 
 def test_missing_table_in_a_schema(sql_target: Any, redis_url: str, key_prefix: str) -> None:
     config = CacheConfig(views=(user_view(sql_target.schema, table="nope"),),
-                         redis_url=redis_url, offline_url=sql_target.url, key_prefix=key_prefix)
+                         redis=RedisConfig(url=redis_url, key_prefix=key_prefix),
+                         offline_store=OfflineStoreConfig(url=sql_target.url))
     with FeatureCache(config) as cache, pytest.raises(SchemaError) as err:
         cache.get_features([1], ["ctr_7d"])
     qualified = f"{sql_target.schema}.nope" if sql_target.schema else "nope"

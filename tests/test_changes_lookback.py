@@ -16,12 +16,20 @@ import pytest
 import redis
 import sqlalchemy as sa
 from featcache.jobs.changes import DEFAULT_LOOKBACK_S, follow_changes, load_watermark
-from featcache.jobs.warmer import Warmer, parse_settings
+from featcache.jobs.warmer import Warmer
 from featdata import T0, insert, stats_row
 from servers import SqlTarget
 from warmerenv import cv_env, update
 
-from featcache import ConfigError, FeatureCache, InvalidRequest, Status, load_config
+from featcache import (
+    ConfigError,
+    FeatureCache,
+    FollowChangesConfig,
+    InvalidRequest,
+    Status,
+    WarmerConfig,
+    load_config,
+)
 from featcache.convert import timestamp_to_us
 
 MINUTE = dt.timedelta(minutes=1)
@@ -242,15 +250,16 @@ def test_start_all_reads_the_whole_history(env: dict[str, Any]) -> None:
 
 def test_the_warmer_takes_lookback_and_start_from_its_config(env: dict[str, Any]) -> None:
     config = env["cache"].config
-    follow = parse_settings(config.with_overrides(warmer={})).follow
+    follow = config.replace(warmer=WarmerConfig()).warmer.follow_changes
     assert follow is None
-    settings = parse_settings(config.with_overrides(warmer={"follow_changes": {}}))
-    assert settings.follow is not None
-    assert (settings.follow.lookback_s, settings.follow.start) == (DEFAULT_LOOKBACK_S, "now")
-    settings = parse_settings(config.with_overrides(warmer={
-        "views": ["cv"], "follow_changes": {"lookback": "15m", "start": "all"}}))
-    assert settings.follow is not None
-    assert (settings.follow.lookback_s, settings.follow.start) == (900.0, "all")
+    settings = config.replace(warmer=WarmerConfig(follow_changes=FollowChangesConfig())).warmer
+    assert settings.follow_changes is not None
+    assert (settings.follow_changes.lookback, settings.follow_changes.start) == (
+        DEFAULT_LOOKBACK_S, "now")
+    settings = config.replace(warmer=WarmerConfig(
+        views=("cv",), follow_changes=FollowChangesConfig(lookback="15m", start="all"))).warmer
+    assert settings.follow_changes is not None
+    assert (settings.follow_changes.lookback, settings.follow_changes.start) == (900.0, "all")
 
     with _clocked(env) as cache:
         warmer = Warmer(cache, settings)
@@ -267,16 +276,15 @@ def test_the_warmer_takes_lookback_and_start_from_its_config(env: dict[str, Any]
     ({"start": "yesterday"}, "warmer.follow_changes.start", "'now' or 'all'"),
 ])
 def test_bad_lookback_or_start_settings_fail_with_the_path(
-    env: dict[str, Any], follow: dict[str, str], path: str, message: str
+    follow: dict[str, str], path: str, message: str
 ) -> None:
-    config = env["cache"].config.with_overrides(warmer={"follow_changes": follow})
     with pytest.raises(ConfigError, match=message) as caught:
-        parse_settings(config)
+        FollowChangesConfig(**follow)  # type: ignore[arg-type]
     assert caught.value.path == path
 
 
 def test_the_example_config_parses_with_its_warmer_section() -> None:
     config = load_config(Path(__file__).parent.parent / "config" / "featcache.yaml")
-    settings = parse_settings(config)
-    assert settings.follow is not None
-    assert (settings.follow.lookback_s, settings.follow.start) == (DEFAULT_LOOKBACK_S, "now")
+    follow = config.warmer.follow_changes
+    assert follow is not None
+    assert (follow.lookback, follow.start) == (DEFAULT_LOOKBACK_S, "now")

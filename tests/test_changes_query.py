@@ -15,14 +15,23 @@ import msgpack
 import pytest
 import redis
 import sqlalchemy as sa
+import yaml
 from apscheduler.schedulers.background import BackgroundScheduler
 from featcache.jobs.changes import ChangeQuery, follow_changes, load_watermark
-from featcache.jobs.warmer import Warmer, build_scheduler, parse_settings
-from featdata import T0, TIMESTAMP, insert, stats_row
+from featcache.jobs.warmer import Warmer, build_scheduler
+from featdata import T0, TIMESTAMP, insert, stats_row, with_options
 from servers import SqlTarget
 from warmerenv import CLI, HOUR, cv_env, write_config
 
-from featcache import ConfigError, FeatureCache, SchemaError, Status, load_config
+from featcache import (
+    ConfigError,
+    FeatureCache,
+    FollowChangesConfig,
+    SchemaError,
+    Status,
+    WarmerConfig,
+    load_config,
+)
 from featcache.keys import KeyLayout
 
 QUERY_PATH = "warmer.follow_changes.views.cv.change_query"
@@ -47,12 +56,12 @@ def _query(env: dict[str, Any], select: str = "entity_id, changed_at AS updated_
 
 
 def _settings_query(env: dict[str, Any], view: str = "cv", **select: str) -> ChangeQuery:
-    """The query as the warmer gets it: through the config and ``parse_settings``."""
-    config = env["cache"].config.with_overrides(warmer={"follow_changes": {
-        "views": {view: {"change_query": _query(env, **select)}}}})
-    settings = parse_settings(config)
-    assert settings.follow is not None
-    return settings.follow.change_queries[view]
+    """The query as the warmer gets it: from the ``warmer:`` section of its config."""
+    config = env["cache"].config.replace(warmer=WarmerConfig(
+        follow_changes=FollowChangesConfig(change_queries={view: ChangeQuery(
+            _query(env, **select))})))
+    assert config.warmer.follow_changes is not None
+    return config.warmer.follow_changes.change_queries[view]
 
 
 def _changed_sql(env: dict[str, Any], entity: int, clicks: int) -> None:
@@ -175,11 +184,11 @@ def test_a_change_query_with_wrong_columns_fails_at_first_use_with_the_path(
 def test_a_bad_change_query_fails_at_start_with_the_path(
     tmp_path: Path, redis_url: str, key_prefix: str, query: str | None, path: str, message: str
 ) -> None:
-    config = load_config(write_config(tmp_path / "c.yaml", redis_url, key_prefix, "sqlite://"))
-    bad = config.with_overrides(warmer={"follow_changes": {"views": {"cv": {
-        "change_query": query}}}})
+    warmer = yaml.safe_dump({"warmer": {"follow_changes": {"views": {"cv": {
+        "change_query": query}}}}})
+    config_path = write_config(tmp_path / "c.yaml", redis_url, key_prefix, "sqlite://", warmer)
     with pytest.raises(ConfigError, match=message) as caught:
-        parse_settings(bad)
+        load_config(config_path)
     assert caught.value.path == path
 
 
@@ -197,7 +206,7 @@ def test_the_warmer_command_rejects_a_bad_change_query_before_touching_a_server(
     config_path = write_config(tmp_path / "c.yaml", redis_url, key_prefix, "sqlite://",
                                f"warmer: {{follow_changes: {follow}}}\n")
     with pytest.raises(ConfigError, match=message) as caught:
-        parse_settings(load_config(config_path))
+        load_config(config_path)
     assert caught.value.path == path
     done = subprocess.run(
         [*CLI, "warmer", "--config", str(config_path)],
@@ -212,12 +221,12 @@ def test_a_view_without_updated_at_is_followed_through_its_change_query(
     with cv_env(sqlite_target, redis_url, key_prefix, tmp_path) as env:
         insert(env["engine"], env["plain"], [stats_row(i, ctr=0.5) for i in (1, 2)])
         plain = env["plain"].name
-        config = env["cache"].config.with_overrides(warmer={"views": ["plain"],
-            "follow_changes": {"rewrite": "all", "start": "all", "views": {"plain": {
-                "change_query":
-                f"SELECT entity_id, event_ts AS updated_at FROM {plain} "
-                "WHERE event_ts >= :watermark"}}}})
-        settings = parse_settings(config)
+        config = env["cache"].config.replace(warmer=WarmerConfig(
+            views=("plain",), follow_changes=FollowChangesConfig(
+                rewrite="all", start="all", change_queries={"plain": ChangeQuery(
+                    f"SELECT entity_id, event_ts AS updated_at FROM {plain} "
+                    "WHERE event_ts >= :watermark")})))
+        settings = config.warmer
         jobs = {job.id for job in build_scheduler(env["cache"], settings,
                                                   BackgroundScheduler).get_jobs()}
         assert jobs == {"warm:plain", "changes:plain", "heartbeat"}
@@ -251,8 +260,8 @@ def test_polls_do_not_depend_on_the_session_time_zone(
     audit_env: dict[str, Any], sql_target: SqlTarget
 ) -> None:
     env = audit_env
-    config = env["cache"].config.with_overrides(
-        offline_url=_in_session_time_zone(sql_target, "Asia/Tokyo"))
+    config = with_options(env["cache"].config,
+                          offline_url=_in_session_time_zone(sql_target, "Asia/Tokyo"))
     query = _settings_query(env)
     t1 = T0 + HOUR + dt.timedelta(microseconds=1)
     lookback = dt.timedelta(minutes=5)

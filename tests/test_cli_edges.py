@@ -24,7 +24,7 @@ from prometheus_client.registry import CollectorRegistry
 from servers import SqlTarget
 
 import featcache.embedded
-from featcache import CacheConfig, FeatureCache
+from featcache import CacheConfig, FeatureCache, OfflineStoreConfig
 from featcache.embedded import EmbeddedServer, find_server_binary
 from featcache.errors import EmbeddedServerError, OfflineStoreError
 from featcache.metrics import CacheCollector
@@ -53,7 +53,8 @@ def _alive(pid: int, create_time: float) -> bool:
 def test_config_repr_masks_an_offline_password_containing_a_slash() -> None:
     url = f"postgresql+psycopg://reader:{SECRET}@127.0.0.1:{_closed_port()}/features"
     assert sa.engine.make_url(url).password == SECRET  # SQLAlchemy really uses it as password
-    config = CacheConfig(views=(make_view("stats", "stats", None),), offline_url=url)
+    config = CacheConfig(views=(make_view("stats", "stats", None),),
+                         offline_store=OfflineStoreConfig(url=url))
     assert SECRET not in repr(config), repr(config)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import math
 import textwrap
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -17,14 +18,26 @@ import pytest
 
 from featcache import (
     CacheConfig,
+    ChangeQuery,
     ConfigError,
+    DegradationConfig,
     FeatcacheError,
     Feature,
     FeatureCache,
     FeatureType,
     FeatureView,
+    FollowChangesConfig,
+    InvalidationConfig,
+    L1Config,
+    LimitsConfig,
+    OfflineStoreConfig,
+    PopularityConfig,
+    RedisConfig,
+    ScheduleConfig,
     SchemaError,
+    StampedeConfig,
     UnknownView,
+    WarmerConfig,
     load_config,
 )
 from featcache.config import config_from_dict, parse_duration
@@ -135,17 +148,17 @@ def a_view(**changes: Any) -> FeatureView:
 
 def test_full_file_loads_every_key(tmp_path: Path) -> None:
     config = load_config(write(tmp_path, FULL), env={})
-    assert config.redis_url == "redis://cache.internal:6380/2"
-    assert config.key_prefix == "feat.v2"
-    assert config.redis_socket_timeout == 0.25
-    assert config.redis_connect_timeout == 3.0
-    assert config.redis_max_connections == 32
-    assert config.redis_read_chunk == 500
-    assert config.offline_url == "postgresql+psycopg://reader@db.internal/features"
-    assert config.sql_chunk_size == 800
-    assert config.sql_connect_timeout == 10.0
-    assert config.sql_pool_size == 8
-    assert config.max_id_length == 128
+    assert config.redis.url == "redis://cache.internal:6380/2"
+    assert config.redis.key_prefix == "feat.v2"
+    assert config.redis.socket_timeout == 0.25
+    assert config.redis.connect_timeout == 3.0
+    assert config.redis.max_connections == 32
+    assert config.redis.read_chunk == 500
+    assert config.offline_store.url == "postgresql+psycopg://reader@db.internal/features"
+    assert config.offline_store.chunk_size == 800
+    assert config.offline_store.connect_timeout == 10.0
+    assert config.offline_store.pool_size == 8
+    assert config.limits.max_id_length == 128
     assert config.source == str(tmp_path / "featcache.yaml")
 
     user = config.view("user")
@@ -195,31 +208,113 @@ def test_file_equals_the_python_constructor_equivalent(tmp_path: Path) -> None:
                 ),
             ),
         ),
-        redis_url="redis://cache.internal:6380/2",
-        offline_url="postgresql+psycopg://reader@db.internal/features",
-        key_prefix="feat.v2",
-        redis_socket_timeout="250ms",
-        redis_connect_timeout=3,
-        redis_max_connections=32,
-        redis_read_chunk=500,
-        sql_chunk_size=800,
-        sql_connect_timeout="10s",
-        sql_pool_size=8,
-        max_id_length=128,
+        redis=RedisConfig(
+            url="redis://cache.internal:6380/2",
+            key_prefix="feat.v2",
+            socket_timeout="250ms",
+            connect_timeout=3,
+            max_connections=32,
+            read_chunk=500,
+        ),
+        offline_store=OfflineStoreConfig(
+            url="postgresql+psycopg://reader@db.internal/features",
+            chunk_size=800,
+            connect_timeout="10s",
+            pool_size=8,
+        ),
+        limits=LimitsConfig(max_id_length=128),
     )
     assert loaded == built  # ``source`` does not take part in equality
 
 
+#: Every section the file format has but those FULL sets, each key away from its default.
+SECTIONS_TEXT = """\
+invalidation: {fence_ttl: 2m, stream_maxlen: 5000}
+l1: {policy: tinylfu, max_entries: 500, max_ttl: 2s, access_sample_rate: 0.5}
+stampede: {lease_ttl: 3s, lease_wait: 0, xfetch_beta: 0.5}
+degradation:
+  breaker_failures: 3
+  breaker_window: 30s
+  breaker_open_for: 5s
+  sql_concurrency: 4
+  sql_queue_timeout: 250ms
+  on_sql_error: mark
+popularity: {sample_rate: 0.5, bucket: 30s, buckets: 10, half_life: 10m, flush_interval: 2s}
+warmer:
+  schedule: {cron: '*/5 * * * *'}
+  jitter: 5s
+  misfire_grace: 1m
+  k: 50
+  horizon: 5m
+  lease_ttl: 1m
+  chunk_rows: 100
+  views: [user]
+  follow_changes:
+    interval: 10s
+    rewrite: all
+    lookback: 1m
+    start: all
+    views:
+      user: {change_query: 'SELECT id AS entity_id, ts AS updated_at FROM a WHERE ts >= :watermark'}
+  metrics_port: 9200
+  metrics_addr: 0.0.0.0
+"""
+
+
+def test_every_section_from_the_file_equals_its_python_constructor(tmp_path: Path) -> None:
+    """Each section of the file becomes its dataclass, key by key, and environment overrides
+    (text) reach every kind of key: durations, integers, numbers, choices."""
+    loaded = load_config(write(tmp_path, SECTIONS_TEXT + MINIMAL), env={})
+    query = "SELECT id AS entity_id, ts AS updated_at FROM a WHERE ts >= :watermark"
+    expected = {
+        "invalidation": InvalidationConfig(fence_ttl="2m", stream_maxlen=5000),
+        "l1": L1Config("tinylfu", 500, "2s", 0.5),
+        "stampede": StampedeConfig(lease_ttl=3, lease_wait=0, xfetch_beta=0.5),
+        "degradation": DegradationConfig(3, "30s", "5s", 4, "250ms", "mark"),
+        "popularity": PopularityConfig(0.5, "30s", 10, "10m", "2s"),
+        "warmer": WarmerConfig(
+            schedule=ScheduleConfig(cron="*/5 * * * *"), jitter=5, misfire_grace=60, k=50,
+            horizon="5m", lease_ttl="1m", chunk_rows=100, views=["user"],
+            follow_changes=FollowChangesConfig("10s", "all", "1m", "all",
+                                               {"user": ChangeQuery(query)}),
+            metrics_port=9200, metrics_addr="0.0.0.0"),
+    }
+    for name, section in expected.items():
+        assert getattr(loaded, name) == section, name
+    assert loaded == CacheConfig(views=loaded.views, **expected)
+    assert loaded.invalidation.fill_window == 60.0
+    env = {
+        "FEATCACHE__INVALIDATION__STREAM_MAXLEN": "6000",
+        "FEATCACHE__L1__MAX_TTL": "3s",
+        "FEATCACHE__STAMPEDE__XFETCH_BETA": "2",
+        "FEATCACHE__DEGRADATION__ON_SQL_ERROR": "raise",
+        "FEATCACHE__POPULARITY__SAMPLE_RATE": "0",
+        "FEATCACHE__WARMER__FOLLOW_CHANGES__LOOKBACK": "2m",
+        "FEATCACHE__WARMER__METRICS_PORT": "9300",
+    }
+    overridden = load_config(write(tmp_path, SECTIONS_TEXT + MINIMAL), env=env)
+    assert overridden.invalidation.stream_maxlen == 6000
+    assert overridden.l1.max_ttl == 3.0
+    assert overridden.stampede.xfetch_beta == 2.0
+    assert overridden.degradation.on_sql_error == "raise"
+    assert overridden.popularity.sample_rate == 0.0
+    assert overridden.warmer.follow_changes is not None
+    assert overridden.warmer.follow_changes.lookback == 120.0
+    assert overridden.warmer.metrics_port == 9300
+    path = "warmer.follow_changes.views.user.change_query"
+    assert overridden.warmer.follow_changes.change_queries["user"].path == path
+
+
 def test_minimal_file_gets_the_documented_defaults(tmp_path: Path) -> None:
     config = load_config(write(tmp_path, MINIMAL), env={})
-    assert config.redis_url == "redis://127.0.0.1:6379/0"
-    assert config.offline_url == "sqlite:///featcache.db"
-    assert config.key_prefix == "fc"
-    assert (config.redis_socket_timeout, config.redis_connect_timeout) == (0.5, 2.0)
-    assert (config.redis_max_connections, config.redis_read_chunk) == (64, 1000)
-    assert (config.sql_chunk_size, config.sql_connect_timeout, config.sql_pool_size) == (
-        1000, 5.0, 5)
-    assert config.max_id_length == 512
+    assert config.redis.url == "redis://127.0.0.1:6379/0"
+    assert config.offline_store.url == "sqlite:///featcache.db"
+    assert config.redis.key_prefix == "fc"
+    assert (config.redis.socket_timeout, config.redis.connect_timeout) == (0.5, 2.0)
+    assert (config.redis.max_connections, config.redis.read_chunk) == (64, 1000)
+    offline = config.offline_store
+    assert (offline.chunk_size, offline.connect_timeout, offline.pool_size) == (1000, 5.0, 5)
+    assert config.limits.max_id_length == 512
     (view,) = config.views
     assert (view.entity_type, view.schema, view.updated_at_column) == ("int", None, None)
     assert (view.negative_ttl, view.stale_if_error) == (60.0, 300.0)
@@ -510,8 +605,8 @@ def test_duplicate_yaml_keys_keep_the_last_value(tmp_path: Path) -> None:
 def test_env_redis_url_replaces_the_file_value(tmp_path: Path) -> None:
     file = write(tmp_path, FULL)
     config = load_config(file, env={"FEATCACHE_REDIS_URL": "rediss://app:pw@cache:6390/1"})
-    assert config.redis_url == "rediss://app:pw@cache:6390/1"
-    assert config.redis_socket_timeout == 0.25  # the rest of the section is kept
+    assert config.redis.url == "rediss://app:pw@cache:6390/1"
+    assert config.redis.socket_timeout == 0.25  # the rest of the section is kept
 
 
 def test_env_aliases_create_missing_sections(tmp_path: Path) -> None:
@@ -520,7 +615,7 @@ def test_env_aliases_create_missing_sections(tmp_path: Path) -> None:
         "FEATCACHE_OFFLINE_URL": "postgresql://u@h/db",
         "FEATCACHE_KEY_PREFIX": "canary",
     })
-    assert (config.redis_url, config.offline_url, config.key_prefix) == (
+    assert (config.redis.url, config.offline_store.url, config.redis.key_prefix) == (
         "redis://other:1/2", "postgresql://u@h/db", "canary")
 
 
@@ -528,24 +623,24 @@ def test_env_reads_os_environ_by_default(tmp_path: Path, monkeypatch: pytest.Mon
     monkeypatch.setenv("FEATCACHE_REDIS_URL", "redis://from-env:7000/3")
     monkeypatch.setenv("FEATCACHE__REDIS__SOCKET_TIMEOUT", "250ms")
     config = load_config(write(tmp_path, MINIMAL))
-    assert config.redis_url == "redis://from-env:7000/3"
-    assert config.redis_socket_timeout == 0.25
+    assert config.redis.url == "redis://from-env:7000/3"
+    assert config.redis.socket_timeout == 0.25
 
 
 def test_env_ignores_unrelated_variables(tmp_path: Path) -> None:
     config = load_config(write(tmp_path, MINIMAL), env={
         "FEATCACHE_TEST_REDIS_URL": "redis://ignored", "PATH": "/bin", "FEATCACHEX": "1",
     })
-    assert config.redis_url == "redis://127.0.0.1:6379/0"
+    assert config.redis.url == "redis://127.0.0.1:6379/0"
 
 
 def test_env_socket_timeout_is_parsed_as_duration(tmp_path: Path) -> None:
     config = load_config(
         write(tmp_path, FULL), env={"FEATCACHE__REDIS__SOCKET_TIMEOUT": "1.5s"}
     )
-    assert config.redis_socket_timeout == 1.5
+    assert config.redis.socket_timeout == 1.5
     config = load_config(write(tmp_path, FULL), env={"FEATCACHE__REDIS__SOCKET_TIMEOUT": "250ms"})
-    assert config.redis_socket_timeout == 0.25
+    assert config.redis.socket_timeout == 0.25
 
 
 def test_env_bad_timeout_names_the_key(tmp_path: Path) -> None:
@@ -560,7 +655,7 @@ def test_env_float_fields(tmp_path: Path) -> None:
         "FEATCACHE__L1__ACCESS_SAMPLE_RATE": "0.5",
         "FEATCACHE__STAMPEDE__XFETCH_BETA": "2",
     })
-    assert (config.l1_access_sample_rate, config.xfetch_beta) == (0.5, 2.0)
+    assert (config.l1.access_sample_rate, config.stampede.xfetch_beta) == (0.5, 2.0)
 
 
 def test_env_integer_fields(tmp_path: Path) -> None:
@@ -569,8 +664,8 @@ def test_env_integer_fields(tmp_path: Path) -> None:
         "FEATCACHE__REDIS__MAX_CONNECTIONS": "8",
         "FEATCACHE__LIMITS__MAX_ID_LENGTH": "64",
     })
-    assert (config.sql_chunk_size, config.redis_max_connections, config.max_id_length) == (
-        250, 8, 64)
+    assert (config.offline_store.chunk_size, config.redis.max_connections,
+            config.limits.max_id_length) == (250, 8, 64)
 
 
 @pytest.mark.parametrize("value", ["abc", "1.5", "1e3", ""])
@@ -682,7 +777,7 @@ def test_config_from_dict_does_not_modify_its_argument() -> None:
 
 def test_config_from_dict_applies_os_environ_by_default(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("FEATCACHE_KEY_PREFIX", "from-env")
-    assert config_from_dict(base_doc()).key_prefix == "from-env"
+    assert config_from_dict(base_doc()).redis.key_prefix == "from-env"
 
 
 # ------------------------------------------------------------------ Python constructors
@@ -735,28 +830,32 @@ CONSTRUCTOR_ERRORS = [
                  "declared twice", id="duplicate-view"),
     pytest.param(lambda: CacheConfig(views=("user",)), "views", "expected a FeatureView",
                  id="view-not-a-featureview"),
-    pytest.param(lambda: CacheConfig(views=(a_view(),), key_prefix="my prefix"),
+    pytest.param(lambda: RedisConfig(key_prefix="my prefix"),
                  "redis.key_prefix", "expected 1-64 characters", id="bad-key-prefix"),
-    pytest.param(lambda: CacheConfig(views=(a_view(),), key_prefix="x" * 65),
+    pytest.param(lambda: RedisConfig(key_prefix="x" * 65),
                  "redis.key_prefix", "expected 1-64 characters", id="key-prefix-too-long"),
-    pytest.param(lambda: CacheConfig(views=(a_view(),), redis_socket_timeout=-0.5),
-                 "redis_socket_timeout", "non-negative", id="negative-timeout"),
-    pytest.param(lambda: CacheConfig(views=(a_view(),), sql_connect_timeout=0),
-                 "sql_connect_timeout", "greater than zero", id="zero-timeout"),
-    pytest.param(lambda: CacheConfig(views=(a_view(),), sql_chunk_size=0),
-                 "sql_chunk_size", "from 1 to 30000", id="chunk-size-zero"),
-    pytest.param(lambda: CacheConfig(views=(a_view(),), sql_chunk_size="100"),
-                 "sql_chunk_size", "expected an integer", id="chunk-size-str"),
-    pytest.param(lambda: CacheConfig(views=(a_view(),), max_id_length=True),
-                 "max_id_length", "expected an integer", id="max-id-length-bool"),
-    pytest.param(lambda: CacheConfig(views=(a_view(),), l1_access_sample_rate=0),
+    pytest.param(lambda: RedisConfig(socket_timeout=-0.5),
+                 "redis.socket_timeout", "non-negative", id="negative-timeout"),
+    pytest.param(lambda: OfflineStoreConfig(connect_timeout=0),
+                 "offline_store.connect_timeout", "greater than zero", id="zero-timeout"),
+    pytest.param(lambda: OfflineStoreConfig(chunk_size=0),
+                 "offline_store.chunk_size", "from 1 to 30000", id="chunk-size-zero"),
+    pytest.param(lambda: OfflineStoreConfig(chunk_size="100"),
+                 "offline_store.chunk_size", "expected an integer", id="chunk-size-str"),
+    pytest.param(lambda: LimitsConfig(max_id_length=True),
+                 "limits.max_id_length", "expected an integer", id="max-id-length-bool"),
+    pytest.param(lambda: L1Config(access_sample_rate=0),
                  "l1.access_sample_rate", "greater than 0 and at most 1", id="l1-sample-zero"),
-    pytest.param(lambda: CacheConfig(views=(a_view(),), l1_access_sample_rate=1.5),
+    pytest.param(lambda: L1Config(access_sample_rate=1.5),
                  "l1.access_sample_rate", "greater than 0 and at most 1", id="l1-sample-big"),
-    pytest.param(lambda: CacheConfig(views=(a_view(),), redis_url=""),
-                 "redis_url", "expected a URL", id="empty-redis-url"),
-    pytest.param(lambda: CacheConfig(views=(a_view(),), offline_url=None),
-                 "offline_url", "expected a URL", id="no-offline-url"),
+    pytest.param(lambda: RedisConfig(url=""),
+                 "redis.url", "expected a URL", id="empty-redis-url"),
+    pytest.param(lambda: OfflineStoreConfig(url=None),
+                 "offline_store.url", "expected a URL", id="no-offline-url"),
+    pytest.param(lambda: CacheConfig(views=(a_view(),), redis={"url": "redis://h"}),
+                 "redis", "expected a RedisConfig", id="section-not-a-section"),
+    pytest.param(lambda: CacheConfig(views=(a_view(),), warmer=WarmerConfig(views=("nope",))),
+                 "warmer.views.nope", "unknown view; configured: user", id="warmer-unknown-view"),
 ]
 
 
@@ -780,7 +879,7 @@ def test_feature_type_that_is_not_a_string_is_rejected(bad_type: Any) -> None:
 def test_key_prefix_that_is_not_a_string_is_a_config_error() -> None:
     """A key_prefix that is not a str is a ConfigError at redis.key_prefix, not a TypeError."""
     with pytest.raises(ConfigError) as err:
-        CacheConfig(views=(a_view(),), key_prefix=5)  # type: ignore[arg-type]
+        RedisConfig(key_prefix=5)  # type: ignore[arg-type]
     assert err.value.path == "redis.key_prefix"
 
 
@@ -802,9 +901,10 @@ def test_constructor_accepts_lists_and_durations() -> None:
     view = a_view(features=[Feature("a", FeatureType.INT, 60)], negative_ttl="90s")
     assert isinstance(view.features, tuple)
     assert view.negative_ttl == 90.0
-    config = CacheConfig(views=[view], redis_socket_timeout="250ms", sql_connect_timeout=3)
+    config = CacheConfig(views=[view], redis=RedisConfig(socket_timeout="250ms"),
+                         offline_store=OfflineStoreConfig(connect_timeout=3))
     assert isinstance(config.views, tuple)
-    assert (config.redis_socket_timeout, config.sql_connect_timeout) == (0.25, 3.0)
+    assert (config.redis.socket_timeout, config.offline_store.connect_timeout) == (0.25, 3.0)
 
 
 def test_config_view_lookup() -> None:
@@ -816,12 +916,17 @@ def test_config_view_lookup() -> None:
     assert "known views: user" in str(err.value)
 
 
-def test_with_overrides_revalidates() -> None:
+def test_replace_revalidates() -> None:
     config = CacheConfig(views=(a_view(),))
-    assert config.with_overrides(key_prefix="canary").key_prefix == "canary"
+    canary = config.replace(redis=replace(config.redis, key_prefix="canary"))
+    assert canary.redis.key_prefix == "canary"
+    assert canary.offline_store is config.offline_store  # the other sections are kept
     with pytest.raises(ConfigError) as err:
-        config.with_overrides(sql_chunk_size=0)
-    assert err.value.path == "sql_chunk_size"
+        config.replace(offline_store=replace(config.offline_store, chunk_size=0))
+    assert err.value.path == "offline_store.chunk_size"
+    with pytest.raises(ConfigError) as err:
+        config.replace(views=())
+    assert err.value.path == "views"
 
 
 # ------------------------------------------------------------------------ parse_duration
@@ -862,14 +967,15 @@ SECRET = "s3cr3t-Pa55"
 
 def test_repr_of_config_never_shows_a_password() -> None:
     """repr() and str() of a CacheConfig (logged on startup, shown in tracebacks and by
-    debuggers) show redis_url and offline_url with their passwords masked."""
+    debuggers) show redis.url and offline_store.url with their passwords masked."""
     config = CacheConfig(
-        views=(a_view(),),
-        redis_url=f"redis://app:{SECRET}@cache:6379/0",
-        offline_url=f"postgresql://reader:{SECRET}@db/features",
+        views=(a_view(),), redis=RedisConfig(url=f"redis://app:{SECRET}@cache:6379/0"),
+        offline_store=OfflineStoreConfig(url=f"postgresql://reader:{SECRET}@db/features"),
     )
     assert SECRET not in repr(config)
     assert SECRET not in str(config)
+    for section in (config.redis, config.offline_store):  # each section's own repr too
+        assert SECRET not in repr(section) and "***" in repr(section), repr(section)
 
 
 def test_file_error_never_shows_the_password_of_a_url(tmp_path: Path) -> None:
@@ -891,7 +997,8 @@ def test_file_error_never_shows_the_password_of_a_url(tmp_path: Path) -> None:
 )
 def test_bad_redis_url_error_never_shows_the_password(tmp_path: Path, url: str) -> None:
     config = CacheConfig(
-        views=(a_view(),), redis_url=url, offline_url=f"sqlite:///{tmp_path / 'x.db'}"
+        views=(a_view(),), redis=RedisConfig(url=url),
+        offline_store=OfflineStoreConfig(url=f"sqlite:///{tmp_path / 'x.db'}"),
     )
     with pytest.raises(ConfigError) as err:
         FeatureCache(config)
@@ -912,7 +1019,8 @@ def test_query_string_password_is_masked_too(tmp_path: Path, url: str) -> None:
     and with it every URL error, masks that option as well as the userinfo part."""
     assert SECRET not in safe_redis_url(url)
     config = CacheConfig(
-        views=(a_view(),), redis_url=url, offline_url=f"sqlite:///{tmp_path / 'x.db'}"
+        views=(a_view(),), redis=RedisConfig(url=url),
+        offline_store=OfflineStoreConfig(url=f"sqlite:///{tmp_path / 'x.db'}"),
     )
     with pytest.raises(ConfigError) as err:
         FeatureCache(config)
@@ -923,8 +1031,8 @@ def test_redis_url_that_urlsplit_rejects_is_a_config_error(tmp_path: Path) -> No
     """A URL urlsplit() rejects (an unbalanced IPv6 bracket) is a ConfigError at redis.url,
     without the password, not a bare ValueError("Invalid IPv6 URL")."""
     config = CacheConfig(
-        views=(a_view(),), redis_url=f"redis://app:{SECRET}@[::1/0",
-        offline_url=f"sqlite:///{tmp_path / 'x.db'}",
+        views=(a_view(),), redis=RedisConfig(url=f"redis://app:{SECRET}@[::1/0"),
+        offline_store=OfflineStoreConfig(url=f"sqlite:///{tmp_path / 'x.db'}"),
     )
     with pytest.raises(ConfigError) as err:
         FeatureCache(config)
@@ -942,7 +1050,8 @@ def test_redis_url_that_urlsplit_rejects_is_a_config_error(tmp_path: Path) -> No
 )
 def test_bad_offline_url_error_never_shows_the_password(url: str) -> None:
     config = CacheConfig(
-        views=(a_view(),), redis_url="redis://127.0.0.1:1/0", offline_url=url
+        views=(a_view(),), redis=RedisConfig(url="redis://127.0.0.1:1/0"),
+        offline_store=OfflineStoreConfig(url=url),
     )
     with pytest.raises(ConfigError) as err:
         FeatureCache(config)
@@ -954,8 +1063,8 @@ def test_offline_url_with_bad_port_is_a_config_error() -> None:
     """A non-numeric port in the offline URL is a ConfigError at offline_store.url from
     FeatureCache(), without the password, not a bare ValueError from SQLAlchemy's URL parser."""
     config = CacheConfig(
-        views=(a_view(),), redis_url="redis://127.0.0.1:1/0",
-        offline_url=f"postgresql://reader:{SECRET}@db:badport/features",
+        views=(a_view(),), redis=RedisConfig(url="redis://127.0.0.1:1/0"),
+        offline_store=OfflineStoreConfig(url=f"postgresql://reader:{SECRET}@db:badport/features"),
     )
     with pytest.raises(ConfigError) as err:
         FeatureCache(config)
@@ -1001,11 +1110,12 @@ def test_schema_error_is_a_config_error() -> None:
 
 
 def test_pool_size_reaches_the_sql_engine() -> None:
-    """offline_store.pool_size (sql_pool_size) is passed to create_engine: the pool has the
+    """offline_store.pool_size is passed to create_engine: the pool has the
     configured size, not SQLAlchemy's default of 5."""
     config = CacheConfig(
-        views=(a_view(),), redis_url="redis://127.0.0.1:1/0",
-        offline_url="postgresql+psycopg://reader@127.0.0.1:1/features", sql_pool_size=8,
+        views=(a_view(),), redis=RedisConfig(url="redis://127.0.0.1:1/0"),
+        offline_store=OfflineStoreConfig(
+            url="postgresql+psycopg://reader@127.0.0.1:1/features", pool_size=8),
     )
     with FeatureCache(config) as cache:  # nothing connects until the first read
         assert cache.engine.pool.size() == 8  # type: ignore[attr-defined]

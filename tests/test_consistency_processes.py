@@ -27,7 +27,7 @@ from typing import Any
 import pytest
 import redis
 import sqlalchemy as sa
-from featdata import insert, make_table, make_view
+from featdata import insert, make_table, make_view, with_options
 from procs_consistency import (
     Job,
     Report,
@@ -38,7 +38,7 @@ from procs_consistency import (
     timestamp_for,
 )
 
-from featcache import CacheConfig, Feature, FeatureView
+from featcache import CacheConfig, Feature, FeatureView, OfflineStoreConfig, RedisConfig
 from featcache.codec import KIND_ABSENT, KIND_ROW, KIND_TOMBSTONE, RowCodec
 from featcache.keys import KeyLayout
 
@@ -195,13 +195,15 @@ def declared_l1_bound(config: CacheConfig) -> float:
     """How long after an invalidation returns a read may still see the older value: 0 without
     an in-process cache; with one, its entries' maximum TTL (DESIGN section 4, "the last
     bound"; the invalidation stream normally drops them within milliseconds)."""
-    return 0.0 if config.l1_policy is None else config.l1_max_ttl
+    return 0.0 if config.l1.policy is None else config.l1.max_ttl
 
 
 def _history(target: Any, redis_url: str, key_prefix: str, **options: Any) -> dict[str, Any]:
     engine, table, view = _setup(target)
-    config = CacheConfig(views=(view,), redis_url=redis_url, offline_url=target.url,
-                         key_prefix=key_prefix, sql_connect_timeout=10.0, **options)
+    config = with_options(CacheConfig(
+        views=(view,), redis=RedisConfig(url=redis_url, key_prefix=key_prefix),
+        offline_store=OfflineStoreConfig(url=target.url, connect_timeout=10.0),
+    ), **options)
     return {"engine": engine, "table": table, "view": view, "config": config}
 
 

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from featcache.config import L1Config
 from featcache.errors import ConfigError, FeatcacheError
 from featcache.l1 import POLICIES, EntityId, InOrder, L1Cache
 
@@ -41,7 +42,7 @@ def clock() -> FakeClock:
 
 
 def make(policy: str, clock: FakeClock, max_entries: int = 100) -> L1Cache[object]:
-    return L1Cache(policy, max_entries, MAX_TTL, clock=clock)
+    return L1Cache(L1Config(policy, max_entries, MAX_TTL), clock=clock)
 
 
 def drop_dead(cache: L1Cache[object], views: list[str], ids: range) -> None:
@@ -285,7 +286,7 @@ def test_bookkeeping_stays_consistent_under_random_operations(
     rng = random.Random(1234)
     views = ["user", "item", "shop"]
     ids = range(60)
-    cache: L1Cache[object] = L1Cache(policy, 40, MAX_TTL, clock=clock,
+    cache: L1Cache[object] = L1Cache(L1Config(policy, 40, MAX_TTL), clock=clock,
                                      record_width=record_width)
     checked = 0
     for step in range(1, 4001):
@@ -382,7 +383,8 @@ def frequent_thread_switches() -> Iterator[None]:
 
 @pytest.mark.usefixtures("frequent_thread_switches")
 def test_thread_safety_smoke(policy: str) -> None:
-    cache: L1Cache[object] = L1Cache(policy, 200, 0.05)  # the real clock: entries do expire
+    # the real clock: entries do expire
+    cache: L1Cache[object] = L1Cache(L1Config(policy, 200, 0.05))
     views = ["user", "item"]
     ids = range(1000)
     errors: list[BaseException] = []
@@ -436,12 +438,13 @@ def test_thread_safety_smoke(policy: str) -> None:
 
 
 # -------------------------------------------------------------------- configuration
+# ``L1Config`` validates what ``L1Cache`` runs on; ``L1Cache`` checks only its own arguments.
 
 
 @pytest.mark.parametrize("bad", ["arc", "LRU", "", "w-tinylfu"])
 def test_bad_policy(bad: str) -> None:
     with pytest.raises(ConfigError) as info:
-        L1Cache(bad, 10, 1.0)
+        L1Config(bad, 10, 1.0)
     message = str(info.value)
     assert repr(bad) in message
     for name in POLICIES:
@@ -453,17 +456,30 @@ def test_bad_policy(bad: str) -> None:
 @pytest.mark.parametrize("bad", [0, -1, 1.5, True, "10", None])
 def test_bad_max_entries(policy: str, bad: object) -> None:
     with pytest.raises(ConfigError, match="max_entries"):
-        L1Cache(policy, bad, 1.0)  # type: ignore[arg-type]
+        L1Config(policy, bad, 1.0)
 
 
-@pytest.mark.parametrize("bad", [0, 0.0, -1.0, float("nan"), float("inf"), True, "1", None])
+@pytest.mark.parametrize("bad", [0, 0.0, -1.0, float("nan"), float("inf"), True, "soon", None])
 def test_bad_max_ttl(policy: str, bad: object) -> None:
     with pytest.raises(ConfigError, match="max_ttl"):
-        L1Cache(policy, 10, bad)  # type: ignore[arg-type]
+        L1Config(policy, 10, bad)  # type: ignore[arg-type]
+
+
+def test_max_ttl_takes_the_config_duration_forms() -> None:
+    """As every duration of the config: ``"1"`` is one second, ``"500ms"`` half of one."""
+    assert (L1Config("lru", 10, "1").max_ttl, L1Config("lru", 10, "500ms").max_ttl) == (1.0, 0.5)
+
+
+def test_an_l1_needs_a_policy() -> None:
+    """``L1Config()`` (no policy) means no L1: ``FeatureCache`` builds none, and an ``L1Cache``
+    asked to run on it refuses at ``l1.policy``."""
+    with pytest.raises(ConfigError) as info:
+        L1Cache(L1Config())
+    assert info.value.path == "l1.policy"
 
 
 def test_integer_max_ttl_is_accepted(policy: str, clock: FakeClock) -> None:
-    cache: L1Cache[str] = L1Cache(policy, 10, 5, clock=clock)
+    cache: L1Cache[str] = L1Cache(L1Config(policy, 10, 5), clock=clock)
     assert cache.max_ttl == 5.0
     cache.put_many("v", {1: "x"})
     clock.now += 5
@@ -502,8 +518,8 @@ def test_soft_deadline_then_recheck_then_max_ttl(policy: str, clock: FakeClock) 
 def test_records_are_answered_as_their_entries(policy: str, clock: FakeClock) -> None:
     """With ``record_width``, a hit answers L1's own entry: the record's fields first, on the
     every-id-held path, the per-id path (an id missing) and the recheck path alike."""
-    cache: L1Cache[tuple[str, int, None]] = L1Cache(policy, 100, MAX_TTL, clock=clock,
-                                                    record_width=3)
+    cache: L1Cache[tuple[str, int, None]] = L1Cache(L1Config(policy, 100, MAX_TTL),
+                                                    clock=clock, record_width=3)
     cache.put_many("user", {1: ("a", 1, None), 2: ("b", 2, None)},
                    fresh_for={1: 100.0, 2: 1.0}, stamps={2: 7})
     every = cache.get_many("user", [2, 1])
@@ -528,7 +544,8 @@ def test_records_are_answered_as_their_entries(policy: str, clock: FakeClock) ->
 def test_a_record_of_the_wrong_shape_is_refused_whole(
     policy: str, clock: FakeClock, bad: object
 ) -> None:
-    cache: L1Cache[object] = L1Cache(policy, 100, MAX_TTL, clock=clock, record_width=3)
+    cache: L1Cache[object] = L1Cache(L1Config(policy, 100, MAX_TTL), clock=clock,
+                                     record_width=3)
     with pytest.raises(TypeError, match="tuple of 3 items"):
         cache.put_many("user", {1: ("a", 1, None), 2: bad})
     assert len(cache) == 0  # checked before anything is stored
@@ -537,21 +554,21 @@ def test_a_record_of_the_wrong_shape_is_refused_whole(
 @pytest.mark.parametrize("bad", [0, -1, 1.5, True, "3"])
 def test_bad_record_width(bad: object) -> None:
     with pytest.raises(ConfigError, match="record_width"):
-        L1Cache("tinylfu", 10, 1.0, record_width=bad)  # type: ignore[arg-type]
+        L1Cache(L1Config("tinylfu", 10, 1.0), record_width=bad)  # type: ignore[arg-type]
 
 
 def test_access_sample_rate_is_validated() -> None:
     for bad in (0, 0.0, -0.5, 1.5, True, "0.5", float("nan")):
         with pytest.raises(ConfigError, match="access_sample_rate"):
-            L1Cache("tinylfu", 10, 1.0, access_sample_rate=bad)  # type: ignore[arg-type]
-    assert L1Cache("tinylfu", 10, 1.0, access_sample_rate=0.125).access_sample_rate == 0.125
+            L1Config("tinylfu", 10, 1.0, access_sample_rate=bad)
+    assert L1Cache(L1Config("tinylfu", 10, 1.0, 0.125)).access_sample_rate == 0.125
 
 
 @pytest.mark.parametrize("rate", [1.0, 0.125])
 def test_sampled_tinylfu_keeps_a_hot_set_against_a_scan(rate: float) -> None:
     """With hits sampled (1 in 8), the frequency sketch still tells a hot set from one-hit
     ids: a scan of new ids does not flush a read-often working set out of a full cache."""
-    cache: L1Cache[int] = L1Cache("tinylfu", 1000, 1e9, access_sample_rate=rate)
+    cache: L1Cache[int] = L1Cache(L1Config("tinylfu", 1000, 1e9, access_sample_rate=rate))
     hot = list(range(500))
     for _ in range(200):  # 1/8 of 200 reads: the sketch's 4-bit counters are full either way
         got = cache.get_many("v", hot)
@@ -598,7 +615,7 @@ def test_no_read_serves_a_value_an_invalidation_dropped(
     rng = random.Random(99)
     views = ["user", "item"]
     ids = range(30)
-    cache: L1Cache[object] = L1Cache(policy, 25, MAX_TTL, clock=clock)
+    cache: L1Cache[object] = L1Cache(L1Config(policy, 25, MAX_TTL), clock=clock)
     servable: dict[tuple[str, int], int] = {}
     stamp = 0
     served = 0

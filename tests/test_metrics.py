@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from featcache.jobs.warmer import Warmer, WarmerCollector, parse_settings
+from featcache.jobs.warmer import Warmer, WarmerCollector
 from featdata import STATS_FEATURES, T0, insert, make_cache, make_table, make_view, stats_row
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import CollectorRegistry
@@ -27,7 +27,14 @@ from warmerenv import (
     write_config,
 )
 
-from featcache import ConfigError, FeatureCache, load_config
+from featcache import (
+    ChangeQuery,
+    ConfigError,
+    FeatureCache,
+    FollowChangesConfig,
+    WarmerConfig,
+    load_config,
+)
 from featcache.metrics import CacheCollector, new_registry, serve_metrics
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
@@ -108,11 +115,10 @@ def test_warmer_health_metrics_after_real_cycles(
 ) -> None:
     with cv_env(sqlite_target, redis_url, key_prefix, tmp_path) as env:
         cache: FeatureCache = env["cache"]
-        settings = parse_settings(cache.config.with_overrides(warmer={
-            "follow_changes": {"rewrite": "all", "start": "all", "views": {"plain": {
-                "change_query":
+        settings = cache.config.replace(warmer=WarmerConfig(follow_changes=FollowChangesConfig(
+            rewrite="all", start="all", change_queries={"plain": ChangeQuery(
                 "SELECT entity_id, event_ts AS updated_at FROM no_such_table "
-                "WHERE event_ts >= :watermark"}}}}))
+                "WHERE event_ts >= :watermark")}))).warmer
         warmer = Warmer(cache, settings)
         try:
             warmer.follow("cv")  # five rows written
@@ -156,10 +162,9 @@ def test_warmer_health_metrics_after_real_cycles(
 def test_bad_metrics_settings_fail_at_start_with_the_path(
     tmp_path: Path, redis_url: str, key_prefix: str, warmer: str, message: str
 ) -> None:
-    config = load_config(write_config(tmp_path / "c.yaml", redis_url, key_prefix, "sqlite://",
-                                      warmer))
+    path = write_config(tmp_path / "c.yaml", redis_url, key_prefix, "sqlite://", warmer)
     with pytest.raises(ConfigError, match=message) as caught:
-        parse_settings(config)
+        load_config(path)
     assert caught.value.path.startswith("warmer.metrics_")
 
 

@@ -16,7 +16,7 @@ from clienv import closed_port, featcache, write_config
 from featdata import STATS_FEATURES, insert, make_table, make_view, stats_row
 from servers import SqlTarget
 
-from featcache import CacheConfig, FeatureCache, Status
+from featcache import CacheConfig, FeatureCache, OfflineStoreConfig, RedisConfig, Status
 from featcache.errors import ConfigError
 
 EX_TEMPFAIL, EX_CONFIG = 75, 78
@@ -78,8 +78,9 @@ def test_a_mysql_url_without_a_driver_reaches_the_server_through_pymysql(
 def test_a_driver_that_is_not_installed_names_the_url_that_works(
     url: str, hint: str, redis_url: str, key_prefix: str, tmp_path: Path
 ) -> None:
-    config = CacheConfig(views=(make_view("cv", "cv", None),), redis_url=redis_url,
-                         offline_url=url, key_prefix=key_prefix)
+    config = CacheConfig(views=(make_view("cv", "cv", None),),
+                         redis=RedisConfig(url=redis_url, key_prefix=key_prefix),
+                         offline_store=OfflineStoreConfig(url=url))
     with pytest.raises(ConfigError) as caught:
         FeatureCache(config)
     assert caught.value.path == "offline_store.url"

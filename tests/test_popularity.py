@@ -10,6 +10,7 @@ import pytest
 import redis
 from featdata import STATS_FEATURES, Clock, insert, make_cache, make_table, make_view, stats_row
 
+from featcache import PopularityConfig
 from featcache.keys import KeyLayout
 from featcache.popularity import PopularityCounter, bucket_weights
 from featcache.redis_store import RedisStore
@@ -27,9 +28,10 @@ def _counter(redis_url: str, prefix: str, clock: Clock, rate: float = 1.0,
              rng: Any = None) -> PopularityCounter:
     store = RedisStore(redis.Redis.from_url(redis_url))
     return PopularityCounter(
-        store, KeyLayout(prefix), sample_rate=rate, bucket_seconds=60, buckets=10,
-        half_life=60.0, flush_interval=0.05, clock=clock,
-        rng=rng or (lambda: 0.0),
+        store, KeyLayout(prefix),
+        PopularityConfig(sample_rate=rate, bucket=60, buckets=10, half_life=60.0,
+                         flush_interval=0.05),
+        clock=clock, rng=rng or (lambda: 0.0),
     )
 
 

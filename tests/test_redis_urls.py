@@ -20,7 +20,15 @@ from featdata import STATS_FEATURES, insert, make_cache, make_table, make_view, 
 from servers import unavailable
 
 import featcache
-from featcache import CacheConfig, CacheConfigError, ConfigError, FeatureCache, Status
+from featcache import (
+    CacheConfig,
+    CacheConfigError,
+    ConfigError,
+    FeatureCache,
+    OfflineStoreConfig,
+    RedisConfig,
+    Status,
+)
 from featcache.embedded import EmbeddedServer
 from featcache.errors import EmbeddedServerError
 
@@ -188,8 +196,9 @@ def _wait_until_busy(server: EmbeddedServer) -> None:
 
 
 def _config(redis_url: str, sql_url: str) -> CacheConfig:
-    return CacheConfig(views=(make_view("conn", "conn", None),), redis_url=redis_url,
-                       offline_url=sql_url, key_prefix="fct-conn")
+    return CacheConfig(views=(make_view("conn", "conn", None),),
+                       redis=RedisConfig(url=redis_url, key_prefix="fct-conn"),
+                       offline_store=OfflineStoreConfig(url=sql_url))
 
 
 def test_bad_scheme_is_a_config_error(table_url: str) -> None:

@@ -36,7 +36,15 @@ from featdata import T0, SqlCounter, insert, make_cache, make_table, make_view
 from procs_load import StampedeJob, run_stampede_worker
 from wire import hooked_client, is_command
 
-from featcache import CacheConfig, Feature, FeatureView, Status
+from featcache import (
+    CacheConfig,
+    Feature,
+    FeatureView,
+    OfflineStoreConfig,
+    RedisConfig,
+    StampedeConfig,
+    Status,
+)
 from featcache.codec import RowCodec
 from featcache.keys import KeyLayout
 
@@ -84,10 +92,11 @@ def test_4_processes_of_64_threads_one_cold_row_one_sql_read(
 ) -> None:
     _, view = _history_table(sql_target, HISTORY_ROWS)
     config = CacheConfig(
-        views=(view,), redis_url=redis_url, offline_url=sql_target.url, key_prefix=key_prefix,
+        views=(view,), redis=RedisConfig(url=redis_url, key_prefix=key_prefix),
+        offline_store=OfflineStoreConfig(url=sql_target.url),
         # a waiter must outlast the fill (a few tenths of a second, on a loaded 2-CPU box
         # maybe seconds), and the lease must outlast the waiters, or a late waiter reads SQL
-        lease_wait=30.0, lease_ttl=30.0,
+        stampede=StampedeConfig(lease_wait=30.0, lease_ttl=30.0),
     )
     ctx = mp.get_context("spawn")
     start = ctx.Barrier(N_PROCS)
@@ -337,7 +346,7 @@ def test_xfetch_hot_row_is_refreshed_early_without_hard_misses(
     now = [base]
     with make_cache([view], redis_url, sqlite_target.url, key_prefix,
                     clock=lambda: now[0]) as fc:
-        assert fc.config.xfetch_beta == 1.0  # the default is what is under test
+        assert fc.config.stampede.xfetch_beta == 1.0  # the default is what is under test
         counter = SqlCounter(fc.engine)
         first = fc.get_features([COLD], ["clicks"])
         assert first.status(COLD, "clicks") is Status.FILLED

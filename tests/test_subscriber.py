@@ -22,6 +22,7 @@ import pytest
 import redis
 from featdata import make_view
 
+from featcache import InvalidationConfig, LimitsConfig
 from featcache.embedded import EmbeddedServer
 from featcache.errors import CacheUnavailable, ConfigError
 from featcache.invalidation import Invalidator
@@ -133,8 +134,9 @@ def stream_key(key_prefix: str) -> str:
 def test_ids_and_whole_views_reach_the_callbacks_in_order(
     redis_client: redis.Redis, redis_url: str, key_prefix: str, stream_key: str
 ) -> None:
-    invalidator = Invalidator(RedisStore(redis_client), KeyLayout(key_prefix), 60_000, 10_000,
-                              chunk=3)
+    invalidator = Invalidator(RedisStore(redis_client), KeyLayout(key_prefix),
+                              InvalidationConfig(fence_ttl=60, stream_maxlen=10_000),
+                              LimitsConfig(), chunk=3)
     users = make_view("users", "users", None)
     items = make_view("items", "items", None, entity_type="str")
     rec = Recorder()

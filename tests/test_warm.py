@@ -359,8 +359,8 @@ def test_materialize_since_reads_the_latest_row_of_changed_entities(
 
 def test_materialize_since_needs_updated_at(env: dict[str, Any]) -> None:
     view = dataclasses.replace(env["view"], updated_at_column=None)
-    with make_cache([view], env["cache"].config.redis_url, env["url"],
-                    env["cache"].config.key_prefix) as cache, \
+    with make_cache([view], env["cache"].config.redis.url, env["url"],
+                    env["cache"].config.redis.key_prefix) as cache, \
             pytest.raises(InvalidRequest, match="no updated_at column"):
         materialize(cache, "wv", since=T0)
 

@@ -17,7 +17,6 @@ import redis
 import sqlalchemy as sa
 from featcache.jobs.changes import follow_changes, load_watermark
 from featcache.jobs.warm import materialize, run_materialize
-from featcache.jobs.warmer import parse_settings
 from featdata import STATS_FEATURES, T0, insert, make_cache, make_table, make_view, stats_row
 from servers import SqlTarget
 from warmerenv import HOUR, cv_env
@@ -216,15 +215,14 @@ def test_an_env_override_of_an_integer_warmer_key_is_read_as_an_integer() -> Non
     doc = dict(_BASE, warmer={"k": 10})
     config = config_from_dict(doc, env={"FEATCACHE__WARMER__K": "500",
                                         "FEATCACHE__WARMER__CHUNK_ROWS": "2000"})
-    settings = parse_settings(config)
-    assert (settings.k, settings.chunk_rows) == (500, 2000)
+    assert (config.warmer.k, config.warmer.chunk_rows) == (500, 2000)
 
 
 def test_an_env_override_creates_the_warmer_section() -> None:
     """docs/configuration.md: every top-level section but views is created when the file
     does not have it."""
     config = config_from_dict(dict(_BASE), env={"FEATCACHE__WARMER__HORIZON": "5m"})
-    assert parse_settings(config).horizon_s == 300.0
+    assert config.warmer.horizon == 300.0
 
 
 # ----------------------------------------------------------------------------- CLI

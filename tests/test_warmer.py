@@ -19,7 +19,7 @@ from apscheduler.triggers.cron import CronTrigger
 from apscheduler.triggers.interval import IntervalTrigger
 from featcache.jobs.changes import follow_changes, load_watermark
 from featcache.jobs.leader import ViewLeader
-from featcache.jobs.warmer import build_scheduler, health, parse_settings
+from featcache.jobs.warmer import build_scheduler, health
 from featdata import STATS_FEATURES, T0, insert, make_cache, make_table, make_view, stats_row
 from servers import SqlTarget
 from warmerenv import (
@@ -34,7 +34,15 @@ from warmerenv import (
     write_config,
 )
 
-from featcache import ConfigError, FeatureCache, Status, load_config
+from featcache import (
+    ConfigError,
+    FeatureCache,
+    FollowChangesConfig,
+    ScheduleConfig,
+    Status,
+    WarmerConfig,
+    load_config,
+)
 from featcache.keys import KeyLayout
 
 
@@ -76,9 +84,8 @@ def test_bad_settings_fail_at_start_with_the_path(
     tmp_path: Path, redis_url: str, key_prefix: str, warmer: str, path: str, message: str
 ) -> None:
     config_path = write_config(tmp_path / "c.yaml", redis_url, key_prefix, "sqlite://", warmer)
-    config = load_config(config_path)
     with pytest.raises(ConfigError, match=message) as caught:
-        parse_settings(config)
+        load_config(config_path)
     assert caught.value.path == path
     assert str(caught.value).startswith(f"{config_path}: {path}: ")
     # the command fails the same way, before touching any server
@@ -91,19 +98,20 @@ def test_bad_settings_fail_at_start_with_the_path(
 
 def test_settings_defaults_and_values(tmp_path: Path, redis_url: str, key_prefix: str) -> None:
     config = load_config(write_config(tmp_path / "c.yaml", redis_url, key_prefix, "sqlite://"))
-    s = parse_settings(config)
-    assert (s.views, s.interval_s, s.cron, s.k, s.horizon_s, s.follow) == (
-        ("cv", "plain"), 60.0, None, 1000, 60.0, None)
+    s = config.warmer
+    assert (s.views_among(v.name for v in config.views), s.schedule.interval, s.schedule.cron,
+            s.k, s.horizon, s.follow_changes) == (("cv", "plain"), 60.0, None, 1000, 60.0, None)
     config = load_config(write_config(
         tmp_path / "d.yaml", redis_url, key_prefix, "sqlite://",
         "warmer:\n  schedule: {cron: '*/5 * * * *'}\n  jitter: 5s\n  misfire_grace: 30s\n"
         "  k: 10000\n  horizon: 5m\n  lease_ttl: 30s\n  views: [cv]\n"
         "  follow_changes: {interval: 30s, rewrite: all}\n",
     ))
-    s = parse_settings(config)
-    assert (s.views, s.interval_s, s.cron, s.jitter_s, s.misfire_grace_s, s.k, s.horizon_s,
-            s.lease_ttl_s) == (("cv",), None, "*/5 * * * *", 5.0, 30.0, 10000, 300.0, 30.0)
-    assert s.follow is not None and (s.follow.interval_s, s.follow.rewrite) == (30.0, "all")
+    s = config.warmer
+    assert (s.views, s.schedule.interval, s.schedule.cron, s.jitter, s.misfire_grace, s.k,
+            s.horizon, s.lease_ttl) == (("cv",), None, "*/5 * * * *", 5.0, 30.0, 10000, 300.0, 30.0)
+    assert s.follow_changes is not None and (
+        s.follow_changes.interval, s.follow_changes.rewrite) == (30.0, "all")
 
 
 # ----------------------------------------------------------------------------- follow_changes
@@ -219,7 +227,7 @@ def test_build_scheduler_creates_the_jobs(tmp_path: Path, env: dict[str, Any],
         "warmer:\n  schedule: {interval: 60s}\n  jitter: 5s\n  misfire_grace: 30s\n"
         "  follow_changes: {interval: 30s}\n",
     ))
-    settings = parse_settings(config)
+    settings = config.warmer
     scheduler = build_scheduler(env["cache"], settings, BackgroundScheduler)
     jobs = {job.id: job for job in scheduler.get_jobs()}
     # plain has no updated_at; the heartbeat keeps the warmer's health entries alive
@@ -233,7 +241,7 @@ def test_build_scheduler_creates_the_jobs(tmp_path: Path, env: dict[str, Any],
     assert jobs["warm:cv"].trigger.interval == dt.timedelta(seconds=60)
     assert jobs["changes:cv"].trigger.interval == dt.timedelta(seconds=30)
 
-    cron = parse_settings(config.with_overrides(warmer={"schedule": {"cron": "*/5 * * * *"}}))
+    cron = config.replace(warmer=WarmerConfig(schedule=ScheduleConfig(cron="*/5 * * * *"))).warmer
     jobs = {job.id: job for job in build_scheduler(env["cache"], cron,
                                                    BackgroundScheduler).get_jobs()}
     assert set(jobs) == {"warm:cv", "warm:plain", "heartbeat"}
@@ -244,11 +252,11 @@ def test_a_started_scheduler_runs_cycles_and_records_health(
     env: dict[str, Any], redis_client: redis.Redis, key_prefix: str
 ) -> None:
     cache: FeatureCache = env["cache"]
-    config = cache.config.with_overrides(warmer={
-        "schedule": {"interval": "200ms"}, "views": ["cv"],
-        "follow_changes": {"interval": "200ms", "rewrite": "all", "start": "all"},
-    })
-    scheduler = build_scheduler(cache, parse_settings(config), BackgroundScheduler)
+    config = cache.config.replace(warmer=WarmerConfig(
+        schedule=ScheduleConfig(interval="200ms"), views=("cv",),
+        follow_changes=FollowChangesConfig(interval="200ms", rewrite="all", start="all"),
+    ))
+    scheduler = build_scheduler(cache, config.warmer, BackgroundScheduler)
     scheduler.start()
     try:
         assert wait_for(lambda: "cv/changes" in scheduler.featcache_warmer.health
@@ -310,10 +318,10 @@ def test_a_cycle_that_lost_its_lease_part_way_is_no_success_in_health(
     env: dict[str, Any], key_prefix: str
 ) -> None:
     cache: FeatureCache = env["cache"]
-    config = cache.config.with_overrides(warmer={
-        "views": ["cv"], "chunk_rows": 1,
-        "follow_changes": {"interval": "1s", "start": "all"}})
-    warmer = build_scheduler(cache, parse_settings(config), BackgroundScheduler).featcache_warmer
+    config = cache.config.replace(warmer=WarmerConfig(
+        views=("cv",), chunk_rows=1,
+        follow_changes=FollowChangesConfig(interval="1s", start="all")))
+    warmer = build_scheduler(cache, config.warmer, BackgroundScheduler).featcache_warmer
     store = warmer.leaders["cv"]._store
     warmer.leaders["cv"] = _TakenOverAfterFirstChunk(store, KeyLayout(key_prefix), "cv", 30.0)
     warmer.follow("cv")

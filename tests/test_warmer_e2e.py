@@ -22,7 +22,7 @@ import pytest
 import redis
 import sqlalchemy as sa
 from featcache.jobs.changes import Watermark, load_watermark
-from featdata import STATS_FEATURES, T0, insert, make_table, stats_row
+from featdata import STATS_FEATURES, T0, insert, make_table, stats_row, with_options
 
 from featcache import FeatureCache, Status, load_config
 from featcache.codec import KIND_ROW, KIND_TOMBSTONE, RowCodec
@@ -282,7 +282,7 @@ def test_a_sigkilled_run_leaves_no_partial_rows_and_the_next_run_catches_up(
           f"({time.monotonic() - started:.2f} s)")
 
     # the read path agrees: whole rows from Redis, with SQL's latest values
-    with FeatureCache(config.with_overrides(popularity_sample_rate=0.0)) as cache:
+    with FeatureCache(with_options(config, popularity_sample_rate=0.0)) as cache:
         sample = [1, 10, 777, ENTITIES]
         result = cache.get_features(sample, list(NAMES))
         for eid in sample:
@@ -291,7 +291,7 @@ def test_a_sigkilled_run_leaves_no_partial_rows_and_the_next_run_catches_up(
 
 
 def _watermark(path: Path) -> Watermark | None:
-    config = load_config(path).with_overrides(popularity_sample_rate=0.0)
+    config = with_options(load_config(path), popularity_sample_rate=0.0)
     with FeatureCache(config) as cache:
         return load_watermark(cache, VIEW)
 
@@ -336,8 +336,8 @@ def test_an_upstream_update_reaches_get_features_and_drops_l1(
                          or proc.poll() is not None, START_TIMEOUT_S), "no poll ran"
         assert proc.poll() is None, _stop(proc, log)
 
-        config = load_config(path).with_overrides(l1_policy="tinylfu", l1_max_ttl=60.0,
-                                                  popularity_sample_rate=0.0)
+        config = with_options(load_config(path), l1_policy="tinylfu", l1_max_ttl=60.0,
+                              popularity_sample_rate=0.0)
         with FeatureCache(config) as cache:
             ids = [1, 2, 3, 4, 5]
             first = cache.get_features(ids, ["clicks"])
@@ -374,7 +374,7 @@ def test_an_upstream_update_reaches_get_features_and_drops_l1(
             # ...and the new one arrived long before l1_max_ttl could have expired the entry:
             # the warmer's invalidation (a tombstone, and the stream entry that dropped the L1
             # entry) came first, then its rewrite: a read in between reads SQL itself
-            assert delay < config.l1_max_ttl
+            assert delay < config.l1.max_ttl
             assert seen[-1][1] in (Status.HIT_REDIS, Status.FILLED)
             assert cache.subscriber_stats()["ids_applied"] > applied_before
 

@@ -15,11 +15,11 @@ from typing import Any
 import pytest
 import redis
 import sqlalchemy as sa
-from featcache.jobs.warmer import Warmer, WarmerCollector, health, parse_settings
+from featcache.jobs.warmer import Warmer, WarmerCollector, health
 from servers import SqlTarget
 from warmerenv import CLI, FAST_WARMER, cv_env, stop_warmer, wait_for, warmer_process, write_config
 
-from featcache import FeatureCache
+from featcache import FeatureCache, FollowChangesConfig, WarmerConfig
 from featcache.config import CacheConfig
 
 
@@ -27,13 +27,13 @@ from featcache.config import CacheConfig
 def env(sqlite_target: SqlTarget, redis_url: str, key_prefix: str,
         tmp_path: Path) -> Iterator[dict[str, Any]]:
     with cv_env(sqlite_target, redis_url, key_prefix, tmp_path) as built:
-        built["config"] = built["cache"].config.with_overrides(warmer={
-            "views": ["cv"], "follow_changes": {"rewrite": "all", "start": "all"}})
+        built["config"] = built["cache"].config.replace(warmer=WarmerConfig(
+            views=("cv",), follow_changes=FollowChangesConfig(rewrite="all", start="all")))
         yield built
 
 
 def _warmer(env: dict[str, Any], **options: Any) -> Warmer:
-    return Warmer(env["cache"], parse_settings(env["config"]), **options)
+    return Warmer(env["cache"], env["config"].warmer, **options)
 
 
 def _when(iso_and_more: str) -> dt.datetime:

@@ -24,7 +24,7 @@ import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -35,7 +35,7 @@ from rich.live import Live
 from rich.table import Table
 
 from featcache.client import FeatureCache
-from featcache.config import CacheConfig, load_config
+from featcache.config import CacheConfig, RedisConfig, load_config
 from featcache.demo import DemoOptions
 from featcache.demo.data import SampleReport, ensure_sample
 from featcache.embedded import EmbeddedServer
@@ -319,9 +319,9 @@ def _check_urls(options: DemoOptions) -> None:
     """Reject a malformed URL before starting anything, naming the flag it came from."""
     if options.redis_url is not None:
         try:
-            client = connect(
-                options.redis_url, socket_timeout=1, connect_timeout=1, max_connections=1
-            )
+            client = connect(RedisConfig(
+                url=options.redis_url, socket_timeout=1, connect_timeout=1, max_connections=1
+            ))
             client.close()
         except ConfigError as exc:
             raise ConfigError(exc.message, "--redis-url") from None
@@ -350,8 +350,9 @@ def run_demo(options: DemoOptions, out: TextIO | None = None) -> int:
         if offline_url is None:
             tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="featcache-demo-"))
             offline_url = f"sqlite:///{Path(tmp) / 'offline.db'}"
-        cache = FeatureCache(config.with_overrides(
-            redis_url=redis_url, offline_url=offline_url, key_prefix=prefix,
+        cache = FeatureCache(config.replace(
+            redis=replace(config.redis, url=redis_url, key_prefix=prefix),
+            offline_store=replace(config.offline_store, url=offline_url),
         ))
         stack.callback(cache.close)
         version = _server_version(cache.redis, redis_url)

@@ -1,0 +1,311 @@
+"""The sections of the configuration: one small frozen dataclass per section of the file.
+
+Each part of the cache is given the section it runs on (``connect`` a ``RedisConfig``,
+``L1Cache`` an ``L1Config``...), so a part never sees settings that are not its own, and each
+section is validated once, when it is built, with errors at the key's path in the file
+(``redis.socket_timeout``), whether it was read from a file or built in Python.
+
+A field says what it holds through the helpers below (``duration_field``, ``integer_field``,
+``number_field``): ``Section`` checks durations and integer ranges from that, and the file
+loader (``featcache.config``) reads an environment override's text by it, so a field is
+declared in one place. Checks that belong to one field alone (a choice, a URL) are in its
+section's ``__post_init__``.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import Field, dataclass, field, fields
+from typing import Any, ClassVar, Final
+
+from featcache.errors import ConfigError
+from featcache.urls import mask_url
+
+__all__ = [
+    "DEFAULT_L1_ACCESS_SAMPLE_RATE",
+    "KIND",
+    "L1_POLICIES",
+    "SECTIONS",
+    "DegradationConfig",
+    "InvalidationConfig",
+    "L1Config",
+    "LimitsConfig",
+    "OfflineStoreConfig",
+    "PopularityConfig",
+    "RedisConfig",
+    "Section",
+    "StampedeConfig",
+    "duration_field",
+    "integer_field",
+    "number_field",
+    "parse_duration",
+]
+
+#: Share of L1 hits a ``tinylfu`` L1 records in its frequency sketch (``featcache.l1``);
+#: docs/l1-policies.md measures the hit rate it costs.
+DEFAULT_L1_ACCESS_SAMPLE_RATE = 0.125
+L1_POLICIES: Final = ("lru", "lfu", "ttl", "tinylfu")
+
+_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
+_PREFIX_RE = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
+
+#: the metadata key of a field's kind: "duration", "duration>=0", "integer" or "number"
+KIND = "featcache.kind"
+
+
+def parse_duration(value: object, path: str = "") -> float:
+    """Seconds from ``30``, ``2.5``, ``"500ms"``, ``"10m"``, ``"1h"`` or ``"7d"``."""
+    if isinstance(value, bool):
+        raise ConfigError(f"expected a duration like 30, '500ms', '10m', got {value!r}", path)
+    if isinstance(value, int | float):
+        seconds = float(value)
+    elif isinstance(value, str) and (m := _DURATION_RE.match(value)):
+        seconds = float(m.group(1)) * _UNITS[m.group(2)]
+    else:
+        raise ConfigError(
+            f"expected a duration like 30, '500ms', '10m', '1h', '7d', got {value!r}", path
+        )
+    if not math.isfinite(seconds) or seconds < 0:
+        raise ConfigError(f"expected a non-negative duration, got {value!r}", path)
+    return seconds
+
+
+def duration_field(default: float, *, zero: bool = False) -> Any:
+    """Seconds, in any form ``parse_duration`` reads; greater than zero unless ``zero``."""
+    return field(default=default, metadata={KIND: "duration>=0" if zero else "duration"})
+
+
+def integer_field(default: int, low: int, high: int) -> Any:
+    """An integer from ``low`` to ``high`` (not a bool, not ``1.5``)."""
+    return field(default=default, metadata={KIND: "integer", "range": (low, high)})
+
+
+def number_field(default: float) -> Any:
+    """A plain number: an override's text is read with ``float()``, not as a duration."""
+    return field(default=default, metadata={KIND: "number"})
+
+
+def _is_number(value: object) -> bool:
+    return not isinstance(value, bool) and isinstance(value, int | float)
+
+
+class Section:
+    """What every section shares: its name in the file, and the checks its fields declare."""
+
+    __slots__ = ()
+    __dataclass_fields__: ClassVar[dict[str, Field[Any]]]
+    #: the section's key in the file; error paths start with it
+    NAME: ClassVar[str]
+
+    def _check_fields(self) -> None:
+        """Durations become float seconds; integers are checked against their range."""
+        for f in fields(self):
+            kind = f.metadata.get(KIND)
+            path = f"{self.NAME}.{f.name}"
+            value = getattr(self, f.name)
+            if kind in ("duration", "duration>=0"):
+                seconds = parse_duration(value, path)
+                if kind == "duration" and seconds <= 0:
+                    raise ConfigError("must be greater than zero", path)
+                object.__setattr__(self, f.name, seconds)
+            elif kind == "integer":
+                low, high = f.metadata["range"]
+                if isinstance(value, bool) or not isinstance(value, int) or not (
+                        low <= value <= high):
+                    raise ConfigError(
+                        f"expected an integer from {low} to {high}, got {value!r}", path)
+
+    def _repr_masked(self) -> str:
+        """The dataclass repr, with the URL's password masked (``featcache.urls.mask_url``)."""
+        shown = []
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name == "url" and isinstance(value, str):
+                value = mask_url(value)
+            shown.append(f"{f.name}={value!r}")
+        return f"{type(self).__name__}({', '.join(shown)})"
+
+
+def _check_url(url: object, path: str) -> None:
+    if not isinstance(url, str) or not url:
+        raise ConfigError("expected a URL", path)
+
+
+@dataclass(frozen=True, slots=True, repr=False)
+class RedisConfig(Section):
+    """``redis``: where the cache is and how the client talks to it (``redis_store.connect``).
+
+    ``key_prefix`` starts every key featcache writes; ``read_chunk`` is the most keys one
+    ``MGET`` carries (a larger batch is several in one round trip)."""
+
+    NAME: ClassVar[str] = "redis"
+
+    url: str = "redis://127.0.0.1:6379/0"
+    key_prefix: str = "fc"
+    socket_timeout: float = duration_field(0.5)
+    connect_timeout: float = duration_field(2.0)
+    max_connections: int = integer_field(64, 1, 10_000)
+    read_chunk: int = integer_field(1000, 1, 100_000)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.key_prefix, str) or not _PREFIX_RE.match(self.key_prefix):
+            raise ConfigError(
+                f"expected 1-64 characters among letters, digits, '_', '-', '.'; "
+                f"got {self.key_prefix!r}",
+                "redis.key_prefix",
+            )
+        self._check_fields()
+        _check_url(self.url, "redis.url")
+
+    def __repr__(self) -> str:  # the URL may carry a password
+        return self._repr_masked()
+
+
+@dataclass(frozen=True, slots=True, repr=False)
+class OfflineStoreConfig(Section):
+    """``offline_store``: the SQL database the features are read from (``OfflineStore``).
+
+    ``chunk_size`` is the most ids one SQL query carries."""
+
+    NAME: ClassVar[str] = "offline_store"
+
+    url: str = "sqlite:///featcache.db"
+    chunk_size: int = integer_field(1000, 1, 30_000)
+    connect_timeout: float = duration_field(5.0)
+    pool_size: int = integer_field(5, 1, 1_000)
+
+    def __post_init__(self) -> None:
+        self._check_fields()
+        _check_url(self.url, "offline_store.url")
+
+    def __repr__(self) -> str:  # the URL may carry a password
+        return self._repr_masked()
+
+
+@dataclass(frozen=True, slots=True)
+class LimitsConfig(Section):
+    """``limits``: what a request may hold; ``max_id_length`` bounds a string id's UTF-8 bytes
+    (and so a key's length)."""
+
+    NAME: ClassVar[str] = "limits"
+
+    max_id_length: int = integer_field(512, 1, 1_000_000)
+
+    def __post_init__(self) -> None:
+        self._check_fields()
+
+
+@dataclass(frozen=True, slots=True)
+class InvalidationConfig(Section):
+    """``invalidation``: the tombstones an invalidation leaves (``fence_ttl``) and the length
+    the stream every L1 tails is trimmed to (``stream_maxlen``)."""
+
+    NAME: ClassVar[str] = "invalidation"
+
+    fence_ttl: float = duration_field(60.0)
+    stream_maxlen: int = integer_field(100_000, 100, 100_000_000)
+
+    def __post_init__(self) -> None:
+        self._check_fields()
+
+    @property
+    def fill_window(self) -> float:
+        """Seconds after its fence (the read before SQL) within which a fill or fenced write
+        may still land: half of ``fence_ttl``, so a tombstone it raced with is certainly still
+        there; the other half is margin (docs/consistency.md, "The fill deadline")."""
+        return self.fence_ttl / 2
+
+
+@dataclass(frozen=True, slots=True)
+class L1Config(Section):
+    """``l1``: the optional in-process cache (``L1Cache``); ``policy`` None: no L1."""
+
+    NAME: ClassVar[str] = "l1"
+
+    policy: str | None = None
+    max_entries: int = integer_field(100_000, 1, 100_000_000)
+    max_ttl: float = duration_field(5.0)
+    access_sample_rate: float = number_field(DEFAULT_L1_ACCESS_SAMPLE_RATE)
+
+    def __post_init__(self) -> None:
+        self._check_fields()
+        rate = self.access_sample_rate
+        if not _is_number(rate) or not 0 < rate <= 1:
+            raise ConfigError(f"expected a number greater than 0 and at most 1, got {rate!r}",
+                              "l1.access_sample_rate")
+        if self.policy is not None and self.policy not in L1_POLICIES:
+            raise ConfigError(
+                f"expected one of {', '.join(L1_POLICIES)}, got {self.policy!r}", "l1.policy"
+            )
+
+
+@dataclass(frozen=True, slots=True)
+class StampedeConfig(Section):
+    """``stampede``: fill leases (``lease_ttl``, how long a reader waits for another's fill:
+    ``lease_wait``) and XFetch early refresh (``xfetch_beta``; 0 turns it off)."""
+
+    NAME: ClassVar[str] = "stampede"
+
+    lease_ttl: float = duration_field(2.0)
+    lease_wait: float = duration_field(0.2, zero=True)
+    xfetch_beta: float = number_field(1.0)
+
+    def __post_init__(self) -> None:
+        self._check_fields()
+        # a number >= 0, checked by the duration parser so the messages match the others'
+        beta = parse_duration(self.xfetch_beta, "stampede.xfetch_beta")
+        object.__setattr__(self, "xfetch_beta", beta)
+
+
+@dataclass(frozen=True, slots=True)
+class DegradationConfig(Section):
+    """``degradation``: the circuit breaker in front of Redis, the concurrency limit in front of
+    SQL, and what a call gets when SQL fails (``on_sql_error``: ``raise``, or ``mark``: values
+    become None with status ``UNAVAILABLE``)."""
+
+    NAME: ClassVar[str] = "degradation"
+
+    breaker_failures: int = integer_field(5, 1, 1_000_000)
+    breaker_window: float = duration_field(10.0)
+    breaker_open_for: float = duration_field(2.0)
+    sql_concurrency: int = integer_field(16, 1, 10_000)
+    sql_queue_timeout: float = duration_field(1.0, zero=True)
+    on_sql_error: str = "raise"
+
+    def __post_init__(self) -> None:
+        self._check_fields()
+        if self.on_sql_error not in ("raise", "mark"):
+            raise ConfigError(
+                f"expected 'raise' or 'mark', got {self.on_sql_error!r}",
+                "degradation.on_sql_error",
+            )
+
+
+@dataclass(frozen=True, slots=True)
+class PopularityConfig(Section):
+    """``popularity``: the sampled read counts the warmer picks its top K from
+    (``PopularityCounter``); ``sample_rate`` 0 turns counting off."""
+
+    NAME: ClassVar[str] = "popularity"
+
+    sample_rate: float = number_field(0.05)
+    bucket: float = duration_field(60.0)
+    buckets: int = integer_field(120, 1, 100_000)
+    half_life: float = duration_field(3600.0)
+    flush_interval: float = duration_field(1.0)
+
+    def __post_init__(self) -> None:
+        self._check_fields()
+        rate = self.sample_rate
+        if not _is_number(rate) or not 0 <= rate <= 1:
+            raise ConfigError(f"expected a number from 0 to 1, got {rate!r}",
+                              "popularity.sample_rate")
+
+
+#: the serving sections, in the order the file format lists them
+SECTIONS: Final[tuple[type[Section], ...]] = (
+    RedisConfig, OfflineStoreConfig, LimitsConfig, InvalidationConfig, L1Config,
+    StampedeConfig, DegradationConfig, PopularityConfig,
+)
