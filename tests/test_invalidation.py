@@ -26,6 +26,7 @@ from featdata import (
 )
 
 from featcache import FeatureCache, InvalidEntityId, InvalidRequest, Status, UnknownView
+from featcache.config_sections import InvalidationConfig, LimitsConfig
 from featcache.invalidation import Invalidator
 from featcache.keys import KeyLayout
 from featcache.redis_store import RedisStore
@@ -347,7 +348,7 @@ def test_two_invalidations_of_the_same_ids_publish_different_entries(
     layout = KeyLayout(key_prefix)
     store = RedisStore(redis.Redis.from_url(redis_url))
     try:
-        invalidator = Invalidator(store, layout, fence_ttl_ms=60_000, stream_maxlen=1000)
+        invalidator = Invalidator(store, layout, InvalidationConfig(), LimitsConfig())
         view = make_view("v", "t", None)
         first = invalidator.invalidate(view, [1]).stream_ids[0]
         second = invalidator.invalidate(view, [1]).stream_ids[0]
