@@ -65,7 +65,7 @@ from bench.common import (
 from featcache import FeatureCache, FeatureResult, PopularityConfig, Status
 from featcache.codec import RowCodec
 from featcache.embedded import EmbeddedServer
-from featcache.redis_store import RedisStore
+from featcache.redis_store import StandaloneStore
 
 DESCRIPTION = "read path: featcache hits and misses vs one raw MGET and a naive GET loop"
 
@@ -599,7 +599,7 @@ def print_breakdown(env: Env, batch: int) -> None:
     featcache's transport (RedisStore.read: key building + MGET), decoding the rows
     (RowCodec.decode), msgpack alone, and the whole call."""
     names = list(dataset.FEATURE_NAMES)
-    store = RedisStore(env.cache.redis)
+    store = StandaloneStore(env.cache.redis)
     codec = RowCodec(dataset.view())
     blobs: list[Any] = []
     unpackb = msgpack.unpackb

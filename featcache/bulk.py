@@ -76,7 +76,7 @@ def resolve(
 ) -> tuple[OfflineStore, FeatureView]:
     """The offline store behind ``source`` and the configured view (``UnknownView`` if none)."""
     if isinstance(source, FeatureCache):
-        offline: OfflineStore = source._offline  # the cache's own engine and reflection cache
+        offline: OfflineStore = source.offline  # the cache's own engine and reflection cache
     elif isinstance(source, OfflineStore):
         offline = source
     else:

@@ -43,7 +43,7 @@ from featcache.config import (
 )
 from featcache.errors import ConfigError, InvalidRequest
 from featcache.keys import LAYOUT_VERSION, KeyLayout
-from featcache.redis_store import LuaScript, RedisStore
+from featcache.redis_store import LuaScript, RedisStore, open_store
 from featcache.request import EntityId, check_id
 
 __all__ = ["STREAM_FIELDS", "InvalidationReport", "Invalidator"]
@@ -110,7 +110,7 @@ class Invalidator:
         self, view: FeatureView, entity_ids: Iterable[Any] | None = None
     ) -> InvalidationReport:
         """Fence and announce; 100k ids are chunked into one pipelined round trip."""
-        epoch_key = self._layout.view_key(view.name, "epoch")
+        epoch_key = self._layout.epoch_key(view.name)
         stream_key = self._layout.stream_key()
         if entity_ids is None:
             args = ["all", self._fence_ttl_ms, view.name, b"", self._maxlen, _TOMBSTONE_HEADER]
@@ -149,13 +149,20 @@ def invalidate(
     config: str | os.PathLike[str] | CacheConfig | None = None,
 ) -> InvalidationReport:
     """The hook for ETL code that holds no ``FeatureCache``: load the config (a path, a
-    ``CacheConfig``, or ``$FEATCACHE_CONFIG``), invalidate, close. Call it after committing."""
-    from featcache.client import FeatureCache  # noqa: PLC0415 - client imports this module
+    ``CacheConfig``, or ``$FEATCACHE_CONFIG``), invalidate, close. Call it after committing.
 
+    Built from what invalidating needs alone: a Redis store and the key layout (no read path,
+    no SQL, no L1 and no stream tail to start for one call)."""
     if config is None:
         config = os.environ.get("FEATCACHE_CONFIG")
         if not config:
             raise ConfigError("pass config= (a path or a CacheConfig) or set FEATCACHE_CONFIG")
     loaded = config if isinstance(config, CacheConfig) else load_config(config)
-    with FeatureCache(loaded) as cache:
-        return cache.invalidate(view, entity_ids)
+    view_def = loaded.view(view)
+    store = open_store(loaded.redis)
+    try:
+        invalidator = Invalidator(store, KeyLayout(loaded.redis.key_prefix),
+                                  loaded.invalidation, loaded.limits)
+        return invalidator.invalidate(view_def, entity_ids)
+    finally:
+        store.close()

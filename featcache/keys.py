@@ -1,21 +1,33 @@
 """The Redis key layout, version 1. This module is the one place that spells a key.
 
-    <prefix>:<view>:<entity>        one row: every feature of one view for one entity
-                                    (string value, format in ``featcache.codec``; TTL: the view's
-                                    ttl, its negative_ttl for "SQL has no such entity", or
-                                    fence_ttl for an invalidation's tombstone)
-    <prefix>:~<view>:epoch          the view's epoch (decimal string, no TTL): moved by a
-                                    whole-view invalidation; rows of another epoch are misses
-    <prefix>:~stream                the invalidation stream (XADD MAXLEN ~ stream_maxlen)
+    <prefix>:<view>:<entity>               one row: every feature of one view for one entity
+                                           (string value, format in ``featcache.codec``; TTL:
+                                           the view's ttl, its negative_ttl for "SQL has no
+                                           such entity", or fence_ttl for an invalidation's
+                                           tombstone)
+    <prefix>:~<view>:epoch                 the view's epoch (decimal string, no TTL): moved by
+                                           a whole-view invalidation; rows of another epoch are
+                                           misses
+    <prefix>:~<view>:lease:<entity>        a fill lease (``featcache.leases``): lease_ttl
+    <prefix>:~<view>:pop:<bucket start>    sampled read counts of one time bucket (a sorted
+                                           set, ``featcache.popularity``); pop:tmp:<hex> is a
+                                           scratch key of one top-k query
+    <prefix>:~<view>:leader                the warmer's leader lease of the view
+    <prefix>:~<view>:watermark             the latest change followed (``jobs/changes.py``);
+                                           watermark:applied the changes applied within the
+                                           lookback window (a sorted set)
+    <prefix>:~<view>:warmer:health         the view leader's last outcome per job (a hash);
+                                           warmer:instances the warmers running the view (a
+                                           sorted set), warmer:instance:<id> each one's own
+    <prefix>:~stream                       the invalidation stream (XADD MAXLEN ~ stream_maxlen)
 
 ``prefix`` is ``redis.key_prefix`` (default ``fc``), ``view`` the view name, ``entity`` the id:
 a decimal integer or the UTF-8 string as given. A view has exactly one entity type, so ``7`` and
 ``"7"`` never meet in one view.
 
 There is no hash tag: in a cluster, rows spread over every shard by entity, and no view lands on
-one shard. Per-view bookkeeping keys (the whole-view epoch, popularity, the invalidation stream,
-added by later features) live under ``<prefix>:~<view>:<name>``; a view name cannot start with
-``~``, so no row key can ever collide with them, whatever its entity id.
+one shard. Per-view bookkeeping keys live under ``<prefix>:~<view>:<name>``; a view name cannot
+start with ``~``, so no row key can ever collide with them, whatever its entity id.
 """
 
 from __future__ import annotations
@@ -28,12 +40,14 @@ LAYOUT_VERSION = 1
 
 
 class KeyLayout:
-    """Builds keys for one key prefix; cheap enough for the read path (one f-string per key)."""
+    """Builds keys for one key prefix; cheap enough for the read path (one format per key)."""
 
     __slots__ = ("prefix",)
 
     def __init__(self, prefix: str) -> None:
         self.prefix = prefix
+
+    # ------------------------------------------------------------------ rows
 
     def row_prefix(self, view: str) -> str:
         return f"{self.prefix}:{view}:"
@@ -43,15 +57,58 @@ class KeyLayout:
 
     def row_keys(self, view: str, entities: Iterable[int | str]) -> list[str]:
         # map() alone, no Python step per key (the bulk writers build 10k keys a chunk), and
-        # one %-format per key, cheaper than str() and a concatenation (docs/benchmarks.md,
-        # "Materialize")
+        # one %-format per key, which is cheaper than str() and a concatenation
+        # (docs/benchmarks.md, "Materialize")
         template = self.row_prefix(view).replace("%", "%%") + "%s"
         return list(map(template.__mod__, entities))
+
+    # ------------------------------------------------------------------ per view
+
+    def epoch_key(self, view: str) -> str:
+        """The view's epoch (``featcache.invalidation``)."""
+        return self._view_key(view, "epoch")
+
+    def lease_keys(self, view: str, entities: Iterable[int | str]) -> list[str]:
+        """The fill leases of these rows (``featcache.leases``)."""
+        template = self._view_key(view, "lease:").replace("%", "%%") + "%s"
+        return list(map(template.__mod__, entities))
+
+    def popularity_key(self, view: str, bucket_start: int) -> str:
+        """The sampled read counts of one time bucket (``featcache.popularity``)."""
+        return self._view_key(view, f"pop:{bucket_start}")
+
+    def popularity_scratch_key(self, view: str, token: str) -> str:
+        """A scratch key of one top-k query, deleted by it."""
+        return self._view_key(view, f"pop:tmp:{token}")
+
+    def leader_key(self, view: str) -> str:
+        """The warmer's leader lease of the view (``featcache.jobs.leader``)."""
+        return self._view_key(view, "leader")
+
+    def watermark_key(self, view: str) -> str:
+        """The latest upstream change followed (``featcache.jobs.changes``)."""
+        return self._view_key(view, "watermark")
+
+    def applied_changes_key(self, view: str) -> str:
+        """The changes applied within the lookback window, by ``updated_at``."""
+        return self._view_key(view, "watermark:applied")
+
+    def health_key(self, view: str) -> str:
+        """The view leader's last outcome per job (``featcache.jobs.warmer``)."""
+        return self._view_key(view, "warmer:health")
+
+    def warmers_key(self, view: str) -> str:
+        """The warmers that run the view, scored by when their entry expires."""
+        return self._view_key(view, "warmer:instances")
+
+    def warmer_key(self, view: str, warmer_id: str) -> str:
+        """One warmer's own health entry for the view."""
+        return self._view_key(view, f"warmer:instance:{warmer_id}")
 
     def stream_key(self) -> str:
         """The invalidation stream of this prefix (``featcache.invalidation``)."""
         return f"{self.prefix}:~stream"
 
-    def view_key(self, view: str, name: str) -> str:
+    def _view_key(self, view: str, name: str) -> str:
         """A per-view bookkeeping key, in a space no row key can reach (views never start '~')."""
         return f"{self.prefix}:~{view}:{name}"

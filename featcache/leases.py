@@ -71,8 +71,7 @@ class Leases:
         self._ttl_ms = ttl_ms
 
     def keys(self, view: str, ids: Sequence[EntityId]) -> list[str]:
-        head = self._layout.view_key(view, "lease:")
-        return [f"{head}{e}" for e in ids]
+        return self._layout.lease_keys(view, ids)
 
     @staticmethod
     def new_token() -> str:

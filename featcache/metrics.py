@@ -36,6 +36,7 @@ from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from featcache.client import FeatureCache
+from featcache.parts import Parts
 
 __all__ = ["CacheCollector", "MetricsServer", "new_registry", "serve_metrics"]
 
@@ -51,7 +52,9 @@ _STREAM_EVENTS = ("entries_applied", "views_applied", "ids_applied", "gaps", "re
 class CacheCollector(Collector):
     """``featcache_*`` families from one cache's counters, built at each scrape."""
 
-    def __init__(self, cache: FeatureCache, namespace: str = "featcache") -> None:
+    def __init__(self, cache: Parts, namespace: str = "featcache") -> None:
+        """``cache``: a ``FeatureCache``, or the ``Parts`` of a process that only writes (the
+        warmer: no L1, no stream tail, so those families stay empty)."""
         self.cache = cache
         self.ns = namespace
 
@@ -81,7 +84,7 @@ class CacheCollector(Collector):
             key: GaugeMetricFamily(f"{ns}_l1_{key}", f"L1 cache: {text}")
             for key, text in _L1_GAUGES.items()
         }
-        l1 = self.cache.l1
+        l1 = self.cache.l1 if isinstance(self.cache, FeatureCache) else None
         if with_samples and l1 is not None:
             for key, value in sorted(l1.stats().items()):
                 if key in l1_gauges:
@@ -100,7 +103,8 @@ class CacheCollector(Collector):
         connected = GaugeMetricFamily(
             f"{ns}_invalidation_stream_connected",
             "1 while the L1's invalidation tail is connected to Redis")
-        tail = self.cache.subscriber_stats() if with_samples else {}
+        tail = (self.cache.subscriber_stats()
+                if with_samples and isinstance(self.cache, FeatureCache) else {})
         if tail:
             for key in _STREAM_EVENTS:  # the counters only: lag_ms is an int, not an event
                 if type(tail.get(key)) is int:

@@ -24,10 +24,10 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from featcache.config_sections import PopularityConfig
-from featcache.errors import InvalidRequest
+from featcache.errors import FeatcacheError, InvalidRequest
 from featcache.keys import KeyLayout
 from featcache.outage import OutageLog
-from featcache.redis_store import LuaScript, RedisStore
+from featcache.redis_store import Command, LuaScript, RedisStore
 from featcache.request import EntityId
 
 __all__ = ["PopularityCounter", "bucket_weights"]
@@ -127,15 +127,15 @@ class PopularityCounter:
         start = int(now // self._bucket_seconds) * self._bucket_seconds
         ttl = self._bucket_seconds * (self._buckets + 1)
         reads = sum(sum(counts.values()) for counts in per_view.values())
-        pipe = self._store.client.pipeline(transaction=False)
+        commands: list[Command] = []
         for view, counts in per_view.items():
-            key = self._layout.view_key(view, f"pop:{start}")
-            for entity, n in counts.items():
-                pipe.zincrby(key, n * self._weight, str(entity))
-            pipe.expire(key, ttl)
+            key = self._layout.popularity_key(view, start)
+            commands.extend(Command("ZINCRBY", key, (n * self._weight, str(entity)))
+                            for entity, n in counts.items())
+            commands.append(Command("EXPIRE", key, (ttl,)))
         try:
-            pipe.execute()
-        except Exception as exc:
+            self._store.execute(commands)
+        except FeatcacheError as exc:
             self.flush_errors += 1
             self._outage.failed("popularity counts not flushed", exc)
             return 0
@@ -158,8 +158,8 @@ class PopularityCounter:
             return []
         weights = bucket_weights(self._clock(), self._bucket_seconds, self._buckets,
                                  self._half_life)
-        keys = [self._layout.view_key(view, f"pop:{start}") for start, _ in weights]
-        scratch = self._layout.view_key(view, f"pop:tmp:{random.getrandbits(64):x}")
+        keys = [self._layout.popularity_key(view, start) for start, _ in weights]
+        scratch = self._layout.popularity_scratch_key(view, f"{random.getrandbits(64):x}")
         args: list[Any] = [k, *(repr(w) for _, w in weights)]
         (flat,) = self._store.eval_many(_TOP_K, [([scratch, *keys], args)])
         out: list[tuple[EntityId, float]] = []

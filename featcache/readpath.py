@@ -151,7 +151,7 @@ class _ViewRead:
         self.loaded: dict[EntityId, int] = {}  # loaded_at of answered rows, for L1 only
 
     def batch(self, layout: KeyLayout) -> WriteBatch:
-        return WriteBatch(layout.view_key(self.vp.view.name, "epoch"), self.epoch_raw,
+        return WriteBatch(layout.epoch_key(self.vp.view.name), self.epoch_raw,
                           self.items, self.release, self.release_token,
                           deadline_us=self.deadline_us)
 
@@ -247,7 +247,7 @@ class ReadPath:
         for vp, todo in zip(plan.views, pending, strict=True):
             keys.extend(self._layout.row_keys(vp.view.name, todo))
         # the epochs ride in the same MGET: one round trip, and a consistent fence for fills
-        keys.extend(self._layout.view_key(vp.view.name, "epoch") for vp in plan.views)
+        keys.extend(self._layout.epoch_key(vp.view.name) for vp in plan.views)
         redis_ok = True
         if any(pending):
             try:
@@ -307,7 +307,7 @@ class ReadPath:
 
     def _ensure_epochs(self, plan: Plan, epochs: list[bytes | None]) -> list[bytes | None]:
         missing = [i for i, e in enumerate(epochs) if e is None]
-        keys = [self._layout.view_key(plan.views[i].view.name, "epoch") for i in missing]
+        keys = [self._layout.epoch_key(plan.views[i].view.name) for i in missing]
         try:
             created = self._redis_call("epoch", lambda: self._redis.ensure_epochs(keys))
         except CacheUnavailable:
@@ -689,7 +689,7 @@ class ReadPath:
         """Give leases back at once when the call will not reach its fill write."""
         if vr.release:
             keys, vr.release = vr.release, []
-            batch = WriteBatch(self._layout.view_key(vr.vp.view.name, "epoch"), None, (), keys,
+            batch = WriteBatch(self._layout.epoch_key(vr.vp.view.name), None, (), keys,
                                vr.release_token)
             with contextlib.suppress(CacheUnavailable):  # else lease_ttl bounds them
                 self._redis_call("release", lambda: self._redis.write([batch]))

@@ -32,7 +32,6 @@ The subscriber needs its own connection: ``XREAD BLOCK`` holds it for up to ``bl
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import random
 import threading
@@ -43,14 +42,9 @@ from types import TracebackType
 from typing import Any, Final
 
 import msgpack
-import redis
-from redis import exceptions as redis_exc
-from redis.backoff import NoBackoff
-from redis.retry import Retry
 
-from featcache.config_sections import RedisConfig
-from featcache.errors import CacheUnavailable, ConfigError
-from featcache.redis_store import LuaScript, connect, safe_redis_url
+from featcache.errors import CacheUnavailable, ConfigError, FeatcacheError
+from featcache.redis_store import LuaScript, StreamTail, open_tail
 
 __all__ = [
     "RESET_CALLBACK_ERROR",
@@ -73,8 +67,9 @@ EntityId = int | str
 OnIds = Callable[[str, list[EntityId]], object]
 OnView = Callable[[str], object]
 OnReset = Callable[[str], object]
-#: Where the dedicated connection comes from: a URL, ``redis.Redis(**kwargs)``, or a factory.
-ConnectionSource = str | Mapping[str, Any] | Callable[[], "redis.Redis"]
+#: Where the dedicated connection comes from: a URL, ``redis.Redis(**kwargs)``, or a factory
+#: of a new ``redis.Redis`` (or of a ``StreamTail``: ``RedisStore.open_tail``).
+ConnectionSource = str | Mapping[str, Any] | Callable[[], Any]
 
 StreamId = tuple[int, int]
 ZERO: Final[StreamId] = (0, 0)
@@ -114,8 +109,6 @@ if ARGV[3] ~= '' then at_last = redis.call('XRANGE', KEYS[1], ARGV[3], ARGV[3]) 
 return {kind, last, deleted, first, added, length, entries, at_last}
 """)
 
-#: Errors that mean "this connection or server is unusable right now".
-_REDIS_ERRORS = (redis_exc.RedisError, OSError)
 
 
 def parse_id(raw: bytes | str) -> StreamId:
@@ -232,7 +225,12 @@ class InvalidationSubscriber:
     * a factory returning a **new, dedicated** ``redis.Redis`` each call: the subscriber
       disables its retries, closes it when done, and disconnects it from another thread to
       interrupt a blocked read. It must have ``decode_responses=False`` (ids are binary) and a
-      ``socket_timeout`` longer than ``block_ms``; both are checked in ``start()``.
+      ``socket_timeout`` longer than ``block_ms``; both are checked in ``start()``;
+    * a factory returning a ``StreamTail`` (``RedisStore.open_tail``): what ``FeatureCache``
+      passes, so the tail reads from whatever backend the cache's store is.
+
+    The connection itself is the Redis store's (``featcache.redis_store``): this module holds
+    the policy (position, gap checks, applying entries, backoff), not the commands.
 
     Callbacks run on the subscriber thread, in stream order: ``on_ids(view, ids)`` for a
     per-entity invalidation, ``on_view(view)`` for a whole view, ``on_reset(reason)`` to drop
@@ -296,8 +294,8 @@ class InvalidationSubscriber:
 
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._client_lock = threading.Lock()  # guards _client against stop()'s interrupt
-        self._client: redis.Redis | None = None
+        self._tail_lock = threading.Lock()  # guards _tail against stop()'s interrupt
+        self._tail: StreamTail | None = None
         self._lock = threading.Lock()  # guards the fields stats() reads
         self._last: StreamId = ZERO
         #: the fields of the entry at ``_last`` as read (None: not read yet): a stream
@@ -337,23 +335,23 @@ class InvalidationSubscriber:
             except ValueError:
                 raise ConfigError(f"not a stream id: {from_id!r}", "from_id") from None
         try:
-            client = self._new_client()
-            with self._client_lock:
-                self._client = client
+            tail = self._new_tail()
+            with self._tail_lock:
+                self._tail = tail
             if from_id is None:
-                kind, info, _, _ = self._snapshot(client, ZERO, 0, None)
+                kind, info, _, _ = self._snapshot(tail, ZERO, 0, None)
                 if kind not in ("stream", "none"):
                     raise CacheUnavailable(
                         f"{self.stream_key!r} is a {kind}, not a stream"
                     )
                 position = info.last_generated if info is not None else ZERO
-        except _REDIS_ERRORS as exc:
-            self._close_client()
+        except CacheUnavailable as exc:
+            self._close_tail()
             raise CacheUnavailable(
                 f"invalidation stream {self.stream_key!r}: {exc}"
             ) from exc
         except BaseException:
-            self._close_client()
+            self._close_tail()
             raise
         with self._lock:
             self._last = position
@@ -439,77 +437,29 @@ class InvalidationSubscriber:
     # Connection
     # ----------------------------------------------------------------------------------
 
-    def _new_client(self) -> redis.Redis:
+    def _new_tail(self) -> StreamTail:
+        """A new connection of its own, from ``connection`` (the Redis store builds it)."""
         source = self._source
-        if isinstance(source, str):
-            client = connect(RedisConfig(
-                url=source,
-                socket_timeout=self._socket_timeout,
-                connect_timeout=self._connect_timeout,
-                max_connections=4,
-            ))
-        elif isinstance(source, Mapping):
-            kwargs = {
-                "socket_timeout": self._socket_timeout,
-                "socket_connect_timeout": self._connect_timeout,
-                **source,
-            }
-            client = redis.Redis(**kwargs)
-        else:
-            client = source()
-            if not isinstance(client, redis.Redis):
-                raise ConfigError(
-                    f"the connection factory returned {type(client).__name__}, "
-                    "expected a redis.Redis",
-                    "connection",
-                )
-        try:
-            self._check_client(client)
-        except ConfigError:
-            client.close()
-            raise
-        # Our own backoff decides when to retry; redis-py's default (3 retries, up to 10 s
-        # apart) would hold the thread, and stop(), far beyond block_ms.
-        client.set_retry(Retry(NoBackoff(), 0))
-        return client
+        if callable(source) and not isinstance(source, str | Mapping):
+            made = source()
+            if hasattr(made, "block") and hasattr(made, "eval"):  # RedisStore.open_tail's
+                tail: StreamTail = made
+                return tail
+            source = (lambda: made)  # noqa: E731 - a redis.Redis: the store checks it
+        return open_tail(source, socket_timeout=self._socket_timeout,
+                         connect_timeout=self._connect_timeout, block_ms=self.block_ms)
 
-    def _check_client(self, client: redis.Redis) -> None:
-        kwargs: Mapping[str, Any] = getattr(client.connection_pool, "connection_kwargs", {})
-        if kwargs.get("decode_responses"):
-            raise ConfigError(
-                "the subscriber's client must have decode_responses=False: ids are binary "
-                "msgpack",
-                "connection",
-            )
-        timeout = kwargs.get("socket_timeout")
-        if timeout is None or timeout <= self.block_ms / 1000:
-            raise ConfigError(
-                f"the subscriber's client needs a socket_timeout longer than block_ms "
-                f"({self.block_ms} ms), got {timeout!r}: None would never notice a hung "
-                "server, a shorter one times out every idle XREAD BLOCK",
-                "connection",
-            )
-
-    def _close_client(self) -> None:
-        with self._client_lock:
-            client, self._client = self._client, None
-        if client is not None:
-            with contextlib.suppress(Exception):
-                client.close()
+    def _close_tail(self) -> None:
+        with self._tail_lock:
+            tail, self._tail = self._tail, None
+        if tail is not None:
+            tail.close()
 
     def _interrupt(self) -> None:
-        """Shut the connection's socket down under a blocked read (from another thread)."""
-        with self._client_lock:
-            client = self._client
-            if client is not None:
-                with contextlib.suppress(Exception):
-                    client.connection_pool.disconnect()
-
-    def _describe(self) -> str:
-        source = self._source
-        if isinstance(source, str):
-            return safe_redis_url(source)
-        return "a dedicated client"
+        """End a blocked read (from another thread)."""
+        with self._tail_lock:
+            if self._tail is not None:
+                self._tail.interrupt()
 
     # ----------------------------------------------------------------------------------
     # The loop
@@ -527,31 +477,30 @@ class InvalidationSubscriber:
         except BaseException:  # pragma: no cover - a bug; never let it escape the thread
             log.exception("invalidation subscriber %s crashed", self.name)
         finally:
-            self._close_client()
+            self._close_tail()
             with self._lock:
                 self._connected = False
 
     def _step(self) -> None:
         """One snapshot (gap check + a batch), then a blocking wait if we are caught up."""
-        with self._client_lock:
-            client = self._client
-        if client is None:
-            client = self._new_client()
-            with self._client_lock:
+        with self._tail_lock:
+            tail = self._tail
+        if tail is None:
+            tail = self._new_tail()
+            with self._tail_lock:
                 if self._stop.is_set():
-                    client.close()
+                    tail.close()
                     return
-                self._client = client
+                self._tail = tail
         with self._lock:
             last = self._last
-        kind, info, entries, at_last = self._snapshot(client, _successor(last), self.batch,
-                                                      last)
+        kind, info, entries, at_last = self._snapshot(tail, _successor(last), self.batch, last)
         if self._outage:
             self._outage = False
             with self._lock:
                 self._counts["reconnects"] += 1
             log.info("invalidation subscriber %s reconnected to %s", self.name,
-                     self._describe())
+                     tail.description)
         with self._lock:
             self._connected = True
         self._delay = self._backoff[0]
@@ -594,28 +543,17 @@ class InvalidationSubscriber:
         # snapshot reads it together with the gap check.
         with self._lock:
             last = self._last
-        client.execute_command(  # type: ignore[no-untyped-call]
-            "XREAD", "BLOCK", self.block_ms, "COUNT", 1, "STREAMS", self.stream_key,
-            format_id(last),
-        )
+        tail.block(self.stream_key, format_id(last), self.block_ms)
 
     def _snapshot(
-        self, client: redis.Redis, read_from: StreamId, count: int, last: StreamId | None
+        self, tail: StreamTail, read_from: StreamId, count: int, last: StreamId | None
     ) -> tuple[str, _StreamInfo | None, list[tuple[StreamId, dict[bytes, bytes]]],
                dict[bytes, bytes] | None]:
         """(type, stream info, entries from ``read_from``, the fields of the entry at ``last``
         or None when there is none), in one atomic call."""
         args = (format_id(read_from), count,
                 format_id(last) if last is not None and last != ZERO else "")
-        try:
-            reply = client.execute_command(  # type: ignore[no-untyped-call]
-                "EVALSHA", _SNAPSHOT.sha, 1, self.stream_key, *args
-            )
-        except redis_exc.NoScriptError:
-            client.script_load(_SNAPSHOT.text)
-            reply = client.execute_command(  # type: ignore[no-untyped-call]
-                "EVALSHA", _SNAPSHOT.sha, 1, self.stream_key, *args
-            )
+        reply = tail.eval(_SNAPSHOT, [self.stream_key], args)
         kind = _text(reply[0])
         if kind != "stream":
             return kind, None, [], None
@@ -632,15 +570,15 @@ class InvalidationSubscriber:
 
     def _lost(self, exc: Exception) -> None:
         """The connection failed: clear once per outage, then back off and reconnect."""
-        self._close_client()
+        self._close_tail()
         if not self._outage:
             self._outage = True
             with self._lock:
                 self._connected = False
                 self._caught_up = False
-            if isinstance(exc, _REDIS_ERRORS):
-                log.warning("invalidation subscriber %s lost %s: %s; clearing the L1",
-                            self.name, self._describe(), exc)
+            if isinstance(exc, FeatcacheError):  # the store's: an outage or a refusal
+                log.warning("invalidation subscriber %s lost the stream %r: %s; clearing the "
+                            "L1", self.name, self.stream_key, exc)
             else:
                 log.error("invalidation subscriber %s failed; clearing the L1", self.name,
                           exc_info=exc)

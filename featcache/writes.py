@@ -259,7 +259,7 @@ class RowWriter:
         # under a fence the rows are as old as the SQL read that began after it
         now_ms = (fence.loaded_ms if fence is not None and fence.loaded_ms is not None
                   else int(self._clock() * 1000))
-        epoch_key = self._layout.view_key(view_def.name, "epoch")
+        epoch_key = self._layout.epoch_key(view_def.name)
         if fence is not None:
             epoch_raw = fence.epoch_raw
         else:  # rows are stamped with the current epoch; a whole-view invalidation after
@@ -312,7 +312,7 @@ class RowWriter:
         """
         view_def = self._view(view)
         ids = normalize_ids(entity_ids, view_def.entity_type, self._max_id_length)
-        epoch_key = self._layout.view_key(view_def.name, "epoch")
+        epoch_key = self._layout.epoch_key(view_def.name)
         taken_at = time.monotonic()
         loaded_ms = int(self._clock() * 1000)
         keys = self._layout.row_keys(view_def.name, ids)

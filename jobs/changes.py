@@ -120,7 +120,6 @@ import sqlalchemy as sa
 from sqlalchemy import exc as sa_exc
 
 from featcache.bulk import _since_filter, resolve
-from featcache.client import FeatureCache
 from featcache.codec import KIND_ABSENT, KIND_ROW, RowCodec
 from featcache.config import FeatureView
 from featcache.config_warmer import (
@@ -133,7 +132,8 @@ from featcache.config_warmer import (
 )
 from featcache.convert import timestamp_to_us, us_to_timestamp
 from featcache.errors import InvalidRequest
-from featcache.redis_store import RedisStore, translated_errors
+from featcache.parts import Parts
+from featcache.redis_store import Command
 from featcache.request import EntityId
 
 from .leader import ViewLeader
@@ -218,27 +218,18 @@ def _subquery(change_query: ChangeQuery, watermark: dt.datetime, aware: bool) ->
 # ----------------------------------------------------------------------------- watermark
 
 
-def _watermark_key(cache: FeatureCache, view: str) -> str:
-    return cache.layout.view_key(view, "watermark")
-
-
-def _applied_key(cache: FeatureCache, view: str) -> str:
-    return cache.layout.view_key(view, "watermark:applied")
-
-
-def load_watermark(cache: FeatureCache, view: str | FeatureView) -> Watermark | None:
+def load_watermark(cache: Parts, view: str | FeatureView) -> Watermark | None:
     """The stored watermark of ``view``, or None (never polled, or an unreadable value)."""
     view_def = cache.config.view(view if isinstance(view, str) else view.name)
     return _read_watermark(cache, view_def, with_ids=True)[0]
 
 
 def _read_watermark(
-    cache: FeatureCache, view: FeatureView, with_ids: bool
+    cache: Parts, view: FeatureView, with_ids: bool
 ) -> tuple[Watermark | None, int]:
     """The watermark and its value's version; its ids only from a version-1 value, or with
     ``with_ids`` (the poll looks the applied set up for its candidates instead)."""
-    with translated_errors(cache.config.redis.url):
-        raw = cache.redis.get(_watermark_key(cache, view.name))
+    (raw,) = cache.store.execute([Command("GET", cache.layout.watermark_key(view.name))])
     if raw is None:
         return None, _WATERMARK_VERSION
     wanted = int if view.entity_type == "int" else str
@@ -253,9 +244,8 @@ def _read_watermark(
             if not isinstance(ids, list) or not all(type(x) is wanted for x in ids):
                 raise ValueError(ids)
         elif with_ids:
-            with translated_errors(cache.config.redis.url):
-                members = cache.redis.zrangebyscore(_applied_key(cache, view.name), ts_us,
-                                                    ts_us)
+            (members,) = cache.store.execute([Command(
+                "ZRANGEBYSCORE", cache.layout.applied_changes_key(view.name), (ts_us, ts_us))])
             ids = [wanted(m.decode() if isinstance(m, bytes) else str(m)) for m in members]
     except (ValueError, KeyError, TypeError) as exc:  # UnicodeDecodeError is a ValueError
         log.warning("changes view=%s watermark unreadable, starting over: %r", view.name, exc)
@@ -264,7 +254,7 @@ def _read_watermark(
 
 
 def save_watermark(
-    cache: FeatureCache, view: str, mark: Watermark,
+    cache: Parts, view: str, mark: Watermark,
     applied: Iterable[tuple[EntityId, int]] = (), keep_since_us: int | None = None,
 ) -> None:
     """Record ``applied`` (entity, ``updated_at`` in µs) and ``mark.ids`` (at ``mark.ts_us``)
@@ -279,39 +269,40 @@ def save_watermark(
     scores: dict[EntityId, int] = {e: mark.ts_us for e in mark.ids}
     for eid, ts_us in applied:
         scores[eid] = max(ts_us, scores.get(eid, ts_us))
-    key = _applied_key(cache, view)
-    with translated_errors(cache.config.redis.url):
-        if scores:
-            # only ever added when newer than what the set holds (the poll's filter), so a
-            # plain ZADD; the scores are µs, exact in a double until the year 2255
-            cache.redis.zadd(key, {str(e): t for e, t in scores.items()})
-        pipe = cache.redis.pipeline(transaction=False)
-        pipe.set(_watermark_key(cache, view), json.dumps(doc, separators=(",", ":")))
-        if keep_since_us is not None:
-            pipe.zremrangebyscore(key, "-inf", f"({keep_since_us}")
-        pipe.execute()
+    key = cache.layout.applied_changes_key(view)
+    if scores:
+        # only ever added when newer than what the set holds (the poll's filter), so a
+        # plain ZADD; the scores are µs, exact in a double until the year 2255; a round trip
+        # of its own, done before the watermark moves
+        cache.store.execute([Command(
+            "ZADD", key, tuple(part for e, t in scores.items() for part in (t, str(e))))])
+    commands = [Command("SET", cache.layout.watermark_key(view),
+                        (json.dumps(doc, separators=(",", ":")),))]
+    if keep_since_us is not None:
+        commands.append(Command("ZREMRANGEBYSCORE", key, ("-inf", f"({keep_since_us}")))
+    cache.store.execute(commands)
 
 
-def _applied(cache: FeatureCache, view: str, ids: Sequence[EntityId]) -> dict[EntityId, int]:
+def _applied(cache: Parts, view: str, ids: Sequence[EntityId]) -> dict[EntityId, int]:
     """The ``updated_at`` (µs) at which each of ``ids`` was last applied, for those in the
     applied set."""
     if not ids:
         return {}
-    with translated_errors(cache.config.redis.url):
-        scores = cache.redis.zmscore(_applied_key(cache, view), [str(e) for e in ids])
-    return {e: int(s) for e, s in zip(ids, scores, strict=True) if s is not None}
+    (scores,) = cache.store.execute([Command(
+        "ZMSCORE", cache.layout.applied_changes_key(view), tuple(str(e) for e in ids))])
+    return {e: int(float(s)) for e, s in zip(ids, scores, strict=True) if s is not None}
 
 
 # ----------------------------------------------------------------------------- the poll
 
 
 def _changes_query(
-    cache: FeatureCache, view: FeatureView, since: dt.datetime | None,
+    cache: Parts, view: FeatureView, since: dt.datetime | None,
     change_query: ChangeQuery | None,
 ) -> sa.Select[Any]:
     """(entity, its latest change time) at or after ``since`` (None: all), ascending by time,
     then id."""
-    offline, _ = resolve(cache, view)
+    offline, _ = resolve(cache.offline, view)
     table = offline.bind(view).table
     entity: sa.ColumnElement[Any]
     changed_at: sa.ColumnElement[Any]
@@ -340,12 +331,12 @@ def _changes_query(
 
 
 def _changed(
-    cache: FeatureCache, view: FeatureView, since: dt.datetime | None, chunk_rows: int,
+    cache: Parts, view: FeatureView, since: dt.datetime | None, chunk_rows: int,
     change_query: ChangeQuery | None = None,
 ) -> Generator[list[tuple[EntityId, int]], None, None]:
     """(entity, latest change time in µs) changed at or after ``since``, ascending by time,
     in chunks of at most ``chunk_rows``."""
-    offline, view_def = resolve(cache, view)
+    offline, view_def = resolve(cache.offline, view)
     int_ids = offline.bind(view_def).int_ids
     doing = f"polling view {view_def.name!r} for changes"
     try:
@@ -406,11 +397,11 @@ def _check_columns(engine: sa.Engine, change_query: ChangeQuery) -> None:
             f"{' and '.join(CHANGE_COLUMNS)} (alias them: SELECT user_id AS entity_id, ...)")
 
 
-def _cached(cache: FeatureCache, view: FeatureView, ids: list[EntityId]) -> list[EntityId]:
+def _cached(cache: Parts, view: FeatureView, ids: list[EntityId]) -> list[EntityId]:
     """Those of ``ids`` whose key holds a row or a negative entry of the current epoch."""
-    store = RedisStore(cache.redis, cache.config.redis.read_chunk)
+    store = cache.store
     keys = cache.layout.row_keys(view.name, ids)
-    keys.append(cache.layout.view_key(view.name, "epoch"))
+    keys.append(cache.layout.epoch_key(view.name))
     raw = store.read(keys)
     epoch_raw = raw.pop()
     epoch = int(epoch_raw) if epoch_raw else None
@@ -424,7 +415,7 @@ def _cached(cache: FeatureCache, view: FeatureView, ids: list[EntityId]) -> list
 
 
 def follow_changes(
-    cache: FeatureCache,
+    cache: Parts,
     view: str | FeatureView,
     *,
     rewrite: Rewrite = "cached",
@@ -461,9 +452,7 @@ def follow_changes(
         )
     started = time.perf_counter()
     own_lease = leader is None
-    lease = leader or ViewLeader(
-        RedisStore(cache.redis), cache.layout, view_def.name, lease_ttl_s
-    )
+    lease = leader or ViewLeader(cache.store, cache.layout, view_def.name, lease_ttl_s)
     if not lease.acquire():
         log.info("changes view=%s leader=false", view_def.name)
         return ChangesReport(view_def.name, leader=False)
@@ -474,7 +463,7 @@ def follow_changes(
             save_watermark(cache, view_def.name, mark)  # its ids into the applied set
         if mark is None and start == "now":
             # the start is saved at once: a later poll resumes from it, not from its own now
-            mark = Watermark(int(cache._clock() * 1_000_000))
+            mark = Watermark(int(cache.clock() * 1_000_000))
             save_watermark(cache, view_def.name, mark)
         first = mark
         # None: from the beginning; rows before it were applied when the watermark passed
@@ -510,7 +499,7 @@ def follow_changes(
                 mark = _advance(mark, fresh)
                 save_watermark(cache, view_def.name, mark, fresh,
                                keep_since_us=mark.ts_us - lookback_us)
-        now_us = int(cache._clock() * 1_000_000)
+        now_us = int(cache.clock() * 1_000_000)
         report = ChangesReport(
             view_def.name, True, **counts,
             watermark=mark.when.isoformat() if mark is not None else None,
@@ -531,7 +520,7 @@ def follow_changes(
 
 
 def _not_applied(
-    cache: FeatureCache, view: str, part: list[tuple[EntityId, int]], floor_us: int | None,
+    cache: Parts, view: str, part: list[tuple[EntityId, int]], floor_us: int | None,
 ) -> list[tuple[EntityId, int]]:
     """The changes of ``part`` not applied yet: in the window (at or after ``floor_us``), and
     newer than what the applied set says was applied."""

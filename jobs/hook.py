@@ -1,8 +1,8 @@
 """The ETL invalidation hook: what a pipeline runs after its transaction commits.
 
-``featcache invalidate --config C --view V (--ids 1,2,3 | --ids-file F | --all)`` and the
-Python call ``featcache.invalidate(view, ids, config=C)`` both end in
-``FeatureCache.invalidate``. This module only turns command-line input into ids of the view's
+``featcache invalidate --config C --view V (--ids 1,2,3 | --ids-file F | --all)`` ends in the
+Python call ``featcache.invalidate(view, ids, config=C)``, which needs a Redis store and the
+key layout, nothing more. This module only turns command-line input into ids of the view's
 declared type and prints one JSON line an ETL log can keep.
 """
 
@@ -14,10 +14,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TextIO
 
-from featcache.client import FeatureCache
 from featcache.config import FeatureView, load_config
 from featcache.errors import InvalidEntityId, InvalidRequest
-from featcache.invalidation import InvalidationReport
+from featcache.invalidation import InvalidationReport, invalidate
 
 __all__ = ["parse_ids", "read_ids_file", "run_invalidate"]
 
@@ -68,8 +67,9 @@ def run_invalidate(
     ids_csv: str | None,
     ids_file: str | None,
     whole_view: bool,
-    out: TextIO = sys.stdout,
+    out: TextIO | None = None,
 ) -> InvalidationReport:
+    """``out``: where the JSON line goes (standard output as it is at the call)."""
     config = load_config(config_path)
     view = config.view(view_name)
     ids: list[int | str] | None
@@ -81,9 +81,8 @@ def run_invalidate(
         ids = parse_ids((ids_csv or "").split(","), view, "--ids")
     if ids is not None and not ids:
         raise InvalidRequest("no ids given: pass --ids, --ids-file with ids, or --all")
-    with FeatureCache(config) as cache:
-        report = cache.invalidate(view, ids)
-    out.write(json.dumps({
+    report = invalidate(view.name, ids, config=config)
+    (out or sys.stdout).write(json.dumps({
         "view": report.view,
         "whole_view": report.whole_view,
         "entities": report.entities,

@@ -1,6 +1,6 @@
 """One leader per view: a lease in Redis, renewed while the work runs.
 
-The lease is one key, ``<prefix>:~<view>:leader`` (``KeyLayout.view_key``), holding the
+The lease is one key, ``<prefix>:~<view>:leader`` (``KeyLayout.leader_key``), holding the
 owner's token with a TTL (the warmer uses its own id, ``host:pid:random``, as the token of
 every lease it takes, so ``lease_holder`` names the warmer whose health entry to look at).
 ``acquire`` sets it only if it is free (``SET NX PX``) or already ours; ``renew`` extends it
@@ -20,10 +20,8 @@ import secrets
 import socket
 from types import TracebackType
 
-import redis
-
 from featcache.keys import KeyLayout
-from featcache.redis_store import LuaScript, RedisStore
+from featcache.redis_store import Command, LuaScript, RedisStore
 
 __all__ = ["ViewLeader", "default_owner", "lease_holder"]
 
@@ -60,13 +58,9 @@ def default_owner() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(6)}"
 
 
-def _lease_key(layout: KeyLayout, view: str) -> str:
-    return layout.view_key(view, "leader")
-
-
-def lease_holder(client: redis.Redis, layout: KeyLayout, view: str) -> str | None:
+def lease_holder(store: RedisStore, layout: KeyLayout, view: str) -> str | None:
     """The owner token of ``view``'s lease now (None: nobody leads it), for health reports."""
-    raw = client.get(_lease_key(layout, view))
+    (raw,) = store.execute([Command("GET", layout.leader_key(view))])
     if raw is None:
         return None
     return raw.decode(errors="replace") if isinstance(raw, bytes) else str(raw)
@@ -82,7 +76,7 @@ class ViewLeader:
 
     def __init__(
         self,
-        store: RedisStore | redis.Redis,
+        store: RedisStore,
         layout: KeyLayout,
         view: str,
         ttl_s: float,
@@ -90,9 +84,9 @@ class ViewLeader:
     ) -> None:
         if ttl_s <= 0:
             raise ValueError(f"ttl_s must be positive, got {ttl_s}")
-        self._store = store if isinstance(store, RedisStore) else RedisStore(store)
+        self._store = store
         self.view = view
-        self.key = _lease_key(layout, view)
+        self.key = layout.leader_key(view)
         self.ttl_ms = max(1, int(ttl_s * 1000))
         self.owner = owner or default_owner()
         self.held = False

@@ -33,11 +33,11 @@ from typing import Any, TextIO
 from rich import progress as rich_progress
 
 from featcache.bulk import IdRunReader, iter_entity_ids, iter_latest_by_id, reads_id_runs
-from featcache.client import FeatureCache
 from featcache.codec import KIND_ABSENT, KIND_ROW, RowCodec
 from featcache.config import FeatureView, load_config
 from featcache.errors import InvalidRequest
 from featcache.offline import RowColumns, SqlRow
+from featcache.parts import Parts
 from featcache.redis_store import RedisStore
 from featcache.request import EntityId
 from featcache.writes import PendingWrite, PutReport
@@ -109,7 +109,7 @@ Progress = Callable[[MaterializeReport], None]
 
 
 def materialize(
-    cache: FeatureCache,
+    cache: Parts,
     view: str | FeatureView,
     *,
     all: bool = False,
@@ -138,12 +138,12 @@ def materialize(
         )
     id_chunks: Generator[Sequence[EntityId], None, None]
     # the whole view: ids listed in the database's order, each chunk read as one id range
-    by_range = all and reads_id_runs(cache, view_def)
+    by_range = all and reads_id_runs(cache.offline, view_def)
     if ids is not None:
         unique = list(dict.fromkeys(ids))
         id_chunks = (unique[i : i + chunk_rows] for i in range(0, len(unique), chunk_rows))
     else:
-        id_chunks = iter_entity_ids(cache, view_def, since=since, chunk_rows=chunk_rows,
+        id_chunks = iter_entity_ids(cache.offline, view_def, since=since, chunk_rows=chunk_rows,
                                     ordered=by_range)
     started = time.perf_counter()
     report = MaterializeReport(view_def.name)
@@ -183,7 +183,8 @@ def materialize(
     in_flight: Future[tuple[int, Sequence[EntityId], int, PutReport]] | None = None
     with ThreadPoolExecutor(1, thread_name_prefix="featcache-materialize") as writer, \
             contextlib.closing(id_chunks) as chunks, \
-            (IdRunReader(cache, view_def) if by_range else contextlib.nullcontext()) as runs:
+            (IdRunReader(cache.offline, view_def) if by_range
+             else contextlib.nullcontext()) as runs:
         try:
             listed = (chunk for chunk in chunks if chunk)
             chunk = next(listed, None)
@@ -218,10 +219,10 @@ def materialize(
 
 
 def _latest_rows(
-    cache: FeatureCache, view: FeatureView, chunk: Sequence[EntityId]
+    cache: Parts, view: FeatureView, chunk: Sequence[EntityId]
 ) -> dict[EntityId, SqlRow]:
     rows: dict[EntityId, SqlRow] = {}
-    for part in iter_latest_by_id(cache, view, chunk, chunk_rows=len(chunk)):
+    for part in iter_latest_by_id(cache.offline, view, chunk, chunk_rows=len(chunk)):
         if rows:  # never: one chunk is one part; the rows are not copied again
             rows.update(part)
         else:
@@ -233,7 +234,7 @@ def _latest_rows(
 
 
 def warm_once(
-    cache: FeatureCache,
+    cache: Parts,
     view: str | FeatureView,
     *,
     k: int,
@@ -255,7 +256,7 @@ def warm_once(
     if horizon_s < 0:
         raise InvalidRequest(f"horizon_s must be >= 0, got {horizon_s}")
     view_def = cache.config.view(view if isinstance(view, str) else view.name)
-    store = RedisStore(cache.redis, cache.config.redis.read_chunk)
+    store = cache.store
     own_lease = leader is None
     lease = leader or ViewLeader(store, cache.layout, view_def.name, lease_ttl_s)
     if not lease.acquire():
@@ -283,7 +284,7 @@ def warm_once(
 
 
 def _due(
-    cache: FeatureCache,
+    cache: Parts,
     store: RedisStore,
     view: FeatureView,
     ids: list[EntityId],
@@ -293,12 +294,12 @@ def _due(
     if not ids:
         return [], []
     keys = cache.layout.row_keys(view.name, ids)
-    keys.append(cache.layout.view_key(view.name, "epoch"))
+    keys.append(cache.layout.epoch_key(view.name))
     raw = store.read(keys)
     epoch_raw = raw.pop()
     epoch = int(epoch_raw) if epoch_raw else None
     codec = RowCodec(view)
-    clock: Callable[[], float] = cache._clock  # the cache's clock stamps what put_rows writes
+    clock: Callable[[], float] = cache.clock  # the cache's clock stamps what put_rows writes
     deadline_ms = int((clock() + horizon_s) * 1000)
     max_age_ms = int(min(f.max_age for f in view.features) * 1000)
     missing: list[EntityId] = []
@@ -365,7 +366,7 @@ def run_materialize(
         ids = read_ids_file(ids_file, view)
         if not ids:
             raise InvalidRequest(f"no ids in {ids_file}")
-    with FeatureCache(config) as cache, \
+    with Parts(config) as cache, \
             progress_reporter(f"materialize view={view.name}", len(ids) if ids else None) as bar:
         report = materialize(cache, view, all=all, ids=ids, since=since,
                              chunk_rows=chunk_rows, progress=bar)
@@ -385,7 +386,7 @@ def run_warm_once(
     config = load_config(config_path)
     views = [config.view(view_name)] if view_name is not None else list(config.views)
     reports = []
-    with FeatureCache(config) as cache:
+    with Parts(config) as cache:
         for view in views:
             with progress_reporter(f"warm view={view.name}") as bar:
                 reports.append(warm_once(cache, view, k=k, horizon_s=horizon_s, progress=bar))

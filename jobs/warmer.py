@@ -57,15 +57,13 @@ from apscheduler.triggers.cron import CronTrigger
 from apscheduler.triggers.interval import IntervalTrigger
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
-from redis.client import Pipeline
-from redis.typing import EncodableT, FieldT
 
-from featcache.client import FeatureCache
 from featcache.config import CacheConfig, L1Config, load_config
 from featcache.config_warmer import FollowChangesConfig, WarmerConfig
 from featcache.errors import ConfigError
 from featcache.metrics import CacheCollector, MetricsServer, new_registry, serve_metrics
-from featcache.redis_store import RedisStore, translated_errors
+from featcache.parts import Parts
+from featcache.redis_store import Command, LuaScript, ScriptCall
 
 from .changes import follow_changes
 from .leader import ViewLeader, default_owner, lease_holder
@@ -82,36 +80,18 @@ __all__ = [
 
 log = logging.getLogger("featcache.warmer")
 
-HEALTH_NAME = "warmer:health"
-INSTANCES_NAME = "warmer:instances"
-INSTANCE_NAME = "warmer:instance:"
 #: how long a warmer's own health entry outlives its last write (cycles and heartbeats)
 HEALTH_TTL_S = 120.0
 # KEYS[1]: a key; ARGV[1]: a TTL in ms. Sets it unless the key already has a longer one.
-_EXTEND_TTL = """
+_EXTEND_TTL = LuaScript("""
 if redis.call('PTTL', KEYS[1]) < tonumber(ARGV[1]) then
   return redis.call('PEXPIRE', KEYS[1], ARGV[1])
 end
 return 0
-"""
+""")
 
 
 # ----------------------------------------------------------------------------- jobs and health
-
-
-def _health_key(cache: FeatureCache, view: str) -> str:
-    """The view's record: the outcome of its leader's last cycle per job."""
-    return cache.layout.view_key(view, HEALTH_NAME)
-
-
-def _instances_key(cache: FeatureCache, view: str) -> str:
-    """The ids of the warmers that run ``view`` (score: when their entry expires, ms)."""
-    return cache.layout.view_key(view, INSTANCES_NAME)
-
-
-def _instance_key(cache: FeatureCache, view: str, warmer_id: str) -> str:
-    """One warmer's own record for ``view``, with a TTL."""
-    return cache.layout.view_key(view, f"{INSTANCE_NAME}{warmer_id}")
 
 
 @dataclass(slots=True)
@@ -144,7 +124,7 @@ class Warmer:
     a standby's skipped cycle never hides the leader's outcome.
     """
 
-    def __init__(self, cache: FeatureCache, settings: WarmerConfig, *,
+    def __init__(self, cache: Parts, settings: WarmerConfig, *,
                  warmer_id: str | None = None, health_ttl_s: float = HEALTH_TTL_S) -> None:
         if health_ttl_s <= 0:
             raise ValueError(f"health_ttl_s must be positive, got {health_ttl_s}")
@@ -155,7 +135,7 @@ class Warmer:
         self.id = warmer_id or default_owner()
         self.health_ttl_s = health_ttl_s
         self.started = _iso(time.time())
-        store = RedisStore(cache.redis)
+        store = cache.store
         self.leaders = {
             view: ViewLeader(store, cache.layout, view, settings.lease_ttl, owner=self.id)
             for view in self.views
@@ -259,48 +239,55 @@ class Warmer:
                       rows: int) -> None:
         """This warmer's entry; and, for a cycle run as the view's leader, the view's record
         (its totals summed over every leader the view has had)."""
-        pipe = self.cache.redis.pipeline(transaction=False)
         own = {f"{job}.{k}": json.dumps(v) for k, v in fields.items()}
-        self._register(pipe, view, own)
+        commands, scripts = self._register(view, own)
         if led:
-            record = _health_key(self.cache, view)
-            shared: dict[FieldT, EncodableT] = {
-                f"{job}.{k}": json.dumps(v) for k, v in fields.items()
-                if k not in ("leader", "rows_total", "errors_total")}
+            record = self.cache.layout.health_key(view)
+            shared = {f"{job}.{k}": json.dumps(v) for k, v in fields.items()
+                      if k not in ("leader", "rows_total", "errors_total")}
             shared[f"{job}.warmer"] = json.dumps(self.id)
-            pipe.hset(record, mapping=shared)
-            pipe.hincrby(record, f"{job}.rows_total", rows)  # a JSON integer is its digits
+            commands.append(Command("HSET", record, _flat(shared)))
+            # a JSON integer is its digits: the totals are counted by the server
+            commands.append(Command("HINCRBY", record, (f"{job}.rows_total", rows)))
             if not fields["ok"] and "last_error" in fields:
-                pipe.hincrby(record, f"{job}.errors_total", 1)
-        pipe.execute()
+                commands.append(Command("HINCRBY", record, (f"{job}.errors_total", 1)))
+        self.cache.store.execute(commands)
+        self.cache.store.eval_scripts(scripts)
 
-    def _register(self, pipe: Pipeline, view: str, fields: Mapping[str, str]) -> None:
-        """Queue the writes that keep this warmer's entry for ``view`` alive for one more
+    def _register(self, view: str, fields: Mapping[str, str]
+                  ) -> tuple[list[Command], list[ScriptCall]]:
+        """The writes that keep this warmer's entry for ``view`` alive for one more
         ``health_ttl_s``, and forget the ids whose entries expired a TTL ago (a dead warmer's;
         a TTL of margin for clock skew between warmers)."""
         now_ms = int(time.time() * 1000)
         ttl_ms = max(1, int(self.health_ttl_s * 1000))
-        own = _instance_key(self.cache, view, self.id)
-        registry = _instances_key(self.cache, view)
-        entry: dict[FieldT, EncodableT] = {"started": json.dumps(self.started),
-                                           "last_seen": json.dumps(_iso(now_ms / 1000))}
-        entry.update(fields)
-        pipe.hset(own, mapping=entry)
-        pipe.pexpire(own, ttl_ms)
-        pipe.zadd(registry, {self.id: now_ms + ttl_ms})
-        pipe.zremrangebyscore(registry, "-inf", now_ms - ttl_ms)
+        layout = self.cache.layout
+        own = layout.warmer_key(view, self.id)
+        registry = layout.warmers_key(view)
+        entry = {"started": json.dumps(self.started),
+                 "last_seen": json.dumps(_iso(now_ms / 1000)), **fields}
+        commands = [
+            Command("HSET", own, _flat(entry)),
+            Command("PEXPIRE", own, (ttl_ms,)),
+            Command("ZADD", registry, (now_ms + ttl_ms, self.id)),
+            Command("ZREMRANGEBYSCORE", registry, ("-inf", now_ms - ttl_ms)),
+        ]
         # the registry lives as long as its longest-lived entry: never shortened by a warmer
         # with a shorter TTL than another's (what PEXPIRE ... GT does, on Redis 7 only)
-        pipe.eval(_EXTEND_TTL, 1, registry, ttl_ms)
+        return commands, [ScriptCall(_EXTEND_TTL, [registry], [ttl_ms])]
 
     def heartbeat(self) -> None:
         """Refresh this warmer's entries (run by the scheduler every third of their TTL, so a
         live warmer stays listed between cycles of any schedule)."""
         try:
-            pipe = self.cache.redis.pipeline(transaction=False)
+            commands: list[Command] = []
+            scripts: list[ScriptCall] = []
             for view in self.views:
-                self._register(pipe, view, {})
-            pipe.execute()
+                more, extend = self._register(view, {})
+                commands += more
+                scripts += extend
+            self.cache.store.execute(commands)
+            self.cache.store.eval_scripts(scripts)
         except Exception as exc:  # best effort, as every health write
             log.warning("warmer heartbeat not stored: %s", exc)
 
@@ -312,12 +299,14 @@ class Warmer:
                 leader.release()
             except Exception as exc:  # it expires on its own anyway
                 log.warning("warmer view=%s lease not released: %s", leader.view, exc)
+        layout = self.cache.layout
         try:
-            pipe = self.cache.redis.pipeline(transaction=False)
-            for view in self.views:
-                pipe.delete(_instance_key(self.cache, view, self.id))
-                pipe.zrem(_instances_key(self.cache, view), self.id)
-            pipe.execute()
+            self.cache.store.execute([
+                command for view in self.views for command in (
+                    Command("DEL", layout.warmer_key(view, self.id)),
+                    Command("ZREM", layout.warmers_key(view), (self.id,)),
+                )
+            ])
         except Exception as exc:  # they expire on their own
             log.warning("warmer health entries not removed: %s", exc)
 
@@ -420,7 +409,7 @@ def _trigger(settings: WarmerConfig, interval_s: float | None, cron: str | None)
 
 
 def build_scheduler(
-    cache: FeatureCache,
+    cache: Parts,
     settings: WarmerConfig,
     scheduler_cls: type[BaseScheduler] = BlockingScheduler,
     warmer: Warmer | None = None,
@@ -464,7 +453,7 @@ def run_warmer(config_path: str, metrics_port: int | None = None,
     ``metrics_port``/``metrics_addr`` (the command line) win over ``warmer.metrics_*``."""
     config = load_config(config_path)
     settings = config.warmer
-    with FeatureCache(config) as cache:
+    with Parts(config) as cache:
         warmer = Warmer(cache, settings)
         scheduler = build_scheduler(cache, settings, BlockingScheduler, warmer)
         metrics = _start_metrics(cache, warmer, settings, metrics_port, metrics_addr)
@@ -495,7 +484,7 @@ def run_warmer(config_path: str, metrics_port: int | None = None,
     return 0
 
 
-def _start_metrics(cache: FeatureCache, warmer: Warmer, settings: WarmerConfig,
+def _start_metrics(cache: Parts, warmer: Warmer, settings: WarmerConfig,
                    port: int | None, addr: str | None) -> MetricsServer | None:
     """The ``/metrics`` endpoint, started before the first cycle so a bad port fails the
     start (exit 2) instead of leaving a warmer nobody can watch."""
@@ -533,27 +522,41 @@ def health(config: CacheConfig | str, out: TextIO | None = None) -> dict[str, An
     # no counting and no L1 (with its stream tail): this process only reads bookkeeping
     parts_off = loaded.replace(popularity=replace(loaded.popularity, sample_rate=0.0),
                                l1=L1Config())
-    with FeatureCache(parts_off) as cache:
+    with Parts(parts_off) as cache:
+        store, layout = cache.store, cache.layout
         for view in loaded.views:
-            with translated_errors(loaded.redis.url):  # as every other command reports it
-                holder = lease_holder(cache.redis, cache.layout, view.name)
-                record = cache.redis.hgetall(_health_key(cache, view.name))
-                ids = [_text(i) for i in cache.redis.zrange(_instances_key(cache, view.name),
-                                                            0, -1)]
-                pipe = cache.redis.pipeline(transaction=False)
-                for warmer_id in ids:
-                    pipe.hgetall(_instance_key(cache, view.name, warmer_id))
-                entries = pipe.execute()
+            holder = lease_holder(store, layout, view.name)
+            record, listed = store.execute([
+                Command("HGETALL", layout.health_key(view.name)),
+                Command("ZRANGE", layout.warmers_key(view.name), (0, -1)),
+            ])
+            ids = [_text(i) for i in listed]
+            entries = store.execute([
+                Command("HGETALL", layout.warmer_key(view.name, warmer_id)) for warmer_id in ids
+            ]) if ids else []
             warmers: dict[str, Any] = {}
             for warmer_id, entry in zip(ids, entries, strict=True):
                 if entry:  # an id whose entry expired: a warmer gone without a clean stop
-                    meta, jobs = _parse_fields(entry)
+                    meta, jobs = _parse_fields(_as_mapping(entry))
                     warmers[warmer_id] = {**meta, "jobs": jobs}
-            result[view.name] = {"leader": holder, "jobs": _parse_fields(record)[1],
+            result[view.name] = {"leader": holder,
+                                 "jobs": _parse_fields(_as_mapping(record))[1],
                                  "warmers": warmers}
     if out is not None:
         out.write(json.dumps({"views": result}) + "\n")
     return result
+
+
+def _as_mapping(reply: Any) -> Mapping[Any, Any]:
+    """An HGETALL reply as a mapping: a dict under RESP3, a flat field/value list under RESP2."""
+    if isinstance(reply, Mapping):
+        return reply
+    return dict(zip(reply[::2], reply[1::2], strict=True))
+
+
+def _flat(fields: Mapping[str, str]) -> tuple[str, ...]:
+    """HSET's arguments: field, value, field, value..."""
+    return tuple(part for item in fields.items() for part in item)
 
 
 def _text(value: object) -> str:

@@ -50,7 +50,7 @@ def _clocked(env: dict[str, Any], now: dt.datetime = NOW) -> FeatureCache:
 
 
 def _applied_key(cache: FeatureCache) -> str:
-    return cache.layout.view_key("cv", "watermark:applied")
+    return cache.layout.applied_changes_key("cv")
 
 
 # ----------------------------------------------------------------------------- 9. late commits
@@ -185,7 +185,7 @@ def test_a_version_1_watermark_is_resumed(env: dict[str, Any]) -> None:
     """A watermark stored as {"v": 1, "ts_us", "ids"}: its ids count as applied at its time."""
     cache: FeatureCache = env["cache"]
     t0_us = timestamp_to_us(T0)
-    cache.redis.set(cache.layout.view_key("cv", "watermark"),
+    cache.redis.set(cache.layout.watermark_key("cv"),
                     f'{{"v":1,"ts_us":{t0_us},"ids":[1,2,3]}}')
     mark = load_watermark(cache, "cv")
     assert mark is not None and (mark.ts_us, mark.ids) == (t0_us, {1, 2, 3})

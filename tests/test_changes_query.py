@@ -272,7 +272,7 @@ def test_polls_do_not_depend_on_the_session_time_zone(
         assert (report.changed, report.watermark) == (1, t1.isoformat())
         assert follow_changes(cache, "cv").changed == 0  # only 7, at the boundary, again
 
-        cache.redis.delete(cache.layout.view_key("cv", "watermark"))
+        cache.redis.delete(cache.layout.watermark_key("cv"))
         _audit(env, (3, t1))
         report = follow_changes(cache, "cv", change_query=query, start="all")
         assert (report.changed, report.watermark) == (1, t1.isoformat())

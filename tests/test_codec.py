@@ -185,7 +185,7 @@ def test_key_layout() -> None:
     layout = KeyLayout("fc")
     assert layout.row_key("users", 42) == "fc:users:42"
     assert layout.row_keys("users", ["a:b", "ü"]) == ["fc:users:a:b", "fc:users:ü"]
-    assert layout.view_key("users", "epoch") == "fc:~users:epoch"
+    assert layout.epoch_key("users") == "fc:~users:epoch"
     # the bulk builder spells every key as row_key does, '%' in a prefix or view included
     odd = KeyLayout("50%s")
     ids: list[int | str] = [0, -7, 2**63 - 1, "%d", "a%%b"]

@@ -136,7 +136,7 @@ def _final_state(
                                                                  table.c.clicks))}
     layout = KeyLayout(key_prefix)
     codec = RowCodec(view)
-    epoch_raw = redis_client.get(layout.view_key(view.name, "epoch"))
+    epoch_raw = redis_client.get(layout.epoch_key(view.name))
     epoch = int(epoch_raw) if epoch_raw else 0
     entities = sorted(sql)
     raws = redis_client.mget(layout.row_keys(view.name, entities))

@@ -67,8 +67,8 @@ def test_follow_changes_redis_dies_before_watermark_save_raises_featcache_error(
     fc = make_cache([_view()], server.url, url, "rv", redis_client=client,
                     redis_socket_timeout=0.25, redis_connect_timeout=0.25)
     try:
-        leader = ViewLeader(client, fc.layout, "rfeat", 30.0)  # as the Warmer passes its own
-        wm_key = fc.layout.view_key("rfeat", "watermark")
+        leader = ViewLeader(fc.store, fc.layout, "rfeat", 30.0)  # as the Warmer passes its own
+        wm_key = fc.layout.watermark_key("rfeat")
 
         def before_send(packed: Any) -> None:
             if packed and is_command(packed[0], "SET") and wm_key.encode() in packed[0]:

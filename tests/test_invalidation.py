@@ -29,7 +29,7 @@ from featcache import FeatureCache, InvalidEntityId, InvalidRequest, Status, Unk
 from featcache.config_sections import InvalidationConfig, LimitsConfig
 from featcache.invalidation import Invalidator
 from featcache.keys import KeyLayout
-from featcache.redis_store import RedisStore
+from featcache.redis_store import StandaloneStore
 
 
 @pytest.fixture
@@ -346,7 +346,7 @@ def test_two_invalidations_of_the_same_ids_publish_different_entries(
     """Entries differ in content even for the same ids (``t``, the server time), so a
     subscriber can tell a recreated stream whose new entry repeats an old id and its ids."""
     layout = KeyLayout(key_prefix)
-    store = RedisStore(redis.Redis.from_url(redis_url))
+    store = StandaloneStore(redis.Redis.from_url(redis_url))
     try:
         invalidator = Invalidator(store, layout, InvalidationConfig(), LimitsConfig())
         view = make_view("v", "t", None)

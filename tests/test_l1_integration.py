@@ -77,7 +77,7 @@ def test_l1_respects_max_age_of_the_row(caches: Any) -> None:
     serving, _, _ = caches
     serving.get_features([4], ["ctr"])  # ctr: max_age 10 min
     assert serving.get_features([4], ["ctr"]).status(4, "ctr") is Status.HIT_L1
-    clock: Clock = serving._clock  # type: ignore[assignment]
+    clock: Clock = serving.clock  # type: ignore[assignment]
     clock.advance(11 * 60)
     assert serving.get_features([4], ["ctr"]).status(4, "ctr") is Status.FILLED
 

@@ -46,7 +46,7 @@ def test_a_waiter_takes_the_lease_over_when_the_holders_fill_is_fenced_out(
 ) -> None:
     view = _table(sqlite_target)
     layout = KeyLayout(key_prefix)
-    row_key, lease_key = layout.row_key(VIEW, 1), layout.view_key(VIEW, "lease:1")
+    row_key, lease_key = layout.row_key(VIEW, 1), layout.lease_keys(VIEW, [1])[0]
     a_client, a_hooks = hooked_client(redis_url)
     b_client, b_hooks = hooked_client(redis_url)
     options: dict[str, Any] = {"lease_wait": LEASE_WAIT}
@@ -105,7 +105,7 @@ def test_a_waiter_takes_over_the_lease_of_a_holder_that_died(
     """The holder's lease expires (``lease_ttl``) with no fill: the waiter takes the lease over
     as soon as it is gone, not at the end of ``lease_wait``."""
     view = _table(sqlite_target)
-    lease_key = KeyLayout(key_prefix).view_key(VIEW, "lease:2")
+    lease_key = KeyLayout(key_prefix).lease_keys(VIEW, [2])[0]
     with make_cache([view], redis_url, sqlite_target.url, key_prefix,
                     lease_wait=LEASE_WAIT) as fc:
         assert redis_client.set(lease_key, "a-reader-that-dies", px=300)

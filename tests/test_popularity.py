@@ -13,7 +13,7 @@ from featdata import STATS_FEATURES, Clock, insert, make_cache, make_table, make
 from featcache import PopularityConfig
 from featcache.keys import KeyLayout
 from featcache.popularity import PopularityCounter, bucket_weights
-from featcache.redis_store import RedisStore
+from featcache.redis_store import StandaloneStore
 
 
 def test_bucket_weights_halve_every_half_life() -> None:
@@ -26,7 +26,7 @@ def test_bucket_weights_halve_every_half_life() -> None:
 
 def _counter(redis_url: str, prefix: str, clock: Clock, rate: float = 1.0,
              rng: Any = None) -> PopularityCounter:
-    store = RedisStore(redis.Redis.from_url(redis_url))
+    store = StandaloneStore(redis.Redis.from_url(redis_url))
     return PopularityCounter(
         store, KeyLayout(prefix),
         PopularityConfig(sample_rate=rate, bucket=60, buckets=10, half_life=60.0,

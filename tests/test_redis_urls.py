@@ -99,8 +99,11 @@ def test_a_refused_configuration_fails_at_construction(
         _cache(url, table_url)
     assert isinstance(err.value, ConfigError) and err.value.path == "redis.url"
     assert "wrong-pw" not in str(err.value) and "pw-" not in str(err.value)
-    with pytest.raises(CacheConfigError):
-        featcache.invalidate("conn", [1], config=_config(url, table_url))
+    if "nomget" in url:  # invalidating needs no MGET: the ETL hook may run as this user
+        assert featcache.invalidate("conn", [1], config=_config(url, table_url)).entities == 1
+    else:
+        with pytest.raises(CacheConfigError):
+            featcache.invalidate("conn", [1], config=_config(url, table_url))
 
 
 def test_a_password_changed_under_a_running_cache_fails_every_call(

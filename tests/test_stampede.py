@@ -293,7 +293,7 @@ def test_lease_held_by_a_silent_holder_costs_lease_wait_then_reads_sql(
     sqlite_target: Any, redis_url: str, key_prefix: str, redis_client: redis.Redis
 ) -> None:
     _, view = _history_table(sqlite_target, 10)
-    lease_key = KeyLayout(key_prefix).view_key(VIEW, f"lease:{COLD}")
+    lease_key = KeyLayout(key_prefix).lease_keys(VIEW, [COLD])[0]
     assert lease_key == f"{key_prefix}:~{VIEW}:lease:{COLD}"  # the documented spelling
     with make_cache([view], redis_url, sqlite_target.url, key_prefix, lease_wait=0.05) as fc:
         counter = SqlCounter(fc.engine)

@@ -27,7 +27,7 @@ from featcache.embedded import EmbeddedServer
 from featcache.errors import CacheUnavailable, ConfigError
 from featcache.invalidation import Invalidator
 from featcache.keys import KeyLayout
-from featcache.redis_store import RedisStore
+from featcache.redis_store import StandaloneStore
 from featcache.subscriber import InvalidationSubscriber, _find_gap, _StreamInfo, parse_id
 
 THREAD_NAME = "fc-test-subscriber"
@@ -134,7 +134,7 @@ def stream_key(key_prefix: str) -> str:
 def test_ids_and_whole_views_reach_the_callbacks_in_order(
     redis_client: redis.Redis, redis_url: str, key_prefix: str, stream_key: str
 ) -> None:
-    invalidator = Invalidator(RedisStore(redis_client), KeyLayout(key_prefix),
+    invalidator = Invalidator(StandaloneStore(redis_client), KeyLayout(key_prefix),
                               InvalidationConfig(fence_ttl=60, stream_maxlen=10_000),
                               LimitsConfig(), chunk=3)
     users = make_view("users", "users", None)

@@ -33,7 +33,7 @@ from featcache.bulk import (
 )
 from featcache.keys import KeyLayout
 from featcache.offline import RowColumns, SqlRow
-from featcache.redis_store import RedisStore
+from featcache.redis_store import StandaloneStore
 
 ENTITIES = 1000
 VERSIONS = 5  # 5,000 rows: each entity has 5 versions, the latest (v=4) wins
@@ -453,7 +453,7 @@ def test_warm_once_does_nothing_without_the_lease(env: dict[str, Any], redis_cli
                                                   key_prefix: str) -> None:
     cache = env["cache"]
     _reads(cache, {1: 2})
-    with ViewLeader(redis_client, KeyLayout(key_prefix), "wv", ttl_s=30) as other:
+    with ViewLeader(StandaloneStore(redis_client), KeyLayout(key_prefix), "wv", ttl_s=30) as other:
         assert other.held
         report = warm_once(cache, "wv", k=3, horizon_s=0)
     assert report == type(report)("wv", leader=False)
@@ -492,9 +492,9 @@ def test_three_warmers_at_once_write_each_row_once(
 
 def test_leader_lease(redis_client: redis.Redis, key_prefix: str) -> None:
     layout = KeyLayout(key_prefix)
-    store = RedisStore(redis_client)
+    store = StandaloneStore(redis_client)
     a = ViewLeader(store, layout, "wv", ttl_s=30, owner="a")
-    b = ViewLeader(redis_client, layout, "wv", ttl_s=30, owner="b")
+    b = ViewLeader(StandaloneStore(redis_client), layout, "wv", ttl_s=30, owner="b")
     assert a.acquire() and not b.acquire()
     assert a.acquire() and a.renew() and not b.renew()  # re-entrant for its owner
     b.release()  # not b's: a keeps it
@@ -510,8 +510,8 @@ def test_leader_lease(redis_client: redis.Redis, key_prefix: str) -> None:
 
 def test_an_expired_lease_is_taken_over(redis_client: redis.Redis, key_prefix: str) -> None:
     layout = KeyLayout(key_prefix)
-    a = ViewLeader(redis_client, layout, "wv", ttl_s=0.1, owner="a")
-    b = ViewLeader(redis_client, layout, "wv", ttl_s=30, owner="b")
+    a = ViewLeader(StandaloneStore(redis_client), layout, "wv", ttl_s=0.1, owner="a")
+    b = ViewLeader(StandaloneStore(redis_client), layout, "wv", ttl_s=30, owner="b")
     assert a.acquire()
     time.sleep(0.25)  # a stalled: it did not renew in time
     assert b.acquire()

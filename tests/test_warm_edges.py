@@ -277,7 +277,7 @@ def test_a_poll_does_not_block_etl_commits_between_chunks(
     view = make_view("cv", "cv", None)
     outcome: dict[str, Any] = {}
     with make_cache([view], redis_url, sqlite_target.url, key_prefix) as cache:
-        mark_key = cache.layout.view_key("cv", "watermark")
+        mark_key = cache.layout.watermark_key("cv")
 
         def etl() -> None:  # commits once the poll has saved its first chunk's watermark
             deadline = time.monotonic() + 30

@@ -208,7 +208,7 @@ def test_string_ids_differing_only_in_case_or_trailing_spaces_are_separate_chang
 
 def test_a_poll_waits_for_the_leader_lease(env: dict[str, Any]) -> None:
     cache: FeatureCache = env["cache"]
-    other = ViewLeader(cache.redis, cache.layout, "cv", ttl_s=30, owner="another-warmer")
+    other = ViewLeader(cache.store, cache.layout, "cv", ttl_s=30, owner="another-warmer")
     assert other.acquire()
     report = follow_changes(cache, "cv")
     assert (report.leader, report.changed) == (False, 0)
@@ -274,7 +274,7 @@ def test_a_started_scheduler_runs_cycles_and_records_health(
     assert "last_error" not in jobs["warm"]
     assert stored["plain"] == {"leader": None, "jobs": {}, "warmers": {}}
     assert stored["cv"]["warmers"] == {}  # removed by the release
-    assert not redis_client.exists(KeyLayout(key_prefix).view_key("cv", "leader"))
+    assert not redis_client.exists(KeyLayout(key_prefix).leader_key("cv"))
 
 
 def test_the_warmer_command_stops_cleanly_on_sigterm(
@@ -283,13 +283,13 @@ def test_the_warmer_command_stops_cleanly_on_sigterm(
 ) -> None:
     path = write_config(tmp_path / "run.yaml", redis_url, key_prefix, env["url"], FAST_WARMER)
     with warmer_process(path) as proc:
-        key = KeyLayout(key_prefix).view_key("cv", "warmer:health")
+        key = KeyLayout(key_prefix).health_key("cv")
         assert wait_for(lambda: redis_client.hexists(key, "changes.last_success")
                          or proc.poll() is not None), "no cycle ran"
         err = stop_warmer(proc)
     assert proc.returncode == 0, err
     assert "warmer stopped" in err and "Traceback" not in err
-    assert not redis_client.exists(KeyLayout(key_prefix).view_key("cv", "leader"))
+    assert not redis_client.exists(KeyLayout(key_prefix).leader_key("cv"))
     assert env["cache"].get_features([3], ["clicks"]).status(3, "clicks") is Status.HIT_REDIS
 
     done = subprocess.run([*CLI, "warmer", "--health", "--config", str(path)],

@@ -207,7 +207,7 @@ def test_a_sigkilled_run_leaves_no_partial_rows_and_the_next_run_catches_up(
     expected: dict[int, tuple[int, dict[str, Any]]] = big["expected"]
     ids = sorted(expected)
     assert len(ids) == ENTITIES
-    lease_key = layout.view_key(VIEW, "leader")
+    lease_key = layout.leader_key(VIEW)
     if runner == "materialize":
         cmd = _cli("materialize", "--config", str(path), "--view", VIEW, "--all",
                    "--chunk-rows", str(CHUNK_ROWS))
@@ -230,7 +230,7 @@ def test_a_sigkilled_run_leaves_no_partial_rows_and_the_next_run_catches_up(
     killed_lease_pttl = int(redis_client.pttl(lease_key))
     mark = _watermark(path) if runner == "warmer" else None
     applied = {int(e): int(t) for e, t in redis_client.zrange(
-        layout.view_key(VIEW, "watermark:applied"), 0, -1, withscores=True)}
+        layout.applied_changes_key(VIEW), 0, -1, withscores=True)}
 
     present = _check_redis(redis_client, layout, view, expected)
     print(f"\n[{runner}] killed after {present}/{ENTITIES} rows landed; "
@@ -266,7 +266,7 @@ def test_a_sigkilled_run_leaves_no_partial_rows_and_the_next_run_catches_up(
             err = _stop(second, second_log)  # SIGTERM: the running poll finishes first
         assert second.returncode == 0, err
         assert "Traceback" not in err, err
-        health_key = layout.view_key(VIEW, "warmer:health")
+        health_key = layout.health_key(VIEW)
         rows_total = int(redis_client.hget(health_key, "changes.rows_total") or -1)
         print(f"[warmer] lease taken over {took_over_s:.2f} s after the restart; "
               f"second warmer rewrote {rows_total} rows")
@@ -327,7 +327,7 @@ def test_an_upstream_update_reaches_get_features_and_drops_l1(
         "  follow_changes: {interval: 1s}\n",
     )
     layout = KeyLayout(key_prefix)
-    health_key = layout.view_key(VIEW, "warmer:health")
+    health_key = layout.health_key(VIEW)
     log = tmp_path / "warmer.log"
     proc = _spawn(_cli("warmer", "--config", str(path)), log)
     try:

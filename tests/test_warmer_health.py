@@ -104,14 +104,14 @@ def test_a_warmers_own_entry_has_a_ttl_and_a_dead_warmers_entry_goes(
     cache: FeatureCache = env["cache"]
     live = _warmer(env, health_ttl_s=3.0)
     dead = _warmer(env, health_ttl_s=0.5)  # never released: as if killed
-    own = cache.layout.view_key("cv", f"warmer:instance:{live.id}")
-    registry = cache.layout.view_key("cv", "warmer:instances")
+    own = cache.layout.warmer_key("cv", live.id)
+    registry = cache.layout.warmers_key("cv")
     try:
         live.follow("cv")
         dead.follow("cv")
         assert 0 < redis_client.pttl(own) <= 3000
         assert 2000 < redis_client.pttl(registry) <= 3000  # the longest entry's, not the last
-        assert redis_client.pttl(cache.layout.view_key("cv", "warmer:health")) == -1
+        assert redis_client.pttl(cache.layout.health_key("cv")) == -1
         listed = health(env["config"])["cv"]["warmers"]
         assert set(listed) == {live.id, dead.id}
         assert listed[live.id]["started"] == live.started

@@ -1,0 +1,62 @@
+"""The Redis store: the one place featcache talks to Redis (a small package).
+
+``base`` holds the interface every backend implements (``RedisStore``, ``StreamTail``) and the
+types it speaks; ``scripts`` the write scripts; ``errors`` the translation of redis-py's
+exceptions (there and nowhere else); ``standalone`` the backend for one server.
+``open_store`` builds the backend a configuration names.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from featcache.config_sections import RedisConfig
+from featcache.redis_store.base import (
+    Command,
+    IfAbsent,
+    LuaScript,
+    RedisStore,
+    ScriptCall,
+    StreamTail,
+    WriteBatch,
+    WriteItem,
+    fenced_write,
+    row_write,
+    split_if_absent,
+)
+from featcache.redis_store.errors import translate, translated_errors
+from featcache.redis_store.scripts import CONDITIONAL_SET, ENSURE_EPOCH, SET_IF_ABSENT
+from featcache.redis_store.standalone import StandaloneStore, connect, open_tail, safe_redis_url
+
+if TYPE_CHECKING:
+    import redis
+
+__all__ = [
+    "CONDITIONAL_SET",
+    "ENSURE_EPOCH",
+    "SET_IF_ABSENT",
+    "Command",
+    "IfAbsent",
+    "LuaScript",
+    "RedisStore",
+    "ScriptCall",
+    "StandaloneStore",
+    "StreamTail",
+    "WriteBatch",
+    "WriteItem",
+    "connect",
+    "fenced_write",
+    "open_store",
+    "open_tail",
+    "row_write",
+    "safe_redis_url",
+    "split_if_absent",
+    "translate",
+    "translated_errors",
+]
+
+
+def open_store(config: RedisConfig, client: redis.Redis | None = None) -> RedisStore:
+    """The store for ``config`` (a client of the application's own, when given, instead of
+    one built from the URL). Nothing is connected yet."""
+    return StandaloneStore(client or connect(config), config.read_chunk)

@@ -1,0 +1,180 @@
+"""The Redis store's interface: what every backend implements, and the types it speaks.
+
+Every Redis command, script and stream read featcache sends goes through a ``RedisStore``; the
+read path, the writers, the fences, invalidation, leases, popularity, the subscriber and the
+warmer see only this interface, so a backend (``featcache.redis_store.standalone`` today; a
+cluster or Sentinel one) plugs in without touching them. Values are opaque bytes: nothing read
+is ever unpickled or evaluated. Keys are spelled by ``featcache.keys`` alone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, NamedTuple, Protocol
+
+__all__ = [
+    "Command",
+    "IfAbsent",
+    "LuaScript",
+    "RedisStore",
+    "ScriptCall",
+    "StreamTail",
+    "WriteBatch",
+    "WriteItem",
+    "fenced_write",
+    "row_write",
+    "split_if_absent",
+]
+
+
+class LuaScript:
+    """A server-side script, sent by its SHA-1 and loaded only when the server lacks it."""
+
+    __slots__ = ("sha", "text")
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+        self.sha = hashlib.sha1(text.encode()).hexdigest()  # noqa: S324 - Redis' script id
+
+
+class ScriptCall(NamedTuple):
+    """One script run of a pipelined round trip. In a cluster, a call's keys share one slot."""
+
+    script: LuaScript
+    keys: Sequence[str]
+    args: Sequence[Any]
+
+
+class Command(NamedTuple):
+    """One command of a pipelined round trip (``execute``): its name, the one key it touches
+    (how a cluster backend routes it), and its other arguments."""
+
+    name: str
+    key: str
+    args: tuple[Any, ...] = ()
+
+
+#: One conditional write: (mode R, F or E, key, value, ttl in milliseconds, expected old bytes
+#: or b"").
+WriteItem = tuple[bytes, str, bytes, int, bytes]
+
+
+def row_write(key: str, value: bytes, ttl_ms: int) -> WriteItem:
+    """Write a row unless Redis holds a newer one (by event timestamp): ``put_rows``."""
+    return (b"R", key, value, ttl_ms, b"")
+
+
+def fenced_write(key: str, value: bytes, ttl_ms: int, seen: bytes | None) -> WriteItem:
+    """Write only if the key still holds ``seen`` (what the reader saw before reading SQL).
+
+    Mode E when the reader saw no key: ``SET_IF_ABSENT``'s job. A key that held an empty
+    string is not "no key" (``NX`` would refuse it): it stays mode F, expecting b"".
+    """
+    if seen is None:
+        return (b"E", key, value, ttl_ms, b"")
+    return (b"F", key, value, ttl_ms, seen)
+
+
+@dataclass(frozen=True, slots=True)
+class IfAbsent:
+    """Rows whose fenced reader saw no key, as columns: ``fenced_write(key, value, ttl_ms,
+    None)`` for each, without a ``WriteItem`` per row (the bulk writers' shape)."""
+
+    keys: Sequence[str]
+    values: Sequence[bytes]
+    ttl_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class WriteBatch:
+    """The writes of one view, fenced by the view's epoch when ``epoch_seen`` is not None."""
+
+    epoch_key: str
+    epoch_seen: bytes | None
+    items: Sequence[WriteItem]
+    release: Sequence[str] = ()  # lease keys to delete with the last chunk...
+    release_token: str = ""  # ...where they hold this token (``Leases.acquire``'s)
+    #: no row is written once the server's clock (microseconds) is past this; 0: no deadline
+    deadline_us: int = 0
+    if_absent: IfAbsent | None = None
+
+
+def split_if_absent(batch: WriteBatch) -> tuple[list[WriteItem], list[IfAbsent]]:
+    """The items that need ``CONDITIONAL_SET``, and the fenced ones whose reader saw nothing
+    there, by TTL, for ``SET_IF_ABSENT``."""
+    general: list[WriteItem] = []
+    by_ttl: dict[int, list[WriteItem]] = {}
+    for item in batch.items:
+        if item[0] == b"E":
+            by_ttl.setdefault(item[3], []).append(item)
+        else:
+            general.append(item)
+    groups = [IfAbsent([i[1] for i in group], [i[2] for i in group], ttl_ms)
+              for ttl_ms, group in by_ttl.items()]
+    if batch.if_absent is not None and batch.if_absent.keys:
+        groups.append(batch.if_absent)
+    return general, groups
+
+
+class StreamTail(Protocol):
+    """A connection of its own for following one stream (``XREAD BLOCK`` holds it).
+
+    Errors come translated (``CacheUnavailable``, ``CacheConfigError``), as from the store.
+    """
+
+    description: str  #: where it reads from, with any password masked
+
+    def eval(self, script: LuaScript, keys: Sequence[str], args: Sequence[Any]) -> Any:
+        """Run ``script`` on this connection (loaded when the server lacks it)."""
+
+    def block(self, stream: str, after_id: str, block_ms: int) -> None:
+        """Return when an entry after ``after_id`` exists, or after ``block_ms``."""
+
+    def interrupt(self) -> None:
+        """From another thread: end a blocked read now (it raises in the reading thread)."""
+
+    def close(self) -> None: ...
+
+
+class RedisStore(Protocol):
+    """Round trips to Redis/Valkey: what every backend implements.
+
+    Each method is one network round trip per server involved, whatever the number of keys;
+    a failure raises ``CacheUnavailable`` (an outage: callers degrade) or ``CacheConfigError``
+    (credentials, permissions, database: never degraded).
+    """
+
+    url: str  #: the server (or seed), with any password masked
+    client: Any  #: the redis-py client behind it, for applications that inspect Redis
+
+    def read(self, keys: Sequence[str]) -> list[bytes | None]:
+        """Values in key order, None where absent."""
+
+    def read_timed(self, keys: Sequence[str]) -> tuple[list[bytes | None], int]:
+        """``read``, and the server's clock (microseconds) when it ran: the clock the write
+        scripts judge a fence's deadline on (``WriteBatch.deadline_us``)."""
+
+    def write(self, batches: Sequence[WriteBatch]) -> int:
+        """Conditionally write rows of several views; how many keys were written (the rest
+        were fenced off or older than what Redis holds)."""
+
+    def ensure_epochs(self, epoch_keys: Sequence[str]) -> list[bytes]:
+        """The epochs of these views, creating missing ones from the server clock."""
+
+    def eval_scripts(self, calls: Sequence[ScriptCall]) -> list[Any]:
+        """Run each script call; results in call order."""
+
+    def eval_many(
+        self, script: LuaScript, calls: Sequence[tuple[Sequence[str], Sequence[Any]]]
+    ) -> list[Any]:
+        """``eval_scripts`` of one script over several (keys, args)."""
+
+    def execute(self, commands: Sequence[Command]) -> list[Any]:
+        """Run each command; replies in order (an error reply raises, translated)."""
+
+    def open_tail(self, socket_timeout: float) -> StreamTail:
+        """A new connection of its own for an invalidation stream's tail."""
+
+    def close(self) -> None: ...

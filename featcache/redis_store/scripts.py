@@ -1,0 +1,144 @@
+"""The write scripts of the Redis store: every conditional row write, in Lua.
+
+A fill writes only where the key still holds what its reader saw before its SQL read, and only
+if the view's epoch did not move; a ``put_rows`` row writes unless a row with a later event
+timestamp is there (the timestamp sits at a fixed offset of the value, see
+``featcache.codec``). A fenced write whose reader saw the key empty needs none of the general
+script's comparisons: ``SET_IF_ABSENT`` is a plain ``SET ... NX`` per row behind the same epoch
+check, a fraction of the general script's cost on the server and two arguments a row instead
+of five on the client.
+"""
+
+from __future__ import annotations
+
+from featcache.redis_store.base import LuaScript
+
+__all__ = ["CONDITIONAL_SET", "ENSURE_EPOCH", "SET_IF_ABSENT"]
+
+# KEYS[1]: the view's epoch key; KEYS[2..]: row keys of that view, then ARGV[4] lease keys
+# (``featcache.leases``) deleted once the rows are written, so waiting readers move on: each
+# only where it still holds the writer's token (the last ARGV when there are lease keys); a
+# lease that expired and was taken by another reader meanwhile is that reader's.
+# ARGV[1]: "1" when the writer read the epoch before its SQL read, and ARGV[2] is what it read
+# ("" for none): if the epoch changed since, the whole view was invalidated and nothing is
+# written. ARGV[3]: the write's deadline on the server's clock (microseconds, "0" for none):
+# past it nothing is written, since a tombstone laid after the reader's fence may have expired
+# (a write held in a stalled server's socket must not land late). Then four ARGV per row key:
+# mode, ttl_ms, value, expected. "Ours" means a row ("R" in
+# byte 2) of the same layout version (byte 1) as the new value.
+#   Both modes: a row never replaces a row of ours with a later event timestamp (bytes 3-10,
+#           big-endian int64) if that row is of the view's current epoch. One of an older
+#           epoch was invalidated with its whole view (readers miss it): it gives way, or an
+#           ETL that moved an event time back and invalidated the view would leave the key a
+#           miss until its TTL. Tombstones, negative entries, garbage and keys of other types
+#           give way to rows: the key space under the prefix is featcache's.
+#   mode F  a fenced fill, also: written only where the key still holds exactly what the
+#           reader saw before its SQL read (expected; "" = nothing, or a key of another type,
+#           which MGET also shows as nothing). An invalidation, a newer row or another fill in
+#           between changed it, so a value read before them is never written (DESIGN 4).
+#   mode E  mode F where the reader saw no key (expected ""); normally sent through
+#           SET_IF_ABSENT instead.
+#   mode R  a row from put_rows without a fence: nothing more.
+# Returns how many keys were written.
+CONDITIONAL_SET = LuaScript("""
+-- an unsigned msgpack int at pos: its value and the position after it, or nil
+local function uint_at(s, pos)
+  local b = string.byte(s, pos)
+  if not b then return nil end
+  if b < 128 then return b, pos + 1 end
+  if b == 204 then return string.byte(s, pos + 1), pos + 2 end
+  if b == 205 then return struct.unpack('>I2', s, pos + 1), pos + 3 end
+  if b == 206 then return struct.unpack('>I4', s, pos + 1), pos + 5 end
+  if b == 207 then return struct.unpack('>I8', s, pos + 1), pos + 9 end
+  return nil
+end
+-- the epoch of a row (msgpack [fp, epoch, ...] after the 10-byte header), or nil
+local function epoch_of(row)
+  local b, pos = string.byte(row, 11), nil
+  if b and b >= 146 and b <= 159 then pos = 12
+  elseif b == 220 then pos = 14
+  elseif b == 221 then pos = 16
+  else return nil end
+  local _, after = uint_at(row, pos)
+  if not after then return nil end
+  return (uint_at(row, after))
+end
+local current = false  -- the view's epoch, read when first needed
+local function of_current_epoch(row)
+  if current == false then current = tonumber(redis.call('GET', KEYS[1]) or '') end
+  local epoch = epoch_of(row)
+  return epoch ~= nil and epoch == current
+end
+local rows_end = #KEYS - tonumber(ARGV[4])
+for i = rows_end + 1, #KEYS do
+  if redis.call('GET', KEYS[i]) == ARGV[#ARGV] then redis.call('DEL', KEYS[i]) end
+end
+if ARGV[1] == '1' then
+  local epoch = redis.call('GET', KEYS[1]) or ''
+  if epoch ~= ARGV[2] then return 0 end
+end
+if ARGV[3] ~= '0' then
+  local t = redis.call('TIME')
+  if tonumber(t[1]) * 1000000 + tonumber(t[2]) > tonumber(ARGV[3]) then return 0 end
+end
+local written = 0
+for i = 2, rows_end do
+  local base = 4 + 4 * (i - 2)
+  local mode, ttl, value = ARGV[base + 1], ARGV[base + 2], ARGV[base + 3]
+  local got = redis.pcall('GET', KEYS[i])
+  local old = nil
+  if type(got) == 'string' then old = got end
+  local ok
+  local ours = old and string.len(old) >= 10 and string.byte(old, 1) == string.byte(value, 1)
+    and string.byte(old, 2) == 82
+  ok = (not ours) or string.byte(value, 2) ~= 82
+    or struct.unpack('>i8', value, 3) >= struct.unpack('>i8', old, 3)
+    or not of_current_epoch(old)
+  if ok and mode ~= 'R' then
+    ok = (old or '') == ARGV[base + 4]
+  end
+  if ok then
+    redis.call('SET', KEYS[i], value, 'PX', ttl)
+    written = written + 1
+  end
+end
+return written
+""")
+
+# KEYS[1]: the view's epoch key; KEYS[2..]: row keys whose fenced reader saw them empty.
+# ARGV[1], ARGV[2], ARGV[3]: the epoch check and the deadline of CONDITIONAL_SET; ARGV[4]: the
+# TTL in ms of every row; ARGV[3 + i]: the value for KEYS[i]. Mode E (F where the reader saw no
+# key), for less: the row is written only where the key is still empty (NX). A string there
+# now (a tombstone of an invalidation, another fill, a newer row) keeps the row out; a key of
+# another type, which MGET showed the reader as nothing, gives way as in CONDITIONAL_SET.
+# Returns how many keys were written.
+SET_IF_ABSENT = LuaScript("""
+if ARGV[1] == '1' then
+  local epoch = redis.call('GET', KEYS[1]) or ''
+  if epoch ~= ARGV[2] then return 0 end
+end
+if ARGV[3] ~= '0' then
+  local t = redis.call('TIME')
+  if tonumber(t[1]) * 1000000 + tonumber(t[2]) > tonumber(ARGV[3]) then return 0 end
+end
+local written = 0
+for i = 2, #KEYS do
+  if redis.call('SET', KEYS[i], ARGV[i + 3], 'PX', ARGV[4], 'NX') then
+    written = written + 1
+  elseif redis.call('TYPE', KEYS[i]).ok ~= 'string' then
+    redis.call('SET', KEYS[i], ARGV[i + 3], 'PX', ARGV[4])
+    written = written + 1
+  end
+end
+return written
+""")
+
+# KEYS[1]: a view's epoch key. The epoch, created from the server clock if it is missing, so
+# that no row is ever stamped with an epoch a lost key could come back to (0).
+ENSURE_EPOCH = LuaScript("""
+local epoch = redis.call('GET', KEYS[1])
+if epoch then return epoch end
+local t = redis.call('TIME')
+redis.call('SET', KEYS[1], string.format('%d', tonumber(t[1]) * 1000000 + tonumber(t[2])), 'NX')
+return redis.call('GET', KEYS[1])
+""")

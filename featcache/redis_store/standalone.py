@@ -1,0 +1,349 @@
+"""The standalone backend of the Redis store: one Redis/Valkey server.
+
+Reads are one MGET, or several MGETs in one pipeline past ``read_chunk`` keys, so a batch is
+always one network round trip; writes are the scripts of ``featcache.redis_store.scripts``,
+all chunks in one pipelined round trip. Commands are packed by hiredis (C) and sent by the
+store itself through one pooled redis-py connection; redis-py owns connections, pooling, TLS,
+ACL auth and reply parsing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+from urllib.parse import urlsplit
+
+import hiredis
+import redis
+from redis import exceptions as redis_exc
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from featcache.config_sections import RedisConfig
+from featcache.errors import ConfigError
+from featcache.redis_store.base import (
+    Command,
+    LuaScript,
+    ScriptCall,
+    StreamTail,
+    WriteBatch,
+    split_if_absent,
+)
+from featcache.redis_store.errors import ERRORS, translate
+from featcache.redis_store.scripts import CONDITIONAL_SET, ENSURE_EPOCH, SET_IF_ABSENT
+from featcache.urls import mask_url
+
+__all__ = ["StandaloneStore", "StandaloneTail", "connect", "open_tail", "safe_redis_url"]
+
+log = logging.getLogger("featcache.redis")
+
+
+def _pack(args: tuple[Any, ...]) -> bytes:
+    """One command in RESP, by hiredis' C packer (str, bytes, int and float arguments)."""
+    packed: bytes = hiredis.pack_command(args)
+    return packed
+
+
+_TIME = hiredis.pack_command(("TIME",))
+
+
+def safe_redis_url(url: str) -> str:
+    """The URL with any password masked, for messages and logs."""
+    return mask_url(url)
+
+
+def connect(config: RedisConfig) -> redis.Redis:
+    """A client for ``config.url``: ``redis://``, ``rediss://`` (TLS; ``ssl_*`` options in the
+    query string), ``unix://`` URLs, with ACL user and password from the URL, and the section's
+    timeouts and pool size. Nothing is connected yet."""
+    url = config.url
+    try:
+        parts = urlsplit(url)
+        scheme = parts.scheme
+    except ValueError as exc:
+        raise ConfigError(f"{exc} (url {mask_url(url)})", "redis.url") from None
+    if scheme not in ("redis", "rediss", "unix"):
+        raise ConfigError(
+            f"expected a redis://, rediss:// or unix:// URL, got {safe_redis_url(url)!r}",
+            "redis.url",
+        )
+    if scheme != "unix" and not _DB_PATH.match(parts.path):
+        # redis-py ignores a path that is not a number and uses database 0: a typo would
+        # silently read and write another application's database
+        raise ConfigError(
+            f"the path of a Redis URL is the database number (redis://host:6379/0), got "
+            f"{parts.path!r} in {safe_redis_url(url)!r}", "redis.url",
+        )
+    try:
+        return redis.Redis.from_url(
+            url,
+            socket_timeout=config.socket_timeout,
+            socket_connect_timeout=config.connect_timeout,
+            max_connections=config.max_connections,
+            health_check_interval=30,
+        )
+    except ValueError as exc:
+        raise ConfigError(f"{exc} (url {safe_redis_url(url)})", "redis.url") from None
+
+
+_DB_PATH = re.compile(r"^/?(?:\d{1,5}/?)?$")
+
+
+class StandaloneStore:
+    """The ``RedisStore`` of one Redis/Valkey server."""
+
+    def __init__(self, client: redis.Redis, read_chunk: int = 1000, write_chunk: int = 500) -> None:
+        self.client = client
+        self.read_chunk = read_chunk
+        self.write_chunk = write_chunk
+        self.url = safe_redis_url(_describe(client))
+
+    def close(self) -> None:
+        self.client.close()
+
+    def read(self, keys: Sequence[str]) -> list[bytes | None]:
+        """Values in key order, None where absent; one network round trip."""
+        return self._read(keys, False)[0]
+
+    def read_timed(self, keys: Sequence[str]) -> tuple[list[bytes | None], int]:
+        """``read``, and the server's clock (microseconds) when it ran, in the same round
+        trip: a fence's writes are judged against it by the write scripts (``deadline_us``)."""
+        return self._read(keys, True)
+
+    def _read(self, keys: Sequence[str], timed: bool) -> tuple[list[bytes | None], int]:
+        step = self.read_chunk
+        packed = [
+            _pack(("MGET", *keys[start : start + step]))
+            for start in range(0, len(keys), step)
+        ]
+        if timed:
+            packed.append(_TIME)
+        replies = self._round_trip(packed)
+        for part in replies:
+            if isinstance(part, Exception):  # an error reply (ACL, OOM...): no values at all
+                raise translate(part, self.url) from part
+        server_us = 0
+        if timed:
+            seconds, micros = replies.pop()
+            server_us = int(seconds) * 1_000_000 + int(micros)
+        if len(replies) == 1:
+            return replies[0], server_us
+        values: list[bytes | None] = []
+        for part in replies:
+            values.extend(part)
+        return values, server_us
+
+    def _round_trip(self, packed: Sequence[bytes]) -> list[Any]:
+        """Send commands already in RESP form (``hiredis.pack_command``) in one write and read
+        every reply, in order; an error reply is returned in its place, as an exception.
+
+        A pipeline without redis-py's per-argument pass (a type check and a copy of every key
+        and value before hiredis packs them): on the bulk write path that pass cost as much
+        as encoding the rows. Any failure to send or read closes the connection, so a socket
+        with unread replies never goes back to the pool.
+        """
+        pool = self.client.connection_pool
+        try:
+            conn = pool.get_connection()
+            try:
+                conn.send_packed_command(packed)  # type: ignore[no-untyped-call]
+                replies: list[Any] = []
+                for _ in packed:
+                    try:
+                        replies.append(conn.read_response())
+                    except redis_exc.ResponseError as exc:
+                        replies.append(exc)
+            except BaseException:
+                conn.disconnect()  # type: ignore[no-untyped-call]
+                raise
+            finally:
+                pool.release(conn)
+        except ERRORS as exc:
+            raise translate(exc, self.url) from exc
+        return replies
+
+    def write(self, batches: Sequence[WriteBatch]) -> int:
+        """Conditionally write rows of several views in one round trip; returns how many keys
+        were written (the rest were fenced off or older than what Redis holds)."""
+        absent_calls: list[tuple[list[str], list[Any]]] = []
+        calls: list[tuple[list[str], list[Any]]] = []
+        for batch in batches:
+            head: list[Any] = (
+                ["1", batch.epoch_seen] if batch.epoch_seen is not None else ["0", ""]
+            )
+            head.append(batch.deadline_us)
+            items, if_absent = split_if_absent(batch)
+            for group in if_absent:
+                ttl_ms = max(1, int(group.ttl_ms))
+                for start in range(0, len(group.keys), self.write_chunk):
+                    end = start + self.write_chunk
+                    absent_calls.append((
+                        [batch.epoch_key, *group.keys[start:end]],
+                        [*head, ttl_ms, *group.values[start:end]],
+                    ))
+            if not items and not batch.release:
+                continue
+            for start in range(0, max(len(items), 1), self.write_chunk):  # >= 1: releases
+                chunk = items[start : start + self.write_chunk]
+                last = start + self.write_chunk >= len(items)
+                release = list(batch.release) if last else []
+                keys = [batch.epoch_key, *(item[1] for item in chunk), *release]
+                args = [*head, len(release)]
+                for mode, _, value, ttl_ms, expected in chunk:
+                    args += (mode, max(1, int(ttl_ms)), value, expected)
+                if release:
+                    args.append(batch.release_token)
+                calls.append((keys, args))
+        # the rows first, in one pipeline: leases go (with the last CONDITIONAL_SET call) only
+        # once every row is there, so readers waiting on a lease find them
+        scripted = [(SET_IF_ABSENT, *call) for call in absent_calls]
+        scripted += [(CONDITIONAL_SET, *call) for call in calls]
+        return sum(int(n) for n in self.eval_scripts(scripted))
+
+    def ensure_epochs(self, epoch_keys: Sequence[str]) -> list[bytes]:
+        """The epochs of these views, creating missing ones; one round trip."""
+        return [bytes(e) for e in self.eval_many(ENSURE_EPOCH, [([k], []) for k in epoch_keys])]
+
+    def eval_many(
+        self, script: LuaScript, calls: Sequence[tuple[Sequence[str], Sequence[Any]]]
+    ) -> list[Any]:
+        """Run ``script`` once per (keys, args) in one pipelined round trip; results in order."""
+        return self.eval_scripts([(script, keys, args) for keys, args in calls])
+
+    def execute(self, commands: Sequence[Command]) -> list[Any]:
+        """Run each command in one pipelined round trip; replies in order, as redis-py parses
+        them (an error reply raises, translated)."""
+        replies = self._round_trip([_pack((c.name, c.key, *c.args)) for c in commands])
+        for reply in replies:
+            if isinstance(reply, Exception):
+                raise translate(reply, self.url) from reply
+        return replies
+
+    def open_tail(self, socket_timeout: float) -> StreamTail:
+        """A connection of its own, built like the store's, with ``socket_timeout`` (longer
+        than a blocked read)."""
+        pool = self.client.connection_pool
+        kwargs = dict(pool.connection_kwargs)
+        kwargs["socket_timeout"] = socket_timeout
+        return StandaloneTail(redis.Redis(
+            connection_pool=redis.ConnectionPool(connection_class=pool.connection_class,
+                                                 **kwargs)
+        ), self.url)
+
+    def eval_scripts(
+        self, calls: Sequence[ScriptCall | tuple[LuaScript, Sequence[str], Sequence[Any]]]
+    ) -> list[Any]:
+        """Run each (script, keys, args) in one pipelined round trip; results in order.
+
+        EVALSHA by the script's SHA-1; only when the server answers NOSCRIPT (first use,
+        restart, SCRIPT FLUSH) is the script loaded and the failed calls sent again.
+        """
+        results: list[Any] = [None] * len(calls)
+        pending = list(range(len(calls)))
+        for attempt in range(2):
+            packed = []
+            for i in pending:
+                script, keys, args = calls[i]
+                packed.append(
+                    _pack(("EVALSHA", script.sha, len(keys), *keys, *args))
+                )
+            retry = []
+            for i, result in zip(pending, self._round_trip(packed), strict=True):
+                if isinstance(result, redis_exc.NoScriptError) and attempt == 0:
+                    retry.append(i)
+                elif isinstance(result, Exception):
+                    raise translate(result, self.url) from result
+                else:
+                    results[i] = result
+            if not retry:
+                break
+            scripts = {calls[i][0].sha: calls[i][0] for i in retry}.values()
+            for loaded in self._round_trip(
+                [_pack(("SCRIPT", "LOAD", script.text)) for script in scripts]
+            ):
+                if isinstance(loaded, Exception):
+                    raise translate(loaded, self.url) from loaded
+            pending = retry
+        return results
+
+
+class StandaloneTail:
+    """A ``StreamTail`` on a dedicated redis-py client: no retries (the subscriber does its
+    own backoff; redis-py's, up to 10 s apart, would hold ``stop()`` far beyond a blocked
+    read), interrupted by disconnecting its pool from another thread."""
+
+    def __init__(self, client: redis.Redis, description: str) -> None:
+        client.set_retry(Retry(NoBackoff(), 0))
+        self.client = client
+        self.description = description
+
+    def eval(self, script: LuaScript, keys: Sequence[str], args: Sequence[Any]) -> Any:
+        client = self.client
+        try:
+            try:
+                return client.execute_command(  # type: ignore[no-untyped-call]
+                    "EVALSHA", script.sha, len(keys), *keys, *args)
+            except redis_exc.NoScriptError:
+                client.script_load(script.text)
+                return client.execute_command(  # type: ignore[no-untyped-call]
+                    "EVALSHA", script.sha, len(keys), *keys, *args)
+        except ERRORS as exc:
+            raise translate(exc, self.description) from exc
+
+    def block(self, stream: str, after_id: str, block_ms: int) -> None:
+        try:
+            self.client.execute_command(  # type: ignore[no-untyped-call]
+                "XREAD", "BLOCK", block_ms, "COUNT", 1, "STREAMS", stream, after_id)
+        except ERRORS as exc:
+            raise translate(exc, self.description) from exc
+
+    def interrupt(self) -> None:
+        with contextlib.suppress(Exception):  # shut the socket down under a blocked read
+            self.client.connection_pool.disconnect()
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.client.close()
+
+
+def open_tail(source: str | Mapping[str, Any] | Any, *, socket_timeout: float,
+              connect_timeout: float, block_ms: int) -> StreamTail:
+    """A ``StreamTail`` from a URL, a mapping of ``redis.Redis`` keyword arguments, or a
+    factory returning a new, dedicated ``redis.Redis`` (which must keep binary replies and
+    have a ``socket_timeout`` longer than ``block_ms``: checked here, ``ConfigError``)."""
+    if isinstance(source, str):
+        client = connect(RedisConfig(url=source, socket_timeout=socket_timeout,
+                                     connect_timeout=connect_timeout, max_connections=4))
+        return StandaloneTail(client, safe_redis_url(source))
+    if isinstance(source, Mapping):
+        client = redis.Redis(**{"socket_timeout": socket_timeout,
+                                "socket_connect_timeout": connect_timeout, **source})
+    else:
+        client = source()
+        if not isinstance(client, redis.Redis):
+            raise ConfigError(
+                f"the connection factory returned {type(client).__name__}, "
+                "expected a redis.Redis", "connection")
+    kwargs: Mapping[str, Any] = getattr(client.connection_pool, "connection_kwargs", {})
+    problem = ""
+    if kwargs.get("decode_responses"):
+        problem = ("the subscriber's client must have decode_responses=False: ids are binary "
+                   "msgpack")
+    elif (timeout := kwargs.get("socket_timeout")) is None or timeout <= block_ms / 1000:
+        problem = (f"the subscriber's client needs a socket_timeout longer than block_ms "
+                   f"({block_ms} ms), got {timeout!r}: None would never notice a hung "
+                   "server, a shorter one times out every idle XREAD BLOCK")
+    if problem:
+        client.close()
+        raise ConfigError(problem, "connection")
+    return StandaloneTail(client, "a dedicated client")
+
+
+def _describe(client: redis.Redis) -> str:
+    kwargs = client.connection_pool.connection_kwargs
+    if "path" in kwargs:
+        return f"unix://{kwargs['path']}"
+    return f"redis://{kwargs.get('host', '?')}:{kwargs.get('port', '?')}/{kwargs.get('db', 0)}"
