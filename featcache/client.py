@@ -189,6 +189,12 @@ class FeatureCache:
     def engine(self) -> sa.Engine:
         return self._offline.engine
 
+    @property
+    def offline(self) -> OfflineStore:
+        """The SQL store the cache reads from, with its engine and reflected tables: what the
+        bulk reads (``featcache.offline.bulk``) and the change poll take."""
+        return self._offline
+
     def _view(self, view: str | FeatureView) -> FeatureView:
         view_def = self._views.get(view if isinstance(view, str) else view.name)
         if view_def is None:
@@ -289,7 +295,7 @@ class FeatureCache:
     def put_latest(
         self, view: str | FeatureView, rows: Mapping[EntityId, SqlRow], *, fence: Fence | None
     ) -> PutReport:
-        """``put_rows`` for rows as ``OfflineStore.fetch_latest`` / ``featcache.bulk`` return
+        """``put_rows`` for rows as ``OfflineStore.fetch_latest`` / ``offline.bulk`` return
         them (already converted): the warmer's bulk path, converting nothing twice."""
         return self._writer.put_latest(view, rows, fence=fence)
 
@@ -304,7 +310,7 @@ class FeatureCache:
     def prepare_columns(
         self, view: str | FeatureView, rows: RowColumns, *, fence: Fence | None
     ) -> PendingWrite:
-        """``prepare_latest`` of rows as columns (``featcache.bulk.IdRunReader.read_columns``):
+        """``prepare_latest`` of rows as columns (``offline.bulk.IdRunReader.read_columns``):
         the materializer's path, encoding from the columns with no tuple per row."""
         return self._writer.prepare_columns(view, rows, fence=fence)
 

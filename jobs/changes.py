@@ -119,7 +119,6 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy import exc as sa_exc
 
-from featcache.bulk import _since_filter, resolve
 from featcache.client import FeatureCache
 from featcache.codec import KIND_ABSENT, KIND_ROW, RowCodec
 from featcache.config import FeatureView
@@ -133,6 +132,7 @@ from featcache.config_warmer import (
 )
 from featcache.convert import timestamp_to_us, us_to_timestamp
 from featcache.errors import InvalidRequest
+from featcache.offline.store import translate
 from featcache.redis_store import RedisStore, translated_errors
 from featcache.request import EntityId
 
@@ -311,14 +311,15 @@ def _changes_query(
 ) -> sa.Select[Any]:
     """(entity, its latest change time) at or after ``since`` (None: all), ascending by time,
     then id."""
-    offline, _ = resolve(cache, view)
-    table = offline.bind(view).table
+    offline = cache.offline
+    bound = offline.bind(view)
+    table = bound.table
     entity: sa.ColumnElement[Any]
     changed_at: sa.ColumnElement[Any]
     if change_query is None:
         assert view.updated_at_column is not None
         entity, changed_at = table.c[view.entity_column], table.c[view.updated_at_column]
-        where = _since_filter(view, table, since, offline.engine.dialect.name)
+        where = bound.updated_since(since)
     else:
         if view.updated_at_column is not None:  # bound as the column poll binds it
             aware = bool(getattr(table.c[view.updated_at_column].type, "timezone", False))
@@ -345,7 +346,7 @@ def _changed(
 ) -> Generator[list[tuple[EntityId, int]], None, None]:
     """(entity, latest change time in µs) changed at or after ``since``, ascending by time,
     in chunks of at most ``chunk_rows``."""
-    offline, view_def = resolve(cache, view)
+    offline, view_def = cache.offline, cache.offline.view(view)
     int_ids = offline.bind(view_def).int_ids
     doing = f"polling view {view_def.name!r} for changes"
     try:
@@ -385,7 +386,7 @@ def _changed(
                         out.append((eid, ts_us))
                 yield out
     except sa_exc.SQLAlchemyError as exc:
-        raise offline._translate(exc, doing) from exc
+        raise translate(exc, offline.url, doing) from exc
 
 
 def _check_columns(engine: sa.Engine, change_query: ChangeQuery) -> None:

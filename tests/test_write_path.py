@@ -223,7 +223,7 @@ def test_put_latest_writes_rows_as_the_offline_store_returns_them(
     with make_cache([make_view("pl", "pl", None)], redis_url, sqlite_target.url,
                     key_prefix) as fc:
         fence = fc.fence("pl", [0, 1, 2])
-        found, _ = fc._offline.fetch_latest(fc.config.view("pl"), [0, 1, 2])
+        found, _ = fc.offline.fetch_latest(fc.config.view("pl"), [0, 1, 2])
         report = fc.put_latest("pl", found, fence=fence)
         assert (report.written, report.fenced_off) == (3, 0)
         result = fc.get_features([0, 1, 2], NAMES)
@@ -244,7 +244,7 @@ def test_prepare_latest_encodes_now_and_writes_on_send(
     insert(sqlite_target.engine(), table, [stats_row(i, clicks=i) for i in range(4)])
     with make_cache([make_view("pp", "pp", None)], redis_url, sqlite_target.url,
                     key_prefix, fence_ttl=1.0) as fc:
-        found, _ = fc._offline.fetch_latest(fc.config.view("pp"), [0, 1, 2, 3])
+        found, _ = fc.offline.fetch_latest(fc.config.view("pp"), [0, 1, 2, 3])
         early = {i: found[i] for i in (0, 1)}
         late = {i: found[i] for i in (2, 3)}
         pending = fc.prepare_latest("pp", early, fence=fc.fence("pp", [0, 1]))
