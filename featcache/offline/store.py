@@ -1,9 +1,9 @@
 """The SQL store: the latest row per entity from any SQLAlchemy database.
 
-``featcache.offline`` is the SQL boundary: statements are built and run in this package
-(``store``: the serving reads; ``bulk`` and ``arrow``: the warmer's bulk reads), and SQLAlchemy
-and driver exceptions become ``OfflineStoreError`` / ``OfflineStoreUnavailable`` in
-``translate`` and nowhere else. Tables
+``featcache.offline`` is the SQL boundary: every statement the cache and its jobs run is built
+and run in this package (``store``: the serving reads; ``bulk`` and ``arrow``: the warmer's bulk
+reads; ``changes``: the change poll), and SQLAlchemy and driver exceptions become
+``OfflineStoreError`` / ``OfflineStoreUnavailable`` in ``translate`` and nowhere else. Tables
 are reflected at a view's first use (so loading a config needs no database) and every
 configured column is checked then, so a typo fails with the column's name (``SchemaError``)
 instead of a driver's SQL error. Ids travel as bound parameters (an expanding ``IN``, or one
