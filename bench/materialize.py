@@ -93,8 +93,8 @@ from featcache import (
     RedisConfig,
     Status,
 )
-from featcache.bulk import IdRunReader, iter_entity_ids, iter_latest_by_id, reads_id_runs
 from featcache.offline import RowColumns, SqlRow
+from featcache.offline.bulk import IdRunReader, iter_entity_ids, iter_latest_by_id, reads_id_runs
 from featcache.redis_store import CONDITIONAL_SET, ENSURE_EPOCH, SET_IF_ABSENT
 
 DESCRIPTION = "bulk materialization (jobs.warm.materialize) from SQLite and PostgreSQL into Redis"
@@ -620,10 +620,10 @@ def stage_breakdown(cache: FeatureCache, chunk_rows: int) -> dict[str, float]:
     rows_done = 0
     started = time.perf_counter()
     mark = started
-    by_range = reads_id_runs(cache, view)
-    with contextlib.closing(iter_entity_ids(cache, view, chunk_rows=chunk_rows,
+    by_range = reads_id_runs(cache.offline, view)
+    with contextlib.closing(iter_entity_ids(cache.offline, view, chunk_rows=chunk_rows,
                                             ordered=by_range)) as chunks, \
-            IdRunReader(cache, view) as runs:
+            IdRunReader(cache.offline, view) as runs:
         for chunk in chunks:
             now = time.perf_counter()
             times["list_ids"] += now - mark
@@ -633,7 +633,8 @@ def stage_breakdown(cache: FeatureCache, chunk_rows: int) -> dict[str, float]:
             if by_range:
                 rows = runs.read_columns(chunk)
             else:
-                for part in iter_latest_by_id(cache, view, chunk, chunk_rows=len(chunk)):
+                for part in iter_latest_by_id(cache.offline, view, chunk,
+                                              chunk_rows=len(chunk)):
                     rows.update(part)
             t2 = time.perf_counter()
             if isinstance(rows, RowColumns):
@@ -653,10 +654,10 @@ def stage_breakdown(cache: FeatureCache, chunk_rows: int) -> dict[str, float]:
 
 #: Stages by the cumulative time of one function (file name, function name).
 _STAGE_FUNCS: dict[str, tuple[str, str]] = {
-    "list_ids (iter_entity_ids)": ("bulk.py", "iter_entity_ids"),
+    "list_ids (iter_entity_ids)": ("offline/bulk.py", "iter_entity_ids"),
     "fence (RowWriter.fence)": ("writes.py", "fence"),
-    "sql read+convert (bulk.IdRunReader.read_columns)": ("bulk.py", "read_columns"),
-    "  of which OfflineStore.convert_to_columns": ("offline.py", "convert_to_columns"),
+    "sql read+convert (bulk.IdRunReader.read_columns)": ("offline/bulk.py", "read_columns"),
+    "  of which OfflineStore.convert_to_columns": ("offline/store.py", "convert_to_columns"),
     "encode (RowWriter.prepare_columns)": ("writes.py", "prepare_columns"),
     "  of which RowCodec.encode_columns": ("codec.py", "encode_columns"),
     "write (PendingWrite.send)": ("writes.py", "send"),

@@ -111,9 +111,10 @@ class ChangeQuery:
         if not _SELECT.match(text):
             raise self._bad(
                 f"expected a single SELECT (or WITH ... SELECT) statement, got {_head(text)!r}")
-        import sqlalchemy as sa  # noqa: PLC0415 - only a configured change query needs it
+        # the SQL store's parser, which binds the query later; only a change query needs it
+        from featcache.offline.text import bound_parameters  # noqa: PLC0415
 
-        params = set(sa.text(text).compile().params)
+        params = bound_parameters(text)
         if WATERMARK_PARAM not in params:
             raise self._bad(
                 "the query has no :watermark parameter; select the changes since it, e.g. "

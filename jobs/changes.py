@@ -2,8 +2,9 @@
 refresh what changed (DESIGN 5).
 
 ``follow_changes`` reads, per entity, the latest ``updated_at`` among rows with ``updated_at >=
-watermark - lookback``, in ascending order of that time, in chunks, and works on the entities
-whose change it has not applied yet. Per chunk of changed entities:
+watermark - lookback``, in ascending order of that time, in chunks (the SQL store runs that
+query: ``featcache.offline.changes``), and works on the entities whose change it has not
+applied yet. Per chunk of changed entities:
 
 * Every changed entity is invalidated first, as the ETL's hook would (``cache.invalidate``: a
   tombstone per key, and an entry on the invalidation stream, so the in-process L1 caches of
@@ -112,26 +113,21 @@ import json
 import logging
 import math
 import time
-from collections.abc import Generator, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-import sqlalchemy as sa
-from sqlalchemy import exc as sa_exc
-
-from featcache.bulk import _since_filter, resolve
 from featcache.codec import KIND_ABSENT, KIND_ROW, RowCodec
 from featcache.config import FeatureView
 from featcache.config_warmer import (
-    CHANGE_COLUMNS,
     DEFAULT_LOOKBACK_S,
-    WATERMARK_PARAM,
     ChangeQuery,
     Rewrite,
     Start,
 )
-from featcache.convert import timestamp_to_us, us_to_timestamp
+from featcache.convert import us_to_timestamp
 from featcache.errors import InvalidRequest
+from featcache.offline.changes import changed_since
 from featcache.parts import Parts
 from featcache.redis_store import Command
 from featcache.request import EntityId
@@ -199,20 +195,6 @@ class ChangesReport:
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-# ----------------------------------------------------------------------------- change query
-
-_START = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)  # :watermark of a first poll from the start
-
-
-def _subquery(change_query: ChangeQuery, watermark: dt.datetime, aware: bool) -> sa.Subquery:
-    """The query with ``watermark`` bound, as the subquery ``fc_changes``."""
-    value = watermark if aware else watermark.astimezone(dt.UTC).replace(tzinfo=None)
-    bound = sa.text(change_query.sql).bindparams(
-        sa.bindparam(WATERMARK_PARAM, value, type_=sa.DateTime(timezone=aware))
-    )
-    return bound.columns(*(sa.column(c) for c in CHANGE_COLUMNS)).subquery("fc_changes")
 
 
 # ----------------------------------------------------------------------------- watermark
@@ -296,107 +278,6 @@ def _applied(cache: Parts, view: str, ids: Sequence[EntityId]) -> dict[EntityId,
 # ----------------------------------------------------------------------------- the poll
 
 
-def _changes_query(
-    cache: Parts, view: FeatureView, since: dt.datetime | None,
-    change_query: ChangeQuery | None,
-) -> sa.Select[Any]:
-    """(entity, its latest change time) at or after ``since`` (None: all), ascending by time,
-    then id."""
-    offline, _ = resolve(cache.offline, view)
-    table = offline.bind(view).table
-    entity: sa.ColumnElement[Any]
-    changed_at: sa.ColumnElement[Any]
-    if change_query is None:
-        assert view.updated_at_column is not None
-        entity, changed_at = table.c[view.entity_column], table.c[view.updated_at_column]
-        where = _since_filter(view, table, since, offline.engine.dialect.name)
-    else:
-        if view.updated_at_column is not None:  # bound as the column poll binds it
-            aware = bool(getattr(table.c[view.updated_at_column].type, "timezone", False))
-        else:  # timestamptz is PostgreSQL's usual kind; elsewhere times carry no offset
-            aware = offline.engine.dialect.name == "postgresql"
-        sub = _subquery(change_query, since if since is not None else _START, aware)
-        entity, changed_at = sub.c.entity_id, sub.c.updated_at
-        where = None
-    latest = sa.func.max(changed_at).label("fc_changed_at")
-    query = sa.select(entity, latest).where(changed_at.is_not(None))
-    if where is not None:
-        query = query.where(where)
-    groups: list[sa.ColumnElement[Any]] = [entity]
-    if view.entity_type == "str" and offline.engine.dialect.name in ("mysql", "mariadb"):
-        # Their default collations compare case- and trailing-space-insensitively: 'a', 'A'
-        # and 'a ' would be one group, and two of three changed entities never refreshed.
-        groups.append(sa.cast(entity, sa.LargeBinary))
-    return query.group_by(*groups).order_by(latest, entity)
-
-
-def _changed(
-    cache: Parts, view: FeatureView, since: dt.datetime | None, chunk_rows: int,
-    change_query: ChangeQuery | None = None,
-) -> Generator[list[tuple[EntityId, int]], None, None]:
-    """(entity, latest change time in µs) changed at or after ``since``, ascending by time,
-    in chunks of at most ``chunk_rows``."""
-    offline, view_def = resolve(cache.offline, view)
-    int_ids = offline.bind(view_def).int_ids
-    doing = f"polling view {view_def.name!r} for changes"
-    try:
-        query = _changes_query(cache, view_def, since, change_query)
-        with contextlib.ExitStack() as open_read:
-            conn = open_read.enter_context(offline.engine.connect())
-            try:
-                result = conn.execution_options(
-                    stream_results=True, yield_per=chunk_rows).execute(query)
-            except sa_exc.SQLAlchemyError:
-                if change_query is not None:  # most likely its columns: say which key to fix
-                    _check_columns(offline.engine, change_query)
-                raise
-            parts: Iterable[Sequence[Any]] = result.partitions(chunk_rows)
-            if offline.engine.dialect.name == "sqlite":
-                # An open statement holds SQLite's shared lock, and no ETL could commit until
-                # the poll's last chunk was written (rollback journal): the list of changes
-                # (ids and times, ~100 bytes each) is read whole, the read closed, then worked.
-                listed = result.fetchall()
-                open_read.close()
-                parts = (listed[i : i + chunk_rows] for i in range(0, len(listed), chunk_rows))
-            for part in parts:
-                out: list[tuple[EntityId, int]] = []
-                for raw_id, raw_ts in part:
-                    if raw_id is None:
-                        continue
-                    try:
-                        ts_us = timestamp_to_us(raw_ts)
-                        eid: EntityId = int(raw_id) if int_ids else str(raw_id)
-                    except (ValueError, TypeError) as exc:  # ConversionError is a ValueError
-                        if change_query is None:
-                            raise
-                        raise change_query.error(
-                            f"row ({raw_id!r}, {raw_ts!r}): expected an entity id "
-                            f"({view_def.entity_type}) and a timestamp: {exc}") from None
-                    if ts_us is not None:
-                        out.append((eid, ts_us))
-                yield out
-    except sa_exc.SQLAlchemyError as exc:
-        raise offline._translate(exc, doing) from exc
-
-
-def _check_columns(engine: sa.Engine, change_query: ChangeQuery) -> None:
-    """Raise ``SchemaError`` when the query does not return the columns it must; return
-    quietly when it does, or cannot tell (the failure was something else)."""
-    probe: sa.Select[Any] = sa.select(sa.literal_column("*")).select_from(
-        _subquery(change_query, _START, aware=False)).where(sa.false())
-    try:
-        with engine.connect() as conn:  # a fresh one: the failed transaction may be aborted
-            names = conn.execute(probe).keys()  # a Result's columns, not a dict's keys
-        keys = [str(k).lower() for k in names]
-    except sa_exc.SQLAlchemyError:
-        return
-    missing = [c for c in CHANGE_COLUMNS if c not in keys]
-    if missing:
-        raise change_query.error(
-            f"it returns the columns {', '.join(keys) or 'none'}; it must return "
-            f"{' and '.join(CHANGE_COLUMNS)} (alias them: SELECT user_id AS entity_id, ...)")
-
-
 def _cached(cache: Parts, view: FeatureView, ids: list[EntityId]) -> list[EntityId]:
     """Those of ``ids`` whose key holds a row or a negative entry of the current epoch."""
     store = cache.store
@@ -473,8 +354,8 @@ def follow_changes(
                   "deleted": 0, "late": 0}
         complete = True
         since = us_to_timestamp(floor_us)
-        with contextlib.closing(_changed(cache, view_def, since, chunk_rows,
-                                         change_query)) as chunks:
+        with contextlib.closing(changed_since(cache.offline, view_def, since, chunk_rows,
+                                              change_query)) as chunks:
             for part in chunks:
                 fresh = _not_applied(cache, view_def.name, part, floor_us)
                 if not fresh:

@@ -9,9 +9,10 @@ Every write is fenced like a read-through fill (``featcache.writes``): for each 
 ``cache.put_rows(view, rows, fence=...)`` writes a row only where nothing changed since, so
 an invalidation that lands between the read and the write is never overwritten with the value
 read before it. A fence needs the chunk's ids before the read, so "all" and "since" first
-stream the distinct entity ids (``featcache.bulk.iter_entity_ids``, a cheap ``SELECT
-DISTINCT`` on a server-side cursor), then, per chunk of ids: fence, read the latest rows of
-exactly those ids, write. That is one extra, narrow scan instead of reading every row twice.
+stream the distinct entity ids (``featcache.offline.bulk.iter_entity_ids``, a cheap
+``SELECT DISTINCT`` on a server-side cursor), then, per chunk of ids: fence, read the latest
+rows of exactly those ids, write. That is one extra, narrow scan instead of reading every row
+twice.
 
 Progress: a rich progress bar when stdout is a terminal, else ``key=value`` log lines on the
 ``featcache.warm`` logger.
@@ -32,11 +33,11 @@ from typing import Any, TextIO
 
 from rich import progress as rich_progress
 
-from featcache.bulk import IdRunReader, iter_entity_ids, iter_latest_by_id, reads_id_runs
 from featcache.codec import KIND_ABSENT, KIND_ROW, RowCodec
 from featcache.config import FeatureView, load_config
 from featcache.errors import InvalidRequest
 from featcache.offline import RowColumns, SqlRow
+from featcache.offline.bulk import IdRunReader, iter_entity_ids, iter_latest_by_id, reads_id_runs
 from featcache.parts import Parts
 from featcache.redis_store import RedisStore
 from featcache.request import EntityId
@@ -136,14 +137,15 @@ def materialize(
             f"view {view_def.name!r} has no updated_at column: --since needs one "
             "(views.<name>.updated_at in the config)"
         )
+    offline = cache.offline
     id_chunks: Generator[Sequence[EntityId], None, None]
     # the whole view: ids listed in the database's order, each chunk read as one id range
-    by_range = all and reads_id_runs(cache.offline, view_def)
+    by_range = all and reads_id_runs(offline, view_def)
     if ids is not None:
         unique = list(dict.fromkeys(ids))
         id_chunks = (unique[i : i + chunk_rows] for i in range(0, len(unique), chunk_rows))
     else:
-        id_chunks = iter_entity_ids(cache.offline, view_def, since=since, chunk_rows=chunk_rows,
+        id_chunks = iter_entity_ids(offline, view_def, since=since, chunk_rows=chunk_rows,
                                     ordered=by_range)
     started = time.perf_counter()
     report = MaterializeReport(view_def.name)
@@ -183,8 +185,7 @@ def materialize(
     in_flight: Future[tuple[int, Sequence[EntityId], int, PutReport]] | None = None
     with ThreadPoolExecutor(1, thread_name_prefix="featcache-materialize") as writer, \
             contextlib.closing(id_chunks) as chunks, \
-            (IdRunReader(cache.offline, view_def) if by_range
-             else contextlib.nullcontext()) as runs:
+            (IdRunReader(offline, view_def) if by_range else contextlib.nullcontext()) as runs:
         try:
             listed = (chunk for chunk in chunks if chunk)
             chunk = next(listed, None)

@@ -15,7 +15,6 @@ from typing import Any
 import pyarrow as pa
 import pytest
 
-from featcache.arrow_reads import _holds_exactly, _micros
 from featcache.convert import (
     ConversionError,
     convert_column,
@@ -23,6 +22,7 @@ from featcache.convert import (
     timestamp_to_us,
     timestamps_to_us,
 )
+from featcache.offline.arrow import arrow_micros, holds_exactly
 from featcache.types import FeatureType
 
 COLUMNS: list[tuple[FeatureType, list[Any]]] = [
@@ -94,7 +94,7 @@ def test_sqlite_text_timestamps_parsed_by_arrow_equal_pythons(
     """The ADBC path parses SQLite's text timestamps in Arrow where Arrow's parser takes the
     whole column, and must then give exactly the microseconds Python gives; elsewhere it
     hands the column to Python (None)."""
-    got = _micros(pa.chunked_array([pa.array(texts, pa.string())]))
+    got = arrow_micros(pa.chunked_array([pa.array(texts, pa.string())]))
     assert (got is not None) == by_arrow
     if got is not None:
         assert got == timestamps_to_us(texts)
@@ -117,7 +117,7 @@ _ARROW_COLUMNS: list[pa.Array[Any]] = [
 ]
 
 
-_KEPT = [(f, c) for f in FeatureType for c in _ARROW_COLUMNS if _holds_exactly(f, c.type)]
+_KEPT = [(f, c) for f in FeatureType for c in _ARROW_COLUMNS if holds_exactly(f, c.type)]
 
 
 @pytest.mark.parametrize(("ftype", "column"), _KEPT,
@@ -126,7 +126,7 @@ def test_arrow_columns_kept_as_they_are_are_what_conversion_gives(
     ftype: FeatureType, column: pa.Array[Any]
 ) -> None:
     """The ADBC path skips the converters for an Arrow column whose type already is the
-    declared one (``_holds_exactly``); that must change nothing: converting those values
+    declared one (``holds_exactly``); that must change nothing: converting those values
     returns them unchanged, value for value and type for type."""
     values = column.to_pylist()
     converted = list(convert_column(ftype, values))
@@ -135,12 +135,12 @@ def test_arrow_columns_kept_as_they_are_are_what_conversion_gives(
 
 def test_which_arrow_types_skip_conversion() -> None:
     assert len(_KEPT) == 8  # int64/32/8, float64/32, string, large_string, bool
-    assert _holds_exactly(FeatureType.INT, pa.int64())
-    assert _holds_exactly(FeatureType.FLOAT, pa.float32())
-    assert _holds_exactly(FeatureType.STR, pa.large_string())
-    assert _holds_exactly(FeatureType.BOOL, pa.bool_())
-    assert not _holds_exactly(FeatureType.INT, pa.uint64())  # may exceed int64
-    assert not _holds_exactly(FeatureType.FLOAT, pa.int64())  # ints become floats
-    assert not _holds_exactly(FeatureType.FLOAT, pa.float16())  # numpy scalars
-    assert not _holds_exactly(FeatureType.TIMESTAMP, pa.timestamp("us"))
-    assert not _holds_exactly(FeatureType.EMBEDDING, pa.list_(pa.float64()))
+    assert holds_exactly(FeatureType.INT, pa.int64())
+    assert holds_exactly(FeatureType.FLOAT, pa.float32())
+    assert holds_exactly(FeatureType.STR, pa.large_string())
+    assert holds_exactly(FeatureType.BOOL, pa.bool_())
+    assert not holds_exactly(FeatureType.INT, pa.uint64())  # may exceed int64
+    assert not holds_exactly(FeatureType.FLOAT, pa.int64())  # ints become floats
+    assert not holds_exactly(FeatureType.FLOAT, pa.float16())  # numpy scalars
+    assert not holds_exactly(FeatureType.TIMESTAMP, pa.timestamp("us"))
+    assert not holds_exactly(FeatureType.EMBEDDING, pa.list_(pa.float64()))

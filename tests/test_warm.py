@@ -23,7 +23,9 @@ from featcache.jobs.warm import materialize, warm_once
 from featdata import STATS_FEATURES, T0, Clock, insert, make_cache, make_table, make_view, stats_row
 
 from featcache import Feature, FeatureCache, InvalidRequest, Status, UnknownView
-from featcache.bulk import (
+from featcache.keys import KeyLayout
+from featcache.offline import RowColumns, SqlRow
+from featcache.offline.bulk import (
     IdRunReader,
     iter_entity_ids,
     iter_latest_by_id,
@@ -31,8 +33,6 @@ from featcache.bulk import (
     latest_of_id_run,
     reads_id_runs,
 )
-from featcache.keys import KeyLayout
-from featcache.offline import RowColumns, SqlRow
 from featcache.redis_store import StandaloneStore
 
 ENTITIES = 1000
@@ -79,7 +79,7 @@ def _cached(redis_client: redis.Redis, key_prefix: str, ids: list[int]) -> list[
 
 
 def test_iter_latest_rows_all_is_chunked_and_latest(env: dict[str, Any]) -> None:
-    chunks = list(iter_latest_rows(env["cache"], "wv", chunk_rows=300))
+    chunks = list(iter_latest_rows(env["cache"].offline, "wv", chunk_rows=300))
     assert [len(c) for c in chunks] == [300, 300, 300, 100]
     rows = {r["entity_id"]: r for c in chunks for r in c}
     assert len(rows) == ENTITIES
@@ -87,7 +87,7 @@ def test_iter_latest_rows_all_is_chunked_and_latest(env: dict[str, Any]) -> None
     assert r7["clicks"] == 74 and r7["ctr"] == 7.4 and r7["country"] == "c4"
     assert r7["event_ts"] == T0 + 4 * HOUR and r7["last_seen"] == T0 + 4 * HOUR
     assert r7["emb"] == [0.5, -1.25] and r7["vip"] is False
-    ids = [i for c in iter_entity_ids(env["cache"], "wv", chunk_rows=400) for i in c]
+    ids = [i for c in iter_entity_ids(env["cache"].offline, "wv", chunk_rows=400) for i in c]
     assert sorted(ids) == list(range(1, ENTITIES + 1))
 
 
@@ -119,10 +119,10 @@ def test_id_runs_read_through_adbc_give_the_same_rows_as_sqlalchemy(
     ])
     view = make_view("runs", "runs", sql_target.schema)
     with make_cache([view], redis_url, sql_target.url, key_prefix) as cache:
-        ids = [i for c in iter_entity_ids(cache, "runs", ordered=True) for i in c]
+        ids = [i for c in iter_entity_ids(cache.offline, "runs", ordered=True) for i in c]
         assert ids == [1, 2, 3, 5]
-        expected = latest_of_id_run(cache, "runs", ids)
-        with IdRunReader(cache, "runs") as reader:
+        expected = latest_of_id_run(cache.offline, "runs", ids)
+        with IdRunReader(cache.offline, "runs") as reader:
             adbc = sql_target.name in ("sqlite", "postgresql")
             assert reader.via == ("adbc" if adbc else "sqlalchemy")
             got = reader.read(ids)
@@ -182,10 +182,10 @@ def test_id_runs_picked_in_arrow_follow_the_databases_order_exactly(
     view = make_view("order", "order", sql_target.schema)
     ids = [10, 11, 12, 13, 14]
     with make_cache([view], redis_url, sql_target.url, key_prefix) as cache:
-        expected = latest_of_id_run(cache, "order", ids)
+        expected = latest_of_id_run(cache.offline, "order", ids)
         assert {e: r.values[1] for e, r in expected.items()} == {
             10: 1002, 11: 1102, 12: 1202, 13: 1302, 14: 1401}
-        with IdRunReader(cache, "order") as reader:
+        with IdRunReader(cache.offline, "order") as reader:
             arrow = reader._arrow
             here = sql_target.name in ("sqlite", "postgresql")
             assert (arrow is not None and arrow.picks_latest) == here
@@ -220,11 +220,11 @@ def test_a_declared_collation_leaves_the_pick_to_the_database(
     view = make_view("coll", "coll", sql_target.schema, (Feature("clicks", "int", "1h"),),
                      entity_type="str")
     with make_cache([view], redis_url, sql_target.url, key_prefix) as cache, \
-            IdRunReader(cache, "coll") as reader:
+            IdRunReader(cache.offline, "coll") as reader:
         assert reader._arrow is not None and not reader._arrow.picks_latest
         got = reader.read(["a", "b"])
         assert {e: r.values for e, r in got.items()} == {"a": (1,), "b": (2,)}
-        assert _same(got, latest_of_id_run(cache, "coll", ["a", "b"]))
+        assert _same(got, latest_of_id_run(cache.offline, "coll", ["a", "b"]))
 
 
 def test_text_arrow_cannot_order_leaves_the_run_and_later_ones_to_the_database(
@@ -243,12 +243,12 @@ def test_text_arrow_cannot_order_leaves_the_run_and_later_ones_to_the_database(
             "(2, '2026-11-26 12:00:00.7654321', NULL, 20)"))
     view = make_view("frac", "frac", None, (Feature("clicks", "int", "1h"),))
     with make_cache([view], redis_url, sqlite_target.url, key_prefix) as cache, \
-            IdRunReader(cache, "frac") as reader:
+            IdRunReader(cache.offline, "frac") as reader:
         assert reader._arrow is not None and reader._arrow.picks_latest
         got = reader.read([1, 2])
         assert not reader._arrow.picks_latest and reader.via == "adbc"
         assert {e: r.values for e, r in got.items()} == {1: (11,), 2: (20,)}
-        assert _same(got, latest_of_id_run(cache, "frac", [1, 2]))
+        assert _same(got, latest_of_id_run(cache.offline, "frac", [1, 2]))
         assert _same(reader.read([1, 2]), got)
 
 
@@ -274,15 +274,16 @@ def test_ordered_id_runs_are_read_by_range_on_every_dialect(
     the run (inserted after the listing, so nobody fenced it) is left out."""
     e = _env(sql_target, redis_url, key_prefix)
     with e["cache"] as cache:
-        assert reads_id_runs(cache, "wv")
-        ids = [i for c in iter_entity_ids(cache, "wv", chunk_rows=300, ordered=True) for i in c]
+        assert reads_id_runs(cache.offline, "wv")
+        listed = iter_entity_ids(cache.offline, "wv", chunk_rows=300, ordered=True)
+        ids = [i for c in listed for i in c]
         assert ids == list(range(1, ENTITIES + 1))
-        rows = latest_of_id_run(cache, "wv", [5, 6, 9])
+        rows = latest_of_id_run(cache.offline, "wv", [5, 6, 9])
         assert sorted(rows) == [5, 6, 9]
-        by_in = {k: v for part in iter_latest_by_id(cache, "wv", [5, 6, 9])
+        by_in = {k: v for part in iter_latest_by_id(cache.offline, "wv", [5, 6, 9])
                  for k, v in part.items()}
         assert rows[9].values[1] == 94 and rows == by_in  # the IN path's latest rows
-        assert latest_of_id_run(cache, "wv", []) == {}
+        assert latest_of_id_run(cache.offline, "wv", []) == {}
 
 
 
@@ -305,7 +306,7 @@ def test_ids_listed_through_adbc_go_on_through_sqlalchemy_after_a_failure(
     view = make_view("mixed", "mixed", None)
     with make_cache([view], redis_url, sqlite_target.url, key_prefix) as cache, \
             caplog.at_level(logging.WARNING, logger="featcache.bulk"):
-        chunks = list(iter_entity_ids(cache, "mixed", chunk_rows=500, ordered=True))
+        chunks = list(iter_entity_ids(cache.offline, "mixed", chunk_rows=500, ordered=True))
     assert "ADBC listing of view mixed failed after id 1000" in caplog.text
     assert [i for c in chunks for i in c] == [int(x) for x in listed]
     assert all(type(i) is int for c in chunks for i in c)

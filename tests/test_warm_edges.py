@@ -22,9 +22,9 @@ from servers import SqlTarget
 from warmerenv import HOUR, cv_env
 
 from featcache import FeatureCache, InvalidRequest, SchemaError
-from featcache.bulk import iter_entity_ids, iter_latest_by_id
 from featcache.config import FeatureView, config_from_dict
 from featcache.keys import KeyLayout
+from featcache.offline.bulk import iter_entity_ids, iter_latest_by_id
 
 
 @pytest.fixture
@@ -86,7 +86,7 @@ def test_a_fill_read_before_the_change_does_not_outlive_the_poll(
     view = cache.config.view("cv")
     # the reader: fence (its MGET) and SQL read, before the ETL commit
     fence = cache.fence(view, [2])
-    (old_rows,) = list(iter_latest_by_id(cache, view, [2]))
+    (old_rows,) = list(iter_latest_by_id(cache.offline, view, [2]))
     assert old_rows[2].values[0] == 7  # clicks
     # the ETL commits a new value with a bumped updated_at
     _sql(env["engine"], "UPDATE cv SET clicks = 999, updated_at = :t WHERE entity_id = 2",
@@ -135,7 +135,7 @@ def test_materialize_all_with_a_null_entity_id_row_str_view(
     _engine, cache = _null_id_env(sqlite_target, redis_url, key_prefix, "str",
                                   ["Alice", "bob", None])
     with cache:
-        listed = [i for c in iter_entity_ids(cache, "nv", ordered=True) for i in c]
+        listed = [i for c in iter_entity_ids(cache.offline, "nv", ordered=True) for i in c]
         report = materialize(cache, "nv", all=True)
         layout = KeyLayout(key_prefix)
         cached = {e: bool(redis_client.exists(layout.row_key("nv", e)))
@@ -260,7 +260,7 @@ def test_a_poll_does_not_block_etl_commits_between_chunks(
     """SQLite in its default rollback-journal mode: follow_changes keeps its change cursor
     open while it rewrites chunk after chunk, so the file's SHARED lock is held for the whole
     poll and an ETL cannot commit until the poll ends (its busy timeout expires first), and
-    the ETL's pending lock in turn blocks the poll's own reads. arrow_reads avoids exactly
+    the ETL's pending lock in turn blocks the poll's own reads. offline/arrow.py avoids exactly
     this ('no read transaction is held between chunks')."""
     n = 4000
     engine = sqlite_target.engine()

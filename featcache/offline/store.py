@@ -1,17 +1,19 @@
-"""The offline store: reads the latest row per entity from any SQLAlchemy database.
+"""The SQL store: the latest row per entity from any SQLAlchemy database.
 
-This is the SQL boundary: SQLAlchemy and driver exceptions become ``OfflineStoreError`` /
-``OfflineStoreUnavailable`` / ``SchemaError`` here and nowhere else. Tables are reflected at a
-view's first use (so loading a config needs no database) and every configured column is checked
-then, so a typo fails with the column's name instead of a driver's SQL error. Ids travel as
-bound parameters (an expanding ``IN``); identifiers come from the validated config and are quoted
-by SQLAlchemy.
+``featcache.offline`` is the SQL boundary: every statement the cache and its jobs run is built
+and run in this package (``store``: the serving reads; ``bulk`` and ``arrow``: the warmer's bulk
+reads; ``changes``: the change poll), and SQLAlchemy and driver exceptions become
+``OfflineStoreError`` / ``OfflineStoreUnavailable`` in ``translate`` and nowhere else. Tables
+are reflected at a view's first use (so loading a config needs no database) and every
+configured column is checked then, so a typo fails with the column's name (``SchemaError``)
+instead of a driver's SQL error. Ids travel as bound parameters (an expanding ``IN``, or one
+array on PostgreSQL); identifiers come from the validated config and are quoted by SQLAlchemy.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import difflib
-import logging
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -31,20 +33,28 @@ from featcache.convert import (
     timestamps_to_us,
     us_to_timestamp,
 )
-from featcache.errors import ConfigError, OfflineStoreError, OfflineStoreUnavailable, SchemaError
+from featcache.errors import (
+    ConfigError,
+    InvalidRequest,
+    OfflineStoreError,
+    OfflineStoreUnavailable,
+    SchemaError,
+)
 from featcache.urls import mask_url
 
 __all__ = [
     "INSTALLED_DRIVERS",
+    "BoundView",
     "OfflineStore",
     "RowColumns",
     "SqlRow",
     "create_engine",
     "engine_url",
+    "only",
+    "raw_column",
     "safe_url",
+    "translate",
 ]
-
-log = logging.getLogger("featcache.offline")
 
 EntityId = int | str
 
@@ -154,7 +164,7 @@ def _connect_args(url: sa.URL, timeout: float) -> dict[str, Any]:
     return {}
 
 
-def _raw(column: sa.ColumnElement[Any]) -> sa.ColumnElement[Any]:
+def raw_column(column: sa.ColumnElement[Any]) -> sa.ColumnElement[Any]:
     """The DBAPI's own value, without SQLAlchemy's result processing.
 
     Reflected types can lose data on the way: MySQL's reflected DOUBLE returns a Decimal rounded
@@ -179,12 +189,13 @@ def _any_of_ids(entity: sa.Column[Any], dialect: str) -> sa.ColumnElement[bool]:
     return entity.in_(sa.bindparam("ids", expanding=True))
 
 
-class _BoundView:
+class BoundView:
     """A view whose table has been reflected: its latest-row queries and column converters."""
 
     def __init__(self, view: FeatureView, table: sa.Table, dialect: str = "") -> None:
         self.view = view
         self.table = table
+        self.dialect = dialect
         # MySQL/MariaDB's default collations compare 'a', 'A' and 'a ' as equal: grouping and
         # listing ids go by their bytes there, and readers drop rows of ids they did not ask
         # for (``entity IN (...)`` still matches by collation, which keeps the index usable)
@@ -219,8 +230,9 @@ class _BoundView:
         rank = sa.func.row_number().over(partition_by=partition, order_by=order).label("fc_rank")
         ranked = sa.select(
             entity.label("fc_entity"),
-            _raw(event).label("fc_event"),
-            *(_raw(table.c[f.column]).label(f"fc_f{i}") for i, f in enumerate(view.features)),
+            raw_column(event).label("fc_event"),
+            *(raw_column(table.c[f.column]).label(f"fc_f{i}")
+              for i, f in enumerate(view.features)),
             rank,
         )
         if entities is not None:
@@ -231,6 +243,41 @@ class _BoundView:
             inner.c.fc_event,
             *(inner.c[f"fc_f{i}"] for i in range(len(view.features))),
         ).where(inner.c.fc_rank == 1)
+
+    def updated_since(self, since: dt.datetime | None) -> sa.ColumnElement[bool] | None:
+        """Rows whose ``updated_at`` is at or after ``since`` (None: no filter). A naive
+        ``since`` is UTC, as featcache reads timestamps; it is compared with a column without
+        a time zone as UTC wall time."""
+        if since is None:
+            return None
+        view = self.view
+        if view.updated_at_column is None:
+            raise InvalidRequest(
+                f"view {view.name!r} has no updated_at column, so rows changed since a time "
+                "cannot be found; configure views.<name>.updated_at or use ids or all"
+            )
+        column = self.table.c[view.updated_at_column]
+        when = since if since.tzinfo is not None else since.replace(tzinfo=dt.UTC)
+        if self.dialect == "sqlite":
+            return _sqlite_at_or_after(column, when)
+        if not getattr(column.type, "timezone", False):
+            when = when.astimezone(dt.UTC).replace(tzinfo=None)
+        return column >= when
+
+
+def _sqlite_at_or_after(column: sa.Column[Any], when: dt.datetime) -> sa.ColumnElement[bool]:
+    """``column >= when`` for SQLite, where a DATETIME is text and compares as text: the row
+    '2026-01-01 01:00:00' (CURRENT_TIMESTAMP's form, or Python's for a whole second) sorts
+    before the bound '2026-01-01 01:00:00.000000', and 'T' after ' '. ``julianday()``
+    compares the instants (to the millisecond, never reordering them, so a row at ``when`` or
+    later is always in; one up to 1 ms earlier may be too). The text bound two days earlier
+    is implied by it for ISO text (offsets are at most 14 h) and lets an index on the column
+    narrow the scan."""
+    utc = when.astimezone(dt.UTC).replace(tzinfo=None)
+    floor = sa.bindparam("fc_since_floor", (utc - dt.timedelta(days=2)).date().isoformat(),
+                         type_=sa.String())
+    instant = sa.bindparam("fc_since", utc.isoformat(sep=" "), type_=sa.String())
+    return sa.and_(column >= floor, sa.func.julianday(column) >= sa.func.julianday(instant))
 
 
 class OfflineStore:
@@ -257,26 +304,26 @@ class OfflineStore:
                 pool_pre_ping=True, pool_size=config.pool_size,
             )
         self.engine = engine
-        self._bound: dict[str, _BoundView] = {}
+        self._bound: dict[str, BoundView] = {}
         self._lock = threading.Lock()
 
     def close(self) -> None:
         self.engine.dispose()
 
-    def view(self, name: str) -> FeatureView:
-        """The configured view ``name`` (``UnknownView`` if there is none)."""
-        return find_view(self.views, name)
+    def view(self, view: str | FeatureView) -> FeatureView:
+        """The configured view of that name (``UnknownView`` if there is none)."""
+        return find_view(self.views, view if isinstance(view, str) else view.name)
 
     # ------------------------------------------------------------------ schema, at first use
 
-    def bind(self, view: FeatureView) -> _BoundView:
+    def bind(self, view: FeatureView) -> BoundView:
         bound = self._bound.get(view.name)
         if bound is not None:
             return bound
         with self._lock:
             bound = self._bound.get(view.name)
             if bound is None:
-                bound = _BoundView(view, self._reflect(view), self.engine.dialect.name)
+                bound = BoundView(view, self._reflect(view), self.engine.dialect.name)
                 self._bound[view.name] = bound
         return bound
 
@@ -294,7 +341,7 @@ class OfflineStore:
                 self._source,
             ) from None
         except sa_exc.SQLAlchemyError as exc:
-            raise self._translate(exc, f"reflecting table {qualified!r}") from exc
+            raise translate(exc, self.url, f"reflecting table {qualified!r}") from exc
         columns = list(table.c.keys())
         wanted = [
             (f"{path}.entity.column", view.entity_column),
@@ -331,11 +378,11 @@ class OfflineStore:
             if bound.exact_ids:
                 found = only(found, ids)
         except sa_exc.SQLAlchemyError as exc:
-            raise self._translate(exc, f"reading view {view.name!r}") from exc
+            raise translate(exc, self.url, f"reading view {view.name!r}") from exc
         return found, time.perf_counter() - started
 
     def convert_rows(
-        self, bound: _BoundView, rows: Sequence[Sequence[Any]], out: dict[EntityId, SqlRow]
+        self, bound: BoundView, rows: Sequence[Sequence[Any]], out: dict[EntityId, SqlRow]
     ) -> None:
         """``_convert`` for many rows (entity, event, features...), a column at a time: the
         bulk readers' path. A value that does not convert sends the batch through ``_convert``
@@ -346,7 +393,7 @@ class OfflineStore:
 
     def convert_columns(
         self,
-        bound: _BoundView,
+        bound: BoundView,
         columns: Sequence[Sequence[Any]],
         out: dict[EntityId, SqlRow],
         *,
@@ -376,7 +423,7 @@ class OfflineStore:
 
     def convert_to_columns(
         self,
-        bound: _BoundView,
+        bound: BoundView,
         columns: Sequence[Sequence[Any]],
         *,
         events_us: Sequence[int | None] | None = None,
@@ -396,7 +443,7 @@ class OfflineStore:
 
     def _converted(
         self,
-        bound: _BoundView,
+        bound: BoundView,
         columns: Sequence[Sequence[Any]],
         events_us: Sequence[int | None] | None,
         exact: Sequence[bool],
@@ -420,7 +467,7 @@ class OfflineStore:
         return keys, events, values
 
     def _convert(
-        self, bound: _BoundView, entity: Any, row: Sequence[Any], out: dict[EntityId, SqlRow]
+        self, bound: BoundView, entity: Any, row: Sequence[Any], out: dict[EntityId, SqlRow]
     ) -> None:
         view = bound.view
         key: EntityId = int(entity) if bound.int_ids else str(entity)
@@ -445,16 +492,6 @@ class OfflineStore:
                 ) from None
         out[key] = SqlRow(event_us, tuple(values))
 
-    def _translate(self, exc: sa_exc.SQLAlchemyError, doing: str) -> Exception:
-        # OperationalError/InterfaceError/DisconnectionError are what drivers raise when the
-        # server is unreachable; everything else is a failed query.
-        if isinstance(exc, sa_exc.OperationalError | sa_exc.InterfaceError | sa_exc.TimeoutError):
-            return OfflineStoreUnavailable(f"offline store {self.url} unavailable while {doing}: "
-                                           f"{_short(exc)}")
-        if isinstance(exc, sa_exc.DisconnectionError):
-            return OfflineStoreUnavailable(f"offline store {self.url} disconnected while {doing}")
-        return OfflineStoreError(f"offline store {self.url} failed while {doing}: {_short(exc)}")
-
 
 def _no_secrets(exc: BaseException, url: str) -> str:
     text = str(exc).replace(url, mask_url(url))
@@ -468,6 +505,20 @@ def _password(url: str) -> str | None:
         return None if password is None else str(password)
     except Exception:  # an unparsable URL has no password we could mask
         return None
+
+
+def translate(exc: sa_exc.SQLAlchemyError, url: str, doing: str) -> Exception:
+    """The featcache error for a SQLAlchemy (or driver) error met while ``doing`` on the
+    offline store at ``url`` (masked): the one place SQL errors are translated. The caller
+    raises it ``from exc``, which keeps the original as ``__cause__``."""
+    # OperationalError/InterfaceError/TimeoutError are what drivers and the pool raise when
+    # the server is unreachable; everything else is a failed query.
+    if isinstance(exc, sa_exc.OperationalError | sa_exc.InterfaceError | sa_exc.TimeoutError):
+        return OfflineStoreUnavailable(f"offline store {url} unavailable while {doing}: "
+                                       f"{_short(exc)}")
+    if isinstance(exc, sa_exc.DisconnectionError):
+        return OfflineStoreUnavailable(f"offline store {url} disconnected while {doing}")
+    return OfflineStoreError(f"offline store {url} failed while {doing}: {_short(exc)}")
 
 
 def _short(exc: sa_exc.SQLAlchemyError) -> str:

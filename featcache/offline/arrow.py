@@ -1,6 +1,6 @@
 """Bulk reads through ADBC: a view's latest rows fetched as Arrow columns.
 
-``materialize --all`` reads a view one run of ids at a time (``featcache.bulk``). Through
+``materialize --all`` reads a view one run of ids at a time (``featcache.offline.bulk``). Through
 SQLAlchemy each run costs the driver building a tuple per row and featcache converting every
 value, all of it holding the GIL that the concurrent Redis writer needs too. Through ADBC
 (Apache Arrow's database connectivity, with its SQLite and libpq drivers) the query runs with
@@ -10,7 +10,7 @@ feature values go through the same converters as every other read
 (``OfflineStore.convert_columns``), so both paths return the same rows.
 
 It is an accelerator only. It is used for SQLite files and PostgreSQL, with the statement
-SQLAlchemy compiles for the view (``_BoundView.range_query``; values are bound parameters,
+SQLAlchemy compiles for the view (``BoundView.range_query``; values are bound parameters,
 never formatted in). Anything else, or any ADBC or Arrow error, makes ``open_arrow_reader``
 return None or ``ArrowRangeReader.read`` raise ``ArrowReadUnavailable``, and the caller reads
 through SQLAlchemy instead: a run can only get faster, never different, and errors are reported
@@ -32,7 +32,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql.psycopg import PGDialect_psycopg
 
 from featcache.convert import MAX_US, MIN_US
-from featcache.offline import OfflineStore, RowColumns, SqlRow, _BoundView, _raw, only
+from featcache.offline.store import BoundView, OfflineStore, RowColumns, SqlRow, only, raw_column
 from featcache.request import EntityId
 from featcache.types import FeatureType
 
@@ -40,19 +40,21 @@ __all__ = [
     "ArrowIdStream",
     "ArrowRangeReader",
     "ArrowReadUnavailable",
+    "arrow_micros",
+    "holds_exactly",
     "open_arrow_reader",
     "open_id_stream",
 ]
 
-log = logging.getLogger("featcache.bulk")
+log = logging.getLogger("featcache.bulk")  # with bulk.py's: one logger for the bulk reads
 
 
 class ArrowReadUnavailable(Exception):
     """ADBC could not serve a read; the caller falls back to SQLAlchemy. Never escapes
-    ``featcache.bulk``."""
+    ``featcache.offline.bulk``."""
 
 
-def open_arrow_reader(offline: OfflineStore, bound: _BoundView) -> ArrowRangeReader | None:
+def open_arrow_reader(offline: OfflineStore, bound: BoundView) -> ArrowRangeReader | None:
     """An ADBC reader of ``bound``'s id ranges, or None where ADBC does not apply."""
     if bound.range_query is None:
         return None
@@ -63,7 +65,7 @@ def open_arrow_reader(offline: OfflineStore, bound: _BoundView) -> ArrowRangeRea
 
 
 def open_id_stream(
-    offline: OfflineStore, bound: _BoundView, query: sa.Select[Any]
+    offline: OfflineStore, bound: BoundView, query: sa.Select[Any]
 ) -> ArrowIdStream | None:
     """The one-column listing ``query`` through ADBC, or None where ADBC does not apply."""
     opened = _connect(offline, bound)
@@ -81,7 +83,7 @@ class ArrowIdStream:
     arrive as Arrow batches (memory: one Arrow batch, at most two chunks as Python ints).
     Errors surface from ``chunks`` as they happen, possibly after some chunks (ADBC SQLite
     types a column by its first rows and stops at a value of another type);
-    ``featcache.bulk`` then lists the rest through SQLAlchemy.
+    ``featcache.offline.bulk`` then lists the rest through SQLAlchemy.
     """
 
     def __init__(self, connection: Any, statement: _Statement) -> None:
@@ -113,7 +115,7 @@ class ArrowIdStream:
             self._connection.close()
 
 
-def _connect(offline: OfflineStore, bound: _BoundView) -> tuple[Any, sa.Dialect] | None:
+def _connect(offline: OfflineStore, bound: BoundView) -> tuple[Any, sa.Dialect] | None:
     """A new ADBC connection to the offline store and the dialect to compile for it, or None
     where ADBC does not apply (or fails to connect: then SQLAlchemy serves)."""
     url = offline.engine.url
@@ -165,7 +167,7 @@ class ArrowRangeReader:
 
     Where it gives the same rows, the latest row per entity is picked here rather than by the
     database: a run's rows are fetched as they are (``entity BETWEEN lo AND hi``) and sorted in
-    Arrow by exactly the order of ``_BoundView.latest_query`` (event time NULLs last, event
+    Arrow by exactly the order of ``BoundView.latest_query`` (event time NULLs last, event
     time descending, then ``updated_at`` NULLs last, ``updated_at`` descending).
     SQLite spends 60% less per row without the window function, PostgreSQL 30% less
     (docs/benchmarks.md, "Materialize"). "Same rows" is checked, never assumed: the ordering
@@ -182,7 +184,7 @@ class ArrowRangeReader:
     HISTORY_BOUND = 4
 
     def __init__(
-        self, offline: OfflineStore, bound: _BoundView, connection: Any, dialect: sa.Dialect
+        self, offline: OfflineStore, bound: BoundView, connection: Any, dialect: sa.Dialect
     ) -> None:
         assert bound.range_query is not None
         self._offline = offline
@@ -230,8 +232,8 @@ class ArrowRangeReader:
                 table = self._fetch(self._latest, ids, None)
             assert table is not None
             columns = table.columns
-            events_us = _micros(columns[1])
-            exact = [_holds_exactly(f.type, c.type)
+            events_us = arrow_micros(columns[1])
+            exact = [holds_exactly(f.type, c.type)
                      for f, c in zip(self._bound.view.features, columns[2:], strict=True)]
             values: list[Sequence[Any]] = [
                 columns[0].to_pylist(),
@@ -309,7 +311,7 @@ class ArrowRangeReader:
             self._connection.close()
 
 
-def _rows_query(bound: _BoundView) -> sa.Select[Any]:
+def _rows_query(bound: BoundView) -> sa.Select[Any]:
     """Every row of a run of ids, unranked: entity, event time, updated_at (if configured),
     the features; the columns of ``latest_query`` with the ordering column in between."""
     view, table = bound.view, bound.table
@@ -318,11 +320,12 @@ def _rows_query(bound: _BoundView) -> sa.Select[Any]:
     if view.updated_at_column is not None:
         ordering.append(table.c[view.updated_at_column])
     return sa.select(
-        entity, *(_raw(c) for c in ordering), *(_raw(table.c[f.column]) for f in view.features)
+        entity, *(raw_column(c) for c in ordering),
+        *(raw_column(table.c[f.column]) for f in view.features),
     ).where(entity.between(sa.bindparam("lo"), sa.bindparam("hi")))
 
 
-def _orders_alike(bound: _BoundView, dialect: str) -> bool:
+def _orders_alike(bound: BoundView, dialect: str) -> bool:
     """Whether Arrow can order this view's rows as the database does: timestamps on
     PostgreSQL (text compares by collation there), and on SQLite text without a declared
     collation (binary, as Arrow compares) or timestamps."""
@@ -339,7 +342,7 @@ def _orders_alike(bound: _BoundView, dialect: str) -> bool:
     return True
 
 
-def _no_collations(connection: Any, bound: _BoundView, dialect: sa.Dialect) -> bool:
+def _no_collations(connection: Any, bound: BoundView, dialect: sa.Dialect) -> bool:
     """Whether the view's table declares no collation where it matters: none at all in the
     SQLite table's DDL (reflection does not report SQLite collations), none other than the
     default on the PostgreSQL entity, event time and updated_at columns. Any doubt (the
@@ -384,7 +387,7 @@ def _no_collations(connection: Any, bound: _BoundView, dialect: sa.Dialect) -> b
     return int(found[0]) == 0
 
 
-def _holds_exactly(ftype: FeatureType, arrow_type: pa.DataType) -> bool:
+def holds_exactly(ftype: FeatureType, arrow_type: pa.DataType) -> bool:
     """Whether every value of an Arrow column of this type, as Python, is what featcache's
     converter for ``ftype`` would return for it unchanged (or None): signed integers of at
     most 64 bits for INT (Python ints within int64), floating point for FLOAT, UTF-8 text for
@@ -412,7 +415,7 @@ def _orderable(column: pa.Array[Any]) -> bool:
     return False
 
 
-def _micros(column: pa.ChunkedArray[Any]) -> list[int | None] | None:
+def arrow_micros(column: pa.ChunkedArray[Any]) -> list[int | None] | None:
     """Microseconds since the epoch of an Arrow timestamp column (naive ones read as UTC,
     like every featcache read), or of SQLite's ISO 8601 text, parsed by Arrow; None when
     Arrow cannot (then ``OfflineStore.convert_columns`` parses the text in Python).

@@ -3,7 +3,7 @@
 ``iter_latest_rows`` yields lists of row dicts keyed by the view's SQL column names (the
 entity column, the event timestamp column, every feature column), ready for
 ``FeatureCache.put_rows``. Values go through the offline store's own converters
-(``OfflineStore._convert``), so they have exactly the types a read-through fill produces.
+(``OfflineStore.convert_rows``), so they have exactly the types a read-through fill produces.
 Memory is bounded by one chunk, never by the table:
 
 - ``ids``: chunks of ``chunk_rows`` ids, each read with the offline store's latest-row query
@@ -21,8 +21,10 @@ database's order (``ordered=True``), a chunk is a run of consecutive ids, and
 ``IN`` lists: SQLite spends about a third as long per row on a range as on 1,000-id ``IN``
 lists, and nothing has to be expanded or bound per id.
 
-Every query is ``featcache.offline._BoundView.latest_query`` with another entity filter, so
-the bulk path and the serving path read rows identically.
+Every query is ``BoundView.latest_query`` (``featcache.offline.store``) with another entity
+filter, so the bulk path and the serving path read rows identically. Every function takes the
+``OfflineStore`` to read (``FeatureCache.offline``, for the cache's own engine and reflected
+tables).
 """
 
 from __future__ import annotations
@@ -37,17 +39,16 @@ from typing import Any, TypeVar
 import sqlalchemy as sa
 from sqlalchemy import exc as sa_exc
 
-from featcache.arrow_reads import (
+from featcache.config import FeatureView
+from featcache.convert import us_to_timestamp
+from featcache.errors import InvalidRequest, SchemaError
+from featcache.offline.arrow import (
     ArrowRangeReader,
     ArrowReadUnavailable,
     open_arrow_reader,
     open_id_stream,
 )
-from featcache.client import FeatureCache
-from featcache.config import FeatureView
-from featcache.convert import us_to_timestamp
-from featcache.errors import InvalidRequest, SchemaError
-from featcache.offline import OfflineStore, RowColumns, SqlRow, _BoundView, only
+from featcache.offline.store import BoundView, OfflineStore, RowColumns, SqlRow, only, translate
 from featcache.request import EntityId
 
 T = TypeVar("T")
@@ -60,10 +61,9 @@ __all__ = [
     "iter_latest_rows",
     "latest_of_id_run",
     "reads_id_runs",
-    "resolve",
 ]
 
-log = logging.getLogger("featcache.bulk")
+log = logging.getLogger("featcache.bulk")  # arrow.py logs here too: one logger for the bulk reads
 
 _FIRST = itemgetter(0)
 
@@ -71,21 +71,8 @@ _FIRST = itemgetter(0)
 Rows = list[dict[str, Any]]
 
 
-def resolve(
-    source: FeatureCache | OfflineStore, view: str | FeatureView
-) -> tuple[OfflineStore, FeatureView]:
-    """The offline store behind ``source`` and the configured view (``UnknownView`` if none)."""
-    if isinstance(source, FeatureCache):
-        offline: OfflineStore = source.offline  # the cache's own engine and reflection cache
-    elif isinstance(source, OfflineStore):
-        offline = source
-    else:
-        raise TypeError(f"expected a FeatureCache or an OfflineStore, got {type(source).__name__}")
-    return offline, offline.view(view if isinstance(view, str) else view.name)
-
-
 def iter_latest_rows(
-    source: FeatureCache | OfflineStore,
+    offline: OfflineStore,
     view: str | FeatureView,
     *,
     ids: Sequence[EntityId] | None = None,
@@ -101,21 +88,20 @@ def iter_latest_rows(
         raise InvalidRequest(f"chunk_rows must be at least 1, got {chunk_rows}")
     if ids is not None and since is not None:
         raise InvalidRequest("pass ids or since, not both")
-    offline, view_def = resolve(source, view)
+    view_def = offline.view(view)
     bound = offline.bind(view_def)
     if ids is not None:
         for found in _by_ids(offline, bound, list(dict.fromkeys(ids)), chunk_rows):
             yield _as_dicts(view_def, found)
         return
-    table = bound.table
-    where = _since_filter(view_def, table, since, offline.engine.dialect.name)
-    entity = table.c[view_def.entity_column]
+    where = bound.updated_since(since)
+    entity = bound.table.c[view_def.entity_column]
     changed = None if where is None else entity.in_(sa.select(entity).where(where).distinct())
     yield from _streamed(offline, bound, bound.latest_query(changed), chunk_rows)
 
 
 def iter_latest_by_id(
-    source: FeatureCache | OfflineStore,
+    offline: OfflineStore,
     view: str | FeatureView,
     ids: Sequence[EntityId],
     *,
@@ -125,12 +111,12 @@ def iter_latest_by_id(
     ``FeatureCache.put_latest``: nothing is converted twice or rebuilt as dicts."""
     if chunk_rows < 1:
         raise InvalidRequest(f"chunk_rows must be at least 1, got {chunk_rows}")
-    offline, view_def = resolve(source, view)
+    view_def = offline.view(view)
     yield from _by_ids(offline, offline.bind(view_def), list(dict.fromkeys(ids)), chunk_rows)
 
 
 def iter_entity_ids(
-    source: FeatureCache | OfflineStore,
+    offline: OfflineStore,
     view: str | FeatureView,
     *,
     since: dt.datetime | None = None,
@@ -142,16 +128,15 @@ def iter_entity_ids(
     database's own order with ``ordered`` (for ``latest_of_id_run``)."""
     if chunk_rows < 1:
         raise InvalidRequest(f"chunk_rows must be at least 1, got {chunk_rows}")
-    offline, view_def = resolve(source, view)
+    view_def = offline.view(view)
     bound = offline.bind(view_def)
-    table = bound.table
-    entity = table.c[view_def.entity_column]
-    # by their bytes where a collation would fold 'a', 'A' and 'a ' into one (see _BoundView)
+    entity = bound.table.c[view_def.entity_column]
+    # by their bytes where a collation would fold 'a', 'A' and 'a ' into one (see BoundView)
     listed = sa.cast(entity, sa.LargeBinary) if bound.exact_ids else entity
     # a row without an id has no entity to cache (and NULL sorts first: as the id "None" it
     # would become the lower bound of a string view's first id range)
     query = sa.select(listed).where(entity.is_not(None)).distinct()
-    where = _since_filter(view_def, table, since, offline.engine.dialect.name)
+    where = bound.updated_since(since)
     if where is not None:
         query = query.where(where)
     if ordered:
@@ -180,7 +165,7 @@ def iter_entity_ids(
                 else:
                     yield _as_kind(listed_ids, kind, view_def.name)
     except sa_exc.SQLAlchemyError as exc:
-        raise offline._translate(exc, f"listing the ids of view {view_def.name!r}") from exc
+        raise translate(exc, offline.url, f"listing the ids of view {view_def.name!r}") from exc
 
 
 def _as_kind(listed_ids: list[Any], kind: type[int] | type[str], view: str) -> list[EntityId]:
@@ -201,7 +186,7 @@ def _as_kind(listed_ids: list[Any], kind: type[int] | type[str], view: str) -> l
 
 def _listed_through_adbc(
     offline: OfflineStore,
-    bound: _BoundView,
+    bound: BoundView,
     query: sa.Select[Any],
     chunk_rows: int,
     kind: type[int] | type[str],
@@ -228,21 +213,21 @@ def _listed_through_adbc(
             last = ids[-1:]
 
 
-def reads_id_runs(source: FeatureCache | OfflineStore, view: str | FeatureView) -> bool:
+def reads_id_runs(offline: OfflineStore, view: str | FeatureView) -> bool:
     """Whether ``latest_of_id_run`` serves ``view``: everywhere but string ids on
     MySQL/MariaDB, whose collations make distinct ids compare equal."""
-    offline, view_def = resolve(source, view)
+    view_def = offline.view(view)
     return offline.bind(view_def).range_query is not None
 
 
 def latest_of_id_run(
-    source: FeatureCache | OfflineStore, view: str | FeatureView, ids: Sequence[EntityId]
+    offline: OfflineStore, view: str | FeatureView, ids: Sequence[EntityId]
 ) -> dict[EntityId, SqlRow]:
     """The latest rows of ``ids``, a run of consecutive ids in the order
     ``iter_entity_ids(ordered=True)`` lists them, read with one query for the range
     ``ids[0]..ids[-1]``. Rows of ids inside the range but not in ``ids`` (inserted since the
     listing, hence not fenced by a caller that fenced ``ids``) are left out."""
-    offline, view_def = resolve(source, view)
+    view_def = offline.view(view)
     bound = offline.bind(view_def)
     if bound.range_query is None:
         raise InvalidRequest(
@@ -257,18 +242,18 @@ def latest_of_id_run(
             rows = conn.execute(bound.range_query, {"lo": ids[0], "hi": ids[-1]}).fetchall()
         offline.convert_rows(bound, rows, found)
     except sa_exc.SQLAlchemyError as exc:
-        raise offline._translate(exc, f"reading view {view_def.name!r}") from exc
+        raise translate(exc, offline.url, f"reading view {view_def.name!r}") from exc
     return only(found, ids)
 
 
 class IdRunReader:
     """Reads runs of ids (``latest_of_id_run``) for the length of one materialization:
-    through ADBC where it applies (``featcache.arrow_reads``: faster, same rows), else, or
+    through ADBC where it applies (``featcache.offline.arrow``: faster, same rows), else, or
     after any ADBC failure (one warning, then for the rest of the run), through SQLAlchemy.
     A context manager: the ADBC connection is closed at the end."""
 
-    def __init__(self, source: FeatureCache | OfflineStore, view: str | FeatureView) -> None:
-        self._offline, self._view = resolve(source, view)
+    def __init__(self, offline: OfflineStore, view: str | FeatureView) -> None:
+        self._offline, self._view = offline, offline.view(view)
         bound = self._offline.bind(self._view)
         self._arrow: ArrowRangeReader | None = open_arrow_reader(self._offline, bound)
 
@@ -319,7 +304,7 @@ class IdRunReader:
 
 
 def _by_ids(
-    offline: OfflineStore, bound: _BoundView, ids: list[EntityId], chunk_rows: int
+    offline: OfflineStore, bound: BoundView, ids: list[EntityId], chunk_rows: int
 ) -> Iterator[dict[EntityId, SqlRow]]:
     sub = max(1, min(chunk_rows, offline.config.chunk_size))
     for start in range(0, len(ids), chunk_rows):
@@ -333,13 +318,13 @@ def _by_ids(
             if bound.exact_ids:
                 found = only(found, chunk)
         except sa_exc.SQLAlchemyError as exc:
-            raise offline._translate(exc, f"reading view {bound.view.name!r}") from exc
+            raise translate(exc, offline.url, f"reading view {bound.view.name!r}") from exc
         if found:
             yield found
 
 
 def _streamed(
-    offline: OfflineStore, bound: _BoundView, query: sa.Select[Any], chunk_rows: int
+    offline: OfflineStore, bound: BoundView, query: sa.Select[Any], chunk_rows: int
 ) -> Iterator[Rows]:
     try:
         with offline.engine.connect() as conn:
@@ -351,7 +336,7 @@ def _streamed(
                 offline.convert_rows(bound, part, found)
                 yield _as_dicts(bound.view, found)
     except sa_exc.SQLAlchemyError as exc:
-        raise offline._translate(exc, f"reading view {bound.view.name!r}") from exc
+        raise translate(exc, offline.url, f"reading view {bound.view.name!r}") from exc
 
 
 def _as_dicts(view: FeatureView, found: dict[EntityId, SqlRow]) -> Rows:
@@ -365,38 +350,3 @@ def _as_dicts(view: FeatureView, found: dict[EntityId, SqlRow]) -> Rows:
         item.update(zip(names, row.values, strict=True))
         out.append(item)
     return out
-
-
-def _since_filter(
-    view: FeatureView, table: sa.Table, since: dt.datetime | None, dialect: str
-) -> sa.ColumnElement[bool] | None:
-    if since is None:
-        return None
-    if view.updated_at_column is None:
-        raise InvalidRequest(
-            f"view {view.name!r} has no updated_at column, so rows changed since a time "
-            "cannot be found; configure views.<name>.updated_at or use ids or all"
-        )
-    column = table.c[view.updated_at_column]
-    # naive timestamps are UTC (as featcache reads them); naive columns compare as UTC wall time
-    when = since if since.tzinfo is not None else since.replace(tzinfo=dt.UTC)
-    if dialect == "sqlite":
-        return _sqlite_at_or_after(column, when)
-    if not getattr(column.type, "timezone", False):
-        when = when.astimezone(dt.UTC).replace(tzinfo=None)
-    return column >= when
-
-
-def _sqlite_at_or_after(column: sa.Column[Any], when: dt.datetime) -> sa.ColumnElement[bool]:
-    """``column >= when`` for SQLite, where a DATETIME is text and compares as text: the row
-    '2026-01-01 01:00:00' (CURRENT_TIMESTAMP's form, or Python's for a whole second) sorts
-    before the bound '2026-01-01 01:00:00.000000', and 'T' after ' '. ``julianday()``
-    compares the instants (to the millisecond, never reordering them, so a row at ``when`` or
-    later is always in; one up to 1 ms earlier may be too). The text bound two days earlier
-    is implied by it for ISO text (offsets are at most 14 h) and lets an index on the column
-    narrow the scan."""
-    utc = when.astimezone(dt.UTC).replace(tzinfo=None)
-    floor = sa.bindparam("fc_since_floor", (utc - dt.timedelta(days=2)).date().isoformat(),
-                         type_=sa.String())
-    instant = sa.bindparam("fc_since", utc.isoformat(sep=" "), type_=sa.String())
-    return sa.and_(column >= floor, sa.func.julianday(column) >= sa.func.julianday(instant))
