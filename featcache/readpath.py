@@ -189,6 +189,7 @@ class ReadPath:
         self.breaker = CircuitBreaker.from_config(config.degradation)
         self.sql_limiter = ConcurrencyLimiter.from_config(config.degradation)
         self._redis_outage = OutageLog(log, f"Redis {redis_store.url}")
+        self._epoch_keys = {view.name: layout.epoch_key(view.name) for view in config.views}
         self._sql_outage = OutageLog(log, f"offline store {offline.url}")
         self._beta = config.stampede.xfetch_beta
         self._lease_wait = config.stampede.lease_wait
@@ -247,17 +248,25 @@ class ReadPath:
         for vp, todo in zip(plan.views, pending, strict=True):
             keys.extend(self._layout.row_keys(vp.view.name, todo))
         # the epochs ride in the same MGET: one round trip, and a consistent fence for fills
-        keys.extend(self._layout.epoch_key(vp.view.name) for vp in plan.views)
+        epoch_keys = self._epoch_keys
+        keys.extend(epoch_keys[vp.view.name] for vp in plan.views)
         redis_ok = True
         if any(pending):
-            try:
-                raw: list[bytes | None] = self._redis_call("read", lambda: self._redis.read(keys))
+            try:  # _redis_call's work, inline: this is every call's one round trip
+                if not self.breaker.allow():
+                    raise CacheUnavailable("Redis circuit open: read skipped")
+                try:
+                    raw: list[bytes | None] = self._redis.read(keys)
+                except CacheUnavailable:
+                    self.breaker.record_failure()
+                    raise
             except CacheUnavailable as exc:
                 self._redis_outage.failed("answering from SQL", exc)
                 self._stats.add(plan.views[0].view.name, {"redis_errors": 1})
                 raw = [None] * len(keys)
                 redis_ok = False
             else:
+                self.breaker.record_success()
                 self._redis_outage.ok()
         else:
             raw = [None] * len(keys)
@@ -277,14 +286,16 @@ class ReadPath:
         for v, vp in enumerate(plan.views):
             todo = pending[v]
             vr = _ViewRead(vp, epochs[v])
-            vr.answers.update(l1_hits[v])
+            if l1_hits[v]:
+                vr.answers.update(l1_hits[v])
             vr.counts["hit_l1"] = len(l1_hits[v])
             if todo:
                 self._classify(vr, todo, raw[offset : offset + len(todo)], now_ms)
                 offset += len(todo)
             reads.append(vr)
         try:
-            self._fill_all(reads, now_ms, started, redis_ok)
+            if any(vr.missing or vr.early for vr in reads):
+                self._fill_all(reads, now_ms, started, redis_ok)
         except BaseException:  # the call will not reach its fill write: give leases back now
             for vr in reads:
                 self._release_now(vr)
@@ -292,7 +303,7 @@ class ReadPath:
                 # counted like any call's: an outage with a cold cache must show in stats
                 self._stats.add(vr.vp.view.name, vr.counts)
             raise
-        if redis_ok:
+        if redis_ok and any(vr.items or vr.release for vr in reads):
             self._write_fills(plan, reads, started)
         answers: list[dict[EntityId, Answer]] = []
         for vr in reads:
