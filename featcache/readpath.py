@@ -67,8 +67,8 @@ L1_RECORD_WIDTH = 3
 #: measured a moment before L1 reads its own clock, and loaded_at is truncated to the ms.
 _L1_MARGIN_S = 0.001
 #: A reader waiting on another process's lease polls Redis after 1 ms, then at doubling
-#: intervals up to this: a fill that lands just after a poll is seen at most this late. At
-#: 10 ms that lateness was most of the waiters' excess over the fill (bench stampede,
+#: intervals up to this: a fill that lands just after a poll is seen at most this late. A
+#: 10 ms cap makes that lateness most of the waiters' excess over the fill (bench stampede,
 #: docs/benchmarks.md); 5 ms costs under twice the polls during a wait (about 41 MGETs
 #: over a full 200 ms ``lease_wait`` against 22).
 _LEASE_POLL_FIRST_S = 0.001
