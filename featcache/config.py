@@ -244,6 +244,12 @@ class CacheConfig:
             self.warmer.check_views(view.name for view in views)
         except ConfigError as exc:
             raise ConfigError(exc.message, exc.path, self.source) from None
+        if self.invalidation.replicas and (
+                self.invalidation.replica_timeout >= self.redis.socket_timeout):
+            raise ConfigError(
+                f"must be shorter than redis.socket_timeout ({self.redis.socket_timeout:g} s): "
+                f"the wait it bounds happens on a connection that times out after that",
+                "invalidation.replica_timeout", self.source)
 
     def __repr__(self) -> str:
         # URLs may carry passwords: a config printed in a log must not show them

@@ -26,6 +26,7 @@ __all__ = [
     "DEFAULT_L1_ACCESS_SAMPLE_RATE",
     "KIND",
     "L1_POLICIES",
+    "REDIS_MODES",
     "SECTIONS",
     "DegradationConfig",
     "InvalidationConfig",
@@ -128,6 +129,25 @@ class Section:
         return f"{type(self).__name__}({', '.join(shown)})"
 
 
+#: the Redis deployments featcache talks to (``RedisConfig.mode``)
+REDIS_MODES: Final = ("standalone", "sentinel")
+
+
+def _addresses(value: object, path: str) -> tuple[str, ...]:
+    """``host:port`` entries, from a list or a comma-separated string (an env override)."""
+    items = value.split(",") if isinstance(value, str) else value
+    if not isinstance(items, list | tuple):
+        raise ConfigError(f"expected a list of host:port, got {value!r}", path)
+    out = []
+    for item in items:
+        text = item.strip() if isinstance(item, str) else item
+        host, sep, port = text.rpartition(":") if isinstance(text, str) else ("", "", "")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ConfigError(f"expected host:port, got {item!r}", path)
+        out.append(text)
+    return tuple(out)
+
+
 def _check_url(url: object, path: str) -> None:
     if not isinstance(url, str) or not url:
         raise ConfigError("expected a URL", path)
@@ -135,10 +155,14 @@ def _check_url(url: object, path: str) -> None:
 
 @dataclass(frozen=True, slots=True, repr=False)
 class RedisConfig(Section):
-    """``redis``: where the cache is and how the client talks to it (``redis_store.connect``).
+    """``redis``: where the cache is and how the client talks to it (``redis_store``).
 
-    ``key_prefix`` starts every key featcache writes; ``read_chunk`` is the most keys one
-    ``MGET`` carries (a larger batch is several in one round trip)."""
+    ``mode`` is the deployment: ``standalone`` (one server at ``url``) or ``sentinel`` (the
+    primary that ``sentinels`` name for ``master_name``; ``url`` gives the user, password,
+    database and TLS of the connections to it, its host and port are not used).
+    ``key_prefix`` starts
+    every key featcache writes; ``read_chunk`` is the most keys one ``MGET`` carries (a larger
+    batch is several in one round trip)."""
 
     NAME: ClassVar[str] = "redis"
 
@@ -148,6 +172,9 @@ class RedisConfig(Section):
     connect_timeout: float = duration_field(2.0)
     max_connections: int = integer_field(64, 1, 10_000)
     read_chunk: int = integer_field(1000, 1, 100_000)
+    mode: str = "standalone"
+    sentinels: tuple[str, ...] = ()
+    master_name: str = ""
 
     def __post_init__(self) -> None:
         if not isinstance(self.key_prefix, str) or not _PREFIX_RE.match(self.key_prefix):
@@ -158,6 +185,23 @@ class RedisConfig(Section):
             )
         self._check_fields()
         _check_url(self.url, "redis.url")
+        if self.mode not in REDIS_MODES:
+            raise ConfigError(f"expected one of {', '.join(REDIS_MODES)}, got {self.mode!r}",
+                              "redis.mode")
+        object.__setattr__(self, "sentinels", _addresses(self.sentinels, "redis.sentinels"))
+        if not isinstance(self.master_name, str):
+            raise ConfigError(f"expected a name, got {self.master_name!r}", "redis.master_name")
+        if self.mode == "sentinel":
+            if not self.sentinels:
+                raise ConfigError("mode sentinel needs the sentinels' addresses (host:port)",
+                                  "redis.sentinels")
+            if not self.master_name:
+                raise ConfigError("mode sentinel needs the name the sentinels monitor the "
+                                  "primary under", "redis.master_name")
+        elif self.sentinels or self.master_name:
+            key = "sentinels" if self.sentinels else "master_name"
+            raise ConfigError(f"only read with mode: sentinel (the mode is {self.mode})",
+                              f"redis.{key}")
 
     def __repr__(self) -> str:  # the URL may carry a password
         return self._repr_masked()
@@ -199,13 +243,20 @@ class LimitsConfig(Section):
 
 @dataclass(frozen=True, slots=True)
 class InvalidationConfig(Section):
-    """``invalidation``: the tombstones an invalidation leaves (``fence_ttl``) and the length
-    the stream every L1 tails is trimmed to (``stream_maxlen``)."""
+    """``invalidation``: the tombstones an invalidation leaves (``fence_ttl``), the length the
+    stream every L1 tails is trimmed to (``stream_maxlen``), and how many replicas must hold
+    it before it returns (``replicas``, within ``replica_timeout``): with a replica that may
+    be promoted, a tombstone only the old primary held would not fence a fill that raced with
+    the invalidation."""
 
     NAME: ClassVar[str] = "invalidation"
 
     fence_ttl: float = duration_field(60.0)
     stream_maxlen: int = integer_field(100_000, 100, 100_000_000)
+    #: replicas that must hold an invalidation's tombstones and epoch before it returns
+    #: (``WAIT``); 0 returns as soon as the primary has them
+    replicas: int = integer_field(0, 0, 100)
+    replica_timeout: float = duration_field(0.25)
 
     def __post_init__(self) -> None:
         self._check_fields()

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import os
 import struct
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,9 +41,9 @@ from featcache.config import (
     LimitsConfig,
     load_config,
 )
-from featcache.errors import ConfigError, InvalidRequest
+from featcache.errors import CacheUnavailable, ConfigError, InvalidRequest
 from featcache.keys import LAYOUT_VERSION, KeyLayout
-from featcache.redis_store import LuaScript, RedisStore, open_store
+from featcache.redis_store import LuaScript, RedisStore, ScriptCall, open_store
 from featcache.request import EntityId, check_id
 
 __all__ = ["STREAM_FIELDS", "InvalidationReport", "Invalidator"]
@@ -105,6 +105,8 @@ class Invalidator:
         self._maxlen = config.stream_maxlen
         self._chunk = chunk
         self._max_id_length = limits.max_id_length
+        self._replicas = config.replicas
+        self._replica_timeout_ms = max(1, int(config.replica_timeout * 1000))
 
     def invalidate(
         self, view: FeatureView, entity_ids: Iterable[Any] | None = None
@@ -114,7 +116,7 @@ class Invalidator:
         stream_key = self._layout.stream_key()
         if entity_ids is None:
             args = ["all", self._fence_ttl_ms, view.name, b"", self._maxlen, _TOMBSTONE_HEADER]
-            (entry,) = self._store.eval_many(_INVALIDATE, [([epoch_key, stream_key], args)])
+            (entry,) = self._run([ScriptCall(_INVALIDATE, [epoch_key, stream_key], args)])
             return InvalidationReport(view.name, 0, True, (_text(entry),))
         if isinstance(entity_ids, str | bytes | bytearray | memoryview):
             # iterating it would fence its characters (or byte values) and leave the entity
@@ -125,17 +127,35 @@ class Invalidator:
         ids = list(
             dict.fromkeys(check_id(x, view.entity_type, self._max_id_length) for x in entity_ids)
         )
-        calls: list[tuple[Sequence[str], Sequence[Any]]] = []
+        calls: list[ScriptCall] = []
         for start in range(0, len(ids), self._chunk):
             chunk: list[EntityId] = ids[start : start + self._chunk]
             keys = [epoch_key, stream_key, *self._layout.row_keys(view.name, chunk)]
             packed = msgpack.packb(chunk)
-            calls.append((keys, ["ids", self._fence_ttl_ms, view.name, packed, self._maxlen,
-                                 _TOMBSTONE_HEADER]))
-        entries = self._store.eval_many(_INVALIDATE, calls) if calls else []
+            calls.append(ScriptCall(_INVALIDATE, keys, ["ids", self._fence_ttl_ms, view.name,
+                                                        packed, self._maxlen,
+                                                        _TOMBSTONE_HEADER]))
+        entries = self._run(calls) if calls else []
         return InvalidationReport(
             view.name, len(ids), False, tuple(_text(e) for e in entries), tuple(ids)
         )
+
+
+    def _run(self, calls: list[ScriptCall]) -> list[Any]:
+        """The invalidation's scripts, acknowledged by ``invalidation.replicas`` replicas when
+        that is set: ``CacheUnavailable`` when fewer held it in time (retry the hook; twice is
+        harmless), since a primary that fails over before replicating it would come back
+        without the tombstones."""
+        if not self._replicas:
+            return self._store.eval_scripts(calls)
+        results, acked = self._store.eval_replicated(calls, self._replicas,
+                                                     self._replica_timeout_ms)
+        if acked < self._replicas:
+            raise CacheUnavailable(
+                f"Redis {self._store.url}: the invalidation reached {acked} of "
+                f"{self._replicas} replicas within {self._replica_timeout_ms} ms "
+                f"(invalidation.replicas); retry it")
+        return results
 
 
 def _text(entry: Any) -> str:

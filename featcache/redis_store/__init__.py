@@ -59,4 +59,6 @@ __all__ = [
 def open_store(config: RedisConfig, client: redis.Redis | None = None) -> RedisStore:
     """The store for ``config`` (a client of the application's own, when given, instead of
     one built from the URL). Nothing is connected yet."""
-    return StandaloneStore(client or connect(config), config.read_chunk)
+    if client is not None:
+        return StandaloneStore(client, config.read_chunk)
+    return StandaloneStore(connect(config), config.read_chunk, config=config)

@@ -174,6 +174,13 @@ class RedisStore(Protocol):
     def execute(self, commands: Sequence[Command]) -> list[Any]:
         """Run each command; replies in order (an error reply raises, translated)."""
 
+    def eval_replicated(
+        self, calls: Sequence[ScriptCall], replicas: int, timeout_ms: int
+    ) -> tuple[list[Any], int]:
+        """``eval_scripts``, then ``WAIT`` on the same connection: the results, and how many
+        replicas hold what the calls wrote (at most ``replicas``; fewer when ``timeout_ms``
+        ran out)."""
+
     def open_tail(self, socket_timeout: float) -> StreamTail:
         """A new connection of its own for an invalidation stream's tail."""
 

@@ -12,6 +12,7 @@ import contextlib
 from collections.abc import Iterator
 
 from redis import exceptions as redis_exc
+from redis.sentinel import MasterNotFoundError
 
 from featcache.errors import CacheConfigError, CacheUnavailable
 from featcache.urls import mask_url
@@ -26,30 +27,41 @@ def translate(exc: BaseException, url: str) -> CacheConfigError | CacheUnavailab
     """The featcache error for a redis-py exception or error reply (``url`` masked already).
 
     Wrong credentials, an ACL that forbids a command or key, a database number the server
-    does not have: the configuration is wrong, and no retry or fallback will fix it.
-    Everything else says the server cannot serve now: an outage, which callers degrade.
+    does not have, a server of another kind than ``redis.mode`` says (a Sentinel, a cluster
+    node): the configuration is wrong, and no retry or fallback will fix it. Everything else
+    says the server cannot serve now: an outage, which callers degrade.
     """
-    if isinstance(exc, redis_exc.AuthenticationError | redis_exc.NoPermissionError) or (
-        isinstance(exc, redis_exc.ResponseError) and _misconfigured(str(exc))
-    ):
-        return CacheConfigError(
-            f"Redis {url} refused the configured access: {exc} (check the user, password "
-            f"and database number of redis.url, and the ACL rules of that user)"
-        )
+    if isinstance(exc, redis_exc.AuthenticationError | redis_exc.NoPermissionError):
+        return CacheConfigError(f"Redis {url} refused the configured access: {exc} ({_ACCESS})")
+    if isinstance(exc, MasterNotFoundError) and "UNKNOWN COMMAND" in str(exc).upper():
+        return CacheConfigError(f"Redis {url}: {exc} (an address in redis.sentinels is a data "
+                                f"server, not a Sentinel)")
+    if isinstance(exc, redis_exc.ResponseError):
+        text = str(exc).upper()
+        for marks, hint in _CONFIG_REPLIES:
+            if any(mark in text for mark in marks):
+                return CacheConfigError(f"Redis {url} refused the configured access: {exc} "
+                                        f"({hint})")
     return CacheUnavailable(f"Redis {url}: {exc}")
 
 
-def _misconfigured(reply: str) -> bool:
-    """Error replies that mean the configuration is wrong (``ResponseError`` is raised for
-    every error reply; redis-py gives these no class of their own)."""
-    text = reply.upper()
-    return any(mark in text for mark in _CONFIG_REPLIES)
-
-
-#: A database number out of range (redis-py selects it while connecting), authentication
-#: refused by a server older than the ACL classes, an ACL denial spelled by a proxy.
-_CONFIG_REPLIES = ("DB INDEX IS OUT OF RANGE", "INVALID DB INDEX", "WRONGPASS", "NOAUTH",
-                   "NOPERM", "INVALID PASSWORD")
+_ACCESS = ("check the user, password and database number of redis.url, and the ACL rules of "
+           "that user")
+#: Error replies that mean the configuration is wrong (redis-py raises ``ResponseError`` for
+#: every error reply and gives these no class of their own), with what to check: a database
+#: number out of range (selected while connecting), authentication refused by a server older
+#: than the ACL classes, an ACL denial spelled by a proxy; a Sentinel (it knows none of the
+#: data commands) or a cluster node (it redirects keys of other slots) where redis.mode says
+#: otherwise.
+_CONFIG_REPLIES: tuple[tuple[tuple[str, ...], str], ...] = (
+    (("DB INDEX IS OUT OF RANGE", "INVALID DB INDEX", "WRONGPASS", "NOAUTH", "NOPERM",
+      "INVALID PASSWORD"), _ACCESS),
+    (("UNKNOWN COMMAND",), "the server does not know featcache's commands: a Sentinel is "
+     "reached with redis.mode: sentinel (its address in redis.sentinels), a data server with "
+     "mode standalone; a renamed or disabled command is refused too"),
+    (("MOVED ", "ASK ", "CROSSSLOT"), "the server is a cluster node: featcache talks to one "
+     "server (redis.mode: standalone) or to the primary a Sentinel names (sentinel)"),
+)
 
 
 @contextlib.contextmanager

@@ -18,8 +18,10 @@ from urllib.parse import urlsplit
 
 import hiredis
 import redis
+import redis.sentinel
 from redis import exceptions as redis_exc
 from redis.backoff import NoBackoff
+from redis.connection import parse_url
 from redis.retry import Retry
 
 from featcache.config_sections import RedisConfig
@@ -36,7 +38,8 @@ from featcache.redis_store.errors import ERRORS, translate
 from featcache.redis_store.scripts import CONDITIONAL_SET, ENSURE_EPOCH, SET_IF_ABSENT
 from featcache.urls import mask_url
 
-__all__ = ["StandaloneStore", "StandaloneTail", "connect", "open_tail", "safe_redis_url"]
+__all__ = ["StandaloneStore", "StandaloneTail", "connect", "describe", "open_tail",
+           "safe_redis_url"]
 
 log = logging.getLogger("featcache.redis")
 
@@ -55,10 +58,13 @@ def safe_redis_url(url: str) -> str:
     return mask_url(url)
 
 
-def connect(config: RedisConfig) -> redis.Redis:
+def connect(config: RedisConfig, socket_timeout: float | None = None) -> redis.Redis:
     """A client for ``config.url``: ``redis://``, ``rediss://`` (TLS; ``ssl_*`` options in the
     query string), ``unix://`` URLs, with ACL user and password from the URL, and the section's
-    timeouts and pool size. Nothing is connected yet."""
+    timeouts and pool size; with ``mode: sentinel``, a client of the primary the sentinels
+    name, which asks them again after a failover (redis-py's ``SentinelConnectionPool``: a
+    refused connection, or a demoted primary answering READONLY, closes the connection, and the
+    next one is opened to the primary the sentinels name then). Nothing is connected yet."""
     url = config.url
     try:
         parts = urlsplit(url)
@@ -77,10 +83,13 @@ def connect(config: RedisConfig) -> redis.Redis:
             f"the path of a Redis URL is the database number (redis://host:6379/0), got "
             f"{parts.path!r} in {safe_redis_url(url)!r}", "redis.url",
         )
+    timeout = config.socket_timeout if socket_timeout is None else socket_timeout
     try:
+        if config.mode == "sentinel":
+            return _primary_of(config, timeout)
         return redis.Redis.from_url(
             url,
-            socket_timeout=config.socket_timeout,
+            socket_timeout=timeout,
             socket_connect_timeout=config.connect_timeout,
             max_connections=config.max_connections,
             health_check_interval=30,
@@ -89,17 +98,53 @@ def connect(config: RedisConfig) -> redis.Redis:
         raise ConfigError(f"{exc} (url {safe_redis_url(url)})", "redis.url") from None
 
 
+def _primary_of(config: RedisConfig, socket_timeout: float) -> redis.Redis:
+    """A client of the primary the sentinels name for ``config.master_name``, with the user,
+    password, database and TLS of ``config.url`` (its host and port are not used)."""
+    options: dict[str, Any] = parse_url(config.url)  # type: ignore[no-untyped-call]
+    ssl = options.pop("connection_class", None) is redis.SSLConnection
+    for unused in ("host", "port", "path"):
+        options.pop(unused, None)
+    sentinels = [(host, int(port)) for host, _, port in
+                 (address.rpartition(":") for address in config.sentinels)]
+    timeouts: dict[str, Any] = {"socket_timeout": socket_timeout,
+                                "socket_connect_timeout": config.connect_timeout}
+    sentinel = redis.sentinel.Sentinel(sentinels, sentinel_kwargs=dict(timeouts), **timeouts)
+    client: redis.Redis = sentinel.master_for(
+        config.master_name, max_connections=config.max_connections, health_check_interval=30,
+        ssl=ssl, **options, **timeouts,
+    )
+    return client
+
+
+def describe(config: RedisConfig) -> str:
+    """Where ``config`` points, with any password masked: for messages and logs."""
+    if config.mode == "sentinel":
+        return f"sentinel {config.master_name}@{','.join(config.sentinels)}"
+    return safe_redis_url(config.url)
+
+
 _DB_PATH = re.compile(r"^/?(?:\d{1,5}/?)?$")
 
 
 class StandaloneStore:
     """The ``RedisStore`` of one Redis/Valkey server."""
 
-    def __init__(self, client: redis.Redis, read_chunk: int = 1000, write_chunk: int = 500) -> None:
+    def __init__(
+        self,
+        client: redis.Redis,
+        read_chunk: int = 1000,
+        write_chunk: int = 500,
+        *,
+        config: RedisConfig | None = None,
+    ) -> None:
+        """``config``: what ``client`` was built from, when it was (``open_store``), so a
+        stream tail is built the same way (a new client of the same primary, for Sentinel)."""
         self.client = client
         self.read_chunk = read_chunk
         self.write_chunk = write_chunk
-        self.url = safe_redis_url(_describe(client))
+        self._config = config
+        self.url = describe(config) if config is not None else safe_redis_url(_describe(client))
 
     def close(self) -> None:
         self.client.close()
@@ -216,7 +261,23 @@ class StandaloneStore:
     def execute(self, commands: Sequence[Command]) -> list[Any]:
         """Run each command in one pipelined round trip; replies in order, as redis-py parses
         them (an error reply raises, translated)."""
-        replies = self._round_trip([_pack((c.name, c.key, *c.args)) for c in commands])
+        return self._round_trip_checked([_pack((c.name, c.key, *c.args)) for c in commands])
+
+    def eval_replicated(
+        self, calls: Sequence[ScriptCall], replicas: int, timeout_ms: int
+    ) -> tuple[list[Any], int]:
+        """Each script once (``EVALSHA``, loaded first when the server lacks one), then one
+        ``WAIT`` in the same round trip on the same connection, which is what WAIT counts."""
+        self._round_trip_checked(
+            [_pack(("SCRIPT", "LOAD", script.text))
+             for script in {call[0].sha: call[0] for call in calls}.values()])
+        packed = [_pack(("EVALSHA", call[0].sha, len(call[1]), *call[1], *call[2]))
+                  for call in calls]
+        replies = self._round_trip_checked([*packed, _pack(("WAIT", replicas, timeout_ms))])
+        return replies[:-1], int(replies[-1])
+
+    def _round_trip_checked(self, packed: Sequence[bytes]) -> list[Any]:
+        replies = self._round_trip(packed)
         for reply in replies:
             if isinstance(reply, Exception):
                 raise translate(reply, self.url) from reply
@@ -225,6 +286,8 @@ class StandaloneStore:
     def open_tail(self, socket_timeout: float) -> StreamTail:
         """A connection of its own, built like the store's, with ``socket_timeout`` (longer
         than a blocked read)."""
+        if self._config is not None and self._config.mode == "sentinel":
+            return StandaloneTail(connect(self._config, socket_timeout), self.url)
         pool = self.client.connection_pool
         kwargs = dict(pool.connection_kwargs)
         kwargs["socket_timeout"] = socket_timeout
