@@ -145,11 +145,11 @@ def test_embedded_start_on_a_taken_port_does_not_report_success() -> None:
 def test_embedded_start_retries_when_the_free_port_was_taken(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    # The race start() retries for: another server binds the port _free_port() returned.
+    # The race start() retries for: another server binds the port free_port() returned.
     with EmbeddedServer() as other:
         ports = iter([other.port])
-        real = featcache.embedded._free_port
-        monkeypatch.setattr(featcache.embedded, "_free_port", lambda: next(ports, None) or real())
+        real = featcache.embedded.free_port
+        monkeypatch.setattr(featcache.embedded, "free_port", lambda: next(ports, None) or real())
         with EmbeddedServer() as mine:
             time.sleep(0.3)
             client = redis.Redis.from_url(mine.url)
