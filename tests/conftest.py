@@ -55,6 +55,12 @@ from featcache.errors import EmbeddedServerError
 ENV_REDIS_URL: Final = "FEATCACHE_TEST_REDIS_URL"
 ENV_PG_URL: Final = "FEATCACHE_TEST_PG_URL"
 ENV_MYSQL_URL: Final = "FEATCACHE_TEST_MYSQL_URL"
+#: standalone (the default) or sentinel: the Redis deployment the caches of the tests marked
+#: ``topology`` run on (.ci/run runs them on each)
+ENV_TOPOLOGY: Final = "FEATCACHE_TEST_TOPOLOGY"
+ENV_SENTINEL: Final = "FEATCACHE_TEST_SENTINEL"
+TOPOLOGIES: Final = ("standalone", "sentinel")
+TOPOLOGY: Final = os.environ.get(ENV_TOPOLOGY) or "standalone"
 
 _KNOWN_REQUIREMENTS: Final = frozenset({"redis", "cluster", "sentinel", *SQL_BACKENDS})
 
@@ -86,6 +92,11 @@ def pytest_configure(config: pytest.Config) -> None:
     # the embedded server would make that run meaningless.
     if "redis" in required and _env(ENV_REDIS_URL) is None:
         raise pytest.UsageError(f"{ENV_REQUIRE} contains redis but {ENV_REDIS_URL} is unset")
+    if TOPOLOGY not in TOPOLOGIES:
+        raise pytest.UsageError(f"{ENV_TOPOLOGY}={TOPOLOGY!r}; known: {', '.join(TOPOLOGIES)}")
+    if TOPOLOGY != "standalone" and _env(ENV_REDIS_URL) is not None:
+        raise pytest.UsageError(f"{ENV_TOPOLOGY}={TOPOLOGY} runs on private servers: unset "
+                                f"{ENV_REDIS_URL}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -197,8 +208,9 @@ def pytest_terminal_summary(
 
 @pytest.fixture(scope="session")
 def redis_server() -> Iterator[EmbeddedServer | None]:
-    """The embedded server, or None when FEATCACHE_TEST_REDIS_URL points at a real one."""
-    if _env(ENV_REDIS_URL) is not None:
+    """The embedded server, or None when FEATCACHE_TEST_REDIS_URL points at a real one (or
+    the run's topology is not a standalone server)."""
+    if _env(ENV_REDIS_URL) is not None or TOPOLOGY != "standalone":
         yield None
         return
     with EmbeddedServer() as server:
@@ -206,8 +218,17 @@ def redis_server() -> Iterator[EmbeddedServer | None]:
 
 
 @pytest.fixture(scope="session")
-def redis_url(redis_server: EmbeddedServer | None) -> str:
-    """The URL every test's cache talks to."""
+def redis_url(redis_server: EmbeddedServer | None, request: pytest.FixtureRequest) -> str:
+    """The URL every test's cache talks to. With FEATCACHE_TEST_TOPOLOGY=sentinel, the
+    primary of the private Sentinel set, and every cache ``featdata.make_cache`` builds asks
+    the sentinels for it (``featdata`` reads FEATCACHE_TEST_SENTINEL, which child processes
+    inherit)."""
+    if TOPOLOGY == "sentinel":
+        sentinel = request.getfixturevalue("redis_sentinel")
+        url = f"redis://{sentinel.primary()}/0"
+        os.environ[ENV_SENTINEL] = ";".join((
+            sentinel.master_name, ",".join(f"{h}:{p}" for h, p in sentinel.sentinels), url))
+        return url
     if redis_server is not None:
         return redis_server.url
     url = _env(ENV_REDIS_URL)

@@ -7,6 +7,7 @@ embeddings) so the same data reads back identically on SQLite, PostgreSQL and Ma
 from __future__ import annotations
 
 import datetime as dt
+import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import replace
 from typing import Any
@@ -173,6 +174,20 @@ def with_options(config: CacheConfig, **options: Any) -> CacheConfig:
     })
 
 
+def redis_config(redis_url: str, key_prefix: str) -> RedisConfig:
+    """The ``redis`` section of a test's cache: the server at ``redis_url``, or, in a run on a
+    Sentinel set, when ``redis_url`` is its primary, its sentinels (``FEATCACHE_TEST_SENTINEL``
+    is ``<master>;<host:port,...>;<the primary's URL>``; a test's own server stays itself)."""
+    sentinel = os.environ.get("FEATCACHE_TEST_SENTINEL")
+    if not sentinel:
+        return RedisConfig(url=redis_url, key_prefix=key_prefix)
+    master, sentinels, primary_url = sentinel.split(";")
+    if redis_url != primary_url:
+        return RedisConfig(url=redis_url, key_prefix=key_prefix)
+    return RedisConfig(url=redis_url, key_prefix=key_prefix, mode="sentinel",
+                       master_name=master, sentinels=tuple(sentinels.split(",")))
+
+
 def make_cache(
     views: Sequence[FeatureView],
     redis_url: str,
@@ -182,10 +197,12 @@ def make_cache(
     redis_client: redis.Redis | None = None,
     **options: Any,
 ) -> FeatureCache:
-    """A cache on these servers; ``options`` as ``with_options`` takes them."""
+    """A cache on these servers; ``options`` as ``with_options`` takes them. In a run on a
+    Sentinel set (FEATCACHE_TEST_TOPOLOGY=sentinel, conftest), the cache asks its sentinels
+    for the primary ``redis_url`` names."""
     config = with_options(CacheConfig(
         views=tuple(views),
-        redis=RedisConfig(url=redis_url, key_prefix=key_prefix),
+        redis=redis_config(redis_url, key_prefix),
         offline_store=OfflineStoreConfig(url=offline_url),
     ), **options)
     kwargs: dict[str, Any] = {}

@@ -16,6 +16,9 @@ from test_bad_inputs import CORRUPTIONS
 from featcache import Status
 from featcache.codec import RowCodec
 
+#: run on every Redis deployment in CI (FEATCACHE_TEST_TOPOLOGY, tests/conftest.py)
+pytestmark = pytest.mark.topology
+
 IDS = list(range(1, 21))
 NAMES = [f.name for f in STATS_FEATURES]
 VIEW = "batch"

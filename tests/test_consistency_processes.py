@@ -42,6 +42,9 @@ from featcache import CacheConfig, Feature, FeatureView, OfflineStoreConfig, Red
 from featcache.codec import KIND_ABSENT, KIND_ROW, KIND_TOMBSTONE, RowCodec
 from featcache.keys import KeyLayout
 
+#: run on every Redis deployment in CI (FEATCACHE_TEST_TOPOLOGY, tests/conftest.py)
+pytestmark = pytest.mark.topology
+
 FEATURES = (Feature("clicks", "int", "1h"),)
 VIEW = "cons"
 N_ENTITIES = 32  # small, for contention

@@ -31,6 +31,9 @@ from featcache.invalidation import Invalidator
 from featcache.keys import KeyLayout
 from featcache.redis_store import StandaloneStore
 
+#: run on every Redis deployment in CI (FEATCACHE_TEST_TOPOLOGY, tests/conftest.py)
+pytestmark = pytest.mark.topology
+
 
 @pytest.fixture
 def env(sql_target: Any, redis_url: str, key_prefix: str) -> Iterator[dict[str, Any]]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import threading
 from typing import Any
 
+import pytest
 import redis
 from featdata import T0, insert, make_cache, make_table, make_view
 from wire import hooked_client, is_command
@@ -20,6 +21,9 @@ from wire import hooked_client, is_command
 from featcache import Feature, FeatureResult, Status
 from featcache.keys import KeyLayout
 from featcache.redis_store import CONDITIONAL_SET, SET_IF_ABSENT
+
+#: run on every Redis deployment in CI (FEATCACHE_TEST_TOPOLOGY, tests/conftest.py)
+pytestmark = pytest.mark.topology
 
 FEATURES = (Feature("clicks", "int", "1h"),)
 VIEW = "handoff"

@@ -32,6 +32,9 @@ from featcache import (
 )
 from featcache.codec import RowCodec
 
+#: run on every Redis deployment in CI (FEATCACHE_TEST_TOPOLOGY, tests/conftest.py)
+pytestmark = pytest.mark.topology
+
 
 @pytest.fixture
 def stats_table(sql_target: Any) -> sa.Table:

@@ -20,6 +20,9 @@ from wire import hooked_client, is_command
 from featcache import FeatcacheError, Feature, FeatureCache, InvalidRequest, Status
 from featcache.singleflight import SingleFlight
 
+#: run on every Redis deployment in CI (FEATCACHE_TEST_TOPOLOGY, tests/conftest.py)
+pytestmark = pytest.mark.topology
+
 # one view, two features of very different max_age: calls asking for either share rows
 FAST_SLOW = (
     Feature("fast", "float", "5s"),

@@ -6,11 +6,12 @@ servers: a Sentinel reached as a data server, a data server listed as a Sentinel
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
 import pytest
-from featdata import make_view
+from featdata import make_cache, make_view
 
 from featcache import CacheConfig, ConfigError, load_config
 from featcache.config_sections import InvalidationConfig, RedisConfig
@@ -60,3 +61,16 @@ def test_a_replica_wait_must_end_before_the_connection_times_out() -> None:
     assert err.value.path == "invalidation.replica_timeout"
     ok = CacheConfig(views=views, invalidation=InvalidationConfig(replicas=1))
     assert ok.invalidation.replica_timeout == 0.25 < ok.redis.socket_timeout
+
+
+@pytest.mark.topology
+def test_the_caches_of_this_run_are_on_its_topology(
+    redis_url: str, key_prefix: str, sqlite_target: Any
+) -> None:
+    """The control of a run per topology: the caches the marked tests build really are on the
+    deployment FEATCACHE_TEST_TOPOLOGY names, so those runs test it and not a plain server."""
+    topology = os.environ.get("FEATCACHE_TEST_TOPOLOGY") or "standalone"
+    with make_cache([make_view("v", "t", None)], redis_url, sqlite_target.url,
+                    key_prefix) as fc:
+        assert fc.config.redis.mode == topology
+        assert fc.store.url.startswith("sentinel " if topology == "sentinel" else "redis://")

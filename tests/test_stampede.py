@@ -48,6 +48,9 @@ from featcache import (
 from featcache.codec import RowCodec
 from featcache.keys import KeyLayout
 
+#: run on every Redis deployment in CI (FEATCACHE_TEST_TOPOLOGY, tests/conftest.py)
+pytestmark = pytest.mark.topology
+
 FEATURES = (Feature("clicks", "int", "1h"), Feature("ctr", "float", "1h"))
 NAMES = ["clicks", "ctr"]
 VIEW = "hot"

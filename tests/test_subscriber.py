@@ -30,6 +30,9 @@ from featcache.keys import KeyLayout
 from featcache.redis_store import StandaloneStore
 from featcache.subscriber import InvalidationSubscriber, _find_gap, _StreamInfo, parse_id
 
+#: run on every Redis deployment in CI (FEATCACHE_TEST_TOPOLOGY, tests/conftest.py)
+pytestmark = pytest.mark.topology
+
 THREAD_NAME = "fc-test-subscriber"
 WAIT = 15.0  # generous upper bound for anything asynchronous; tests pass as soon as it holds
 

@@ -45,6 +45,9 @@ from featcache import (
 )
 from featcache.keys import KeyLayout
 
+#: run on every Redis deployment in CI (FEATCACHE_TEST_TOPOLOGY, tests/conftest.py)
+pytestmark = pytest.mark.topology
+
 
 @pytest.fixture
 def env(sqlite_target: SqlTarget, redis_url: str, key_prefix: str,

@@ -30,6 +30,9 @@ from featcache.config import FeatureView
 from featcache.convert import timestamp_to_us
 from featcache.keys import KeyLayout
 
+#: run on every Redis deployment in CI (FEATCACHE_TEST_TOPOLOGY, tests/conftest.py)
+pytestmark = pytest.mark.topology
+
 UTC = dt.UTC
 HOUR = dt.timedelta(hours=1)
 VIEW = "big"

@@ -25,6 +25,9 @@ from featdata import (
 
 from featcache import Feature, FeatureCache, InvalidRequest, Status, UnknownView
 
+#: run on every Redis deployment in CI (FEATCACHE_TEST_TOPOLOGY, tests/conftest.py)
+pytestmark = pytest.mark.topology
+
 NAMES = [f.name for f in STATS_FEATURES]
 
 
