@@ -259,6 +259,13 @@ class EmbeddedSentinel(Lifecycle):
                 return f"{_address(server)}: {exc}"
             if info.get("role") == "slave" and info.get("master_link_status") != "up":
                 return f"{_address(server)}'s link to its primary is down"
+            if info.get("role") == "master":
+                # WAIT counts only replicas the primary has put online, which it does a moment
+                # after the replica reports its link up
+                states = [entry.get("state") for key, entry in info.items()
+                          if key.startswith("slave") and isinstance(entry, dict)]
+                if states.count("online") != len(self._data) - 1:
+                    return f"the primary {_address(server)} has its replicas in {states}"
         return None
 
     def _sentinels_problem(self) -> str | None:

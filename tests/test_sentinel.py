@@ -35,14 +35,16 @@ def sql_url(sqlite_target: Any) -> str:
 
 
 def _redis(sentinel: EmbeddedSentinel, prefix: str, **options: Any) -> RedisConfig:
+    timeouts = {"socket_timeout": 0.5, "connect_timeout": 0.5, **options}
     return RedisConfig(mode="sentinel", master_name=sentinel.master_name,
                        sentinels=tuple(f"{h}:{p}" for h, p in sentinel.sentinels),
-                       key_prefix=prefix, socket_timeout=0.5, connect_timeout=0.5, **options)
+                       key_prefix=prefix, **timeouts)
 
 
-def _config(sentinel: EmbeddedSentinel, prefix: str, sql_url: str, **sections: Any
-            ) -> CacheConfig:
-    return CacheConfig(views=(make_view(VIEW, VIEW, None),), redis=_redis(sentinel, prefix),
+def _config(sentinel: EmbeddedSentinel, prefix: str, sql_url: str, *,
+            redis: dict[str, Any] | None = None, **sections: Any) -> CacheConfig:
+    return CacheConfig(views=(make_view(VIEW, VIEW, None),),
+                       redis=_redis(sentinel, prefix, **(redis or {})),
                        offline_store=OfflineStoreConfig(url=sql_url), **sections)
 
 
@@ -137,8 +139,9 @@ def test_the_l1_tail_follows_the_stream_on_the_promoted_primary(
     # a long max_ttl: only the invalidation can drop the row from the L1
     config = _config(healed, sentinel_key_prefix, sql_url,
                      l1=L1Config(policy="lru", max_ttl="10m"))
-    writer_config = _config(healed, sentinel_key_prefix, sql_url,
-                            invalidation=InvalidationConfig(replicas=1))
+    # a replica's acknowledgement within 1 s, not 250 ms: the suite may load both cores
+    writer_config = _config(healed, sentinel_key_prefix, sql_url, redis={"socket_timeout": 2},
+                            invalidation=InvalidationConfig(replicas=1, replica_timeout="1s"))
     with FeatureCache(config) as reader:
         reader.get_features([5], ["clicks"])
         assert reader.get_features([5], ["clicks"]).status(5, "clicks") is Status.HIT_L1
