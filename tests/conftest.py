@@ -285,9 +285,13 @@ def redis_cluster() -> Iterator[EmbeddedCluster]:
 @pytest.fixture(scope="session")
 def redis_sentinel() -> Iterator[EmbeddedSentinel]:
     """A private Sentinel set (a primary, a replica, 3 sentinels), shared by the run; a test
-    that kills the primary heals the set, or leaves that to ``sentinel_key_prefix``."""
+    that kills the primary heals the set, or leaves that to ``sentinel_key_prefix``.
+
+    ``down-after-milliseconds`` 3000, not Sentinel's test-friendly 1000: a sentinel links
+    anew to a just-promoted primary, and on a run that loads both cores that primary's first
+    reply can take over a second, which a 1000 ms limit turns into a second failover."""
     try:
-        sentinel = EmbeddedSentinel()
+        sentinel = EmbeddedSentinel(down_after_ms=3000)
     except EmbeddedServerError as exc:
         unavailable("sentinel", str(exc))
     with sentinel:
