@@ -1,16 +1,26 @@
-"""The row value format, layout version 1 (keys: ``featcache.keys``).
+"""The row value format, value layout version 2 (keys: ``featcache.keys``).
 
-A row value is a 10-byte header followed by one msgpack array::
+A row value is one msgpack array of eight elements whose first twelve bytes are written by
+hand, so that they sit at fixed offsets::
 
-    byte 0      layout version (1)
-    byte 1      kind: b"R" a row, b"A" "SQL has no such entity" (a negative entry),
-                b"T" a tombstone left by an invalidation (the fence of DESIGN section 4)
-    bytes 2-9   event timestamp, microseconds since the Unix epoch, big-endian int64
+    byte 0      0x98, a msgpack array of 8
+    byte 1      value layout version (2)
+    byte 2      kind: 0x52 ("R") a row, 0x41 ("A") "SQL has no such entity" (a negative
+                entry), 0x54 ("T") a tombstone left by an invalidation (the fence of DESIGN
+                section 4)
+    byte 3      0xd3, a msgpack int64
+    bytes 4-11  event timestamp, microseconds since the Unix epoch, big-endian int64
                 (INT64_MIN when the row has none, and for A and T)
-    msgpack     [schema_fp, epoch, loaded_at_ms, fill_ms, v0, v1, ...]   (R)
-                [0, epoch, loaded_at_ms]                                   (A)
-    bytes       the invalidation's stream entry id, unique per invalidation  (T, written by
-                the invalidation script in ``featcache.invalidation``)
+    then        schema_fp, epoch, loaded_at_ms, fill_ms, [v0, v1, ...]        (R)
+                0, epoch, loaded_at_ms, 0, []                                  (A)
+    T           the twelve bytes, then the invalidation's stream entry id (unique per
+                invalidation), written by the invalidation script in ``featcache.invalidation``
+
+Why one array, not a header and then a body: a row of the view's current schema is checked
+and parsed by ONE typed msgspec decode of the whole value, in C (the layout version, the kind
+and the schema fingerprint are ``Literal`` fields of the decoder's type, the values a nested
+array that becomes the answer's tuple as it is), with no Python step and no byte slice per
+row; see docs/architecture.md.
 
 ``epoch`` is the view's epoch when the row was read (``featcache.invalidation``): a row of an
 older epoch was invalidated with its whole view and is a miss.
@@ -20,9 +30,10 @@ The event timestamp sits at a fixed offset so the conditional write script in
 older row never overwrites a newer one. ``schema_fp`` fingerprints the view's ordered
 ``(name, type)`` list; a row written before features were appended to the view still decodes,
 and the features it lacks come back as ``NO_VALUE`` (a miss for those features only). Any other
-schema change, or bytes that do not decode, make the row a miss and bump a metric; nothing here
-ever raises to the caller. ``fill_ms`` is how long the SQL read behind this row took (the
-``delta`` of XFetch early refresh). msgpack never executes anything it reads, unlike pickle.
+schema change, another layout version, or bytes that do not decode make the row a miss and
+bump a metric; nothing here ever raises to the caller. ``fill_ms`` is how long the SQL read
+behind this row took (the ``delta`` of XFetch early refresh). msgpack never executes anything
+it reads, unlike pickle.
 
 Types: int (int64), float (double, NaN and inf kept), bool, str, None as themselves;
 timestamps as the msgpack Timestamp extension, decoded as aware UTC datetimes; ``list[float]``
@@ -33,21 +44,19 @@ array of floats.
 from __future__ import annotations
 
 import datetime as dt
-import operator
 import struct
 import sys
 import zlib
 from array import array
 from collections.abc import Iterable, Sequence
 from itertools import repeat
-from operator import add
-from typing import Annotated, Any, Final, NamedTuple
+from operator import add, itemgetter
+from typing import Annotated, Any, Final, Literal, NamedTuple
 
 import msgpack
 import msgspec
 
 from featcache.config import FeatureView
-from featcache.keys import LAYOUT_VERSION
 from featcache.types import NO_VALUE, FeatureType
 
 __all__ = [
@@ -59,24 +68,36 @@ __all__ = [
     "KIND_ROW",
     "KIND_TOMBSTONE",
     "NO_EVENT",
+    "TOMBSTONE_HEAD",
+    "VALUE_VERSION",
     "DecodedRow",
     "RowBatch",
     "RowCodec",
 ]
 
+VALUE_VERSION: Final = 2
 NO_EVENT: Final = -(2**63)
 KIND_ROW: Final = 0x52  # "R"
 KIND_ABSENT: Final = 0x41  # "A"
 KIND_TOMBSTONE: Final = 0x54  # "T"
-_HEADER = struct.Struct(">BBq")
-_HEADER_SIZE: Final = _HEADER.size
-_unpack_header = _HEADER.unpack_from
-_unpackb = msgpack.unpackb
+_ARRAY_OF_8: Final = 0x98
+_INT64: Final = 0xD3
+#: the twelve hand-written bytes: array of 8, version, kind, int64 marker, event time
+_HEAD = struct.Struct(">BBBBq")
+_HEAD_SIZE: Final = _HEAD.size
+#: a tombstone's first twelve bytes; the invalidation script appends its stream entry id
+TOMBSTONE_HEAD: Final = _HEAD.pack(_ARRAY_OF_8, VALUE_VERSION, KIND_TOMBSTONE, _INT64, NO_EVENT)
+
+#: Where each field sits in a decoded value (``RowBatch.bodies``): the event time at 2, then
+#: these; ``BODY_VALUES`` holds the row's values as one tuple.
+BODY_EVENT: Final = 2
+BODY_FP: Final = 3
+BODY_EPOCH: Final = 4
+BODY_LOADED_MS: Final = 5
+BODY_FILL_MS: Final = 6
+BODY_VALUES: Final = 7
+
 _Int64 = Annotated[int, msgspec.Meta(ge=-(2**63), le=2**63 - 1)]
-#: how a row body's first four elements (schema fingerprint, epoch, loaded_at_ms, fill_ms)
-#: and each declared type are read back: msgspec refuses anything else (a bool for an int, an
-#: int beyond int64, text for a float...) while it parses, in C
-_BOOKKEEPING: Final[tuple[Any, ...]] = (int, _Int64, _Int64, _Int64)
 _STORED_TYPE: Final[dict[FeatureType, Any]] = {
     FeatureType.INT: _Int64,
     FeatureType.FLOAT: float,  # an int there reads as the same float: lossless, so allowed
@@ -85,35 +106,32 @@ _STORED_TYPE: Final[dict[FeatureType, Any]] = {
     FeatureType.TIMESTAMP: dt.datetime,  # the msgpack Timestamp extension, aware UTC
     FeatureType.EMBEDDING: bytes,  # raw little-endian float64, unpacked after
 }
-_ABSENT_BODY = msgspec.msgpack.Decoder(tuple[int, _Int64, _Int64])
-_ANY_BODY = msgspec.msgpack.Decoder()
+_Version = Literal[2]  # VALUE_VERSION, spelled as the type msgspec checks
+_ABSENT_VALUE = msgspec.msgpack.Decoder(
+    tuple[_Version, Literal[0x41], _Int64, Literal[0], _Int64, _Int64, _Int64, tuple[()]])
+_ANY_VALUE = msgspec.msgpack.Decoder()
 
 
-def _row_decoder(types: Sequence[FeatureType]) -> msgspec.msgpack.Decoder[tuple[Any, ...]]:
-    """A decoder of a row body whose features are ``types``, each also null."""
-    fields = (*_BOOKKEEPING, *(_STORED_TYPE[t] | None for t in types))
-    return msgspec.msgpack.Decoder(tuple[fields])  # type: ignore[valid-type]
+def _row_decoder(fp: int, types: Sequence[FeatureType]) -> msgspec.msgpack.Decoder[Any]:
+    """A decoder of a whole row value of schema ``fp`` whose features are ``types`` (each
+    also null): msgspec refuses anything else (another version, kind or schema, a bool for an
+    int, an int beyond int64, text for a float...) while it parses, in C."""
+    values: Any = tuple[tuple(_STORED_TYPE[t] | None for t in types)]  # type: ignore[misc]
+    whole: Any = tuple[_Version, Literal[0x52], _Int64, Literal[fp],  # type: ignore[valid-type]
+                       _Int64, _Int64, _Int64, values]
+    return msgspec.msgpack.Decoder(whole)
 
 
-_heads = operator.itemgetter(slice(0, 2))  # layout version and kind
-_fingerprint = operator.itemgetter(0)
-_events = operator.itemgetter(slice(2, _HEADER.size))
-_bodies = operator.itemgetter(slice(_HEADER.size, None))
-_ROW_HEAD: Final = bytes((LAYOUT_VERSION, KIND_ROW))
+_events = itemgetter(BODY_EVENT)
 
 
 class RowBatch(NamedTuple):
     """Rows of one view decoded together: what ``RowCodec.decode_rows`` returns."""
 
     events_us: list[int | None]  # the event time of each row, None where it has none
-    bodies: list[tuple[Any, ...]]  # each row's body: the BODY_* fields, then its values
+    bodies: list[tuple[Any, ...]]  # each row's decoded value: the BODY_* fields
 
 
-#: Where each bookkeeping field sits in a decoded row body; the values follow ``BODY_VALUES``.
-BODY_EPOCH: Final = 1
-BODY_LOADED_MS: Final = 2
-BODY_FILL_MS: Final = 3
-BODY_VALUES: Final = 4
 _LITTLE = sys.byteorder == "little"
 
 
@@ -153,24 +171,30 @@ def schema_fingerprint(features: Sequence[tuple[str, FeatureType]]) -> int:
     return (zlib.crc32(text.encode()) & 0x7FFFFFFF) | 1
 
 
+def _packed_ints(*values: int) -> bytes:
+    """msgpack of each int, one after the other (elements of the value's array)."""
+    return b"".join(map(msgpack.packb, values))
+
+
 class RowCodec:
     """Encodes and decodes the rows of one view; knows the view's types and schema history."""
 
-    __slots__ = ("_decoders", "_embedding_idx", "_fp", "_full", "_prefix_len", "_width")
+    __slots__ = ("_decoders", "_embedding_idx", "_fp", "_full", "_width")
 
     def __init__(self, view: FeatureView) -> None:
         pairs = [(f.name, f.type) for f in view.features]
         self._width = len(pairs)
         self._fp = schema_fingerprint(pairs)
-        # fingerprint of every leading part of the feature list -> how many features it holds
-        self._prefix_len = {schema_fingerprint(pairs[:k]): k for k in range(1, len(pairs) + 1)}
         self._embedding_idx = tuple(
             i for i, f in enumerate(view.features) if f.type is FeatureType.EMBEDDING
         )
         types = [f.type for f in view.features]
-        #: a typed decoder per leading part of the feature list, by its length
-        self._decoders = {k: _row_decoder(types[:k]) for k in range(1, len(types) + 1)}
-        self._full = self._decoders[len(types)]
+        #: a typed decoder per leading part of the feature list, by that part's fingerprint
+        self._decoders = {
+            schema_fingerprint(pairs[:k]): _row_decoder(schema_fingerprint(pairs[:k]), types[:k])
+            for k in range(1, len(types) + 1)
+        }
+        self._full = self._decoders[self._fp]
 
     @property
     def fingerprint(self) -> int:
@@ -187,15 +211,12 @@ class RowCodec:
         """Values must already be coerced to the declared types (``featcache.convert``)."""
         if len(values) != self._width:
             raise ValueError(f"expected {self._width} values, got {len(values)}")
-        payload: list[Any] = [self._fp, epoch, loaded_ms, fill_ms, *values]
-        for i in self._embedding_idx:
-            if payload[4 + i] is not None:
-                payload[4 + i] = _pack_embedding(payload[4 + i])
-        header = _HEADER.pack(
-            LAYOUT_VERSION, KIND_ROW, NO_EVENT if event_us is None else event_us
-        )
-        body: bytes = msgpack.packb(payload, datetime=True)
-        return header + body
+        if self._embedding_idx:
+            values = self._with_packed_embeddings(values)
+        head = _HEAD.pack(_ARRAY_OF_8, VALUE_VERSION, KIND_ROW, _INT64,
+                          NO_EVENT if event_us is None else event_us)
+        rest: bytes = msgpack.packb(values, datetime=True)
+        return head + _packed_ints(self._fp, epoch, loaded_ms, fill_ms) + rest
 
     def encode_many(
         self,
@@ -206,8 +227,8 @@ class RowCodec:
     ) -> list[bytes]:
         """``encode`` of many rows stamped alike, given as columns (event times, value rows):
         the bulk writers' path. Same bytes as ``encode``, built without a Python-level step
-        per row: every row's payload is the batch's common prefix plus its values, so the
-        rows go through ``msgpack.Packer.pack`` and the header struct by ``map`` alone."""
+        per row: the bookkeeping fields are the same for the whole batch, packed once, and
+        the rows go through ``msgpack.Packer.pack`` and the head struct by ``map`` alone."""
         if len(events_us) != len(values):
             raise ValueError(f"{len(events_us)} event times for {len(values)} rows")
         if not values:
@@ -215,8 +236,7 @@ class RowCodec:
         if set(map(len, values)) != {self._width}:
             bad = next(v for v in values if len(v) != self._width)
             raise ValueError(f"expected {self._width} values, got {len(bad)}")
-        prefix = (self._fp, epoch, loaded_ms, 0)
-        return self._packed(events_us, map(add, repeat(prefix), map(tuple, values)))
+        return self._packed(events_us, values, loaded_ms, epoch)
 
     def encode_columns(
         self,
@@ -226,8 +246,7 @@ class RowCodec:
         epoch: int = 0,
     ) -> list[bytes]:
         """``encode_many`` of rows given as one list per feature (the bulk reader's shape):
-        each row's payload tuple is zipped straight from the columns, so no row tuple is
-        built first only to be copied behind the prefix (docs/benchmarks.md)."""
+        each row's tuple is zipped straight from the columns."""
         if len(columns) != self._width:
             raise ValueError(f"expected {self._width} columns, got {len(columns)}")
         if set(map(len, columns)) - {len(events_us)}:
@@ -235,34 +254,40 @@ class RowCodec:
                              f"{len(events_us)} event times")
         if not events_us:
             return []
-        return self._packed(events_us, zip(
-            repeat(self._fp), repeat(epoch), repeat(loaded_ms), repeat(0), *columns
-        ))
+        return self._packed(events_us, zip(*columns, strict=True), loaded_ms, epoch)
 
     def _packed(
-        self, events_us: Sequence[int | None], payloads: Iterable[Sequence[Any]]
+        self,
+        events_us: Sequence[int | None],
+        rows: Iterable[Sequence[Any]],
+        loaded_ms: int,
+        epoch: int,
     ) -> list[bytes]:
-        """Header + msgpack of each payload, by ``map`` alone (embeddings packed first)."""
+        """Each row's value by ``map`` alone (embeddings packed first): the head with its
+        event time and the batch's packed bookkeeping in one struct, then the values."""
         if self._embedding_idx:  # packed per row: the embeddings become raw bytes first
-            payloads = map(self._with_packed_embeddings, payloads)
+            rows = map(self._with_packed_embeddings, rows)
         events = events_us if None not in events_us else [
             NO_EVENT if e is None else e for e in events_us
         ]
-        headers = map(_HEADER.pack, repeat(LAYOUT_VERSION), repeat(KIND_ROW), events)
+        common = _packed_ints(self._fp, epoch, loaded_ms, 0)
+        head = struct.Struct(f">BBBBq{len(common)}s")
+        heads = map(head.pack, repeat(_ARRAY_OF_8), repeat(VALUE_VERSION), repeat(KIND_ROW),
+                    repeat(_INT64), events, repeat(common))
         pack = msgpack.Packer(datetime=True).pack
-        return list(map(add, headers, map(pack, payloads)))
+        return list(map(add, heads, map(pack, rows)))
 
-    def _with_packed_embeddings(self, payload: Sequence[Any]) -> list[Any]:
-        out = list(payload)
+    def _with_packed_embeddings(self, values: Sequence[Any]) -> list[Any]:
+        out = list(values)
         for i in self._embedding_idx:
-            if out[4 + i] is not None:
-                out[4 + i] = _pack_embedding(out[4 + i])
+            if out[i] is not None:
+                out[i] = _pack_embedding(out[i])
         return out
 
     @staticmethod
     def encode_absent(loaded_ms: int, epoch: int = 0) -> bytes:
-        body: bytes = msgpack.packb([0, epoch, loaded_ms])
-        return _HEADER.pack(LAYOUT_VERSION, KIND_ABSENT, NO_EVENT) + body
+        return (_HEAD.pack(_ARRAY_OF_8, VALUE_VERSION, KIND_ABSENT, _INT64, NO_EVENT)
+                + _packed_ints(0, epoch, loaded_ms, 0) + b"\x90")
 
     def decode(self, raw: bytes) -> DecodedRow | None:
         """The row, or None when the bytes are not a row of this view's schema (a miss).
@@ -270,75 +295,70 @@ class RowCodec:
         Every value must be of its feature's declared type (or null), and the bookkeeping
         fields int64s: a row some other writer left with ``"x"`` or ``1.5`` in an ``int``
         feature is a decode error, never a hit that ``to_arrow()`` would then reject or
-        truncate. msgspec checks the types while it parses the msgpack body, in C, and parses
-        faster than msgpack itself; only rows of an older, shorter feature list take a second
-        parse (``_decode_older``). On the read path for every row of a batch.
+        truncate. A row of the current schema takes one typed parse of the whole value; a
+        row of an older, shorter feature list, a negative entry or a tombstone are told by
+        their head and fingerprint (``_decode_other``).
         """
         try:
-            version, kind, event_us = _unpack_header(raw)
-            if version != LAYOUT_VERSION:
-                return None
-            if kind == KIND_ROW:
-                try:
-                    body = self._full.decode(memoryview(raw)[_HEADER_SIZE:])
-                except msgspec.ValidationError:
-                    body = self._decode_older(raw)
-                if body[0] != self._fp:
-                    body = self._decode_older(raw)
-                values: Sequence[Any] = body[4:]
-                if self._embedding_idx:
-                    values = self._unpack_embeddings(values)
-                event = None if event_us == NO_EVENT else event_us
-                return _new_row(DecodedRow, (KIND_ROW, event, body[1], body[2], body[3], values))
-            if kind == KIND_TOMBSTONE:
-                return _TOMBSTONE
-            if kind == KIND_ABSENT:
-                _, epoch, loaded_ms = _ABSENT_BODY.decode(memoryview(raw)[_HEADER_SIZE:])
-                return _new_row(DecodedRow, (KIND_ABSENT, None, epoch, loaded_ms, 0, ()))
-            return None
+            try:
+                body = self._full.decode(raw)
+            except msgspec.ValidationError:
+                return self._decode_other(raw)
+            return self._row(body)
         except Exception:  # any undecodable value is a miss, by contract
             return None
+
+    def _decode_other(self, raw: bytes) -> DecodedRow | None:
+        """A value the current schema's decoder refused: a tombstone, a negative entry, a
+        row of a leading part of the feature list (written before features were appended,
+        checked against that part's types), or a miss (None); raises for garbage."""
+        array8, version, kind, int64, _ = _HEAD.unpack_from(raw)
+        if (array8, version, int64) != (_ARRAY_OF_8, VALUE_VERSION, _INT64):
+            return None
+        if kind == KIND_TOMBSTONE:
+            return _TOMBSTONE
+        if kind == KIND_ABSENT:
+            absent = _ABSENT_VALUE.decode(raw)
+            return _new_row(DecodedRow, (KIND_ABSENT, None, absent[4], absent[5], 0, ()))
+        if kind != KIND_ROW:
+            return None
+        decoder = self._decoders.get(_ANY_VALUE.decode(raw)[BODY_FP])
+        if decoder is None:  # another schema
+            return None
+        return self._row(decoder.decode(raw))
+
+    def _row(self, body: tuple[Any, ...]) -> DecodedRow:
+        """The ``DecodedRow`` of a decoded row value."""
+        values: Sequence[Any] = body[BODY_VALUES]
+        if self._embedding_idx:
+            values = self._unpack_embeddings(values)
+        event = body[BODY_EVENT]
+        return _new_row(DecodedRow, (KIND_ROW, None if event == NO_EVENT else event,
+                                     body[BODY_EPOCH], body[BODY_LOADED_MS], body[BODY_FILL_MS],
+                                     values))
 
     def decode_rows(self, blobs: Sequence[bytes]) -> RowBatch | None:
         """Every value a row of this view's full schema: their event times and bodies, checked
         as ``decode`` checks one; None when any is not (a miss, a tombstone, a negative entry,
         an older schema, garbage): then decode them one by one.
 
-        The all-hit batch's path: the headers are checked, the event times read and the bodies
-        parsed by C-level maps over the batch, so no Python code runs per row. Each body is
-        parsed on its own (not the batch's bodies as one msgpack array, which costs the same):
-        a value that held two rows, or half of one, must not shift its neighbours into rows.
+        The all-hit batch's path: each value is checked and parsed by one typed decode, by a
+        C-level map over the batch, so no Python code runs per row. Each value is parsed on
+        its own: a value that held two rows, or half of one, must not shift its neighbours.
         """
-        n = len(blobs)
-        if not n:
+        if not blobs:
             return RowBatch([], [])
-        if b"".join(map(_heads, blobs)) != _ROW_HEAD * n:
-            return None
         try:
-            bodies = list(map(self._full.decode, map(_bodies, blobs)))
+            bodies = list(map(self._full.decode, blobs))
         except (msgspec.DecodeError, msgspec.ValidationError):
             return None
-        if {*map(_fingerprint, bodies)} != {self._fp}:
-            return None
-        events = array("q", b"".join(map(_events, blobs)))
-        if _LITTLE:
-            events.byteswap()
-        events_us: list[int | None] = events.tolist()  # type: ignore[assignment]
+        events_us: list[int | None] = list(map(_events, bodies))
         if NO_EVENT in events_us:
             events_us = [None if e == NO_EVENT else e for e in events_us]
         if self._embedding_idx:
-            bodies = [(*body[:BODY_VALUES], *self._unpack_embeddings(body[BODY_VALUES:]))
+            bodies = [(*body[:BODY_VALUES], tuple(self._unpack_embeddings(body[BODY_VALUES])))
                       for body in bodies]
         return RowBatch(events_us, bodies)
-
-    def _decode_older(self, raw: bytes) -> tuple[Any, ...]:
-        """The body of a row written before features were appended to the view (its schema
-        fingerprint is that of a leading part of the feature list), checked against that
-        part's types; raises for anything else."""
-        body = _ANY_BODY.decode(memoryview(raw)[_HEADER_SIZE:])
-        width = self._prefix_len[body[0]]  # KeyError: another schema
-        checked: tuple[Any, ...] = self._decoders[width].decode(memoryview(raw)[_HEADER_SIZE:])
-        return checked
 
     def _unpack_embeddings(self, values: Sequence[Any]) -> list[Any]:
         out = list(values)

@@ -26,14 +26,13 @@ the new entries repeat the ids of the old ones). Ids travel as msgpack, never pi
 from __future__ import annotations
 
 import os
-import struct
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
 import msgpack
 
-from featcache.codec import NO_EVENT
+from featcache.codec import TOMBSTONE_HEAD
 from featcache.config import (
     CacheConfig,
     FeatureView,
@@ -42,7 +41,7 @@ from featcache.config import (
     load_config,
 )
 from featcache.errors import CacheUnavailable, ConfigError, InvalidRequest
-from featcache.keys import LAYOUT_VERSION, KeyLayout
+from featcache.keys import KeyLayout
 from featcache.redis_store import LuaScript, RedisStore, ScriptCall, open_store
 from featcache.request import EntityId, check_id
 
@@ -72,7 +71,6 @@ end
 return id
 """)
 
-_TOMBSTONE_HEADER = struct.pack(">BBq", LAYOUT_VERSION, ord("T"), NO_EVENT)
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,7 +113,7 @@ class Invalidator:
         epoch_key = self._layout.epoch_key(view.name)
         stream_key = self._layout.stream_key()
         if entity_ids is None:
-            args = ["all", self._fence_ttl_ms, view.name, b"", self._maxlen, _TOMBSTONE_HEADER]
+            args = ["all", self._fence_ttl_ms, view.name, b"", self._maxlen, TOMBSTONE_HEAD]
             (entry,) = self._run([ScriptCall(_INVALIDATE, [epoch_key, stream_key], args)])
             return InvalidationReport(view.name, 0, True, (_text(entry),))
         if isinstance(entity_ids, str | bytes | bytearray | memoryview):
@@ -134,7 +132,7 @@ class Invalidator:
             packed = msgpack.packb(chunk)
             calls.append(ScriptCall(_INVALIDATE, keys, ["ids", self._fence_ttl_ms, view.name,
                                                         packed, self._maxlen,
-                                                        _TOMBSTONE_HEADER]))
+                                                        TOMBSTONE_HEAD]))
         entries = self._run(calls) if calls else []
         return InvalidationReport(
             view.name, len(ids), False, tuple(_text(e) for e in entries), tuple(ids)

@@ -20,7 +20,7 @@ import enum
 import logging
 import random
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import replace
 from itertools import repeat
 from operator import itemgetter
@@ -100,7 +100,7 @@ _BATCH_DECODE_MIN = 8
 _loaded_ms = itemgetter(BODY_LOADED_MS)
 _epoch = itemgetter(BODY_EPOCH)
 _fill_ms = itemgetter(BODY_FILL_MS)
-_values = itemgetter(slice(BODY_VALUES, None))
+_values = itemgetter(BODY_VALUES)
 
 
 class FlightKey(NamedTuple):
@@ -220,21 +220,26 @@ class ReadPath:
         n_views = len(plan.views)
         l1_token = 0
         reads: list[_ViewRead] = []
-        pending: list[list[EntityId]] = []  # per view: ids L1 did not answer
+        pending: list[list[EntityId]]  # per view: ids L1 did not answer
         l1_hits: list[Mapping[EntityId, Answer]] = [{}] * n_views
-        if self.l1 is not None:
+        some_from_l1 = False
+        if self.l1 is None:
+            pending = [ids] * n_views
+        else:
             l1_hits = [self._from_l1(vp, ids) for vp in plan.views]
             if [*map(type, l1_hits)].count(InOrder) == n_views:  # every id of every view
                 return self._all_from_l1(plan, ids, l1_hits)
-        for hits in l1_hits:
-            if not hits:
-                pending.append(ids)
-            elif len(hits) == len(ids):
-                pending.append([])
-            else:
-                pending.append([e for e in ids if e not in hits])
-        if not any(pending):  # all from L1 after a recheck: complete, in ids' order
-            return self._all_from_l1(plan, ids, l1_hits)
+            pending = []
+            for hits in l1_hits:
+                if not hits:
+                    pending.append(ids)
+                elif len(hits) == len(ids):
+                    pending.append([])
+                else:
+                    pending.append([e for e in ids if e not in hits])
+            if not any(pending):  # all from L1 after a recheck: complete, in ids' order
+                return self._all_from_l1(plan, ids, l1_hits)
+            some_from_l1 = any(l1_hits)
         if not checked:
             check_ids(ids, plan.entity_type, self.config.limits.max_id_length)
         now_ms = int(self._clock() * 1000)
@@ -244,12 +249,17 @@ class ReadPath:
         if self.l1 is not None:
             # taken before Redis is read: L1 refuses our rows if an invalidation lands meanwhile
             l1_token = self.l1.fill_token()
-        keys: list[str] = []
-        for vp, todo in zip(plan.views, pending, strict=True):
-            keys.extend(self._layout.row_keys(vp.view.name, todo))
-        # the epochs ride in the same MGET: one round trip, and a consistent fence for fills
-        epoch_keys = self._epoch_keys
-        keys.extend(epoch_keys[vp.view.name] for vp in plan.views)
+        row_keys, epoch_keys = self._layout.row_keys, self._epoch_keys
+        if n_views == 1:
+            name = plan.views[0].view.name
+            keys = row_keys(name, pending[0])
+            # the epochs ride in the same MGET: one round trip, and a consistent fence for fills
+            keys.append(epoch_keys[name])
+        else:
+            keys = []
+            for vp, todo in zip(plan.views, pending, strict=True):
+                keys.extend(row_keys(vp.view.name, todo))
+            keys.extend([epoch_keys[vp.view.name] for vp in plan.views])
         redis_ok = True
         if any(pending):
             try:  # _redis_call's work, inline: this is every call's one round trip
@@ -271,7 +281,14 @@ class ReadPath:
         else:
             raw = [None] * len(keys)
         epochs = raw[len(keys) - n_views :]
-        if redis_ok and any(e is None for e in epochs) and any(pending):
+        if redis_ok and not some_from_l1 and None not in epochs:
+            # the common call: every row of every view a plain hit, answered without a
+            # _ViewRead; anything else (a miss, a stale row, a row due for an early refresh)
+            # takes the general path below, from the same MGET
+            plain = self._plain_hits(plan, ids, raw, epochs, now_ms)
+            if plain is not None:
+                return self._answer_plain(plan, ids, plain, l1_token)
+        if redis_ok and None in epochs and any(pending):
             # a view never used, or its epoch key was evicted: rows must never be stamped
             # with an epoch a lost key could read as again, so create it (server clock) first;
             # a missing table or column fails before that first write
@@ -313,7 +330,7 @@ class ReadPath:
             self._stats.add(vr.vp.view.name, vr.counts)
         if self.l1 is not None:
             for vr in reads:
-                self._to_l1(vr, l1_token)
+                self._to_l1(vr.vp, vr.answers, vr.loaded, l1_token)
         return FeatureResult(ids, plan, answers)
 
     def _ensure_epochs(self, plan: Plan, epochs: list[bytes | None]) -> list[bytes | None]:
@@ -363,22 +380,27 @@ class ReadPath:
 
         return self.l1.get_many(vp.view.name, ids, recheck=recheck, distinct=True)
 
-    def _to_l1(self, vr: _ViewRead, token: int) -> None:
-        """Store the rows this call got from Redis or SQL (``vr.loaded``), never L1's own."""
+    def _to_l1(
+        self,
+        vp: ViewPlan,
+        answers: Mapping[EntityId, Answer],
+        loaded: Mapping[EntityId, int],
+        token: int,
+    ) -> None:
+        """Store the rows this call got from Redis or SQL (``loaded``: their load times),
+        never L1's own."""
         assert self.l1 is not None
-        if not vr.loaded:
+        if not loaded:
             return
-        vp = vr.vp
         now_ms = int(self._clock() * 1000)
         # seconds each row stays fresh for every feature of the view: its soft deadline
         row_end = vp.view_max_age_ms - now_ms
         absent_end = vp.negative_ttl_ms - now_ms
         entries: dict[EntityId, L1Entry] = {}
         fresh_for: dict[EntityId, float] = {}
-        answers = vr.answers
         hit_l1, absent = Status.HIT_L1, Status.ABSENT
         full = vp.view_width
-        for eid, loaded_ms in vr.loaded.items():
+        for eid, loaded_ms in loaded.items():
             status, values, event_us = answers[eid]
             if status is absent:
                 entries[eid] = (absent, None, None)
@@ -390,7 +412,7 @@ class ReadPath:
                     (loaded_ms + row_end) / 1000 - _L1_MARGIN_S if len(values) >= full else 0.0
                 )
         self.l1.put_many(vp.view.name, entries, token=token, fresh_for=fresh_for,
-                         stamps=vr.loaded)
+                         stamps=loaded)
 
     # ------------------------------------------------------------------ Redis values
 
@@ -416,9 +438,7 @@ class ReadPath:
         delta_floor = xfetch_delta_floor(max_age_ms)
         early_after = now_ms - max_age_ms + 10 * beta * delta_floor
         hit, absent = Status.HIT_REDIS, Status.ABSENT
-        if len(raw) >= _BATCH_DECODE_MIN and None not in raw and self._all_hits(
-            vr, ids, raw, max(fresh_after, early_after), delta_floor
-        ):
+        if len(raw) >= _BATCH_DECODE_MIN and self._all_hits(vr, ids, raw, now_ms):
             return
         hits = negative_hits = decode_errors = 0
         for eid, blob in zip(ids, raw, strict=True):
@@ -471,29 +491,14 @@ class ReadPath:
         vr: _ViewRead,
         ids: list[EntityId],
         raw: list[bytes | None],
-        plain_after: float,
-        delta_floor: int,
+        now_ms: int,
     ) -> bool:
-        """Answer ``ids`` at once when every row is a plain hit: a row of the full schema and
-        the view's epoch, loaded after ``plain_after`` (fresh and, with XFetch on, too far
-        from expiry to draw an early refresh) with a fill time under ``delta_floor``. The
-        all-hit batch is the common one: decoded in one call (``RowCodec.decode_rows``) and
-        answered by C-level zips, with no Python step per row. False (nothing done) when any
-        row needs ``_classify``'s per-row judgement.
-        """
-        batch = vr.vp.codec.decode_rows(raw)  # type: ignore[arg-type]  # no None: checked
-        if batch is None:
+        """``_classify``'s batch: answer ``ids`` at once when every row is a plain hit
+        (``_plain_rows``); False (nothing done) when any row needs a per-row judgement."""
+        rows = self._plain_rows(vr.vp, raw, vr.epoch, now_ms)
+        if rows is None:
             return False
-        bodies = batch.bodies
-        loaded = list(map(_loaded_ms, bodies))
-        if (
-            min(loaded) < plain_after
-            or {*map(_epoch, bodies)} != {vr.epoch}
-            or (self._beta and max(map(_fill_ms, bodies)) > delta_floor)
-        ):
-            return False
-        answers = zip(repeat(Status.HIT_REDIS), map(_values, bodies), batch.events_us,
-                      strict=False)  # repeat() is endless; the other two have a row each
+        answers, loaded = rows
         vr.answers.update(zip(ids, answers, strict=True))
         if self.l1 is not None:
             vr.loaded.update(zip(ids, loaded, strict=True))
@@ -501,6 +506,78 @@ class ReadPath:
         counts["hit_redis"] = len(ids)
         counts["negative_hit"] = counts["decode_errors"] = 0
         return True
+
+    def _plain_rows(
+        self, vp: ViewPlan, raw: list[bytes | None], epoch: int, now_ms: int
+    ) -> tuple[Iterator[Answer], list[int]] | None:
+        """The answers and load times of ``raw`` when every value is a plain hit, else None.
+
+        A plain hit is a row of the full schema (``RowCodec.decode_rows``) and of the view's
+        ``epoch``, loaded recently enough to be fresh and, with XFetch on, too far from expiry
+        to draw an early refresh (rows within 10 deltas of it, the floor as delta), with a
+        fill time under that floor. The all-hit batch is the common one: decoded in one call
+        and answered by C-level maps and zips, with no Python step per row.
+        """
+        if None in raw:
+            return None
+        batch = vp.codec.decode_rows(raw)  # type: ignore[arg-type]  # no None: checked
+        if batch is None:
+            return None
+        bodies = batch.bodies
+        loaded = list(map(_loaded_ms, bodies))
+        beta = self._beta
+        delta_floor = vp.delta_floor_ms
+        plain_after = fresh_since(now_ms, vp.max_age_ms) + 10 * beta * delta_floor
+        if (
+            min(loaded) < plain_after
+            or {*map(_epoch, bodies)} != {epoch}
+            or (beta and max(map(_fill_ms, bodies)) > delta_floor)
+        ):
+            return None
+        answers = zip(repeat(Status.HIT_REDIS), map(_values, bodies), batch.events_us,
+                      strict=False)  # repeat() is endless; the other two have a row each
+        return answers, loaded
+
+    def _plain_hits(
+        self,
+        plan: Plan,
+        ids: list[EntityId],
+        raw: list[bytes | None],
+        epochs: list[bytes | None],
+        now_ms: int,
+    ) -> list[tuple[Iterator[Answer], list[int]]] | None:
+        """``_plain_rows`` of every view of the call (its rows in ``raw`` one view after
+        the other, as the MGET read them), or None when any view has another row."""
+        n = len(ids)
+        if len(plan.views) == 1:
+            rows = self._plain_rows(plan.views[0], raw[:n], int(epochs[0]), now_ms)  # type: ignore[arg-type]
+            return None if rows is None else [rows]
+        out = []
+        for v, vp in enumerate(plan.views):
+            rows = self._plain_rows(vp, raw[v * n : (v + 1) * n], int(epochs[v]),  # type: ignore[arg-type]
+                                    now_ms)
+            if rows is None:
+                return None
+            out.append(rows)
+        return out
+
+    def _answer_plain(
+        self,
+        plan: Plan,
+        ids: list[EntityId],
+        hits: list[tuple[Iterator[Answer], list[int]]],
+        l1_token: int,
+    ) -> FeatureResult:
+        """The result of a call whose every row was a plain hit (``_plain_hits``)."""
+        answers: list[Mapping[EntityId, Answer]] = []
+        add_one = self._stats.add_one
+        for vp, (rows, loaded) in zip(plan.views, hits, strict=True):
+            by_id = dict(zip(ids, rows, strict=True))
+            answers.append(by_id)
+            add_one(vp.view.name, "hit_redis", len(ids))
+            if self.l1 is not None:
+                self._to_l1(vp, by_id, dict(zip(ids, loaded, strict=True)), l1_token)
+        return FeatureResult(ids, plan, answers)
 
     # ------------------------------------------------------------------ misses
 

@@ -27,6 +27,7 @@ from featcache.errors import (
     UnknownFeature,
     UnknownView,
 )
+from featcache.freshness import xfetch_delta_floor
 
 __all__ = [
     "EntityId",
@@ -61,6 +62,8 @@ class ViewPlan:
     stale_window_ms: int  # max_age + stale_if_error: how long a row may be served STALE
     view_max_age_ms: int  # the strictest max_age of the whole view (L1's soft deadline)
     view_width: int  # features in the view
+    #: the XFetch delta floor of ``max_age_ms`` (``featcache.freshness.xfetch_delta_floor``)
+    delta_floor_ms: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,6 +170,7 @@ class Planner:
                     stale_window_ms=int((max_age + view.stale_if_error) * 1000),
                     view_max_age_ms=int(min(f.max_age for f in view.features) * 1000),
                     view_width=len(view.features),
+                    delta_floor_ms=xfetch_delta_floor(int(max_age * 1000)),
                 )
             )
         position = {name: i for i, name in enumerate(order)}
@@ -225,6 +229,10 @@ def id_sequence(entity_ids: Iterable[Any]) -> Sequence[Any]:
 def normalize_ids(entity_ids: Iterable[Any], entity_type: str, max_len: int) -> list[EntityId]:
     """Unique ids in first-seen order; raises ``InvalidEntityId`` for the first bad one."""
     ids = id_sequence(entity_ids)
+    if len(ids) == 1 and entity_type == "int":  # one id, the commonest call: no passes
+        only = ids[0]
+        if type(only) is int and _INT64_MIN <= only <= _INT64_MAX:
+            return [only]
     # Validate before de-duplicating: True == 1 and 1.0 == 1, so a bad id equal to a good one
     # would otherwise vanish into it silently.
     # The common cases take C-level passes only: this runs on every call that L1 does not

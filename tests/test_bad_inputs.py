@@ -635,12 +635,14 @@ CORRUPTIONS = [
     pytest.param(lambda real: b"\x00\xffnot a featcache row", id="garbage"),
     pytest.param(lambda real: b"", id="empty-string"),
     pytest.param(lambda real: pickle.dumps({"ctr_7d": 99.0}), id="pickle"),
-    pytest.param(lambda real: bytes([2]) + real[1:], id="layout-version-2"),
-    pytest.param(lambda real: bytes([0]) + real[1:], id="layout-version-0"),
-    pytest.param(lambda real: real[:1] + b"Z" + real[2:], id="unknown-kind"),
+    pytest.param(lambda real: real[:1] + bytes([3]) + real[2:], id="layout-version-3"),
+    pytest.param(lambda real: real[:1] + bytes([1]) + real[2:], id="layout-version-1"),
+    pytest.param(lambda real: b"\x01R" + real[3:], id="layout-1-head"),
+    pytest.param(lambda real: b"\x97" + real[1:], id="array-of-7"),
+    pytest.param(lambda real: real[:2] + b"Z" + real[3:], id="unknown-kind"),
     pytest.param(lambda real: real[:-3], id="truncated-body"),
-    pytest.param(lambda real: real[:10], id="header-only"),
-    pytest.param(lambda real: real[:5], id="truncated-header"),
+    pytest.param(lambda real: real[:12], id="head-only"),
+    pytest.param(lambda real: real[:5], id="truncated-head"),
     pytest.param(lambda real: real + b"\x00", id="trailing-byte"),
     pytest.param(_other_schema_value, id="other-schema"),
     # well-formed rows of this very schema and epoch whose values are of another type than
@@ -652,21 +654,29 @@ CORRUPTIONS = [
     pytest.param(lambda real: _retyped(real, 1, 2**63), id="int-beyond-int64"),
     pytest.param(lambda real: _retyped(real, 0, b"\x00" * 8), id="float-holds-bytes"),
     pytest.param(lambda real: _retyped(real, 2, {"a": 1.0}), id="float-holds-map"),
-    pytest.param(lambda real: _rebooked(real, 2, "1"), id="loaded-at-holds-str"),
+    pytest.param(lambda real: _rebooked(real, 5, "1"), id="loaded-at-holds-str"),
 ]
 
 
 def _retyped(real: bytes, index: int, value: object) -> bytes:
-    """``real`` with feature ``index`` replaced by ``value``: header, schema fingerprint,
+    """``real`` with feature ``index`` replaced by ``value``: head, schema fingerprint,
     epoch and timestamps untouched, so only the value's type is wrong."""
-    return _rebooked(real, 4 + index, value)
+    body = msgpack.unpackb(real, timestamp=3)
+    body[7][index] = value
+    return _repacked(real, body)
 
 
 def _rebooked(real: bytes, index: int, value: object) -> bytes:
-    """``real`` with element ``index`` of its msgpack body replaced by ``value``."""
-    body = msgpack.unpackb(real[10:], timestamp=3)
+    """``real`` with element ``index`` of its msgpack array (after the 12 fixed bytes: the
+    event time is element 2) replaced by ``value``."""
+    body = msgpack.unpackb(real, timestamp=3)
     body[index] = value
-    return real[:10] + msgpack.packb(body, datetime=True)
+    return _repacked(real, body)
+
+
+def _repacked(real: bytes, body: list[object]) -> bytes:
+    """The 12 fixed bytes of ``real``, then the elements of ``body`` after them."""
+    return real[:12] + msgpack.packb(body[3:], datetime=True)[1:]
 
 
 @pytest.mark.parametrize("corrupt", CORRUPTIONS)

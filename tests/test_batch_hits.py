@@ -125,3 +125,29 @@ def test_rows_whose_fill_was_slow_draw_xfetch_further_from_expiry(
                              codec.encode([e], None, loaded_ms, epoch, fill_ms=1800_000))
         result = fc.get_features(IDS, ["clicks"])
         assert fc.stats()[VIEW]["early_refreshes"] >= 1, result.status_counts()
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_small_batches_of_hits_are_answered_as_their_fills_were(
+    sql_url: str, redis_url: str, key_prefix: str, redis_client: redis.Redis, batch: int
+) -> None:
+    """A call of a few plain hits is answered straight from the MGET (``_plain_hits``, any
+    batch size): the same values and event times as the fill that stored them, and one value
+    that is not a row is still a counted miss."""
+    ids = IDS[:batch]
+    with make_cache([make_view(VIEW, VIEW, None)], redis_url, sql_url, key_prefix,
+                    xfetch_beta=0) as fc:
+        filled = fc.get_features(ids, NAMES)
+        assert filled.status_counts() == {Status.FILLED: batch * len(NAMES)}
+        hits = fc.get_features(ids, NAMES)
+        assert hits.status_counts() == {Status.HIT_REDIS: batch * len(NAMES)}
+        assert [dict(hits[e]) for e in ids] == [dict(filled[e]) for e in ids] == [
+            _expected(e) for e in ids]
+        assert [hits.event_timestamp(e, "clicks") for e in ids] == [
+            filled.event_timestamp(e, "clicks") for e in ids]
+        assert fc.stats()[VIEW]["hit_redis"] == batch
+        redis_client.set(f"{key_prefix}:{VIEW}:{ids[-1]}", b"\x98garbage")
+        again = fc.get_features(ids, NAMES)
+        assert {e: again.status(e, "clicks") for e in ids} == {
+            e: Status.FILLED if e == ids[-1] else Status.HIT_REDIS for e in ids}
+        assert fc.stats()[VIEW]["decode_errors"] == 1

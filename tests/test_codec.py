@@ -12,7 +12,15 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from featcache import Feature, FeatureView
-from featcache.codec import KIND_ABSENT, KIND_TOMBSTONE, NO_EVENT, RowCodec, schema_fingerprint
+from featcache.codec import (
+    KIND_ABSENT,
+    KIND_TOMBSTONE,
+    NO_EVENT,
+    TOMBSTONE_HEAD,
+    VALUE_VERSION,
+    RowCodec,
+    schema_fingerprint,
+)
 from featcache.freshness import (
     is_fresh,
     refresh_early,
@@ -20,7 +28,7 @@ from featcache.freshness import (
     xfetch_delta,
     xfetch_delta_floor,
 )
-from featcache.keys import LAYOUT_VERSION, KeyLayout
+from featcache.keys import KeyLayout
 from featcache.types import FeatureType
 
 VIEW = FeatureView(
@@ -29,11 +37,17 @@ VIEW = FeatureView(
 )
 
 
-def test_header_is_fixed_width_and_big_endian_event() -> None:
+def test_head_is_fixed_width_and_big_endian_event() -> None:
     raw = RowCodec(VIEW).encode((1.5, 2, "x"), 1_700_000_000_000_001, 5)
-    version, kind, event = struct.unpack_from(">BBq", raw)
-    assert (version, kind, event) == (LAYOUT_VERSION, ord("R"), 1_700_000_000_000_001)
-    assert RowCodec(VIEW).encode((1.5, 2, "x"), None, 5)[2:10] == struct.pack(">q", NO_EVENT)
+    array8, version, kind, int64, event = struct.unpack_from(">BBBBq", raw)
+    assert (array8, version, kind, int64) == (0x98, VALUE_VERSION, ord("R"), 0xD3)
+    assert event == 1_700_000_000_000_001
+    assert RowCodec(VIEW).encode((1.5, 2, "x"), None, 5)[4:12] == struct.pack(">q", NO_EVENT)
+    # the whole value is one msgpack array: any msgpack reader can inspect it
+    fp = RowCodec(VIEW).fingerprint
+    assert msgpack.unpackb(raw) == [2, 0x52, 1_700_000_000_000_001, fp, 0, 5, 0, [1.5, 2, "x"]]
+    assert msgpack.unpackb(RowCodec.encode_absent(9, 4)) == [2, 0x41, NO_EVENT, 0, 4, 9, 0, []]
+    assert raw[:2] + b"T" + raw[3:4] + struct.pack(">q", NO_EVENT) == TOMBSTONE_HEAD
 
 
 def test_absent_entry_round_trip() -> None:
@@ -44,9 +58,10 @@ def test_absent_entry_round_trip() -> None:
 def test_garbage_decodes_to_none_never_raises() -> None:
     codec = RowCodec(VIEW)
     good = codec.encode((1.0, 1, "a"), 1, 1)
-    for bad in (b"", b"\x01", b"\x02" + good[1:], good[:-1], good[:12], b"\x01Z" + good[2:],
-                b"\x01R" + b"\x00" * 8 + msgpack.packb({"a": 1}),
-                b"\x01R" + b"\x00" * 8 + msgpack.packb([1, 2, 3, 4, 5, 6, 7])):
+    for bad in (b"", b"\x98", good[:1] + b"\x03" + good[2:], good[:-1], good[:12],
+                good[:2] + b"Z" + good[3:], good[:12] + msgpack.packb({"a": 1}),
+                good[:12] + msgpack.packb([1, 2, 3, 4, 5, 6, 7])[1:],
+                b"\x01R" + good[4:12] + msgpack.packb([1, 2, 3, 4, 5])):
         assert codec.decode(bad) is None
 
 
@@ -194,7 +209,7 @@ def test_key_layout() -> None:
 
 
 def test_tombstone_decodes_as_a_tombstone() -> None:
-    raw = b"\x01T" + struct.pack(">q", NO_EVENT) + b"1764000000000-0"
+    raw = TOMBSTONE_HEAD + b"1764000000000-0"
     row = RowCodec(VIEW).decode(raw)
     assert row is not None and row.kind == KIND_TOMBSTONE
 
@@ -223,9 +238,14 @@ def _with(values: tuple[object, ...], index: int, value: object) -> bytes:
     """An encoded row of TYPED whose value ``index`` is replaced after encoding (as a foreign
     writer would leave it): fingerprint, epoch and header are those of a real row."""
     real = RowCodec(TYPED).encode(values, 1, 2, 3)
-    body = msgpack.unpackb(real[10:], timestamp=3)
-    body[4 + index] = value
-    return real[:10] + msgpack.packb(body, datetime=True)
+    body = msgpack.unpackb(real, timestamp=3)
+    body[7][index] = value
+    return _repacked(real, body)
+
+
+def _repacked(real: bytes, body: list[object]) -> bytes:
+    """The 12 fixed bytes of ``real``, then the elements of ``body`` after them."""
+    return real[:12] + msgpack.packb(body[3:], datetime=True)[1:]
 
 
 @pytest.mark.parametrize("index", range(len(_GOOD)))
@@ -257,17 +277,17 @@ def test_rows_with_nulls_and_rows_of_a_leading_schema_still_decode() -> None:
     row = codec.decode(RowCodec(older).encode((1, None, False), 9, 5, 6))
     assert row is not None and tuple(row.values) == (1, None, False)
     bad_older = RowCodec(older).encode((1, None, 0), 9, 5, 6)  # bool feature holding an int
-    body = msgpack.unpackb(bad_older[10:])
-    body[6] = 0
-    assert codec.decode(bad_older[:10] + msgpack.packb(body)) is None
+    body = msgpack.unpackb(bad_older)
+    body[7][2] = 0
+    assert codec.decode(_repacked(bad_older, body)) is None
 
 
 def test_a_negative_entry_with_bookkeeping_of_another_type_is_a_decode_error() -> None:
     good = RowCodec.encode_absent(123, 4)
     assert RowCodec(TYPED).decode(good) is not None
-    body = msgpack.unpackb(good[10:])
-    body[2] = "123"
-    assert RowCodec(TYPED).decode(good[:10] + msgpack.packb(body)) is None
+    body = msgpack.unpackb(good)
+    body[5] = "123"
+    assert RowCodec(TYPED).decode(_repacked(good, body)) is None
 
 
 # ------------------------------------------------------------------ a batch decoded at once
@@ -299,8 +319,8 @@ def test_decode_rows_reads_what_decode_reads(
     assert batch is not None
     one_by_one = [codec.decode(b) for b in blobs]
     assert batch.events_us == [r.event_us for r in one_by_one if r is not None]
-    assert [tuple(b[4:]) for b in batch.bodies] == [tuple(r.values) for r in one_by_one if r]
-    assert [b[1:4] for b in batch.bodies] == [(6, 5, 7)] * len(rows)
+    assert [tuple(b[7]) for b in batch.bodies] == [tuple(r.values) for r in one_by_one if r]
+    assert [b[4:7] for b in batch.bodies] == [(6, 5, 7)] * len(rows)
 
 
 def test_decode_rows_leaves_any_batch_with_one_other_value_to_decode() -> None:
@@ -310,21 +330,22 @@ def test_decode_rows_leaves_any_batch_with_one_other_value_to_decode() -> None:
     good = codec.encode(_GOOD, 1, 2, 3)
     older = FeatureView(name="v", table="t", entity_column="id", event_timestamp_column="ts",
                         features=TYPED.features[:2])
-    body = good[10:]
+    body = good[12:]
     others = {
         "garbage": b"\x00\xffnope",
-        "tombstone": b"\x01T" + b"\x80" + b"\x00" * 7 + b"1-0",
+        "tombstone": TOMBSTONE_HEAD + b"1-0",
         "negative entry": RowCodec.encode_absent(1, 2),
         "older schema": RowCodec(older).encode((1, 0.5), 1, 2, 3),
         "wrong type": _with(_GOOD, 0, "7"),
         "two rows in one value": good + body,
-        "half a row": good[: 10 + len(body) // 2],
-        "layout 2": b"\x02" + good[1:],
+        "half a row": good[: 12 + len(body) // 2],
+        "layout 1": b"\x01R" + good[4:],
+        "layout 3": good[:1] + b"\x03" + good[2:],
         "empty": b"",
     }
     for name, other in others.items():
         assert codec.decode_rows([good, other, good]) is None, name
     # the two halves of a row split across two values do not make two rows either
-    half = 10 + len(body) // 2
-    assert codec.decode_rows([good[:half], good[:10] + good[half:]]) is None
+    half = 12 + len(body) // 2
+    assert codec.decode_rows([good[:half], good[:12] + good[half:]]) is None
     assert codec.decode_rows([good, good]) is not None

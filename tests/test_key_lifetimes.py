@@ -91,7 +91,7 @@ class Lifetime:
 def _kind(client: redis.Redis, key: str) -> bytes:
     value = client.get(key)
     assert value is not None, f"{key} is not in Redis"
-    return value[1:2]
+    return value[2:3]  # the kind byte (featcache.codec)
 
 
 # --------------------------------------------------------------------------- rows, negative
@@ -301,7 +301,7 @@ def test_a_tombstone_outlives_a_fill_that_raced_with_it(
 
     with race(sqlite_target, redis_url, key_prefix, 2.0, for_300_ms_of_server_time) as done:
         assert done.answer[1]["clicks"] == 0  # v0: read before the commit
-        assert done.tombstone is not None and done.tombstone[1:2] == b"T"
+        assert done.tombstone is not None and done.tombstone[2:3] == b"T"
         assert left_ms[0] > 0, f"the tombstone expired during the SQL read ({left_ms[0]})"
         # the fill was sent in time and refused by the tombstone, not abandoned
         stats = done.stats
@@ -324,7 +324,7 @@ def test_a_fill_whose_sql_read_outlasts_the_tombstone_is_not_written(
 
     with race(sqlite_target, redis_url, key_prefix, 0.3, until_the_tombstone_is_gone) as done:
         assert done.answer[1]["clicks"] == 0
-        assert done.tombstone is not None and done.tombstone[1:2] == b"T"
+        assert done.tombstone is not None and done.tombstone[2:3] == b"T"
         stats = done.stats
         assert (stats["fills_abandoned"], stats["rows_written"]) == (1, 0), stats
         assert done.after is None, f"v0 landed after the tombstone expired: {done.after!r}"

@@ -140,12 +140,12 @@ def _check_redis(client: redis.Redis, layout: KeyLayout, view: FeatureView,
 
 
 def _count(client: redis.Redis, layout: KeyLayout, ids: list[int]) -> int:
-    """How many of ``ids`` hold a row (the kind byte after the layout version), not a
+    """How many of ``ids`` hold a row (the kind byte, byte 2 of the value), not a
     tombstone."""
     total = 0
     for start in range(0, len(ids), 5000):
         values = client.mget(layout.row_keys(VIEW, ids[start : start + 5000]))
-        total += sum(1 for raw in values if isinstance(raw, bytes) and raw[1] == KIND_ROW)
+        total += sum(1 for raw in values if isinstance(raw, bytes) and raw[2] == KIND_ROW)
     return total
 
 

@@ -24,9 +24,9 @@ __all__ = ["CONDITIONAL_SET", "ENSURE_EPOCH", "SET_IF_ABSENT"]
 # written. ARGV[3]: the write's deadline on the server's clock (microseconds, "0" for none):
 # past it nothing is written, since a tombstone laid after the reader's fence may have expired
 # (a write held in a stalled server's socket must not land late). Then four ARGV per row key:
-# mode, ttl_ms, value, expected. "Ours" means a row ("R" in
-# byte 2) of the same layout version (byte 1) as the new value.
-#   Both modes: a row never replaces a row of ours with a later event timestamp (bytes 3-10,
+# mode, ttl_ms, value, expected. "Ours" means a row ("R" in byte 3, 1-based as Lua counts) of
+# the same value layout (bytes 1-2: msgpack array of 8, layout version) as the new value.
+#   Both modes: a row never replaces a row of ours with a later event timestamp (bytes 5-12,
 #           big-endian int64) if that row is of the view's current epoch. One of an older
 #           epoch was invalidated with its whole view (readers miss it): it gives way, or an
 #           ETL that moved an event time back and invalidated the view would leave the key a
@@ -52,14 +52,9 @@ local function uint_at(s, pos)
   if b == 207 then return struct.unpack('>I8', s, pos + 1), pos + 9 end
   return nil
 end
--- the epoch of a row (msgpack [fp, epoch, ...] after the 10-byte header), or nil
+-- the epoch of a row (the fingerprint, then the epoch, after the 12 fixed bytes), or nil
 local function epoch_of(row)
-  local b, pos = string.byte(row, 11), nil
-  if b and b >= 146 and b <= 159 then pos = 12
-  elseif b == 220 then pos = 14
-  elseif b == 221 then pos = 16
-  else return nil end
-  local _, after = uint_at(row, pos)
+  local _, after = uint_at(row, 13)
   if not after then return nil end
   return (uint_at(row, after))
 end
@@ -89,10 +84,10 @@ for i = 2, rows_end do
   local old = nil
   if type(got) == 'string' then old = got end
   local ok
-  local ours = old and string.len(old) >= 10 and string.byte(old, 1) == string.byte(value, 1)
-    and string.byte(old, 2) == 82
-  ok = (not ours) or string.byte(value, 2) ~= 82
-    or struct.unpack('>i8', value, 3) >= struct.unpack('>i8', old, 3)
+  local ours = old and string.len(old) >= 12 and string.sub(old, 1, 2) == string.sub(value, 1, 2)
+    and string.byte(old, 3) == 82
+  ok = (not ours) or string.byte(value, 3) ~= 82
+    or struct.unpack('>i8', value, 5) >= struct.unpack('>i8', old, 5)
     or not of_current_epoch(old)
   if ok and mode ~= 'R' then
     ok = (old or '') == ARGV[base + 4]

@@ -151,6 +151,12 @@ class StandaloneStore:
 
     def read(self, keys: Sequence[str]) -> list[bytes | None]:
         """Values in key order, None where absent; one network round trip."""
+        if len(keys) <= self.read_chunk:  # one MGET: every call's round trip, kept short
+            reply = self._round_trip((_pack(("MGET", *keys)),))[0]
+            if isinstance(reply, Exception):  # an error reply (ACL, OOM...): no values at all
+                raise translate(reply, self.url) from reply
+            values: list[bytes | None] = reply
+            return values
         return self._read(keys, False)[0]
 
     def read_timed(self, keys: Sequence[str]) -> tuple[list[bytes | None], int]:
