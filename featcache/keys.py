@@ -25,45 +25,88 @@
 a decimal integer or the UTF-8 string as given. A view has exactly one entity type, so ``7`` and
 ``"7"`` never meet in one view.
 
-There is no hash tag: in a cluster, rows spread over every shard by entity, and no view lands on
-one shard. Per-view bookkeeping keys live under ``<prefix>:~<view>:<name>``; a view name cannot
-start with ``~``, so no row key can ever collide with them, whatever its entity id.
+Per-view bookkeeping keys live under ``<prefix>:~<view>:<name>``; a view name cannot start with
+``~``, so no row key can ever collide with them, whatever its entity id.
+
+**On a Redis Cluster** (``KeyLayout(prefix, buckets=CLUSTER_BUCKETS)``) a row and its lease
+carry a hash tag, one of ``buckets`` per view, so that a write script's row and lease keys
+share a slot and a batch's keys fall in at most ``buckets`` slots per view (one MGET each)::
+
+    <prefix>:{<view>:<bb>}:<entity>        one row (bb: the entity's bucket, two digits)
+    <prefix>:~{<view>:<bb>}:lease:<entity> its fill lease
+
+An entity's bucket is ``id % buckets`` for an int id and ``crc32(utf-8) % buckets`` for a str
+one. The per-view bookkeeping keys and the stream keep their names (no tag: each is one key in
+its own slot). Without buckets (standalone, Sentinel) no key has a hash tag.
 """
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Iterable
 
-__all__ = ["LAYOUT_VERSION", "KeyLayout"]
+__all__ = ["CLUSTER_BUCKETS", "LAYOUT_VERSION", "KeyLayout", "bucket_of"]
 
 LAYOUT_VERSION = 1
+#: hash tags per view on a cluster: a batch of 1000 ids touches at most this many slots per
+#: view, and a view's rows still spread over every shard (docs/architecture.md)
+CLUSTER_BUCKETS = 64
+
+
+def bucket_of(entity: int | str, buckets: int) -> int:
+    """The hash-tag bucket of an entity id: stable across processes and versions."""
+    if type(entity) is int:
+        return entity % buckets
+    return zlib.crc32(str(entity).encode()) % buckets
 
 
 class KeyLayout:
     """Builds keys for one key prefix; cheap enough for the read path (one format per key)."""
 
-    __slots__ = ("_heads", "prefix")
+    __slots__ = ("_bucket_heads", "_heads", "buckets", "prefix")
 
-    def __init__(self, prefix: str) -> None:
+    def __init__(self, prefix: str, buckets: int = 0) -> None:
+        if buckets < 0 or buckets > 100:
+            raise ValueError(f"buckets: 0 (no hash tags) to 100, got {buckets}")
         self.prefix = prefix
+        self.buckets = buckets
         self._heads: dict[str, str] = {}  # view -> what its row keys start with
+        #: view -> what its row keys start with, per bucket (a cluster's layout)
+        self._bucket_heads: dict[str, tuple[str, ...]] = {}
 
     # ------------------------------------------------------------------ rows
 
-    def row_prefix(self, view: str) -> str:
-        return f"{self.prefix}:{view}:"
-
     def row_key(self, view: str, entity: int | str) -> str:
-        return f"{self.prefix}:{view}:{entity}"
+        return self.row_keys(view, (entity,))[0]
 
     def row_keys(self, view: str, entities: Iterable[int | str]) -> list[str]:
         # an f-string per key in a comprehension: cheaper than map() of a %-template, or
         # str() and a concatenation (12.4 / 9.5 us per 100 int ids; the read path and the
         # bulk writers build every key of every call)
+        if self.buckets:
+            return self._tagged(self._tag_heads(view, ""), entities)
         head = self._heads.get(view)
         if head is None:
-            head = self._heads[view] = self.row_prefix(view)
+            head = self._heads[view] = f"{self.prefix}:{view}:"
         return [f"{head}{entity}" for entity in entities]
+
+    def _tag_heads(self, view: str, kind: str) -> tuple[str, ...]:
+        """What the keys of ``kind`` ("" rows, "lease") start with, per bucket."""
+        name = f"{view}\x00{kind}"
+        heads = self._bucket_heads.get(name)
+        if heads is None:
+            if kind:
+                heads = tuple(f"{self.prefix}:~{{{view}:{b:02d}}}:{kind}:"
+                              for b in range(self.buckets))
+            else:
+                heads = tuple(f"{self.prefix}:{{{view}:{b:02d}}}:" for b in range(self.buckets))
+            self._bucket_heads[name] = heads
+        return heads
+
+    def _tagged(self, heads: tuple[str, ...], entities: Iterable[int | str]) -> list[str]:
+        n = self.buckets
+        return [f"{heads[e % n]}{e}" if type(e) is int else f"{heads[bucket_of(e, n)]}{e}"
+                for e in entities]
 
     # ------------------------------------------------------------------ per view
 
@@ -72,7 +115,10 @@ class KeyLayout:
         return self._view_key(view, "epoch")
 
     def lease_keys(self, view: str, entities: Iterable[int | str]) -> list[str]:
-        """The fill leases of these rows (``featcache.leases``)."""
+        """The fill leases of these rows (``featcache.leases``), in their rows' slots on a
+        cluster."""
+        if self.buckets:
+            return self._tagged(self._tag_heads(view, "lease"), entities)
         head = self._view_key(view, "lease:")
         return [f"{head}{entity}" for entity in entities]
 

@@ -18,8 +18,9 @@ ROOT = Path(__file__).resolve().parent.parent
 #: run servers and databases of their own (the demo, the embedded server, cluster and Sentinel)
 REDIS_MODULES = {"featcache.redis_store", "featcache.redis_store.base",
                  "featcache.redis_store.errors", "featcache.redis_store.scripts",
-                 "featcache.redis_store.standalone", "featcache.embedded",
-                 "featcache.embedded_cluster", "featcache.embedded_sentinel", "featcache.demo.run"}
+                 "featcache.redis_store.standalone", "featcache.redis_store.cluster",
+                 "featcache.embedded", "featcache.embedded_cluster",
+                 "featcache.embedded_sentinel", "featcache.demo.run"}
 SQL_MODULES = {"featcache.offline", "featcache.offline.store", "featcache.offline.bulk",
                "featcache.offline.arrow", "featcache.offline.changes", "featcache.offline.text",
                "featcache.demo.run", "featcache.demo.data"}

@@ -10,6 +10,7 @@ import msgpack
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from redis.crc import key_slot
 
 from featcache import Feature, FeatureView
 from featcache.codec import (
@@ -28,7 +29,7 @@ from featcache.freshness import (
     xfetch_delta,
     xfetch_delta_floor,
 )
-from featcache.keys import KeyLayout
+from featcache.keys import CLUSTER_BUCKETS, KeyLayout, bucket_of
 from featcache.types import FeatureType
 
 VIEW = FeatureView(
@@ -349,3 +350,26 @@ def test_decode_rows_leaves_any_batch_with_one_other_value_to_decode() -> None:
     half = 12 + len(body) // 2
     assert codec.decode_rows([good[:half], good[:12] + good[half:]]) is None
     assert codec.decode_rows([good, good]) is not None
+
+
+def test_the_cluster_layout_tags_a_row_and_its_lease_alike() -> None:
+    """On a cluster a row and its lease share a hash tag (one slot, so one write script can
+    hold both), one of 64 per view; the bookkeeping keys carry none."""
+    layout = KeyLayout("fc", buckets=CLUSTER_BUCKETS)
+    assert layout.row_keys("users", [42, 106, "ü"]) == [
+        "fc:{users:42}:42", "fc:{users:42}:106", f"fc:{{users:{bucket_of('ü', 64):02d}}}:ü"]
+    assert layout.row_key("users", 5) == "fc:{users:05}:5"
+    assert layout.lease_keys("users", [5]) == ["fc:~{users:05}:lease:5"]
+    assert layout.epoch_key("users") == "fc:~users:epoch"
+    for entity in [0, 1, 63, 64, -1, 2**63 - 1, "a", "ü", "a:b"]:
+        row, lease = layout.row_key("v", entity), layout.lease_keys("v", [entity])[0]
+        assert key_slot(row.encode()) == key_slot(lease.encode()), entity
+    slots = {key_slot(k.encode()) for k in layout.row_keys("v", range(10_000))}
+    assert len(slots) == CLUSTER_BUCKETS  # a view spreads over 64 slots, never one
+    assert bucket_of(-1, 64) == 63 and bucket_of("a", 64) == bucket_of("a", 64)
+    # without buckets nothing changes: no hash tag anywhere
+    plain = KeyLayout("fc")
+    assert plain.row_keys("users", [42]) == ["fc:users:42"]
+    assert plain.lease_keys("users", [42]) == ["fc:~users:lease:42"]
+    with pytest.raises(ValueError, match="buckets"):
+        KeyLayout("fc", buckets=-1)

@@ -2,7 +2,9 @@
 
 ``base`` holds the interface every backend implements (``RedisStore``, ``StreamTail``) and the
 types it speaks; ``scripts`` the write scripts; ``errors`` the translation of redis-py's
-exceptions (there and nowhere else); ``standalone`` the backend for one server.
+exceptions (there and nowhere else); ``standalone`` the backend for one server (or the primary
+Sentinel names); ``cluster`` a cluster's batched reads (the cluster backend is being built on
+it and is not yet a ``redis.mode``).
 ``open_store`` builds the backend a configuration names.
 """
 

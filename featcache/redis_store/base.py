@@ -14,6 +14,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Protocol
 
+import hiredis
+
 __all__ = [
     "Command",
     "IfAbsent",
@@ -24,9 +26,17 @@ __all__ = [
     "WriteBatch",
     "WriteItem",
     "fenced_write",
+    "pack",
     "row_write",
     "split_if_absent",
 ]
+
+
+def pack(args: tuple[Any, ...]) -> bytes:
+    """One command in RESP, by hiredis' C packer (str, bytes, int and float arguments): the
+    backends send commands packed so, without redis-py's per-argument pass."""
+    packed: bytes = hiredis.pack_command(args)
+    return packed
 
 
 class LuaScript:

@@ -16,7 +16,6 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
-import hiredis
 import redis
 import redis.sentinel
 from redis import exceptions as redis_exc
@@ -32,6 +31,7 @@ from featcache.redis_store.base import (
     ScriptCall,
     StreamTail,
     WriteBatch,
+    pack,
     split_if_absent,
 )
 from featcache.redis_store.errors import ERRORS, translate
@@ -44,13 +44,7 @@ __all__ = ["StandaloneStore", "StandaloneTail", "connect", "describe", "open_tai
 log = logging.getLogger("featcache.redis")
 
 
-def _pack(args: tuple[Any, ...]) -> bytes:
-    """One command in RESP, by hiredis' C packer (str, bytes, int and float arguments)."""
-    packed: bytes = hiredis.pack_command(args)
-    return packed
-
-
-_TIME = hiredis.pack_command(("TIME",))
+_TIME = pack(("TIME",))
 
 
 def safe_redis_url(url: str) -> str:
@@ -152,7 +146,7 @@ class StandaloneStore:
     def read(self, keys: Sequence[str]) -> list[bytes | None]:
         """Values in key order, None where absent; one network round trip."""
         if len(keys) <= self.read_chunk:  # one MGET: every call's round trip, kept short
-            reply = self._round_trip((_pack(("MGET", *keys)),))[0]
+            reply = self._round_trip((pack(("MGET", *keys)),))[0]
             if isinstance(reply, Exception):  # an error reply (ACL, OOM...): no values at all
                 raise translate(reply, self.url) from reply
             values: list[bytes | None] = reply
@@ -167,7 +161,7 @@ class StandaloneStore:
     def _read(self, keys: Sequence[str], timed: bool) -> tuple[list[bytes | None], int]:
         step = self.read_chunk
         packed = [
-            _pack(("MGET", *keys[start : start + step]))
+            pack(("MGET", *keys[start : start + step]))
             for start in range(0, len(keys), step)
         ]
         if timed:
@@ -267,7 +261,7 @@ class StandaloneStore:
     def execute(self, commands: Sequence[Command]) -> list[Any]:
         """Run each command in one pipelined round trip; replies in order, as redis-py parses
         them (an error reply raises, translated)."""
-        return self._round_trip_checked([_pack((c.name, c.key, *c.args)) for c in commands])
+        return self._round_trip_checked([pack((c.name, c.key, *c.args)) for c in commands])
 
     def eval_replicated(
         self, calls: Sequence[ScriptCall], replicas: int, timeout_ms: int
@@ -275,11 +269,11 @@ class StandaloneStore:
         """Each script once (``EVALSHA``, loaded first when the server lacks one), then one
         ``WAIT`` in the same round trip on the same connection, which is what WAIT counts."""
         self._round_trip_checked(
-            [_pack(("SCRIPT", "LOAD", script.text))
+            [pack(("SCRIPT", "LOAD", script.text))
              for script in {call[0].sha: call[0] for call in calls}.values()])
-        packed = [_pack(("EVALSHA", call[0].sha, len(call[1]), *call[1], *call[2]))
+        packed = [pack(("EVALSHA", call[0].sha, len(call[1]), *call[1], *call[2]))
                   for call in calls]
-        replies = self._round_trip_checked([*packed, _pack(("WAIT", replicas, timeout_ms))])
+        replies = self._round_trip_checked([*packed, pack(("WAIT", replicas, timeout_ms))])
         return replies[:-1], int(replies[-1])
 
     def _round_trip_checked(self, packed: Sequence[bytes]) -> list[Any]:
@@ -317,7 +311,7 @@ class StandaloneStore:
             for i in pending:
                 script, keys, args = calls[i]
                 packed.append(
-                    _pack(("EVALSHA", script.sha, len(keys), *keys, *args))
+                    pack(("EVALSHA", script.sha, len(keys), *keys, *args))
                 )
             retry = []
             for i, result in zip(pending, self._round_trip(packed), strict=True):
@@ -331,7 +325,7 @@ class StandaloneStore:
                 break
             scripts = {calls[i][0].sha: calls[i][0] for i in retry}.values()
             for loaded in self._round_trip(
-                [_pack(("SCRIPT", "LOAD", script.text)) for script in scripts]
+                [pack(("SCRIPT", "LOAD", script.text)) for script in scripts]
             ):
                 if isinstance(loaded, Exception):
                     raise translate(loaded, self.url) from loaded

@@ -1,0 +1,204 @@
+"""The cluster backend of the Redis store's reads: a batch in one overlapped round trip per node.
+
+redis-py's ``RedisCluster`` owns the topology (the slot map, its refresh, the nodes' connection
+pools, TLS and ACL auth); the batch path is ours, as on one server. ``ClusterReader.read``
+groups the keys by hash slot (the cluster layout of ``featcache.keys`` puts a view's rows in at
+most ``CLUSTER_BUCKETS`` slots), packs one ``MGET`` per slot, sends every node its MGETs before
+reading any reply, then reads each node's replies. redis-py's ``mget_nonatomic`` and
+``ClusterPipeline`` read node by node and build their commands in Python per key.
+
+Resharding is not an error: a slot answered ``MOVED`` is re-read once from its new owner (the
+slot map updated as redis-py does), one answered ``ASK`` once from the importing node after
+``ASKING``; a slot still moving (``TRYAGAIN``: some of its keys moved, some not) and the slots
+of a node that fails mid-batch read as nothing (None: misses, read from SQL and filled only
+where the key is still empty), and only a batch that no node answered raises
+``CacheUnavailable``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from operator import itemgetter, methodcaller
+from typing import Any
+
+import redis
+from redis import exceptions as redis_exc
+from redis.cluster import ClusterNode
+from redis.crc import key_slot
+
+from featcache.redis_store.base import pack
+from featcache.redis_store.errors import ERRORS, translate
+
+__all__ = ["ClusterReader", "SlotCache"]
+
+log = logging.getLogger("featcache.redis")
+
+_heads = methodcaller("partition", "}")
+_first = itemgetter(0)
+#: a reply that a slot is elsewhere now, or moving: re-read once, or left as misses
+_REDIRECTS = (redis_exc.AskError, redis_exc.TryAgainError, redis_exc.ClusterDownError)
+#: keys' hash slots remembered at most; past it the memo starts afresh (row keys are
+#: remembered by their hash tag, so a cluster layout needs 64 entries a view)
+_SLOT_MEMO_MAX = 65_536
+
+
+class SlotCache(dict[str, int]):
+    """The hash slot of a key, by its head: the key up to its hash tag's ``}``, or the whole
+    key when it has none, so every row of one hash tag costs one CRC16 (``__missing__``).
+
+    For featcache's keys (``featcache.keys``): a key's first ``}`` closes its hash tag, or it
+    has no brace at all (prefixes and view names cannot hold one). A key of another shape
+    may be looked up in the wrong slot; the node then answers MOVED with the right one, and
+    ``ClusterReader`` reads it from there."""
+
+    def __missing__(self, head: str) -> int:
+        if len(self) >= _SLOT_MEMO_MAX:
+            self.clear()
+        tag_open = head.find("{")
+        raw = (head + "}").encode() if tag_open >= 0 else head.encode()
+        slot: int = key_slot(raw)
+        self[head] = slot
+        return slot
+
+    def slots(self, keys: Sequence[str]) -> list[int]:
+        """The slot of each key, by C-level maps (a tagged key's head is before its ``}``)."""
+        return list(map(self.__getitem__, map(_first, map(_heads, keys))))
+
+
+class _Group:
+    """One slot's keys in one batch: their positions, and the MGET that reads them."""
+
+    __slots__ = ("positions", "slot")
+
+    def __init__(self, slot: int) -> None:
+        self.slot = slot
+        self.positions: list[int] = []
+
+
+class ClusterReader:
+    """Batched reads from a Redis/Valkey Cluster through ``client`` (its slot map and pools)."""
+
+    def __init__(self, client: redis.RedisCluster, url: str) -> None:
+        self.client = client
+        self.url = url
+        self._slots = SlotCache()
+        #: node failures and redirects seen by reads, for stats and tests
+        self.node_errors = 0
+        self.redirects = 0
+
+    def read(self, keys: Sequence[str]) -> list[bytes | None]:
+        """Values in key order, None where absent or unreadable now (see the module)."""
+        values: list[bytes | None] = [None] * len(keys)
+        groups: dict[int, _Group] = {}
+        for position, slot in enumerate(self._slots.slots(keys)):
+            group = groups.get(slot)
+            if group is None:
+                group = groups[slot] = _Group(slot)
+            group.positions.append(position)
+        by_node: dict[str, tuple[ClusterNode, list[_Group]]] = {}
+        cache = self.client.nodes_manager.slots_cache
+        for group in groups.values():
+            owners = cache.get(group.slot)
+            if not owners:
+                continue  # not covered now: misses
+            node = owners[0]
+            by_node.setdefault(node.name, (node, []))[1].append(group)
+        answered, retry = self._round(keys, values, by_node)
+        if retry:
+            self.redirects += len(retry)
+            answered += self._retry(keys, values, retry)
+        if by_node and not answered:
+            raise translate(redis_exc.ConnectionError("no cluster node answered the read"),
+                            self.url)
+        return values
+
+    def _round(
+        self,
+        keys: Sequence[str],
+        values: list[bytes | None],
+        by_node: dict[str, tuple[ClusterNode, list[_Group]]],
+        asking: bool = False,
+    ) -> tuple[int, list[tuple[_Group, Exception]]]:
+        """Send every node its MGETs, then read every reply: how many nodes answered, and the
+        groups answered by a redirect (with it)."""
+        sent: list[tuple[Any, Any, list[_Group]]] = []
+        answered = 0
+        redirected: list[tuple[_Group, Exception]] = []
+        for node, node_groups in by_node.values():
+            packed = []
+            for group in node_groups:
+                if asking:
+                    packed.append(_ASKING)
+                packed.append(pack(("MGET", *[keys[p] for p in group.positions])))
+            pool = self._pool(node)
+            try:
+                conn = pool.get_connection()
+            except ERRORS:
+                self.node_errors += 1
+                continue
+            try:
+                conn.send_packed_command(packed)
+            except ERRORS:
+                self.node_errors += 1
+                conn.disconnect()
+                pool.release(conn)
+                continue
+            sent.append((pool, conn, node_groups))
+        for pool, conn, node_groups in sent:
+            try:
+                for group in node_groups:
+                    if asking:
+                        conn.read_response()  # ASKING's OK
+                    try:
+                        reply = conn.read_response()
+                    except _REDIRECTS as exc:
+                        redirected.append((group, exc))
+                        continue
+                    for position, value in zip(group.positions, reply, strict=True):
+                        values[position] = value
+                answered += 1
+            except redis_exc.ResponseError as exc:
+                # an error reply (ACL, OOM...) is not an outage: the caller hears it
+                conn.disconnect()
+                raise translate(exc, self.url) from exc
+            except ERRORS:
+                self.node_errors += 1
+                conn.disconnect()
+            finally:
+                pool.release(conn)
+        return answered, redirected
+
+    def _retry(
+        self,
+        keys: Sequence[str],
+        values: list[bytes | None],
+        redirected: list[tuple[_Group, Exception]],
+    ) -> int:
+        """Each redirected group once more: MOVED from its new owner (the slot map updated),
+        ASK from the importing node after ``ASKING``; anything else stays misses."""
+        manager = self.client.nodes_manager
+        moved: dict[str, tuple[ClusterNode, list[_Group]]] = {}
+        asked: dict[str, tuple[ClusterNode, list[_Group]]] = {}
+        for group, exc in redirected:
+            if isinstance(exc, redis_exc.MovedError):
+                manager.move_slot(exc)
+                node = manager.slots_cache[group.slot][0]
+                moved.setdefault(node.name, (node, []))[1].append(group)
+            elif isinstance(exc, redis_exc.AskError):
+                node = manager.get_node(host=exc.host, port=exc.port) or ClusterNode(  # type: ignore[no-untyped-call]
+                    exc.host, exc.port)
+                asked.setdefault(node.name, (node, []))[1].append(group)
+        answered = 0
+        for targets, asking in ((moved, False), (asked, True)):
+            if targets:
+                count, _ = self._round(keys, values, targets, asking=asking)
+                answered += count
+        return answered
+
+    def _pool(self, node: ClusterNode) -> Any:
+        connection = node.redis_connection or self.client.get_redis_connection(node)
+        return connection.connection_pool
+
+
+_ASKING = pack(("ASKING",))
