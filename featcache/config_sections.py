@@ -18,6 +18,7 @@ import math
 import re
 from dataclasses import Field, dataclass, field, fields
 from typing import Any, ClassVar, Final
+from urllib.parse import urlsplit
 
 from featcache.errors import ConfigError
 from featcache.urls import mask_url
@@ -130,7 +131,7 @@ class Section:
 
 
 #: the Redis deployments featcache talks to (``RedisConfig.mode``)
-REDIS_MODES: Final = ("standalone", "sentinel")
+REDIS_MODES: Final = ("standalone", "sentinel", "cluster")
 
 
 def _addresses(value: object, path: str) -> tuple[str, ...]:
@@ -157,9 +158,11 @@ def _check_url(url: object, path: str) -> None:
 class RedisConfig(Section):
     """``redis``: where the cache is and how the client talks to it (``redis_store``).
 
-    ``mode`` is the deployment: ``standalone`` (one server at ``url``) or ``sentinel`` (the
+    ``mode`` is the deployment: ``standalone`` (one server at ``url``), ``sentinel`` (the
     primary that ``sentinels`` name for ``master_name``; ``url`` gives the user, password,
-    database and TLS of the connections to it, its host and port are not used).
+    database and TLS of the connections to it, its host and port are not used) or ``cluster``
+    (a Redis/Valkey Cluster; ``url`` is any of its nodes, which tells the client the rest;
+    database 0 only).
     ``key_prefix`` starts
     every key featcache writes; ``read_chunk`` is the most keys one ``MGET`` carries (a larger
     batch is several in one round trip)."""
@@ -198,7 +201,10 @@ class RedisConfig(Section):
             if not self.master_name:
                 raise ConfigError("mode sentinel needs the name the sentinels monitor the "
                                   "primary under", "redis.master_name")
-        elif self.sentinels or self.master_name:
+        elif self.mode == "cluster" and urlsplit(self.url).path not in ("", "/", "/0"):
+            raise ConfigError(f"a cluster has database 0 only, got {mask_url(self.url)!r}",
+                              "redis.url")
+        if self.mode != "sentinel" and (self.sentinels or self.master_name):
             key = "sentinels" if self.sentinels else "master_name"
             raise ConfigError(f"only read with mode: sentinel (the mode is {self.mode})",
                               f"redis.{key}")

@@ -26,6 +26,7 @@ the new entries repeat the ids of the old ones). Ids travel as msgpack, never pi
 from __future__ import annotations
 
 import os
+import secrets
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -42,7 +43,7 @@ from featcache.config import (
 )
 from featcache.errors import CacheUnavailable, ConfigError, InvalidRequest
 from featcache.keys import KeyLayout
-from featcache.redis_store import LuaScript, RedisStore, ScriptCall, open_store
+from featcache.redis_store import Command, LuaScript, RedisStore, ScriptCall, open_store
 from featcache.request import EntityId, check_id
 
 __all__ = ["STREAM_FIELDS", "InvalidationReport", "Invalidator"]
@@ -71,6 +72,27 @@ end
 return id
 """)
 
+# On a cluster (where the epoch, the stream and each slot's rows are on different nodes) the
+# same steps, in an order that keeps the fence: the tombstones of each slot first, then the
+# stream entry, so that no L1 drops a row before Redis is fenced.
+# _TOMBSTONES: KEYS: row keys of one slot; ARGV[1]: fence ttl ms, ARGV[2]: the tombstone (the
+# head, then a token unique to the invalidation). Returns the server's time in microseconds.
+_TOMBSTONES = LuaScript("""
+for i = 1, #KEYS do
+  redis.call('SET', KEYS[i], ARGV[2], 'PX', ARGV[1])
+end
+local t = redis.call('TIME')
+return string.format('%d', tonumber(t[1]) * 1000000 + tonumber(t[2]))
+""")
+# _MOVE_EPOCH: KEYS[1]: the view's epoch key. Moves it as _INVALIDATE does; returns it.
+_MOVE_EPOCH = LuaScript("""
+local t = redis.call('TIME')
+local now_us = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local current = tonumber(redis.call('GET', KEYS[1]) or '0') or 0
+local epoch = string.format('%d', math.max(current + 1, now_us))
+redis.call('SET', KEYS[1], epoch)
+return epoch
+""")
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,6 +134,10 @@ class Invalidator:
         """Fence and announce; 100k ids are chunked into one pipelined round trip."""
         epoch_key = self._layout.epoch_key(view.name)
         stream_key = self._layout.stream_key()
+        if entity_ids is None and self._layout.buckets:
+            (epoch,) = self._run([ScriptCall(_MOVE_EPOCH, [epoch_key], [])])
+            entry = self._announce(view.name, ("k", "all", "e", epoch))
+            return InvalidationReport(view.name, 0, True, (entry,))
         if entity_ids is None:
             args = ["all", self._fence_ttl_ms, view.name, b"", self._maxlen, TOMBSTONE_HEAD]
             (entry,) = self._run([ScriptCall(_INVALIDATE, [epoch_key, stream_key], args)])
@@ -125,6 +151,8 @@ class Invalidator:
         ids = list(
             dict.fromkeys(check_id(x, view.entity_type, self._max_id_length) for x in entity_ids)
         )
+        if self._layout.buckets:
+            return self._invalidate_on_cluster(view, ids)
         calls: list[ScriptCall] = []
         for start in range(0, len(ids), self._chunk):
             chunk: list[EntityId] = ids[start : start + self._chunk]
@@ -138,6 +166,33 @@ class Invalidator:
             view.name, len(ids), False, tuple(_text(e) for e in entries), tuple(ids)
         )
 
+
+    def _invalidate_on_cluster(self, view: FeatureView, ids: list[EntityId]) -> InvalidationReport:
+        """The tombstones, one script call per slot and chunk, then one stream entry per
+        chunk of ids (as on one server)."""
+        tombstone = TOMBSTONE_HEAD + b"c" + secrets.token_hex(8).encode()
+        calls = [
+            ScriptCall(_TOMBSTONES, self._layout.row_keys(view.name, group[start : start
+                                                          + self._chunk]),
+                       [self._fence_ttl_ms, tombstone])
+            for group in self._layout.slot_groups(ids)
+            for start in range(0, len(group), self._chunk)
+        ]
+        times = self._run(calls) if calls else []
+        now_us = max((int(t) for t in times), default=0)
+        entries = tuple(
+            self._announce(view.name, ("k", "ids", "ids", msgpack.packb(ids[start : start +
+                                                                           self._chunk]),
+                                       "t", now_us))
+            for start in range(0, len(ids), self._chunk))
+        return InvalidationReport(view.name, len(ids), False, entries, tuple(ids))
+
+    def _announce(self, view: str, fields: tuple[Any, ...]) -> str:
+        """One stream entry (on a cluster, after the fences it announces are in place)."""
+        (entry,) = self._store.execute([Command(
+            "XADD", self._layout.stream_key(), ("MAXLEN", "~", self._maxlen, "*", "v", view,
+                                                *fields))])
+        return _text(entry)
 
     def _run(self, calls: list[ScriptCall]) -> list[Any]:
         """The invalidation's scripts, acknowledged by ``invalidation.replicas`` replicas when
@@ -179,7 +234,8 @@ def invalidate(
     view_def = loaded.view(view)
     store = open_store(loaded.redis)
     try:
-        invalidator = Invalidator(store, KeyLayout(loaded.redis.key_prefix),
+        invalidator = Invalidator(store, KeyLayout.for_mode(loaded.redis.key_prefix,
+                                                            loaded.redis.mode),
                                   loaded.invalidation, loaded.limits)
         return invalidator.invalidate(view_def, entity_ids)
     finally:

@@ -35,19 +35,25 @@ share a slot and a batch's keys fall in at most ``buckets`` slots per view (one 
     <prefix>:{<view>:<bb>}:<entity>        one row (bb: the entity's bucket, two digits)
     <prefix>:~{<view>:<bb>}:lease:<entity> its fill lease
 
+    <prefix>:~{<view>}:<name>              the view's bookkeeping keys: one tag a view, so a
+                                           script over several of them (the popularity
+                                           top-k) has them in one slot
+
 An entity's bucket is ``id % buckets`` for an int id and ``crc32(utf-8) % buckets`` for a str
-one. The per-view bookkeeping keys and the stream keep their names (no tag: each is one key in
-its own slot). Without buckets (standalone, Sentinel) no key has a hash tag.
+one; ``slot_groups`` splits a view's ids by it, for the scripts that touch a row and its lease
+together. The stream keeps its name. Without buckets (standalone, Sentinel) no key has a hash
+tag and ``slot_groups`` is one group.
 """
 
 from __future__ import annotations
 
 import zlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 __all__ = ["CLUSTER_BUCKETS", "LAYOUT_VERSION", "KeyLayout", "bucket_of"]
 
 LAYOUT_VERSION = 1
+EntityKey = int | str
 #: hash tags per view on a cluster: a batch of 1000 ids touches at most this many slots per
 #: view, and a view's rows still spread over every shard (docs/architecture.md)
 CLUSTER_BUCKETS = 64
@@ -73,6 +79,11 @@ class KeyLayout:
         self._heads: dict[str, str] = {}  # view -> what its row keys start with
         #: view -> what its row keys start with, per bucket (a cluster's layout)
         self._bucket_heads: dict[str, tuple[str, ...]] = {}
+
+    @classmethod
+    def for_mode(cls, prefix: str, mode: str) -> KeyLayout:
+        """The layout of a deployment (``redis.mode``): hash-tag buckets on a cluster only."""
+        return cls(prefix, CLUSTER_BUCKETS if mode == "cluster" else 0)
 
     # ------------------------------------------------------------------ rows
 
@@ -102,6 +113,17 @@ class KeyLayout:
                 heads = tuple(f"{self.prefix}:{{{view}:{b:02d}}}:" for b in range(self.buckets))
             self._bucket_heads[name] = heads
         return heads
+
+    def slot_groups(self, entities: Sequence[EntityKey]) -> list[list[EntityKey]]:
+        """``entities`` split so that each group's row and lease keys share one slot: by
+        bucket on a cluster (in first-seen order), all of them otherwise."""
+        if not self.buckets or not entities:
+            return [list(entities)]
+        groups: dict[int, list[EntityKey]] = {}
+        n = self.buckets
+        for e in entities:
+            groups.setdefault(e % n if type(e) is int else bucket_of(e, n), []).append(e)
+        return list(groups.values())
 
     def _tagged(self, heads: tuple[str, ...], entities: Iterable[int | str]) -> list[str]:
         n = self.buckets
@@ -159,5 +181,8 @@ class KeyLayout:
         return f"{self.prefix}:~stream"
 
     def _view_key(self, view: str, name: str) -> str:
-        """A per-view bookkeeping key, in a space no row key can reach (views never start '~')."""
+        """A per-view bookkeeping key, in a space no row key can reach (views never start '~');
+        on a cluster under the view's own hash tag."""
+        if self.buckets:
+            return f"{self.prefix}:~{{{view}}}:{name}"
         return f"{self.prefix}:~{view}:{name}"

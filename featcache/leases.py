@@ -95,25 +95,27 @@ class Leases:
         if not views:
             return {}, 0
         calls = []
+        groups: list[tuple[str, list[EntityId]]] = []  # one script call each: one slot
         for view in views:
-            ids = wanted[view]
-            rows = self._layout.row_keys(view, ids)
             saw = seen.get(view, {})
-            calls.append(([*self.keys(view, ids), *rows],
-                          [token, self._ttl_ms, *(saw.get(e, b"") for e in ids)]))
-        out: dict[str, Taken] = {}
-        server_us = 0
-        for view, reply in zip(views, self._store.eval_many(_ACQUIRE, calls), strict=True):
+            for ids in self._layout.slot_groups(wanted[view]):
+                rows = self._layout.row_keys(view, ids)
+                calls.append(([*self.keys(view, ids), *rows],
+                              [token, self._ttl_ms, *(saw.get(e, b"") for e in ids)]))
+                groups.append((view, ids))
+        out: dict[str, Taken] = {view: Taken([], {}, {}) for view in views}
+        times: list[int] = []
+        for (view, ids), reply in zip(groups, self._store.eval_many(_ACQUIRE, calls),
+                                      strict=True):
             *flags, seconds, micros = reply
-            # the first view's call ran first: the earliest of the times, the safe one
-            server_us = server_us or int(seconds) * 1_000_000 + int(micros)
-            taken = Taken([], {}, {})
-            for eid, flag in zip(wanted[view], flags, strict=True):
+            times.append(int(seconds) * 1_000_000 + int(micros))
+            taken = out[view]
+            for eid, flag in zip(ids, flags, strict=True):
                 if isinstance(flag, bytes):
                     taken.changed[eid] = flag
                 elif isinstance(flag, list):
                     taken.held[eid] = bytes(flag[0])
                 else:
                     taken.won.append(eid)
-            out[view] = taken
-        return out, server_us
+        # the earliest of the servers' times: the safe one for the fills' deadline
+        return out, min(times)

@@ -58,7 +58,7 @@ class Parts:
     ) -> None:
         self.config = config
         self.clock = clock
-        self.layout = KeyLayout(config.redis.key_prefix)
+        self.layout = KeyLayout.for_mode(config.redis.key_prefix, config.redis.mode)
         self.codecs = {view.name: RowCodec(view) for view in config.views}
         self._views = {view.name: view for view in config.views}
         self._owns_store = redis_client is None

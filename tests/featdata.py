@@ -99,6 +99,12 @@ def _for_dialect(engine: sa.Engine, row: dict[str, Any]) -> dict[str, Any]:
     return row
 
 
+def stats_table(engine: sa.Engine, view: str, ids: Iterable[int]) -> None:
+    """Table ``view`` of STATS_FEATURES with one row per id, ``clicks`` equal to the id."""
+    table = make_table(engine, None, view, STATS_FEATURES)
+    insert(engine, table, [stats_row(i, clicks=i) for i in ids])
+
+
 def stats_row(entity_id: int | str, ts: dt.datetime = T0, **values: Any) -> dict[str, Any]:
     row: dict[str, Any] = {
         "entity_id": entity_id,

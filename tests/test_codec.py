@@ -360,7 +360,14 @@ def test_the_cluster_layout_tags_a_row_and_its_lease_alike() -> None:
         "fc:{users:42}:42", "fc:{users:42}:106", f"fc:{{users:{bucket_of('ü', 64):02d}}}:ü"]
     assert layout.row_key("users", 5) == "fc:{users:05}:5"
     assert layout.lease_keys("users", [5]) == ["fc:~{users:05}:lease:5"]
-    assert layout.epoch_key("users") == "fc:~users:epoch"
+    assert layout.epoch_key("users") == "fc:~{users}:epoch"
+    pops = [layout.popularity_key("users", t) for t in (0, 60)]
+    assert len({key_slot(k.encode()) for k in [layout.epoch_key("users"), *pops]}) == 1
+    groups = layout.slot_groups([1, 65, 2, "a", 129])
+    assert bucket_of("a", 64) not in (1, 2) and groups == [[1, 65, 129], [2], ["a"]]
+    assert [len({key_slot(k.encode()) for k in layout.row_keys("v", g)}) for g in groups] == [
+        1, 1, 1]
+    assert KeyLayout("fc").slot_groups([3, 1]) == [[3, 1]]
     for entity in [0, 1, 63, 64, -1, 2**63 - 1, "a", "ü", "a:b"]:
         row, lease = layout.row_key("v", entity), layout.lease_keys("v", [entity])[0]
         assert key_slot(row.encode()) == key_slot(lease.encode()), entity
@@ -369,6 +376,7 @@ def test_the_cluster_layout_tags_a_row_and_its_lease_alike() -> None:
     assert bucket_of(-1, 64) == 63 and bucket_of("a", 64) == bucket_of("a", 64)
     # without buckets nothing changes: no hash tag anywhere
     plain = KeyLayout("fc")
+    assert plain.epoch_key("users") == "fc:~users:epoch"
     assert plain.row_keys("users", [42]) == ["fc:users:42"]
     assert plain.lease_keys("users", [42]) == ["fc:~users:lease:42"]
     with pytest.raises(ValueError, match="buckets"):

@@ -18,7 +18,11 @@ from featcache.config_sections import InvalidationConfig, RedisConfig
 
 
 @pytest.mark.parametrize(("options", "path", "message"), [
-    ({"mode": "cluster"}, "redis.mode", "expected one of standalone, sentinel, got 'cluster'"),
+    ({"mode": "clustered"}, "redis.mode",
+     "expected one of standalone, sentinel, cluster, got 'clustered'"),
+    ({"mode": "cluster", "url": "redis://h:7000/2"}, "redis.url", "a cluster has database 0"),
+    ({"mode": "cluster", "master_name": "m"}, "redis.master_name",
+     "only read with mode: sentinel"),
     ({"mode": "sentinel", "master_name": "m"}, "redis.sentinels",
      "mode sentinel needs the sentinels' addresses"),
     ({"mode": "sentinel", "sentinels": ["h:26379"]}, "redis.master_name",

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from featdata import STATS_FEATURES, insert, make_table, make_view, stats_row
+from featdata import make_view, stats_row, stats_table
 
 from featcache import CacheConfig, CacheConfigError, CacheUnavailable, FeatureCache, Status
 from featcache.config_sections import (
@@ -28,9 +28,7 @@ IDS = list(range(1, 41))
 
 @pytest.fixture
 def sql_url(sqlite_target: Any) -> str:
-    engine = sqlite_target.engine()
-    table = make_table(engine, None, VIEW, STATS_FEATURES)
-    insert(engine, table, [stats_row(i, clicks=i) for i in IDS])
+    stats_table(sqlite_target.engine(), VIEW, IDS)
     return str(sqlite_target.url)
 
 

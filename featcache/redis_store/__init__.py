@@ -3,14 +3,14 @@
 ``base`` holds the interface every backend implements (``RedisStore``, ``StreamTail``) and the
 types it speaks; ``scripts`` the write scripts; ``errors`` the translation of redis-py's
 exceptions (there and nowhere else); ``standalone`` the backend for one server (or the primary
-Sentinel names); ``cluster`` a cluster's batched reads (the cluster backend is being built on
-it and is not yet a ``redis.mode``).
+Sentinel names); ``cluster`` a cluster's batched reads and ``cluster_store`` the backend of a
+cluster built on them.
 ``open_store`` builds the backend a configuration names.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import redis
 
 from featcache.config_sections import RedisConfig
 from featcache.redis_store.base import (
@@ -26,17 +26,22 @@ from featcache.redis_store.base import (
     row_write,
     split_if_absent,
 )
+from featcache.redis_store.cluster_store import ClusterStore, connect_cluster
 from featcache.redis_store.errors import translate, translated_errors
 from featcache.redis_store.scripts import CONDITIONAL_SET, ENSURE_EPOCH, SET_IF_ABSENT
-from featcache.redis_store.standalone import StandaloneStore, connect, open_tail, safe_redis_url
-
-if TYPE_CHECKING:
-    import redis
+from featcache.redis_store.standalone import (
+    StandaloneStore,
+    connect,
+    describe,
+    open_tail,
+    safe_redis_url,
+)
 
 __all__ = [
     "CONDITIONAL_SET",
     "ENSURE_EPOCH",
     "SET_IF_ABSENT",
+    "ClusterStore",
     "Command",
     "IfAbsent",
     "LuaScript",
@@ -58,9 +63,14 @@ __all__ = [
 ]
 
 
-def open_store(config: RedisConfig, client: redis.Redis | None = None) -> RedisStore:
+def open_store(
+    config: RedisConfig, client: redis.Redis | redis.RedisCluster | None = None
+) -> RedisStore:
     """The store for ``config`` (a client of the application's own, when given, instead of
-    one built from the URL). Nothing is connected yet."""
+    one built from the URL). Nothing is connected yet (a cluster client asks for the slot map
+    when it is built: an application's own has done so)."""
+    if isinstance(client, redis.RedisCluster) or (client is None and config.mode == "cluster"):
+        return ClusterStore(client or (lambda: connect_cluster(config)), describe(config))
     if client is not None:
         return StandaloneStore(client, config.read_chunk)
     return StandaloneStore(connect(config), config.read_chunk, config=config)

@@ -157,7 +157,10 @@ class RedisStore(Protocol):
     """
 
     url: str  #: the server (or seed), with any password masked
-    client: Any  #: the redis-py client behind it, for applications that inspect Redis
+
+    @property
+    def client(self) -> Any:
+        """The redis-py client behind it, for applications that inspect Redis."""
 
     def read(self, keys: Sequence[str]) -> list[bytes | None]:
         """Values in key order, None where absent."""

@@ -30,14 +30,14 @@ from redis.crc import key_slot
 from featcache.redis_store.base import pack
 from featcache.redis_store.errors import ERRORS, translate
 
-__all__ = ["ClusterReader", "SlotCache"]
+__all__ = ["REDIRECTS", "ClusterReader", "SlotCache"]
 
 log = logging.getLogger("featcache.redis")
 
 _heads = methodcaller("partition", "}")
 _first = itemgetter(0)
 #: a reply that a slot is elsewhere now, or moving: re-read once, or left as misses
-_REDIRECTS = (redis_exc.AskError, redis_exc.TryAgainError, redis_exc.ClusterDownError)
+REDIRECTS = (redis_exc.AskError, redis_exc.TryAgainError, redis_exc.ClusterDownError)
 #: keys' hash slots remembered at most; past it the memo starts afresh (row keys are
 #: remembered by their hash tag, so a cluster layout needs 64 entries a view)
 _SLOT_MEMO_MAX = 65_536
@@ -152,7 +152,7 @@ class ClusterReader:
                         conn.read_response()  # ASKING's OK
                     try:
                         reply = conn.read_response()
-                    except _REDIRECTS as exc:
+                    except REDIRECTS as exc:
                         redirected.append((group, exc))
                         continue
                     for position, value in zip(group.positions, reply, strict=True):

@@ -36,6 +36,11 @@ def translate(exc: BaseException, url: str) -> CacheConfigError | CacheUnavailab
     if isinstance(exc, MasterNotFoundError) and "UNKNOWN COMMAND" in str(exc).upper():
         return CacheConfigError(f"Redis {url}: {exc} (an address in redis.sentinels is a data "
                                 f"server, not a Sentinel)")
+    if isinstance(exc, redis_exc.AskError | redis_exc.ClusterCrossSlotError):
+        # redis-py gives these replies classes of their own, without their MOVED/ASK/CROSSSLOT
+        # code in the text
+        return CacheConfigError(f"Redis {url} refused the configured access: {exc} "
+                                f"({_CONFIG_REPLIES[-1][1]})")
     if isinstance(exc, redis_exc.ResponseError):
         text = str(exc).upper()
         for marks, hint in _CONFIG_REPLIES:
@@ -59,8 +64,9 @@ _CONFIG_REPLIES: tuple[tuple[tuple[str, ...], str], ...] = (
     (("UNKNOWN COMMAND",), "the server does not know featcache's commands: a Sentinel is "
      "reached with redis.mode: sentinel (its address in redis.sentinels), a data server with "
      "mode standalone; a renamed or disabled command is refused too"),
-    (("MOVED ", "ASK ", "CROSSSLOT"), "the server is a cluster node: featcache talks to one "
-     "server (redis.mode: standalone) or to the primary a Sentinel names (sentinel)"),
+    (("MOVED ", "ASK ", "CROSSSLOT"), "the server is a cluster node: reach a cluster with "
+     "redis.mode: cluster; featcache talks to one server with mode standalone, to the primary "
+     "a Sentinel names with mode sentinel"),
 )
 
 

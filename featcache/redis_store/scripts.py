@@ -21,7 +21,11 @@ __all__ = ["CONDITIONAL_SET", "ENSURE_EPOCH", "SET_IF_ABSENT"]
 # lease that expired and was taken by another reader meanwhile is that reader's.
 # ARGV[1]: "1" when the writer read the epoch before its SQL read, and ARGV[2] is what it read
 # ("" for none): if the epoch changed since, the whole view was invalidated and nothing is
-# written. ARGV[3]: the write's deadline on the server's clock (microseconds, "0" for none):
+# written. "2" on a cluster, where the epoch key is in another slot than the rows: ARGV[2] is
+# the epoch the writer read, taken as the current one, KEYS[1] is unread (a key of the rows'
+# slot holds its place), and a row stamped with an epoch that moved since is written and is a
+# miss for every reader (featcache.redis_store.cluster_store).
+# ARGV[3]: the write's deadline on the server's clock (microseconds, "0" for none):
 # past it nothing is written, since a tombstone laid after the reader's fence may have expired
 # (a write held in a stalled server's socket must not land late). Then four ARGV per row key:
 # mode, ttl_ms, value, expected. "Ours" means a row ("R" in byte 3, 1-based as Lua counts) of
@@ -59,6 +63,7 @@ local function epoch_of(row)
   return (uint_at(row, after))
 end
 local current = false  -- the view's epoch, read when first needed
+if ARGV[1] == '2' then current = tonumber(ARGV[2]) end
 local function of_current_epoch(row)
   if current == false then current = tonumber(redis.call('GET', KEYS[1]) or '') end
   local epoch = epoch_of(row)
@@ -101,7 +106,8 @@ return written
 """)
 
 # KEYS[1]: the view's epoch key; KEYS[2..]: row keys whose fenced reader saw them empty.
-# ARGV[1], ARGV[2], ARGV[3]: the epoch check and the deadline of CONDITIONAL_SET; ARGV[4]: the
+# ARGV[1], ARGV[2], ARGV[3]: the epoch check (mode 2: none) and the deadline of
+# CONDITIONAL_SET; ARGV[4]: the
 # TTL in ms of every row; ARGV[3 + i]: the value for KEYS[i]. Mode E (F where the reader saw no
 # key), for less: the row is written only where the key is still empty (NX). A string there
 # now (a tombstone of an invalidation, another fill, a newer row) keeps the row out; a key of

@@ -115,6 +115,8 @@ def describe(config: RedisConfig) -> str:
     """Where ``config`` points, with any password masked: for messages and logs."""
     if config.mode == "sentinel":
         return f"sentinel {config.master_name}@{','.join(config.sentinels)}"
+    if config.mode == "cluster":
+        return f"cluster {safe_redis_url(config.url)}"
     return safe_redis_url(config.url)
 
 

@@ -1,0 +1,355 @@
+"""The cluster backend of the Redis store: every ``RedisStore`` round trip on a Redis/Valkey
+Cluster.
+
+Reads are ``ClusterReader``'s (``featcache.redis_store.cluster``). Everything else is sent to
+the node that owns each command's or script call's slot, one pipelined round trip per node, by
+a ``StandaloneStore`` of that node (its packing, its NOSCRIPT handling, its error
+translation). A node that fails, or answers that its slot moved, has its share retried once
+after the slot map is refreshed: every script featcache runs is safe to run twice (a
+conditional write compares again, a tombstone is laid again, an epoch is ensured again), a
+popularity count may count twice.
+
+Write scripts on a cluster: a script may only touch keys of one slot, and a view's epoch key
+is not in its rows' slots, so each view's writes are split by slot (the layout of
+``featcache.keys`` puts a row and its lease in one) and ``CONDITIONAL_SET``/``SET_IF_ABSENT``
+run in their cluster mode (``"2"``): the epoch the writer read is passed in, not read and
+compared on the server. A fill stamped with an epoch that moved since is still written, and
+is a miss for every reader, since a row of another epoch is never served
+(docs/consistency.md).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+
+import redis
+from redis import exceptions as redis_exc
+from redis.cluster import ClusterNode
+
+from featcache.config_sections import RedisConfig
+from featcache.errors import CacheConfigError, CacheUnavailable
+from featcache.redis_store.base import (
+    Command,
+    LuaScript,
+    ScriptCall,
+    StreamTail,
+    WriteBatch,
+    split_if_absent,
+)
+from featcache.redis_store.cluster import REDIRECTS, ClusterReader, SlotCache
+from featcache.redis_store.errors import ERRORS, translate
+from featcache.redis_store.scripts import CONDITIONAL_SET, ENSURE_EPOCH, SET_IF_ABSENT
+from featcache.redis_store.standalone import StandaloneStore, StandaloneTail
+
+__all__ = ["ClusterStore", "ClusterTail", "connect_cluster"]
+
+T = TypeVar("T")
+
+
+def connect_cluster(config: RedisConfig) -> redis.RedisCluster:
+    """A client of the cluster ``config.url`` is a node of (``redis://`` or ``rediss://``,
+    user and password from the URL), with the section's timeouts and pool size per node.
+    redis-py asks that node for the slot map at once: call it where a failure can be
+    translated (``ClusterStore.client``)."""
+    client: redis.RedisCluster = redis.RedisCluster.from_url(
+        config.url, socket_timeout=config.socket_timeout,
+        socket_connect_timeout=config.connect_timeout, max_connections=config.max_connections)
+    return client
+
+
+class ClusterStore:
+    """The ``RedisStore`` of a Redis/Valkey Cluster: ``client`` is a ``RedisCluster``, or what
+    builds one (``connect_cluster``), called on first use, so that a cluster down at start-up
+    is an outage (calls degrade to SQL) rather than a constructor that fails."""
+
+    def __init__(
+        self,
+        client: redis.RedisCluster | Callable[[], redis.RedisCluster],
+        url: str,
+        write_chunk: int = 500,
+    ) -> None:
+        self.url = url
+        self.write_chunk = write_chunk
+        self._client = client if isinstance(client, redis.RedisCluster) else None
+        self._connect = None if isinstance(client, redis.RedisCluster) else client
+        self._reader: ClusterReader | None = None
+        self._slots = SlotCache()
+        self._stores: dict[str, StandaloneStore] = {}
+        self._lock = threading.Lock()
+
+    @property
+    def client(self) -> redis.RedisCluster:
+        """The redis-py cluster client (built on first use)."""
+        client = self._client
+        if client is None:
+            with self._lock:
+                if self._client is None:
+                    assert self._connect is not None
+                    self._client = self._connected(self._connect)
+                client = self._client
+        return client
+
+    def _connected(self, connect: Callable[[], redis.RedisCluster]) -> redis.RedisCluster:
+        try:
+            return connect()
+        except redis_exc.RedisClusterException as exc:
+            if "cluster mode is not enabled" in str(exc).lower():
+                raise CacheConfigError(
+                    f"Redis {self.url} is not a cluster node: reach one server with "
+                    "redis.mode: standalone, a Sentinel's primary with mode sentinel"
+                ) from exc
+            raise CacheUnavailable(f"Redis {self.url}: {exc}") from exc
+        except ERRORS as exc:
+            raise translate(exc, self.url) from exc
+
+    @property
+    def reader(self) -> ClusterReader:
+        """The batched reader (its ``node_errors`` and ``redirects`` counters)."""
+        reader = self._reader
+        if reader is None:
+            reader = self._reader = ClusterReader(self.client, self.url)
+        return reader
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.close()
+
+    # ------------------------------------------------------------------ reads
+
+    def read(self, keys: Sequence[str]) -> list[bytes | None]:
+        return self.reader.read(keys)
+
+    def read_timed(self, keys: Sequence[str]) -> tuple[list[bytes | None], int]:
+        """``read``, and the clock (microseconds) of the node that owns the first key: the
+        write scripts judge a fence's deadline on their own node's clock, so the nodes'
+        clocks must agree to well within ``invalidation.fill_window`` (NTP does)."""
+        values = self.reader.read(keys)
+        node = self._owner(self._slots.slots(keys[:1])[0]) if keys else self._any_primary()
+        return values, self._store_of(node).read_timed([])[1]
+
+    # ------------------------------------------------------------------ by node
+
+    def execute(self, commands: Sequence[Command]) -> list[Any]:
+        """Each command on the node of its key, one pipelined round trip per node."""
+        return self._per_node(commands, [c.key for c in commands],
+                              lambda store, part: store.execute(part))
+
+    def eval_scripts(
+        self, calls: Sequence[ScriptCall | tuple[LuaScript, Sequence[str], Sequence[Any]]]
+    ) -> list[Any]:
+        """Each call on the node of its keys (which share one slot)."""
+        return self._per_node(list(calls), [c[1][0] if c[1] else "" for c in calls],
+                              lambda store, part: store.eval_scripts(part))
+
+    def eval_many(
+        self, script: LuaScript, calls: Sequence[tuple[Sequence[str], Sequence[Any]]]
+    ) -> list[Any]:
+        return self.eval_scripts([ScriptCall(script, keys, args) for keys, args in calls])
+
+    def ensure_epochs(self, epoch_keys: Sequence[str]) -> list[bytes]:
+        return [bytes(e) for e in self.eval_many(ENSURE_EPOCH, [([k], []) for k in epoch_keys])]
+
+    def eval_replicated(
+        self, calls: Sequence[ScriptCall], replicas: int, timeout_ms: int
+    ) -> tuple[list[Any], int]:
+        """``eval_scripts``, then ``WAIT`` on every node written: the fewest replicas any of
+        them reached."""
+        acked: list[int] = []
+
+        def run(store: StandaloneStore, part: list[ScriptCall]) -> list[Any]:
+            results, count = store.eval_replicated(part, replicas, timeout_ms)
+            acked.append(count)
+            return results
+
+        results = self._per_node(list(calls), [c.keys[0] for c in calls], run)
+        return results, min(acked, default=replicas)
+
+    def write(self, batches: Sequence[WriteBatch]) -> int:
+        """Each view's writes split by slot, in the scripts' cluster mode (the epoch the
+        writer read passed in); one pipelined round trip per node."""
+        calls: list[ScriptCall] = []
+        for batch in batches:
+            calls.extend(self._write_calls(batch))
+        if not calls:
+            return 0
+        return sum(int(n) for n in self.eval_scripts(calls))
+
+    def _write_calls(self, batch: WriteBatch) -> list[ScriptCall]:
+        epoch = batch.epoch_seen
+        if epoch is None:  # put_rows without a fence: the current epoch, for the comparison
+            (epoch,) = self.ensure_epochs([batch.epoch_key])
+        head: list[Any] = ["2", epoch, batch.deadline_us]
+        items, if_absent = split_if_absent(batch)
+        calls: list[ScriptCall] = []
+        for group in if_absent:
+            ttl_ms = max(1, int(group.ttl_ms))
+            by_slot: dict[int, tuple[list[str], list[bytes]]] = {}
+            for key, value, slot in zip(group.keys, group.values,
+                                        self._slots.slots(group.keys), strict=True):
+                keys, values = by_slot.setdefault(slot, ([], []))
+                keys.append(key)
+                values.append(value)
+            for keys, values in by_slot.values():
+                for start in range(0, len(keys), self.write_chunk):
+                    end = start + self.write_chunk
+                    # KEYS[1] is unread in mode 2: a key of the same slot holds its place
+                    calls.append(ScriptCall(SET_IF_ABSENT, [keys[start], *keys[start:end]],
+                                            [*head, ttl_ms, *values[start:end]]))
+        item_slots = self._slots.slots([item[1] for item in items])
+        release_slots = self._slots.slots(list(batch.release))
+        by_slot_items: dict[int, list[Any]] = {}
+        for item, slot in zip(items, item_slots, strict=True):
+            by_slot_items.setdefault(slot, []).append(item)
+        by_slot_release: dict[int, list[str]] = {}
+        for key, slot in zip(batch.release, release_slots, strict=True):
+            by_slot_release.setdefault(slot, []).append(key)
+        for slot in {*by_slot_items, *by_slot_release}:
+            chunked = by_slot_items.get(slot, [])
+            release_all = by_slot_release.get(slot, [])
+            for start in range(0, max(len(chunked), 1), self.write_chunk):
+                chunk = chunked[start : start + self.write_chunk]
+                release = release_all if start + self.write_chunk >= len(chunked) else []
+                keys = [*(item[1] for item in chunk), *release]
+                args: list[Any] = [*head, len(release)]
+                for mode, _, value, ttl_ms, expected in chunk:
+                    args += (mode, max(1, int(ttl_ms)), value, expected)
+                if release:
+                    args.append(batch.release_token)
+                calls.append(ScriptCall(CONDITIONAL_SET, [keys[0], *keys], args))
+        return calls
+
+    def open_tail(self, socket_timeout: float) -> StreamTail:
+        return ClusterTail(self, socket_timeout)
+
+    # ------------------------------------------------------------------ internals
+
+    def _per_node(
+        self,
+        items: Sequence[T],
+        keys: Sequence[str],
+        run: Callable[[StandaloneStore, list[T]], list[Any]],
+    ) -> list[Any]:
+        """``run`` on each node's share of ``items`` (by the slot of each item's key), results
+        in ``items``' order; a share that fails as an outage is retried once after the slot
+        map is refreshed."""
+        results: list[Any] = [None] * len(items)
+        positions = list(range(len(items)))
+        for attempt in range(2):
+            by_node: dict[str, tuple[ClusterNode, list[int]]] = {}
+            for i, slot in zip(positions, self._slots.slots([keys[i] for i in positions]),
+                               strict=True):
+                node = self._owner(slot) if keys[i] else self._any_primary()
+                by_node.setdefault(node.name, (node, []))[1].append(i)
+            failed: list[int] = []
+            error: CacheUnavailable | CacheConfigError | None = None
+            for node, share in by_node.values():
+                try:
+                    out = run(self._store_of(node), [items[i] for i in share])
+                except (CacheUnavailable, CacheConfigError) as exc:
+                    # a node's store reads a redirect as a config error (one server must
+                    # never redirect); on a cluster it means the slot map is out of date
+                    if isinstance(exc, CacheConfigError) and not isinstance(
+                            exc.__cause__, REDIRECTS):
+                        raise
+                    failed.extend(share)
+                    error = exc
+                    continue
+                for i, value in zip(share, out, strict=True):
+                    results[i] = value
+            if not failed:
+                return results
+            if attempt == 1 and error is not None:
+                raise error
+            self._refresh()
+            positions = failed
+        return results
+
+    def _owner(self, slot: int) -> ClusterNode:
+        owners = self.client.nodes_manager.slots_cache.get(slot)
+        if not owners:
+            self._refresh()
+            owners = self.client.nodes_manager.slots_cache.get(slot)
+            if not owners:
+                raise CacheUnavailable(f"Redis {self.url}: slot {slot} has no owner")
+        node: ClusterNode = owners[0]
+        return node
+
+    def _any_primary(self) -> ClusterNode:
+        primaries = self.client.get_primaries()  # type: ignore[no-untyped-call]
+        if not primaries:
+            raise CacheUnavailable(f"Redis {self.url}: no primary known")
+        node: ClusterNode = primaries[0]
+        return node
+
+    def _store_of(self, node: ClusterNode) -> StandaloneStore:
+        store = self._stores.get(node.name)
+        if store is None:
+            connection = node.redis_connection or self.client.get_redis_connection(node)
+            store = self._stores[node.name] = StandaloneStore(connection,
+                                                              write_chunk=self.write_chunk)
+        return store
+
+    def _refresh(self) -> None:
+        """The slot map asked again (a failover, a migrated slot, a node gone)."""
+        with self._lock:
+            try:
+                self.client.nodes_manager.initialize()
+            except ERRORS as exc:
+                raise translate(exc, self.url) from exc
+
+
+class ClusterTail:
+    """A ``StreamTail`` on a cluster: a connection of its own to the node that owns the
+    stream's slot, opened anew on that slot's owner after an error."""
+
+    def __init__(self, store: ClusterStore, socket_timeout: float) -> None:
+        self._store = store
+        self._socket_timeout = socket_timeout
+        self._tail: StandaloneTail | None = None
+        self._node = ""
+        self._stale = False
+        self.description = store.url
+
+    def _for(self, key: str) -> StandaloneTail:
+        if self._stale:
+            self._stale = False
+            self._store._refresh()
+        node = self._store._owner(self._store._slots.slots([key])[0])
+        if self._tail is None or node.name != self._node:
+            if self._tail is not None:
+                self._tail.close()
+            pool = (node.redis_connection or self._store.client.get_redis_connection(node)
+                    ).connection_pool
+            kwargs = dict(pool.connection_kwargs)
+            kwargs["socket_timeout"] = self._socket_timeout
+            client = redis.Redis(connection_pool=redis.ConnectionPool(
+                connection_class=pool.connection_class, **kwargs))
+            self._tail = StandaloneTail(client, f"{self.description} node {node.name}")
+            self._node = node.name
+        return self._tail
+
+    def _guarded(self, key: str, call: Callable[[StandaloneTail], T]) -> T:
+        try:
+            return call(self._for(key))
+        except CacheUnavailable:
+            self._stale = True  # the next call asks the cluster where the stream is
+            raise
+
+    def eval(self, script: LuaScript, keys: Sequence[str], args: Sequence[Any]) -> Any:
+        return self._guarded(keys[0], lambda tail: tail.eval(script, keys, args))
+
+    def block(self, stream: str, after_id: str, block_ms: int) -> None:
+        self._guarded(stream, lambda tail: tail.block(stream, after_id, block_ms))
+
+    def interrupt(self) -> None:
+        tail = self._tail
+        if tail is not None:
+            tail.interrupt()
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            if self._tail is not None:
+                self._tail.close()
