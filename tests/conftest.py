@@ -305,6 +305,8 @@ def _unlink_prefix(urls: list[str], prefix: str) -> None:
         client = redis.Redis.from_url(url)
         try:
             unlink_matching(client, f"{prefix}:*", batch_size=1)
+        except (redis.exceptions.AskError, redis.exceptions.TryAgainError):
+            pass  # a slot a failed test left migrating: its keys stay in the private cluster
         finally:
             client.close()
 

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import datetime as dt
 import os
-from collections.abc import Iterable, Mapping, Sequence
+import threading
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -257,3 +258,44 @@ def counting_client(redis_url: str) -> tuple[redis.Redis, type[CountingConnectio
     counter = type("Counter", (CountingConnection,), {"sends": 0})
     pool = redis.ConnectionPool.from_url(redis_url, connection_class=counter)
     return redis.Redis(connection_pool=pool), counter
+
+
+class ReadLoad:
+    """``threads`` threads calling ``cache.get_features`` on batches of ``batch`` of ``ids``
+    (``clicks`` only) until stopped; each value read must satisfy ``acceptable(id, clicks)``.
+    Use as a context manager; then ``failures`` (exceptions raised by calls), ``wrong``
+    ((id, value) read that was not acceptable) and ``calls``."""
+
+    def __init__(self, cache: FeatureCache, ids: Sequence[int], batch: int,
+                 acceptable: Callable[[int, Any], bool], threads: int = 4) -> None:
+        self._cache, self._ids, self._batch, self._ok = cache, list(ids), batch, acceptable
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._run, args=(s,)) for s in range(threads)]
+        self.failures: list[BaseException] = []
+        self.wrong: list[tuple[int, Any]] = []
+        self.calls = 0
+
+    def _run(self, seed: int) -> None:
+        ids, i = self._ids, seed * 50
+        while not self._stop.is_set():
+            chosen = [ids[(i + k) % len(ids)] for k in range(self._batch)]
+            i += 7
+            try:
+                result = self._cache.get_features(chosen, ["clicks"])
+            except BaseException as exc:
+                self.failures.append(exc)
+                return
+            self.calls += 1
+            self.wrong.extend((e, result[e]["clicks"]) for e in chosen
+                              if not self._ok(e, result[e]["clicks"]))
+
+    def __enter__(self) -> ReadLoad:
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(60)
+

@@ -11,10 +11,17 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from featdata import make_view, stats_row, stats_table
+from featdata import ReadLoad, make_view, stats_row, stats_table
 from redis.crc import key_slot
 
-from featcache import CacheConfig, CacheConfigError, ConfigError, FeatureCache, Status
+from featcache import (
+    CacheConfig,
+    CacheConfigError,
+    CacheUnavailable,
+    ConfigError,
+    FeatureCache,
+    Status,
+)
 from featcache.codec import TOMBSTONE_HEAD
 from featcache.config_sections import (
     L1Config,
@@ -166,3 +173,74 @@ def test_a_mode_that_does_not_match_the_server_is_a_config_error(
         FeatureCache(at_a_node).get_features(IDS, ["clicks"])
     with pytest.raises(ConfigError, match="database 0 only"):
         RedisConfig(url=f"redis://{redis_cluster.seeds[0]}/3", mode="cluster")
+
+
+def test_reads_under_load_survive_a_migration_a_failover_and_a_killed_primary(
+    redis_cluster: EmbeddedCluster, cluster_key_prefix: str, sql_url: str
+) -> None:
+    """4 threads read while a slot moves (ASK, TRYAGAIN, then MOVED), a replica takes over
+    (CLUSTER FAILOVER) and a primary is SIGKILLed: no call fails, every value is SQL's, an
+    invalidation issued during each leaves no stale value, and Redis hits resume."""
+    layout = KeyLayout(cluster_key_prefix, buckets=CLUSTER_BUCKETS)
+    engine = sa.create_engine(sql_url)
+    updated: dict[int, int] = {}
+    config = _config(redis_cluster, cluster_key_prefix, sql_url)
+    with FeatureCache(config) as fc:
+        fc.get_features(IDS, ["clicks"])
+
+        def update_and_invalidate(eid: int) -> None:
+            """A new value in SQL, then the hook (retried while a slot has no primary, as
+            an ETL retries it); the next read must be the new value."""
+            updated[eid] = 1000 + eid
+            with engine.begin() as conn:
+                conn.execute(sa.text(f"UPDATE {VIEW} SET clicks = :c WHERE entity_id = :e"),
+                             {"c": 1000 + eid, "e": eid})
+            deadline = time.monotonic() + 30
+            while True:
+                try:
+                    fc.invalidate(VIEW, [eid])
+                    break
+                except CacheUnavailable:
+                    assert time.monotonic() < deadline, "the invalidation never went through"
+                    time.sleep(0.1)
+            assert fc.get_features([eid], ["clicks"])[eid]["clicks"] == 1000 + eid
+
+        def acceptable(eid: int, clicks: Any) -> bool:
+            return clicks in (eid, updated.get(eid))  # SQL's value, before or after its update
+
+        try:
+            with ReadLoad(fc, IDS, 20, acceptable) as load:
+                time.sleep(0.3)
+                # a slot moved under the load: half its keys first (TRYAGAIN, ASK), then all
+                slot = key_slot(layout.row_key(VIEW, 5).encode())
+                owner = redis_cluster.primary_for_slot(slot)
+                target = next(n for n in redis_cluster.primaries() if n is not owner)
+                migration = redis_cluster.begin_migration(slot, target)
+                in_slot = [k for k in layout.row_keys(VIEW, IDS) if key_slot(k.encode()) == slot]
+                migration.move_keys(in_slot[: len(in_slot) // 2])
+                time.sleep(0.2)
+                update_and_invalidate(5)
+                migration.finish()
+                time.sleep(0.2)
+                # a replica takes over its primary
+                primary = redis_cluster.node_for_key(layout.row_key(VIEW, 6))
+                redis_cluster.failover(redis_cluster.replicas_of(primary)[0])
+                update_and_invalidate(6)
+                time.sleep(0.2)
+                # a primary killed: its rows come from SQL until its replica is promoted
+                victim = redis_cluster.node_for_key(layout.row_key(VIEW, 7))
+                redis_cluster.kill(victim)
+                update_and_invalidate(7)
+                redis_cluster.wait_ok(60)
+                time.sleep(0.3)
+        finally:
+            engine.dispose()
+        assert not load.failures, load.failures[:3]
+        assert not load.wrong, load.wrong[:5]
+        assert load.calls > 20
+        deadline = time.monotonic() + 30
+        while fc.get_features(IDS, ["clicks"]).status_counts() != {Status.HIT_REDIS: len(IDS)}:
+            assert time.monotonic() < deadline, "Redis hits never resumed"
+            time.sleep(0.2)
+        final = fc.get_features(IDS, ["clicks"])
+        assert [final[e]["clicks"] for e in IDS] == [updated.get(e, e) for e in IDS]

@@ -4,14 +4,13 @@ load, invalidations held by a replica, and the errors a wrong mode gives."""
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from featdata import make_view, stats_row, stats_table
+from featdata import ReadLoad, make_view, stats_row, stats_table
 
 from featcache import CacheConfig, CacheConfigError, CacheUnavailable, FeatureCache, Status
 from featcache.config_sections import (
@@ -80,30 +79,9 @@ def test_the_primary_killed_under_load_costs_no_call_and_writes_resume_on_the_re
     config = _config(healed, sentinel_key_prefix, sql_url)
     with FeatureCache(config) as fc:
         fc.get_features(IDS, ["clicks"])
-        stop = threading.Event()
-        failures: list[BaseException] = []
-        wrong: list[tuple[int, Any]] = []
-        calls = [0]
-
-        def load(seed: int) -> None:
-            i = seed
-            while not stop.is_set():
-                ids = [IDS[(i + k) % len(IDS)] for k in range(8)]
-                i += 3
-                try:
-                    result = fc.get_features(ids, ["clicks"])
-                except BaseException as exc:
-                    failures.append(exc)
-                    return
-                calls[0] += 1
-                wrong.extend((e, result[e]["clicks"]) for e in ids if result[e]["clicks"] != e)
-
-        threads = [threading.Thread(target=load, args=(s,)) for s in range(4)]
-        for thread in threads:
-            thread.start()
-        try:
+        with ReadLoad(fc, IDS, 8, lambda e, clicks: clicks == e) as load:
             time.sleep(0.3)  # the load runs against the first primary
-            before = calls[0]
+            before = load.calls
             killed_at = time.monotonic()
             killed = healed.kill_primary()
             while True:  # writes land on the promoted replica
@@ -117,13 +95,9 @@ def test_the_primary_killed_under_load_costs_no_call_and_writes_resume_on_the_re
             promoted, _ = healed.wait_for_new_primary()
             print(f"writes resumed {writes_after:.2f} s after the primary was killed")
             time.sleep(0.3)
-        finally:
-            stop.set()
-            for thread in threads:
-                thread.join(30)
-        assert not failures, failures[:3]
-        assert not wrong, wrong[:5]
-        assert calls[0] > before > 0
+        assert not load.failures, load.failures[:3]
+        assert not load.wrong, load.wrong[:5]
+        assert load.calls > before > 0
         assert promoted != killed
         deadline = time.monotonic() + 30  # the breaker lets Redis back in, fills land: hits
         while fc.get_features(IDS, ["clicks"]).status_counts() != {Status.HIT_REDIS: len(IDS)}:

@@ -245,15 +245,29 @@ class ClusterStore:
                 by_node.setdefault(node.name, (node, []))[1].append(i)
             failed: list[int] = []
             error: CacheUnavailable | CacheConfigError | None = None
+            asked: dict[tuple[str, int], list[int]] = {}
             for node, share in by_node.values():
                 try:
                     out = run(self._store_of(node), [items[i] for i in share])
                 except (CacheUnavailable, CacheConfigError) as exc:
                     # a node's store reads a redirect as a config error (one server must
                     # never redirect); on a cluster it means the slot map is out of date
-                    if isinstance(exc, CacheConfigError) and not isinstance(
-                            exc.__cause__, REDIRECTS):
+                    cause = exc.__cause__
+                    if isinstance(exc, CacheConfigError) and not isinstance(cause, REDIRECTS):
                         raise
+                    if isinstance(cause, redis_exc.AskError) and not isinstance(
+                            cause, redis_exc.MovedError):
+                        asked.setdefault((cause.host, cause.port), []).extend(share)
+                    else:
+                        failed.extend(share)
+                    error = exc
+                    continue
+                for i, value in zip(share, out, strict=True):
+                    results[i] = value
+            for (host, port), share in asked.items():  # a slot being migrated: its target
+                try:
+                    out = run(self._asking_store(host, port), [items[i] for i in share])
+                except (CacheUnavailable, CacheConfigError) as exc:
                     failed.extend(share)
                     error = exc
                     continue
@@ -262,10 +276,24 @@ class ClusterStore:
             if not failed:
                 return results
             if attempt == 1 and error is not None:
-                raise error
+                # still moving (TRYAGAIN: some of the slot's keys moved, some not) or still
+                # down: an outage for now, which callers degrade or retry
+                raise CacheUnavailable(f"Redis {self.url}: {error}") from error
             self._refresh()
             positions = failed
         return results
+
+    def _asking_store(self, host: str, port: int) -> StandaloneStore:
+        """A store of the node importing a slot, sending ``ASKING`` before each command."""
+        name = f"{host}:{port}\x00asking"
+        store = self._stores.get(name)
+        if store is None:
+            node = self.client.nodes_manager.get_node(host=host, port=port) or ClusterNode(  # type: ignore[no-untyped-call]
+                host, port)
+            connection = node.redis_connection or self.client.get_redis_connection(node)
+            store = self._stores[name] = StandaloneStore(connection, write_chunk=self.write_chunk,
+                                                         asking=True)
+        return store
 
     def _owner(self, slot: int) -> ClusterNode:
         owners = self.client.nodes_manager.slots_cache.get(slot)

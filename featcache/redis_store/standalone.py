@@ -45,6 +45,7 @@ log = logging.getLogger("featcache.redis")
 
 
 _TIME = pack(("TIME",))
+_ASKING = pack(("ASKING",))
 
 
 def safe_redis_url(url: str) -> str:
@@ -133,13 +134,17 @@ class StandaloneStore:
         write_chunk: int = 500,
         *,
         config: RedisConfig | None = None,
+        asking: bool = False,
     ) -> None:
         """``config``: what ``client`` was built from, when it was (``open_store``), so a
-        stream tail is built the same way (a new client of the same primary, for Sentinel)."""
+        stream tail is built the same way (a new client of the same primary, for Sentinel).
+        ``asking``: send ``ASKING`` before every command, as a cluster's node importing a
+        slot must be told for each command on a key that slot's owner redirected (ASK)."""
         self.client = client
         self.read_chunk = read_chunk
         self.write_chunk = write_chunk
         self._config = config
+        self._asking = asking
         self.url = describe(config) if config is not None else safe_redis_url(_describe(client))
 
     def close(self) -> None:
@@ -193,12 +198,17 @@ class StandaloneStore:
         with unread replies never goes back to the pool.
         """
         pool = self.client.connection_pool
+        if self._asking:
+            packed = [part for command in packed for part in (_ASKING, command)]
         try:
             conn = pool.get_connection()
             try:
                 conn.send_packed_command(packed)  # type: ignore[no-untyped-call]
                 replies: list[Any] = []
-                for _ in packed:
+                for position, _ in enumerate(packed):
+                    if self._asking and not position % 2:
+                        conn.read_response()  # ASKING's OK
+                        continue
                     try:
                         replies.append(conn.read_response())
                     except redis_exc.ResponseError as exc:
