@@ -127,6 +127,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="comma-separated batch sizes (default: 1,10,100,1000; "
                              "100,1000 with --profile)")
     parser.add_argument("--seed", type=int, default=20_260_101, help="data and id sampling seed")
+    parser.add_argument("--topology", choices=("standalone", "cluster"), default="standalone",
+                        help="cluster: featcache on a private 3-primary Valkey Cluster against "
+                             "the raw ways to fetch the same keys (bench/read_cluster.py)")
     parser.add_argument("--profile", action="store_true",
                         help="cProfile featcache_hit instead of benchmarking (batches default "
                              "to 100,1000 unless --batches is given)")
@@ -144,6 +147,10 @@ def _int_list(text: str) -> tuple[int, ...]:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.topology == "cluster":
+        from bench.read_cluster import run_cluster  # noqa: PLC0415 - its own servers
+
+        return run_cluster(args)
     if args.profile:
         return run_profile(args.redis_url, args.batches or (100, 1000), args.seed)
     return run_benchmark(args.redis_url, args.batches or BATCHES, args.quick, args.seed,

@@ -47,16 +47,33 @@ tag and ``slot_groups`` is one group.
 
 from __future__ import annotations
 
+import binascii
 import zlib
 from collections.abc import Iterable, Sequence
 
-__all__ = ["CLUSTER_BUCKETS", "LAYOUT_VERSION", "KeyLayout", "bucket_of"]
+__all__ = ["CLUSTER_BUCKETS", "CLUSTER_SLOTS", "LAYOUT_VERSION", "KeyLayout", "bucket_of",
+           "slot_of"]
 
 LAYOUT_VERSION = 1
 EntityKey = int | str
 #: hash tags per view on a cluster: a batch of 1000 ids touches at most this many slots per
 #: view, and a view's rows still spread over every shard (docs/architecture.md)
 CLUSTER_BUCKETS = 64
+
+
+CLUSTER_SLOTS = 16384
+
+
+def slot_of(key: str) -> int:
+    """The Redis Cluster hash slot of a key: CRC16 (XMODEM, ``binascii.crc_hqx``) of its
+    hash tag, or of the whole key when it has none, modulo 16384 (the cluster spec)."""
+    raw = key.encode()
+    start = raw.find(b"{")
+    if start >= 0:
+        end = raw.find(b"}", start + 1)
+        if end > start + 1:
+            raw = raw[start + 1 : end]
+    return binascii.crc_hqx(raw, 0) % CLUSTER_SLOTS
 
 
 def bucket_of(entity: int | str, buckets: int) -> int:
@@ -69,7 +86,7 @@ def bucket_of(entity: int | str, buckets: int) -> int:
 class KeyLayout:
     """Builds keys for one key prefix; cheap enough for the read path (one format per key)."""
 
-    __slots__ = ("_bucket_heads", "_heads", "buckets", "prefix")
+    __slots__ = ("_bucket_heads", "_bucket_slots", "_heads", "buckets", "prefix")
 
     def __init__(self, prefix: str, buckets: int = 0) -> None:
         if buckets < 0 or buckets > 100:
@@ -79,6 +96,8 @@ class KeyLayout:
         self._heads: dict[str, str] = {}  # view -> what its row keys start with
         #: view -> what its row keys start with, per bucket (a cluster's layout)
         self._bucket_heads: dict[str, tuple[str, ...]] = {}
+        #: view -> the hash slot of its row keys, per bucket
+        self._bucket_slots: dict[str, list[int]] = {}
 
     @classmethod
     def for_mode(cls, prefix: str, mode: str) -> KeyLayout:
@@ -113,6 +132,21 @@ class KeyLayout:
                 heads = tuple(f"{self.prefix}:{{{view}:{b:02d}}}:" for b in range(self.buckets))
             self._bucket_heads[name] = heads
         return heads
+
+    def row_slots(self, view: str, entities: Sequence[EntityKey]) -> list[int] | None:
+        """The hash slot of each of ``row_keys(view, entities)`` on a cluster (None without
+        buckets), by the bucket table: C-level maps for int ids, so a cluster store need not
+        find each key's hash tag again."""
+        if not self.buckets:
+            return None
+        table = self._bucket_slots.get(view)
+        if table is None:
+            table = self._bucket_slots[view] = [
+                slot_of(head) for head in self._tag_heads(view, "")]
+        n = self.buckets
+        if [*map(type, entities)].count(int) == len(entities):
+            return list(map(table.__getitem__, map(n.__rmod__, entities)))  # type: ignore[arg-type]
+        return [table[bucket_of(e, n)] for e in entities]
 
     def slot_groups(self, entities: Sequence[EntityKey]) -> list[list[EntityKey]]:
         """``entities`` split so that each group's row and lease keys share one slot: by

@@ -38,7 +38,7 @@ from featcache.codec import (
 from featcache.config import CacheConfig
 from featcache.errors import CacheUnavailable, OfflineStoreError, OfflineStoreUnavailable
 from featcache.freshness import fresh_since, refresh_early, xfetch_delta_floor
-from featcache.keys import KeyLayout
+from featcache.keys import KeyLayout, slot_of
 from featcache.l1 import InOrder, L1Cache
 from featcache.leases import Leases, Taken
 from featcache.offline import OfflineStore, SqlRow
@@ -190,6 +190,9 @@ class ReadPath:
         self.sql_limiter = ConcurrencyLimiter.from_config(config.degradation)
         self._redis_outage = OutageLog(log, f"Redis {redis_store.url}")
         self._epoch_keys = {view.name: layout.epoch_key(view.name) for view in config.views}
+        #: on a cluster, the hash slot of each view's epoch key (a read passes every key's)
+        self._epoch_slots = {name: slot_of(key) for name, key in self._epoch_keys.items()
+                             } if layout.buckets else {}
         self._sql_outage = OutageLog(log, f"offline store {offline.url}")
         self._beta = config.stampede.xfetch_beta
         self._lease_wait = config.stampede.lease_wait
@@ -250,23 +253,33 @@ class ReadPath:
             # taken before Redis is read: L1 refuses our rows if an invalidation lands meanwhile
             l1_token = self.l1.fill_token()
         row_keys, epoch_keys = self._layout.row_keys, self._epoch_keys
+        slots: list[int] | None = None  # each key's hash slot, on a cluster
         if n_views == 1:
             name = plan.views[0].view.name
             keys = row_keys(name, pending[0])
             # the epochs ride in the same MGET: one round trip, and a consistent fence for fills
             keys.append(epoch_keys[name])
+            if self._epoch_slots:
+                slots = self._layout.row_slots(name, pending[0])
+                assert slots is not None
+                slots.append(self._epoch_slots[name])
         else:
             keys = []
             for vp, todo in zip(plan.views, pending, strict=True):
                 keys.extend(row_keys(vp.view.name, todo))
             keys.extend([epoch_keys[vp.view.name] for vp in plan.views])
+            if self._epoch_slots:
+                slots = []
+                for vp, todo in zip(plan.views, pending, strict=True):
+                    slots.extend(self._layout.row_slots(vp.view.name, todo) or ())
+                slots.extend([self._epoch_slots[vp.view.name] for vp in plan.views])
         redis_ok = True
         if any(pending):
             try:  # _redis_call's work, inline: this is every call's one round trip
                 if not self.breaker.allow():
                     raise CacheUnavailable("Redis circuit open: read skipped")
                 try:
-                    raw: list[bytes | None] = self._redis.read(keys)
+                    raw: list[bytes | None] = self._redis.read(keys, slots)
                 except CacheUnavailable:
                     self.breaker.record_failure()
                     raise

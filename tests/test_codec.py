@@ -29,7 +29,7 @@ from featcache.freshness import (
     xfetch_delta,
     xfetch_delta_floor,
 )
-from featcache.keys import CLUSTER_BUCKETS, KeyLayout, bucket_of
+from featcache.keys import CLUSTER_BUCKETS, KeyLayout, bucket_of, slot_of
 from featcache.types import FeatureType
 
 VIEW = FeatureView(
@@ -368,6 +368,14 @@ def test_the_cluster_layout_tags_a_row_and_its_lease_alike() -> None:
     assert [len({key_slot(k.encode()) for k in layout.row_keys("v", g)}) for g in groups] == [
         1, 1, 1]
     assert KeyLayout("fc").slot_groups([3, 1]) == [[3, 1]]
+    mixed: list[int | str] = [1, 65, -3, "a", "ü", 2**63 - 1]
+    assert layout.row_slots("v", mixed) == [key_slot(k.encode())
+                                            for k in layout.row_keys("v", mixed)]
+    assert layout.row_slots("v", [5, 6]) == [key_slot(k.encode())
+                                            for k in layout.row_keys("v", [5, 6])]
+    assert KeyLayout("fc").row_slots("v", [1]) is None
+    for key in ["a{}b", "x{y", "plain", "fc:~{v}:epoch", "{a}{b}", "a{b}c}", "ü{é}"]:
+        assert slot_of(key) == key_slot(key.encode()), key
     for entity in [0, 1, 63, 64, -1, 2**63 - 1, "a", "ü", "a:b"]:
         row, lease = layout.row_key("v", entity), layout.lease_keys("v", [entity])[0]
         assert key_slot(row.encode()) == key_slot(lease.encode()), entity

@@ -162,8 +162,11 @@ class RedisStore(Protocol):
     def client(self) -> Any:
         """The redis-py client behind it, for applications that inspect Redis."""
 
-    def read(self, keys: Sequence[str]) -> list[bytes | None]:
-        """Values in key order, None where absent."""
+    def read(self, keys: Sequence[str], slots: Sequence[int] | None = None
+             ) -> list[bytes | None]:
+        """Values in key order, None where absent. ``slots``: each key's cluster hash slot when
+        the caller knows them (``KeyLayout.row_slots``), which a cluster backend then need
+        not compute; others ignore it."""
 
     def read_timed(self, keys: Sequence[str]) -> tuple[list[bytes | None], int]:
         """``read``, and the server's clock (microseconds) when it ran: the clock the write

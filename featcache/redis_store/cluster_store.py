@@ -119,8 +119,9 @@ class ClusterStore:
 
     # ------------------------------------------------------------------ reads
 
-    def read(self, keys: Sequence[str]) -> list[bytes | None]:
-        return self.reader.read(keys)
+    def read(self, keys: Sequence[str], slots: Sequence[int] | None = None
+             ) -> list[bytes | None]:
+        return self.reader.read(keys, slots)
 
     def read_timed(self, keys: Sequence[str]) -> tuple[list[bytes | None], int]:
         """``read``, and the clock (microseconds) of the node that owns the first key: the

@@ -150,8 +150,10 @@ class StandaloneStore:
     def close(self) -> None:
         self.client.close()
 
-    def read(self, keys: Sequence[str]) -> list[bytes | None]:
-        """Values in key order, None where absent; one network round trip."""
+    def read(self, keys: Sequence[str], slots: Sequence[int] | None = None
+             ) -> list[bytes | None]:
+        """Values in key order, None where absent; one network round trip (``slots`` is a
+        cluster's concern)."""
         if len(keys) <= self.read_chunk:  # one MGET: every call's round trip, kept short
             reply = self._round_trip((pack(("MGET", *keys)),))[0]
             if isinstance(reply, Exception):  # an error reply (ACL, OOM...): no values at all
@@ -203,7 +205,8 @@ class StandaloneStore:
         try:
             conn = pool.get_connection()
             try:
-                conn.send_packed_command(packed)  # type: ignore[no-untyped-call]
+                # one write: redis-py sends each item of a list with a sendall of its own
+                conn.send_packed_command([b"".join(packed)])  # type: ignore[no-untyped-call]
                 replies: list[Any] = []
                 for position, _ in enumerate(packed):
                     if self._asking and not position % 2:
