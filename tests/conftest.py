@@ -55,11 +55,12 @@ from featcache.errors import EmbeddedServerError
 ENV_REDIS_URL: Final = "FEATCACHE_TEST_REDIS_URL"
 ENV_PG_URL: Final = "FEATCACHE_TEST_PG_URL"
 ENV_MYSQL_URL: Final = "FEATCACHE_TEST_MYSQL_URL"
-#: standalone (the default) or sentinel: the Redis deployment the caches of the tests marked
-#: ``topology`` run on (.ci/run runs them on each)
+#: standalone (the default), sentinel or cluster: the Redis deployment the caches of the
+#: tests marked ``topology`` run on (.ci/run runs them on each)
 ENV_TOPOLOGY: Final = "FEATCACHE_TEST_TOPOLOGY"
 ENV_SENTINEL: Final = "FEATCACHE_TEST_SENTINEL"
-TOPOLOGIES: Final = ("standalone", "sentinel")
+ENV_CLUSTER: Final = "FEATCACHE_TEST_CLUSTER"
+TOPOLOGIES: Final = ("standalone", "sentinel", "cluster")
 TOPOLOGY: Final = os.environ.get(ENV_TOPOLOGY) or "standalone"
 
 _KNOWN_REQUIREMENTS: Final = frozenset({"redis", "cluster", "sentinel", *SQL_BACKENDS})
@@ -229,6 +230,11 @@ def redis_url(redis_server: EmbeddedServer | None, request: pytest.FixtureReques
         os.environ[ENV_SENTINEL] = ";".join((
             sentinel.master_name, ",".join(f"{h}:{p}" for h, p in sentinel.sentinels), url))
         return url
+    if TOPOLOGY == "cluster":
+        cluster = request.getfixturevalue("redis_cluster")
+        url = f"redis://{cluster.seeds[0]}/0"
+        os.environ[ENV_CLUSTER] = url  # featdata: caches on this URL are cluster caches
+        return url
     if redis_server is not None:
         return redis_server.url
     url = _env(ENV_REDIS_URL)
@@ -237,7 +243,7 @@ def redis_url(redis_server: EmbeddedServer | None, request: pytest.FixtureReques
 
 
 @pytest.fixture
-def key_prefix(redis_url: str) -> Iterator[str]:
+def key_prefix(redis_url: str, request: pytest.FixtureRequest) -> Iterator[str]:
     """A key prefix no other test or run uses; teardown removes ``<prefix>:*`` and nothing else.
 
     This is the only place the suite scans a keyspace: a shared server must never be flushed,
@@ -245,6 +251,9 @@ def key_prefix(redis_url: str) -> Iterator[str]:
     """
     prefix = _new_prefix()
     yield prefix
+    if TOPOLOGY == "cluster":
+        _unlink_prefix(request.getfixturevalue("redis_cluster").urls, prefix)
+        return
     client = redis.Redis.from_url(redis_url)
     try:
         unlink_matching(client, f"{prefix}:*")
@@ -254,8 +263,11 @@ def key_prefix(redis_url: str) -> Iterator[str]:
 
 @pytest.fixture
 def redis_client(redis_url: str) -> Iterator[redis.Redis]:
-    """A plain client for arranging and inspecting state; confine writes to ``key_prefix``."""
-    client = redis.Redis.from_url(redis_url)
+    """A plain client for arranging and inspecting state; confine writes to ``key_prefix``.
+    On a cluster run, a ``RedisCluster`` (each command sent to its key's node); build keys
+    with ``featdata.layout``."""
+    client: redis.Redis = (redis.RedisCluster.from_url(redis_url)  # type: ignore[assignment]
+                           if TOPOLOGY == "cluster" else redis.Redis.from_url(redis_url))
     try:
         yield client
     finally:

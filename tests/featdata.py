@@ -25,6 +25,7 @@ from featcache import (
     OfflineStoreConfig,
     RedisConfig,
 )
+from featcache.keys import KeyLayout
 
 UTC = dt.UTC
 T0 = dt.datetime(2026, 1, 1, tzinfo=UTC)
@@ -185,6 +186,8 @@ def redis_config(redis_url: str, key_prefix: str) -> RedisConfig:
     """The ``redis`` section of a test's cache: the server at ``redis_url``, or, in a run on a
     Sentinel set, when ``redis_url`` is its primary, its sentinels (``FEATCACHE_TEST_SENTINEL``
     is ``<master>;<host:port,...>;<the primary's URL>``; a test's own server stays itself)."""
+    if os.environ.get("FEATCACHE_TEST_CLUSTER") == redis_url:
+        return RedisConfig(url=redis_url, key_prefix=key_prefix, mode="cluster")
     sentinel = os.environ.get("FEATCACHE_TEST_SENTINEL")
     if not sentinel:
         return RedisConfig(url=redis_url, key_prefix=key_prefix)
@@ -193,6 +196,28 @@ def redis_config(redis_url: str, key_prefix: str) -> RedisConfig:
         return RedisConfig(url=redis_url, key_prefix=key_prefix)
     return RedisConfig(url=redis_url, key_prefix=key_prefix, mode="sentinel",
                        master_name=master, sentinels=tuple(sentinels.split(",")))
+
+
+def redis_yaml(redis_url: str, key_prefix: str) -> str:
+    """The ``redis`` section of a test's YAML config, as ``redis_config`` builds it."""
+    config = redis_config(redis_url, key_prefix)
+    extra = f", mode: {config.mode}" if config.mode == "cluster" else ""
+    if config.mode == "sentinel":
+        extra = (f", mode: sentinel, master_name: {config.master_name}, "
+                 f"sentinels: [{', '.join(repr(a) for a in config.sentinels)}]")
+    return f"redis: {{url: '{redis_url}', key_prefix: '{key_prefix}'{extra}}}\n"
+
+
+def key_layout(key_prefix: str) -> KeyLayout:
+    """The key layout of the run's caches: hash-tagged on a cluster run
+    (FEATCACHE_TEST_TOPOLOGY=cluster), plain otherwise."""
+    mode = "cluster" if os.environ.get("FEATCACHE_TEST_CLUSTER") else "standalone"
+    return KeyLayout.for_mode(key_prefix, mode)
+
+
+def row_key(key_prefix: str, view: str, entity: int | str) -> str:
+    """A row's key in the run's layout."""
+    return key_layout(key_prefix).row_key(view, entity)
 
 
 def make_cache(

@@ -10,7 +10,17 @@ from typing import Any
 
 import pytest
 import redis
-from featdata import STATS_FEATURES, Clock, insert, make_cache, make_table, make_view, stats_row
+from featdata import (
+    STATS_FEATURES,
+    Clock,
+    insert,
+    key_layout,
+    make_cache,
+    make_table,
+    make_view,
+    row_key,
+    stats_row,
+)
 from test_bad_inputs import CORRUPTIONS
 
 from featcache import Status
@@ -44,7 +54,7 @@ def test_one_undecodable_row_in_a_batch_of_hits_is_a_miss(
     with make_cache([make_view(VIEW, VIEW, None)], redis_url, sql_url, key_prefix,
                     xfetch_beta=0) as fc:
         fc.get_features(IDS, NAMES)
-        key = f"{key_prefix}:{VIEW}:7"
+        key = row_key(key_prefix, VIEW, 7)
         real = redis_client.get(key)
         assert real is not None
         redis_client.set(key, corrupt(real))
@@ -80,11 +90,11 @@ def test_a_row_of_an_older_epoch_in_a_batch_of_hits_is_a_miss(
     view = make_view(VIEW, VIEW, None)
     with make_cache([view], redis_url, sql_url, key_prefix, xfetch_beta=0) as fc:
         fc.get_features([5], NAMES)
-        row_5 = redis_client.get(f"{key_prefix}:{VIEW}:5")
+        row_5 = redis_client.get(row_key(key_prefix, VIEW, 5))
         fc.invalidate(VIEW)  # a new epoch: every row cached so far is a miss
         fc.get_features(IDS, NAMES)
         assert row_5 is not None
-        redis_client.set(f"{key_prefix}:{VIEW}:5", row_5)  # row 5 of the old epoch, back
+        redis_client.set(row_key(key_prefix, VIEW, 5), row_5)  # row 5 of the old epoch, back
         result = fc.get_features(IDS, NAMES)
         assert {e: result.status(e, "clicks") for e in IDS} == {
             e: Status.FILLED if e == 5 else Status.HIT_REDIS for e in IDS}
@@ -117,11 +127,11 @@ def test_rows_whose_fill_was_slow_draw_xfetch_further_from_expiry(
     codec = RowCodec(view)
     with make_cache([view], redis_url, sql_url, key_prefix, clock, xfetch_beta=1.0) as fc:
         fc.get_features(IDS, ["clicks"])  # creates the epoch and the rows
-        epoch = int(redis_client.get(f"{key_prefix}:~{VIEW}:epoch") or 0)
+        epoch = int(redis_client.get(key_layout(key_prefix).epoch_key(VIEW)) or 0)
         now_ms = int(clock.now * 1000)
         loaded_ms = now_ms - 3600_000 + 1000_000  # 1000 s before max_age runs out
         for e in IDS:
-            redis_client.set(f"{key_prefix}:{VIEW}:{e}",
+            redis_client.set(row_key(key_prefix, VIEW, e),
                              codec.encode([e], None, loaded_ms, epoch, fill_ms=1800_000))
         result = fc.get_features(IDS, ["clicks"])
         assert fc.stats()[VIEW]["early_refreshes"] >= 1, result.status_counts()
@@ -146,7 +156,7 @@ def test_small_batches_of_hits_are_answered_as_their_fills_were(
         assert [hits.event_timestamp(e, "clicks") for e in ids] == [
             filled.event_timestamp(e, "clicks") for e in ids]
         assert fc.stats()[VIEW]["hit_redis"] == batch
-        redis_client.set(f"{key_prefix}:{VIEW}:{ids[-1]}", b"\x98garbage")
+        redis_client.set(row_key(key_prefix, VIEW, ids[-1]), b"\x98garbage")
         again = fc.get_features(ids, NAMES)
         assert {e: again.status(e, "clicks") for e in ids} == {
             e: Status.FILLED if e == ids[-1] else Status.HIT_REDIS for e in ids}

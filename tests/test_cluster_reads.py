@@ -13,6 +13,7 @@ from redis.crc import key_slot
 from featcache.embedded_cluster import EmbeddedCluster
 from featcache.errors import CacheUnavailable
 from featcache.keys import CLUSTER_BUCKETS, KeyLayout
+from featcache.redis_store.base import coalesce, pack
 from featcache.redis_store.cluster import ClusterReader, SlotCache
 
 VIEW = "cv"
@@ -124,3 +125,14 @@ def test_a_dead_node_costs_its_keys_and_no_node_is_an_outage(
         redis_cluster.kill(node)
     with pytest.raises(CacheUnavailable, match="no cluster node answered"):
         reader.read(keys)
+
+
+def test_commands_are_coalesced_into_bounded_writes() -> None:
+    """Small commands share one socket write (one system call, not one each); a large
+    pipeline goes out in writes of about 64 KiB, each within its own socket timeout."""
+    small = [pack(("MGET", f"k{i}")) for i in range(64)]
+    assert coalesce(small) == [b"".join(small)]
+    big = [pack(("SET", "k", b"x" * 10_000)) for _ in range(100)]
+    writes = coalesce(big)
+    assert b"".join(writes) == b"".join(big) and len(writes) == 15  # 7 commands a write
+    assert all(len(w) >= 65_536 for w in writes[:-1]) and coalesce([]) == []

@@ -27,7 +27,7 @@ from typing import Any
 import pytest
 import redis
 import sqlalchemy as sa
-from featdata import insert, make_table, make_view, with_options
+from featdata import insert, key_layout, make_table, make_view, redis_config, with_options
 from procs_consistency import (
     Job,
     Report,
@@ -38,9 +38,8 @@ from procs_consistency import (
     timestamp_for,
 )
 
-from featcache import CacheConfig, Feature, FeatureView, OfflineStoreConfig, RedisConfig
+from featcache import CacheConfig, Feature, FeatureView, OfflineStoreConfig
 from featcache.codec import KIND_ABSENT, KIND_ROW, KIND_TOMBSTONE, RowCodec
-from featcache.keys import KeyLayout
 
 #: run on every Redis deployment in CI (FEATCACHE_TEST_TOPOLOGY, tests/conftest.py)
 pytestmark = pytest.mark.topology
@@ -137,12 +136,14 @@ def _final_state(
     with engine.connect() as conn:
         sql = {int(e): int(c) for e, c in conn.execute(sa.select(table.c.entity_id,
                                                                  table.c.clicks))}
-    layout = KeyLayout(key_prefix)
+    layout = key_layout(key_prefix)
     codec = RowCodec(view)
     epoch_raw = redis_client.get(layout.epoch_key(view.name))
     epoch = int(epoch_raw) if epoch_raw else 0
     entities = sorted(sql)
-    raws = redis_client.mget(layout.row_keys(view.name, entities))
+    # a RedisCluster reads keys of many slots with mget_nonatomic (one MGET a slot)
+    mget = getattr(redis_client, "mget_nonatomic", redis_client.mget)
+    raws = mget(layout.row_keys(view.name, entities))
     kinds: Counter[str] = Counter()
     mismatches = []
     for entity, raw in zip(entities, raws, strict=True):
@@ -204,7 +205,7 @@ def declared_l1_bound(config: CacheConfig) -> float:
 def _history(target: Any, redis_url: str, key_prefix: str, **options: Any) -> dict[str, Any]:
     engine, table, view = _setup(target)
     config = with_options(CacheConfig(
-        views=(view,), redis=RedisConfig(url=redis_url, key_prefix=key_prefix),
+        views=(view,), redis=redis_config(redis_url, key_prefix),
         offline_store=OfflineStoreConfig(url=target.url, connect_timeout=10.0),
     ), **options)
     return {"engine": engine, "table": table, "view": view, "config": config}

@@ -19,9 +19,11 @@ from featdata import (
     Clock,
     counting_client,
     insert,
+    key_layout,
     make_cache,
     make_table,
     make_view,
+    row_key,
     stats_row,
 )
 
@@ -29,7 +31,6 @@ from featcache import FeatureCache, InvalidEntityId, InvalidRequest, Status, Unk
 from featcache.codec import TOMBSTONE_HEAD
 from featcache.config_sections import InvalidationConfig, LimitsConfig
 from featcache.invalidation import Invalidator
-from featcache.keys import KeyLayout
 from featcache.redis_store import StandaloneStore
 
 #: run on every Redis deployment in CI (FEATCACHE_TEST_TOPOLOGY, tests/conftest.py)
@@ -146,7 +147,7 @@ def test_epoch_never_repeats_even_when_its_key_is_lost(
 ) -> None:
     reader, writer = env["reader"], env["writer"]
     writer.invalidate("inv")
-    epoch_key = f"{key_prefix}:~inv:epoch"
+    epoch_key = key_layout(key_prefix).epoch_key("inv")
     first = int(redis_client.get(epoch_key) or 0)
     reader.get_features([1], ["clicks"])  # a row of epoch `first`
     redis_client.delete(epoch_key)  # as an eviction would
@@ -178,7 +179,7 @@ def test_a_fence_on_empty_keys_keeps_out_rows_invalidated_after_it(
     (``SET_IF_ABSENT``): a tombstone laid after the fence, or a whole-view invalidation,
     keeps them out exactly as the general script does for keys that held something."""
     writer = env["writer"]
-    key = f"{key_prefix}:inv:3"
+    key = row_key(key_prefix, "inv", 3)
     fence = writer.fence("inv", [3])
     assert fence.seen == {3: None}
     writer.invalidate("inv", [3])
@@ -212,7 +213,7 @@ def test_invalidation_appends_to_the_stream(
     report = writer.invalidate("inv", [3, 1, 3])
     assert report.entities == 2 and len(report.stream_ids) == 1
     whole = writer.invalidate("inv")
-    entries = redis_client.xrange(f"{key_prefix}:~stream")
+    entries = redis_client.xrange(key_layout(key_prefix).stream_key())
     assert [e[0].decode() for e in entries] == [*report.stream_ids, *whole.stream_ids]
     fields = entries[0][1]
     assert fields[b"v"] == b"inv" and fields[b"k"] == b"ids"
@@ -233,8 +234,9 @@ def test_invalidating_100k_ids_is_one_round_trip(
         report = cache.invalidate("big_inv", range(100_000))
         assert calls.sends == 1
         assert report.entities == 100_000 and len(report.stream_ids) == 100
-    assert redis_client.exists(f"{key_prefix}:big_inv:0", f"{key_prefix}:big_inv:99999") == 2
-    assert redis_client.pttl(f"{key_prefix}:big_inv:5") > 0
+    assert redis_client.exists(row_key(key_prefix, "big_inv", 0))
+    assert redis_client.exists(row_key(key_prefix, "big_inv", 99999))
+    assert redis_client.pttl(row_key(key_prefix, "big_inv", 5)) > 0
     client.close()
 
 
@@ -295,7 +297,7 @@ def test_a_lost_epoch_key_does_not_bring_invalidated_rows_back(
     reader, writer = env["reader"], env["writer"]
     reader.get_features([1], ["clicks"])  # a row stamped with the view's first epoch
     writer.invalidate("inv")
-    redis_client.delete(f"{key_prefix}:~inv:epoch")  # as an eviction would
+    redis_client.delete(key_layout(key_prefix).epoch_key("inv"))  # as an eviction would
     assert reader.get_features([1], ["clicks"]).status(1, "clicks") is Status.FILLED
 
 
@@ -329,7 +331,7 @@ def test_a_fenced_write_past_its_server_deadline_lands_nowhere(
     before its deadline ran out is what such a write carries; shown with both scripts (a key
     the fence saw empty: SET_IF_ABSENT; a key holding a row: CONDITIONAL_SET)."""
     writer = env["writer"]
-    key = f"{key_prefix}:inv:3"
+    key = row_key(key_prefix, "inv", 3)
     if seen == "row":
         writer.put_rows("inv", [stats_row(3, clicks=1)])
     before = redis_client.get(key)
@@ -349,7 +351,7 @@ def test_two_invalidations_of_the_same_ids_publish_different_entries(
 ) -> None:
     """Entries differ in content even for the same ids (``t``, the server time), so a
     subscriber can tell a recreated stream whose new entry repeats an old id and its ids."""
-    layout = KeyLayout(key_prefix)
+    layout = key_layout(key_prefix)
     store = StandaloneStore(redis.Redis.from_url(redis_url))
     try:
         invalidator = Invalidator(store, layout, InvalidationConfig(), LimitsConfig())

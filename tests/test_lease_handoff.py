@@ -15,11 +15,10 @@ from typing import Any
 
 import pytest
 import redis
-from featdata import T0, insert, make_cache, make_table, make_view
+from featdata import T0, insert, key_layout, make_cache, make_table, make_view
 from wire import hooked_client, is_command
 
 from featcache import Feature, FeatureResult, Status
-from featcache.keys import KeyLayout
 from featcache.redis_store import CONDITIONAL_SET, SET_IF_ABSENT
 
 #: run on every Redis deployment in CI (FEATCACHE_TEST_TOPOLOGY, tests/conftest.py)
@@ -49,7 +48,7 @@ def test_a_waiter_takes_the_lease_over_when_the_holders_fill_is_fenced_out(
     sqlite_target: Any, redis_url: str, key_prefix: str, redis_client: redis.Redis
 ) -> None:
     view = _table(sqlite_target)
-    layout = KeyLayout(key_prefix)
+    layout = key_layout(key_prefix)
     row_key, lease_key = layout.row_key(VIEW, 1), layout.lease_keys(VIEW, [1])[0]
     a_client, a_hooks = hooked_client(redis_url)
     b_client, b_hooks = hooked_client(redis_url)
@@ -109,7 +108,7 @@ def test_a_waiter_takes_over_the_lease_of_a_holder_that_died(
     """The holder's lease expires (``lease_ttl``) with no fill: the waiter takes the lease over
     as soon as it is gone, not at the end of ``lease_wait``."""
     view = _table(sqlite_target)
-    lease_key = KeyLayout(key_prefix).lease_keys(VIEW, [2])[0]
+    lease_key = key_layout(key_prefix).lease_keys(VIEW, [2])[0]
     with make_cache([view], redis_url, sqlite_target.url, key_prefix,
                     lease_wait=LEASE_WAIT) as fc:
         assert redis_client.set(lease_key, "a-reader-that-dies", px=300)

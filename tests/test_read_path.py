@@ -20,6 +20,7 @@ from featdata import (
     make_cache,
     make_table,
     make_view,
+    row_key,
     stats_row,
 )
 
@@ -326,7 +327,7 @@ def test_row_written_before_a_feature_was_added(
         with_new = fc.get_features([1], ["ctr", "extra"])
         assert with_new.status(1, "extra") is Status.FILLED  # a miss for the new feature
         assert with_new[1]["extra"] == 42
-    raw = redis_client.get(f"{key_prefix}:grow:1")
+    raw = redis_client.get(row_key(key_prefix, "grow", 1))
     assert raw is not None and RowCodec(new_view).decode(raw) is not None
 
 

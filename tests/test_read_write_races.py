@@ -14,7 +14,15 @@ import pandas as pd
 import pytest
 import redis
 import sqlalchemy as sa
-from featdata import T0, Clock, insert, make_cache, make_table, make_view
+from featdata import (
+    T0,
+    Clock,
+    insert,
+    key_layout,
+    make_cache,
+    make_table,
+    make_view,
+)
 from wire import hooked_client, is_command
 
 from featcache import FeatcacheError, Feature, FeatureCache, InvalidRequest, Status
@@ -224,7 +232,7 @@ def test_a_fill_releases_only_its_own_leases(
     deletes THAT process's lease, and a third process then reads SQL as well."""
     clock = Clock()
     view = make_view("t", "t", None, FAST_SLOW)
-    theirs = f"{key_prefix}:~t:lease:1"
+    theirs = key_layout(key_prefix).lease_keys("t", [1])[0]
     client, hooks = hooked_client(redis_url)
     took: list[list[Any]] = []  # lease round trips' replies: per row 1 (taken) or [holder],
     # then TIME

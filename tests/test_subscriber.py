@@ -20,13 +20,12 @@ from typing import Any
 import msgpack
 import pytest
 import redis
-from featdata import make_view
+from featdata import key_layout, make_view
 
 from featcache import InvalidationConfig, LimitsConfig
 from featcache.embedded import EmbeddedServer
 from featcache.errors import CacheUnavailable, ConfigError
 from featcache.invalidation import Invalidator
-from featcache.keys import KeyLayout
 from featcache.redis_store import StandaloneStore
 from featcache.subscriber import InvalidationSubscriber, _find_gap, _StreamInfo, parse_id
 
@@ -126,7 +125,7 @@ def no_leaks() -> Iterator[None]:
 
 @pytest.fixture
 def stream_key(key_prefix: str) -> str:
-    return KeyLayout(key_prefix).stream_key()
+    return key_layout(key_prefix).stream_key()
 
 
 # ------------------------------------------------------------------------------------------
@@ -137,7 +136,7 @@ def stream_key(key_prefix: str) -> str:
 def test_ids_and_whole_views_reach_the_callbacks_in_order(
     redis_client: redis.Redis, redis_url: str, key_prefix: str, stream_key: str
 ) -> None:
-    invalidator = Invalidator(StandaloneStore(redis_client), KeyLayout(key_prefix),
+    invalidator = Invalidator(StandaloneStore(redis_client), key_layout(key_prefix),
                               InvalidationConfig(fence_ttl=60, stream_maxlen=10_000),
                               LimitsConfig(), chunk=3)
     users = make_view("users", "users", None)

@@ -20,7 +20,16 @@ from apscheduler.triggers.interval import IntervalTrigger
 from featcache.jobs.changes import follow_changes, load_watermark
 from featcache.jobs.leader import ViewLeader
 from featcache.jobs.warmer import build_scheduler, health
-from featdata import STATS_FEATURES, T0, insert, make_cache, make_table, make_view, stats_row
+from featdata import (
+    STATS_FEATURES,
+    T0,
+    insert,
+    key_layout,
+    make_cache,
+    make_table,
+    make_view,
+    stats_row,
+)
 from servers import SqlTarget
 from warmerenv import (
     CLI,
@@ -43,7 +52,6 @@ from featcache import (
     WarmerConfig,
     load_config,
 )
-from featcache.keys import KeyLayout
 
 #: run on every Redis deployment in CI (FEATCACHE_TEST_TOPOLOGY, tests/conftest.py)
 pytestmark = pytest.mark.topology
@@ -130,7 +138,7 @@ def test_an_update_reaches_get_features_after_one_poll(
         Status.FILLED, Status.FILLED]
     update(any_env["engine"], any_env["table"], 2, T0 + HOUR, clicks=999)
     update(any_env["engine"], any_env["table"], 3, T0 + HOUR, clicks=333)  # not cached
-    stream = KeyLayout(key_prefix).stream_key()
+    stream = key_layout(key_prefix).stream_key()
     before = redis_client.xlen(stream)
 
     report = follow_changes(cache, "cv")
@@ -170,10 +178,10 @@ def test_rows_sharing_the_watermark_timestamp_are_not_lost(
     assert mark is not None and mark.when == t1 and mark.ids == {11, 12, 13}
 
     insert(any_env["engine"], any_env["table"], [stats_row(14, T0 + HOUR, updated_at=t1)])
-    redis_client.delete(*KeyLayout(key_prefix).row_keys("cv", [11, 12, 13]))
+    redis_client.delete(*key_layout(key_prefix).row_keys("cv", [11, 12, 13]))
     report = follow_changes(cache, "cv", rewrite="all")
     assert (report.changed, report.rewritten) == (1, 1)  # only 14; 11-13 not reprocessed
-    assert [bool(redis_client.exists(KeyLayout(key_prefix).row_key("cv", i)))
+    assert [bool(redis_client.exists(key_layout(key_prefix).row_key("cv", i)))
             for i in (11, 12, 13, 14)] == [False, False, False, True]
     mark = load_watermark(cache, "cv")
     assert mark is not None and mark.ids == {11, 12, 13, 14}
@@ -199,7 +207,7 @@ def test_string_ids_differing_only_in_case_or_trailing_spaces_are_separate_chang
     ids = ["a", "A", "a "]  # one entity under MariaDB's default collation, unless grouped
     insert(engine, table, [stats_row(e, T0 + i * HOUR) for i, e in enumerate(ids)])
     view = make_view("sv", "sv", sql_target.schema, entity_type="str")
-    stream = KeyLayout(key_prefix).stream_key()
+    stream = key_layout(key_prefix).stream_key()
     with make_cache([view], redis_url, sql_target.url, key_prefix) as cache:
         report = follow_changes(cache, "sv", start="all")
         assert (report.changed, report.not_cached) == (3, 3)
@@ -277,7 +285,7 @@ def test_a_started_scheduler_runs_cycles_and_records_health(
     assert "last_error" not in jobs["warm"]
     assert stored["plain"] == {"leader": None, "jobs": {}, "warmers": {}}
     assert stored["cv"]["warmers"] == {}  # removed by the release
-    assert not redis_client.exists(KeyLayout(key_prefix).leader_key("cv"))
+    assert not redis_client.exists(key_layout(key_prefix).leader_key("cv"))
 
 
 def test_the_warmer_command_stops_cleanly_on_sigterm(
@@ -286,13 +294,13 @@ def test_the_warmer_command_stops_cleanly_on_sigterm(
 ) -> None:
     path = write_config(tmp_path / "run.yaml", redis_url, key_prefix, env["url"], FAST_WARMER)
     with warmer_process(path) as proc:
-        key = KeyLayout(key_prefix).health_key("cv")
+        key = key_layout(key_prefix).health_key("cv")
         assert wait_for(lambda: redis_client.hexists(key, "changes.last_success")
                          or proc.poll() is not None), "no cycle ran"
         err = stop_warmer(proc)
     assert proc.returncode == 0, err
     assert "warmer stopped" in err and "Traceback" not in err
-    assert not redis_client.exists(KeyLayout(key_prefix).leader_key("cv"))
+    assert not redis_client.exists(key_layout(key_prefix).leader_key("cv"))
     assert env["cache"].get_features([3], ["clicks"]).status(3, "clicks") is Status.HIT_REDIS
 
     done = subprocess.run([*CLI, "warmer", "--health", "--config", str(path)],
@@ -326,7 +334,7 @@ def test_a_cycle_that_lost_its_lease_part_way_is_no_success_in_health(
         follow_changes=FollowChangesConfig(interval="1s", start="all")))
     warmer = build_scheduler(cache, config.warmer, BackgroundScheduler).featcache_warmer
     store = warmer.leaders["cv"]._store
-    warmer.leaders["cv"] = _TakenOverAfterFirstChunk(store, KeyLayout(key_prefix), "cv", 30.0)
+    warmer.leaders["cv"] = _TakenOverAfterFirstChunk(store, key_layout(key_prefix), "cv", 30.0)
     warmer.follow("cv")
     kept = warmer.health["cv/changes"]
     assert kept["complete"] is False and kept["leader"] is False

@@ -22,7 +22,16 @@ import pytest
 import redis
 import sqlalchemy as sa
 from featcache.jobs.changes import Watermark, load_watermark
-from featdata import STATS_FEATURES, T0, insert, make_table, stats_row, with_options
+from featdata import (
+    STATS_FEATURES,
+    T0,
+    insert,
+    key_layout,
+    make_table,
+    redis_yaml,
+    stats_row,
+    with_options,
+)
 
 from featcache import FeatureCache, Status, load_config
 from featcache.codec import KIND_ROW, KIND_TOMBSTONE, RowCodec
@@ -51,7 +60,7 @@ RUN_TIMEOUT_S = 40.0
 def _write_config(path: Path, redis_url: str, key_prefix: str, offline_url: str,
                   warmer: str = "") -> Path:
     path.write_text(
-        f"redis: {{url: '{redis_url}', key_prefix: '{key_prefix}'}}\n"
+        redis_yaml(redis_url, key_prefix) +
         f"offline_store: {{url: '{offline_url}'}}\n"
         "views:\n"
         f"  {VIEW}:\n    table: {VIEW}\n    entity: {{column: entity_id, type: int}}\n"
@@ -206,7 +215,7 @@ def test_a_sigkilled_run_leaves_no_partial_rows_and_the_next_run_catches_up(
                          warmer_section if runner == "warmer" else "")
     config = load_config(path)
     view = config.view(VIEW)
-    layout = KeyLayout(key_prefix)
+    layout = key_layout(key_prefix)
     expected: dict[int, tuple[int, dict[str, Any]]] = big["expected"]
     ids = sorted(expected)
     assert len(ids) == ENTITIES
@@ -329,7 +338,7 @@ def test_an_upstream_update_reaches_get_features_and_drops_l1(
         "warmer:\n  schedule: {interval: 1h}\n  views: [big]\n"
         "  follow_changes: {interval: 1s}\n",
     )
-    layout = KeyLayout(key_prefix)
+    layout = key_layout(key_prefix)
     health_key = layout.health_key(VIEW)
     log = tmp_path / "warmer.log"
     proc = _spawn(_cli("warmer", "--config", str(path)), log)

@@ -17,6 +17,7 @@ from featdata import (
     T0,
     Clock,
     insert,
+    key_layout,
     make_cache,
     make_table,
     make_view,
@@ -76,7 +77,7 @@ def test_a_newer_row_of_an_invalidated_epoch_gives_way(
     that integer: the older row is kept out while the newer one's epoch is current, and
     replaces it once the view's epoch moved on (the newer one is then a miss to readers)."""
     fc, _ = cache
-    epoch_key = f"{key_prefix}:~w:epoch"
+    epoch_key = key_layout(key_prefix).epoch_key("w")
     redis_client.set(epoch_key, epoch)
     newer, older = T0 + dt.timedelta(hours=1), T0
     assert fc.put_rows("w", [stats_row(1, newer, clicks=2)]).written == 1

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
-from featdata import STATS_FEATURES, insert, make_table, stats_row
+from featdata import STATS_FEATURES, insert, make_table, redis_yaml, stats_row
 from servers import SqlTarget
 
 from featcache import FeatureCache
@@ -32,7 +32,7 @@ def write_config(path: Path, redis_url: str, key_prefix: str, offline_url: str,
                  warmer: str = "", schema: str | None = None) -> Path:
     in_schema = f"    schema: {schema}\n" if schema else ""
     path.write_text(
-        f"redis: {{url: '{redis_url}', key_prefix: '{key_prefix}'}}\n"
+        redis_yaml(redis_url, key_prefix) +
         f"offline_store: {{url: '{offline_url}'}}\n"
         "views:\n"
         f"  cv:\n    table: cv\n{in_schema}    entity: {{column: entity_id, type: int}}\n"

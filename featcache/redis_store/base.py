@@ -25,6 +25,7 @@ __all__ = [
     "StreamTail",
     "WriteBatch",
     "WriteItem",
+    "coalesce",
     "fenced_write",
     "pack",
     "row_write",
@@ -37,6 +38,29 @@ def pack(args: tuple[Any, ...]) -> bytes:
     backends send commands packed so, without redis-py's per-argument pass."""
     packed: bytes = hiredis.pack_command(args)
     return packed
+
+
+#: the most bytes of commands joined into one socket write (``coalesce``)
+WRITE_BYTES = 65_536
+
+
+def coalesce(packed: Sequence[bytes], limit: int = WRITE_BYTES) -> list[bytes]:
+    """Packed commands joined into writes of about ``limit`` bytes: redis-py's
+    ``send_packed_command`` calls ``sendall`` once per item, so 64 small MGETs would be 64
+    system calls, while one write of megabytes would have to finish within one socket
+    timeout (Python's limit covers the whole ``sendall``) even while the server is busy."""
+    writes: list[bytes] = []
+    buffer: list[bytes] = []
+    size = 0
+    for command in packed:
+        buffer.append(command)
+        size += len(command)
+        if size >= limit:
+            writes.append(b"".join(buffer))
+            buffer, size = [], 0
+    if buffer:
+        writes.append(b"".join(buffer))
+    return writes
 
 
 class LuaScript:

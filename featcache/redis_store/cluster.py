@@ -29,7 +29,7 @@ from redis import exceptions as redis_exc
 from redis.cluster import ClusterNode
 from redis.crc import key_slot
 
-from featcache.redis_store.base import pack
+from featcache.redis_store.base import coalesce, pack
 from featcache.redis_store.errors import ERRORS, translate
 
 __all__ = ["REDIRECTS", "ClusterReader", "SlotCache"]
@@ -145,7 +145,7 @@ class ClusterReader:
                 self.node_errors += 1
                 continue
             try:
-                conn.send_packed_command([b"".join(packed)])  # one write, not one a command
+                conn.send_packed_command(coalesce(packed))
             except ERRORS:
                 self.node_errors += 1
                 conn.disconnect()

@@ -31,6 +31,7 @@ from featcache.redis_store.base import (
     ScriptCall,
     StreamTail,
     WriteBatch,
+    coalesce,
     pack,
     split_if_absent,
 )
@@ -205,8 +206,7 @@ class StandaloneStore:
         try:
             conn = pool.get_connection()
             try:
-                # one write: redis-py sends each item of a list with a sendall of its own
-                conn.send_packed_command([b"".join(packed)])  # type: ignore[no-untyped-call]
+                conn.send_packed_command(coalesce(packed))  # type: ignore[no-untyped-call]
                 replies: list[Any] = []
                 for position, _ in enumerate(packed):
                     if self._asking and not position % 2:
