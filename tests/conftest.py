@@ -80,6 +80,18 @@ def _env(name: str) -> str | None:
     return os.environ.get(name) or None
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """On a cluster run, deselect (visibly, in pytest's count) the tests that hand the cache
+    a client of one server to count or hook its wire: a cluster cache needs a cluster client,
+    and the cluster's own tests (test_cluster_*.py) count its round trips per node."""
+    if TOPOLOGY != "cluster":
+        return
+    kept = [item for item in items if item.get_closest_marker("one_server") is None]
+    if len(kept) != len(items):
+        config.hook.pytest_deselected(items=[i for i in items if i not in kept])
+        items[:] = kept
+
+
 def pytest_configure(config: pytest.Config) -> None:
     """Reject a misconfigured environment before any test runs, not per test."""
     required = required_backends()

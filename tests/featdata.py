@@ -208,6 +208,14 @@ def redis_yaml(redis_url: str, key_prefix: str) -> str:
     return f"redis: {{url: '{redis_url}', key_prefix: '{key_prefix}'{extra}}}\n"
 
 
+def mget_all(client: redis.Redis, keys: Sequence[str]) -> list[Any]:
+    """``MGET`` of keys of any slots: a ``RedisCluster`` (a cluster run's ``redis_client``)
+    reads them with ``mget_nonatomic``, one MGET a slot."""
+    mget = getattr(client, "mget_nonatomic", client.mget)
+    values: list[Any] = mget(keys)
+    return values
+
+
 def key_layout(key_prefix: str) -> KeyLayout:
     """The key layout of the run's caches: hash-tagged on a cluster run
     (FEATCACHE_TEST_TOPOLOGY=cluster), plain otherwise."""

@@ -27,7 +27,7 @@ from typing import Any
 import pytest
 import redis
 import sqlalchemy as sa
-from featdata import insert, key_layout, make_table, make_view, redis_config, with_options
+from featdata import insert, key_layout, make_table, make_view, mget_all, redis_config, with_options
 from procs_consistency import (
     Job,
     Report,
@@ -141,9 +141,7 @@ def _final_state(
     epoch_raw = redis_client.get(layout.epoch_key(view.name))
     epoch = int(epoch_raw) if epoch_raw else 0
     entities = sorted(sql)
-    # a RedisCluster reads keys of many slots with mget_nonatomic (one MGET a slot)
-    mget = getattr(redis_client, "mget_nonatomic", redis_client.mget)
-    raws = mget(layout.row_keys(view.name, entities))
+    raws = mget_all(redis_client, layout.row_keys(view.name, entities))
     kinds: Counter[str] = Counter()
     mismatches = []
     for entity, raw in zip(entities, raws, strict=True):

@@ -44,6 +44,7 @@ def _is_fill(packed: bytes) -> bool:
         script.sha.encode() in packed for script in (SET_IF_ABSENT, CONDITIONAL_SET))
 
 
+@pytest.mark.one_server
 def test_a_waiter_takes_the_lease_over_when_the_holders_fill_is_fenced_out(
     sqlite_target: Any, redis_url: str, key_prefix: str, redis_client: redis.Redis
 ) -> None:

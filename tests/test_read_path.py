@@ -168,6 +168,7 @@ def test_entity_appearing_in_sql_is_found_after_negative_ttl(
     assert result.status(77, "clicks") is Status.FILLED and result[77]["clicks"] == 77
 
 
+@pytest.mark.one_server
 def test_several_views_in_one_call(sql_target: Any, redis_url: str, key_prefix: str) -> None:
     engine = sql_target.engine()
     profile_features = (Feature("age", "int", "1d"), Feature("country", "str", "1d"))
@@ -202,6 +203,7 @@ def _plain(url: str) -> str:
     return url
 
 
+@pytest.mark.one_server
 def test_1000_ids_one_redis_round_trip_one_sql_query(
     sqlite_target: Any, redis_url: str, key_prefix: str
 ) -> None:
@@ -231,6 +233,7 @@ def test_1000_ids_one_redis_round_trip_one_sql_query(
     client.close()
 
 
+@pytest.mark.one_server
 def test_batches_past_the_chunk_size_still_one_round_trip(
     sqlite_target: Any, redis_url: str, key_prefix: str
 ) -> None:

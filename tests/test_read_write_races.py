@@ -63,7 +63,7 @@ def _run(fn: Any, out: dict[str, Any], name: str) -> threading.Thread:
 
 
 def _hold_lease(client: redis.Redis, prefix: str, view: str, eid: Any, ms: int = 10_000) -> str:
-    key = f"{prefix}:~{view}:lease:{eid}"
+    key = key_layout(prefix).lease_keys(view, [eid])[0]
     assert client.set(key, "another-process", px=ms, nx=True)
     return key
 
@@ -223,6 +223,7 @@ def test_control_alone_the_strict_reader_rejects_the_old_row(
 # --------------------------------------------------------------------------- leases
 
 
+@pytest.mark.one_server
 def test_a_fill_releases_only_its_own_leases(
     sqlite_target: Any, fs_table: sa.Table, redis_url: str, key_prefix: str,
     redis_client: redis.Redis,

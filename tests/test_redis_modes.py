@@ -77,4 +77,5 @@ def test_the_caches_of_this_run_are_on_its_topology(
     with make_cache([make_view("v", "t", None)], redis_url, sqlite_target.url,
                     key_prefix) as fc:
         assert fc.config.redis.mode == topology
-        assert fc.store.url.startswith("sentinel " if topology == "sentinel" else "redis://")
+        assert fc.store.url.startswith(
+            {"sentinel": "sentinel ", "cluster": "cluster "}.get(topology, "redis://"))

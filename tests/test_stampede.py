@@ -258,6 +258,7 @@ class Parking:
             self.resume.wait(WAIT_S)
 
 
+@pytest.mark.one_server
 def test_a_reader_that_saw_the_miss_before_a_fill_landed_does_not_read_sql_again(
     sqlite_target: Any, redis_url: str, key_prefix: str
 ) -> None:

@@ -20,13 +20,13 @@ from typing import Any
 import msgpack
 import pytest
 import redis
-from featdata import key_layout, make_view
+from featdata import key_layout, make_view, redis_config
 
 from featcache import InvalidationConfig, LimitsConfig
 from featcache.embedded import EmbeddedServer
 from featcache.errors import CacheUnavailable, ConfigError
 from featcache.invalidation import Invalidator
-from featcache.redis_store import StandaloneStore
+from featcache.redis_store import open_store
 from featcache.subscriber import InvalidationSubscriber, _find_gap, _StreamInfo, parse_id
 
 #: run on every Redis deployment in CI (FEATCACHE_TEST_TOPOLOGY, tests/conftest.py)
@@ -89,7 +89,22 @@ class Recorder:
         return [e[1] for e in self.snapshot()[since:] if e[0] == "reset"]
 
 
+def server_of(redis_url: str, key: str) -> str:
+    """The URL of the server holding ``key``: ``redis_url``, or on a cluster run the node that
+    owns the key's slot (a subscriber given a URL or a client follows one server)."""
+    if redis_url != os.environ.get("FEATCACHE_TEST_CLUSTER"):
+        return redis_url
+    cluster = redis.RedisCluster.from_url(redis_url)
+    try:
+        node = cluster.get_node_from_key(key)
+        return f"redis://{node.host}:{node.port}/0"
+    finally:
+        cluster.close()
+
+
 def subscriber(source: Any, key: str, rec: Recorder, **options: Any) -> InvalidationSubscriber:
+    if isinstance(source, str):
+        source = server_of(source, key)
     options.setdefault("block_ms", 200)
     options.setdefault("reconnect_backoff", (0.02, 0.2))
     return InvalidationSubscriber(
@@ -136,7 +151,8 @@ def stream_key(key_prefix: str) -> str:
 def test_ids_and_whole_views_reach_the_callbacks_in_order(
     redis_client: redis.Redis, redis_url: str, key_prefix: str, stream_key: str
 ) -> None:
-    invalidator = Invalidator(StandaloneStore(redis_client), key_layout(key_prefix),
+    store = open_store(redis_config(redis_url, key_prefix))  # the run's deployment
+    invalidator = Invalidator(store, key_layout(key_prefix),
                               InvalidationConfig(fence_ttl=60, stream_maxlen=10_000),
                               LimitsConfig(), chunk=3)
     users = make_view("users", "users", None)
@@ -168,6 +184,7 @@ def test_ids_and_whole_views_reach_the_callbacks_in_order(
         assert stats["connected"] and stats["running"]
         assert isinstance(stats["lag_ms"], int)
     assert not sub.stats()["running"]
+    store.close()
 
 
 def test_an_entry_written_before_start_is_not_replayed_and_one_after_is_not_missed(
@@ -278,7 +295,7 @@ def test_a_failing_on_reset_does_not_kill_the_thread(
         raise RuntimeError(reason)
 
     sub = InvalidationSubscriber(
-        redis_url, stream_key, on_ids=rec.on_ids,
+        server_of(redis_url, stream_key), stream_key, on_ids=rec.on_ids,
         on_view=rec.on_view, on_reset=bad_reset, block_ms=200, name=THREAD_NAME,
     )
     with sub:
@@ -464,16 +481,21 @@ def test_stop_ends_the_thread_and_is_idempotent(
     name = f"fct-blocked-{stream_key.replace(':', '-')}"  # its connection, in CLIENT LIST
 
     def named_client() -> redis.Redis:
-        return redis.Redis.from_url(redis_url, client_name=name, socket_timeout=40)
+        return redis.Redis.from_url(server_of(redis_url, stream_key), client_name=name,
+                                    socket_timeout=40)
 
     # A long block: stop() must interrupt the blocked XREAD, not wait it out.
     sub = subscriber(named_client, stream_key, rec, block_ms=30_000)
     sub.start()
     deadline = time.monotonic() + WAIT
-    while not any(c.get("name") == name and c.get("cmd") == "xread" and "b" in c["flags"]
-                  for c in redis_client.client_list()):  # blocked (flag b) in XREAD
-        assert time.monotonic() < deadline, "the subscriber never blocked in XREAD"
-        time.sleep(0.01)
+    server = redis.Redis.from_url(server_of(redis_url, stream_key))
+    try:
+        while not any(c.get("name") == name and c.get("cmd") == "xread" and "b" in c["flags"]
+                      for c in server.client_list()):  # blocked (flag b) in XREAD
+            assert time.monotonic() < deadline, "the subscriber never blocked in XREAD"
+            time.sleep(0.01)
+    finally:
+        server.close()
     assert sub.stop(timeout=5)
     assert sub.thread is not None and not sub.thread.is_alive()
     assert sub.stop(timeout=5)
@@ -490,7 +512,7 @@ def test_stop_before_start_and_from_inside_a_callback(
     holder: list[InvalidationSubscriber] = []
     results: list[bool] = []
     sub = InvalidationSubscriber(
-        redis_url, stream_key,
+        server_of(redis_url, stream_key), stream_key,
         on_ids=lambda view, ids: results.append(holder[0].stop()),
         on_view=rec.on_view, on_reset=rec.on_reset, block_ms=200, name=THREAD_NAME,
     )
@@ -541,7 +563,8 @@ def test_a_factory_and_resp3_clients_work(redis_url: str, redis_client: redis.Re
     rec = Recorder()
 
     def factory() -> redis.Redis:
-        return redis.Redis.from_url(redis_url, protocol=3, socket_timeout=3)
+        return redis.Redis.from_url(server_of(redis_url, stream_key), protocol=3,
+                                    socket_timeout=3)
 
     with subscriber(factory, stream_key, rec):
         xadd_ids(redis_client, stream_key, "v", [1, "a"])

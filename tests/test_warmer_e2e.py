@@ -28,6 +28,7 @@ from featdata import (
     insert,
     key_layout,
     make_table,
+    mget_all,
     redis_yaml,
     stats_row,
     with_options,
@@ -128,7 +129,7 @@ def _check_redis(client: redis.Redis, layout: KeyLayout, view: FeatureView,
     bad: list[str] = []
     for start in range(0, len(ids), 5000):
         part = ids[start : start + 5000]
-        for eid, raw in zip(part, client.mget(layout.row_keys(VIEW, part)), strict=True):
+        for eid, raw in zip(part, mget_all(client, layout.row_keys(VIEW, part)), strict=True):
             if raw is None:
                 continue
             present += 1
@@ -153,7 +154,7 @@ def _count(client: redis.Redis, layout: KeyLayout, ids: list[int]) -> int:
     tombstone."""
     total = 0
     for start in range(0, len(ids), 5000):
-        values = client.mget(layout.row_keys(VIEW, ids[start : start + 5000]))
+        values = mget_all(client, layout.row_keys(VIEW, ids[start : start + 5000]))
         total += sum(1 for raw in values if isinstance(raw, bytes) and raw[2] == KIND_ROW)
     return total
 
