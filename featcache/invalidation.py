@@ -136,8 +136,8 @@ class Invalidator:
         stream_key = self._layout.stream_key()
         if entity_ids is None and self._layout.buckets:
             (epoch,) = self._run([ScriptCall(_MOVE_EPOCH, [epoch_key], [])])
-            entry = self._announce(view.name, ("k", "all", "e", epoch))
-            return InvalidationReport(view.name, 0, True, (entry,))
+            announced = self._announce(view.name, [("k", "all", "e", epoch)])
+            return InvalidationReport(view.name, 0, True, announced)
         if entity_ids is None:
             args = ["all", self._fence_ttl_ms, view.name, b"", self._maxlen, TOMBSTONE_HEAD]
             (entry,) = self._run([ScriptCall(_INVALIDATE, [epoch_key, stream_key], args)])
@@ -180,19 +180,18 @@ class Invalidator:
         ]
         times = self._run(calls) if calls else []
         now_us = max((int(t) for t in times), default=0)
-        entries = tuple(
-            self._announce(view.name, ("k", "ids", "ids", msgpack.packb(ids[start : start +
-                                                                           self._chunk]),
-                                       "t", now_us))
-            for start in range(0, len(ids), self._chunk))
+        entries = self._announce(view.name, [
+            ("k", "ids", "ids", msgpack.packb(ids[start : start + self._chunk]), "t", now_us)
+            for start in range(0, len(ids), self._chunk)])
         return InvalidationReport(view.name, len(ids), False, entries, tuple(ids))
 
-    def _announce(self, view: str, fields: tuple[Any, ...]) -> str:
-        """One stream entry (on a cluster, after the fences it announces are in place)."""
-        (entry,) = self._store.execute([Command(
-            "XADD", self._layout.stream_key(), ("MAXLEN", "~", self._maxlen, "*", "v", view,
-                                                *fields))])
-        return _text(entry)
+    def _announce(self, view: str, entries: list[tuple[Any, ...]]) -> tuple[str, ...]:
+        """The stream entries, one round trip (on a cluster, after the fences they announce
+        are in place)."""
+        head = ("MAXLEN", "~", self._maxlen, "*", "v", view)
+        replies = self._store.execute([
+            Command("XADD", self._layout.stream_key(), (*head, *fields)) for fields in entries])
+        return tuple(map(_text, replies))
 
     def _run(self, calls: list[ScriptCall]) -> list[Any]:
         """The invalidation's scripts, acknowledged by ``invalidation.replicas`` replicas when

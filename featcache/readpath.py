@@ -37,7 +37,7 @@ from featcache.codec import (
 )
 from featcache.config import CacheConfig
 from featcache.errors import CacheUnavailable, OfflineStoreError, OfflineStoreUnavailable
-from featcache.freshness import fresh_since, refresh_early, xfetch_delta_floor
+from featcache.freshness import fresh_since, refresh_early
 from featcache.keys import KeyLayout, slot_of
 from featcache.l1 import InOrder, L1Cache
 from featcache.leases import Leases, Taken
@@ -448,7 +448,7 @@ class ReadPath:
         # XFetch draws only for rows within 10 deltas of expiry (the chance it misses one
         # further out is e^-10): with the floor as delta that is "loaded before early_after";
         # rows whose own fill time exceeds the floor get their wider window tested as well
-        delta_floor = xfetch_delta_floor(max_age_ms)
+        delta_floor = vp.delta_floor_ms
         early_after = now_ms - max_age_ms + 10 * beta * delta_floor
         hit, absent = Status.HIT_REDIS, Status.ABSENT
         if len(raw) >= _BATCH_DECODE_MIN and self._all_hits(vr, ids, raw, now_ms):

@@ -442,7 +442,7 @@ class InvalidationSubscriber:
         source = self._source
         if callable(source) and not isinstance(source, str | Mapping):
             made = source()
-            if hasattr(made, "block") and hasattr(made, "eval"):  # RedisStore.open_tail's
+            if hasattr(made, "block") and hasattr(made, "run_script"):  # RedisStore.open_tail's
                 tail: StreamTail = made
                 return tail
             source = (lambda: made)  # noqa: E731 - a redis.Redis: the store checks it
@@ -553,7 +553,7 @@ class InvalidationSubscriber:
         or None when there is none), in one atomic call."""
         args = (format_id(read_from), count,
                 format_id(last) if last is not None and last != ZERO else "")
-        reply = tail.eval(_SNAPSHOT, [self.stream_key], args)
+        reply = tail.run_script(_SNAPSHOT, [self.stream_key], args)
         kind = _text(reply[0])
         if kind != "stream":
             return kind, None, [], None

@@ -283,7 +283,8 @@ class RowWriter:
                 writes = list(map(fenced_write, keys, encoded, repeat(ttl_ms), seen))
         batch = WriteBatch(epoch_key, None if fence is None else fence.epoch_raw, writes,
                            if_absent=if_absent,
-                           deadline_us=fence.deadline_us if fence is not None else 0)
+                           deadline_us=fence.deadline_us if fence is not None else 0,
+                           rows_epoch=epoch_raw)
         return PendingWrite(self, view_def.name, len(ids), batch, fence)
 
     def _send(self, pending: PendingWrite) -> PutReport:

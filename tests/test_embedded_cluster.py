@@ -332,9 +332,8 @@ def test_sentinel_reports_the_primary_and_promotes_the_replica_when_it_is_killed
         assert primary.wait(1, 10_000) == 1
 
     assert redis_sentinel.kill_primary() == old
-    new, took = redis_sentinel.wait_for_new_primary(timeout=60)
+    new, _ = redis_sentinel.wait_for_new_primary(timeout=60)
     assert new == replica
-    assert took > 0
     host, port = sentinel.discover_master(redis_sentinel.master_name)
     assert f"{host}:{port}" == new
     with redis.Redis(host="127.0.0.1", port=port) as promoted:

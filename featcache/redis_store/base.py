@@ -133,6 +133,9 @@ class WriteBatch:
     #: no row is written once the server's clock (microseconds) is past this; 0: no deadline
     deadline_us: int = 0
     if_absent: IfAbsent | None = None
+    #: the epoch the rows are stamped with, when not ``epoch_seen``: a cluster's write scripts
+    #: judge old rows' epochs against it (they cannot read the epoch key's slot)
+    rows_epoch: bytes | None = None
 
 
 def split_if_absent(batch: WriteBatch) -> tuple[list[WriteItem], list[IfAbsent]]:
@@ -160,7 +163,7 @@ class StreamTail(Protocol):
 
     description: str  #: where it reads from, with any password masked
 
-    def eval(self, script: LuaScript, keys: Sequence[str], args: Sequence[Any]) -> Any:
+    def run_script(self, script: LuaScript, keys: Sequence[str], args: Sequence[Any]) -> Any:
         """Run ``script`` on this connection (loaded when the server lacks it)."""
 
     def block(self, stream: str, after_id: str, block_ms: int) -> None:

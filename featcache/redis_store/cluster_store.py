@@ -179,10 +179,11 @@ class ClusterStore:
         return sum(int(n) for n in self.eval_scripts(calls))
 
     def _write_calls(self, batch: WriteBatch) -> list[ScriptCall]:
-        epoch = batch.epoch_seen
-        if epoch is None:  # put_rows without a fence: the current epoch, for the comparison
+        epoch = batch.epoch_seen if batch.epoch_seen is not None else batch.rows_epoch
+        if epoch is None and (batch.items or batch.if_absent):
+            # rows whose epoch the writer did not say: the current one, for the comparison
             (epoch,) = self.ensure_epochs([batch.epoch_key])
-        head: list[Any] = ["2", epoch, batch.deadline_us]
+        head: list[Any] = ["2", epoch or b"", batch.deadline_us]
         items, if_absent = split_if_absent(batch)
         calls: list[ScriptCall] = []
         for group in if_absent:
@@ -367,8 +368,8 @@ class ClusterTail:
             self._stale = True  # the next call asks the cluster where the stream is
             raise
 
-    def eval(self, script: LuaScript, keys: Sequence[str], args: Sequence[Any]) -> Any:
-        return self._guarded(keys[0], lambda tail: tail.eval(script, keys, args))
+    def run_script(self, script: LuaScript, keys: Sequence[str], args: Sequence[Any]) -> Any:
+        return self._guarded(keys[0], lambda tail: tail.run_script(script, keys, args))
 
     def block(self, stream: str, after_id: str, block_ms: int) -> None:
         self._guarded(stream, lambda tail: tail.block(stream, after_id, block_ms))

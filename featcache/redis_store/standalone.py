@@ -358,7 +358,7 @@ class StandaloneTail:
         self.client = client
         self.description = description
 
-    def eval(self, script: LuaScript, keys: Sequence[str], args: Sequence[Any]) -> Any:
+    def run_script(self, script: LuaScript, keys: Sequence[str], args: Sequence[Any]) -> Any:
         client = self.client
         try:
             try:
