@@ -32,6 +32,9 @@ Then, unless ``--no-profile``: one materialization of 100k SQLite rows timed sta
 (top 25 by tottime, plus cumulative time per stage: id listing, fence, SQL fetch, conversion,
 encoding, Redis write).
 
+``--topology cluster`` runs ``bench.materialize_cluster`` instead: the same rows into a private
+3-primary Valkey Cluster and into one server, in one run.
+
 The PostgreSQL helper here is deliberately minimal; ``tests/servers.py`` holds the test suite's
 fuller one but is not a package the benchmarks may import.
 """
@@ -136,8 +139,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--redis-url", metavar="URL",
                         help="use this server (keys under a unique fcbench-<hex> prefix, removed "
                              "afterwards) instead of a fresh private Valkey per source")
-    parser.add_argument("--sources", default="postgresql,sqlite",
-                        help="comma-separated: postgresql, sqlite (default: both)")
+    parser.add_argument("--sources", default=None,
+                        help="comma-separated: postgresql, sqlite (default: both; sqlite with "
+                             "--topology cluster)")
+    parser.add_argument("--topology", choices=("standalone", "cluster"), default="standalone",
+                        help="cluster: into a private 3-primary Valkey Cluster, against one "
+                             "private server in the same run (bench/materialize_cluster.py)")
     parser.add_argument("--chunk-rows", type=_positive, default=10_000,
                         help="materialize(chunk_rows=...) (default: 10000, its default)")
     parser.add_argument("--no-profile", action="store_true",
@@ -157,11 +164,20 @@ def _positive(text: str) -> int:
     return value
 
 
-def run(args: argparse.Namespace) -> int:
-    sources = [s.strip() for s in args.sources.split(",") if s.strip()]
+def parse_sources(text: str) -> list[str]:
+    sources = [s.strip() for s in text.split(",") if s.strip()]
     unknown = sorted(set(sources) - {"postgresql", "sqlite"})
     if unknown or not sources:
         raise SystemExit(f"--sources: unknown {', '.join(unknown) or '(none given)'}")
+    return sources
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.topology == "cluster":
+        from bench.materialize_cluster import run_cluster  # noqa: PLC0415 - its own servers
+
+        return run_cluster(args)
+    sources = parse_sources(args.sources or "postgresql,sqlite")
     rows = args.rows or (QUICK_ROWS if args.quick else FULL_ROWS)
     return run_benchmark(
         rows=rows, sources=sources, pg_url=args.pg_url, redis_url=args.redis_url,
@@ -471,32 +487,66 @@ def fresh_cache(redis_url: str | None, offline_url: str, schema: str | None,
 def measure(source: str, offline_url: str, schema: str | None, redis_url: str | None,
             n: int, chunk_rows: int, expected: dict[int, dict[str, Any]]) -> dict[str, Any]:
     with fresh_cache(redis_url, offline_url, schema) as (cache, private):
-        client = cache.redis
-        keys_before = client.dbsize()
-        mem_before = used_memory(client)
-        with frozen_heap(), RssSampler() as rss:
-            cpu_before = cpu_seconds(client)
-            started = time.perf_counter()
-            report = materialize(cache, dataset.VIEW_NAME, all=True, chunk_rows=chunk_rows)
-            seconds = time.perf_counter() - started
-            cpu = cpu_split(cpu_before, cpu_seconds(client), seconds, n)
-        mem_right_after = used_memory(client)
-        settle_started = time.perf_counter()
-        mem_after = settled_used_memory(client)
-        settle_s = time.perf_counter() - settle_started
-        keys_added = client.dbsize() - keys_before
-        server = server_description(client)
-        if report.rows_written != n or report.fenced_off or not report.complete:
-            raise BenchError(f"{source}: {report}; expected {n} rows written")
-        if private and keys_added != n + 1:  # the rows and the view's epoch key
-            raise BenchError(f"{source}: {keys_added} keys appeared in Redis, expected "
-                             f"{n} rows + 1 epoch key")
-        verify(cache, expected, source)
-    delta = mem_after["used_memory"] - mem_before["used_memory"]
+        return measure_on(cache, [cache.redis], source, n, chunk_rows, expected,
+                          fresh_servers=private)
+
+
+def measure_on(cache: FeatureCache, servers: Sequence[redis.Redis], source: str, n: int,
+               chunk_rows: int, expected: dict[int, dict[str, Any]], *,
+               fresh_servers: bool) -> dict[str, Any]:
+    """Time ``materialize(cache, view, all=True)`` and check what it left in ``servers``: the
+    one server or every primary of a cluster, each a client of that server alone. Memory,
+    keys and Redis CPU are summed over them; ``nodes`` has each one's share. With
+    ``fresh_servers`` they held nothing before, so exactly the rows and the epoch key must
+    have appeared."""
+    keys_before = sum(int(s.dbsize()) for s in servers)
+    mem_before = [used_memory(s) for s in servers]
+    stats_before = [script_stats(s) for s in servers]
+    with frozen_heap(), RssSampler() as rss:
+        cpu_before = cpu_seconds(servers)
+        started = time.perf_counter()
+        report = materialize(cache, dataset.VIEW_NAME, all=True, chunk_rows=chunk_rows)
+        seconds = time.perf_counter() - started
+        cpu_after = cpu_seconds(servers)
+    cpu = cpu_split(cpu_before, cpu_after, seconds, n)
+    stats_after = [script_stats(s) for s in servers]
+    mem_right_after = [used_memory(s) for s in servers]
+    settle_started = time.perf_counter()
+    mem_after = [settled_used_memory(s) for s in servers]  # they settle at the same time
+    settle_s = time.perf_counter() - settle_started
+    keys_per_server = [int(s.dbsize()) for s in servers]
+    keys_added = sum(keys_per_server) - keys_before
+    server = server_description(servers[0])
+    if report.rows_written != n or report.fenced_off or not report.complete:
+        raise BenchError(f"{source}: {report}; expected {n} rows written")
+    if fresh_servers and keys_added != n + 1:  # the rows and the view's epoch key
+        raise BenchError(f"{source}: {keys_added} keys appeared in Redis, expected "
+                         f"{n} rows + 1 epoch key")
+    verify(cache, expected, source)
+
+    def total(mem: Sequence[dict[str, int]], field: str = "used_memory") -> int:
+        return sum(m[field] for m in mem)
+
+    delta = total(mem_after) - total(mem_before)
     log(f"{source}: {n:,} rows in {seconds:.2f} s; CPU-s per 100k rows: client "
         f"{cpu['client_per_100k']}, redis {cpu['redis_per_100k']}, rest of the machine "
         f"{cpu['rest_per_100k']} (SQL server, other); machine busy {cpu['machine_busy']:.0%} "
         f"of {cpu['cpus']} CPUs")
+    nodes = []
+    for i, server_client in enumerate(servers):
+        calls = stats_after[i]["calls"] - stats_before[i]["calls"]
+        usec = stats_after[i]["usec"] - stats_before[i]["usec"]
+        redis_cpu = cpu_after["servers"][i] - cpu_before["servers"][i]
+        nodes.append({
+            "address": address_of(server_client),
+            "keys": keys_per_server[i],
+            "bytes_delta": mem_after[i]["used_memory"] - mem_before[i]["used_memory"],
+            "cpu_s": round(redis_cpu, 3),
+            "busy": round(redis_cpu / seconds, 3),  # of one CPU: a server runs one thread
+            "script_calls": calls,
+            "script_s": round(usec / 1e6, 3),
+            "rows_per_script_call": round(keys_per_server[i] / calls, 1) if calls else None,
+        })
     return {
         "source": source,
         "rows": report.rows_written,
@@ -509,20 +559,38 @@ def measure(source: str, offline_url: str, schema: str | None, redis_url: str | 
         "bytes_per_row": round(delta / n, 1),
         # before the keyspace's hash tables finished resizing (bench.common.settled_used_memory)
         "bytes_per_row_right_after": round(
-            (mem_right_after["used_memory"] - mem_before["used_memory"]) / n, 1),
+            (total(mem_right_after) - total(mem_before)) / n, 1),
         "memory_settle_seconds": round(settle_s, 1),
         "redis": {
             "server": server,
-            "fresh_private_server": private,
-            "used_memory_before": mem_before["used_memory"],
-            "used_memory_after": mem_after["used_memory"],
-            "client_buffers_delta": mem_after["mem_clients_normal"]
-            - mem_before["mem_clients_normal"],
+            "fresh_private_server": fresh_servers,
+            "used_memory_before": total(mem_before),
+            "used_memory_after": total(mem_after),
+            "client_buffers_delta": total(mem_after, "mem_clients_normal")
+            - total(mem_before, "mem_clients_normal"),
         },
+        "nodes": nodes,
         "report": dataclasses.asdict(report),
         "verified_ids": len(expected),
         "cpu": cpu,
     }
+
+
+def script_stats(client: redis.Redis) -> dict[str, int]:
+    """Calls of the write scripts (EVALSHA, EVAL) this server has run, and the microseconds
+    it spent in them (INFO commandstats)."""
+    stats = client.info("commandstats")
+    picked = [stats.get(f"cmdstat_{name}", {}) for name in ("evalsha", "eval")]
+    return {"calls": sum(int(s.get("calls", 0)) for s in picked),
+            "usec": sum(int(s.get("usec", 0)) for s in picked)}
+
+
+def address_of(client: redis.Redis) -> str:
+    """``host:port`` of the server ``client`` talks to (its socket path on a unix socket)."""
+    kwargs = client.connection_pool.connection_kwargs
+    if "path" in kwargs:
+        return str(kwargs["path"])
+    return f"{kwargs.get('host', '?')}:{kwargs.get('port', '?')}"
 
 
 def measure_baseline(source: str, offline_url: str, schema: str | None, redis_url: str | None,
@@ -561,26 +629,31 @@ def measure_baseline(source: str, offline_url: str, schema: str | None, redis_ur
                       "execute per chunk; no fence, no conditional write"}
 
 
-def cpu_seconds(client: Any) -> dict[str, float]:
-    """CPU seconds used so far by this process, the Redis server (INFO cpu: all its threads)
-    and the whole machine (busy = not idle, not waiting on I/O)."""
+def cpu_seconds(servers: Sequence[redis.Redis]) -> dict[str, Any]:
+    """CPU seconds used so far by this process, the Redis servers (INFO cpu: all their
+    threads; summed, and each in ``servers``) and the whole machine (busy = not idle, not
+    waiting on I/O)."""
     own = psutil.Process().cpu_times()
-    info = client.info("cpu")
+    per_server = []
+    for client in servers:
+        info = client.info("cpu")
+        per_server.append(float(info["used_cpu_user"]) + float(info["used_cpu_sys"]))
     machine = psutil.cpu_times()
     return {
         "client": own.user + own.system,
-        "redis": float(info["used_cpu_user"]) + float(info["used_cpu_sys"]),
+        "redis": sum(per_server),
         "machine": sum(machine) - machine.idle - getattr(machine, "iowait", 0.0),
+        "servers": per_server,
     }
 
 
-def cpu_split(before: dict[str, float], after: dict[str, float], seconds: float,
+def cpu_split(before: dict[str, Any], after: dict[str, Any], seconds: float,
               rows: int) -> dict[str, Any]:
     """Where the CPU time of the timed call went, per 100k rows: with the machine's CPUs all
     busy, rows/s can only grow by taking work away, not by overlapping more of it. The rest
     is the machine minus client and Redis: the SQL server for PostgreSQL, plus anything else
     running (it is measured, not assumed to be zero)."""
-    used = {k: after[k] - before[k] for k in before}
+    used = {k: after[k] - before[k] for k in ("client", "redis", "machine")}
     per = 100_000 / rows
     cpus = psutil.cpu_count() or 1
     return {
@@ -653,7 +726,7 @@ def stage_breakdown(cache: FeatureCache, chunk_rows: int) -> dict[str, float]:
 
 
 #: Stages by the cumulative time of one function (file name, function name).
-_STAGE_FUNCS: dict[str, tuple[str, str]] = {
+STAGE_FUNCS: dict[str, tuple[str, str]] = {
     "list_ids (iter_entity_ids)": ("offline/bulk.py", "iter_entity_ids"),
     "fence (RowWriter.fence)": ("writes.py", "fence"),
     "sql read+convert (bulk.IdRunReader.read_columns)": ("offline/bulk.py", "read_columns"),
@@ -661,17 +734,34 @@ _STAGE_FUNCS: dict[str, tuple[str, str]] = {
     "encode (RowWriter.prepare_columns)": ("writes.py", "prepare_columns"),
     "  of which RowCodec.encode_columns": ("codec.py", "encode_columns"),
     "write (PendingWrite.send)": ("writes.py", "send"),
-    "  of which RedisStore.write": ("redis_store.py", "write"),
+    "  of which StandaloneStore.write": ("redis_store/standalone.py", "write"),
 }
 
 
 def profile_materialize(url: str, redis_url: str | None, chunk_rows: int, n: int,
                         top: int = 25) -> dict[str, Any]:
+    """The stage breakdown on a fresh cache, then the same loop under cProfile on another."""
     with fresh_cache(redis_url, url, None) as (cache, _), frozen_heap():
         stages = stage_breakdown(cache, chunk_rows)
     if stages["rows"] != n:
         raise BenchError(f"profile: stage breakdown wrote {stages['rows']} rows, expected {n}")
-    with fresh_cache(redis_url, url, None) as (cache, _), frozen_heap():
+    with fresh_cache(redis_url, url, None) as (cache, _):
+        profiled = cprofile_stages(cache, chunk_rows, n, STAGE_FUNCS, top)
+    return {"rows": n, "chunk_rows": chunk_rows, "unprofiled_stages_s": stages, **profiled}
+
+
+#: A function as (file name, function name); a caller's function name None: any in the file.
+CalledFrom = Sequence[tuple[tuple[str, str], tuple[str, str | None]]]
+
+
+def cprofile_stages(
+    cache: FeatureCache, chunk_rows: int, n: int, stage_funcs: dict[str, tuple[str, str]],
+    top: int = 25, called_from: dict[str, CalledFrom] | None = None,
+) -> dict[str, Any]:
+    """``stage_breakdown`` under cProfile: the cumulative time and calls of each of
+    ``stage_funcs``, the ``top`` functions by tottime, and for each ``called_from`` label the
+    cumulative time and calls of its callees in the calls its callers made."""
+    with frozen_heap():
         profiler = cProfile.Profile()
         profiler.enable()  # the serial loop: cProfile sees one thread only
         profiled = stage_breakdown(cache, chunk_rows)
@@ -683,9 +773,22 @@ def profile_materialize(url: str, redis_url: str | None, chunk_rows: int, n: int
     raw: dict[tuple[str, int, str], tuple[Any, ...]] = stats.stats  # type: ignore[attr-defined]
     total = max(t[3] for (_, _, name), t in raw.items() if name == "stage_breakdown")
     cumulative: dict[str, float] = {}
-    for label, (file, func) in _STAGE_FUNCS.items():
-        cumulative[label] = round(sum(t[3] for (path, _, name), t in raw.items()
-                                      if name == func and path.endswith(file)), 3)
+    calls: dict[str, int] = {}
+    for label, (file, func) in stage_funcs.items():
+        picked = [t for (path, _, name), t in raw.items()
+                  if name == func and path.endswith(file)]
+        cumulative[label] = round(sum(t[3] for t in picked), 3)
+        calls[label] = sum(int(t[1]) for t in picked)
+    from_caller: dict[str, float] = {}
+    from_caller_calls: dict[str, int] = {}
+    for label, pairs in (called_from or {}).items():
+        picked = [by_caller
+                  for (file, func), (caller_file, caller) in pairs
+                  for (path, _, name), t in raw.items() if name == func and path.endswith(file)
+                  for (c_path, _, c_name), by_caller in t[4].items()
+                  if c_path.endswith(caller_file) and caller in (None, c_name)]
+        from_caller[label] = round(sum(c[3] for c in picked), 3)
+        from_caller_calls[label] = sum(int(c[1]) for c in picked)
     stats.strip_dirs().sort_stats("tottime").print_stats(top)
     top_rows = []
     stripped: dict[Any, tuple[Any, ...]] = stats.stats  # type: ignore[attr-defined]
@@ -694,11 +797,11 @@ def profile_materialize(url: str, redis_url: str | None, chunk_rows: int, n: int
         top_rows.append({"function": pstats.func_std_string(key), "ncalls": nc,
                          "tottime": round(tt, 3), "cumtime": round(ct, 3)})
     return {
-        "rows": n,
-        "chunk_rows": chunk_rows,
-        "unprofiled_stages_s": stages,
         "profiled_total_s": round(total, 3),
         "profiled_stage_cumtime_s": cumulative,
+        "profiled_stage_calls": calls,
+        "profiled_called_from_s": from_caller,
+        "profiled_called_from_calls": from_caller_calls,
         "top_tottime": top_rows,
         "text": buf.getvalue(),
     }
@@ -709,69 +812,88 @@ def profile_materialize(url: str, redis_url: str | None, chunk_rows: int, n: int
 # --------------------------------------------------------------------------------------------
 
 
+@dataclasses.dataclass
+class Loaded:
+    """The SQL stores a run materializes from, filled with the same generated rows."""
+
+    loaders: dict[str, SqliteLoader | PostgresLoader]  # by source name, in --sources order
+    profile_db: SqliteLoader | None  # PROFILE_ROWS rows, when the profile is run
+    expected: dict[int, dict[str, Any]]  # the sampled ids' generated feature values
+
+
+def load_sources(stack: contextlib.ExitStack, *, sources: Sequence[str], pg_url: str | None,
+                 rows: int, seed: int, profile: bool, setup: dict[str, Any]) -> Loaded:
+    """Generate ``rows`` rows once and load them, untimed, into every source (and the profile's
+    SQLite file); the servers and files live until ``stack`` closes. Records what it did in
+    ``setup``."""
+    sample_rng = random.Random(seed + 1)
+    sample = set(dataset.user_ids(rows)[i] for i in
+                 sample_rng.sample(range(rows), min(VERIFY_SAMPLE, rows)))
+    tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="fcbench-mat-")))
+    loaders: list[SqliteLoader | PostgresLoader] = []
+    if "postgresql" in sources:
+        if pg_url is None:
+            server = stack.enter_context(PrivatePostgres())
+            setup["postgresql"] = f"private server, {server.version()}"
+            base = server.url
+        else:
+            base = pg_sqlalchemy_url(pg_url)
+            setup["postgresql"] = "given --pg-url"
+        pg = PostgresLoader(base)
+        stack.callback(pg.drop)
+        setup["postgresql_schema"] = pg.schema
+        setup["postgresql_table"] = "COPY, then the index, then VACUUM (ANALYZE)"
+        loaders.append(pg)
+    if "sqlite" in sources:
+        loaders.append(SqliteLoader(tmp / "offline.db"))
+    profile_db: SqliteLoader | None = None
+    if profile:
+        sqlite_same = rows == PROFILE_ROWS and "sqlite" in sources
+        profile_db = next(x for x in loaders if isinstance(x, SqliteLoader)) \
+            if sqlite_same else SqliteLoader(tmp / "profile.db")
+    expected: dict[int, dict[str, Any]] = {}
+    t0 = time.perf_counter()
+    load_s = dict.fromkeys((x.name for x in loaders), 0.0)
+    for i, (chunk, exp) in enumerate(generate(max(rows, PROFILE_ROWS if profile else 0),
+                                              seed, sample)):
+        start = i * LOAD_CHUNK
+        if start < rows:
+            expected.update(exp)
+            for loader in loaders:
+                t = time.perf_counter()
+                loader.write(chunk[: rows - start])
+                load_s[loader.name] += time.perf_counter() - t
+        if profile_db is not None and profile_db not in loaders and start < PROFILE_ROWS:
+            profile_db.write(chunk[: PROFILE_ROWS - start])
+    for loader in loaders:
+        t = time.perf_counter()
+        loader.finish()
+        load_s[loader.name] += time.perf_counter() - t
+    if profile_db is not None and profile_db not in loaders:
+        profile_db.finish()
+    setup["load_seconds"] = {k: round(v, 1) for k, v in load_s.items()}
+    setup["generate_and_load_seconds"] = round(time.perf_counter() - t0, 1)
+    log(f"loaded {rows:,} rows into {', '.join(x.name for x in loaders)} "
+        f"({', '.join(f'{k} {v:.1f} s' for k, v in load_s.items())}; "
+        f"{setup['generate_and_load_seconds']} s with generation)")
+    gc.collect()
+    by_name = {x.name: x for x in loaders}
+    return Loaded({s: by_name[s] for s in sources}, profile_db, expected)
+
+
 def run_benchmark(*, rows: int, sources: list[str], pg_url: str | None, redis_url: str | None,
                   chunk_rows: int, profile: bool, seed: int, quick: bool, baseline: bool,
                   json_path: str | None) -> int:
     started = time.perf_counter()
-    sample_rng = random.Random(seed + 1)
-    sample = set(dataset.user_ids(rows)[i] for i in
-                 sample_rng.sample(range(rows), min(VERIFY_SAMPLE, rows)))
     results: list[dict[str, Any]] = []
     setup: dict[str, Any] = {"rows": rows, "chunk_rows": chunk_rows, "seed": seed,
                              "features": list(dataset.FEATURE_NAMES)}
     profile_out: dict[str, Any] | None = None
     with contextlib.ExitStack() as stack:
-        tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="fcbench-mat-")))
-        loaders: list[SqliteLoader | PostgresLoader] = []
-        if "postgresql" in sources:
-            if pg_url is None:
-                server = stack.enter_context(PrivatePostgres())
-                setup["postgresql"] = f"private server, {server.version()}"
-                base = server.url
-            else:
-                base = pg_sqlalchemy_url(pg_url)
-                setup["postgresql"] = "given --pg-url"
-            pg = PostgresLoader(base)
-            stack.callback(pg.drop)
-            setup["postgresql_schema"] = pg.schema
-            setup["postgresql_table"] = "COPY, then the index, then VACUUM (ANALYZE)"
-            loaders.append(pg)
-        if "sqlite" in sources:
-            loaders.append(SqliteLoader(tmp / "offline.db"))
-        profile_db: SqliteLoader | None = None
-        if profile:
-            sqlite_same = rows == PROFILE_ROWS and "sqlite" in sources
-            profile_db = next(x for x in loaders if isinstance(x, SqliteLoader)) \
-                if sqlite_same else SqliteLoader(tmp / "profile.db")
-        expected: dict[int, dict[str, Any]] = {}
-        t0 = time.perf_counter()
-        load_s = dict.fromkeys((x.name for x in loaders), 0.0)
-        for i, (chunk, exp) in enumerate(generate(max(rows, PROFILE_ROWS if profile else 0),
-                                                  seed, sample)):
-            start = i * LOAD_CHUNK
-            if start < rows:
-                expected.update(exp)
-                for loader in loaders:
-                    t = time.perf_counter()
-                    loader.write(chunk[: rows - start])
-                    load_s[loader.name] += time.perf_counter() - t
-            if profile_db is not None and profile_db not in loaders and start < PROFILE_ROWS:
-                profile_db.write(chunk[: PROFILE_ROWS - start])
-        for loader in loaders:
-            t = time.perf_counter()
-            loader.finish()
-            load_s[loader.name] += time.perf_counter() - t
-        if profile_db is not None and profile_db not in loaders:
-            profile_db.finish()
-        setup["load_seconds"] = {k: round(v, 1) for k, v in load_s.items()}
-        setup["generate_and_load_seconds"] = round(time.perf_counter() - t0, 1)
-        log(f"loaded {rows:,} rows into {', '.join(x.name for x in loaders)} "
-            f"({', '.join(f'{k} {v:.1f} s' for k, v in load_s.items())}; "
-            f"{setup['generate_and_load_seconds']} s with generation)")
-        gc.collect()
-        by_name = {x.name: x for x in loaders}
-        for source in sources:
-            loader = by_name[source]
+        loaded = load_sources(stack, sources=sources, pg_url=pg_url, rows=rows, seed=seed,
+                              profile=profile, setup=setup)
+        expected = loaded.expected
+        for source, loader in loaded.loaders.items():
             log(f"{source}: materializing {rows:,} rows")
             result = measure(source, loader.url, loader.schema, redis_url, rows, chunk_rows,
                              expected)
@@ -781,9 +903,9 @@ def run_benchmark(*, rows: int, sources: list[str], pg_url: str | None, redis_ur
                 result["baseline"] = naive
                 result["vs_baseline"] = round(result["rows_per_s"] / naive["rows_per_s"], 2)
             results.append(result)
-        if profile_db is not None:
+        if loaded.profile_db is not None:
             log(f"profile: {PROFILE_ROWS:,} SQLite rows, stages then cProfile")
-            profile_out = profile_materialize(profile_db.url, redis_url, chunk_rows,
+            profile_out = profile_materialize(loaded.profile_db.url, redis_url, chunk_rows,
                                               PROFILE_ROWS)
     targets = evaluate_targets(results)
     print_results(results, targets, rows, redis_url)
@@ -870,8 +992,10 @@ def print_profile(p: dict[str, Any]) -> None:
         print(f"  {key:<18} {stages[key]:7.3f} s  {100 * stages[key] / total:5.1f}%")
     print(f"\ncProfile, cumulative time of each stage (profiled total "
           f"{p['profiled_total_s']:.2f} s; the profiler inflates Python-heavy code):")
+    calls = p.get("profiled_stage_calls", {})
     for label, seconds in p["profiled_stage_cumtime_s"].items():
-        print(f"  {label:<36} {seconds:7.3f} s  {100 * seconds / p['profiled_total_s']:5.1f}%")
+        print(f"  {label:<52} {seconds:7.3f} s  {100 * seconds / p['profiled_total_s']:5.1f}%"
+              f"  {calls.get(label, 0):>7,} calls")
     print(f"\n--- top {len(p['top_tottime'])} by tottime ---")
     print(p["text"].rstrip())
     sys.stdout.flush()

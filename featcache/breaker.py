@@ -155,6 +155,12 @@ class CircuitBreaker:
             return self._state
 
     @property
+    def closed(self) -> bool:
+        """Whether the breaker is closed, read without the lock (a hot path's check: a stale
+        answer only picks another node once)."""
+        return self._state is _CLOSED
+
+    @property
     def opened(self) -> int:
         """Transitions into the open state, re-opens after a failed probe included."""
         return self._opened

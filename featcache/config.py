@@ -512,6 +512,13 @@ def _from_text(spec: Field[Any], value: object, path: str, source: str) -> objec
             return float(value)
         except ValueError:
             raise ConfigError(f"expected a number, got {value!r}", path, source) from None
+    if kind == "flag":
+        word = value.strip().lower()
+        if word in ("true", "yes", "on", "1"):
+            return True
+        if word in ("false", "no", "off", "0"):
+            return False
+        raise ConfigError(f"expected true or false, got {value!r}", path, source)
     if kind == "count":  # the warmer's: text that is not an integer is reported as it is
         try:
             return int(value.strip())

@@ -39,6 +39,7 @@ __all__ = [
     "Section",
     "StampedeConfig",
     "duration_field",
+    "flag_field",
     "integer_field",
     "number_field",
     "parse_duration",
@@ -53,7 +54,7 @@ _DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
 _PREFIX_RE = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
 
-#: the metadata key of a field's kind: "duration", "duration>=0", "integer" or "number"
+#: the metadata key of a field's kind: "duration", "duration>=0", "integer", "number" or "flag"
 KIND = "featcache.kind"
 
 
@@ -89,6 +90,11 @@ def number_field(default: float) -> Any:
     return field(default=default, metadata={KIND: "number"})
 
 
+def flag_field(default: bool) -> Any:
+    """true or false (an override's text: true/false, yes/no, on/off, 1/0)."""
+    return field(default=default, metadata={KIND: "flag"})
+
+
 def _is_number(value: object) -> bool:
     return not isinstance(value, bool) and isinstance(value, int | float)
 
@@ -112,6 +118,8 @@ class Section:
                 if kind == "duration" and seconds <= 0:
                     raise ConfigError("must be greater than zero", path)
                 object.__setattr__(self, f.name, seconds)
+            elif kind == "flag" and not isinstance(value, bool):
+                raise ConfigError(f"expected true or false, got {value!r}", path)
             elif kind == "integer":
                 low, high = f.metadata["range"]
                 if isinstance(value, bool) or not isinstance(value, int) or not (
@@ -162,7 +170,9 @@ class RedisConfig(Section):
     primary that ``sentinels`` name for ``master_name``; ``url`` gives the user, password,
     database and TLS of the connections to it, its host and port are not used) or ``cluster``
     (a Redis/Valkey Cluster; ``url`` is any of its nodes, which tells the client the rest;
-    database 0 only).
+    database 0 only). ``read_from_replicas`` (cluster only) spreads reads over each shard's
+    replicas; an invalidation then waits for every replica of the shards it wrote
+    (docs/deployment.md says what it costs).
     ``key_prefix`` starts
     every key featcache writes; ``read_chunk`` is the most keys one ``MGET`` carries (a larger
     batch is several in one round trip)."""
@@ -178,6 +188,7 @@ class RedisConfig(Section):
     mode: str = "standalone"
     sentinels: tuple[str, ...] = ()
     master_name: str = ""
+    read_from_replicas: bool = flag_field(False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.key_prefix, str) or not _PREFIX_RE.match(self.key_prefix):
@@ -204,6 +215,11 @@ class RedisConfig(Section):
         elif self.mode == "cluster" and urlsplit(self.url).path not in ("", "/", "/0"):
             raise ConfigError(f"a cluster has database 0 only, got {mask_url(self.url)!r}",
                               "redis.url")
+        if self.read_from_replicas and self.mode != "cluster":
+            raise ConfigError(
+                f"replica reads are for mode cluster (the mode is {self.mode}): a Sentinel "
+                "replica's reads would need every invalidation to wait for it, which "
+                "mode sentinel does not do", "redis.read_from_replicas")
         if self.mode != "sentinel" and (self.sentinels or self.master_name):
             key = "sentinels" if self.sentinels else "master_name"
             raise ConfigError(f"only read with mode: sentinel (the mode is {self.mode})",

@@ -18,6 +18,7 @@ Input errors also subclass the builtin a Python programmer would expect (``Value
     │                                     or not UTF-8 (str)
     ├── BackendError                      a server failed; carries the original as __cause__
     │   ├── CacheUnavailable              Redis/Valkey: connection refused, timeout, failover
+    │   │   └── PartlyUnavailable         some cluster nodes failed; the others did their part
     │   └── OfflineStoreError             SQL: a query failed
     │       └── OfflineStoreUnavailable   SQL: the database cannot be reached
     └── EmbeddedServerError               no valkey-server/redis-server binary, or it did not start
@@ -39,6 +40,7 @@ __all__ = [
     "InvalidRequest",
     "OfflineStoreError",
     "OfflineStoreUnavailable",
+    "PartlyUnavailable",
     "SchemaError",
     "UnknownFeature",
     "UnknownView",
@@ -135,6 +137,14 @@ class BackendError(FeatcacheError):
 class CacheUnavailable(BackendError):
     """Redis/Valkey could not be reached or could not run the command now (refused
     connection, timeout, out of memory, a replica that is read-only during a failover)."""
+
+
+class PartlyUnavailable(CacheUnavailable):
+    """Some nodes of a Redis/Valkey Cluster failed (not all of its primaries): what the call
+    sent to the others was done, so a ``put_rows`` wrote the rows of the healthy shards and
+    an invalidation fenced the ids there (retry it: twice is harmless). One shard down is
+    not Redis down, so the read path's circuit breaker does not count it (each node has its
+    own)."""
 
 
 class OfflineStoreError(BackendError):

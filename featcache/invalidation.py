@@ -197,8 +197,9 @@ class Invalidator:
         """The invalidation's scripts, acknowledged by ``invalidation.replicas`` replicas when
         that is set: ``CacheUnavailable`` when fewer held it in time (retry the hook; twice is
         harmless), since a primary that fails over before replicating it would come back
-        without the tombstones."""
-        if not self._replicas:
+        without the tombstones; and by every replica that answers reads, when replicas do
+        (``redis.read_from_replicas``), or a read there could find the row it fences."""
+        if not self._replicas and not self._store.replica_reads:
             return self._store.eval_scripts(calls)
         results, acked = self._store.eval_replicated(calls, self._replicas,
                                                      self._replica_timeout_ms)
@@ -231,7 +232,7 @@ def invalidate(
             raise ConfigError("pass config= (a path or a CacheConfig) or set FEATCACHE_CONFIG")
     loaded = config if isinstance(config, CacheConfig) else load_config(config)
     view_def = loaded.view(view)
-    store = open_store(loaded.redis)
+    store = open_store(loaded.redis, degradation=loaded.degradation)
     try:
         invalidator = Invalidator(store, KeyLayout.for_mode(loaded.redis.key_prefix,
                                                             loaded.redis.mode),

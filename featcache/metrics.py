@@ -37,6 +37,7 @@ from prometheus_client.registry import Collector, CollectorRegistry
 
 from featcache.client import FeatureCache
 from featcache.parts import Parts
+from featcache.redis_store import ClusterStore
 
 __all__ = ["CacheCollector", "MetricsServer", "new_registry", "serve_metrics"]
 
@@ -115,6 +116,16 @@ class CacheCollector(Collector):
         yield applied
         yield lag
         yield connected
+
+        circuit = GaugeMetricFamily(
+            f"{ns}_redis_node_circuit_open",
+            "1 while a cluster node's circuit breaker skips it (open or half-open)",
+            labels=["node"])
+        store = self.cache.store
+        if with_samples and isinstance(store, ClusterStore):
+            for node, state in store.health.states().items():
+                circuit.add_metric([node], 0 if state == "closed" else 1)
+        yield circuit
 
 
 def new_registry(*collectors: Collector, process: bool = True) -> CollectorRegistry:

@@ -62,7 +62,7 @@ class Parts:
         self.codecs = {view.name: RowCodec(view) for view in config.views}
         self._views = {view.name: view for view in config.views}
         self._owns_store = redis_client is None
-        self.store: RedisStore = open_store(config.redis, redis_client)
+        self.store: RedisStore = open_store(config.redis, redis_client, config.degradation)
         self.offline = OfflineStore(config.offline_store, config.views, engine,
                                     source=config.source)
         self.stats_counters = CacheStats()

@@ -36,7 +36,12 @@ from featcache.codec import (
     KIND_ROW,
 )
 from featcache.config import CacheConfig
-from featcache.errors import CacheUnavailable, OfflineStoreError, OfflineStoreUnavailable
+from featcache.errors import (
+    CacheUnavailable,
+    OfflineStoreError,
+    OfflineStoreUnavailable,
+    PartlyUnavailable,
+)
 from featcache.freshness import fresh_since, refresh_early
 from featcache.keys import KeyLayout, slot_of
 from featcache.l1 import InOrder, L1Cache
@@ -204,16 +209,24 @@ class ReadPath:
     # ------------------------------------------------------------------ Redis, guarded
 
     def _redis_call(self, what: str, fn: Callable[[], Any]) -> Any:
-        """Run one Redis round trip through the breaker; CacheUnavailable when it is open."""
+        """Run one Redis round trip through the breaker; CacheUnavailable when it is open.
+        A cluster call that some nodes did (``PartlyUnavailable``) is not counted: the
+        failed nodes' own breakers are."""
         if not self.breaker.allow():
             raise CacheUnavailable(f"Redis circuit open: {what} skipped")
         try:
             result = fn()
-        except CacheUnavailable:
-            self.breaker.record_failure()
+        except CacheUnavailable as exc:
+            self._count_failure(exc)
             raise
         self.breaker.record_success()
         return result
+
+    def _count_failure(self, exc: CacheUnavailable) -> None:
+        """A failed round trip counts against the breaker unless only some nodes of a
+        cluster failed: one shard down is not Redis down (its node's breaker counts it)."""
+        if not isinstance(exc, PartlyUnavailable):
+            self.breaker.record_failure()
 
     # ------------------------------------------------------------------ the call
 
@@ -280,8 +293,8 @@ class ReadPath:
                     raise CacheUnavailable("Redis circuit open: read skipped")
                 try:
                     raw: list[bytes | None] = self._redis.read(keys, slots)
-                except CacheUnavailable:
-                    self.breaker.record_failure()
+                except CacheUnavailable as exc:
+                    self._count_failure(exc)
                     raise
             except CacheUnavailable as exc:
                 self._redis_outage.failed("answering from SQL", exc)
@@ -820,8 +833,8 @@ class ReadPath:
             try:
                 values = self._redis.read([*self._layout.row_keys(view, ids),
                                            *self._leases.keys(view, ids)])
-            except CacheUnavailable:
-                self.breaker.record_failure()
+            except CacheUnavailable as exc:
+                self._count_failure(exc)
                 break
             rows, leases = values[: len(ids)], values[len(ids) :]
             blobs = {eid: blob for eid, blob in zip(ids, rows, strict=True) if blob}
@@ -860,9 +873,9 @@ class ReadPath:
         from SQL by this call, the others waited on (a new holder) or taken as they are."""
         view = vr.vp.view.name
         try:
-            leases, _ = self._leases.acquire({view: ids}, {view: vr.seen}, token)
+            leases, _ = self._redis_call(
+                "lease", lambda: self._leases.acquire({view: ids}, {view: vr.seen}, token))
         except CacheUnavailable:
-            self.breaker.record_failure()
             waited.taken_over.extend(ids)  # read SQL ourselves, as when leases fail at first
             return
         won, held, changed = leases[view]

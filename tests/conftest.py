@@ -262,9 +262,11 @@ def key_prefix(redis_url: str, request: pytest.FixtureRequest) -> Iterator[str]:
     and the prefix is what lets us delete exactly what this test wrote.
     """
     prefix = _new_prefix()
+    # asked before the test runs: pytest deprecates asking for a fixture during teardown
+    cluster = request.getfixturevalue("redis_cluster") if TOPOLOGY == "cluster" else None
     yield prefix
-    if TOPOLOGY == "cluster":
-        _unlink_prefix(request.getfixturevalue("redis_cluster").urls, prefix)
+    if cluster is not None:
+        _unlink_prefix(cluster.urls, prefix)
         return
     client = redis.Redis.from_url(redis_url)
     try:

@@ -28,6 +28,7 @@ from servers import SqlTarget
 from sqlalchemy.engine import make_url
 
 from featcache import __version__
+from featcache.embedded_cluster import EmbeddedCluster
 
 DEMO_TIMEOUT_S = 120
 
@@ -118,6 +119,107 @@ def test_quick_demo_reports_and_leaves_nothing_running() -> None:
     assert not db_path.parent.exists(), f"temporary directory {db_path.parent} left behind"
 
 
+@pytest.mark.slow
+def test_quick_cluster_demo_reports_and_leaves_nothing_running() -> None:
+    proc = run_cli("demo", "--cluster", "--quick", "--users", "3000", "--calls", "300",
+                   env={"FEATCACHE_REDIS_URL": "redis://nowhere.invalid:6379/0"})
+    out = proc.stdout
+    assert proc.returncode == 0, f"stdout:\n{out}\nstderr:\n{proc.stderr}"
+    assert proc.stderr == ""
+
+    assert re.search(r"^redis:\s+private Valkey [\d.]+ cluster of 3 primaries and no replicas, "
+                     r"at redis://127\.0\.0\.1:\d+$", out, re.M), out
+    nodes = re.findall(r"pid (\d+) at 127\.0\.0\.1:(\d+)", field(out, r"^\s+(valkey-server .*)$"))
+    assert len(nodes) == 3, out
+    # Hits prove cluster mode: a standalone client would be refused (MOVED) the keys of the
+    # slots of two nodes out of three.
+    rows = re.findall(r"^\s+(\d)/5\s+[\d,]+\s+([\d.]+)%", out, re.M)
+    assert [r[0] for r in rows] == ["1", "2", "3", "4", "5"], out
+    hit_rates = [float(r[1]) for r in rows]
+    assert hit_rates[-1] > hit_rates[0] > 0, "the hit rate climbs as the cache warms"
+    assert float(field(out, r"^hit rate:\s+([\d.]+)% of values served by Redis")) > 50
+
+    # every node is gone, and with it every key the demo wrote
+    pids = ", ".join(pid for pid, _ in nodes)
+    assert f"stopped the cluster's valkey-server pids {pids}" in out
+    for pid, port in nodes:
+        assert server_gone(int(pid)), f"valkey-server {pid} still runs after the demo exited"
+        assert port_closed(int(port)), f"port {port} still open after the demo exited"
+    db_path = Path(field(out, r"^offline store:\s+sqlite:///(\S+) \(temporary\)"))
+    assert not db_path.parent.exists(), f"temporary directory {db_path.parent} left behind"
+
+
+def keys_on(cluster: EmbeddedCluster, pattern: str, primaries: bool = False) -> dict[str, int]:
+    """How many keys match ``pattern`` on each node (replicas included unless ``primaries``),
+    by address."""
+    counts: dict[str, int] = {}
+    for node in cluster.primaries() if primaries else cluster.nodes:
+        client = node.client()
+        try:
+            counts[node.address] = sum(1 for _ in client.scan_iter(match=pattern, count=1000))
+        finally:
+            client.close()
+    return counts
+
+
+@pytest.mark.slow
+def test_cluster_demo_on_a_shared_cluster_deletes_its_keys_from_every_node(
+    redis_cluster: EmbeddedCluster, cluster_key_prefix: str
+) -> None:
+    # Another application's keys on every primary, some shaped like the demo's cluster rows.
+    other = redis.RedisCluster.from_url(redis_cluster.nodes[0].url)
+    try:
+        for i in range(60):
+            other.set(f"{cluster_key_prefix}:k{i}", b"keep")
+            other.set(f"{cluster_key_prefix}:{{user_profile:{i:02d}}}:{i}", b"keep")
+    finally:
+        other.close()
+    kept = keys_on(redis_cluster, f"{cluster_key_prefix}:*", primaries=True)
+    assert len(kept) == 3 and all(kept.values()), kept
+
+    # a node other than the first: any node leads the client to the others
+    url = f"{redis_cluster.nodes[1].url}/0"
+    proc = run_cli("demo", "--cluster", "--redis-url", url, "--users", "2000",
+                   "--calls", "200")
+    out = proc.stdout
+    assert proc.returncode == 0, f"stdout:\n{out}\nstderr:\n{proc.stderr}"
+    assert re.search(rf"^redis:\s+Valkey [\d.]+ cluster of 3 primaries at {re.escape(url)}$",
+                     out, re.M), out
+    assert "valkey-server pid" not in out, "no private server with --redis-url"
+    assert float(field(out, r"^hit rate:\s+([\d.]+)%")) > 50
+    prefix = field(out, r"^key prefix:\s+(fcdemo-[0-9a-f]+) ")
+    deleted = int(field(out, rf"deleted ([\d,]+) keys {prefix}:\*").replace(",", ""))
+    assert deleted > 1000, "a row of each of 2 views per id drawn, in every primary's slots"
+
+    # none of its keys on any node (a replica applies its primary's UNLINKs a moment later)
+    deadline = time.monotonic() + 10
+    while any((left := keys_on(redis_cluster, f"{prefix}:*")).values()):
+        assert time.monotonic() < deadline, f"keys of {prefix} left behind: {left}"
+        time.sleep(0.1)
+    assert keys_on(redis_cluster, f"{cluster_key_prefix}:*", primaries=True) == kept
+
+
+def test_cluster_flag_and_the_server_must_agree(
+    capsys: pytest.CaptureFixture[str], redis_url: str, redis_cluster: EmbeddedCluster
+) -> None:
+    assert main(["demo", "--cluster", "--quick", "--redis-url", redis_url]) == 78
+    err = capsys.readouterr().err
+    assert err.startswith("featcache: error: --redis-url: ") and err.count("\n") == 1, err
+    assert "is not a cluster node (cluster_enabled:0): without --cluster" in err
+
+    node = redis_cluster.nodes[0].url
+    assert main(["demo", "--quick", "--redis-url", node]) == 78
+    err = capsys.readouterr().err
+    assert err == (f"featcache: error: --redis-url: {node} is a cluster node: add --cluster "
+                   "to run the demo on its cluster\n")
+
+    assert main(["demo", "--cluster", "--redis-url", f"{node}/1"]) == 78
+    captured = capsys.readouterr()
+    assert captured.err.startswith("featcache: error: --redis-url: a cluster has database 0 "
+                                   "only"), captured.err
+    assert captured.out == "", "nothing is started for a URL that cannot work"
+
+
 def demo_url(target: SqlTarget) -> str:
     """The target's URL, with its PostgreSQL schema first on the search path.
 
@@ -175,9 +277,11 @@ def test_demo_on_shared_servers_touches_only_its_own(
 
 
 @pytest.mark.slow
-def test_sigterm_cleans_up() -> None:
+@pytest.mark.parametrize(("args", "servers"), [([], 1), (["--cluster"], 3)],
+                         ids=["server", "cluster"])
+def test_sigterm_cleans_up(args: list[str], servers: int) -> None:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "featcache.jobs.cli", "demo", "--quick"],
+        [sys.executable, "-m", "featcache.jobs.cli", "demo", "--quick", *args],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     try:
@@ -188,7 +292,7 @@ def test_sigterm_cleans_up() -> None:
             if line.startswith("offline store:"):
                 break
         header = "".join(lines)
-        pid = int(field(header, r"valkey-server pid (\d+)\)"))
+        pids = [int(pid) for pid in re.findall(r"\bpid (\d+)", header)]
         db_path = Path(field(header, r"^offline store:\s+sqlite:///(\S+) \(temporary\)"))
         proc.send_signal(signal.SIGTERM)
         rest, err = proc.communicate(timeout=DEMO_TIMEOUT_S)
@@ -199,7 +303,9 @@ def test_sigterm_cleans_up() -> None:
     assert proc.returncode == 143, f"stdout:\n{header}{rest}\nstderr:\n{err}"
     assert "featcache: terminated" in err
     assert "Traceback" not in err
-    assert server_gone(pid)
+    assert len(pids) == servers, header
+    for pid in pids:
+        assert server_gone(pid), f"valkey-server {pid} still runs after the demo exited"
     assert not db_path.parent.exists()
 
 

@@ -27,6 +27,7 @@ from featdata import (
 from featcache import (
     Feature,
     FeatureCache,
+    FeatureView,
     OfflineStoreError,
     OfflineStoreUnavailable,
     Status,
@@ -168,8 +169,8 @@ def test_entity_appearing_in_sql_is_found_after_negative_ttl(
     assert result.status(77, "clicks") is Status.FILLED and result[77]["clicks"] == 77
 
 
-@pytest.mark.one_server
-def test_several_views_in_one_call(sql_target: Any, redis_url: str, key_prefix: str) -> None:
+def _two_views(sql_target: Any) -> list[FeatureView]:
+    """Views ``stats`` (ids 1-3) and ``profile`` (ids 1, 2), both with a ``country``."""
     engine = sql_target.engine()
     profile_features = (Feature("age", "int", "1d"), Feature("country", "str", "1d"))
     stats = make_table(engine, sql_target.schema, "stats_v", STATS_FEATURES)
@@ -177,25 +178,45 @@ def test_several_views_in_one_call(sql_target: Any, redis_url: str, key_prefix: 
     insert(engine, stats, [stats_row(i, clicks=i) for i in range(1, 4)])
     insert(engine, profile, [{"entity_id": i, "event_ts": T0, "age": 20 + i, "country": "FR"}
                              for i in (1, 2)])
-    views = [make_view("stats", "stats_v", sql_target.schema),
-             make_view("profile", "profile_v", sql_target.schema, profile_features)]
-    client, calls = counting_client(_plain(redis_url))
-    client.ping()
-    with make_cache(views, redis_url, sql_target.url, key_prefix, redis_client=client) as fc:
+    return [make_view("stats", "stats_v", sql_target.schema),
+            make_view("profile", "profile_v", sql_target.schema, profile_features)]
+
+
+_TWO_VIEW_FEATURES = ["clicks", "age", "profile:country", "stats:country"]
+
+
+def test_several_views_in_one_call(sql_target: Any, redis_url: str, key_prefix: str) -> None:
+    """Every deployment: one query per view, each view's values and statuses."""
+    views = _two_views(sql_target)
+    with make_cache(views, redis_url, sql_target.url, key_prefix) as fc:
         counter = SqlCounter(fc.engine)
         fc.get_features([1], ["clicks", "age"])  # reflect both tables outside the count
         counter.reset()
-        calls.sends = 0
-        result = fc.get_features([1, 2, 3], ["clicks", "age", "profile:country",
-                                             "stats:country"])
-        assert calls.sends == 3  # one read round trip; on misses, one lease and one fill
+        result = fc.get_features([1, 2, 3], _TWO_VIEW_FEATURES)
         assert counter.count == 2  # one query per view
         assert result[2] == {"clicks": 2, "age": 22, "profile:country": "FR",
                              "stats:country": "DE"}
         assert result.status(3, "age") is Status.ABSENT
         assert result.status(3, "clicks") is Status.FILLED
         assert result.status(1, "age") is Status.HIT_REDIS
+        again = fc.get_features([1, 2, 3], _TWO_VIEW_FEATURES)
+        assert again.status_counts() == {Status.HIT_REDIS: 10, Status.ABSENT: 2}
+        assert again[2] == result[2]
         counter.close()
+
+
+@pytest.mark.one_server
+def test_several_views_in_one_call_take_three_round_trips(
+    sql_target: Any, redis_url: str, key_prefix: str
+) -> None:
+    views = _two_views(sql_target)
+    client, calls = counting_client(_plain(redis_url))
+    client.ping()
+    with make_cache(views, redis_url, sql_target.url, key_prefix, redis_client=client) as fc:
+        fc.get_features([1], ["clicks", "age"])
+        calls.sends = 0
+        fc.get_features([1, 2, 3], _TWO_VIEW_FEATURES)
+        assert calls.sends == 3  # one read round trip; on misses, one lease and one fill
     client.close()
 
 

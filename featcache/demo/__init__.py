@@ -1,27 +1,37 @@
 """``featcache demo``: its options, light enough for the command line's ``--help``.
 
-The demo itself (``featcache.demo.run``: rich tables, a private Valkey, a sample SQLite store
-built by ``featcache.demo.data``) lives apart from the serving core and is imported only when
-the demo runs.
+The demo itself (``featcache.demo.run``: rich tables, a private Valkey server or cluster, a
+sample SQLite store built by ``featcache.demo.data``) lives apart from the serving core and is
+imported only when the demo runs.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["DEFAULT_CALLS", "DEFAULT_USERS", "QUICK_CALLS", "QUICK_USERS", "DemoOptions"]
+__all__ = ["CLUSTER_PRIMARIES", "CLUSTER_REPLICAS", "DEFAULT_CALLS", "DEFAULT_USERS",
+           "QUICK_CALLS", "QUICK_USERS", "DemoOptions"]
 
 DEFAULT_USERS = 100_000
 DEFAULT_CALLS = 15_000
 QUICK_USERS = 20_000
 QUICK_CALLS = 4_000
+#: the private cluster of ``--cluster``: the fewest primaries a Valkey Cluster accepts, and
+#: no replicas: the demo makes no failover for one to take over, and on a small machine the
+#: replicas' share of the cores is taken from the load being measured (a replica per primary
+#: costs a ``--quick`` run about 10% more CPU)
+CLUSTER_PRIMARIES = 3
+CLUSTER_REPLICAS = 0
 
 
 @dataclass(frozen=True, slots=True)
 class DemoOptions:
-    """The demo's knobs; ``None`` URLs mean "start/create a private one"."""
+    """The demo's knobs; ``None`` URLs mean "start/create a private one". ``cluster``: Redis
+    is a cluster (``redis.mode: cluster``): a private one of ``CLUSTER_PRIMARIES`` primaries,
+    or the one ``redis_url`` is a node of."""
 
     redis_url: str | None = None
+    cluster: bool = False
     offline_url: str | None = None
     users: int = DEFAULT_USERS
     calls: int = DEFAULT_CALLS

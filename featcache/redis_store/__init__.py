@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import redis
 
-from featcache.config_sections import RedisConfig
+from featcache.breaker import CircuitBreaker
+from featcache.config_sections import DegradationConfig, RedisConfig
 from featcache.redis_store.base import (
     Command,
     IfAbsent,
@@ -26,6 +27,7 @@ from featcache.redis_store.base import (
     row_write,
     split_if_absent,
 )
+from featcache.redis_store.cluster import NodeHealth
 from featcache.redis_store.cluster_store import ClusterStore, connect_cluster
 from featcache.redis_store.errors import translate, translated_errors
 from featcache.redis_store.scripts import CONDITIONAL_SET, ENSURE_EPOCH, SET_IF_ABSENT
@@ -45,6 +47,7 @@ __all__ = [
     "Command",
     "IfAbsent",
     "LuaScript",
+    "NodeHealth",
     "RedisStore",
     "ScriptCall",
     "StandaloneStore",
@@ -64,13 +67,19 @@ __all__ = [
 
 
 def open_store(
-    config: RedisConfig, client: redis.Redis | redis.RedisCluster | None = None
+    config: RedisConfig,
+    client: redis.Redis | redis.RedisCluster | None = None,
+    degradation: DegradationConfig | None = None,
 ) -> RedisStore:
     """The store for ``config`` (a client of the application's own, when given, instead of
     one built from the URL). Nothing is connected yet (a cluster client asks for the slot map
-    when it is built: an application's own has done so)."""
+    when it is built: an application's own has done so). ``degradation``: the circuit
+    breaker each node of a cluster gets (its defaults when not given)."""
     if isinstance(client, redis.RedisCluster) or (client is None and config.mode == "cluster"):
-        return ClusterStore(client or (lambda: connect_cluster(config)), describe(config))
+        section = degradation or DegradationConfig()
+        health = NodeHealth(lambda: CircuitBreaker.from_config(section))
+        return ClusterStore(client or (lambda: connect_cluster(config)), describe(config),
+                            health=health, replica_reads=config.read_from_replicas)
     if client is not None:
         return StandaloneStore(client, config.read_chunk)
     return StandaloneStore(connect(config), config.read_chunk, config=config)

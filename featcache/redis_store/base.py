@@ -184,6 +184,9 @@ class RedisStore(Protocol):
     """
 
     url: str  #: the server (or seed), with any password masked
+    #: whether replicas answer reads: every invalidation must then be held by each replica
+    #: that serves reads before it returns (``eval_replicated`` waits for them all)
+    replica_reads: bool
 
     @property
     def client(self) -> Any:

@@ -11,15 +11,24 @@ Resharding is not an error: a slot answered ``MOVED`` is re-read once from its n
 slot map updated as redis-py does), one answered ``ASK`` once from the importing node after
 ``ASKING``; a slot still moving (``TRYAGAIN``: some of its keys moved, some not) and the slots
 of a node that fails mid-batch read as nothing (None: misses, read from SQL and filled only
-where the key is still empty), and only a batch that no node answered raises
+where the key is still empty), and only a batch that no node answered raises:
+``PartlyUnavailable`` when some primary of the cluster did not fail, else
 ``CacheUnavailable``.
+
+A node that fails is skipped by every read while its circuit breaker (``NodeHealth``) is
+open, so a dead shard costs its rows a trip to SQL, not every call a socket timeout; a failure
+also has the slot map asked again (at most once per ``NodeHealth.refresh_every``), which is
+how reads find a promoted replica. With ``replicas=True`` a slot is read from one of its
+replicas (in turn), from its primary when none is healthy.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
+import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from itertools import groupby
 from operator import itemgetter, methodcaller
 from typing import Any
@@ -29,10 +38,12 @@ from redis import exceptions as redis_exc
 from redis.cluster import ClusterNode
 from redis.crc import key_slot
 
+from featcache.breaker import BreakerState, CircuitBreaker
+from featcache.errors import PartlyUnavailable
 from featcache.redis_store.base import coalesce, pack
 from featcache.redis_store.errors import ERRORS, translate
 
-__all__ = ["REDIRECTS", "ClusterReader", "SlotCache"]
+__all__ = ["REDIRECTS", "ClusterReader", "NodeHealth", "SlotCache"]
 
 log = logging.getLogger("featcache.redis")
 
@@ -68,6 +79,59 @@ class SlotCache(dict[str, int]):
         return list(map(self.__getitem__, map(_first, map(_heads, keys))))
 
 
+class NodeHealth:
+    """A circuit breaker per cluster node (``breaker`` builds one), and whether the slot map
+    should be asked again: after a node failed, at most once per ``refresh_every`` seconds.
+
+    Shared by a cluster store's reads and writes, so a node that failed a write is skipped by
+    the next read too. The closed-state checks read one attribute, as ``CircuitBreaker``'s do.
+    """
+
+    def __init__(
+        self,
+        breaker: Callable[[], CircuitBreaker] = CircuitBreaker,
+        refresh_every: float = 1.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._breaker = breaker
+        self._breakers: dict[str, CircuitBreaker] = {}
+        self._lock = threading.Lock()
+        self._clock = clock
+        self.refresh_every = refresh_every
+        self._stale = False
+        self._refreshed_at = -refresh_every
+
+    def of(self, node: str) -> CircuitBreaker:
+        """The breaker of ``node`` (``host:port``), made on first use."""
+        breaker = self._breakers.get(node)
+        if breaker is None:
+            with self._lock:
+                breaker = self._breakers.setdefault(node, self._breaker())
+        return breaker
+
+    def failed(self, node: str) -> None:
+        """``node`` failed a round trip: counted against it, and the slot map is suspect."""
+        self.of(node).record_failure()
+        self._stale = True
+
+    def refresh_due(self) -> bool:
+        """Whether the caller should ask the slot map again now; True once per
+        ``refresh_every`` while a failure is unexplained (the caller then refreshes)."""
+        if not self._stale:
+            return False
+        with self._lock:
+            now = self._clock()
+            if not self._stale or now - self._refreshed_at < self.refresh_every:
+                return False
+            self._stale = False
+            self._refreshed_at = now
+            return True
+
+    def states(self) -> dict[str, BreakerState]:
+        """Each node's breaker state, by ``host:port``."""
+        return {name: breaker.state for name, breaker in sorted(self._breakers.items())}
+
+
 class _Group:
     """One slot's keys in one batch: their positions, and the MGET that reads them."""
 
@@ -81,19 +145,32 @@ class _Group:
 class ClusterReader:
     """Batched reads from a Redis/Valkey Cluster through ``client`` (its slot map and pools)."""
 
-    def __init__(self, client: redis.RedisCluster, url: str) -> None:
+    def __init__(
+        self,
+        client: redis.RedisCluster,
+        url: str,
+        health: NodeHealth | None = None,
+        replicas: bool = False,
+    ) -> None:
         self.client = client
         self.url = url
+        self.health = health or NodeHealth()
+        self.replicas = replicas
         self._slots = SlotCache()
-        #: node failures and redirects seen by reads, for stats and tests
+        self._turn = 0
+        #: node failures, redirects and reads skipped by an open breaker, for stats and tests
         self.node_errors = 0
         self.redirects = 0
+        self.skipped = 0
 
     def read(self, keys: Sequence[str], slots: Sequence[int] | None = None
              ) -> list[bytes | None]:
         """Values in key order, None where absent or unreadable now (see the module).
         ``slots``: each key's hash slot, when the caller knows them (found here otherwise)."""
         values: list[bytes | None] = [None] * len(keys)
+        health = self.health
+        if health.refresh_due():
+            self._refresh()
         # grouped by slot with C-level passes (a sort by slot, then a run per slot): a
         # Python step per key would cost a batch of 1000 as much as its MGETs
         if slots is None:
@@ -105,19 +182,27 @@ class ClusterReader:
             group.positions = list(positions)
         by_node: dict[str, tuple[ClusterNode, list[_Group]]] = {}
         cache = self.client.nodes_manager.slots_cache
+        turn = self._turn = self._turn + 1
         for group in groups.values():
             owners = cache.get(group.slot)
             if not owners:
                 continue  # not covered now: misses
             node = owners[0]
+            if self.replicas and len(owners) > 1:
+                node = self._replica(owners, turn + group.slot)
             by_node.setdefault(node.name, (node, []))[1].append(group)
-        answered, retry = self._round(keys, values, by_node)
+        failed: set[str] = set()
+        answered, retry = self._round(keys, values, by_node, failed)
         if retry:
             self.redirects += len(retry)
-            answered += self._retry(keys, values, retry)
+            answered += self._retry(keys, values, retry, failed)
         if by_node and not answered:
-            raise translate(redis_exc.ConnectionError("no cluster node answered the read"),
-                            self.url)
+            error = translate(redis_exc.ConnectionError("no cluster node answered the read"),
+                              self.url)
+            primaries = {node.name for node in self.client.get_primaries()}  # type: ignore[no-untyped-call]
+            if primaries - failed:  # one shard down is not the cluster down
+                raise PartlyUnavailable(str(error)) from error
+            raise error
         return values
 
     def _round(
@@ -125,14 +210,21 @@ class ClusterReader:
         keys: Sequence[str],
         values: list[bytes | None],
         by_node: dict[str, tuple[ClusterNode, list[_Group]]],
+        failed: set[str],
         asking: bool = False,
     ) -> tuple[int, list[tuple[_Group, Exception]]]:
         """Send every node its MGETs, then read every reply: how many nodes answered, and the
         groups answered by a redirect (with it)."""
-        sent: list[tuple[Any, Any, list[_Group]]] = []
+        sent: list[tuple[Any, Any, str, list[_Group]]] = []
         answered = 0
         redirected: list[tuple[_Group, Exception]] = []
+        health = self.health
         for node, node_groups in by_node.values():
+            name = node.name
+            if not health.of(name).allow():
+                self.skipped += 1  # its rows are misses: SQL answers them, no timeout paid
+                failed.add(name)
+                continue
             packed = []
             for group in node_groups:
                 if asking:
@@ -143,16 +235,20 @@ class ClusterReader:
                 conn = pool.get_connection()
             except ERRORS:
                 self.node_errors += 1
+                health.failed(name)
+                failed.add(name)
                 continue
             try:
                 conn.send_packed_command(coalesce(packed))
             except ERRORS:
                 self.node_errors += 1
+                health.failed(name)
+                failed.add(name)
                 conn.disconnect()
                 pool.release(conn)
                 continue
-            sent.append((pool, conn, node_groups))
-        for pool, conn, node_groups in sent:
+            sent.append((pool, conn, name, node_groups))
+        for pool, conn, name, node_groups in sent:
             try:
                 for group in node_groups:
                     if asking:
@@ -166,12 +262,15 @@ class ClusterReader:
                         raise redis_exc.ResponseError("an MGET reply of the wrong length")
                     deque(map(values.__setitem__, group.positions, reply), maxlen=0)
                 answered += 1
+                health.of(name).record_success()
             except redis_exc.ResponseError as exc:
                 # an error reply (ACL, OOM...) is not an outage: the caller hears it
                 conn.disconnect()
                 raise translate(exc, self.url) from exc
             except ERRORS:
                 self.node_errors += 1
+                health.failed(name)
+                failed.add(name)
                 conn.disconnect()
             finally:
                 pool.release(conn)
@@ -182,6 +281,7 @@ class ClusterReader:
         keys: Sequence[str],
         values: list[bytes | None],
         redirected: list[tuple[_Group, Exception]],
+        failed: set[str],
     ) -> int:
         """Each redirected group once more: MOVED from its new owner (the slot map updated),
         ASK from the importing node after ``ASKING``; anything else stays misses."""
@@ -200,9 +300,28 @@ class ClusterReader:
         answered = 0
         for targets, asking in ((moved, False), (asked, True)):
             if targets:
-                count, _ = self._round(keys, values, targets, asking=asking)
+                count, _ = self._round(keys, values, targets, failed, asking=asking)
                 answered += count
         return answered
+
+    def _replica(self, owners: list[ClusterNode], turn: int) -> ClusterNode:
+        """A healthy replica among a slot's ``owners`` (primary first), taken in turn; the
+        primary when every replica's breaker is open."""
+        count = len(owners) - 1
+        for step in range(count):
+            node = owners[1 + (turn + step) % count]
+            if self.health.of(node.name).closed:
+                return node
+        return owners[0]
+
+    def _refresh(self) -> None:
+        """The slot map asked again after a node failed: a failover moves a dead primary's
+        slots to its replica, which only a fresh map shows. A refresh that fails leaves the
+        map as it was (the failed nodes stay skipped by their breakers)."""
+        try:
+            self.client.nodes_manager.initialize()
+        except (*ERRORS, redis_exc.RedisClusterException) as exc:
+            log.debug("cluster slot map refresh failed: %s", exc)
 
     def _pool(self, node: ClusterNode) -> Any:
         connection = node.redis_connection or self.client.get_redis_connection(node)

@@ -2,12 +2,16 @@
 Cluster.
 
 Reads are ``ClusterReader``'s (``featcache.redis_store.cluster``). Everything else is sent to
-the node that owns each command's or script call's slot, one pipelined round trip per node, by
-a ``StandaloneStore`` of that node (its packing, its NOSCRIPT handling, its error
-translation). A node that fails, or answers that its slot moved, has its share retried once
-after the slot map is refreshed: every script featcache runs is safe to run twice (a
-conditional write compares again, a tombstone is laid again, an epoch is ensured again), a
-popularity count may count twice.
+the node that owns each command's or script call's slot by a ``StandaloneStore`` of that node
+(its packing, its NOSCRIPT handling, its error translation): every node is sent its share
+before any reply is read, so a write to three shards costs one round trip, not three. A node
+whose slot moved has its share retried once after the slot map is refreshed; a node that
+fails is counted against its circuit breaker (``NodeHealth``, shared with the reads), skipped
+while that is open, and retried only when the slot map was due to be asked again (a failover
+may have moved its slots). Every script featcache runs is safe to run twice (a conditional
+write compares again, a tombstone is laid again, an epoch is ensured again), a popularity
+count may count twice. A call that fails on some nodes, not on every primary, raises
+``PartlyUnavailable``: what the healthy shards wrote stands.
 
 Write scripts on a cluster: a script may only touch keys of one slot, and a view's epoch key
 is not in its rows' slots, so each view's writes are split by slot (the layout of
@@ -27,10 +31,10 @@ from typing import Any, TypeVar
 
 import redis
 from redis import exceptions as redis_exc
-from redis.cluster import ClusterNode
+from redis.cluster import ClusterNode, LoadBalancingStrategy
 
 from featcache.config_sections import RedisConfig
-from featcache.errors import CacheConfigError, CacheUnavailable
+from featcache.errors import CacheConfigError, CacheUnavailable, PartlyUnavailable
 from featcache.redis_store.base import (
     Command,
     LuaScript,
@@ -39,7 +43,7 @@ from featcache.redis_store.base import (
     WriteBatch,
     split_if_absent,
 )
-from featcache.redis_store.cluster import REDIRECTS, ClusterReader, SlotCache
+from featcache.redis_store.cluster import REDIRECTS, ClusterReader, NodeHealth, SlotCache
 from featcache.redis_store.errors import ERRORS, translate
 from featcache.redis_store.scripts import CONDITIONAL_SET, ENSURE_EPOCH, SET_IF_ABSENT
 from featcache.redis_store.standalone import StandaloneStore, StandaloneTail
@@ -56,7 +60,11 @@ def connect_cluster(config: RedisConfig) -> redis.RedisCluster:
     translated (``ClusterStore.client``)."""
     client: redis.RedisCluster = redis.RedisCluster.from_url(
         config.url, socket_timeout=config.socket_timeout,
-        socket_connect_timeout=config.connect_timeout, max_connections=config.max_connections)
+        socket_connect_timeout=config.connect_timeout, max_connections=config.max_connections,
+        # any strategy has redis-py send READONLY on every connection, which a replica needs
+        # to answer reads of its primary's slots; which node reads is ClusterReader's choice
+        load_balancing_strategy=(LoadBalancingStrategy.ROUND_ROBIN
+                                 if config.read_from_replicas else None))
     return client
 
 
@@ -70,9 +78,18 @@ class ClusterStore:
         client: redis.RedisCluster | Callable[[], redis.RedisCluster],
         url: str,
         write_chunk: int = 500,
+        *,
+        health: NodeHealth | None = None,
+        replica_reads: bool = False,
     ) -> None:
+        """``health``: the nodes' breakers (``open_store`` makes them of the ``degradation``
+        section's settings; ``CircuitBreaker``'s defaults otherwise); ``replica_reads``: read
+        each slot from a replica (the client must send ``READONLY``: ``connect_cluster``'s
+        does)."""
         self.url = url
         self.write_chunk = write_chunk
+        self.health = health or NodeHealth()
+        self.replica_reads = replica_reads
         self._client = client if isinstance(client, redis.RedisCluster) else None
         self._connect = None if isinstance(client, redis.RedisCluster) else client
         self._reader: ClusterReader | None = None
@@ -94,7 +111,7 @@ class ClusterStore:
 
     def _connected(self, connect: Callable[[], redis.RedisCluster]) -> redis.RedisCluster:
         try:
-            return connect()
+            client = connect()
         except redis_exc.RedisClusterException as exc:
             if "cluster mode is not enabled" in str(exc).lower():
                 raise CacheConfigError(
@@ -104,13 +121,21 @@ class ClusterStore:
             raise CacheUnavailable(f"Redis {self.url}: {exc}") from exc
         except ERRORS as exc:
             raise translate(exc, self.url) from exc
+        if self.replica_reads and not (client.read_from_replicas
+                                       or client.load_balancing_strategy):
+            client.close()
+            raise CacheConfigError(
+                "redis.read_from_replicas needs a client that sends READONLY: build it with "
+                "a load_balancing_strategy (connect_cluster does)")
+        return client
 
     @property
     def reader(self) -> ClusterReader:
         """The batched reader (its ``node_errors`` and ``redirects`` counters)."""
         reader = self._reader
         if reader is None:
-            reader = self._reader = ClusterReader(self.client, self.url)
+            reader = self._reader = ClusterReader(self.client, self.url, self.health,
+                                                  replicas=self.replica_reads)
         return reader
 
     def close(self) -> None:
@@ -136,14 +161,14 @@ class ClusterStore:
     def execute(self, commands: Sequence[Command]) -> list[Any]:
         """Each command on the node of its key, one pipelined round trip per node."""
         return self._per_node(commands, [c.key for c in commands],
-                              lambda store, part: store.execute(part))
+                              lambda store, part: store.start_commands(part))
 
     def eval_scripts(
         self, calls: Sequence[ScriptCall | tuple[LuaScript, Sequence[str], Sequence[Any]]]
     ) -> list[Any]:
         """Each call on the node of its keys (which share one slot)."""
         return self._per_node(list(calls), [c[1][0] if c[1] else "" for c in calls],
-                              lambda store, part: store.eval_scripts(part))
+                              lambda store, part: store.start_scripts(part))
 
     def eval_many(
         self, script: LuaScript, calls: Sequence[tuple[Sequence[str], Sequence[Any]]]
@@ -157,16 +182,37 @@ class ClusterStore:
         self, calls: Sequence[ScriptCall], replicas: int, timeout_ms: int
     ) -> tuple[list[Any], int]:
         """``eval_scripts``, then ``WAIT`` on every node written: the fewest replicas any of
-        them reached."""
+        them reached. With replica reads, each node waits for all of its replicas too, and a
+        node that heard from fewer in time is ``CacheUnavailable``: a reader there could
+        still find what the calls fenced off."""
         acked: list[int] = []
+        short: list[str] = []
 
-        def run(store: StandaloneStore, part: list[ScriptCall]) -> list[Any]:
-            results, count = store.eval_replicated(part, replicas, timeout_ms)
-            acked.append(count)
-            return results
+        def start(store: StandaloneStore, part: list[ScriptCall]) -> Callable[[], list[Any]]:
+            serving = self._replicas_of(part[0].keys[0]) if self.replica_reads else 0
+            finish = store.start_replicated(part, max(replicas, serving), timeout_ms)
 
-        results = self._per_node(list(calls), [c.keys[0] for c in calls], run)
+            def done() -> list[Any]:
+                results, count = finish()
+                acked.append(count)
+                if count < serving:
+                    short.append(f"{count} of {serving} on {store.url}")
+                return results
+
+            return done
+
+        results = self._per_node(list(calls), [c.keys[0] for c in calls], start)
+        if short:
+            raise CacheUnavailable(
+                f"Redis {self.url}: replicas that answer reads (redis.read_from_replicas) "
+                f"did not all hold the write within {timeout_ms} ms ({', '.join(short)}); "
+                "retry it")
         return results, min(acked, default=replicas)
+
+    def _replicas_of(self, key: str) -> int:
+        """How many replicas the slot map lists for the owner of ``key``'s slot."""
+        owners = self.client.nodes_manager.slots_cache.get(self._slots.slots([key])[0], ())
+        return max(0, len(owners) - 1)
 
     def write(self, batches: Sequence[WriteBatch]) -> int:
         """Each view's writes split by slot, in the scripts' cluster mode (the epoch the
@@ -232,58 +278,75 @@ class ClusterStore:
         self,
         items: Sequence[T],
         keys: Sequence[str],
-        run: Callable[[StandaloneStore, list[T]], list[Any]],
+        start: Callable[[StandaloneStore, list[T]], Callable[[], list[Any]]],
     ) -> list[Any]:
-        """``run`` on each node's share of ``items`` (by the slot of each item's key), results
-        in ``items``' order; a share that fails as an outage is retried once after the slot
-        map is refreshed."""
+        """``start`` each node's share of ``items`` (by the slot of each item's key) on that
+        node's store, every node before any is finished; results in ``items``' order.
+
+        A share answered by a redirect is retried once after the slot map is refreshed; a
+        failed node's share too, when the map was due to be asked again. A share still
+        failing raises: ``PartlyUnavailable`` when some primary of the cluster did not
+        fail, else ``CacheUnavailable``."""
         results: list[Any] = [None] * len(items)
         positions = list(range(len(items)))
+        health = self.health
+        error: Exception | None = None
+        failed_nodes: set[str] = set()
         for attempt in range(2):
             by_node: dict[str, tuple[ClusterNode, list[int]]] = {}
             for i, slot in zip(positions, self._slots.slots([keys[i] for i in positions]),
                                strict=True):
                 node = self._owner(slot) if keys[i] else self._any_primary()
                 by_node.setdefault(node.name, (node, []))[1].append(i)
-            failed: list[int] = []
-            error: CacheUnavailable | CacheConfigError | None = None
-            asked: dict[tuple[str, int], list[int]] = {}
-            for node, share in by_node.values():
+            failures = _Failures()
+            started: list[tuple[str, list[int], Callable[[], list[Any]]]] = []
+            for name, (node, share) in by_node.items():
+                if not health.of(name).allow():
+                    failures.skipped(name, share)
+                    continue
                 try:
-                    out = run(self._store_of(node), [items[i] for i in share])
+                    started.append((name, share,
+                                    start(self._store_of(node), [items[i] for i in share])))
                 except (CacheUnavailable, CacheConfigError) as exc:
-                    # a node's store reads a redirect as a config error (one server must
-                    # never redirect); on a cluster it means the slot map is out of date
-                    cause = exc.__cause__
-                    if isinstance(exc, CacheConfigError) and not isinstance(cause, REDIRECTS):
-                        raise
-                    if isinstance(cause, redis_exc.AskError) and not isinstance(
-                            cause, redis_exc.MovedError):
-                        asked.setdefault((cause.host, cause.port), []).extend(share)
-                    else:
-                        failed.extend(share)
-                    error = exc
+                    failures.add(name, share, exc, health)
+            for name, share, finish in started:  # every one read: no unread replies left
+                try:
+                    out = finish()
+                except (CacheUnavailable, CacheConfigError) as exc:
+                    failures.add(name, share, exc, health)
+                    continue
+                health.of(name).record_success()
+                for i, value in zip(share, out, strict=True):
+                    results[i] = value
+            if failures.fatal is not None:
+                raise failures.fatal
+            for (host, port), share in failures.asked.items():  # a slot being migrated
+                try:
+                    out = start(self._asking_store(host, port), [items[i] for i in share])()
+                except (CacheUnavailable, CacheConfigError) as exc:
+                    failures.failed.extend(share)
+                    failures.error = exc
                     continue
                 for i, value in zip(share, out, strict=True):
                     results[i] = value
-            for (host, port), share in asked.items():  # a slot being migrated: its target
-                try:
-                    out = run(self._asking_store(host, port), [items[i] for i in share])
-                except (CacheUnavailable, CacheConfigError) as exc:
-                    failed.extend(share)
-                    error = exc
-                    continue
-                for i, value in zip(share, out, strict=True):
-                    results[i] = value
-            if not failed:
+            if not failures.failed:
                 return results
-            if attempt == 1 and error is not None:
-                # still moving (TRYAGAIN: some of the slot's keys moved, some not) or still
-                # down: an outage for now, which callers degrade or retry
-                raise CacheUnavailable(f"Redis {self.url}: {error}") from error
+            error = failures.error
+            failed_nodes |= failures.nodes
+            if attempt == 1 or not (failures.moved or health.refresh_due()):
+                break
             self._refresh()
-            positions = failed
-        return results
+            positions = failures.failed
+        # still moving (TRYAGAIN: some of the slot's keys moved, some not) or still down:
+        # an outage for now, which callers degrade or retry
+        raise self._unavailable(failed_nodes, error) from error
+
+    def _unavailable(self, nodes: set[str], error: Exception | None) -> CacheUnavailable:
+        """The error of a call that ``nodes`` failed: ``PartlyUnavailable`` unless they are
+        every primary the slot map knows."""
+        primaries = {node.name for node in self.client.get_primaries()}  # type: ignore[no-untyped-call]
+        kind = PartlyUnavailable if primaries - nodes else CacheUnavailable
+        return kind(f"Redis {self.url}: {error}")
 
     def _asking_store(self, host: str, port: int) -> StandaloneStore:
         """A store of the node importing a slot, sending ``ASKING`` before each command."""
@@ -329,6 +392,43 @@ class ClusterStore:
                 self.client.nodes_manager.initialize()
             except ERRORS as exc:
                 raise translate(exc, self.url) from exc
+
+
+class _Failures:
+    """The shares of one ``_per_node`` attempt that failed, and how."""
+
+    def __init__(self) -> None:
+        self.failed: list[int] = []
+        self.asked: dict[tuple[str, int], list[int]] = {}
+        self.moved = False  # a redirect: the slot map is out of date for certain
+        self.error: Exception | None = None
+        self.fatal: CacheConfigError | None = None
+        self.nodes: set[str] = set()  # the nodes that failed (or were skipped)
+
+    def skipped(self, node: str, share: list[int]) -> None:
+        self.nodes.add(node)
+        self.failed.extend(share)
+        self.error = CacheUnavailable(f"node {node} skipped while its circuit is open")
+
+    def add(self, node: str, share: list[int], exc: CacheUnavailable | CacheConfigError,
+            health: NodeHealth) -> None:
+        cause = exc.__cause__
+        if isinstance(cause, REDIRECTS):
+            # a node's store reads a redirect as a config error (one server must never
+            # redirect); on a cluster it means the slot map is out of date
+            if isinstance(cause, redis_exc.AskError) and not isinstance(
+                    cause, redis_exc.MovedError):
+                self.asked.setdefault((cause.host, cause.port), []).extend(share)
+                return
+            self.moved = True
+        elif isinstance(exc, CacheConfigError):
+            self.fatal = exc
+            return
+        else:
+            health.failed(node)
+            self.nodes.add(node)
+        self.failed.extend(share)
+        self.error = exc
 
 
 class ClusterTail:

@@ -12,8 +12,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import re
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, NamedTuple
 from urllib.parse import urlsplit
 
 import redis
@@ -147,6 +147,7 @@ class StandaloneStore:
         self._config = config
         self._asking = asking
         self.url = describe(config) if config is not None else safe_redis_url(_describe(client))
+        self.replica_reads = False
 
     def close(self) -> None:
         self.client.close()
@@ -200,6 +201,11 @@ class StandaloneStore:
         as encoding the rows. Any failure to send or read closes the connection, so a socket
         with unread replies never goes back to the pool.
         """
+        return self._receive(self._send(packed))
+
+    def _send(self, packed: Sequence[bytes]) -> _Sent:
+        """The first half of ``_round_trip``: the commands written, their replies not read
+        (a cluster sends every node its share before reading any)."""
         pool = self.client.connection_pool
         if self._asking:
             packed = [part for command in packed for part in (_ASKING, command)]
@@ -207,8 +213,22 @@ class StandaloneStore:
             conn = pool.get_connection()
             try:
                 conn.send_packed_command(coalesce(packed))  # type: ignore[no-untyped-call]
+            except BaseException:
+                conn.disconnect()  # type: ignore[no-untyped-call]
+                pool.release(conn)
+                raise
+        except ERRORS as exc:
+            raise translate(exc, self.url) from exc
+        return _Sent(pool, conn, len(packed))
+
+    def _receive(self, sent: _Sent) -> list[Any]:
+        """The second half of ``_round_trip``: every reply of ``sent``, the connection back
+        to its pool (closed first if anything failed)."""
+        conn = sent.conn
+        try:
+            try:
                 replies: list[Any] = []
-                for position, _ in enumerate(packed):
+                for position in range(sent.replies):
                     if self._asking and not position % 2:
                         conn.read_response()  # ASKING's OK
                         continue
@@ -217,10 +237,10 @@ class StandaloneStore:
                     except redis_exc.ResponseError as exc:
                         replies.append(exc)
             except BaseException:
-                conn.disconnect()  # type: ignore[no-untyped-call]
+                conn.disconnect()
                 raise
             finally:
-                pool.release(conn)
+                sent.pool.release(conn)
         except ERRORS as exc:
             raise translate(exc, self.url) from exc
         return replies
@@ -276,23 +296,36 @@ class StandaloneStore:
     def execute(self, commands: Sequence[Command]) -> list[Any]:
         """Run each command in one pipelined round trip; replies in order, as redis-py parses
         them (an error reply raises, translated)."""
-        return self._round_trip_checked([pack((c.name, c.key, *c.args)) for c in commands])
+        return self.start_commands(commands)()
 
     def eval_replicated(
         self, calls: Sequence[ScriptCall], replicas: int, timeout_ms: int
     ) -> tuple[list[Any], int]:
         """Each script once (``EVALSHA``, loaded first when the server lacks one), then one
         ``WAIT`` in the same round trip on the same connection, which is what WAIT counts."""
-        self._round_trip_checked(
-            [pack(("SCRIPT", "LOAD", script.text))
-             for script in {call[0].sha: call[0] for call in calls}.values()])
+        return self.start_replicated(calls, replicas, timeout_ms)()
+
+    def start_replicated(
+        self, calls: Sequence[ScriptCall], replicas: int, timeout_ms: int
+    ) -> Callable[[], tuple[list[Any], int]]:
+        """``eval_replicated`` in two halves. The scripts are loaded in the same pipeline,
+        ahead of the calls (a server runs a connection's commands in order)."""
+        loads = [pack(("SCRIPT", "LOAD", script.text))
+                 for script in {call[0].sha: call[0] for call in calls}.values()]
         packed = [pack(("EVALSHA", call[0].sha, len(call[1]), *call[1], *call[2]))
                   for call in calls]
-        replies = self._round_trip_checked([*packed, pack(("WAIT", replicas, timeout_ms))])
-        return replies[:-1], int(replies[-1])
+        sent = self._send([*loads, *packed, pack(("WAIT", replicas, timeout_ms))])
+
+        def finish() -> tuple[list[Any], int]:
+            replies = self._checked(self._receive(sent))[len(loads):]
+            return replies[:-1], int(replies[-1])
+
+        return finish
 
     def _round_trip_checked(self, packed: Sequence[bytes]) -> list[Any]:
-        replies = self._round_trip(packed)
+        return self._checked(self._round_trip(packed))
+
+    def _checked(self, replies: list[Any]) -> list[Any]:
         for reply in replies:
             if isinstance(reply, Exception):
                 raise translate(reply, self.url) from reply
@@ -319,33 +352,54 @@ class StandaloneStore:
         EVALSHA by the script's SHA-1; only when the server answers NOSCRIPT (first use,
         restart, SCRIPT FLUSH) is the script loaded and the failed calls sent again.
         """
+        return self.start_scripts(calls)()
+
+    def start_scripts(
+        self, calls: Sequence[ScriptCall | tuple[LuaScript, Sequence[str], Sequence[Any]]]
+    ) -> Callable[[], list[Any]]:
+        """``eval_scripts`` in two halves: the calls sent now, and what reads their results
+        (with NOSCRIPT's load and resend) when called."""
+        sent = self._send([pack(("EVALSHA", script.sha, len(keys), *keys, *args))
+                           for script, keys, args in calls])
+        return lambda: self._script_results(calls, self._receive(sent))
+
+    def start_commands(self, commands: Sequence[Command]) -> Callable[[], list[Any]]:
+        """``execute`` in two halves: sent now, replies read (and checked) when called."""
+        sent = self._send([pack((c.name, c.key, *c.args)) for c in commands])
+        return lambda: self._checked(self._receive(sent))
+
+    def _script_results(
+        self,
+        calls: Sequence[ScriptCall | tuple[LuaScript, Sequence[str], Sequence[Any]]],
+        replies: list[Any],
+    ) -> list[Any]:
         results: list[Any] = [None] * len(calls)
-        pending = list(range(len(calls)))
-        for attempt in range(2):
-            packed = []
-            for i in pending:
-                script, keys, args = calls[i]
-                packed.append(
-                    pack(("EVALSHA", script.sha, len(keys), *keys, *args))
-                )
-            retry = []
-            for i, result in zip(pending, self._round_trip(packed), strict=True):
-                if isinstance(result, redis_exc.NoScriptError) and attempt == 0:
-                    retry.append(i)
-                elif isinstance(result, Exception):
-                    raise translate(result, self.url) from result
-                else:
-                    results[i] = result
-            if not retry:
-                break
+        retry = []
+        for i, result in enumerate(replies):
+            if isinstance(result, redis_exc.NoScriptError):
+                retry.append(i)
+            elif isinstance(result, Exception):
+                raise translate(result, self.url) from result
+            else:
+                results[i] = result
+        if retry:
             scripts = {calls[i][0].sha: calls[i][0] for i in retry}.values()
-            for loaded in self._round_trip(
-                [pack(("SCRIPT", "LOAD", script.text)) for script in scripts]
-            ):
-                if isinstance(loaded, Exception):
-                    raise translate(loaded, self.url) from loaded
-            pending = retry
+            self._round_trip_checked(
+                [pack(("SCRIPT", "LOAD", script.text)) for script in scripts])
+            resent = self._round_trip_checked(
+                [pack(("EVALSHA", calls[i][0].sha, len(calls[i][1]), *calls[i][1],
+                       *calls[i][2])) for i in retry])
+            for i, result in zip(retry, resent, strict=True):
+                results[i] = result
         return results
+
+
+class _Sent(NamedTuple):
+    """Commands written to a connection whose replies are still to be read."""
+
+    pool: Any
+    conn: Any
+    replies: int
 
 
 class StandaloneTail:
