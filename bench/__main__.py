@@ -11,7 +11,7 @@ import sys
 from collections.abc import Sequence
 from typing import Protocol
 
-from bench import invalidation, l1, l1_policies, materialize, read, stampede
+from bench import analyze, invalidation, l1, l1_policies, materialize, read, stampede
 
 
 class Benchmark(Protocol):
@@ -29,6 +29,7 @@ BENCHMARKS: dict[str, Benchmark] = {
     "stampede": stampede,
     "invalidation": invalidation,
     "materialize": materialize,
+    "analyze": analyze,
 }
 
 

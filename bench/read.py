@@ -9,6 +9,9 @@ Cases, each timed at batches of 1, 10, 100 and 1000 distinct ids drawn afresh pe
                         featcache's transport does, less its error handling); the key list is
                         built inside the timed call, as any design must build it
 ``featcache_hit``       ``get_features(ids, <the 10 features>)``, every row in Redis
+``featcache_hit_uncounted``   the same on a cache with popularity counting off
+``featcache_hit_unpublished`` the same on a cache with stats publishing off (``stats.
+                        publish_interval: 0``, calls not timed): what cluster-wide stats cost
 ``featcache_hit_dicts`` the same, then every entity's dict built (``for e in res: res[e]``)
 ``featcache_miss``      every row from SQLite: the batch's keys are UNLINKed (untimed) first, so
                         the call misses Redis, reads SQL in one query and writes the fills back
@@ -64,6 +67,7 @@ from bench.common import (
 )
 from featcache import FeatureCache, FeatureResult, PopularityConfig, Status
 from featcache.codec import RowCodec
+from featcache.config_sections import StatsConfig
 from featcache.embedded import EmbeddedServer
 from featcache.redis_store import StandaloneStore
 
@@ -73,7 +77,8 @@ BATCHES = (1, 10, 100, 1000)
 BASELINE = "floor_mget"
 #: featcache_hit p50 at most this many times floor_mget's, per batch
 TARGET_RATIOS = {1: 1.3, 100: 1.5, 1000: 2.0}
-CASE_ORDER = ("floor_mget", "featcache_hit", "featcache_hit_uncounted", "featcache_hit_dicts",
+CASE_ORDER = ("floor_mget", "featcache_hit", "featcache_hit_uncounted",
+              "featcache_hit_unpublished", "featcache_hit_dicts",
               "featcache_miss", "naive_get_loop")
 SETUP_CHUNK = 5_000  # rows per put_rows call / per pipeline while loading
 
@@ -172,6 +177,7 @@ class Env:
     rng: random.Random
     value_bytes: dict[int, int]  # id -> size of featcache's encoded row
     uncounted: FeatureCache | None = None  # the same cache with popularity counting off
+    unpublished: FeatureCache | None = None  # ... with stats publishing (and call timing) off
 
     @property
     def floor_head(self) -> str:
@@ -198,6 +204,7 @@ def prepared_env(target: RedisTarget, users: int, seed: int) -> Iterator[Env]:
         log(f"offline store: SQLite, {users:,} users ({time.perf_counter() - started:.1f} s)")
         cache = dataset.make_cache(target.url, offline_url, target.prefix)
         uncounted = FeatureCache(cache.config.replace(popularity=PopularityConfig(sample_rate=0.0)))
+        unpublished = FeatureCache(cache.config.replace(stats=StatsConfig(publish_interval=0)))
         plain = redis.Redis.from_url(target.url)
         try:
             started = time.perf_counter()
@@ -207,7 +214,7 @@ def prepared_env(target: RedisTarget, users: int, seed: int) -> Iterator[Env]:
                 if report.written != len(chunk):
                     raise BenchError(f"put_rows wrote {report.written} rows, expected all")
             rows = {r[dataset.ENTITY_COLUMN]: r for r in latest}
-            env = Env(cache, plain, target.prefix, ids, rows, rng, {}, uncounted)
+            env = Env(cache, plain, target.prefix, ids, rows, rng, {}, uncounted, unpublished)
             _write_baseline_keys(env)
             log(f"redis: {users:,} rows x3 (featcache, floor, naive) loaded "
                 f"({time.perf_counter() - started:.1f} s)")
@@ -215,6 +222,7 @@ def prepared_env(target: RedisTarget, users: int, seed: int) -> Iterator[Env]:
         finally:
             cache.close()
             uncounted.close()
+            unpublished.close()
             plain.close()
 
 
@@ -255,6 +263,12 @@ def build_cases(env: Env) -> list[Case]:
         """The same call with popularity counting off: what counting costs."""
         return uncounted_get(ids, names)
 
+    unpublished_get = (env.unpublished or env.cache).get_features
+
+    def featcache_hit_unpublished(ids: list[int]) -> FeatureResult:
+        """The same call with stats publishing off (calls not timed): what publishing costs."""
+        return unpublished_get(ids, names)
+
     def featcache_hit_dicts(ids: list[int]) -> FeatureResult:
         res = get_features(ids, names)
         for e in res:
@@ -287,6 +301,8 @@ def build_cases(env: Env) -> list[Case]:
         "featcache_hit": Case("featcache_hit", featcache_hit, verify=_statuses(Status.HIT_REDIS)),
         "featcache_hit_uncounted": Case("featcache_hit_uncounted", featcache_hit_uncounted,
                                         verify=_statuses(Status.HIT_REDIS)),
+        "featcache_hit_unpublished": Case("featcache_hit_unpublished", featcache_hit_unpublished,
+                                          verify=_statuses(Status.HIT_REDIS)),
         "featcache_hit_dicts": Case("featcache_hit_dicts", featcache_hit_dicts,
                                     verify=_statuses(Status.HIT_REDIS)),
         "featcache_miss": Case("featcache_miss", featcache_hit, prepare=unlink_rows,
@@ -579,6 +595,14 @@ def evaluate_targets(summaries: Sequence[Summary], bytes_per_row: float) -> list
             "batch 100 popularity counting adds <= 5% to featcache_hit p50", r <= 1.05,
             f"{hit.p50_us:.1f} us counted (the default sample_rate) "
             f"vs {uncounted.p50_us:.1f} us uncounted = {r:.3f}x",
+        ))
+    hit, unpublished = by.get(("featcache_hit", 100)), by.get(("featcache_hit_unpublished", 100))
+    if hit is not None and unpublished is not None:
+        r = hit.p50_us / unpublished.p50_us
+        targets.append(Target(
+            "batch 100 stats publishing adds <= 3% to featcache_hit p50", r <= 1.03,
+            f"{hit.p50_us:.1f} us published (every 10 s, calls timed) "
+            f"vs {unpublished.p50_us:.1f} us unpublished = {r:.3f}x",
         ))
     targets.append(Target(
         "redis bytes per row <= 200", bytes_per_row <= 200.0, f"{bytes_per_row:.1f} B/row"

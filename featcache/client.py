@@ -14,6 +14,7 @@ from collections.abc import Iterable, Sequence
 from os import PathLike
 from typing import TYPE_CHECKING, Any
 
+from featcache.access_trace import AccessTrace
 from featcache.config import CacheConfig, FeatureView, load_config
 from featcache.errors import InvalidRequest
 from featcache.invalidation import InvalidationReport
@@ -23,6 +24,7 @@ from featcache.popularity import PopularityCounter
 from featcache.readpath import L1_RECORD_WIDTH, L1Entry, ReadPath
 from featcache.request import EntityId, Planner, distinct_ids, id_sequence, normalize_ids
 from featcache.result import FeatureResult
+from featcache.stats_publish import StatsPublisher
 from featcache.subscriber import InvalidationSubscriber
 from featcache.writes import Fence, PendingWrite, PutReport
 
@@ -65,10 +67,19 @@ class FeatureCache(Parts):
                 record_width=L1_RECORD_WIDTH,
             )
         self._popularity = self.popularity_counts if config.popularity.sample_rate > 0 else None
+        #: the sampled trace of reads for ``featcache analyze`` (``stats.trace_rate`` > 0)
+        self.access_trace: AccessTrace | None = None
+        if config.stats.trace_rate > 0:
+            self.access_trace = AccessTrace(self.store, self.layout, config.stats.trace_rate,
+                                            config.stats.trace_window, clock=clock)
         self._read = ReadPath(
             config, self.layout, self.store, self.offline, self.stats_counters, clock, self._l1,
-            self._popularity,
+            self._popularity, self.access_trace,
         )
+        #: this process's counters, published for ``featcache stats`` (``stats`` section)
+        self.stats_publisher = StatsPublisher(self.store, self.layout, config.stats,
+                                              self.stats_counters, clock=clock)
+        self.stats_publisher.start()
         self._subscriber: InvalidationSubscriber | None = None
         if self._l1 is not None:
             l1 = self._l1
@@ -99,10 +110,17 @@ class FeatureCache(Parts):
     # ------------------------------------------------------------------ lifecycle
 
     def close(self) -> None:
-        """Stop the invalidation tail (within about a second) and release the pools."""
+        """Stop the invalidation tail (within about a second), publish the last stats and
+        release the pools."""
         if getattr(self, "_subscriber", None) is not None:
             assert self._subscriber is not None
             self._subscriber.stop()
+        publisher: StatsPublisher | None = getattr(self, "stats_publisher", None)
+        if publisher is not None:
+            publisher.close()
+        trace: AccessTrace | None = getattr(self, "access_trace", None)
+        if trace is not None:
+            trace.close()
         super().close()
 
     def __enter__(self) -> FeatureCache:

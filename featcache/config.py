@@ -38,6 +38,7 @@ from featcache.config_sections import (
     RedisConfig,
     Section,
     StampedeConfig,
+    StatsConfig,
     parse_duration,
 )
 from featcache.config_warmer import (
@@ -67,6 +68,7 @@ __all__ = [
     "RedisConfig",
     "ScheduleConfig",
     "StampedeConfig",
+    "StatsConfig",
     "WarmerConfig",
     "config_from_dict",
     "find_view",
@@ -215,6 +217,7 @@ class CacheConfig:
     stampede: StampedeConfig = field(default_factory=StampedeConfig)
     degradation: DegradationConfig = field(default_factory=DegradationConfig)
     popularity: PopularityConfig = field(default_factory=PopularityConfig)
+    stats: StatsConfig = field(default_factory=StatsConfig)
     #: read only by the warmer (``featcache.jobs.warmer``); validated with the rest
     warmer: WarmerConfig = field(default_factory=WarmerConfig)
     source: str = field(default="", compare=False)
@@ -244,7 +247,7 @@ class CacheConfig:
             self.warmer.check_views(view.name for view in views)
         except ConfigError as exc:
             raise ConfigError(exc.message, exc.path, self.source) from None
-        if self.invalidation.replicas and (
+        if (self.invalidation.replicas or self.redis.read_from_replicas) and (
                 self.invalidation.replica_timeout >= self.redis.socket_timeout):
             raise ConfigError(
                 f"must be shorter than redis.socket_timeout ({self.redis.socket_timeout:g} s): "

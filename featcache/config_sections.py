@@ -38,6 +38,7 @@ __all__ = [
     "RedisConfig",
     "Section",
     "StampedeConfig",
+    "StatsConfig",
     "duration_field",
     "flag_field",
     "integer_field",
@@ -170,9 +171,10 @@ class RedisConfig(Section):
     primary that ``sentinels`` name for ``master_name``; ``url`` gives the user, password,
     database and TLS of the connections to it, its host and port are not used) or ``cluster``
     (a Redis/Valkey Cluster; ``url`` is any of its nodes, which tells the client the rest;
-    database 0 only). ``read_from_replicas`` (cluster only) spreads reads over each shard's
-    replicas; an invalidation then waits for every replica of the shards it wrote
-    (docs/deployment.md says what it costs).
+    database 0 only; ``cluster_nodes``: more nodes, ``host:port``, asked for the slot map
+    when the URL's does not answer). ``read_from_replicas`` (cluster only) spreads reads over
+    each shard's replicas; an invalidation then waits for every replica of the shards it
+    wrote (docs/deployment.md says what it costs).
     ``key_prefix`` starts
     every key featcache writes; ``read_chunk`` is the most keys one ``MGET`` carries (a larger
     batch is several in one round trip)."""
@@ -188,6 +190,7 @@ class RedisConfig(Section):
     mode: str = "standalone"
     sentinels: tuple[str, ...] = ()
     master_name: str = ""
+    cluster_nodes: tuple[str, ...] = ()
     read_from_replicas: bool = flag_field(False)
 
     def __post_init__(self) -> None:
@@ -203,6 +206,11 @@ class RedisConfig(Section):
             raise ConfigError(f"expected one of {', '.join(REDIS_MODES)}, got {self.mode!r}",
                               "redis.mode")
         object.__setattr__(self, "sentinels", _addresses(self.sentinels, "redis.sentinels"))
+        object.__setattr__(self, "cluster_nodes",
+                           _addresses(self.cluster_nodes, "redis.cluster_nodes"))
+        if self.cluster_nodes and self.mode != "cluster":
+            raise ConfigError(f"only read with mode: cluster (the mode is {self.mode})",
+                              "redis.cluster_nodes")
         if not isinstance(self.master_name, str):
             raise ConfigError(f"expected a name, got {self.master_name!r}", "redis.master_name")
         if self.mode == "sentinel":
@@ -377,8 +385,34 @@ class PopularityConfig(Section):
                               "popularity.sample_rate")
 
 
+@dataclass(frozen=True, slots=True)
+class StatsConfig(Section):
+    """``stats``: this process's counters and call latencies published into Redis every
+    ``publish_interval``, summed there per minute with every other process's and kept for
+    ``retention``, for ``featcache stats`` (``StatsPublisher``). ``publish_interval: 0``
+    publishes nothing and times no call (the per-view counters of ``stats()`` stay).
+    ``trace_rate`` above 0 records a spatially sampled trace of reads per view, kept for
+    ``trace_window``, for ``featcache analyze`` (``AccessTrace``)."""
+
+    NAME: ClassVar[str] = "stats"
+
+    publish_interval: float = duration_field(10.0, zero=True)
+    retention: float = duration_field(86400.0)
+    trace_rate: float = number_field(0.0)
+    trace_window: float = duration_field(3600.0)
+
+    def __post_init__(self) -> None:
+        self._check_fields()
+        rate = self.trace_rate
+        if not _is_number(rate) or not 0 <= rate <= 1:
+            raise ConfigError(f"expected a number from 0 to 1, got {rate!r}", "stats.trace_rate")
+        if self.retention < 60:
+            raise ConfigError(f"must be at least 1m (stats are kept per minute), got "
+                              f"{self.retention:g} s", "stats.retention")
+
+
 #: the serving sections, in the order the file format lists them
 SECTIONS: Final[tuple[type[Section], ...]] = (
     RedisConfig, OfflineStoreConfig, LimitsConfig, InvalidationConfig, L1Config,
-    StampedeConfig, DegradationConfig, PopularityConfig,
+    StampedeConfig, DegradationConfig, PopularityConfig, StatsConfig,
 )

@@ -16,10 +16,17 @@
     <prefix>:~<view>:watermark             the latest change followed (``jobs/changes.py``);
                                            watermark:applied the changes applied within the
                                            lookback window (a sorted set)
+    <prefix>:~<view>:trace                 the view's sampled read trace (a stream,
+                                           ``featcache.access_trace``; trimmed by age)
     <prefix>:~<view>:warmer:health         the view leader's last outcome per job (a hash);
                                            warmer:instances the warmers running the view (a
                                            sorted set), warmer:instance:<id> each one's own
     <prefix>:~stream                       the invalidation stream (XADD MAXLEN ~ stream_maxlen)
+    <prefix>:~:stats:<minute start>        every process's counts published in that minute (a
+                                           hash, ``featcache.stats_publish``; TTL: retention)
+    <prefix>:~:stats:procs                 the processes that published, scored by when
+                                           (``~:``: no view name is empty, so no view's
+                                           bookkeeping keys can reach them)
 
 ``prefix`` is ``redis.key_prefix`` (default ``fc``), ``view`` the view name, ``entity`` the id:
 a decimal integer or the UTF-8 string as given. A view has exactly one entity type, so ``7`` and
@@ -210,9 +217,34 @@ class KeyLayout:
         """One warmer's own health entry for the view."""
         return self._view_key(view, f"warmer:instance:{warmer_id}")
 
+    def scan_patterns(self, view: str | None = None) -> list[str]:
+        """``SCAN MATCH`` patterns of every key of ``view`` (rows, leases, bookkeeping), or
+        without a view of every key under the prefix (``featcache purge``). Prefixes and view
+        names hold no glob character and no ``:``, so a view's patterns reach no key of
+        another view or prefix."""
+        if view is None:
+            return [f"{self.prefix}:*"]
+        if self.buckets:
+            tag = f"{view}:[0-9][0-9]"  # the buckets' two digits (at most 100 buckets)
+            return [f"{self.prefix}:{{{tag}}}:*", f"{self.prefix}:~{{{tag}}}:*",
+                    f"{self.prefix}:~{{{view}}}:*"]
+        return [f"{self.prefix}:{view}:*", f"{self.prefix}:~{view}:*"]
+
     def stream_key(self) -> str:
         """The invalidation stream of this prefix (``featcache.invalidation``)."""
         return f"{self.prefix}:~stream"
+
+    def trace_key(self, view: str) -> str:
+        """The view's sampled read trace (a stream, ``featcache.access_trace``)."""
+        return self._view_key(view, "trace")
+
+    def stats_key(self, minute_start: int) -> str:
+        """The counts every process published in one minute (``featcache.stats_publish``)."""
+        return f"{self.prefix}:~:stats:{minute_start}"
+
+    def stats_processes_key(self) -> str:
+        """The processes that published stats, scored by when they last did."""
+        return f"{self.prefix}:~:stats:procs"
 
     def _view_key(self, view: str, name: str) -> str:
         """A per-view bookkeeping key, in a space no row key can reach (views never start '~');

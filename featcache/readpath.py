@@ -24,8 +24,10 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import replace
 from itertools import repeat
 from operator import itemgetter
+from time import perf_counter_ns
 from typing import Any, NamedTuple
 
+from featcache.access_trace import AccessTrace
 from featcache.breaker import CircuitBreaker, ConcurrencyLimiter
 from featcache.codec import (
     BODY_EPOCH,
@@ -180,8 +182,10 @@ class ReadPath:
         clock: Callable[[], float],
         l1: L1Cache[L1Entry] | None = None,
         popularity: PopularityCounter | None = None,
+        trace: AccessTrace | None = None,
     ) -> None:
         self.config = config
+        self.trace = trace
         self._layout = layout
         self._redis = redis_store
         self._offline = offline
@@ -192,6 +196,7 @@ class ReadPath:
         self._leases = Leases(redis_store, layout, int(config.stampede.lease_ttl * 1000))
         self._flights: SingleFlight[FlightKey, Shared] = SingleFlight()
         self.breaker = CircuitBreaker.from_config(config.degradation)
+        self._timed = config.stats.publish_interval > 0  # calls timed only for publishing
         self.sql_limiter = ConcurrencyLimiter.from_config(config.degradation)
         self._redis_outage = OutageLog(log, f"Redis {redis_store.url}")
         self._epoch_keys = {view.name: layout.epoch_key(view.name) for view in config.views}
@@ -233,6 +238,8 @@ class ReadPath:
     def read(self, plan: Plan, ids: list[EntityId], *, checked: bool = True) -> FeatureResult:
         """``ids``: distinct, from ``normalize_ids``; or, with ``checked=False``, from
         ``distinct_ids``, checked here against the limits only if L1 does not answer them all."""
+        # the call's latency, counted per tier when stats are published (0: not counted)
+        began_ns = perf_counter_ns() if self._timed else 0
         n_views = len(plan.views)
         l1_token = 0
         reads: list[_ViewRead] = []
@@ -244,7 +251,7 @@ class ReadPath:
         else:
             l1_hits = [self._from_l1(vp, ids) for vp in plan.views]
             if [*map(type, l1_hits)].count(InOrder) == n_views:  # every id of every view
-                return self._all_from_l1(plan, ids, l1_hits)
+                return self._all_from_l1(plan, ids, l1_hits, began_ns)
             pending = []
             for hits in l1_hits:
                 if not hits:
@@ -254,7 +261,7 @@ class ReadPath:
                 else:
                     pending.append([e for e in ids if e not in hits])
             if not any(pending):  # all from L1 after a recheck: complete, in ids' order
-                return self._all_from_l1(plan, ids, l1_hits)
+                return self._all_from_l1(plan, ids, l1_hits, began_ns)
             some_from_l1 = any(l1_hits)
         if not checked:
             check_ids(ids, plan.entity_type, self.config.limits.max_id_length)
@@ -313,7 +320,7 @@ class ReadPath:
             # takes the general path below, from the same MGET
             plain = self._plain_hits(plan, ids, raw, epochs, now_ms)
             if plain is not None:
-                return self._answer_plain(plan, ids, plain, l1_token)
+                return self._answer_plain(plan, ids, plain, l1_token, began_ns)
         if redis_ok and None in epochs and any(pending):
             # a view never used, or its epoch key was evicted: rows must never be stamped
             # with an epoch a lost key could read as again, so create it (server clock) first;
@@ -349,11 +356,16 @@ class ReadPath:
         if redis_ok and any(vr.items or vr.release for vr in reads):
             self._write_fills(plan, reads, started)
         answers: list[dict[EntityId, Answer]] = []
+        took_ns = perf_counter_ns() - began_ns
         for vr in reads:
             if len(vr.answers) != len(ids) or (vr.counts["hit_l1"] and pending[len(answers)]):
                 vr.answers = {eid: vr.answers[eid] for eid in ids}  # the caller's order
             answers.append(vr.answers)
-            self._stats.add(vr.vp.view.name, vr.counts)
+            if began_ns:
+                self._stats.add_call(vr.vp.view.name, vr.counts,
+                                     "sql" if vr.missing else "redis", took_ns)
+            else:
+                self._stats.add(vr.vp.view.name, vr.counts)
         if self.l1 is not None:
             for vr in reads:
                 self._to_l1(vr.vp, vr.answers, vr.loaded, l1_token)
@@ -374,16 +386,23 @@ class ReadPath:
         return out
 
     def _all_from_l1(
-        self, plan: Plan, ids: list[EntityId], l1_hits: list[Mapping[EntityId, Answer]]
+        self, plan: Plan, ids: list[EntityId], l1_hits: list[Mapping[EntityId, Answer]],
+        began_ns: int,
     ) -> FeatureResult:
+        took_ns = perf_counter_ns() - began_ns
         for vp in plan.views:
             self._count_read(vp, ids)
-            self._stats.add_one(vp.view.name, "hit_l1", len(ids))
+            if began_ns:
+                self._stats.call(vp.view.name, "hit_l1", len(ids), "l1", took_ns)
+            else:
+                self._stats.add_one(vp.view.name, "hit_l1", len(ids))
         return FeatureResult(ids, plan, l1_hits)
 
     def _count_read(self, vp: ViewPlan, ids: list[EntityId]) -> None:
         if self.popularity is not None:  # sampled: almost always one random() and out
             self.popularity.record(vp.view.name, ids)
+        if self.trace is not None:  # one append; the sampling runs in its own thread
+            self.trace.record(vp.view.name, ids)
 
     # ------------------------------------------------------------------ L1
 
@@ -593,14 +612,19 @@ class ReadPath:
         ids: list[EntityId],
         hits: list[tuple[Iterator[Answer], list[int]]],
         l1_token: int,
+        began_ns: int,
     ) -> FeatureResult:
         """The result of a call whose every row was a plain hit (``_plain_hits``)."""
         answers: list[Mapping[EntityId, Answer]] = []
-        add_one = self._stats.add_one
+        stats = self._stats
+        took_ns = perf_counter_ns() - began_ns
         for vp, (rows, loaded) in zip(plan.views, hits, strict=True):
             by_id = dict(zip(ids, rows, strict=True))
             answers.append(by_id)
-            add_one(vp.view.name, "hit_redis", len(ids))
+            if began_ns:
+                stats.call(vp.view.name, "hit_redis", len(ids), "redis", took_ns)
+            else:
+                stats.add_one(vp.view.name, "hit_redis", len(ids))
             if self.l1 is not None:
                 self._to_l1(vp, by_id, dict(zip(ids, loaded, strict=True)), l1_token)
         return FeatureResult(ids, plan, answers)

@@ -1,8 +1,12 @@
-"""In-process counters per view and event, read by ``FeatureCache.stats()`` and Prometheus.
+"""In-process counters per view and event, and calls per tier with their latencies, read by
+``FeatureCache.stats()``, Prometheus and the publisher of cluster-wide stats.
 
 Counting is a dict increment under one lock per call (not per row), so it costs the serving
 path nothing measurable; Prometheus reads the same numbers at scrape time through a custom
-collector instead of paying prometheus-client's per-increment locking on the hot path.
+collector instead of paying prometheus-client's per-increment locking on the hot path. A
+call's latency is counted in a bucket of a log-scale histogram (``latency_bucket``: four
+buckets per power of two of nanoseconds), so any number of processes' histograms add up to
+the histogram of all their calls, which percentiles cannot do.
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ from collections import Counter
 from collections.abc import Iterator, Mapping
 from typing import Any
 
-__all__ = ["EVENTS", "CacheStats"]
+__all__ = ["EVENTS", "TIERS", "CacheStats", "bucket_bounds", "latency_bucket"]
 
 EVENTS = (
     "hit_l1",  # answered by the in-process L1 cache
@@ -41,12 +45,37 @@ EVENTS = (
 )
 
 
+#: where a call's rows came from, its slowest source: every row from the L1, every row from
+#: the L1 or Redis, or some from SQL (or from another reader's SQL read: a fill waited for)
+TIERS = ("l1", "redis", "sql")
+
+
+def latency_bucket(ns: int) -> int:
+    """The histogram bucket of a latency of ``ns`` nanoseconds: ``4 * bits + quarter``, where
+    ``bits`` is the bit length of ``ns`` and ``quarter`` its next two bits (each bucket about
+    19% wide; below 8 ns the value itself)."""
+    bits = ns.bit_length()
+    return (bits << 2) | ((ns >> (bits - 3)) & 3) if bits > 3 else ns
+
+
+def bucket_bounds(bucket: int) -> tuple[int, int]:
+    """The latencies (nanoseconds, ``low <= ns < high``) ``latency_bucket`` puts in it."""
+    bits, quarter = bucket >> 2, bucket & 3
+    if bits <= 3:
+        return bucket, bucket + 1
+    step = 1 << (bits - 3)
+    low = (1 << (bits - 1)) + quarter * step
+    return low, low + step
+
+
 class CacheStats:
-    """Thread-safe counters keyed by (view, event)."""
+    """Thread-safe counters keyed by (view, event), and calls and their latency histogram
+    keyed by (view, tier)."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._counts: Counter[tuple[str, str]] = Counter()
+        self._calls: Counter[tuple[str, str, int]] = Counter()  # view, tier, latency bucket
 
     def add(self, view: str, counts: Mapping[str, int]) -> None:
         with self._lock:
@@ -55,9 +84,41 @@ class CacheStats:
                     self._counts[(view, event)] += n
 
     def add_one(self, view: str, event: str, n: int) -> None:
-        """``add`` of one event: the L1-hit path's, without a dict to build and walk."""
+        """``add`` of one event, without a dict to build and walk."""
         with self._lock:
             self._counts[(view, event)] += n
+
+    def call(self, view: str, event: str, n: int, tier: str, ns: int) -> None:
+        """A call answered by one event (``n`` rows, all hits of one tier) in ``ns``
+        nanoseconds: ``add_one`` and the call, under one lock."""
+        bucket = latency_bucket(ns)
+        with self._lock:
+            self._counts[(view, event)] += n
+            self._calls[(view, tier, bucket)] += 1
+
+    def add_call(self, view: str, counts: Mapping[str, int], tier: str, ns: int) -> None:
+        """``add``, and a call of ``tier`` that took ``ns`` nanoseconds."""
+        bucket = latency_bucket(ns)
+        with self._lock:
+            for event, n in counts.items():
+                if n:
+                    self._counts[(view, event)] += n
+            self._calls[(view, tier, bucket)] += 1
+
+    def calls(self) -> dict[tuple[str, str, int], int]:
+        """Calls so far by (view, tier, latency bucket)."""
+        with self._lock:
+            return dict(self._calls)
+
+    def totals(self) -> dict[str, int]:
+        """Every count so far, flat: ``<view>|e|<event>`` and ``<view>|c|<tier>|<bucket>``
+        (a view name holds no ``|``), which sum across processes field by field."""
+        with self._lock:
+            counts = list(self._counts.items())
+            calls = list(self._calls.items())
+        out = {f"{view}|e|{event}": n for (view, event), n in counts}
+        out.update((f"{view}|c|{tier}|{bucket}", n) for (view, tier, bucket), n in calls)
+        return out
 
     def snapshot(self) -> dict[str, dict[str, int]]:
         """``{view: {event: count}}`` with every known event present."""

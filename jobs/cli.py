@@ -5,10 +5,9 @@ data flows from the jobs into ``featcache``, not back. Modules of ``jobs/`` impo
 relatively, because ``jobs/`` becomes ``featcache.jobs`` only when installed.
 
 Every command is one ``_add_<name>`` function that declares its arguments and a handler taking
-the parsed arguments and returning the exit status; ``_COMMANDS`` lists them (``demo``,
-``invalidate``, ``materialize``, ``warm``, ``warmer``), so a new command plugs in without
-touching the rest. The global options (``--log-level``, ``--version``) are accepted before and
-after the command's name.
+the parsed arguments and returning the exit status; ``_COMMANDS`` lists them, so a new
+command plugs in without touching the rest. The global options (``--log-level``,
+``--version``) are accepted before and after the command's name.
 
 A ``FeatcacheError`` is printed as one line, no traceback (an outcome to act on, not a bug),
 and its class decides the exit status (``EXIT_STATUSES``, listed by ``featcache --help``), so a
@@ -33,7 +32,6 @@ from types import FrameType
 from typing import Final
 
 from featcache import __version__, demo
-from featcache.config import parse_duration
 from featcache.errors import (
     BackendError,
     ConfigError,
@@ -44,6 +42,8 @@ from featcache.errors import (
     OfflineStoreUnavailable,
     UnknownView,
 )
+
+from .argtypes import duration, int_at_least, number_at_least
 
 __all__ = ["EXIT_STATUSES", "exit_status", "main"]
 
@@ -109,37 +109,6 @@ class _Terminated(BaseException):
 # ----------------------------------------------------------------------------- argument types
 
 
-def _int_at_least(low: int) -> Callable[[str], int]:
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
-        return value
-
-    return parse
-
-
-def _duration(text: str) -> float:
-    """A duration as the config writes them (``90``, ``500ms``, ``5m``, ``1h``), in seconds."""
-    try:
-        return parse_duration(text)
-    except ConfigError as exc:
-        raise argparse.ArgumentTypeError(exc.message) from None
-
-
-def _non_negative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not value >= 0 or value == float("inf"):  # also rejects NaN
-        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
-    return value
-
-
 # ----------------------------------------------------------------------------- commands
 
 
@@ -178,21 +147,21 @@ def _add_demo(commands: _Subcommands[argparse.ArgumentParser]) -> None:
              "missing and filled if empty, otherwise used as they are (never dropped)",
     )
     parser.add_argument(
-        "--users", type=_int_at_least(1), metavar="N",
+        "--users", type=int_at_least(1), metavar="N",
         help=f"users in the sample (default {demo.DEFAULT_USERS:,}; "
              f"{demo.QUICK_USERS:,} with --quick)",
     )
     parser.add_argument(
-        "--calls", type=_int_at_least(1), metavar="N",
+        "--calls", type=int_at_least(1), metavar="N",
         help=f"get_features calls (default {demo.DEFAULT_CALLS:,}; "
              f"{demo.QUICK_CALLS:,} with --quick)",
     )
     parser.add_argument(
-        "--batch", type=_int_at_least(1), default=32, metavar="N",
+        "--batch", type=int_at_least(1), default=32, metavar="N",
         help="ids drawn per call (duplicates collapse, as in get_features) (default 32)",
     )
     parser.add_argument(
-        "--zipf", type=_non_negative_float, default=1.1, metavar="S",
+        "--zipf", type=number_at_least, default=1.1, metavar="S",
         help="Zipf exponent of id popularity: 0 uniform, larger more skewed (default 1.1)",
     )
     parser.add_argument(
@@ -292,7 +261,7 @@ def _add_materialize(commands: _Subcommands[argparse.ArgumentParser]) -> None:
              "needs the view's updated_at column",
     )
     parser.add_argument(
-        "--chunk-rows", type=_int_at_least(1), default=10_000, metavar="N",
+        "--chunk-rows", type=int_at_least(1), default=10_000, metavar="N",
         help="entities per chunk: one fence, one SQL read, one write each (default 10000)",
     )
     parser.set_defaults(handler=_run_materialize)
@@ -306,6 +275,101 @@ def _run_materialize(args: argparse.Namespace) -> int:
         chunk_rows=args.chunk_rows,
     )
     return 0
+
+
+def _add_validate(commands: _Subcommands[argparse.ArgumentParser]) -> None:
+    parser = commands.add_parser(
+        "validate",
+        help="check a config against its servers: Redis access and settings, each view's "
+             "table, columns, types and index",
+        description=(
+            "Load the config and check it against the servers it names: Redis reachable with "
+            "its credentials, and per server (each primary of a cluster) its version, role, "
+            "maxmemory and maxmemory-policy; each view's table, columns and types, a sample "
+            "of rows converted as a read converts them, and an index on the entity column. "
+            "Prints a short report (--json: one JSON object). Warnings leave the status 0; "
+            "errors end the command with the status of the most decisive one: 78 a "
+            "configuration error, else 69 a statement the database refused, else 75 a server "
+            "that could not be reached."
+        ),
+    )
+    _config_option(parser)
+    parser.add_argument("--json", action="store_true",
+                        help="one JSON object instead of the text report")
+    parser.set_defaults(handler=_run_validate)
+
+
+def _run_validate(args: argparse.Namespace) -> int:
+    from . import validate  # noqa: PLC0415 - each command imports its own
+
+    validate.run_validate(args.config, as_json=args.json)
+    return EXIT_OK
+
+
+def _add_get(commands: _Subcommands[argparse.ArgumentParser]) -> None:
+    parser = commands.add_parser(
+        "get",
+        help="debugging: what get_features answers for some entities (values, status, tier, "
+             "age) and what Redis held for them",
+        description=(
+            "Read entities of a view through FeatureCache.get_features as a serving process "
+            "does (a miss is read from SQL and written back; no L1, and the read is not "
+            "counted for popularity), and print per entity each value, the status, the tier "
+            "that answered, the row's age (now minus when it was read from SQL) and event "
+            "time, and what Redis held for the row just before the call."
+        ),
+    )
+    _config_option(parser)
+    parser.add_argument("--view", metavar="V", required=True, help="the feature view")
+    parser.add_argument("--ids", metavar="1,2,3", required=True,
+                        help="comma-separated entity ids")
+    parser.add_argument("--features", metavar="f1,f2",
+                        help="comma-separated features of the view (default: every one)")
+    parser.add_argument("--json", action="store_true", help="one JSON object instead of text")
+    parser.set_defaults(handler=_run_get)
+
+
+def _run_get(args: argparse.Namespace) -> int:
+    from . import lookup  # noqa: PLC0415 - each command imports its own
+
+    lookup.run_get(args.config, args.view, args.ids, args.features, as_json=args.json)
+    return EXIT_OK
+
+
+def _add_purge(commands: _Subcommands[argparse.ArgumentParser]) -> None:
+    parser = commands.add_parser(
+        "purge",
+        help="delete featcache's keys of one view, or every key under the prefix",
+        description=(
+            "Delete featcache's keys from Redis (every primary of a cluster) by SCAN and "
+            "UNLINK in batches: a view's rows, leases, epoch and bookkeeping, or with --all "
+            "every key under <prefix>:, and nothing outside it. Every key deleted is a miss "
+            "afterwards, read again from SQL. Asks for confirmation first unless --yes; "
+            "without --yes standard input must be a terminal. A progress bar on a terminal "
+            "(the keys are counted first), else INFO log lines; prints one JSON line."
+        ),
+    )
+    _config_option(parser)
+    which = parser.add_mutually_exclusive_group(required=True)
+    which.add_argument("--view", metavar="V",
+                       help="the view's keys: rows, leases, epoch, bookkeeping")
+    which.add_argument("--all", action="store_true",
+                       help="every key under <prefix>: (the invalidation stream included)")
+    parser.add_argument("--yes", action="store_true",
+                        help="delete without asking (needed when standard input is not a "
+                             "terminal)")
+    parser.set_defaults(handler=_run_purge)
+
+
+def _run_purge(args: argparse.Namespace) -> int:
+    if not args.yes and not sys.stdin.isatty():
+        print("featcache: error: purge asks before it deletes, and standard input is not a "
+              "terminal: pass --yes to delete without asking", file=sys.stderr)
+        return EXIT_USAGE
+    from . import purge  # noqa: PLC0415 - each command imports its own
+
+    purge.run_purge(args.config, None if args.all else args.view, yes=args.yes)
+    return EXIT_OK
 
 
 def _add_warm(commands: _Subcommands[argparse.ArgumentParser]) -> None:
@@ -328,11 +392,11 @@ def _add_warm(commands: _Subcommands[argparse.ArgumentParser]) -> None:
     _config_option(parser)
     parser.add_argument("--view", metavar="V", help="only this view (default: every view)")
     parser.add_argument(
-        "--k", type=_int_at_least(1), default=1000, metavar="N",
+        "--k", type=int_at_least(1), default=1000, metavar="N",
         help="the most read entities to consider per view (default 1000)",
     )
     parser.add_argument(
-        "--horizon", type=_duration, default=60.0, metavar="D",
+        "--horizon", type=duration, default=60.0, metavar="D",
         help="also refresh rows that go stale within D: seconds, or a duration as in the "
              "config (500ms, 5m, 1h) (default 60)",
     )
@@ -379,7 +443,7 @@ def _add_warmer(commands: _Subcommands[argparse.ArgumentParser]) -> None:
 
 
 def _port(text: str) -> int:
-    port = _int_at_least(0)(text)
+    port = int_at_least(0)(text)
     if port > 65535:
         raise argparse.ArgumentTypeError(f"must be a TCP port 0-65535, got {port}")
     return port
@@ -393,10 +457,51 @@ def _run_warmer(args: argparse.Namespace) -> int:
     return warmer.run_warmer(args.config, args.metrics_port, args.metrics_addr)
 
 
+def _add_stats(commands: _Subcommands[argparse.ArgumentParser]) -> None:
+    parser = commands.add_parser(
+        "stats",
+        help="every serving process's hit rates, latencies and SQL work saved, from Redis",
+        description=(
+            "Sum the counts every serving process published into Redis (the config's stats "
+            "section) over the last --since, and show per view: the share of values and of "
+            "calls answered by the L1 and by Redis, p50/p99 call latency for calls answered "
+            "without SQL and for calls that read SQL, the SQL work saved, and the processes "
+            "reporting."
+        ),
+    )
+    _config_option(parser)
+    parser.add_argument("--view", metavar="V", help="only this view (default: every view)")
+    parser.add_argument("--since", metavar="D", type=duration, default=900.0,
+                        help="the window, counted in whole minutes (default 15m)")
+    parser.add_argument("--watch", metavar="S", type=duration, nargs="?", const=2.0,
+                        help="print again every S seconds (default 2) until interrupted")
+    parser.add_argument("--json", action="store_true", help="one JSON object (a line each "
+                                                              "refresh with --watch)")
+    parser.set_defaults(handler=_run_stats)
+
+
+def _run_stats(args: argparse.Namespace) -> int:
+    from . import stats_cmd  # noqa: PLC0415 - each command imports its own
+
+    return stats_cmd.run_stats(args.config, args.view, args.since, watch=args.watch,
+                               as_json=args.json)
+
+
+def _add_analyze(commands: _Subcommands[argparse.ArgumentParser]) -> None:
+    from . import analyze  # noqa: PLC0415 - its own module (argparse only until it runs)
+
+    analyze.add_parser(commands)
+
+
 _COMMANDS: tuple[Callable[[_Subcommands[argparse.ArgumentParser]], None], ...] = (
+    _add_analyze,
     _add_demo,
+    _add_get,
     _add_invalidate,
     _add_materialize,
+    _add_purge,
+    _add_stats,
+    _add_validate,
     _add_warm,
     _add_warmer,
 )

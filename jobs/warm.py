@@ -14,8 +14,9 @@ stream the distinct entity ids (``featcache.offline.bulk.iter_entity_ids``, a ch
 rows of exactly those ids, write. That is one extra, narrow scan instead of reading every row
 twice.
 
-Progress: a rich progress bar when stdout is a terminal, else ``key=value`` log lines on the
-``featcache.warm`` logger.
+Progress: a rich progress bar when stdout is a terminal (entities done of the total, with the
+time left: for ``all`` and ``since`` the total is counted in the background while the run
+starts), else ``key=value`` log lines on the ``featcache.warm`` logger.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import datetime as dt
 import json
 import logging
 import sys
+import threading
 import time
 from collections.abc import Callable, Collection, Generator, Iterator, Sequence, Set
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -37,7 +39,13 @@ from featcache.codec import KIND_ABSENT, KIND_ROW, RowCodec
 from featcache.config import FeatureView, load_config
 from featcache.errors import InvalidRequest
 from featcache.offline import RowColumns, SqlRow
-from featcache.offline.bulk import IdRunReader, iter_entity_ids, iter_latest_by_id, reads_id_runs
+from featcache.offline.bulk import (
+    IdRunReader,
+    count_entity_ids,
+    iter_entity_ids,
+    iter_latest_by_id,
+    reads_id_runs,
+)
 from featcache.parts import Parts
 from featcache.redis_store import RedisStore
 from featcache.request import EntityId
@@ -319,16 +327,25 @@ def _due(
 
 
 @contextlib.contextmanager
-def progress_reporter(label: str, total: int | None = None) -> Iterator[Progress]:
-    """A ``progress`` callback: a rich bar when stdout is a terminal, else log lines."""
+def progress_reporter(
+    label: str, total: int | None = None, count: Callable[[], int] | None = None
+) -> Iterator[Progress]:
+    """A ``progress`` callback: a rich bar when stdout is a terminal (with the entities done
+    of ``total``, and the time left once the total is known), else log lines. ``count``
+    finds an unknown total, on a terminal only, in a thread of its own: the bar starts at
+    once and shows the total when the count ends (a ``COUNT(DISTINCT)`` scans the table)."""
     if sys.stdout.isatty():
         with rich_progress.Progress(
             rich_progress.TextColumn("{task.description}"), rich_progress.BarColumn(),
             rich_progress.MofNCompleteColumn(),
             rich_progress.TextColumn("written {task.fields[written]}"),
-            rich_progress.TimeElapsedColumn(), transient=True,
+            rich_progress.TimeElapsedColumn(), rich_progress.TimeRemainingColumn(),
+            transient=True,
         ) as bar:
             task = bar.add_task(label, total=total, written=0)
+            if total is None and count is not None:
+                threading.Thread(target=_count_into, args=(bar, task, count), daemon=True,
+                                 name="featcache-materialize-count").start()
 
             def update(report: MaterializeReport) -> None:
                 bar.update(task, completed=report.entities, written=report.rows_written)
@@ -344,6 +361,18 @@ def progress_reporter(label: str, total: int | None = None) -> Iterator[Progress
         )
 
     yield log_line
+
+
+def _count_into(bar: rich_progress.Progress, task: rich_progress.TaskID,
+                count: Callable[[], int]) -> None:
+    """The bar's total, from ``count``; a count that fails leaves the bar without one (the
+    run itself says what failed, if anything did)."""
+    try:
+        total = count()
+    except Exception as exc:
+        log.debug("materialize: no total for the progress bar: %s", exc)
+        return
+    bar.update(task, total=total)
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -367,8 +396,9 @@ def run_materialize(
         ids = read_ids_file(ids_file, view)
         if not ids:
             raise InvalidRequest(f"no ids in {ids_file}")
-    with Parts(config) as cache, \
-            progress_reporter(f"materialize view={view.name}", len(ids) if ids else None) as bar:
+    with Parts(config) as cache, progress_reporter(
+            f"materialize view={view.name}", len(ids) if ids else None,
+            count=lambda: count_entity_ids(cache.offline, view, since=since)) as bar:
         report = materialize(cache, view, all=all, ids=ids, since=since,
                              chunk_rows=chunk_rows, progress=bar)
     out.write(json.dumps(asdict(report)) + "\n")

@@ -1,13 +1,17 @@
-"""Builders of the command-line tests (``test_cli_conventions``, ``test_offline_urls``): the
-installed console script, a port nothing listens on, and a one-view config file."""
+"""Builders of the command-line tests (``test_cli_conventions``, ``test_offline_urls``...): the
+installed console script (also on a pseudo-terminal), a port nothing listens on, and a
+one-view config file."""
 
 from __future__ import annotations
 
 import os
+import pty
+import select
 import shutil
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import yaml
@@ -46,3 +50,42 @@ def write_config(path: Path, redis_url: str, key_prefix: str, offline_url: str,
         "views": {"cv": view},
     }))
     return path
+
+
+def featcache_on_a_terminal(*args: str, answer: str | None = None,
+                            timeout: float = 120.0) -> tuple[int, str]:
+    """Run the console script with a pseudo-terminal as its stdin, stdout and stderr (what a
+    person at a shell gives it: progress bars, questions); ``answer`` is typed once a
+    ``[y/N]`` question shows. Returns the exit status and everything it wrote."""
+    script = shutil.which("featcache", path=os.path.dirname(sys.executable))
+    assert script is not None, f"no featcache console script next to {sys.executable}"
+    env = {**os.environ, "TERM": "xterm-256color", "COLUMNS": "160", "LINES": "40"}
+    leader, follower = pty.openpty()
+    proc = subprocess.Popen([script, *args], stdin=follower, stdout=follower, stderr=follower,
+                            env=env, close_fds=True)
+    os.close(follower)
+    output = b""
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([leader], [], [], 0.2)
+            if not ready:
+                if proc.poll() is not None:
+                    break
+                continue
+            try:
+                chunk = os.read(leader, 65536)
+            except OSError:  # EIO: the process closed the terminal
+                break
+            if not chunk:
+                break
+            output += chunk
+            if answer is not None and b"[y/N]" in output:
+                os.write(leader, answer.encode() + b"\n")
+                answer = None
+        else:
+            proc.kill()
+        status = proc.wait(timeout=30)
+    finally:
+        os.close(leader)
+    return status, output.decode(errors="replace")

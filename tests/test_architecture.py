@@ -19,11 +19,12 @@ ROOT = Path(__file__).resolve().parent.parent
 REDIS_MODULES = {"featcache.redis_store", "featcache.redis_store.base",
                  "featcache.redis_store.errors", "featcache.redis_store.scripts",
                  "featcache.redis_store.standalone", "featcache.redis_store.cluster",
-                 "featcache.redis_store.cluster_store",
+                 "featcache.redis_store.cluster_store", "featcache.redis_store.admin",
                  "featcache.embedded", "featcache.embedded_cluster",
                  "featcache.embedded_sentinel", "featcache.demo.run"}
 SQL_MODULES = {"featcache.offline", "featcache.offline.store", "featcache.offline.bulk",
                "featcache.offline.arrow", "featcache.offline.changes", "featcache.offline.text",
+               "featcache.offline.checks",
                "featcache.demo.run", "featcache.demo.data"}
 
 

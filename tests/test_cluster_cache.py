@@ -29,6 +29,7 @@ from featcache.config_sections import (
     PopularityConfig,
     RedisConfig,
 )
+from featcache.embedded import free_port
 from featcache.embedded_cluster import EmbeddedCluster
 from featcache.keys import CLUSTER_BUCKETS, KeyLayout
 from featcache.redis_store import ClusterStore
@@ -173,6 +174,29 @@ def test_a_mode_that_does_not_match_the_server_is_a_config_error(
         FeatureCache(at_a_node).get_features(IDS, ["clicks"])
     with pytest.raises(ConfigError, match="database 0 only"):
         RedisConfig(url=f"redis://{redis_cluster.seeds[0]}/3", mode="cluster")
+
+
+def test_other_seed_nodes_serve_the_slot_map_when_the_urls_node_is_down(
+    redis_cluster: EmbeddedCluster, cluster_key_prefix: str, sql_url: str
+) -> None:
+    down = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there
+    seeded = RedisConfig(url=down, mode="cluster", key_prefix=cluster_key_prefix,
+                         socket_timeout=2, cluster_nodes=tuple(redis_cluster.seeds))
+    config = CacheConfig(views=(make_view(VIEW, VIEW, None),), redis=seeded,
+                         offline_store=OfflineStoreConfig(url=sql_url))
+    with FeatureCache(config) as fc:
+        fc.get_features(IDS, ["clicks"])
+        assert fc.get_features(IDS, ["clicks"]).status_counts() == {Status.HIT_REDIS: len(IDS)}
+    alone = config.replace(redis=RedisConfig(url=down, mode="cluster",
+                                             key_prefix=cluster_key_prefix))
+    with FeatureCache(alone) as fc:  # the node it knows is down: every row from SQL
+        result = fc.get_features(IDS, ["clicks"])
+        assert result.status_counts() == {Status.FILLED: len(IDS)}
+        assert fc.stats()[VIEW]["redis_errors"] == 1
+    with pytest.raises(ConfigError, match="only read with mode: cluster"):
+        RedisConfig(cluster_nodes=("127.0.0.1:7000",))
+    with pytest.raises(ConfigError, match="expected host:port"):
+        RedisConfig(mode="cluster", cluster_nodes=("127.0.0.1",))
 
 
 def test_reads_under_load_survive_a_migration_a_failover_and_a_killed_primary(

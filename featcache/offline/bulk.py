@@ -56,6 +56,7 @@ T = TypeVar("T")
 __all__ = [
     "IdRunReader",
     "Rows",
+    "count_entity_ids",
     "iter_entity_ids",
     "iter_latest_by_id",
     "iter_latest_rows",
@@ -166,6 +167,26 @@ def iter_entity_ids(
                     yield _as_kind(listed_ids, kind, view_def.name)
     except sa_exc.SQLAlchemyError as exc:
         raise translate(exc, offline.url, f"listing the ids of view {view_def.name!r}") from exc
+
+
+def count_entity_ids(
+    offline: OfflineStore, view: str | FeatureView, *, since: dt.datetime | None = None
+) -> int:
+    """How many ids ``iter_entity_ids`` lists (with a row updated at or after ``since``), by
+    one ``COUNT(DISTINCT)``: the total of a progress bar."""
+    view_def = offline.view(view)
+    bound = offline.bind(view_def)
+    entity = bound.table.c[view_def.entity_column]
+    listed = sa.cast(entity, sa.LargeBinary) if bound.exact_ids else entity
+    query = sa.select(sa.func.count(sa.distinct(listed))).where(entity.is_not(None))
+    where = bound.updated_since(since)
+    if where is not None:
+        query = query.where(where)
+    try:
+        with offline.engine.connect() as conn:
+            return int(conn.execute(query).scalar_one())
+    except sa_exc.SQLAlchemyError as exc:
+        raise translate(exc, offline.url, f"counting the ids of view {view_def.name!r}") from exc
 
 
 def _as_kind(listed_ids: list[Any], kind: type[int] | type[str], view: str) -> list[EntityId]:

@@ -328,6 +328,15 @@ class OfflineStore:
         return bound
 
     def _reflect(self, view: FeatureView) -> sa.Table:
+        table = self.reflect_table(view)
+        missing = self.column_errors(view, table)
+        if missing:
+            raise missing[0]
+        return table
+
+    def reflect_table(self, view: FeatureView) -> sa.Table:
+        """The view's table as the database describes it; ``SchemaError`` when there is none.
+        Its configured columns are not checked here (``column_errors``)."""
         path = f"views.{view.name}"
         qualified = f"{view.schema}.{view.table}" if view.schema else view.table
         try:
@@ -342,7 +351,15 @@ class OfflineStore:
             ) from None
         except sa_exc.SQLAlchemyError as exc:
             raise translate(exc, self.url, f"reflecting table {qualified!r}") from exc
+        return table
+
+    def column_errors(self, view: FeatureView, table: sa.Table) -> list[SchemaError]:
+        """A ``SchemaError`` for each configured column of ``view`` that ``table`` lacks, in
+        the configuration's order (a read raises the first; ``featcache validate`` shows all)."""
+        path = f"views.{view.name}"
+        qualified = f"{view.schema}.{view.table}" if view.schema else view.table
         columns = list(table.c.keys())
+        errors: list[SchemaError] = []
         wanted = [
             (f"{path}.entity.column", view.entity_column),
             (f"{path}.event_timestamp", view.event_timestamp_column),
@@ -353,13 +370,13 @@ class OfflineStore:
             if column not in table.c:
                 close = difflib.get_close_matches(column, columns, n=1)
                 hint = f"; did you mean {close[0]!r}?" if close else ""
-                raise SchemaError(
+                errors.append(SchemaError(
                     f"column {column!r} does not exist in table {qualified!r}{hint} "
                     f"(columns: {', '.join(columns)})",
                     key_path,
                     self._source,
-                )
-        return table
+                ))
+        return errors
 
     # ------------------------------------------------------------------ reads
 

@@ -55,11 +55,15 @@ T = TypeVar("T")
 
 def connect_cluster(config: RedisConfig) -> redis.RedisCluster:
     """A client of the cluster ``config.url`` is a node of (``redis://`` or ``rediss://``,
-    user and password from the URL), with the section's timeouts and pool size per node.
+    user and password from the URL), with the section's timeouts and pool size per node;
+    ``config.cluster_nodes`` are asked for the slot map when that node does not answer.
     redis-py asks that node for the slot map at once: call it where a failure can be
     translated (``ClusterStore.client``)."""
+    seeds = [ClusterNode(host, int(port))  # type: ignore[no-untyped-call]
+             for host, _, port in
+             (node.rpartition(":") for node in config.cluster_nodes)]
     client: redis.RedisCluster = redis.RedisCluster.from_url(
-        config.url, socket_timeout=config.socket_timeout,
+        config.url, startup_nodes=seeds, socket_timeout=config.socket_timeout,
         socket_connect_timeout=config.connect_timeout, max_connections=config.max_connections,
         # any strategy has redis-py send READONLY on every connection, which a replica needs
         # to answer reads of its primary's slots; which node reads is ClusterReader's choice
