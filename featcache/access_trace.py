@@ -8,7 +8,7 @@ in the trace or none is) and adds, per view, one entry to the stream
 ``<prefix>:~<view>:trace`` holding the kept ids in read order, each one's time, the rate, and
 how many reads of the view the flush covered (kept or not, so the analysis knows the whole
 trace's length). Entries older than ``stats.trace_window`` are trimmed (``XADD MINID ~``):
-the trace's memory is about ``rate x reads per second x window x 10 bytes``.
+the trace's memory is about ``rate x reads per second x window x 15 bytes``.
 
 ``read_trace`` reads a view's stream back (pages of ``XRANGE``); processes configured with
 different rates leave entries of different rates, so every id is filtered again at the

@@ -27,6 +27,7 @@ from .argtypes import duration, int_at_least, number_above, rate
 
 if TYPE_CHECKING:
     from featcache.analysis.trace import Trace
+    from featcache.config import CacheConfig
 
 __all__ = ["add_parser", "parse_bytes", "run_analyze"]
 
@@ -134,8 +135,8 @@ def run_analyze(args: argparse.Namespace) -> int:
 
     parser: argparse.ArgumentParser = args.analyze_parser
     started = time.perf_counter()
-    trace, bytes_per_row, max_age, l1_size = _source(args)
-    if args.maxmemory is not None and bytes_per_row is None:
+    trace, bytes_per_row, max_age, l1_size, maxmemory = _source(args)
+    if maxmemory is not None and bytes_per_row is None:
         parser.print_usage(sys.stderr)
         print(f"{parser.prog}: error: --maxmemory needs --bytes-per-row (the Redis memory of "
               f"one row, to count rows in maxmemory)", file=sys.stderr)
@@ -144,7 +145,7 @@ def run_analyze(args: argparse.Namespace) -> int:
         trace,
         max_age=max_age,
         l1_size=l1_size,
-        maxmemory=args.maxmemory,
+        maxmemory=maxmemory,
         bytes_per_row=bytes_per_row,
         policies=args.policies,
         max_simulated=args.max_simulated or DEFAULT_MAX_ACCESSES,
@@ -162,13 +163,17 @@ def run_analyze(args: argparse.Namespace) -> int:
     return 0
 
 
-def _source(args: argparse.Namespace) -> tuple[Trace, float | None, float | None, int | None]:
-    """The trace, and the bytes per row, max_age and L1 size: given, or from the config."""
+def _source(
+    args: argparse.Namespace,
+) -> tuple[Trace, float | None, float | None, int | None, int | None]:
+    """The trace, and the bytes per row, max_age, L1 size and Redis maxmemory: given, or from
+    the config and its Redis (a row's memory measured by ``MEMORY USAGE`` of sampled rows,
+    maxmemory summed over the primaries)."""
     if args.trace is not None:
         from featcache.analysis.readers import read_trace  # noqa: PLC0415
 
         trace = read_trace(args.trace, args.view, args.sampling_rate, args.full_accesses)
-        return trace, args.bytes_per_row, args.max_age, args.l1_size
+        return trace, args.bytes_per_row, args.max_age, args.l1_size, args.maxmemory
     from featcache.analysis.redis_trace import read_redis_trace  # noqa: PLC0415
     from featcache.config import load_config  # noqa: PLC0415
 
@@ -181,6 +186,27 @@ def _source(args: argparse.Namespace) -> tuple[Trace, float | None, float | None
     l1_size = args.l1_size
     if l1_size is None and config.l1.policy is not None:
         l1_size = config.l1.max_entries
-    bytes_per_row = args.bytes_per_row if args.bytes_per_row is not None else (
-        found.bytes_per_row)
-    return found.trace, bytes_per_row, max_age, l1_size
+    bytes_per_row, maxmemory = args.bytes_per_row, args.maxmemory
+    if bytes_per_row is None or maxmemory is None:
+        measured_bytes, measured_max = _measured(config, view.name)
+        bytes_per_row = bytes_per_row if bytes_per_row is not None else measured_bytes
+        maxmemory = maxmemory if maxmemory is not None else measured_max
+    return found.trace, bytes_per_row, max_age, l1_size, maxmemory
+
+
+def _measured(config: CacheConfig, view: str) -> tuple[float | None, int | None]:
+    """The Redis memory of one row of ``view`` (None without rows) and the maxmemory of the
+    primaries summed (None when any of them has none: the cache may grow to the machine)."""
+    from featcache.redis_store import admin, open_store  # noqa: PLC0415
+
+    from .stats_cmd import key_census  # noqa: PLC0415
+
+    store = open_store(config.redis, degradation=config.degradation)
+    try:
+        census = key_census(store, config)[view]
+        limits = [int(admin.server_info(node).get("maxmemory") or 0)
+                  for node in admin.primaries(store, config.redis.mode)]
+    finally:
+        store.close()
+    per_row = census["bytes"] / census["keys"] if census["keys"] else None
+    return per_row, (sum(limits) if limits and all(limits) else None)

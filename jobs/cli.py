@@ -7,7 +7,7 @@ relatively, because ``jobs/`` becomes ``featcache.jobs`` only when installed.
 Every command is one ``_add_<name>`` function that declares its arguments and a handler taking
 the parsed arguments and returning the exit status; ``_COMMANDS`` lists them, so a new
 command plugs in without touching the rest. The global options (``--log-level``,
-``--version``) are accepted before and after the command's name.
+``--log-format``, ``--version``) are accepted before and after the command's name.
 
 A ``FeatcacheError`` is printed as one line, no traceback (an outcome to act on, not a bug),
 and its class decides the exit status (``EXIT_STATUSES``, listed by ``featcache --help``), so a
@@ -44,6 +44,7 @@ from featcache.errors import (
 )
 
 from .argtypes import duration, int_at_least, number_at_least
+from .logformat import TEXT_FORMAT, JsonFormatter, error_line
 
 __all__ = ["EXIT_STATUSES", "exit_status", "main"]
 
@@ -172,6 +173,12 @@ def _add_demo(commands: _Subcommands[argparse.ArgumentParser]) -> None:
         "--quick", action="store_true",
         help="a smaller run (under 10 s; about 15 s with --cluster): fewer users and calls",
     )
+    parser.add_argument(
+        "--curve", metavar="PATH", default=demo.DEFAULT_CURVE,
+        help="write the PNG of this run's hit rate against cache size here (default "
+             "%(default)s in the current directory; a temporary directory if it cannot be "
+             "written)",
+    )
     parser.set_defaults(handler=_run_demo)
 
 
@@ -181,6 +188,7 @@ def _run_demo(args: argparse.Namespace) -> int:
     options = demo.DemoOptions(
         redis_url=args.redis_url, cluster=args.cluster, offline_url=args.offline_url,
         users=users, calls=calls, batch=args.batch, zipf=args.zipf, seed=args.seed,
+        curve_path=args.curve,
     )
     from featcache.demo.run import run_demo  # noqa: PLC0415 - each command imports its own
 
@@ -520,6 +528,12 @@ def _global_options(parser: argparse.ArgumentParser, top: bool) -> None:
         choices=("debug", "info", "warning", "error"),
         help="log messages from this level up go to stderr (default warning)",
     )
+    options.add_argument(
+        "--log-format", default="text" if top else argparse.SUPPRESS,
+        choices=("text", "json"),
+        help="log records (and the final error line) as text, or as one JSON object per "
+             "line for a log collector (default text)",
+    )
 
 
 def _exit_statuses_epilog() -> str:
@@ -573,17 +587,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # --help, --version and usage errors: argparse has printed
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
-    logging.basicConfig(
-        level=args.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    stream = logging.StreamHandler(sys.stderr)
+    stream.setFormatter(JsonFormatter() if args.log_format == "json"
+                        else logging.Formatter(TEXT_FORMAT))
+    logging.basicConfig(level=args.log_level.upper(), handlers=[stream])
     handler: _Handler = args.handler
     try:
         with _sigterm_unwinds():
             return handler(args)
     except FeatcacheError as exc:
-        print(f"featcache: error: {exc}", file=sys.stderr)
+        print(error_line(str(exc), args.log_format), file=sys.stderr)
         return exit_status(exc)
     except KeyboardInterrupt:
         print("featcache: interrupted", file=sys.stderr)

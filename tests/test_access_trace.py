@@ -101,4 +101,5 @@ def test_featcache_analyze_reads_the_recorded_trace(
     doc = json.loads(out.read_text())
     assert doc["view"] == VIEW and doc["sampling_rate"] == 0.5
     assert 0 < doc["accesses"] <= 2000
+    assert 50 < doc["bytes_per_row"] < 1000  # measured in Redis: MEMORY USAGE of its rows
     assert png.stat().st_size > 10_000

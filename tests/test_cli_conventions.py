@@ -190,6 +190,22 @@ def test_log_level_is_accepted_after_the_command(config_file: Path) -> None:
     assert version.returncode == 0 and version.stdout.startswith("featcache ")
 
 
+def test_log_format_json_writes_one_object_per_line(config_file: Path) -> None:
+    done = featcache("warm", "--config", str(config_file), "--log-level", "info",
+                     "--log-format", "json")
+    assert done.returncode == 0, done.stderr
+    records = [json.loads(line) for line in done.stderr.splitlines()]
+    assert records and all(set(r) >= {"time", "level", "logger", "message"} for r in records)
+    assert any(r["logger"] == "featcache.warm" and r["level"] == "INFO"
+               and r["message"].startswith("warm view=cv") for r in records), records
+    failed = featcache("--log-format", "json", "warm", "--config", str(config_file),
+                       "--view", "nope")
+    assert failed.returncode == EX_CONFIG
+    (error,) = [json.loads(line) for line in failed.stderr.splitlines()]
+    assert error["level"] == "ERROR" and error["message"].startswith("featcache: error: ")
+    assert "nope" in error["message"]
+
+
 def _warm_pass(config_file: Path, *args: str) -> dict[str, Any]:
     done = featcache("warm", "--config", str(config_file), "--k", "10", *args)
     assert done.returncode == 0, done.stderr

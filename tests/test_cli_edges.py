@@ -92,8 +92,9 @@ def test_demo_offline_url_with_a_bad_port_is_one_line(
 
 
 def test_demo_with_a_large_zipf_exponent_runs(
-    capsys: pytest.CaptureFixture[str],
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
 ) -> None:
+    monkeypatch.chdir(tmp_path)  # the demo draws its curve in the current directory
     # --zipf accepts any finite number; 2.0 ** 2000 overflowed in ZipfSampler (a traceback
     # after the server had started): such a rank is now as good as never drawn
     status = main(["demo", "--users", "50", "--calls", "5", "--zipf", "2000"])

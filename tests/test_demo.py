@@ -9,16 +9,21 @@ keys but its own touched, however it ends.
 from __future__ import annotations
 
 import importlib.metadata
+import io
 import os
+import pty
 import re
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import sysconfig
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import psutil
 import pytest
 import redis
@@ -28,19 +33,26 @@ from servers import SqlTarget
 from sqlalchemy.engine import make_url
 
 from featcache import __version__
+from featcache.demo import DEFAULT_CURVE, DemoOptions
+from featcache.demo.run import run_demo
 from featcache.embedded_cluster import EmbeddedCluster
 
 DEMO_TIMEOUT_S = 120
+WIDTH = 80
+#: the path may be on a line of its own, when the sentence and the path exceed 80 columns
+CURVE_LINE = r"^hit rate against cache size of this run:\s+(\S+)$"
 
 
 def run_cli(
-    *args: str, timeout: float = DEMO_TIMEOUT_S, env: dict[str, str] | None = None
+    *args: str, timeout: float = DEMO_TIMEOUT_S, env: dict[str, str] | None = None,
+    cwd: Path | None = None,
 ) -> subprocess.CompletedProcess[str]:
-    """``python -m featcache.jobs.cli ...`` in a child process, as a user would run it."""
+    """``python -m featcache.jobs.cli ...`` in a child process, as a user would run it (in
+    ``cwd``: the demo writes its picture in the current directory)."""
     return subprocess.run(
         [sys.executable, "-m", "featcache.jobs.cli", *args],
         capture_output=True, text=True, timeout=timeout, check=False,
-        env=None if env is None else {**os.environ, **env},
+        env=None if env is None else {**os.environ, **env}, cwd=cwd,
     )
 
 
@@ -81,15 +93,29 @@ def free_port() -> int:
 # ------------------------------------------------------------------------------- the demo
 
 
-@pytest.mark.slow
-def test_quick_demo_reports_and_leaves_nothing_running() -> None:
+@pytest.fixture(scope="module")
+def quick_demo(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> tuple[subprocess.CompletedProcess[str], Path]:
+    """One ``featcache demo --quick`` run, its stdout a pipe, in a directory of its own (where
+    its picture goes), with ``COLUMNS`` at 80 as on a narrow terminal; shared by the tests
+    of what it prints and draws."""
+    cwd = tmp_path_factory.mktemp("demo")
     # Production settings in the environment must not steer the demo anywhere.
     elsewhere = {
         "FEATCACHE_REDIS_URL": "redis://nowhere.invalid:6379/0",
         "FEATCACHE_OFFLINE_URL": "postgresql+psycopg://nowhere.invalid/features",
         "FEATCACHE_KEY_PREFIX": "production",
+        "COLUMNS": str(WIDTH),
     }
-    proc = run_cli("demo", "--quick", env=elsewhere)
+    return run_cli("demo", "--quick", env=elsewhere, cwd=cwd), cwd
+
+
+@pytest.mark.slow
+def test_quick_demo_reports_and_leaves_nothing_running(
+    quick_demo: tuple[subprocess.CompletedProcess[str], Path],
+) -> None:
+    proc, _ = quick_demo
     out = proc.stdout
     assert proc.returncode == 0, f"stdout:\n{out}\nstderr:\n{proc.stderr}"
     assert proc.stderr == ""
@@ -111,7 +137,7 @@ def test_quick_demo_reports_and_leaves_nothing_running() -> None:
 
     # everything it started or created is gone
     pid = int(field(out, r"valkey-server pid (\d+)\) at"))
-    port = int(field(out, r"\) at redis://127\.0\.0\.1:(\d+)/"))
+    port = int(field(out, r"\) at\s+redis://127\.0\.0\.1:(\d+)/"))  # folded at 80
     assert f"stopped valkey-server pid {pid}" in out
     assert server_gone(pid), f"valkey-server {pid} still runs after the demo exited"
     assert port_closed(port)
@@ -119,17 +145,135 @@ def test_quick_demo_reports_and_leaves_nothing_running() -> None:
     assert not db_path.parent.exists(), f"temporary directory {db_path.parent} left behind"
 
 
+def too_wide(out: str) -> list[str]:
+    return [f"{len(line)}: {line}" for line in out.splitlines() if len(line) > WIDTH]
+
+
 @pytest.mark.slow
-def test_quick_cluster_demo_reports_and_leaves_nothing_running() -> None:
+def test_quick_demo_fits_in_80_columns(
+    quick_demo: tuple[subprocess.CompletedProcess[str], Path],
+) -> None:
+    proc, _ = quick_demo
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    # the table, the legend, the summary and the explanation of values and calls
+    assert re.search(r"^\s+5/5\s", proc.stdout, re.M), proc.stdout
+    assert re.search(r"^values, calls:\s+a call skips SQL only if every row it reads hits",
+                     proc.stdout, re.M), proc.stdout
+    assert too_wide(proc.stdout) == [], "\n".join(too_wide(proc.stdout))
+
+
+@pytest.mark.slow
+def test_quick_demo_draws_its_hit_rate_curve(
+    quick_demo: tuple[subprocess.CompletedProcess[str], Path],
+) -> None:
+    proc, cwd = quick_demo
+    out = proc.stdout
+    assert proc.returncode == 0, f"stdout:\n{out}\nstderr:\n{proc.stderr}"
+    printed = cwd / field(out, CURVE_LINE)
+    assert printed.resolve() == (cwd / DEFAULT_CURVE).resolve(), out
+    assert out.rstrip().endswith(field(out, CURVE_LINE)), "the path is the last thing printed"
+    assert "temporary directory instead" not in out
+    assert printed.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    check_curve_picture(printed)
+    # The picture is of the run's own reads: each distinct id's first read in each of the 2
+    # views went to SQL, whatever the cache, so SQL looked up at least that many ids.
+    reads = int(field(out, r"^curve:\s+user_profile: ([\d,]+) reads").replace(",", ""))
+    distinct = int(field(out, r"reads of ([\d,]+) distinct ids").replace(",", ""))
+    assert 0 < distinct < reads <= 4000 * 32
+    looked_up = int(field(out, r"^SQL ids:\s+([\d,]+) looked up").replace(",", ""))
+    assert looked_up >= 2 * distinct, out
+    best = float(field(out, r"would serve\s+([\d.]+)%"))
+    assert best == pytest.approx(100 * (1 - distinct / reads), abs=0.05)
+
+
+def check_curve_picture(path: Path) -> None:
+    """A picture of reasonable size with the black LRU curve and the red tinylfu one."""
+    import matplotlib.image  # noqa: PLC0415 - heavy, for these tests alone
+
+    pixels = np.asarray(matplotlib.image.imread(path))
+    height, width = pixels.shape[:2]
+    assert 400 <= width <= 4000 and 300 <= height <= 4000, pixels.shape
+    rgb = pixels[..., :3]
+    white = (rgb > 0.95).all(axis=-1)
+    assert white.mean() < 0.99, "an all-white picture"
+    assert ((rgb < 0.1).all(axis=-1)).sum() > 500, "no black LRU curve or text"
+    tab_red = np.array([0.839, 0.153, 0.157])
+    assert (np.abs(rgb - tab_red).max(axis=-1) < 0.1).sum() > 100, "no tinylfu curve"
+
+
+def test_demo_draws_in_a_temporary_directory_if_the_path_cannot_be_written(
+    tmp_path: Path,
+) -> None:
+    wanted = tmp_path / "no such directory" / "curve.png"
+    out = io.StringIO()
+    status = run_demo(DemoOptions(users=500, calls=50, curve_path=str(wanted)), out)
+    text = out.getvalue()
+    assert status == 0, text
+    assert not wanted.parent.exists()
+    assert f"cannot write {wanted} (No such file or directory): written to a temporary " \
+           "directory instead" in " ".join(text.split()), text
+    printed = Path(field(text, CURVE_LINE))
+    try:
+        assert printed.is_absolute() and printed.name == DEFAULT_CURVE, text
+        assert printed.parent.name.startswith("featcache-demo-"), text
+        check_curve_picture(printed)
+    finally:
+        shutil.rmtree(printed.parent, ignore_errors=True)
+
+
+def read_terminal(args: list[str], env: dict[str, str], cwd: Path) -> Iterator[bytes]:
+    """What a child writes to its terminal (a pseudo-terminal), as it comes."""
+    main_fd, child_fd = pty.openpty()
+    with (cwd / "stderr.txt").open("wb") as err:
+        proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=child_fd, stderr=err,
+                                env={**os.environ, **env}, cwd=cwd)
+    os.close(child_fd)
+    try:
+        while True:
+            try:
+                chunk = os.read(main_fd, 65536)
+            except OSError:  # EIO: the child is gone and the terminal closed
+                break
+            if not chunk:
+                break
+            yield chunk
+        assert proc.wait(timeout=DEMO_TIMEOUT_S) == 0, (cwd / "stderr.txt").read_text()
+    finally:
+        os.close(main_fd)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.mark.slow
+def test_demo_on_a_wide_terminal_fits_in_80_columns(tmp_path: Path) -> None:
+    # the live table on a terminal is drawn by rich, to the terminal's width if nothing stops it
+    raw = b"".join(read_terminal(
+        [sys.executable, "-m", "featcache.jobs.cli", "demo", "--users", "2000",
+         "--calls", "300"],
+        {"COLUMNS": "200", "LINES": "50", "TERM": "xterm-256color"}, tmp_path,
+    )).decode()
+    # colours out; a cursor move or a carriage return starts what is written anew
+    text = re.sub(r"\x1b\[[0-9;]*m", "", raw)
+    text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]|\r", "\n", text)
+    assert "HIT_REDIS" in text and "5/5" in text and "values, calls:" in text, text
+    assert re.search(r"^─{60,}", text, re.M), "the table's rule: rich drew it"
+    assert too_wide(text) == [], "\n".join(too_wide(text))
+    assert (tmp_path / DEFAULT_CURVE).is_file()
+
+
+@pytest.mark.slow
+def test_quick_cluster_demo_reports_and_leaves_nothing_running(tmp_path: Path) -> None:
     proc = run_cli("demo", "--cluster", "--quick", "--users", "3000", "--calls", "300",
-                   env={"FEATCACHE_REDIS_URL": "redis://nowhere.invalid:6379/0"})
+                   env={"FEATCACHE_REDIS_URL": "redis://nowhere.invalid:6379/0"},
+                   cwd=tmp_path)
     out = proc.stdout
     assert proc.returncode == 0, f"stdout:\n{out}\nstderr:\n{proc.stderr}"
     assert proc.stderr == ""
 
-    assert re.search(r"^redis:\s+private Valkey [\d.]+ cluster of 3 primaries and no replicas, "
-                     r"at redis://127\.0\.0\.1:\d+$", out, re.M), out
-    nodes = re.findall(r"pid (\d+) at 127\.0\.0\.1:(\d+)", field(out, r"^\s+(valkey-server .*)$"))
+    assert re.search(r"^redis:\s+private Valkey [\d.]+ cluster of 3 primaries and no\s+"
+                     r"replicas, at\s+redis://127\.0\.0\.1:\d+$", out, re.M), out
+    nodes = re.findall(r"pid (\d+) at 127\.0\.0\.1:(\d+)", out)  # the lines under redis:
     assert len(nodes) == 3, out
     # Hits prove cluster mode: a standalone client would be refused (MOVED) the keys of the
     # slots of two nodes out of three.
@@ -164,7 +308,7 @@ def keys_on(cluster: EmbeddedCluster, pattern: str, primaries: bool = False) -> 
 
 @pytest.mark.slow
 def test_cluster_demo_on_a_shared_cluster_deletes_its_keys_from_every_node(
-    redis_cluster: EmbeddedCluster, cluster_key_prefix: str
+    redis_cluster: EmbeddedCluster, cluster_key_prefix: str, tmp_path: Path
 ) -> None:
     # Another application's keys on every primary, some shaped like the demo's cluster rows.
     other = redis.RedisCluster.from_url(redis_cluster.nodes[0].url)
@@ -180,10 +324,10 @@ def test_cluster_demo_on_a_shared_cluster_deletes_its_keys_from_every_node(
     # a node other than the first: any node leads the client to the others
     url = f"{redis_cluster.nodes[1].url}/0"
     proc = run_cli("demo", "--cluster", "--redis-url", url, "--users", "2000",
-                   "--calls", "200")
+                   "--calls", "200", cwd=tmp_path)
     out = proc.stdout
     assert proc.returncode == 0, f"stdout:\n{out}\nstderr:\n{proc.stderr}"
-    assert re.search(rf"^redis:\s+Valkey [\d.]+ cluster of 3 primaries at {re.escape(url)}$",
+    assert re.search(rf"^redis:\s+Valkey [\d.]+ cluster of 3 primaries at\s+{re.escape(url)}$",
                      out, re.M), out
     assert "valkey-server pid" not in out, "no private server with --redis-url"
     assert float(field(out, r"^hit rate:\s+([\d.]+)%")) > 50
@@ -234,7 +378,8 @@ def demo_url(target: SqlTarget) -> str:
 
 @pytest.mark.slow
 def test_demo_on_shared_servers_touches_only_its_own(
-    redis_url: str, redis_client: redis.Redis, key_prefix: str, sql_target: SqlTarget
+    redis_url: str, redis_client: redis.Redis, key_prefix: str, sql_target: SqlTarget,
+    tmp_path: Path,
 ) -> None:
     # Keys another application owns, one of them shaped like a demo row.
     redis_client.set(f"{key_prefix}:sentinel", b"keep")
@@ -243,9 +388,9 @@ def test_demo_on_shared_servers_touches_only_its_own(
     args = ("demo", "--redis-url", redis_url, "--offline-url", offline_url,
             "--users", "3000", "--calls", "300")
 
-    first = run_cli(*args)
+    first = run_cli(*args, cwd=tmp_path)
     assert first.returncode == 0, f"stdout:\n{first.stdout}\nstderr:\n{first.stderr}"
-    second = run_cli(*args)
+    second = run_cli(*args, cwd=tmp_path)
     assert second.returncode == 0, f"stdout:\n{second.stdout}\nstderr:\n{second.stderr}"
 
     assert "built in" in first.stdout
@@ -279,10 +424,10 @@ def test_demo_on_shared_servers_touches_only_its_own(
 @pytest.mark.slow
 @pytest.mark.parametrize(("args", "servers"), [([], 1), (["--cluster"], 3)],
                          ids=["server", "cluster"])
-def test_sigterm_cleans_up(args: list[str], servers: int) -> None:
+def test_sigterm_cleans_up(args: list[str], servers: int, tmp_path: Path) -> None:
     proc = subprocess.Popen(
         [sys.executable, "-m", "featcache.jobs.cli", "demo", "--quick", *args],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
     )
     try:
         assert proc.stdout is not None

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["CLUSTER_PRIMARIES", "CLUSTER_REPLICAS", "DEFAULT_CALLS", "DEFAULT_USERS",
-           "QUICK_CALLS", "QUICK_USERS", "DemoOptions"]
+__all__ = ["CLUSTER_PRIMARIES", "CLUSTER_REPLICAS", "DEFAULT_CALLS", "DEFAULT_CURVE",
+           "DEFAULT_USERS", "QUICK_CALLS", "QUICK_USERS", "DemoOptions"]
 
 DEFAULT_USERS = 100_000
 DEFAULT_CALLS = 15_000
@@ -22,13 +22,17 @@ QUICK_CALLS = 4_000
 #: costs a ``--quick`` run about 10% more CPU)
 CLUSTER_PRIMARIES = 3
 CLUSTER_REPLICAS = 0
+#: the picture of the run's hit rate against cache size, in the current directory
+DEFAULT_CURVE = "featcache-demo-curve.png"
 
 
 @dataclass(frozen=True, slots=True)
 class DemoOptions:
     """The demo's knobs; ``None`` URLs mean "start/create a private one". ``cluster``: Redis
     is a cluster (``redis.mode: cluster``): a private one of ``CLUSTER_PRIMARIES`` primaries,
-    or the one ``redis_url`` is a node of."""
+    or the one ``redis_url`` is a node of. ``curve_path``: where the PNG of the run's hit
+    rate against cache size goes (a temporary directory if that cannot be written); ``None``:
+    no picture."""
 
     redis_url: str | None = None
     cluster: bool = False
@@ -39,3 +43,4 @@ class DemoOptions:
     zipf: float = 1.1
     seed: int = 1
     phases: int = 5
+    curve_path: str | None = DEFAULT_CURVE

@@ -6,7 +6,10 @@ It needs nothing but the installed package: a private Valkey from the ``valkey-e
 (``featcache.demo.data``).
 A Zipf-distributed read load, the shape of real feature traffic where a few entities are asked
 for constantly and most rarely, then shows the hit rate climbing phase by phase, the latency of
-``get_features``, and how many SQL queries the cache saved over a design without one.
+``get_features``, and how many SQL queries the cache saved over a design without one. Every
+line fits in 80 columns. At the end the ids the run read are analysed as ``featcache analyze``
+analyses a trace (``featcache.analysis``: the exact LRU curve, ``tinylfu`` simulated) and the
+picture of hit rate against cache size is written to ``DemoOptions.curve_path``.
 
 Pointed at shared servers (``--redis-url``, with ``--cluster`` a node of a cluster;
 ``--offline-url``) it stays out of everyone's way: its keys live under a fresh ``fcdemo-<hex>``
@@ -24,23 +27,25 @@ import random
 import secrets
 import sys
 import tempfile
+import textwrap
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 import redis
 import sqlalchemy as sa
 from redis.cluster import ClusterNode
+from rich import box
 from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
 from featcache.client import FeatureCache
 from featcache.config import CacheConfig, RedisConfig, load_config
-from featcache.demo import CLUSTER_PRIMARIES, CLUSTER_REPLICAS, DemoOptions
+from featcache.demo import CLUSTER_PRIMARIES, CLUSTER_REPLICAS, DEFAULT_CURVE, DemoOptions
 from featcache.demo.data import SampleReport, ensure_sample
 from featcache.embedded import EmbeddedServer
 from featcache.embedded_cluster import EmbeddedCluster
@@ -48,6 +53,9 @@ from featcache.errors import CacheUnavailable, ConfigError
 from featcache.offline import create_engine, safe_url
 from featcache.redis_store import connect, safe_redis_url, translate
 from featcache.types import Status
+
+if TYPE_CHECKING:
+    from featcache.analysis.report import Analysis
 
 __all__ = ["load_example_config", "run_demo"]
 
@@ -150,9 +158,11 @@ def _saved(done: int, baseline: int) -> float:
 
 
 def _drive(
-    cache: FeatureCache, sampler: ZipfSampler, options: DemoOptions, counter: SqlCounter
+    cache: FeatureCache, sampler: ZipfSampler, options: DemoOptions, counter: SqlCounter,
+    drawn: list[list[int]],
 ) -> Iterator[Phase]:
-    """Run the calls phase by phase, each measured on its own, all features in every call."""
+    """Run the calls phase by phase, each measured on its own, all features in every call.
+    Each call's ids, as drawn, are appended to ``drawn`` (outside the timed part)."""
     widths = {view.name: len(view.features) for view in cache.config.views}
     features = [f.name for view in cache.config.views for f in view.features]
     phases = min(options.phases, options.calls)
@@ -171,6 +181,7 @@ def _drive(
             started = time.perf_counter_ns()
             result = cache.get_features(ids, features)
             elapsed = time.perf_counter_ns() - started
+            drawn.append(ids)
             latencies.append(elapsed)
             if counter.count == queries:
                 redis_only.append(elapsed)
@@ -280,12 +291,17 @@ def _check_node(url: str, cluster: bool) -> None:
 
 # ------------------------------------------------------------------------------ report
 
+#: every line the demo prints fits in this many columns (a terminal's default, a CI log's)
+_WIDTH = 80
 _LABEL = 15
-_COLUMNS = ("phase", "calls", "HIT_REDIS", "FILLED", "ABSENT", "p50 ms", "p99 ms",
-            "SQL queries", "no-cache", "saved", "SQL ids", "no-cache", "saved")
-_LEGEND = ("HIT_REDIS/FILLED/ABSENT: share of the phase's values by status. SQL queries/ids: "
-           "what featcache sent to SQL, vs a design without a cache (one query per view per "
-           "call, for every id).")
+#: (upper, lower) line of each column's title: the phase table is 75 columns wide, so the
+#: absolute SQL counts, which change little from phase to phase, are in the summary alone
+_COLUMNS = (("", "phase"), ("", "calls"), ("", "HIT_REDIS"), ("", "FILLED"), ("", "ABSENT"),
+            ("", "p50 ms"), ("", "p99 ms"), ("queries", "saved"), ("ids", "saved"))
+_LEGEND = ("HIT_REDIS/FILLED/ABSENT: share of the phase's values (a feature of an id) by "
+           "status. ms: per get_features call. Queries/ids saved: the SQL queries and the ids "
+           "looked up in them that featcache spared, vs a design without a cache (one query "
+           "per view per call, for every id).")
 
 
 def _cells(p: Phase) -> list[str]:
@@ -293,10 +309,20 @@ def _cells(p: Phase) -> list[str]:
         f"{p.number}/{p.phases}", f"{p.calls_so_far:,}", f"{p.share(Status.HIT_REDIS):.1%}",
         f"{p.share(Status.FILLED):.1%}", f"{p.share(Status.ABSENT):.1%}",
         f"{p.percentile_ms(0.50):.2f}", f"{p.percentile_ms(0.99):.2f}",
-        f"{p.sql_queries:,}", f"{p.no_cache_queries:,}",
         f"{_saved(p.sql_queries, p.no_cache_queries):.0%}",
-        f"{p.sql_ids:,}", f"{p.no_cache_ids:,}", f"{_saved(p.sql_ids, p.no_cache_ids):.0%}",
+        f"{_saved(p.sql_ids, p.no_cache_ids):.0%}",
     ]
+
+
+#: a space the lines are not broken at (``2.8 s``), printed as a plain one
+_NBSP = "\xa0"
+
+
+def _wrap(text: str, width: int) -> list[str]:
+    """``text`` in lines of at most ``width``, broken at spaces only: a URL or a path stays
+    whole, to be copied (one longer than a line overflows rather than breaks)."""
+    lines = textwrap.wrap(text, width, break_long_words=False, break_on_hyphens=False)
+    return [line.replace(_NBSP, " ") for line in lines] or [""]
 
 
 class PlainReport:
@@ -309,16 +335,27 @@ class PlainReport:
         print(text, file=self._out, flush=True)
 
     def item(self, label: str, text: str) -> None:
-        self.line(f"{label + ':' if label else '':<{_LABEL}}{text}")
+        """``label:`` then ``text``, folded under it in lines of ``_WIDTH`` columns."""
+        first, *rest = _wrap(text, _WIDTH - _LABEL)
+        self.line(f"{label + ':' if label else '':<{_LABEL}}{first}")
+        for more in rest:
+            self.line(" " * _LABEL + more)
+
+    def paragraph(self, text: str) -> None:
+        for part in _wrap(text, _WIDTH):
+            self.line(part)
 
     @contextlib.contextmanager
     def phases(self) -> Iterator[Callable[[Phase], None]]:
-        widths = [max(len(title), 6) for title in _COLUMNS]
-        self.line("  ".join(t.rjust(w) for t, w in zip(_COLUMNS, widths, strict=True)))
+        widths = [max(len(top), len(title), 6) for top, title in _COLUMNS]
+        widths[1] = max(widths[1], 7)  # calls: up to 9,999,999 without shifting the row
+        for titles in zip(*_COLUMNS, strict=True):
+            self.line("  ".join(t.rjust(w) for t, w in zip(titles, widths, strict=True))
+                      .rstrip())
         yield lambda p: self.line(
             "  ".join(c.rjust(w) for c, w in zip(_cells(p), widths, strict=True))
         )
-        self.line(_LEGEND)
+        self.paragraph(_LEGEND)
 
 
 class RichReport(PlainReport):
@@ -333,9 +370,13 @@ class RichReport(PlainReport):
 
     @contextlib.contextmanager
     def phases(self) -> Iterator[Callable[[Phase], None]]:
-        table = Table(caption="running phase 1...", caption_justify="left")
-        for title in _COLUMNS:
-            table.add_column(title, justify="left" if title == "phase" else "right")
+        # no vertical rules and one space of padding a side: 74 columns, to fit in 80
+        table = Table(caption="running phase 1...", caption_justify="left",
+                      box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False,
+                      collapse_padding=True)
+        for top, title in _COLUMNS:
+            table.add_column(f"{top}\n{title}" if top else title, min_width=6,
+                             justify="left" if title == "phase" else "right")
         with Live(table, console=self._console, auto_refresh=False) as live:
 
             def add(p: Phase) -> None:
@@ -347,7 +388,7 @@ class RichReport(PlainReport):
             yield add
 
 
-def _summary(report: PlainReport, phases: list[Phase], seconds: float) -> None:
+def _summary(report: PlainReport, phases: list[Phase], seconds: float, batch: int) -> None:
     last = phases[-1]
     values = sum(p.statuses.total() for p in phases)
     sql, no_cache = sum(p.sql_queries for p in phases), sum(p.no_cache_queries for p in phases)
@@ -367,6 +408,12 @@ def _summary(report: PlainReport, phases: list[Phase], seconds: float) -> None:
                 f"{_saved(sql, no_cache):.1%} saved")
     report.item("SQL ids", f"{ids:,} looked up vs {no_cache_ids:,} without a cache: "
                 f"{_saved(ids, no_cache_ids):.1%} saved")
+    alone = len(last.redis_only_ns) / max(1, len(last.latencies_ns))
+    report.item("values, calls", (
+        f"a call skips SQL only if every row it reads hits: one missing id of {batch} "
+        f"costs it a query, so in the last phase {last.from_cache:.1%} of values but "
+        f"{alone:.0%} of calls came from Redis alone. SQL queries counts round trips to the "
+        "database, SQL ids the rows they looked up."))
 
 
 # ------------------------------------------------------------------------------ main
@@ -431,8 +478,8 @@ def run_demo(options: DemoOptions, out: TextIO | None = None) -> int:
             replicas = (f"{CLUSTER_REPLICAS} replica{'s' * (CLUSTER_REPLICAS > 1)} each"
                         if CLUSTER_REPLICAS else "no replicas")
             report.item("redis", f"private {version} and {replicas}, at {redis_url}")
-            report.item("", "valkey-server " + ", ".join(
-                f"pid {node.pid} at {node.address}" for node in cluster.nodes))
+            for node in cluster.nodes:  # one a line: the list of a cluster overflows 80 columns
+                report.item("", f"valkey-server pid {node.pid} at {node.address}")
         else:
             report.item("redis", f"{version} at {safe_redis_url(redis_url)}")
             # close first: closing flushes the cache's own last writes (popularity counts)
@@ -451,12 +498,99 @@ def run_demo(options: DemoOptions, out: TextIO | None = None) -> int:
         report.line()
         started = time.perf_counter()
         phases: list[Phase] = []
+        drawn: list[list[int]] = []
         with report.phases() as add:
-            for phase in _drive(cache, sampler, options, counter):
+            for phase in _drive(cache, sampler, options, counter, drawn):
                 phases.append(phase)
                 add(phase)
-        _summary(report, phases, time.perf_counter() - started)
+        _summary(report, phases, time.perf_counter() - started, options.batch)
+    # after the servers are stopped: the analysis needs the ids alone
+    if options.curve_path is not None:
+        _curve(report, config, drawn, Path(options.curve_path))
     return 0
+
+
+# ------------------------------------------------------------------------------ the curve
+
+#: the L1 policy simulated besides the exact LRU curve: the recommended one. Simulating goes
+#: through ``L1Cache`` one access at a time (about 5 us each), so it is what the picture costs:
+#: ``lru`` as well would double that and draw the exact curve again, and a miniature
+#: simulation (``policy_curves``' sampling) is 10 points off at small sizes on a trace as
+#: short and skewed as this one's, so the trace is simulated whole, at a few sizes.
+_SIMULATED = ("tinylfu",)
+_SIMULATED_SIZES = 4
+#: accesses simulated per (policy, size) at most: a --quick run's trace is ~100,000; a longer
+#: one is simulated in miniature
+_MAX_SIMULATED = 120_000
+
+
+def _curve(report: PlainReport, config: CacheConfig, drawn: list[list[int]],
+           path: Path) -> None:
+    """Analyse the run's reads of its first view (every view reads the same ids) and write
+    the picture to ``path``, or to a temporary directory if ``path`` cannot be written."""
+    view = config.views[0].name
+    l1_size = config.l1.max_entries if config.l1.policy is not None else None
+    started = time.perf_counter()
+    analysis = _analyze(view, drawn, l1_size, config.l1.policy)
+    written, problem = _draw(analysis, path)
+    seconds = time.perf_counter() - started
+    best = analysis.lru.max_hit_rate
+    report.line()
+    report.item("curve", (
+        f"{view}: {analysis.accesses:,} reads of {analysis.distinct_ids:,} distinct "
+        f"id{'s' * (analysis.distinct_ids != 1)} over "
+        f"the whole run; a cache holding all of them would serve {best:.1%} (a first read "
+        f"always misses). LRU exact, {' and '.join(_SIMULATED)} simulated"
+        f"{'' if all(c.exact for c in analysis.curves) else ' in miniature'}, in "
+        f"{seconds:.1f}{_NBSP}s"))
+    if problem is not None:
+        report.item("", f"{problem}: written to a temporary directory instead")
+    lead = "hit rate against cache size of this run:"
+    if len(f"{lead} {written}") <= _WIDTH:
+        report.line(f"{lead} {written}")
+    else:  # the path on a line of its own, whole (it may hold spaces), to be copied
+        report.line(lead)
+        report.line(str(written))
+
+
+def _analyze(view: str, drawn: list[list[int]], l1_size: int | None,
+             l1_policy: str | None) -> Analysis:
+    """The exact LRU curve of the reads and the simulated policies at a few sizes up to the
+    distinct ids (and at ``l1_size``). A call reads each of its distinct ids once, as
+    ``get_features`` does, so those are the accesses, in the order drawn."""
+    import numpy as np  # noqa: PLC0415 - heavy: only for the picture
+
+    from featcache.analysis.policies import policy_curves  # noqa: PLC0415
+    from featcache.analysis.report import Curve, analyze, size_grid  # noqa: PLC0415
+    from featcache.analysis.trace import Trace  # noqa: PLC0415
+
+    reads = [entity for ids in drawn for entity in dict.fromkeys(ids)]
+    trace = Trace.of(view, np.asarray(reads, dtype=np.int64))
+    analysis = analyze(trace, l1_size=l1_size, policies=())
+    distinct = trace.distinct
+    sizes = size_grid(max(1, distinct // 64), distinct, _SIMULATED_SIZES)
+    policies = list(dict.fromkeys([*_SIMULATED, *([l1_policy] if l1_policy else [])]))
+    simulated = [
+        Curve(found.policy, found.exact,
+              "simulation" if found.exact else "miniature simulation, adjusted"
+              if found.adjusted else "miniature simulation", found.sizes, found.hit_rates)
+        for found in policy_curves(trace, [*sizes, *([l1_size] if l1_size else [])],
+                                   policies, max_accesses=_MAX_SIMULATED)
+    ]
+    return replace(analysis, curves=(*analysis.curves, *simulated))
+
+
+def _draw(analysis: Analysis, path: Path) -> tuple[Path, str | None]:
+    """The PNG at ``path``, or, if that fails (no such directory, not writable), in a new
+    temporary directory, kept for the user to open; then also why ``path`` failed."""
+    from featcache.analysis.plot import draw  # noqa: PLC0415 - matplotlib: only for it
+
+    try:
+        return draw(analysis, path), None
+    except OSError as exc:
+        problem = f"cannot write {path} ({exc.strerror or exc})"
+    fallback = Path(tempfile.mkdtemp(prefix="featcache-demo-")) / DEFAULT_CURVE
+    return draw(analysis, fallback), problem
 
 
 def _describe(sample: SampleReport) -> str:

@@ -133,13 +133,14 @@ class NodeHealth:
 
 
 class _Group:
-    """One slot's keys in one batch: their positions, and the MGET that reads them."""
+    """One slot's keys in one batch: ``start:end`` of the batch's keys sorted by slot."""
 
-    __slots__ = ("positions", "slot")
+    __slots__ = ("end", "slot", "start")
 
-    def __init__(self, slot: int) -> None:
+    def __init__(self, slot: int, start: int, end: int) -> None:
         self.slot = slot
-        self.positions: list[int] = []
+        self.start = start
+        self.end = end
 
 
 class ClusterReader:
@@ -167,23 +168,29 @@ class ClusterReader:
              ) -> list[bytes | None]:
         """Values in key order, None where absent or unreadable now (see the module).
         ``slots``: each key's hash slot, when the caller knows them (found here otherwise)."""
-        values: list[bytes | None] = [None] * len(keys)
         health = self.health
         if health.refresh_due():
             self._refresh()
-        # grouped by slot with C-level passes (a sort by slot, then a run per slot): a
-        # Python step per key would cost a batch of 1000 as much as its MGETs
+        # grouped by slot with C-level passes: the keys sorted by slot, a run per slot, each
+        # MGET a slice of them and each reply a slice of the values in that order, put back
+        # in the caller's order once at the end; a Python step per key would cost a batch of
+        # 1000 as much as its MGETs
         if slots is None:
             slots = self._slots.slots(keys)
         slot_at = slots.__getitem__
-        groups: dict[int, _Group] = {}
-        for slot, positions in groupby(sorted(range(len(keys)), key=slot_at), key=slot_at):
-            group = groups[slot] = _Group(slot)
-            group.positions = list(positions)
+        order = sorted(range(len(keys)), key=slot_at)
+        in_order = list(map(keys.__getitem__, order))
+        found: list[bytes | None] = [None] * len(keys)
+        groups: list[_Group] = []
+        start = 0
+        for slot, run in groupby(map(slot_at, order)):
+            end = start + len(list(run))
+            groups.append(_Group(slot, start, end))
+            start = end
         by_node: dict[str, tuple[ClusterNode, list[_Group]]] = {}
         cache = self.client.nodes_manager.slots_cache
         turn = self._turn = self._turn + 1
-        for group in groups.values():
+        for group in groups:
             owners = cache.get(group.slot)
             if not owners:
                 continue  # not covered now: misses
@@ -192,10 +199,10 @@ class ClusterReader:
                 node = self._replica(owners, turn + group.slot)
             by_node.setdefault(node.name, (node, []))[1].append(group)
         failed: set[str] = set()
-        answered, retry = self._round(keys, values, by_node, failed)
+        answered, retry = self._round(in_order, found, by_node, failed)
         if retry:
             self.redirects += len(retry)
-            answered += self._retry(keys, values, retry, failed)
+            answered += self._retry(in_order, found, retry, failed)
         if by_node and not answered:
             error = translate(redis_exc.ConnectionError("no cluster node answered the read"),
                               self.url)
@@ -203,6 +210,8 @@ class ClusterReader:
             if primaries - failed:  # one shard down is not the cluster down
                 raise PartlyUnavailable(str(error)) from error
             raise error
+        values: list[bytes | None] = [None] * len(keys)
+        deque(map(values.__setitem__, order, found), maxlen=0)
         return values
 
     def _round(
@@ -213,7 +222,8 @@ class ClusterReader:
         failed: set[str],
         asking: bool = False,
     ) -> tuple[int, list[tuple[_Group, Exception]]]:
-        """Send every node its MGETs, then read every reply: how many nodes answered, and the
+        """Send every node its MGETs, then read every reply into ``values`` (``keys`` and
+        ``values`` in slot order: each group a slice of them): how many nodes answered, and the
         groups answered by a redirect (with it)."""
         sent: list[tuple[Any, Any, str, list[_Group]]] = []
         answered = 0
@@ -229,7 +239,7 @@ class ClusterReader:
             for group in node_groups:
                 if asking:
                     packed.append(_ASKING)
-                packed.append(pack(("MGET", *map(keys.__getitem__, group.positions))))
+                packed.append(pack(("MGET", *keys[group.start:group.end])))
             pool = self._pool(node)
             try:
                 conn = pool.get_connection()
@@ -258,9 +268,9 @@ class ClusterReader:
                     except REDIRECTS as exc:
                         redirected.append((group, exc))
                         continue
-                    if len(reply) != len(group.positions):
+                    if len(reply) != group.end - group.start:
                         raise redis_exc.ResponseError("an MGET reply of the wrong length")
-                    deque(map(values.__setitem__, group.positions, reply), maxlen=0)
+                    values[group.start:group.end] = reply
                 answered += 1
                 health.of(name).record_success()
             except redis_exc.ResponseError as exc:
