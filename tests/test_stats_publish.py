@@ -7,6 +7,7 @@ import json
 import random
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -118,7 +119,7 @@ def test_close_publishes_the_last_counts_and_a_failed_publish_loses_nothing(
             final = fc.stats_counters.totals()
         store = open_store(config.redis)
         try:
-            window = read_window(store, layout, 300, fc.stats_publisher._clock())
+            window = read_window(store, layout, 300, time.time())
         finally:
             store.close()
         # the restarted server lost the first publish: it holds exactly what came after it
@@ -148,7 +149,7 @@ def test_every_process_adds_into_the_same_minute(
         store = open_store(config.redis)
         try:
             window = read_window(store, key_layout(key_prefix), 120,
-                                 one.stats_publisher._clock())
+                                 time.time())
         finally:
             store.close()
     assert {f: n for f, n in window.totals.items() if "|e|" in f} == {
