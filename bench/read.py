@@ -12,6 +12,8 @@ Cases, each timed at batches of 1, 10, 100 and 1000 distinct ids drawn afresh pe
 ``featcache_hit_uncounted``   the same on a cache with popularity counting off
 ``featcache_hit_unpublished`` the same on a cache with stats publishing off (``stats.
                         publish_interval: 0``, calls not timed): what cluster-wide stats cost
+``featcache_hit_traced``      the same on a cache recording a read trace (``stats.
+                        trace_rate: 0.01``; its thread hashes every id read): what tracing costs
 ``featcache_hit_dicts`` the same, then every entity's dict built (``for e in res: res[e]``)
 ``featcache_miss``      every row from SQLite: the batch's keys are UNLINKed (untimed) first, so
                         the call misses Redis, reads SQL in one query and writes the fills back
@@ -78,9 +80,11 @@ BASELINE = "floor_mget"
 #: featcache_hit p50 at most this many times floor_mget's, per batch
 TARGET_RATIOS = {1: 1.3, 100: 1.5, 1000: 2.0}
 CASE_ORDER = ("floor_mget", "featcache_hit", "featcache_hit_uncounted",
-              "featcache_hit_unpublished", "featcache_hit_dicts",
+              "featcache_hit_unpublished", "featcache_hit_traced", "featcache_hit_dicts",
               "featcache_miss", "naive_get_loop")
 SETUP_CHUNK = 5_000  # rows per put_rows call / per pipeline while loading
+#: the trace rate of featcache_hit_traced: what docs/analysis.md suggests for production
+TRACE_RATE = 0.01
 
 
 @dataclass(frozen=True)
@@ -178,6 +182,7 @@ class Env:
     value_bytes: dict[int, int]  # id -> size of featcache's encoded row
     uncounted: FeatureCache | None = None  # the same cache with popularity counting off
     unpublished: FeatureCache | None = None  # ... with stats publishing (and call timing) off
+    traced: FeatureCache | None = None  # ... recording a read trace at stats.trace_rate 0.01
 
     @property
     def floor_head(self) -> str:
@@ -205,6 +210,7 @@ def prepared_env(target: RedisTarget, users: int, seed: int) -> Iterator[Env]:
         cache = dataset.make_cache(target.url, offline_url, target.prefix)
         uncounted = FeatureCache(cache.config.replace(popularity=PopularityConfig(sample_rate=0.0)))
         unpublished = FeatureCache(cache.config.replace(stats=StatsConfig(publish_interval=0)))
+        traced = FeatureCache(cache.config.replace(stats=StatsConfig(trace_rate=TRACE_RATE)))
         plain = redis.Redis.from_url(target.url)
         try:
             started = time.perf_counter()
@@ -214,7 +220,8 @@ def prepared_env(target: RedisTarget, users: int, seed: int) -> Iterator[Env]:
                 if report.written != len(chunk):
                     raise BenchError(f"put_rows wrote {report.written} rows, expected all")
             rows = {r[dataset.ENTITY_COLUMN]: r for r in latest}
-            env = Env(cache, plain, target.prefix, ids, rows, rng, {}, uncounted, unpublished)
+            env = Env(cache, plain, target.prefix, ids, rows, rng, {}, uncounted, unpublished,
+                      traced)
             _write_baseline_keys(env)
             log(f"redis: {users:,} rows x3 (featcache, floor, naive) loaded "
                 f"({time.perf_counter() - started:.1f} s)")
@@ -223,6 +230,7 @@ def prepared_env(target: RedisTarget, users: int, seed: int) -> Iterator[Env]:
             cache.close()
             uncounted.close()
             unpublished.close()
+            traced.close()
             plain.close()
 
 
@@ -269,6 +277,12 @@ def build_cases(env: Env) -> list[Case]:
         """The same call with stats publishing off (calls not timed): what publishing costs."""
         return unpublished_get(ids, names)
 
+    traced_get = (env.traced or env.cache).get_features
+
+    def featcache_hit_traced(ids: list[int]) -> FeatureResult:
+        """The same call recording the sampled read trace: what tracing costs."""
+        return traced_get(ids, names)
+
     def featcache_hit_dicts(ids: list[int]) -> FeatureResult:
         res = get_features(ids, names)
         for e in res:
@@ -303,6 +317,8 @@ def build_cases(env: Env) -> list[Case]:
                                         verify=_statuses(Status.HIT_REDIS)),
         "featcache_hit_unpublished": Case("featcache_hit_unpublished", featcache_hit_unpublished,
                                           verify=_statuses(Status.HIT_REDIS)),
+        "featcache_hit_traced": Case("featcache_hit_traced", featcache_hit_traced,
+                                     verify=_statuses(Status.HIT_REDIS)),
         "featcache_hit_dicts": Case("featcache_hit_dicts", featcache_hit_dicts,
                                     verify=_statuses(Status.HIT_REDIS)),
         "featcache_miss": Case("featcache_miss", featcache_hit, prepare=unlink_rows,
