@@ -10,7 +10,7 @@ one row per entity, N rows (1M; ``--quick``: 100k) loaded untimed into
                 table in within a minute; see ``PostgresLoader.finish``).
 
 Each source is then materialized into a fresh private Valkey (or the ``--redis-url`` server
-under a unique prefix) with ``featcache.jobs.warm.materialize(cache, view, all=True)``: the
+under a unique prefix) with ``featcache.materialize.materialize(cache, view, all=True)``: the
 timed figure is that call alone, run with the harness's own data (the generated rows and the
 expected answers, ~1M objects) frozen out of the garbage collector
 (``bench.common.frozen_heap``): a ``featcache materialize`` process holds none of it, and full
@@ -73,7 +73,6 @@ import msgpack
 import psutil
 import redis
 import sqlalchemy as sa
-from featcache.jobs.warm import materialize
 from sqlalchemy.pool import NullPool
 
 from bench import dataset
@@ -96,11 +95,13 @@ from featcache import (
     RedisConfig,
     Status,
 )
+from featcache.materialize import materialize
 from featcache.offline import RowColumns, SqlRow
 from featcache.offline.bulk import IdRunReader, iter_entity_ids, iter_latest_by_id, reads_id_runs
 from featcache.redis_store import CONDITIONAL_SET, ENSURE_EPOCH, SET_IF_ABSENT
 
-DESCRIPTION = "bulk materialization (jobs.warm.materialize) from SQLite and PostgreSQL into Redis"
+DESCRIPTION = ("bulk materialization (featcache.materialize.materialize) from SQLite and "
+               "PostgreSQL into Redis")
 
 FULL_ROWS = 1_000_000
 QUICK_ROWS = 100_000

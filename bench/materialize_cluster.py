@@ -5,7 +5,7 @@ The rows, the sources and the timed call are ``bench.materialize``'s (N rows of
 ``bench.dataset``'s ``user_stats``, 1M; ``--quick``: 100k; SQLite by default, PostgreSQL with
 ``--sources postgresql,sqlite``). Per source, each into servers started for it alone:
 
-``cluster``     ``featcache.jobs.warm.materialize(cache, view, all=True)`` with
+``cluster``     ``featcache.materialize.materialize(cache, view, all=True)`` with
                 ``redis.mode: cluster`` into a fresh ``EmbeddedCluster`` of 3 primaries and no
                 replicas (the VM has 2 cores);
 ``standalone``  the same call into one fresh private Valkey (``bench.materialize.measure``);

@@ -194,7 +194,7 @@ class KeyLayout:
         return self._view_key(view, f"pop:tmp:{token}")
 
     def leader_key(self, view: str) -> str:
-        """The warmer's leader lease of the view (``featcache.jobs.leader``)."""
+        """The warmer's leader lease of the view (``featcache.leader``)."""
         return self._view_key(view, "leader")
 
     def watermark_key(self, view: str) -> str:

@@ -127,13 +127,12 @@ from featcache.config_warmer import (
 )
 from featcache.convert import us_to_timestamp
 from featcache.errors import InvalidRequest
+from featcache.leader import ViewLeader
+from featcache.materialize import DEFAULT_LEASE_TTL_S, materialize
 from featcache.offline.changes import changed_since
 from featcache.parts import Parts
 from featcache.redis_store import Command
 from featcache.request import EntityId
-
-from .leader import ViewLeader
-from .warm import DEFAULT_LEASE_TTL_S, materialize
 
 __all__ = [
     "DEFAULT_LOOKBACK_S",

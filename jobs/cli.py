@@ -170,6 +170,11 @@ def _add_demo(commands: _Subcommands[argparse.ArgumentParser]) -> None:
         help="seed of the sample and of the load, for repeatable runs (default 1)",
     )
     parser.add_argument(
+        "--warm-phases", type=int_at_least(0), default=2, metavar="N",
+        help="phases after the first five with the warmer's jobs (materialize every view, "
+             "then warm passes) running beside the load; 0: no warmer (default 2)",
+    )
+    parser.add_argument(
         "--quick", action="store_true",
         help="a smaller run (under 10 s; about 15 s with --cluster): fewer users and calls",
     )
@@ -188,7 +193,7 @@ def _run_demo(args: argparse.Namespace) -> int:
     options = demo.DemoOptions(
         redis_url=args.redis_url, cluster=args.cluster, offline_url=args.offline_url,
         users=users, calls=calls, batch=args.batch, zipf=args.zipf, seed=args.seed,
-        curve_path=args.curve,
+        warm_phases=args.warm_phases, curve_path=args.curve,
     )
     from featcache.demo.run import run_demo  # noqa: PLC0415 - each command imports its own
 

@@ -1,7 +1,8 @@
 """The long-running warmer (DESIGN section 5): ``featcache warmer --config C``.
 
-An APScheduler 3 ``BlockingScheduler`` runs, per view, a **warm** job (``warm.warm_once``: the
-top K most read entities whose rows are missing or expire within the horizon are rewritten)
+An APScheduler 3 ``BlockingScheduler`` runs, per view, a **warm** job
+(``featcache.materialize.warm_once``: the top K most read entities whose rows are missing or
+expire within the horizon are rewritten)
 and, when ``follow_changes`` is configured and the view has an ``updated_at`` column, a
 **follow-changes** job (``changes.follow_changes``). Every job has ``coalesce=True``,
 ``max_instances=1``, the configured jitter and misfire grace time. Both jobs of a view share one
@@ -61,13 +62,13 @@ from prometheus_client.registry import Collector
 from featcache.config import CacheConfig, L1Config, load_config
 from featcache.config_warmer import FollowChangesConfig, WarmerConfig
 from featcache.errors import ConfigError
+from featcache.leader import ViewLeader, default_owner, lease_holder
+from featcache.materialize import warm_once
 from featcache.metrics import CacheCollector, MetricsServer, new_registry, serve_metrics
 from featcache.parts import Parts
 from featcache.redis_store import Command, LuaScript, ScriptCall
 
 from .changes import follow_changes
-from .leader import ViewLeader, default_owner, lease_holder
-from .warm import warm_once
 
 __all__ = [
     "JobMetrics",

@@ -120,14 +120,20 @@ def test_quick_demo_reports_and_leaves_nothing_running(
     assert proc.returncode == 0, f"stdout:\n{out}\nstderr:\n{proc.stderr}"
     assert proc.stderr == ""
 
-    # one row per phase, each with its shares by status, then the summary
-    rows = re.findall(r"^\s+(\d)/5\s+[\d,]+\s+([\d.]+)%\s+([\d.]+)%\s+([\d.]+)%", out, re.M)
-    assert [r[0] for r in rows] == ["1", "2", "3", "4", "5"], out
-    for _, hit, filled, absent in rows:
+    # one row per phase, each with its shares by status, then the summary: five phases of
+    # load alone, two with the warmer beside it
+    rows = re.findall(r"^\s+(\d)/7( w)?\s+[\d,]+\s+([\d.]+)%\s+([\d.]+)%\s+([\d.]+)%\s+"
+                      r"[\d.]+\s+[\d.]+\s+(\d+)%", out, re.M)
+    assert [(r[0], r[1]) for r in rows] == [
+        ("1", ""), ("2", ""), ("3", ""), ("4", ""), ("5", ""), ("6", " w"), ("7", " w")], out
+    for _, _, hit, filled, absent, _ in rows:
         assert abs(float(hit) + float(filled) + float(absent) - 100) < 0.5
-    hit_rates = [float(r[1]) for r in rows]
-    assert hit_rates[-1] > hit_rates[0] > 0, "the hit rate climbs as the cache warms"
-    assert 0 < float(rows[-1][3]) < 50, "users without activity rows show up as ABSENT"
+    hit_rates = [float(r[2]) for r in rows]
+    assert hit_rates[4] > hit_rates[0] > 0, "the hit rate climbs as the cache warms"
+    assert 0 < float(rows[4][4]) < 50, "users without activity rows show up as ABSENT"
+    # the warmer's bulk load takes the share of queries saved far above the cache's alone
+    saved_before, saved_after = int(rows[4][5]), int(rows[6][5])
+    assert saved_after > saved_before + 20, out
     final = float(field(out, r"^hit rate:\s+([\d.]+)% of values served by Redis"))
     assert final > 80
     assert re.search(r"^latency:\s+p50 [\d.]+ ms, p99 [\d.]+ ms", out, re.M)
@@ -145,6 +151,30 @@ def test_quick_demo_reports_and_leaves_nothing_running(
     assert not db_path.parent.exists(), f"temporary directory {db_path.parent} left behind"
 
 
+@pytest.mark.slow
+def test_quick_demo_load_moves_featcache_stats_and_the_warmer_reports(
+    quick_demo: tuple[subprocess.CompletedProcess[str], Path],
+) -> None:
+    proc, _ = quick_demo
+    out = proc.stdout
+    assert proc.returncode == 0, f"stdout:\n{out}\nstderr:\n{proc.stderr}"
+    # what the serving process published, read back as `featcache stats` reads it: every call
+    # the demo made is counted, per view, by the one process that served them
+    made = int(field(out, r"\(the demo made ([\d,]+)\s+calls\)").replace(",", ""))
+    assert made == int(field(out, r"^summary:\s+([\d,]+) calls").replace(",", "")) + 1
+    assert re.search(r"^stats:\s+featcache stats, read back from Redis: 1 process published",
+                     out, re.M), out
+    counted = {view: int(n.replace(",", "")) for view, n in
+               re.findall(r"^\s+(user_\w+): ([\d,]+) calls, [\d.]+% of values", out, re.M)}
+    assert counted == {"user_profile": made, "user_activity": made}, out
+    # the warmer wrote the views in bulk beside the load, through the fenced write path
+    written = int(field(out, r"materialize wrote ([\d,]+) rows of 2 views").replace(",", ""))
+    assert written > 0
+    before, after = (int(n) for n in re.findall(
+        r"calls Redis answered alone: (\d+)% in phase 5,\s+(\d+)% in phase 7", out)[0])
+    assert after > before, out
+
+
 def too_wide(out: str) -> list[str]:
     return [f"{len(line)}: {line}" for line in out.splitlines() if len(line) > WIDTH]
 
@@ -156,7 +186,7 @@ def test_quick_demo_fits_in_80_columns(
     proc, _ = quick_demo
     assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
     # the table, the legend, the summary and the explanation of values and calls
-    assert re.search(r"^\s+5/5\s", proc.stdout, re.M), proc.stdout
+    assert re.search(r"^\s+7/7 w\s", proc.stdout, re.M), proc.stdout
     assert re.search(r"^values, calls:\s+a call skips SQL only if every row it reads hits",
                      proc.stdout, re.M), proc.stdout
     assert too_wide(proc.stdout) == [], "\n".join(too_wide(proc.stdout))
@@ -175,13 +205,13 @@ def test_quick_demo_draws_its_hit_rate_curve(
     assert "temporary directory instead" not in out
     assert printed.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     check_curve_picture(printed)
-    # The picture is of the run's own reads: each distinct id's first read in each of the 2
-    # views went to SQL, whatever the cache, so SQL looked up at least that many ids.
+    # The picture is of the run's own reads: every call's distinct ids, seven phases of 800
+    # calls of 32 drawn ids.
     reads = int(field(out, r"^curve:\s+user_profile: ([\d,]+) reads").replace(",", ""))
     distinct = int(field(out, r"reads of ([\d,]+) distinct ids").replace(",", ""))
-    assert 0 < distinct < reads <= 4000 * 32
-    looked_up = int(field(out, r"^SQL ids:\s+([\d,]+) looked up").replace(",", ""))
-    assert looked_up >= 2 * distinct, out
+    calls = int(field(out, r"^summary:\s+([\d,]+) calls").replace(",", ""))
+    assert calls == 5600
+    assert 0 < distinct < reads <= calls * 32
     best = float(field(out, r"would serve\s+([\d.]+)%"))
     assert best == pytest.approx(100 * (1 - distinct / reads), abs=0.05)
 
@@ -250,13 +280,14 @@ def test_demo_on_a_wide_terminal_fits_in_80_columns(tmp_path: Path) -> None:
     # the live table on a terminal is drawn by rich, to the terminal's width if nothing stops it
     raw = b"".join(read_terminal(
         [sys.executable, "-m", "featcache.jobs.cli", "demo", "--users", "2000",
-         "--calls", "300"],
+         "--calls", "300", "--warm-phases", "0"],
         {"COLUMNS": "200", "LINES": "50", "TERM": "xterm-256color"}, tmp_path,
     )).decode()
     # colours out; a cursor move or a carriage return starts what is written anew
     text = re.sub(r"\x1b\[[0-9;]*m", "", raw)
     text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]|\r", "\n", text)
     assert "HIT_REDIS" in text and "5/5" in text and "values, calls:" in text, text
+    assert "6/" not in text and "warmer:" not in text, "--warm-phases 0: no warmer"
     assert re.search(r"^─{60,}", text, re.M), "the table's rule: rich drew it"
     assert too_wide(text) == [], "\n".join(too_wide(text))
     assert (tmp_path / DEFAULT_CURVE).is_file()
@@ -277,8 +308,8 @@ def test_quick_cluster_demo_reports_and_leaves_nothing_running(tmp_path: Path) -
     assert len(nodes) == 3, out
     # Hits prove cluster mode: a standalone client would be refused (MOVED) the keys of the
     # slots of two nodes out of three.
-    rows = re.findall(r"^\s+(\d)/5\s+[\d,]+\s+([\d.]+)%", out, re.M)
-    assert [r[0] for r in rows] == ["1", "2", "3", "4", "5"], out
+    rows = re.findall(r"^\s+(\d)/7(?: w)?\s+[\d,]+\s+([\d.]+)%", out, re.M)
+    assert [r[0] for r in rows] == ["1", "2", "3", "4", "5", "6", "7"], out
     hit_rates = [float(r[1]) for r in rows]
     assert hit_rates[-1] > hit_rates[0] > 0, "the hit rate climbs as the cache warms"
     assert float(field(out, r"^hit rate:\s+([\d.]+)% of values served by Redis")) > 50
@@ -500,6 +531,7 @@ def test_a_command_is_required(capsys: pytest.CaptureFixture[str]) -> None:
         (["--users", "many"], "argument --users: expected an integer, got 'many'"),
         (["--batch", "0"], "argument --batch: must be at least 1, got 0"),
         (["--zipf", "-1"], "argument --zipf: must be a finite number >= 0, got -1"),
+        (["--warm-phases", "-1"], "argument --warm-phases: must be at least 0, got -1"),
     ],
 )
 def test_bad_demo_arguments_exit_2(

@@ -15,12 +15,12 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 from featcache.jobs.changes import follow_changes
-from featcache.jobs.leader import ViewLeader
 from featdata import T0, insert, make_cache, make_table, make_view
 from wire import hooked_client, is_command
 
 from featcache import FeatcacheError, Feature, Status
 from featcache.embedded import EmbeddedServer
+from featcache.leader import ViewLeader
 from featcache.redis_store import CONDITIONAL_SET, SET_IF_ABSENT
 
 FEATURES = (Feature("clicks", "int", "1m"),)

@@ -9,7 +9,6 @@ from typing import Any
 import pytest
 import redis
 import sqlalchemy as sa
-from featcache.jobs.warm import materialize
 from featdata import (
     STATS_FEATURES,
     T0,
@@ -33,6 +32,7 @@ from featcache import (
     Status,
 )
 from featcache.codec import RowCodec
+from featcache.materialize import materialize
 
 #: run on every Redis deployment in CI (FEATCACHE_TEST_TOPOLOGY, tests/conftest.py)
 pytestmark = pytest.mark.topology

@@ -18,12 +18,12 @@ from typing import Any
 import pytest
 import redis
 import sqlalchemy as sa
-from featcache.jobs.leader import ViewLeader
-from featcache.jobs.warm import materialize, warm_once
 from featdata import STATS_FEATURES, T0, Clock, insert, make_cache, make_table, make_view, stats_row
 
 from featcache import Feature, FeatureCache, InvalidRequest, Status, UnknownView
 from featcache.keys import KeyLayout
+from featcache.leader import ViewLeader
+from featcache.materialize import materialize, warm_once
 from featcache.offline import RowColumns, SqlRow
 from featcache.offline.bulk import (
     IdRunReader,

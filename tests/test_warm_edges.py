@@ -16,7 +16,7 @@ import pytest
 import redis
 import sqlalchemy as sa
 from featcache.jobs.changes import follow_changes, load_watermark
-from featcache.jobs.warm import materialize, run_materialize
+from featcache.jobs.warm import run_materialize
 from featdata import STATS_FEATURES, T0, insert, make_cache, make_table, make_view, stats_row
 from servers import SqlTarget
 from warmerenv import HOUR, cv_env
@@ -24,6 +24,7 @@ from warmerenv import HOUR, cv_env
 from featcache import FeatureCache, InvalidRequest, SchemaError
 from featcache.config import FeatureView, config_from_dict
 from featcache.keys import KeyLayout
+from featcache.materialize import materialize
 from featcache.offline.bulk import iter_entity_ids, iter_latest_by_id
 
 

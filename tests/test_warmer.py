@@ -18,7 +18,6 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.cron import CronTrigger
 from apscheduler.triggers.interval import IntervalTrigger
 from featcache.jobs.changes import follow_changes, load_watermark
-from featcache.jobs.leader import ViewLeader
 from featcache.jobs.warmer import build_scheduler, health
 from featdata import (
     STATS_FEATURES,
@@ -52,6 +51,7 @@ from featcache import (
     WarmerConfig,
     load_config,
 )
+from featcache.leader import ViewLeader
 
 #: run on every Redis deployment in CI (FEATCACHE_TEST_TOPOLOGY, tests/conftest.py)
 pytestmark = pytest.mark.topology

@@ -43,4 +43,7 @@ class DemoOptions:
     zipf: float = 1.1
     seed: int = 1
     phases: int = 5
+    #: phases of the same length after those, with the warmer's jobs running beside the load
+    #: (``featcache.demo.warming``); 0: no warmer
+    warm_phases: int = 2
     curve_path: str | None = DEFAULT_CURVE

@@ -47,11 +47,15 @@ from featcache.client import FeatureCache
 from featcache.config import CacheConfig, RedisConfig, load_config
 from featcache.demo import CLUSTER_PRIMARIES, CLUSTER_REPLICAS, DEFAULT_CURVE, DemoOptions
 from featcache.demo.data import SampleReport, ensure_sample
+from featcache.demo.warming import DemoWarmer, WarmerReport
 from featcache.embedded import EmbeddedServer
 from featcache.embedded_cluster import EmbeddedCluster
 from featcache.errors import CacheUnavailable, ConfigError
+from featcache.keys import KeyLayout
 from featcache.offline import create_engine, safe_url
-from featcache.redis_store import connect, safe_redis_url, translate
+from featcache.redis_store import connect, open_store, safe_redis_url, translate
+from featcache.stats_publish import MINUTE, read_window
+from featcache.stats_report import summarize
 from featcache.types import Status
 
 if TYPE_CHECKING:
@@ -129,6 +133,7 @@ class Phase:
 
     number: int
     phases: int
+    warming: bool  # the warmer ran beside the load in this phase (``featcache.demo.warming``)
     calls_so_far: int
     statuses: Counter[Status]
     cached_absent: int  # ABSENT values answered from a negative cache entry, not from SQL
@@ -148,6 +153,11 @@ class Phase:
         total = max(1, self.statuses.total())
         return (self.statuses[Status.HIT_REDIS] + self.cached_absent) / total
 
+    @property
+    def redis_alone(self) -> float:
+        """Calls that issued no SQL at all."""
+        return len(self.redis_only_ns) / max(1, len(self.latencies_ns))
+
     def percentile_ms(self, q: float, redis_only: bool = False) -> float:
         lat = self.redis_only_ns if redis_only else self.latencies_ns
         return lat[min(len(lat) - 1, int(q * len(lat)))] / 1e6 if lat else float("nan")
@@ -159,16 +169,23 @@ def _saved(done: int, baseline: int) -> float:
 
 def _drive(
     cache: FeatureCache, sampler: ZipfSampler, options: DemoOptions, counter: SqlCounter,
-    drawn: list[list[int]],
+    drawn: list[list[int]], start_warmer: Callable[[], None],
 ) -> Iterator[Phase]:
-    """Run the calls phase by phase, each measured on its own, all features in every call.
+    """Run the calls phase by phase, each measured on its own, all features in every call:
+    ``options.calls`` over ``options.phases``, then ``options.warm_phases`` more of the same
+    length with the warmer running (``start_warmer`` is called as the first of them begins).
     Each call's ids, as drawn, are appended to ``drawn`` (outside the timed part)."""
     widths = {view.name: len(view.features) for view in cache.config.views}
     features = [f.name for view in cache.config.views for f in view.features]
     phases = min(options.phases, options.calls)
+    per_phase = max(1, options.calls // phases)
+    total = phases + options.warm_phases
     done = 0
-    for number in range(1, phases + 1):
-        calls = options.calls * number // phases - done
+    for number in range(1, total + 1):
+        warming = number > phases
+        if number == phases + 1:
+            start_warmer()
+        calls = per_phase if warming else options.calls * number // phases - done
         statuses: Counter[Status] = Counter()
         latencies: list[int] = []
         redis_only: list[int] = []
@@ -192,7 +209,7 @@ def _drive(
         latencies.sort()
         redis_only.sort()
         yield Phase(
-            number, phases, done, statuses,
+            number, total, warming, done, statuses,
             cached_absent=sum(delta[view]["negative_hit"] * n for view, n in widths.items()),
             latencies_ns=latencies,
             redis_only_ns=redis_only,
@@ -301,12 +318,13 @@ _COLUMNS = (("", "phase"), ("", "calls"), ("", "HIT_REDIS"), ("", "FILLED"), (""
 _LEGEND = ("HIT_REDIS/FILLED/ABSENT: share of the phase's values (a feature of an id) by "
            "status. ms: per get_features call. Queries/ids saved: the SQL queries and the ids "
            "looked up in them that featcache spared, vs a design without a cache (one query "
-           "per view per call, for every id).")
+           "per view per call, for every id). w: the warmer ran beside the load.")
 
 
 def _cells(p: Phase) -> list[str]:
     return [
-        f"{p.number}/{p.phases}", f"{p.calls_so_far:,}", f"{p.share(Status.HIT_REDIS):.1%}",
+        f"{p.number}/{p.phases}{' w' * p.warming}", f"{p.calls_so_far:,}",
+        f"{p.share(Status.HIT_REDIS):.1%}",
         f"{p.share(Status.FILLED):.1%}", f"{p.share(Status.ABSENT):.1%}",
         f"{p.percentile_ms(0.50):.2f}", f"{p.percentile_ms(0.99):.2f}",
         f"{_saved(p.sql_queries, p.no_cache_queries):.0%}",
@@ -390,6 +408,8 @@ class RichReport(PlainReport):
 
 def _summary(report: PlainReport, phases: list[Phase], seconds: float, batch: int) -> None:
     last = phases[-1]
+    # the values-against-calls explanation is about the cache alone, without the warmer
+    unwarmed = [p for p in phases if not p.warming][-1]
     values = sum(p.statuses.total() for p in phases)
     sql, no_cache = sum(p.sql_queries for p in phases), sum(p.no_cache_queries for p in phases)
     ids, no_cache_ids = sum(p.sql_ids for p in phases), sum(p.no_cache_ids for p in phases)
@@ -402,18 +422,76 @@ def _summary(report: PlainReport, phases: list[Phase], seconds: float, batch: in
                 f"{last.percentile_ms(0.99):.2f} ms per get_features call in the last phase;")
     report.item("", f"p50 {last.percentile_ms(0.5, True):.2f} ms, p99 "
                 f"{last.percentile_ms(0.99, True):.2f} ms for the "
-                f"{len(last.redis_only_ns) / max(1, len(last.latencies_ns)):.0%} of calls that "
-                "Redis answered alone (no SQL)")
+                f"{last.redis_alone:.0%} of calls that Redis answered alone (no SQL)")
     report.item("SQL queries", f"{sql:,} issued vs {no_cache:,} without a cache: "
                 f"{_saved(sql, no_cache):.1%} saved")
     report.item("SQL ids", f"{ids:,} looked up vs {no_cache_ids:,} without a cache: "
                 f"{_saved(ids, no_cache_ids):.1%} saved")
-    alone = len(last.redis_only_ns) / max(1, len(last.latencies_ns))
     report.item("values, calls", (
         f"a call skips SQL only if every row it reads hits: one missing id of {batch} "
-        f"costs it a query, so in the last phase {last.from_cache:.1%} of values but "
-        f"{alone:.0%} of calls came from Redis alone. SQL queries counts round trips to the "
-        "database, SQL ids the rows they looked up."))
+        f"costs it a query, so in phase {unwarmed.number} {unwarmed.from_cache:.1%} of values "
+        f"but {unwarmed.redis_alone:.0%} of calls came from Redis alone. SQL queries counts "
+        "round trips to the database, SQL ids the rows they looked up."))
+
+
+def _warmer_summary(report: PlainReport, phases: list[Phase], warmer: WarmerReport) -> None:
+    """What the warmer did, and what it changed: the last phase without it against the
+    last phase with it."""
+    before = [p for p in phases if not p.warming][-1]
+    after = phases[-1]
+    views = f"{warmer.views} view{'s' * (warmer.views != 1)}"
+    cut = "" if warmer.complete else " (stopped by the end of the run before it finished)"
+    report.line()
+    report.item("warmer", (
+        f"phases {before.number + 1}-{after.number} ran featcache warmer's jobs beside the "
+        f"load: materialize wrote {warmer.materialized:,} rows of {views} in "
+        f"{warmer.materialize_s:.1f}{_NBSP}s{cut}, then {warmer.passes:,} warm "
+        f"pass{'es' * (warmer.passes != 1)} "
+        f"(the {warmer.k:,} most read entities of each view, rewritten when missing or about "
+        f"to go stale) rewrote {warmer.warmed:,}; {warmer.fenced_off:,} writes were fenced "
+        "off by a newer fill. Its own SQL reads are not in the counts above."))
+    report.item("", (
+        f"calls Redis answered alone: {before.redis_alone:.0%} in phase {before.number}, "
+        f"{after.redis_alone:.0%} in phase {after.number}; values from Redis: "
+        f"{before.from_cache:.1%}, then {after.from_cache:.1%}. A value still read from SQL "
+        "is an entity the table has no row for, asked for the first time (the warmer "
+        "cannot know it is absent), or a fill that raced the bulk load."))
+
+
+def _published(report: PlainReport, config: CacheConfig, seconds: float,
+               phases: list[Phase]) -> None:
+    """What ``featcache stats`` reads back from Redis for this run: the counts the serving
+    process published (the last of them when the cache closed), summed over every process
+    that published under the run's prefix."""
+    store = open_store(config.redis)
+    try:
+        window = read_window(store, KeyLayout.for_mode(config.redis.key_prefix,
+                                                       config.redis.mode),
+                             seconds + MINUTE, time.time())
+    finally:
+        store.close()
+    figures = summarize(window.totals, [view.name for view in config.views])
+    made = phases[-1].calls_so_far + 1  # and the first call, which checked the tables
+    report.line()
+    processes = len(window.processes)
+    report.item("stats", (
+        f"featcache stats, read back from Redis: {processes} process"
+        f"{'es' * (processes != 1)} published under this run's prefix (the demo made "
+        f"{made:,} calls)"))
+    for view, data in figures.items():
+        report.item("", (
+            f"{view}: {data['calls']['total']:,} calls, {_share(data['value_hit_rate']['cache'])}"
+            f" of values and {_share(data['call_hit_rate']['cache'])} of calls from the "
+            f"cache; p50 {_ms(data['latency_ms']['hit']['p50'])} when all hit, "
+            f"{_ms(data['latency_ms']['sql']['p50'])} with SQL"))
+
+
+def _share(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1%}"
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}{_NBSP}ms"
 
 
 # ------------------------------------------------------------------------------ main
@@ -463,10 +541,11 @@ def run_demo(options: DemoOptions, out: TextIO | None = None) -> int:
             tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="featcache-demo-"))
             offline_url = f"sqlite:///{Path(tmp) / 'offline.db'}"
         mode = "cluster" if options.cluster else "standalone"
-        cache = FeatureCache(config.replace(
+        config = config.replace(
             redis=replace(config.redis, url=redis_url, key_prefix=prefix, mode=mode),
             offline_store=replace(config.offline_store, url=offline_url),
-        ))
+        )
+        cache = FeatureCache(config)
         stack.callback(cache.close)
         # a RedisCluster on a cluster (the store's client is typed Any)
         client: redis.Redis | redis.RedisCluster = cache.store.client
@@ -499,11 +578,19 @@ def run_demo(options: DemoOptions, out: TextIO | None = None) -> int:
         started = time.perf_counter()
         phases: list[Phase] = []
         drawn: list[list[int]] = []
+        warmer = DemoWarmer(config)
+        stack.callback(warmer.halt)  # before the servers it writes to are stopped
         with report.phases() as add:
-            for phase in _drive(cache, sampler, options, counter, drawn):
+            for phase in _drive(cache, sampler, options, counter, drawn, warmer.start):
                 phases.append(phase)
                 add(phase)
-        _summary(report, phases, time.perf_counter() - started, options.batch)
+        warmed = warmer.stop() if options.warm_phases else None
+        seconds = time.perf_counter() - started
+        _summary(report, phases, seconds, options.batch)
+        if warmed is not None:
+            _warmer_summary(report, phases, warmed)
+        cache.close()  # publishes the serving process's last counts
+        _published(report, config, seconds, phases)
     # after the servers are stopped: the analysis needs the ids alone
     if options.curve_path is not None:
         _curve(report, config, drawn, Path(options.curve_path))

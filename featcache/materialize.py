@@ -1,0 +1,314 @@
+"""Bulk materialization and one warming pass (DESIGN section 5): SQL rows copied into Redis
+through the fenced write path, by the warmer, ``featcache materialize`` and the demo.
+
+``materialize`` copies the latest rows of a view (all of them, some ids, or those changed
+since a time) from SQL into Redis. ``warm_once`` refreshes the most read entities whose cached
+rows are missing or about to expire, under the view's leader lease (``featcache.leader``).
+
+Every write is fenced like a read-through fill (``featcache.writes``): for each chunk,
+``cache.fence(view, ids)`` is taken *before* that chunk's rows are read from SQL, then
+``cache.put_rows(view, rows, fence=...)`` writes a row only where nothing changed since, so
+an invalidation that lands between the read and the write is never overwritten with the value
+read before it. A fence needs the chunk's ids before the read, so "all" and "since" first
+stream the distinct entity ids (``featcache.offline.bulk.iter_entity_ids``, a cheap
+``SELECT DISTINCT`` on a server-side cursor), then, per chunk of ids: fence, read the latest
+rows of exactly those ids, write. That is one extra, narrow scan instead of reading every row
+twice.
+
+Both need only ``Parts`` (the stores and the writer), so any process can run them: the
+command line's progress bars and JSON lines are ``featcache.jobs.warm``'s.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import logging
+import time
+from collections.abc import Callable, Collection, Generator, Sequence, Set
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass, replace
+from typing import Any
+
+from featcache.codec import KIND_ABSENT, KIND_ROW, RowCodec
+from featcache.config import FeatureView
+from featcache.errors import InvalidRequest
+from featcache.leader import ViewLeader
+from featcache.offline import RowColumns, SqlRow
+from featcache.offline.bulk import (
+    IdRunReader,
+    iter_entity_ids,
+    iter_latest_by_id,
+    reads_id_runs,
+)
+from featcache.parts import Parts
+from featcache.redis_store import RedisStore
+from featcache.request import EntityId
+from featcache.writes import PendingWrite, PutReport
+
+__all__ = [
+    "DEFAULT_LEASE_TTL_S",
+    "MaterializeReport",
+    "Progress",
+    "WarmReport",
+    "materialize",
+    "warm_once",
+]
+
+log = logging.getLogger("featcache.warm")
+
+DEFAULT_LEASE_TTL_S = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class MaterializeReport:
+    """Totals of one materialization (also passed, running, to ``progress`` per chunk).
+
+    ``entities``: ids considered; ``rows_read``: latest rows SQL had for them;
+    ``rows_written``: rows written to Redis; ``fenced_off``: rows not written because their key
+    changed since the fence (an invalidation, a newer fill); ``complete``: False when the
+    leader lease was lost and the run stopped early; ``absent_ids``: ids considered that SQL
+    has no row for (deleted upstream, or never there), for the caller to invalidate.
+    """
+
+    view: str
+    rows_read: int = 0
+    rows_written: int = 0
+    fenced_off: int = 0
+    seconds: float = 0.0
+    entities: int = 0
+    chunks: int = 0
+    complete: bool = True
+    absent_ids: tuple[EntityId, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class WarmReport:
+    """One warming pass of one view. ``leader`` False: another warmer held the view's lease
+    and this one did nothing. ``candidates``: top-K entities found; ``missing``: of those, not
+    in Redis (absent, invalidated, of an old epoch, undecodable); ``expiring``: cached but due
+    within the horizon; ``materialized``: what writing those did."""
+
+    view: str
+    leader: bool
+    candidates: int = 0
+    missing: int = 0
+    expiring: int = 0
+    materialized: MaterializeReport | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["rows_written"] = self.materialized.rows_written if self.materialized else 0
+        return out
+
+
+Progress = Callable[[MaterializeReport], None]
+
+
+# ----------------------------------------------------------------------------- materialize
+
+
+def materialize(
+    cache: Parts,
+    view: str | FeatureView,
+    *,
+    all: bool = False,
+    ids: Sequence[EntityId] | None = None,
+    since: dt.datetime | None = None,
+    chunk_rows: int = 10_000,
+    progress: Progress | None = None,
+    keep_going: Callable[[], bool] | None = None,
+) -> MaterializeReport:
+    """Copy the latest SQL rows of ``view`` into Redis, fenced, chunk by chunk.
+
+    Exactly one of ``all``, ``ids``, ``since`` (rows of entities with a row updated at or
+    after it). ``keep_going`` is asked before every chunk (the warmer renews its lease there);
+    False stops the run with ``complete=False``.
+    """
+    chosen = sum((bool(all), ids is not None, since is not None))
+    if chosen != 1:
+        raise InvalidRequest("materialize: pass exactly one of all=True, ids=..., since=...")
+    if chunk_rows < 1:
+        raise InvalidRequest(f"chunk_rows must be at least 1, got {chunk_rows}")
+    view_def = cache.config.view(view if isinstance(view, str) else view.name)
+    if since is not None and view_def.updated_at_column is None:
+        raise InvalidRequest(
+            f"view {view_def.name!r} has no updated_at column: --since needs one "
+            "(views.<name>.updated_at in the config)"
+        )
+    offline = cache.offline
+    id_chunks: Generator[Sequence[EntityId], None, None]
+    # the whole view: ids listed in the database's order, each chunk read as one id range
+    by_range = all and reads_id_runs(offline, view_def)
+    if ids is not None:
+        unique = list(dict.fromkeys(ids))
+        id_chunks = (unique[i : i + chunk_rows] for i in range(0, len(unique), chunk_rows))
+    else:
+        id_chunks = iter_entity_ids(offline, view_def, since=since, chunk_rows=chunk_rows,
+                                    ordered=by_range)
+    started = time.perf_counter()
+    report = MaterializeReport(view_def.name)
+
+    def written(pending: Future[tuple[int, Sequence[EntityId], int, PutReport]]) -> None:
+        nonlocal report
+        entities, absent, rows_read, put = pending.result()  # re-raises the writer's error
+        report = replace(
+            report,
+            absent_ids=report.absent_ids + tuple(absent),
+            rows_read=report.rows_read + rows_read,
+            rows_written=report.rows_written + put.written,
+            fenced_off=report.fenced_off + put.fenced_off,
+            entities=report.entities + entities,
+            chunks=report.chunks + 1,
+            seconds=time.perf_counter() - started,
+        )
+        if progress is not None:
+            progress(report)
+
+    def write(
+        chunk: Sequence[EntityId], read: Collection[EntityId], pending: PendingWrite
+    ) -> tuple[int, Sequence[EntityId], int, PutReport]:
+        put = pending.send()
+        if len(read) < len(chunk):
+            found = read if isinstance(read, Set) else set(read)
+            absent: Sequence[EntityId] = [e for e in chunk if e not in found]
+        else:
+            absent = ()
+        return len(chunk), absent, len(read), put
+
+    # One chunk is written (a Redis round trip: mostly the server running the write script,
+    # with the GIL released) while the next is fenced, read from SQL and encoded: at most
+    # two chunks in memory, and a chunk's write still follows its own fence and read. The
+    # writer thread only sends, as the round trips of the writes are the longest step
+    # (docs/benchmarks.md).
+    in_flight: Future[tuple[int, Sequence[EntityId], int, PutReport]] | None = None
+    with ThreadPoolExecutor(1, thread_name_prefix="featcache-materialize") as writer, \
+            contextlib.closing(id_chunks) as chunks, \
+            (IdRunReader(offline, view_def) if by_range else contextlib.nullcontext()) as runs:
+        try:
+            listed = (chunk for chunk in chunks if chunk)
+            chunk = next(listed, None)
+            # each fence BEFORE the SQL read of its rows; the next chunk's is taken while
+            # Redis is idle, between one write's end and the next write's start, not behind
+            # a write's scripts (docs/benchmarks.md)
+            fence = cache.fence(view_def, chunk) if chunk is not None else None
+            while chunk is not None and fence is not None:
+                if keep_going is not None and not keep_going():
+                    report = replace(report, complete=False)
+                    log.warning("materialize view=%s stopped: leader lease lost", view_def.name)
+                    break
+                # by ADBC, rows come as columns and are encoded from them (no tuple per row)
+                rows = runs.read_columns(chunk) if runs is not None else _latest_rows(
+                    cache, view_def, chunk)
+                if isinstance(rows, RowColumns):
+                    read: Collection[EntityId] = rows.ids
+                    pending = cache.prepare_columns(view_def, rows, fence=fence)
+                else:
+                    read = rows.keys()
+                    pending = cache.prepare_latest(view_def, rows, fence=fence)
+                if in_flight is not None:
+                    written(in_flight)
+                following = next(listed, None)
+                next_fence = cache.fence(view_def, following) if following is not None else None
+                in_flight = writer.submit(write, chunk, read, pending)
+                chunk, fence = following, next_fence
+        finally:
+            if in_flight is not None:  # on error too: the chunk being written is finished
+                written(in_flight)
+    return replace(report, seconds=time.perf_counter() - started)
+
+
+def _latest_rows(
+    cache: Parts, view: FeatureView, chunk: Sequence[EntityId]
+) -> dict[EntityId, SqlRow]:
+    rows: dict[EntityId, SqlRow] = {}
+    for part in iter_latest_by_id(cache.offline, view, chunk, chunk_rows=len(chunk)):
+        if rows:  # never: one chunk is one part; the rows are not copied again
+            rows.update(part)
+        else:
+            rows = part
+    return rows
+
+
+# ----------------------------------------------------------------------------- warm
+
+
+def warm_once(
+    cache: Parts,
+    view: str | FeatureView,
+    *,
+    k: int,
+    horizon_s: float,
+    leader: ViewLeader | None = None,
+    lease_ttl_s: float = DEFAULT_LEASE_TTL_S,
+    chunk_rows: int = 10_000,
+    progress: Progress | None = None,
+) -> WarmReport:
+    """Refresh the top ``k`` entities of ``view`` whose cached rows are missing or expire
+    (``loaded_at + the view's shortest max_age``) before now + ``horizon_s``.
+
+    Runs only as the view's leader: with ``leader`` None a lease is taken for this pass and
+    released after it; a given ``leader`` is acquired (or extended) and kept. Not leader: the
+    report says ``leader=False`` and nothing is read or written.
+    """
+    if k < 1:
+        raise InvalidRequest(f"k must be at least 1, got {k}")
+    if horizon_s < 0:
+        raise InvalidRequest(f"horizon_s must be >= 0, got {horizon_s}")
+    view_def = cache.config.view(view if isinstance(view, str) else view.name)
+    store = cache.store
+    own_lease = leader is None
+    lease = leader or ViewLeader(store, cache.layout, view_def.name, lease_ttl_s)
+    if not lease.acquire():
+        log.info("warm view=%s leader=false", view_def.name)
+        return WarmReport(view_def.name, leader=False)
+    try:
+        top = [entity for entity, _ in cache.top_k(view_def, k)]
+        missing, expiring = _due(cache, store, view_def, top, horizon_s)
+        due = missing + expiring
+        done = (
+            materialize(cache, view_def, ids=due, chunk_rows=chunk_rows, progress=progress,
+                        keep_going=lease.renew)
+            if due else MaterializeReport(view_def.name)
+        )
+        report = WarmReport(view_def.name, True, len(top), len(missing), len(expiring), done)
+        log.info(
+            "warm view=%s leader=true candidates=%d missing=%d expiring=%d rows_written=%d "
+            "fenced_off=%d seconds=%.3f", view_def.name, report.candidates, report.missing,
+            report.expiring, done.rows_written, done.fenced_off, done.seconds,
+        )
+        return report
+    finally:
+        if own_lease:
+            lease.release()
+
+
+def _due(
+    cache: Parts,
+    store: RedisStore,
+    view: FeatureView,
+    ids: list[EntityId],
+    horizon_s: float,
+) -> tuple[list[EntityId], list[EntityId]]:
+    """(missing, expiring) among ``ids``, from one MGET of their rows and the view's epoch."""
+    if not ids:
+        return [], []
+    keys = cache.layout.row_keys(view.name, ids)
+    keys.append(cache.layout.epoch_key(view.name))
+    raw = store.read(keys)
+    epoch_raw = raw.pop()
+    epoch = int(epoch_raw) if epoch_raw else None
+    codec = RowCodec(view)
+    clock: Callable[[], float] = cache.clock  # the cache's clock stamps what put_rows writes
+    deadline_ms = int((clock() + horizon_s) * 1000)
+    max_age_ms = int(min(f.max_age for f in view.features) * 1000)
+    missing: list[EntityId] = []
+    expiring: list[EntityId] = []
+    for entity, value in zip(ids, raw, strict=True):
+        row = codec.decode(value) if value is not None else None
+        if row is None or row.kind not in (KIND_ROW, KIND_ABSENT) or row.epoch != epoch:
+            missing.append(entity)
+        elif row.kind == KIND_ROW and row.loaded_ms + max_age_ms < deadline_ms:
+            expiring.append(entity)
+        # a fresh negative entry ("SQL has no such entity") has nothing to warm
+    return missing, expiring
