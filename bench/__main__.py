@@ -11,7 +11,7 @@ import sys
 from collections.abc import Sequence
 from typing import Protocol
 
-from bench import analyze, invalidation, l1, l1_policies, materialize, read, stampede
+from bench import analyze, invalidation, l1, l1_policies, materialize, read, serve, stampede
 
 
 class Benchmark(Protocol):
@@ -30,6 +30,7 @@ BENCHMARKS: dict[str, Benchmark] = {
     "invalidation": invalidation,
     "materialize": materialize,
     "analyze": analyze,
+    "serve": serve,
 }
 
 

@@ -413,7 +413,13 @@ def format_ms_table(rows: Sequence[tuple[str, Mapping[str, Any]]]) -> str:
     for name, s in rows:
         table.append((name, str(s.get("n", 0)),
                       *(f"{s[k]:,.2f}" if k in s else "-" for k in ("min", "p50", "p99", "max"))))
-    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+    return aligned(table)
+
+
+def aligned(table: Sequence[Sequence[str]]) -> str:
+    """Rows of cells as text: the first row a header underlined, the first column left-aligned
+    and the others right-aligned."""
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
     lines = []
     for i, row in enumerate(table):
         lines.append("  ".join([row[0].ljust(widths[0]),

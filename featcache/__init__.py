@@ -12,6 +12,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from featcache.async_client import AsyncFeatureCache
     from featcache.client import FeatureCache, Fence, PendingWrite, PutReport
     from featcache.config import (
         CacheConfig,
@@ -56,6 +57,7 @@ __version__ = "0.1.0"
 
 #: public name -> the module that defines it
 _EXPORTS: dict[str, str] = {
+    "AsyncFeatureCache": "async_client",
     **dict.fromkeys(("FeatureCache", "Fence", "PendingWrite", "PutReport"), "client"),
     **dict.fromkeys((
         "CacheConfig", "ChangeQuery", "DegradationConfig", "Feature", "FeatureView",
@@ -77,6 +79,7 @@ _EXPORTS: dict[str, str] = {
 __all__ = [
     "NO_VALUE",
     "AmbiguousFeature",
+    "AsyncFeatureCache",
     "BackendError",
     "CacheConfig",
     "CacheConfigError",

@@ -22,7 +22,14 @@ from featcache.l1 import L1Cache
 from featcache.parts import Clock, Parts
 from featcache.popularity import PopularityCounter
 from featcache.readpath import L1_RECORD_WIDTH, L1Entry, ReadPath
-from featcache.request import EntityId, Planner, distinct_ids, id_sequence, normalize_ids
+from featcache.request import (
+    EntityId,
+    Plan,
+    Planner,
+    distinct_ids,
+    id_sequence,
+    normalize_ids,
+)
 from featcache.result import FeatureResult
 from featcache.stats_publish import StatsPublisher
 from featcache.subscriber import InvalidationSubscriber
@@ -167,6 +174,17 @@ class FeatureCache(Parts):
         ``OfflineStoreUnavailable``/``OfflineStoreError`` only when SQL fails for a row that has
         no value within ``stale_if_error`` to serve instead.
         """
+        prepared = self.prepare(entity_ids, feature_names)
+        if type(prepared) is FeatureResult:
+            return prepared
+        return self._read.read(*prepared)
+
+    def prepare(
+        self, entity_ids: Iterable[EntityId], feature_names: Sequence[str]
+    ) -> tuple[Plan, list[EntityId], bool] | FeatureResult:
+        """A call validated and planned: ``(plan, ids, checked)`` for ``ReadPath.read`` (or
+        its steps), or the answer to a call of no ids. Raises what ``get_features`` raises for
+        bad arguments (both clients validate here)."""
         if isinstance(feature_names, str):
             raise InvalidRequest(
                 f"feature_names must be a list of names, not the string {feature_names!r}; "
@@ -180,8 +198,13 @@ class FeatureCache(Parts):
         if self._read.l1 is not None:
             distinct = distinct_ids(given, plan.entity_type)
             if distinct is not None:  # limits checked only if L1 does not answer them all
-                return self._read.read(plan, distinct, checked=False)
+                return plan, distinct, False
         ids = normalize_ids(given, plan.entity_type, self.config.limits.max_id_length)
         if not ids:
             return FeatureResult(ids, plan, [{} for _ in plan.views])
-        return self._read.read(plan, ids)
+        return plan, ids, True
+
+    @property
+    def read_path(self) -> ReadPath:
+        """The read path, whose steps the async client drives (``featcache.async_client``)."""
+        return self._read

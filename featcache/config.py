@@ -37,6 +37,7 @@ from featcache.config_sections import (
     PopularityConfig,
     RedisConfig,
     Section,
+    ServeConfig,
     StampedeConfig,
     StatsConfig,
     parse_duration,
@@ -67,6 +68,7 @@ __all__ = [
     "PopularityConfig",
     "RedisConfig",
     "ScheduleConfig",
+    "ServeConfig",
     "StampedeConfig",
     "StatsConfig",
     "WarmerConfig",
@@ -218,6 +220,8 @@ class CacheConfig:
     degradation: DegradationConfig = field(default_factory=DegradationConfig)
     popularity: PopularityConfig = field(default_factory=PopularityConfig)
     stats: StatsConfig = field(default_factory=StatsConfig)
+    #: read only by the HTTP server (``featcache serve``)
+    serve: ServeConfig = field(default_factory=ServeConfig)
     #: read only by the warmer (``featcache.jobs.warmer``); validated with the rest
     warmer: WarmerConfig = field(default_factory=WarmerConfig)
     source: str = field(default="", compare=False)

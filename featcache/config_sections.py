@@ -37,6 +37,7 @@ __all__ = [
     "PopularityConfig",
     "RedisConfig",
     "Section",
+    "ServeConfig",
     "StampedeConfig",
     "StatsConfig",
     "duration_field",
@@ -411,8 +412,24 @@ class StatsConfig(Section):
                               f"{self.retention:g} s", "stats.retention")
 
 
+@dataclass(frozen=True, slots=True)
+class ServeConfig(Section):
+    """``serve``: what ``featcache serve`` accepts per request (``max_ids`` entity ids,
+    ``max_body`` bytes of body: more is refused with 413) and how long a stopping server
+    waits for the requests in flight (``drain_timeout``)."""
+
+    NAME: ClassVar[str] = "serve"
+
+    max_ids: int = integer_field(10_000, 1, 10_000_000)
+    max_body: int = integer_field(1_048_576, 1024, 1_073_741_824)
+    drain_timeout: float = duration_field(30.0)
+
+    def __post_init__(self) -> None:
+        self._check_fields()
+
+
 #: the serving sections, in the order the file format lists them
 SECTIONS: Final[tuple[type[Section], ...]] = (
     RedisConfig, OfflineStoreConfig, LimitsConfig, InvalidationConfig, L1Config,
-    StampedeConfig, DegradationConfig, PopularityConfig, StatsConfig,
+    StampedeConfig, DegradationConfig, PopularityConfig, StatsConfig, ServeConfig,
 )

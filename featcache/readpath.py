@@ -58,7 +58,7 @@ from featcache.singleflight import BUSY, MISSING, SingleFlight
 from featcache.stats import CacheStats
 from featcache.types import Status
 
-__all__ = ["ReadPath"]
+__all__ = ["Call", "ReadPath"]
 
 log = logging.getLogger("featcache")
 
@@ -169,6 +169,24 @@ def _flight_key(vr: _ViewRead, eid: EntityId, early: bool) -> FlightKey:
                      vp.width, early)
 
 
+class Call(NamedTuple):
+    """A call between its L1 step and its Redis read (``ReadPath.begin``): what to read and
+    what ``settle`` and ``finish`` need after it."""
+
+    plan: Plan
+    ids: list[EntityId]
+    pending: list[list[EntityId]]  # per view: the ids L1 did not answer
+    l1_hits: list[Mapping[EntityId, Answer]]  # per view: what L1 answered
+    some_from_l1: bool
+    keys: list[str]  # the rows of every view, then each view's epoch
+    slots: list[int] | None  # each key's hash slot, on a cluster
+    reads_redis: bool  # False: L1 answered every row after all (a recheck)
+    l1_token: int  # L1 refuses this call's rows if an invalidation landed since
+    now_ms: int
+    started: float  # monotonic, before the read: the fills' deadlines count from here
+    began_ns: int  # perf_counter_ns at the start, or 0 when calls are not timed
+
+
 class ReadPath:
     """Answers validated calls; holds the stores and the policy knobs of the read path."""
 
@@ -235,14 +253,26 @@ class ReadPath:
 
     # ------------------------------------------------------------------ the call
 
-    def read(self, plan: Plan, ids: list[EntityId], *, checked: bool = True) -> FeatureResult:
+    def read(self, plan: Plan, ids: list[EntityId], checked: bool = True) -> FeatureResult:
         """``ids``: distinct, from ``normalize_ids``; or, with ``checked=False``, from
-        ``distinct_ids``, checked here against the limits only if L1 does not answer them all."""
+        ``distinct_ids``, checked here against the limits only if L1 does not answer them all.
+
+        The call's steps, each public for a driver that awaits the Redis read instead
+        (``featcache.async_client``): ``begin``, the read, ``settle``, ``finish``."""
+        call = self.begin(plan, ids, checked)
+        if type(call) is not Call:
+            return call  # type: ignore[return-value]  # every row from L1
+        raw, redis_ok = self.read_redis(call)
+        return self.settle(call, raw, redis_ok) or self.finish(call, raw, redis_ok)
+
+    def begin(self, plan: Plan, ids: list[EntityId], checked: bool = True
+              ) -> Call | FeatureResult:
+        """The call up to its Redis read: the answer when L1 holds every row, else the
+        ``Call`` with the keys to read."""
         # the call's latency, counted per tier when stats are published (0: not counted)
         began_ns = perf_counter_ns() if self._timed else 0
         n_views = len(plan.views)
         l1_token = 0
-        reads: list[_ViewRead] = []
         pending: list[list[EntityId]]  # per view: ids L1 did not answer
         l1_hits: list[Mapping[EntityId, Answer]] = [{}] * n_views
         some_from_l1 = False
@@ -293,34 +323,66 @@ class ReadPath:
                 for vp, todo in zip(plan.views, pending, strict=True):
                     slots.extend(self._layout.row_slots(vp.view.name, todo) or ())
                 slots.extend([self._epoch_slots[vp.view.name] for vp in plan.views])
-        redis_ok = True
-        if any(pending):
-            try:  # _redis_call's work, inline: this is every call's one round trip
-                if not self.breaker.allow():
-                    raise CacheUnavailable("Redis circuit open: read skipped")
-                try:
-                    raw: list[bytes | None] = self._redis.read(keys, slots)
-                except CacheUnavailable as exc:
-                    self._count_failure(exc)
-                    raise
-            except CacheUnavailable as exc:
-                self._redis_outage.failed("answering from SQL", exc)
-                self._stats.add(plan.views[0].view.name, {"redis_errors": 1})
-                raw = [None] * len(keys)
-                redis_ok = False
-            else:
-                self.breaker.record_success()
-                self._redis_outage.ok()
-        else:
-            raw = [None] * len(keys)
-        epochs = raw[len(keys) - n_views :]
-        if redis_ok and not some_from_l1 and None not in epochs:
-            # the common call: every row of every view a plain hit, answered without a
-            # _ViewRead; anything else (a miss, a stale row, a row due for an early refresh)
-            # takes the general path below, from the same MGET
-            plain = self._plain_hits(plan, ids, raw, epochs, now_ms)
-            if plain is not None:
-                return self._answer_plain(plan, ids, plain, l1_token, began_ns)
+        return Call(plan, ids, pending, l1_hits, some_from_l1, keys, slots, any(pending),
+                    l1_token, now_ms, started, began_ns)
+
+    def read_redis(self, call: Call) -> tuple[list[bytes | None], bool]:
+        """The call's one Redis read, through the breaker: the values (all None when Redis
+        failed or was not asked) and whether Redis answered."""
+        if not call.reads_redis:
+            return self.nothing_read(call)
+        if not self.breaker.allow():
+            return self.redis_failed(
+                call, CacheUnavailable("Redis circuit open: read skipped"), count=False)
+        try:
+            raw: list[bytes | None] = self._redis.read(call.keys, call.slots)
+        except CacheUnavailable as exc:
+            return self.redis_failed(call, exc)
+        self.redis_succeeded()
+        return raw, True
+
+    def nothing_read(self, call: Call) -> tuple[list[bytes | None], bool]:
+        """``read_redis``'s answer when L1 left no row to read (an L1 recheck)."""
+        return [None] * len(call.keys), True
+
+    def redis_succeeded(self) -> None:
+        self.breaker.record_success()
+        self._redis_outage.ok()
+
+    def redis_failed(self, call: Call, exc: CacheUnavailable, *, count: bool = True
+                     ) -> tuple[list[bytes | None], bool]:
+        """The read failed (``count``: against the breaker; not when the breaker skipped
+        it): every row goes to SQL."""
+        if count:
+            self._count_failure(exc)
+        self._redis_outage.failed("answering from SQL", exc)
+        self._stats.add(call.plan.views[0].view.name, {"redis_errors": 1})
+        return [None] * len(call.keys), False
+
+    def settle(self, call: Call, raw: list[bytes | None], redis_ok: bool
+               ) -> FeatureResult | None:
+        """The answer when every row of every view was a plain hit in ``raw``; None when any
+        row needs ``finish`` (a miss, a stale row, a row due for an early refresh, a row L1
+        answered, Redis down)."""
+        n_views = len(call.plan.views)
+        epochs = raw[len(raw) - n_views :]
+        if not redis_ok or call.some_from_l1 or None in epochs:
+            return None
+        # the common call: every row of every view a plain hit, answered without a
+        # _ViewRead; anything else takes ``finish``, from the same MGET
+        plain = self._plain_hits(call.plan, call.ids, raw, epochs, call.now_ms)
+        if plain is None:
+            return None
+        return self._answer_plain(call.plan, call.ids, plain, call.l1_token, call.began_ns)
+
+    def finish(self, call: Call, raw: list[bytes | None], redis_ok: bool) -> FeatureResult:
+        """Everything after the read for a call ``settle`` did not answer: epochs, the per-row
+        judgement, fills (single flight, leases, SQL) and their fenced write, the answer."""
+        plan, ids, pending, l1_hits = call.plan, call.ids, call.pending, call.l1_hits
+        now_ms, started, began_ns = call.now_ms, call.started, call.began_ns
+        n_views = len(plan.views)
+        reads: list[_ViewRead] = []
+        epochs = raw[len(raw) - n_views :]
         if redis_ok and None in epochs and any(pending):
             # a view never used, or its epoch key was evicted: rows must never be stamped
             # with an epoch a lost key could read as again, so create it (server clock) first;
@@ -368,7 +430,7 @@ class ReadPath:
                 self._stats.add(vr.vp.view.name, vr.counts)
         if self.l1 is not None:
             for vr in reads:
-                self._to_l1(vr.vp, vr.answers, vr.loaded, l1_token)
+                self._to_l1(vr.vp, vr.answers, vr.loaded, call.l1_token)
         return FeatureResult(ids, plan, answers)
 
     def _ensure_epochs(self, plan: Plan, epochs: list[bytes | None]) -> list[bytes | None]:

@@ -12,7 +12,7 @@ import datetime as dt
 import functools
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, NamedTuple
 
 from featcache.convert import us_to_timestamp
 from featcache.l1 import InOrder
@@ -23,7 +23,7 @@ if TYPE_CHECKING:  # imported by the calls that use them: a serving import pays 
     import pandas as pd
     import pyarrow as pa
 
-__all__ = ["EVENT_US", "STATUS", "VALUES", "Answer", "FeatureResult", "arrow_type"]
+__all__ = ["EVENT_US", "STATUS", "VALUES", "Answer", "Column", "FeatureResult", "arrow_type"]
 
 
 def arrow_type(ftype: FeatureType) -> pa.DataType:
@@ -51,6 +51,17 @@ Answer = tuple[Status, Sequence[Any] | None, int | None]
 STATUS: Final = 0
 VALUES: Final = 1
 EVENT_US: Final = 2
+
+
+class Column(NamedTuple):
+    """One requested feature of a result, in the ids' order (``FeatureResult.columns``)."""
+
+    name: str  # as the caller spelled it
+    view: str
+    type: FeatureType
+    values: list[Any]  # None where the row is ABSENT or UNAVAILABLE, or the value is null
+    statuses: list[Status]  # shared by the columns of one view: never mutate
+    event_us: list[int | None]  # the row's event time, microseconds UTC (shared, as statuses)
 
 
 class FeatureResult(Mapping[EntityId, dict[str, Any]]):
@@ -155,6 +166,31 @@ class FeatureResult(Mapping[EntityId, dict[str, Any]]):
 
     # ---------------------------------------------------------------- columnar
 
+    def columns(self) -> list[Column]:
+        """Per requested feature, its values, statuses and event times in the ids' order:
+        the result column by column (``to_arrow`` and the HTTP server's answers)."""
+        plan = self._plan
+        if plan is None or not plan.views:
+            return []
+        in_order = [
+            answers.in_order() if isinstance(answers, InOrder)
+            else [answers[eid] for eid in self._ids]
+            for answers in self._answers
+        ]
+        # a row's status and event time are its view's: one list per view, shared by the
+        # view's columns (``statuses`` and ``event_us`` of one view are the same objects)
+        statuses = [[r[STATUS] for r in rows] for rows in in_order]
+        event_us = [[r[EVENT_US] for r in rows] for rows in in_order]
+        out = []
+        for name, (v, f) in zip(plan.names, plan.columns, strict=True):
+            view = plan.views[v].view
+            out.append(Column(
+                name, view.name, view.features[f].type,
+                [None if (vals := r[VALUES]) is None else vals[f] for r in in_order[v]],
+                statuses[v], event_us[v],
+            ))
+        return out
+
     def to_arrow(self, with_status: bool = False) -> pa.Table:
         """One row per entity; columns typed as declared (timestamps UTC, NaN != null).
 
@@ -168,25 +204,14 @@ class FeatureResult(Mapping[EntityId, dict[str, Any]]):
             return pa.table({"entity_id": pa.array([], pa.int64())})
         id_type = pa.int64() if plan.entity_type == "int" else pa.string()
         columns["entity_id"] = pa.array(self._ids, id_type)
-        in_order = [
-            answers.in_order() if isinstance(answers, InOrder)
-            else [answers[eid] for eid in self._ids]
-            for answers in self._answers
-        ]
-        for name, (v, f) in zip(plan.names, plan.columns, strict=True):
-            view_plan = plan.views[v]
-            rows = in_order[v]
-            ftype = view_plan.view.features[f].type
-            columns[name] = pa.array(
-                [None if (vals := r[VALUES]) is None else vals[f] for r in rows],
-                arrow_type(ftype),
-            )
+        for column in self.columns():
+            name = column.name
+            columns[name] = pa.array(column.values, arrow_type(column.type))
             if with_status:
-                columns[f"{name}.status"] = pa.array([r[STATUS].value for r in rows],
+                columns[f"{name}.status"] = pa.array([s.value for s in column.statuses],
                                                      pa.string())
                 columns[f"{name}.event_ts"] = pa.array(
-                    [r[EVENT_US] for r in rows], pa.int64()
-                ).cast(pa.timestamp("us", tz="UTC"))
+                    column.event_us, pa.int64()).cast(pa.timestamp("us", tz="UTC"))
         return pa.table(columns)
 
     def to_pandas(self, with_status: bool = False) -> pd.DataFrame:

@@ -500,6 +500,40 @@ def _run_stats(args: argparse.Namespace) -> int:
                                as_json=args.json)
 
 
+def _add_serve(commands: _Subcommands[argparse.ArgumentParser]) -> None:
+    parser = commands.add_parser(
+        "serve",
+        help="the HTTP feature server: Feast's /get-online-features, /v1/features, "
+             "/v1/invalidate, health and metrics",
+        description=(
+            "Serve the config's views over HTTP (docs/serving.md): Feast's feature-server API "
+            "(POST /get-online-features), featcache's own (POST /v1/features, JSON or Arrow; "
+            "POST /v1/invalidate), GET /healthz, /readyz and /metrics. With "
+            "FEATCACHE_SERVE_TOKEN set, clients must send it as a bearer token. SIGTERM "
+            "drains the requests in flight (serve.drain_timeout) and stops."
+        ),
+    )
+    _config_option(parser)
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="the address to listen on (default %(default)s: this machine "
+                             "only; 0.0.0.0 for every interface)")
+    parser.add_argument("--port", type=int_at_least(0), default=8000,
+                        help="the port (default %(default)s)")
+    parser.add_argument("--workers", type=int_at_least(1), default=1, metavar="N",
+                        help="worker processes, each with its own cache and L1 (default 1)")
+    parser.add_argument("--access-log", action="store_true",
+                        help="log every request (off by default: one line per request costs "
+                             "throughput)")
+    parser.set_defaults(handler=_run_serve)
+
+
+def _run_serve(args: argparse.Namespace) -> int:
+    from . import serve  # noqa: PLC0415 - each command imports its own
+
+    return serve.run_serve(args.config, host=args.host, port=args.port, workers=args.workers,
+                           access_log=args.access_log)
+
+
 def _add_analyze(commands: _Subcommands[argparse.ArgumentParser]) -> None:
     from . import analyze  # noqa: PLC0415 - its own module (argparse only until it runs)
 
@@ -513,6 +547,7 @@ _COMMANDS: tuple[Callable[[_Subcommands[argparse.ArgumentParser]], None], ...] =
     _add_invalidate,
     _add_materialize,
     _add_purge,
+    _add_serve,
     _add_stats,
     _add_validate,
     _add_warm,

@@ -34,6 +34,7 @@ from typing import Final
 import pytest
 import redis
 import sqlalchemy as sa
+from asyncdriven import async_client_wanted
 from servers import (
     ENV_REQUIRE,
     SQL_BACKENDS,
@@ -83,10 +84,16 @@ def _env(name: str) -> str | None:
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """On a cluster run, deselect (visibly, in pytest's count) the tests that hand the cache
     a client of one server to count or hook its wire: a cluster cache needs a cluster client,
-    and the cluster's own tests (test_cluster_*.py) count its round trips per node."""
-    if TOPOLOGY != "cluster":
+    and the cluster's own tests (test_cluster_*.py) count its round trips per node. With the
+    async client (FEATCACHE_TEST_CLIENT=async), deselect those that park the synchronous
+    client's Redis read on its wire: the async client reads on the event loop instead."""
+    dropped = {"one_server"} if TOPOLOGY == "cluster" else set()
+    if async_client_wanted():
+        dropped.add("sync_io")
+    if not dropped:
         return
-    kept = [item for item in items if item.get_closest_marker("one_server") is None]
+    kept = [item for item in items
+            if not any(item.get_closest_marker(name) for name in dropped)]
     if len(kept) != len(items):
         config.hook.pytest_deselected(items=[i for i in items if i not in kept])
         items[:] = kept
@@ -195,6 +202,8 @@ def _backend_lines(config: pytest.Config) -> list[str]:
             f"featcache cluster, sentinel: {_topologies_description()}",
             *(f"featcache {line}" for line in _sql_descriptions()),
             f"featcache required: {required}",
+            "featcache client: " + ("AsyncFeatureCache (FEATCACHE_TEST_CLIENT=async)"
+                                    if async_client_wanted() else "FeatureCache"),
         ]
     return config.stash[_BACKEND_LINES]
 

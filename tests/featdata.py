@@ -15,6 +15,7 @@ from typing import Any
 
 import redis
 import sqlalchemy as sa
+from asyncdriven import AsyncDriven, async_client_wanted
 from sqlalchemy.dialects import mysql
 
 from featcache import (
@@ -239,7 +240,8 @@ def make_cache(
 ) -> FeatureCache:
     """A cache on these servers; ``options`` as ``with_options`` takes them. In a run on a
     Sentinel set (FEATCACHE_TEST_TOPOLOGY=sentinel, conftest), the cache asks its sentinels
-    for the primary ``redis_url`` names."""
+    for the primary ``redis_url`` names; with FEATCACHE_TEST_CLIENT=async it is the async
+    client behind the synchronous one's methods (``asyncdriven``)."""
     config = with_options(CacheConfig(
         views=tuple(views),
         redis=redis_config(redis_url, key_prefix),
@@ -250,6 +252,14 @@ def make_cache(
         kwargs["clock"] = clock
     if redis_client is not None:
         kwargs["redis_client"] = redis_client
+    return client_for(config, **kwargs)
+
+
+def client_for(config: CacheConfig, **kwargs: Any) -> FeatureCache:
+    """``FeatureCache(config, **kwargs)``, or with FEATCACHE_TEST_CLIENT=async the async
+    client behind its methods (``asyncdriven``): the same tests, on the async client."""
+    if async_client_wanted():
+        return AsyncDriven(config, **kwargs)  # type: ignore[return-value]
     return FeatureCache(config, **kwargs)
 
 

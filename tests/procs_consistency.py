@@ -26,8 +26,9 @@ from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
+from featdata import client_for
 
-from featcache import CacheConfig, FeatureCache, Status
+from featcache import CacheConfig, Status
 
 #: How long after an invalidation returned a read may still see the older value: the declared
 #: bound of an in-process L1 cache; 0 without one (the default config; the test derives the
@@ -132,7 +133,7 @@ def run_writer(job: Job, progress: Any, barrier: Any, n_readers: int) -> None:
         current = dict.fromkeys(job.entities, 0)  # the version SQL holds, as only we write
         version = 0
         readers = list(range(1, n_readers + 1))
-        with FeatureCache(job.config) as cache:
+        with client_for(job.config) as cache:
             _start(barrier, payload, born)
             for i in range(job.ops):
                 if time.monotonic() > job.deadline:
@@ -196,7 +197,7 @@ def run_reader(job: Job, progress: Any, barrier: Any, index: int) -> None:
     try:
         engine = _engine(job.sql_url) if job.naive else None
         table = _table(engine, job) if engine is not None else None
-        with FeatureCache(job.config) as cache:
+        with client_for(job.config) as cache:
             cache.get_features(job.entities[:1], ["clicks"])  # reflect the table before the start
             _start(barrier, payload, born)
             for i in range(job.ops):

@@ -20,9 +20,9 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
-from featdata import SqlCounter
+from featdata import SqlCounter, client_for
 
-from featcache import CacheConfig, FeatureCache
+from featcache import CacheConfig
 
 
 @dataclass(frozen=True)
@@ -48,7 +48,7 @@ def run_stampede_worker(job: StampedeJob, start: Any, out: Any) -> None:
 
 
 def _run(job: StampedeJob, start: Any) -> dict[str, Any]:
-    with FeatureCache(job.config) as fc:
+    with client_for(job.config) as fc:
         # Connect Redis and SQL, reflect the table: none of that may count or slow the fill.
         fc.get_features([job.warm_entity], list(job.features))
         counter = SqlCounter(fc.engine)

@@ -46,6 +46,9 @@ from wire import hooked_client, is_command
 from featcache import Feature, FeatureCache, FeatureView, OfflineStoreUnavailable, Status
 from featcache.embedded import EmbeddedServer
 
+#: run again on the async client by .ci/run (FEATCACHE_TEST_CLIENT=async, tests/asyncdriven.py)
+pytestmark = pytest.mark.client
+
 FEATURES = (Feature("clicks", "int", "1m"),)
 NAMES = ["clicks"]
 WAIT_S = 60.0  # bound on every wait and join: nothing here runs forever

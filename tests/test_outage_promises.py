@@ -47,6 +47,9 @@ from featcache import (
 )
 from featcache.embedded import EmbeddedServer
 
+#: run again on the async client by .ci/run (FEATCACHE_TEST_CLIENT=async, tests/asyncdriven.py)
+pytestmark = pytest.mark.client
+
 FEATURES = (Feature("clicks", "int", "1m"),)
 WAIT_S = 60.0  # bound on every wait: nothing here runs forever
 #: past max_age (1 min), within max_age + stale_if_error (6 min): STALE-able if SQL fails

@@ -310,6 +310,15 @@ class OfflineStore:
     def close(self) -> None:
         self.engine.dispose()
 
+    def ping(self) -> None:
+        """One ``SELECT 1``: the database answers (readiness checks); raises
+        ``OfflineStoreUnavailable`` or ``OfflineStoreError`` as a read would."""
+        try:
+            with self.engine.connect() as conn:
+                conn.execute(sa.text("SELECT 1")).scalar_one()
+        except sa_exc.SQLAlchemyError as exc:
+            raise translate(exc, self.url, "checking the connection") from exc
+
     def view(self, view: str | FeatureView) -> FeatureView:
         """The configured view of that name (``UnknownView`` if there is none)."""
         return find_view(self.views, view if isinstance(view, str) else view.name)

@@ -39,8 +39,8 @@ from featcache.redis_store.errors import ERRORS, translate
 from featcache.redis_store.scripts import CONDITIONAL_SET, ENSURE_EPOCH, SET_IF_ABSENT
 from featcache.urls import mask_url
 
-__all__ = ["StandaloneStore", "StandaloneTail", "connect", "describe", "open_tail",
-           "safe_redis_url"]
+__all__ = ["SentinelSetup", "StandaloneStore", "StandaloneTail", "check_url", "connect",
+           "describe", "open_tail", "safe_redis_url", "sentinel_setup"]
 
 log = logging.getLogger("featcache.redis")
 
@@ -54,13 +54,10 @@ def safe_redis_url(url: str) -> str:
     return mask_url(url)
 
 
-def connect(config: RedisConfig, socket_timeout: float | None = None) -> redis.Redis:
-    """A client for ``config.url``: ``redis://``, ``rediss://`` (TLS; ``ssl_*`` options in the
-    query string), ``unix://`` URLs, with ACL user and password from the URL, and the section's
-    timeouts and pool size; with ``mode: sentinel``, a client of the primary the sentinels
-    name, which asks them again after a failover (redis-py's ``SentinelConnectionPool``: a
-    refused connection, or a demoted primary answering READONLY, closes the connection, and the
-    next one is opened to the primary the sentinels name then). Nothing is connected yet."""
+def check_url(config: RedisConfig) -> None:
+    """``config.url`` is a URL featcache connects with (``ConfigError`` naming
+    ``redis.url`` if not): a scheme of ``redis``, ``rediss`` or ``unix``, and a numeric
+    database."""
     url = config.url
     try:
         parts = urlsplit(url)
@@ -79,36 +76,61 @@ def connect(config: RedisConfig, socket_timeout: float | None = None) -> redis.R
             f"the path of a Redis URL is the database number (redis://host:6379/0), got "
             f"{parts.path!r} in {safe_redis_url(url)!r}", "redis.url",
         )
+
+
+def connect(config: RedisConfig, socket_timeout: float | None = None) -> redis.Redis:
+    """A client for ``config.url``: ``redis://``, ``rediss://`` (TLS; ``ssl_*`` options in the
+    query string), ``unix://`` URLs, with ACL user and password from the URL, and the section's
+    timeouts and pool size; with ``mode: sentinel``, a client of the primary the sentinels
+    name, which asks them again after a failover (redis-py's ``SentinelConnectionPool``: a
+    refused connection, or a demoted primary answering READONLY, closes the connection, and the
+    next one is opened to the primary the sentinels name then). Nothing is connected yet."""
+    check_url(config)
     timeout = config.socket_timeout if socket_timeout is None else socket_timeout
     try:
         if config.mode == "sentinel":
             return _primary_of(config, timeout)
         return redis.Redis.from_url(
-            url,
+            config.url,
             socket_timeout=timeout,
             socket_connect_timeout=config.connect_timeout,
             max_connections=config.max_connections,
             health_check_interval=30,
         )
     except ValueError as exc:
-        raise ConfigError(f"{exc} (url {safe_redis_url(url)})", "redis.url") from None
+        raise ConfigError(f"{exc} (url {safe_redis_url(config.url)})", "redis.url") from None
 
 
-def _primary_of(config: RedisConfig, socket_timeout: float) -> redis.Redis:
-    """A client of the primary the sentinels name for ``config.master_name``, with the user,
-    password, database and TLS of ``config.url`` (its host and port are not used)."""
+class SentinelSetup(NamedTuple):
+    """What a client of the primary the sentinels name is built from: the sentinels'
+    addresses, and the user, password, database and TLS of ``redis.url`` (its host and port
+    are not used)."""
+
+    sentinels: list[tuple[str, int]]
+    options: dict[str, Any]
+    ssl: bool
+
+
+def sentinel_setup(config: RedisConfig) -> SentinelSetup:
     options: dict[str, Any] = parse_url(config.url)  # type: ignore[no-untyped-call]
     ssl = options.pop("connection_class", None) is redis.SSLConnection
     for unused in ("host", "port", "path"):
         options.pop(unused, None)
     sentinels = [(host, int(port)) for host, _, port in
                  (address.rpartition(":") for address in config.sentinels)]
+    return SentinelSetup(sentinels, options, ssl)
+
+
+def _primary_of(config: RedisConfig, socket_timeout: float) -> redis.Redis:
+    """A client of the primary the sentinels name for ``config.master_name``."""
+    where = sentinel_setup(config)
     timeouts: dict[str, Any] = {"socket_timeout": socket_timeout,
                                 "socket_connect_timeout": config.connect_timeout}
-    sentinel = redis.sentinel.Sentinel(sentinels, sentinel_kwargs=dict(timeouts), **timeouts)
+    sentinel = redis.sentinel.Sentinel(where.sentinels, sentinel_kwargs=dict(timeouts),
+                                       **timeouts)
     client: redis.Redis = sentinel.master_for(
         config.master_name, max_connections=config.max_connections, health_check_interval=30,
-        ssl=ssl, **options, **timeouts,
+        ssl=where.ssl, **where.options, **timeouts,
     )
     return client
 
