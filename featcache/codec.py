@@ -73,6 +73,7 @@ __all__ = [
     "DecodedRow",
     "RowBatch",
     "RowCodec",
+    "held_event_us",
 ]
 
 VALUE_VERSION: Final = 2
@@ -174,6 +175,37 @@ def schema_fingerprint(features: Sequence[tuple[str, FeatureType]]) -> int:
 def _packed_ints(*values: int) -> bytes:
     """msgpack of each int, one after the other (elements of the value's array)."""
     return b"".join(map(msgpack.packb, values))
+
+
+def _uint_at(raw: bytes, pos: int) -> tuple[int, int] | None:
+    """The msgpack unsigned int at ``pos`` and the position after it, or None."""
+    if pos >= len(raw):
+        return None
+    b = raw[pos]
+    if b < 0x80:
+        return b, pos + 1
+    width = {0xCC: 1, 0xCD: 2, 0xCE: 4, 0xCF: 8}.get(b)
+    if width is None or pos + 1 + width > len(raw):
+        return None
+    return int.from_bytes(raw[pos + 1 : pos + 1 + width], "big"), pos + 1 + width
+
+
+def held_event_us(raw: bytes | None, epoch: int) -> int | None:
+    """The event time of the row ``raw`` holds, when it is a row of this value layout and of
+    ``epoch`` (one the write scripts would keep against an older row); None for anything
+    else. Reads the fixed head and two msgpack ints, as the write scripts do, decoding no
+    value: a writer tells "older than Redis holds" from "fenced off" with it."""
+    if raw is None or len(raw) < _HEAD_SIZE:
+        return None
+    array, version, kind, marker, event = _HEAD.unpack_from(raw)
+    if (array, version, kind, marker) != (_ARRAY_OF_8, VALUE_VERSION, KIND_ROW, _INT64):
+        return None
+    fingerprint = _uint_at(raw, _HEAD_SIZE)
+    held = _uint_at(raw, fingerprint[1]) if fingerprint is not None else None
+    if held is None or held[0] != epoch:
+        return None
+    held_event: int = event
+    return held_event
 
 
 class RowCodec:

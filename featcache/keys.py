@@ -201,6 +201,11 @@ class KeyLayout:
         """The latest upstream change followed (``featcache.jobs.changes``)."""
         return self._view_key(view, "watermark")
 
+    def materialized_key(self, view: str) -> str:
+        """Where the last complete incremental materialization of the view ended
+        (``featcache.materialize.materialize_incremental``)."""
+        return self._view_key(view, "materialized")
+
     def applied_changes_key(self, view: str) -> str:
         """The changes applied within the lookback window, by ``updated_at``."""
         return self._view_key(view, "watermark:applied")

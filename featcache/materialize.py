@@ -25,16 +25,17 @@ import contextlib
 import datetime as dt
 import logging
 import time
-from collections.abc import Callable, Collection, Generator, Sequence, Set
+from collections.abc import Callable, Collection, Generator, Iterable, Sequence, Set
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from featcache.codec import KIND_ABSENT, KIND_ROW, RowCodec
+from featcache.codec import KIND_ABSENT, KIND_ROW, NO_EVENT, RowCodec, held_event_us
 from featcache.config import FeatureView
+from featcache.convert import timestamp_to_us, us_to_timestamp
 from featcache.errors import InvalidRequest
 from featcache.leader import ViewLeader
-from featcache.offline import RowColumns, SqlRow
+from featcache.offline import EventWindow, RowColumns, SqlRow
 from featcache.offline.bulk import (
     IdRunReader,
     iter_entity_ids,
@@ -42,17 +43,24 @@ from featcache.offline.bulk import (
     reads_id_runs,
 )
 from featcache.parts import Parts
-from featcache.redis_store import RedisStore
+from featcache.redis_store import Command, LuaScript, RedisStore
 from featcache.request import EntityId
-from featcache.writes import PendingWrite, PutReport
+from featcache.writes import Fence, PendingWrite, PutReport
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 __all__ = [
     "DEFAULT_LEASE_TTL_S",
+    "IncrementalReport",
     "MaterializeReport",
     "Progress",
     "WarmReport",
+    "WriteReport",
     "materialize",
+    "materialize_incremental",
     "warm_once",
+    "write_batches",
 ]
 
 log = logging.getLogger("featcache.warm")
@@ -68,7 +76,8 @@ class MaterializeReport:
     ``rows_written``: rows written to Redis; ``fenced_off``: rows not written because their key
     changed since the fence (an invalidation, a newer fill); ``complete``: False when the
     leader lease was lost and the run stopped early; ``absent_ids``: ids considered that SQL
-    has no row for (deleted upstream, or never there), for the caller to invalidate.
+    has no row for (deleted upstream, or never there), for the caller to invalidate (none
+    are reported for a run over an event-time window).
     """
 
     view: str
@@ -115,6 +124,7 @@ def materialize(
     all: bool = False,
     ids: Sequence[EntityId] | None = None,
     since: dt.datetime | None = None,
+    window: EventWindow | None = None,
     chunk_rows: int = 10_000,
     progress: Progress | None = None,
     keep_going: Callable[[], bool] | None = None,
@@ -122,12 +132,20 @@ def materialize(
     """Copy the latest SQL rows of ``view`` into Redis, fenced, chunk by chunk.
 
     Exactly one of ``all``, ``ids``, ``since`` (rows of entities with a row updated at or
-    after it). ``keep_going`` is asked before every chunk (the warmer renews its lease there);
-    False stops the run with ``complete=False``.
+    after it). ``window``, with ``all`` or ``ids``: only rows whose event time falls in it
+    count (the latest of them per entity; entities with none are left alone), as a feature
+    store's ``materialize(start, end)`` loads them. ``keep_going`` is asked before every
+    chunk (the warmer renews its lease there); False stops the run with ``complete=False``.
     """
     chosen = sum((bool(all), ids is not None, since is not None))
     if chosen != 1:
         raise InvalidRequest("materialize: pass exactly one of all=True, ids=..., since=...")
+    if window is not None and since is not None:
+        raise InvalidRequest("materialize: a window goes with all=True or ids=..., not since")
+    if window is not None and window.start is not None and window.end is not None and (
+            window.start >= window.end):
+        raise InvalidRequest(f"materialize: the window's start ({window.start.isoformat()}) "
+                             f"is not before its end ({window.end.isoformat()})")
     if chunk_rows < 1:
         raise InvalidRequest(f"chunk_rows must be at least 1, got {chunk_rows}")
     view_def = cache.config.view(view if isinstance(view, str) else view.name)
@@ -139,13 +157,13 @@ def materialize(
     offline = cache.offline
     id_chunks: Generator[Sequence[EntityId], None, None]
     # the whole view: ids listed in the database's order, each chunk read as one id range
-    by_range = all and reads_id_runs(offline, view_def)
+    by_range = all and window is None and reads_id_runs(offline, view_def)
     if ids is not None:
         unique = list(dict.fromkeys(ids))
         id_chunks = (unique[i : i + chunk_rows] for i in range(0, len(unique), chunk_rows))
     else:
         id_chunks = iter_entity_ids(offline, view_def, since=since, chunk_rows=chunk_rows,
-                                    ordered=by_range)
+                                    ordered=by_range, window=window)
     started = time.perf_counter()
     report = MaterializeReport(view_def.name)
 
@@ -169,7 +187,8 @@ def materialize(
         chunk: Sequence[EntityId], read: Collection[EntityId], pending: PendingWrite
     ) -> tuple[int, Sequence[EntityId], int, PutReport]:
         put = pending.send()
-        if len(read) < len(chunk):
+        # in a window, an id without a row there is not absent from SQL
+        if len(read) < len(chunk) and window is None:
             found = read if isinstance(read, Set) else set(read)
             absent: Sequence[EntityId] = [e for e in chunk if e not in found]
         else:
@@ -199,7 +218,7 @@ def materialize(
                     break
                 # by ADBC, rows come as columns and are encoded from them (no tuple per row)
                 rows = runs.read_columns(chunk) if runs is not None else _latest_rows(
-                    cache, view_def, chunk)
+                    cache, view_def, chunk, window)
                 if isinstance(rows, RowColumns):
                     read: Collection[EntityId] = rows.ids
                     pending = cache.prepare_columns(view_def, rows, fence=fence)
@@ -218,16 +237,184 @@ def materialize(
     return replace(report, seconds=time.perf_counter() - started)
 
 
+# KEYS[1]: the view's incremental watermark; ARGV[1]: the end of a complete run (microseconds).
+# Moved forward only: a run over an older window that ends after a newer one must not send the
+# next run back over rows it already loaded.
+_ADVANCE = LuaScript("""
+local held = tonumber(redis.call('GET', KEYS[1]) or '')
+if held and held >= tonumber(ARGV[1]) then return 0 end
+redis.call('SET', KEYS[1], ARGV[1])
+return 1
+""")
+
+
+@dataclass(frozen=True, slots=True)
+class IncrementalReport:
+    """One incremental run of one view: the window it loaded (``start`` None: from the
+    beginning) and what loading it did; ``advanced``: the watermark moved to ``end``."""
+
+    view: str
+    start: dt.datetime | None
+    end: dt.datetime
+    advanced: bool
+    materialized: MaterializeReport
+
+
+def materialize_incremental(
+    cache: Parts,
+    view: str | FeatureView,
+    *,
+    end: dt.datetime,
+    chunk_rows: int = 10_000,
+    progress: Progress | None = None,
+) -> IncrementalReport:
+    """Load the rows whose event time is at or after where the view's last complete run
+    ended (the watermark in Redis, ``KeyLayout.materialized_key``; the beginning when there
+    is none) and before ``end``, then move the watermark to ``end``. A run that dies before
+    its end leaves the watermark where it was, so the next run loads its window again (the
+    rows it had written are rewritten with the same values, harmlessly): a cron job needs no
+    state of its own. A watermark lost to eviction makes the next run load from the
+    beginning, which is slow but correct."""
+    view_def = cache.config.view(view if isinstance(view, str) else view.name)
+    end = end if end.tzinfo is not None else end.replace(tzinfo=dt.UTC)
+    key = cache.layout.materialized_key(view_def.name)
+    (raw,) = cache.store.execute([Command("GET", key)])
+    start = us_to_timestamp(int(raw)) if raw else None
+    if start is not None and start >= end:
+        return IncrementalReport(view_def.name, start, end, False,
+                                 MaterializeReport(view_def.name))
+    done = materialize(cache, view_def, all=True, window=EventWindow(start, end),
+                       chunk_rows=chunk_rows, progress=progress)
+    advanced = False
+    if done.complete:
+        (moved,) = cache.store.eval_many(_ADVANCE, [([key], [timestamp_to_us(end)])])
+        advanced = bool(int(moved))
+    log.info("materialize-incremental view=%s start=%s end=%s rows_written=%d advanced=%s",
+             view_def.name, start.isoformat() if start else "-", end.isoformat(),
+             done.rows_written, advanced)
+    return IncrementalReport(view_def.name, start, end, advanced, done)
+
+
 def _latest_rows(
-    cache: Parts, view: FeatureView, chunk: Sequence[EntityId]
+    cache: Parts, view: FeatureView, chunk: Sequence[EntityId], window: EventWindow | None
 ) -> dict[EntityId, SqlRow]:
     rows: dict[EntityId, SqlRow] = {}
-    for part in iter_latest_by_id(cache.offline, view, chunk, chunk_rows=len(chunk)):
+    for part in iter_latest_by_id(cache.offline, view, chunk, chunk_rows=len(chunk),
+                                  window=window):
         if rows:  # never: one chunk is one part; the rows are not copied again
             rows.update(part)
         else:
             rows = part
     return rows
+
+
+# ----------------------------------------------------------------------------- Arrow batches
+
+
+@dataclass(frozen=True, slots=True)
+class WriteReport:
+    """Totals of ``write_batches`` (also passed, running, to ``progress`` per batch):
+    ``rows_received`` rows in the batches, ``rows_written`` written to Redis, ``skipped_older``
+    not written because a row of the same id with a later event time was in Redis or in the
+    same batch, ``fenced_off`` not written because the key changed between the batch's fence
+    and its write (an invalidation, a serving fill, another writer of the same rows)."""
+
+    view: str
+    batches: int = 0
+    rows_received: int = 0
+    rows_written: int = 0
+    skipped_older: int = 0
+    fenced_off: int = 0
+    seconds: float = 0.0
+
+    def __add__(self, other: WriteReport) -> WriteReport:
+        """Two reports of one view summed (the partitions of one load)."""
+        return WriteReport(self.view, self.batches + other.batches,
+                           self.rows_received + other.rows_received,
+                           self.rows_written + other.rows_written,
+                           self.skipped_older + other.skipped_older,
+                           self.fenced_off + other.fenced_off,
+                           max(self.seconds, other.seconds))
+
+
+def write_batches(
+    cache: Parts,
+    view: str | FeatureView,
+    batches: Iterable[pa.RecordBatch | pa.Table],
+    *,
+    progress: Callable[[WriteReport], None] | None = None,
+) -> WriteReport:
+    """Write Arrow batches of a view's rows (its SQL column names, as ``put_rows`` takes
+    them) through the fenced write path: the engine-agnostic writer of Spark partitions, Ray
+    blocks and Parquet files.
+
+    Per batch: the rows are checked and converted (``featcache.batches``), a fence is taken
+    over their ids, and they are written where nothing changed since and no later event time
+    is held. So an older row never replaces a newer one; the same batch written twice, by a
+    retried or a speculative task, writes nothing new the second time; and an invalidation or
+    a fill that lands between a batch's fence and its write keeps its key. One batch is
+    written (a Redis round trip, in a thread) while the next is converted.
+    """
+    from featcache.batches import batch_rows  # noqa: PLC0415 - pyarrow, for this path only
+
+    view_def = cache.config.view(view if isinstance(view, str) else view.name)
+    max_len = cache.config.limits.max_id_length
+    started = time.perf_counter()
+    report = WriteReport(view_def.name)
+    in_flight: Future[tuple[int, int, PutReport]] | None = None
+
+    def landed(pending: Future[tuple[int, int, PutReport]]) -> None:
+        nonlocal report
+        received, older, put = pending.result()  # re-raises the write's error
+        report = replace(
+            report, batches=report.batches + 1,
+            rows_received=report.rows_received + received,
+            rows_written=report.rows_written + put.written,
+            skipped_older=report.skipped_older + older + put.skipped_older,
+            fenced_off=report.fenced_off + put.fenced_off,
+            seconds=time.perf_counter() - started)
+        if progress is not None:
+            progress(report)
+
+    def send(received: int, older: int, pending: PendingWrite) -> tuple[int, int, PutReport]:
+        return received, older, pending.send()
+
+    with ThreadPoolExecutor(1, thread_name_prefix="featcache-write") as writer:
+        try:
+            for batch in batches:
+                found = batch_rows(view_def, batch, max_len)
+                rows, older, pending = found.rows, found.older, None
+                if rows.ids:
+                    fence = cache.fence(view_def, rows.ids)
+                    rows = _not_older(rows, fence)
+                    older += len(found.rows.ids) - len(rows.ids)
+                if rows.ids:
+                    pending = cache.prepare_columns(view_def, rows, fence=fence)
+                if in_flight is not None:
+                    landed(in_flight)
+                    in_flight = None
+                if pending is not None:
+                    in_flight = writer.submit(send, found.received, older, pending)
+                elif found.received:
+                    report = replace(report, batches=report.batches + 1,
+                                     rows_received=report.rows_received + found.received,
+                                     skipped_older=report.skipped_older + older)
+        finally:
+            if in_flight is not None:  # on error too: the batch being written is finished
+                landed(in_flight)
+    return replace(report, seconds=time.perf_counter() - started)
+
+
+def _not_older(rows: RowColumns, fence: Fence) -> RowColumns:
+    """``rows`` less those older than the row Redis held at the fence (of the fence's epoch):
+    the write scripts would refuse them anyway, and under a fence a refusal cannot say why,
+    so they are counted as older here rather than as fenced off."""
+    epoch = int(fence.epoch_raw) if fence.epoch_raw else 0
+    seen = fence.seen
+    keep = [entity for entity, event in zip(rows.ids, rows.events_us, strict=True)
+            if (held := held_event_us(seen.get(entity), epoch)) is None
+            or held <= (event if event is not None else NO_EVENT)]
+    return rows if len(keep) == len(rows.ids) else rows.only(keep)
 
 
 # ----------------------------------------------------------------------------- warm

@@ -254,17 +254,23 @@ def _timestamp(text: str) -> dt.datetime:
 def _add_materialize(commands: _Subcommands[argparse.ArgumentParser]) -> None:
     parser = commands.add_parser(
         "materialize",
-        help="copy the latest SQL rows of a view into Redis (all, some ids, or changed since)",
+        help="copy the latest SQL rows of every view (or one: all, some ids, or changed "
+             "since) into Redis, or a view's rows from Parquet files",
         description=(
             "Read the latest row per entity of a view from SQL in bounded chunks and write "
             "them into Redis through the fenced write path, so a concurrent invalidation is "
-            "never overwritten. Prints one JSON line."
+            "never overwritten; without --view, every view of the config, each whole. With "
+            "--from-parquet, the view's rows come from Parquet files instead (the view's SQL "
+            "column names; a batch system's output) and are written by the same fenced "
+            "writer. Prints one JSON line."
         ),
     )
     _config_option(parser)
-    parser.add_argument("--view", metavar="V", required=True, help="the feature view")
-    which = parser.add_mutually_exclusive_group(required=True)
-    which.add_argument("--all", action="store_true", help="every entity of the view")
+    parser.add_argument("--view", metavar="V",
+                        help="the feature view (default: every view, each whole)")
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("--all", action="store_true",
+                       help="every entity of the view (the default)")
     which.add_argument(
         "--ids-file", metavar="F", help="a file with one entity id per line ('-': stdin)"
     )
@@ -273,18 +279,81 @@ def _add_materialize(commands: _Subcommands[argparse.ArgumentParser]) -> None:
         help="entities with a row updated at or after T (ISO 8601; UTC without an offset); "
              "needs the view's updated_at column",
     )
+    which.add_argument(
+        "--from-parquet", metavar="GLOB",
+        help="write the rows of these Parquet files (a quoted pattern, e.g. 'part-*.parquet'; "
+             "needs --view): the latest row per id of each batch, never older than Redis "
+             "holds",
+    )
+    parser.add_argument("--start", metavar="T", type=_timestamp,
+                        help="only rows whose event time is at or after T (ISO 8601; UTC "
+                             "without an offset); with --all or --ids-file")
+    parser.add_argument("--end", metavar="T", type=_timestamp,
+                        help="only rows whose event time is before T; with --all or "
+                             "--ids-file. In a window, each entity's latest row inside it is "
+                             "written, never over a newer one")
     parser.add_argument(
         "--chunk-rows", type=int_at_least(1), default=10_000, metavar="N",
-        help="entities per chunk: one fence, one SQL read, one write each (default 10000)",
+        help="entities per chunk: one fence, one SQL read, one write each; with "
+             "--from-parquet, rows per batch read from a file (default 10000)",
     )
     parser.set_defaults(handler=_run_materialize)
 
+    incremental = commands.add_parser(
+        "materialize-incremental",
+        help="load each view's rows from where its last complete run ended up to --end "
+             "(the watermark is kept in Redis)",
+        description=(
+            "For every view (or --view V): write the latest row per entity among the rows "
+            "whose event time is at or after where the view's last complete run ended (the "
+            "beginning, the first time) and before --end, through the fenced write path, "
+            "then keep --end in Redis as the next run's start. A run that fails or is "
+            "killed keeps the old start, so the next one loads its window again: a cron job "
+            "needs no state of its own. Prints one JSON line."
+        ),
+    )
+    _config_option(incremental)
+    incremental.add_argument("--view", metavar="V", help="the feature view (default: every "
+                                                         "view)")
+    incremental.add_argument("--end", metavar="T", type=_timestamp, required=True,
+                             help="load rows with an event time before T (ISO 8601; UTC "
+                                  "without an offset), e.g. the start of this hour")
+    incremental.add_argument("--chunk-rows", type=int_at_least(1), default=10_000,
+                             metavar="N", help="entities per chunk (default 10000)")
+    incremental.set_defaults(handler=_run_incremental)
+
+
+def _run_incremental(args: argparse.Namespace) -> int:
+    from . import warm  # noqa: PLC0415 - each command imports its own
+
+    warm.run_incremental(args.config, args.view, end=args.end, chunk_rows=args.chunk_rows)
+    return 0
+
 
 def _run_materialize(args: argparse.Namespace) -> int:
+    needs_view = next((flag for flag, given in (
+        ("--from-parquet", args.from_parquet is not None), ("--ids-file", args.ids_file),
+        ("--since", args.since is not None)) if given), None)
+    if needs_view and args.view is None:
+        print(f"featcache: error: {needs_view} needs --view: its rows or ids are one view's",
+              file=sys.stderr)
+        return EXIT_USAGE
+    windowed = args.start is not None or args.end is not None
+    if windowed and (args.since is not None or args.from_parquet is not None):
+        print("featcache: error: --start/--end select rows by event time among SQL's rows: "
+              "not with --since or --from-parquet", file=sys.stderr)
+        return EXIT_USAGE
     from . import warm  # noqa: PLC0415 - each command imports its own
+
+    if args.from_parquet is not None:
+        warm.run_parquet(args.config, args.view, args.from_parquet,
+                         batch_rows=args.chunk_rows)
+        return 0
+    from featcache.offline import EventWindow  # noqa: PLC0415 - as the command imports
 
     warm.run_materialize(
         args.config, args.view, all=args.all, ids_file=args.ids_file, since=args.since,
+        window=EventWindow(args.start, args.end) if windowed else None,
         chunk_rows=args.chunk_rows,
     )
     return 0

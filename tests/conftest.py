@@ -7,7 +7,8 @@ CI points the suite at real shared services instead:
 ``FEATCACHE_TEST_REDIS_URL``   Redis/Valkey to use instead of the embedded server
 ``FEATCACHE_TEST_PG_URL``      PostgreSQL server (SQLAlchemy URL) to create schemas on
 ``FEATCACHE_TEST_MYSQL_URL``   MySQL/MariaDB server (SQLAlchemy URL) to create databases on
-``FEATCACHE_TEST_REQUIRE``     comma list of redis,postgresql,mysql,sqlite,cluster,sentinel:
+``FEATCACHE_TEST_REQUIRE``     comma list of redis,postgresql,mysql,sqlite,cluster,sentinel,
+                               spark,ray (the engines of tests/test_engines.py):
                                a named backend that is unavailable fails the tests instead of
                                skipping them, so CI can never go green by skipping.
 
@@ -64,7 +65,8 @@ ENV_CLUSTER: Final = "FEATCACHE_TEST_CLUSTER"
 TOPOLOGIES: Final = ("standalone", "sentinel", "cluster")
 TOPOLOGY: Final = os.environ.get(ENV_TOPOLOGY) or "standalone"
 
-_KNOWN_REQUIREMENTS: Final = frozenset({"redis", "cluster", "sentinel", *SQL_BACKENDS})
+_KNOWN_REQUIREMENTS: Final = frozenset({"redis", "cluster", "sentinel", "spark", "ray",
+                                        *SQL_BACKENDS})
 
 #: Distinguishes this pytest process's keys from concurrent runs (and xdist workers) sharing
 #: one Redis; the counter makes each test's prefix unique within the run.

@@ -15,6 +15,7 @@ from typing import Any
 import pyarrow as pa
 import pytest
 
+from featcache.arrow_columns import arrow_micros, holds_exactly
 from featcache.convert import (
     ConversionError,
     convert_column,
@@ -22,7 +23,6 @@ from featcache.convert import (
     timestamp_to_us,
     timestamps_to_us,
 )
-from featcache.offline.arrow import arrow_micros, holds_exactly
 from featcache.types import FeatureType
 
 COLUMNS: list[tuple[FeatureType, list[Any]]] = [

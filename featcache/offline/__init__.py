@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from featcache.offline.store import (
         INSTALLED_DRIVERS,
+        EventWindow,
         OfflineStore,
         RowColumns,
         SqlRow,
@@ -34,6 +35,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "INSTALLED_DRIVERS",
+    "EventWindow",
     "OfflineStore",
     "RowColumns",
     "SqlRow",

@@ -48,7 +48,15 @@ from featcache.offline.arrow import (
     open_arrow_reader,
     open_id_stream,
 )
-from featcache.offline.store import BoundView, OfflineStore, RowColumns, SqlRow, only, translate
+from featcache.offline.store import (
+    BoundView,
+    EventWindow,
+    OfflineStore,
+    RowColumns,
+    SqlRow,
+    only,
+    translate,
+)
 from featcache.request import EntityId
 
 T = TypeVar("T")
@@ -92,7 +100,7 @@ def iter_latest_rows(
     view_def = offline.view(view)
     bound = offline.bind(view_def)
     if ids is not None:
-        for found in _by_ids(offline, bound, list(dict.fromkeys(ids)), chunk_rows):
+        for found in _by_ids(offline, bound, list(dict.fromkeys(ids)), chunk_rows, bound.query):
             yield _as_dicts(view_def, found)
         return
     where = bound.updated_since(since)
@@ -107,13 +115,17 @@ def iter_latest_by_id(
     ids: Sequence[EntityId],
     *,
     chunk_rows: int = 10_000,
+    window: EventWindow | None = None,
 ) -> Iterator[dict[EntityId, SqlRow]]:
-    """The latest rows of ``ids`` as the offline store returns them (already converted), for
-    ``FeatureCache.put_latest``: nothing is converted twice or rebuilt as dicts."""
+    """The latest rows of ``ids`` (among those whose event time falls in ``window``) as the
+    offline store returns them (already converted), for ``FeatureCache.put_latest``: nothing
+    is converted twice or rebuilt as dicts."""
     if chunk_rows < 1:
         raise InvalidRequest(f"chunk_rows must be at least 1, got {chunk_rows}")
     view_def = offline.view(view)
-    yield from _by_ids(offline, offline.bind(view_def), list(dict.fromkeys(ids)), chunk_rows)
+    bound = offline.bind(view_def)
+    query = bound.query if window is None else bound.windowed_query(window)
+    yield from _by_ids(offline, bound, list(dict.fromkeys(ids)), chunk_rows, query)
 
 
 def iter_entity_ids(
@@ -123,10 +135,12 @@ def iter_entity_ids(
     since: dt.datetime | None = None,
     chunk_rows: int = 10_000,
     ordered: bool = False,
+    window: EventWindow | None = None,
 ) -> Generator[list[EntityId], None, None]:
-    """The distinct entity ids of ``view`` (with a row updated at or after ``since``), in
-    chunks of at most ``chunk_rows``, streamed like ``iter_latest_rows``; ascending in the
-    database's own order with ``ordered`` (for ``latest_of_id_run``)."""
+    """The distinct entity ids of ``view`` (with a row updated at or after ``since``, or with
+    a row whose event time falls in ``window``), in chunks of at most ``chunk_rows``,
+    streamed like ``iter_latest_rows``; ascending in the database's own order with
+    ``ordered`` (for ``latest_of_id_run``)."""
     if chunk_rows < 1:
         raise InvalidRequest(f"chunk_rows must be at least 1, got {chunk_rows}")
     view_def = offline.view(view)
@@ -137,13 +151,13 @@ def iter_entity_ids(
     # a row without an id has no entity to cache (and NULL sorts first: as the id "None" it
     # would become the lower bound of a string view's first id range)
     query = sa.select(listed).where(entity.is_not(None)).distinct()
-    where = bound.updated_since(since)
-    if where is not None:
-        query = query.where(where)
+    for where in (bound.updated_since(since), bound.in_window(window)):
+        if where is not None:
+            query = query.where(where)
     if ordered:
         query = query.order_by(listed)
     kind: type[int] | type[str] = int if bound.int_ids else str
-    if ordered and since is None and not bound.exact_ids:
+    if ordered and since is None and window is None and not bound.exact_ids:
         # through ADBC where it applies; from where it failed on, if it did, through
         # SQLAlchemy: the listing is ordered, so "after the last id listed" is the rest
         # (bound parameters other than these ids, like ``since``'s time, are left to
@@ -170,18 +184,19 @@ def iter_entity_ids(
 
 
 def count_entity_ids(
-    offline: OfflineStore, view: str | FeatureView, *, since: dt.datetime | None = None
+    offline: OfflineStore, view: str | FeatureView, *, since: dt.datetime | None = None,
+    window: EventWindow | None = None,
 ) -> int:
-    """How many ids ``iter_entity_ids`` lists (with a row updated at or after ``since``), by
-    one ``COUNT(DISTINCT)``: the total of a progress bar."""
+    """How many ids ``iter_entity_ids`` lists (with a row updated at or after ``since``, or
+    with one in ``window``), by one ``COUNT(DISTINCT)``: the total of a progress bar."""
     view_def = offline.view(view)
     bound = offline.bind(view_def)
     entity = bound.table.c[view_def.entity_column]
     listed = sa.cast(entity, sa.LargeBinary) if bound.exact_ids else entity
     query = sa.select(sa.func.count(sa.distinct(listed))).where(entity.is_not(None))
-    where = bound.updated_since(since)
-    if where is not None:
-        query = query.where(where)
+    for where in (bound.updated_since(since), bound.in_window(window)):
+        if where is not None:
+            query = query.where(where)
     try:
         with offline.engine.connect() as conn:
             return int(conn.execute(query).scalar_one())
@@ -325,7 +340,8 @@ class IdRunReader:
 
 
 def _by_ids(
-    offline: OfflineStore, bound: BoundView, ids: list[EntityId], chunk_rows: int
+    offline: OfflineStore, bound: BoundView, ids: list[EntityId], chunk_rows: int,
+    query: sa.Select[Any],
 ) -> Iterator[dict[EntityId, SqlRow]]:
     sub = max(1, min(chunk_rows, offline.config.chunk_size))
     for start in range(0, len(ids), chunk_rows):
@@ -334,7 +350,7 @@ def _by_ids(
         try:
             with offline.engine.connect() as conn:
                 for s in range(0, len(chunk), sub):
-                    rows = conn.execute(bound.query, {"ids": chunk[s : s + sub]}).fetchall()
+                    rows = conn.execute(query, {"ids": chunk[s : s + sub]}).fetchall()
                     offline.convert_rows(bound, rows, found)
             if bound.exact_ids:
                 found = only(found, chunk)

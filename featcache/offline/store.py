@@ -45,6 +45,7 @@ from featcache.urls import mask_url
 __all__ = [
     "INSTALLED_DRIVERS",
     "BoundView",
+    "EventWindow",
     "OfflineStore",
     "RowColumns",
     "SqlRow",
@@ -244,6 +245,34 @@ class BoundView:
             *(inner.c[f"fc_f{i}"] for i in range(len(view.features))),
         ).where(inner.c.fc_rank == 1)
 
+    def in_window(self, window: EventWindow | None) -> sa.ColumnElement[bool] | None:
+        """Rows whose event timestamp falls in ``window`` (None: no filter); compared as
+        ``updated_since`` compares (SQLite by ``julianday``, a column without a time zone
+        as UTC wall time)."""
+        if window is None or (window.start is None and window.end is None):
+            return None
+        column = self.table.c[self.view.event_timestamp_column]
+        parts: list[sa.ColumnElement[bool]] = []
+        for given, after in ((window.start, True), (window.end, False)):
+            if given is None:
+                continue
+            when = _utc(given)
+            if self.dialect == "sqlite":
+                parts.append(_sqlite_at_or_after(column, when) if after
+                             else _sqlite_before(column, when))
+                continue
+            if not getattr(column.type, "timezone", False):
+                when = when.astimezone(dt.UTC).replace(tzinfo=None)
+            parts.append(column >= when if after else column < when)
+        return sa.and_(*parts)
+
+    def windowed_query(self, window: EventWindow) -> sa.Select[Any]:
+        """``query`` (the latest row of each bound id) among the rows in ``window``."""
+        entity = self.table.c[self.view.entity_column]
+        where = self.in_window(window)
+        ids = _any_of_ids(entity, self.dialect)
+        return self.latest_query(ids if where is None else sa.and_(ids, where))
+
     def updated_since(self, since: dt.datetime | None) -> sa.ColumnElement[bool] | None:
         """Rows whose ``updated_at`` is at or after ``since`` (None: no filter). A naive
         ``since`` is UTC, as featcache reads timestamps; it is compared with a column without
@@ -263,6 +292,27 @@ class BoundView:
         if not getattr(column.type, "timezone", False):
             when = when.astimezone(dt.UTC).replace(tzinfo=None)
         return column >= when
+
+
+class EventWindow(NamedTuple):
+    """Rows whose event timestamp is at or after ``start`` and before ``end`` (either may be
+    None: no bound). Naive times are UTC, as featcache reads timestamps."""
+
+    start: dt.datetime | None
+    end: dt.datetime | None
+
+
+def _utc(when: dt.datetime) -> dt.datetime:
+    return when if when.tzinfo is not None else when.replace(tzinfo=dt.UTC)
+
+
+def _sqlite_before(column: sa.Column[Any], when: dt.datetime) -> sa.ColumnElement[bool]:
+    """``column < when`` for SQLite's text times, by ``julianday()`` as
+    ``_sqlite_at_or_after`` compares them (a row up to 1 ms before ``when`` may be judged at
+    it)."""
+    utc = when.astimezone(dt.UTC).replace(tzinfo=None)
+    instant = sa.bindparam("fc_before", utc.isoformat(sep=" "), type_=sa.String())
+    return sa.func.julianday(column) < sa.func.julianday(instant)
 
 
 def _sqlite_at_or_after(column: sa.Column[Any], when: dt.datetime) -> sa.ColumnElement[bool]:
