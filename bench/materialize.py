@@ -95,6 +95,7 @@ from featcache import (
     RedisConfig,
     Status,
 )
+from featcache.config_sections import StatsConfig
 from featcache.materialize import materialize
 from featcache.offline import RowColumns, SqlRow
 from featcache.offline.bulk import IdRunReader, iter_entity_ids, iter_latest_by_id, reads_id_runs
@@ -110,7 +111,7 @@ LOAD_CHUNK = 20_000  # rows generated, and written to SQL, at a time
 VERIFY_SAMPLE = 1_000
 RSS_INTERVAL_S = 0.05
 
-TARGET_ROWS_PER_S = 150_000
+TARGET_ROWS_PER_S = 200_000
 TARGET_PEAK_RSS_MB = 400.0
 TARGET_BYTES_PER_ROW = 200.0
 
@@ -152,6 +153,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="skip the stage breakdown and cProfile of 100k SQLite rows")
     parser.add_argument("--no-baseline", action="store_true",
                         help="skip the same-run baseline (bench.naive_copy) after each source")
+    parser.add_argument("--engine", metavar="E",
+                        help="spark, ray or both (comma-separated): the same rows loaded by "
+                             "the engine beside the single-process paths "
+                             "(bench/materialize_engines.py)")
     parser.add_argument("--seed", type=int, default=20_260_101, help="data seed")
 
 
@@ -174,6 +179,10 @@ def parse_sources(text: str) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.engine:
+        from bench.materialize_engines import run_engines  # noqa: PLC0415 - Spark, Ray
+
+        return run_engines(args)
     if args.topology == "cluster":
         from bench.materialize_cluster import run_cluster  # noqa: PLC0415 - its own servers
 
@@ -475,9 +484,12 @@ def fresh_cache(redis_url: str | None, offline_url: str, schema: str | None,
     """A cache over ``offline_url`` and a fresh private Valkey (or ``redis_url``, prefixed),
     connected and with featcache's scripts loaded, so none of that is timed or counted."""
     with redis_target(redis_url) as target:
+        # no stats publishing: `featcache materialize` runs on Parts, which publishes none,
+        # and the keys the run leaves are counted
         config = CacheConfig(views=(view_for(schema),),
                              redis=RedisConfig(url=target.url, key_prefix=target.prefix),
-                             offline_store=OfflineStoreConfig(url=offline_url))
+                             offline_store=OfflineStoreConfig(url=offline_url),
+                             stats=StatsConfig(publish_interval=0))
         with FeatureCache(config) as cache:
             cache.redis.ping()
             for script in (CONDITIONAL_SET, ENSURE_EPOCH, SET_IF_ABSENT):

@@ -74,6 +74,7 @@ __all__ = [
     "RowBatch",
     "RowCodec",
     "held_event_us",
+    "is_tombstone",
 ]
 
 VALUE_VERSION: Final = 2
@@ -188,6 +189,11 @@ def _uint_at(raw: bytes, pos: int) -> tuple[int, int] | None:
     if width is None or pos + 1 + width > len(raw):
         return None
     return int.from_bytes(raw[pos + 1 : pos + 1 + width], "big"), pos + 1 + width
+
+
+def is_tombstone(raw: bytes | None) -> bool:
+    """Whether ``raw`` is a tombstone an invalidation left (its fixed head)."""
+    return raw is not None and raw[:_HEAD_SIZE] == TOMBSTONE_HEAD
 
 
 def held_event_us(raw: bytes | None, epoch: int) -> int | None:

@@ -13,13 +13,15 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from featcache.config import CacheConfig, FeatureView, load_config
-from featcache.materialize import WriteReport
+from featcache.materialize import WriteReport, load_epoch
 from featcache.parts import Parts
 
-__all__ = ["COUNTS", "columns_of", "config_of", "counts_row", "summed", "worker_parts"]
+__all__ = ["COUNTS", "columns_of", "config_of", "counts_row", "driver_epoch", "summed",
+           "worker_parts"]
 
 #: the counts a worker returns per partition, as ``WriteReport`` names them
-COUNTS = ("batches", "rows_received", "rows_written", "skipped_older", "fenced_off")
+COUNTS = ("batches", "rows_received", "rows_written", "skipped_older", "fenced_off",
+          "invalidated")
 
 _PARTS: dict[CacheConfig, Parts] = {}
 _LOCK = threading.Lock()
@@ -42,6 +44,12 @@ def worker_parts(config: CacheConfig) -> Parts:
         if parts is None:
             parts = _PARTS[config] = Parts(config)
         return parts
+
+
+def driver_epoch(config: CacheConfig, view: str) -> bytes:
+    """The view's epoch where the load starts (``load_epoch``), read by the driver."""
+    with Parts(config) as parts:
+        return load_epoch(parts, view)
 
 
 def counts_row(report: WriteReport) -> dict[str, list[int]]:

@@ -28,9 +28,16 @@ import time
 from collections.abc import Callable, Collection, Generator, Iterable, Sequence, Set
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
-from featcache.codec import KIND_ABSENT, KIND_ROW, NO_EVENT, RowCodec, held_event_us
+from featcache.codec import (
+    KIND_ABSENT,
+    KIND_ROW,
+    NO_EVENT,
+    RowCodec,
+    held_event_us,
+    is_tombstone,
+)
 from featcache.config import FeatureView
 from featcache.convert import timestamp_to_us, us_to_timestamp
 from featcache.errors import InvalidRequest
@@ -57,6 +64,7 @@ __all__ = [
     "Progress",
     "WarmReport",
     "WriteReport",
+    "load_epoch",
     "materialize",
     "materialize_incremental",
     "warm_once",
@@ -64,6 +72,8 @@ __all__ = [
 ]
 
 log = logging.getLogger("featcache.warm")
+
+T = TypeVar("T")
 
 DEFAULT_LEASE_TTL_S = 30.0
 
@@ -117,6 +127,41 @@ Progress = Callable[[MaterializeReport], None]
 # ----------------------------------------------------------------------------- materialize
 
 
+class _Pipeline(Generic[T]):
+    """The one way bulk rows reach Redis: ``Parts.prepare_*`` (checked, encoded, fenced)
+    then ``PendingWrite.send`` (the fenced write scripts), one write in flight in a thread
+    while the caller prepares the next. A write's round trip is mostly the server running
+    the scripts, with the GIL released; at most two chunks are held, and a chunk's write
+    still follows its own fence (docs/benchmarks.md). ``landed`` gets each write's result,
+    in order, in the caller's thread; on exit, an error included, the write in flight is
+    finished first."""
+
+    def __init__(self, landed: Callable[[T], None], name: str) -> None:
+        self._landed = landed
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix=name)
+        self._in_flight: Future[T] | None = None
+
+    def wait(self) -> None:
+        """The write in flight finished and handed to ``landed`` (its error raised)."""
+        if self._in_flight is not None:
+            in_flight, self._in_flight = self._in_flight, None
+            self._landed(in_flight.result())
+
+    def submit(self, send: Callable[..., T], *args: Any) -> None:
+        """``send(*args)`` in the writer thread, after the write before it landed."""
+        self.wait()
+        self._in_flight = self._pool.submit(send, *args)
+
+    def __enter__(self) -> _Pipeline[T]:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            self.wait()
+        finally:
+            self._pool.shutdown()
+
+
 def materialize(
     cache: Parts,
     view: str | FeatureView,
@@ -167,9 +212,9 @@ def materialize(
     started = time.perf_counter()
     report = MaterializeReport(view_def.name)
 
-    def written(pending: Future[tuple[int, Sequence[EntityId], int, PutReport]]) -> None:
+    def written(result: tuple[int, Sequence[EntityId], int, PutReport]) -> None:
         nonlocal report
-        entities, absent, rows_read, put = pending.result()  # re-raises the writer's error
+        entities, absent, rows_read, put = result
         report = replace(
             report,
             absent_ids=report.absent_ids + tuple(absent),
@@ -195,45 +240,34 @@ def materialize(
             absent = ()
         return len(chunk), absent, len(read), put
 
-    # One chunk is written (a Redis round trip: mostly the server running the write script,
-    # with the GIL released) while the next is fenced, read from SQL and encoded: at most
-    # two chunks in memory, and a chunk's write still follows its own fence and read. The
-    # writer thread only sends, as the round trips of the writes are the longest step
-    # (docs/benchmarks.md).
-    in_flight: Future[tuple[int, Sequence[EntityId], int, PutReport]] | None = None
-    with ThreadPoolExecutor(1, thread_name_prefix="featcache-materialize") as writer, \
+    with _Pipeline(written, "featcache-materialize") as pipeline, \
             contextlib.closing(id_chunks) as chunks, \
             (IdRunReader(offline, view_def) if by_range else contextlib.nullcontext()) as runs:
-        try:
-            listed = (chunk for chunk in chunks if chunk)
-            chunk = next(listed, None)
-            # each fence BEFORE the SQL read of its rows; the next chunk's is taken while
-            # Redis is idle, between one write's end and the next write's start, not behind
-            # a write's scripts (docs/benchmarks.md)
-            fence = cache.fence(view_def, chunk) if chunk is not None else None
-            while chunk is not None and fence is not None:
-                if keep_going is not None and not keep_going():
-                    report = replace(report, complete=False)
-                    log.warning("materialize view=%s stopped: leader lease lost", view_def.name)
-                    break
-                # by ADBC, rows come as columns and are encoded from them (no tuple per row)
-                rows = runs.read_columns(chunk) if runs is not None else _latest_rows(
-                    cache, view_def, chunk, window)
-                if isinstance(rows, RowColumns):
-                    read: Collection[EntityId] = rows.ids
-                    pending = cache.prepare_columns(view_def, rows, fence=fence)
-                else:
-                    read = rows.keys()
-                    pending = cache.prepare_latest(view_def, rows, fence=fence)
-                if in_flight is not None:
-                    written(in_flight)
-                following = next(listed, None)
-                next_fence = cache.fence(view_def, following) if following is not None else None
-                in_flight = writer.submit(write, chunk, read, pending)
-                chunk, fence = following, next_fence
-        finally:
-            if in_flight is not None:  # on error too: the chunk being written is finished
-                written(in_flight)
+        listed = (chunk for chunk in chunks if chunk)
+        chunk = next(listed, None)
+        # each fence BEFORE the SQL read of its rows; the next chunk's is taken while Redis
+        # is idle, between one write's end and the next write's start, not behind a write's
+        # scripts (docs/benchmarks.md)
+        fence = cache.fence(view_def, chunk) if chunk is not None else None
+        while chunk is not None and fence is not None:
+            if keep_going is not None and not keep_going():
+                report = replace(report, complete=False)
+                log.warning("materialize view=%s stopped: leader lease lost", view_def.name)
+                break
+            # by ADBC, rows come as columns and are encoded from them (no tuple per row)
+            rows = runs.read_columns(chunk) if runs is not None else _latest_rows(
+                cache, view_def, chunk, window)
+            if isinstance(rows, RowColumns):
+                read: Collection[EntityId] = rows.ids
+                pending = cache.prepare_columns(view_def, rows, fence=fence)
+            else:
+                read = rows.keys()
+                pending = cache.prepare_latest(view_def, rows, fence=fence)
+            pipeline.wait()
+            following = next(listed, None)
+            next_fence = cache.fence(view_def, following) if following is not None else None
+            pipeline.submit(write, chunk, read, pending)
+            chunk, fence = following, next_fence
     return replace(report, seconds=time.perf_counter() - started)
 
 
@@ -317,7 +351,10 @@ class WriteReport:
     ``rows_received`` rows in the batches, ``rows_written`` written to Redis, ``skipped_older``
     not written because a row of the same id with a later event time was in Redis or in the
     same batch, ``fenced_off`` not written because the key changed between the batch's fence
-    and its write (an invalidation, a serving fill, another writer of the same rows)."""
+    and its write (an invalidation, a serving fill, another writer of the same rows),
+    ``invalidated`` not written because the row was invalidated since the load began (a
+    tombstone at its fence, or the whole view since ``load_epoch``): left to the next read,
+    which reads SQL."""
 
     view: str
     batches: int = 0
@@ -325,6 +362,7 @@ class WriteReport:
     rows_written: int = 0
     skipped_older: int = 0
     fenced_off: int = 0
+    invalidated: int = 0
     seconds: float = 0.0
 
     def __add__(self, other: WriteReport) -> WriteReport:
@@ -334,7 +372,17 @@ class WriteReport:
                            self.rows_written + other.rows_written,
                            self.skipped_older + other.skipped_older,
                            self.fenced_off + other.fenced_off,
+                           self.invalidated + other.invalidated,
                            max(self.seconds, other.seconds))
+
+
+def load_epoch(cache: Parts, view: str | FeatureView) -> bytes:
+    """The view's epoch now (created if missing): taken once where a load starts (an engine's
+    driver) and given to every ``write_batches`` of the load, so that a whole-view
+    invalidation during the load keeps every batch written after it out."""
+    view_def = cache.config.view(view if isinstance(view, str) else view.name)
+    (epoch,) = cache.store.ensure_epochs([cache.layout.epoch_key(view_def.name)])
+    return bytes(epoch)
 
 
 def write_batches(
@@ -343,6 +391,7 @@ def write_batches(
     batches: Iterable[pa.RecordBatch | pa.Table],
     *,
     progress: Callable[[WriteReport], None] | None = None,
+    since_epoch: bytes | None = None,
 ) -> WriteReport:
     """Write Arrow batches of a view's rows (its SQL column names, as ``put_rows`` takes
     them) through the fenced write path: the engine-agnostic writer of Spark partitions, Ray
@@ -352,8 +401,14 @@ def write_batches(
     over their ids, and they are written where nothing changed since and no later event time
     is held. So an older row never replaces a newer one; the same batch written twice, by a
     retried or a speculative task, writes nothing new the second time; and an invalidation or
-    a fill that lands between a batch's fence and its write keeps its key. One batch is
-    written (a Redis round trip, in a thread) while the next is converted.
+    a fill that lands between a batch's fence and its write keeps its key.
+
+    An invalidation that lands during the load, before a batch's fence, is kept too: a row
+    whose key holds a tombstone at its fence (they last ``invalidation.fence_ttl``) is not
+    written, and with ``since_epoch`` (``load_epoch`` taken where the load began) a batch
+    fenced after a whole-view invalidation writes nothing. Those rows count as
+    ``invalidated``; the next read of each reads SQL. One batch is written (a Redis round
+    trip, in a thread) while the next is converted.
     """
     from featcache.batches import batch_rows  # noqa: PLC0415 - pyarrow, for this path only
 
@@ -361,48 +416,53 @@ def write_batches(
     max_len = cache.config.limits.max_id_length
     started = time.perf_counter()
     report = WriteReport(view_def.name)
-    in_flight: Future[tuple[int, int, PutReport]] | None = None
 
-    def landed(pending: Future[tuple[int, int, PutReport]]) -> None:
+    def landed(result: tuple[int, int, int, PutReport]) -> None:
         nonlocal report
-        received, older, put = pending.result()  # re-raises the write's error
+        received, older, invalidated, put = result
         report = replace(
             report, batches=report.batches + 1,
             rows_received=report.rows_received + received,
             rows_written=report.rows_written + put.written,
             skipped_older=report.skipped_older + older + put.skipped_older,
             fenced_off=report.fenced_off + put.fenced_off,
+            invalidated=report.invalidated + invalidated,
             seconds=time.perf_counter() - started)
         if progress is not None:
             progress(report)
 
-    def send(received: int, older: int, pending: PendingWrite) -> tuple[int, int, PutReport]:
-        return received, older, pending.send()
+    def send(received: int, older: int, invalidated: int, pending: PendingWrite | None
+             ) -> tuple[int, int, int, PutReport]:
+        return received, older, invalidated, (pending.send() if pending is not None
+                                              else PutReport(0, 0))
 
-    with ThreadPoolExecutor(1, thread_name_prefix="featcache-write") as writer:
-        try:
-            for batch in batches:
-                found = batch_rows(view_def, batch, max_len)
-                rows, older, pending = found.rows, found.older, None
-                if rows.ids:
-                    fence = cache.fence(view_def, rows.ids)
-                    rows = _not_older(rows, fence)
-                    older += len(found.rows.ids) - len(rows.ids)
-                if rows.ids:
-                    pending = cache.prepare_columns(view_def, rows, fence=fence)
-                if in_flight is not None:
-                    landed(in_flight)
-                    in_flight = None
-                if pending is not None:
-                    in_flight = writer.submit(send, found.received, older, pending)
-                elif found.received:
-                    report = replace(report, batches=report.batches + 1,
-                                     rows_received=report.rows_received + found.received,
-                                     skipped_older=report.skipped_older + older)
-        finally:
-            if in_flight is not None:  # on error too: the batch being written is finished
-                landed(in_flight)
+    with _Pipeline(landed, "featcache-write") as pipeline:
+        for batch in batches:
+            found = batch_rows(view_def, batch, max_len)
+            if not found.received:
+                continue
+            rows, older, invalidated, pending = found.rows, found.older, 0, None
+            if rows.ids:
+                fence = cache.fence(view_def, rows.ids)
+                if since_epoch is not None and fence.epoch_raw != since_epoch:
+                    invalidated, rows = len(rows.ids), rows.only([])
+                else:
+                    kept = _not_invalidated(rows, fence)
+                    invalidated = len(rows.ids) - len(kept.ids)
+                    rows = _not_older(kept, fence)
+                    older += len(kept.ids) - len(rows.ids)
+            if rows.ids:
+                pending = cache.prepare_columns(view_def, rows, fence=fence)
+            pipeline.submit(send, found.received, older, invalidated, pending)
     return replace(report, seconds=time.perf_counter() - started)
+
+
+def _not_invalidated(rows: RowColumns, fence: Fence) -> RowColumns:
+    """``rows`` less those whose key held a tombstone at the fence: invalidated within the
+    last ``fence_ttl``, after the load's input was read, so not to be written over."""
+    seen = fence.seen
+    keep = [entity for entity in rows.ids if not is_tombstone(seen.get(entity))]
+    return rows if len(keep) == len(rows.ids) else rows.only(keep)
 
 
 def _not_older(rows: RowColumns, fence: Fence) -> RowColumns:

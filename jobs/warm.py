@@ -31,6 +31,7 @@ from featcache.materialize import (
     MaterializeReport,
     WarmReport,
     WriteReport,
+    load_epoch,
     materialize,
     materialize_incremental,
     warm_once,
@@ -215,7 +216,8 @@ def run_parquet(
     with Parts(config) as cache, progress_reporter(
             f"materialize view={view.name} parquet", total,
             done=lambda r: r.rows_received) as bar:
-        report = write_batches(cache, view, batches(), progress=bar)
+        report = write_batches(cache, view, batches(), progress=bar,
+                               since_epoch=load_epoch(cache, view))
     out.write(json.dumps({**asdict(report), "files": files}) + "\n")
     return report
 

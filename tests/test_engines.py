@@ -230,3 +230,42 @@ def test_a_retried_spark_task_leaves_no_duplicate_and_no_older_value(
         for entity in range(101, n + 1):
             assert got[entity]["clicks"] == entity * 3
     assert report.skipped_older >= 100
+
+
+def test_an_invalidation_racing_a_spark_load_is_not_overwritten(
+    spark: Any, redis_url: str, key_prefix: str, tmp_path: Path,
+) -> None:
+    """While the job runs, an ETL invalidates ids 5 and 9000 (from inside the job's first
+    partition, before the batches holding them reach the writer): neither is written over;
+    every other row is."""
+    import adbc_driver_sqlite.dbapi as sqlite_driver  # noqa: PLC0415
+
+    from featcache.spark import materialize  # noqa: PLC0415
+
+    n = 20_000
+    db = tmp_path / "offline.db"
+    with sqlite_driver.connect(str(db)) as conn, conn.cursor() as cur:
+        cur.adbc_ingest(VIEW, rows_table(n), mode="create")  # what SQL has, for the refills
+        conn.commit()
+    config = config_for(f"sqlite:///{db}", redis_url, key_prefix)
+
+    def etl_invalidates(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        from pyspark import TaskContext  # noqa: PLC0415
+
+        from featcache.parts import Parts  # noqa: PLC0415
+
+        if TaskContext.get().partitionId() == 0:
+            with Parts(config) as etl:
+                etl.invalidate(VIEW, [5, 9000])
+        yield from batches
+
+    source = spark.createDataFrame(rows_table(n).to_pandas()).coalesce(1)
+    report = materialize(source.mapInArrow(etl_invalidates, source.schema), VIEW, config)
+    assert report.rows_received == n
+    assert (report.rows_written, report.invalidated) == (n - 2, 2)
+    with FeatureCache(config) as cache:
+        got = cache.get_features([5, 9000, 6], ["clicks"])
+        assert got.status(6, "clicks") is Status.HIT_REDIS
+        # not written over: their next read went to SQL
+        assert got.status(5, "clicks") is Status.FILLED
+        assert got.status(9000, "clicks") is Status.FILLED

@@ -69,6 +69,7 @@ def test_batches_are_written_and_read_back_exactly(cache: FeatureCache) -> None:
     report = write_batches(cache, VIEW, table.to_batches(max_chunksize=500))
     assert report == WriteReport(VIEW, batches=4, rows_received=2000, rows_written=2000,
                                  seconds=report.seconds)
+    assert report.invalidated == 0
     got = cache.get_features([1, 2, 2000], NAMES)
     assert {got.status(i, "clicks") for i in (1, 2, 2000)} == {Status.HIT_REDIS}
     for i in (1, 2, 2000):
@@ -106,7 +107,8 @@ def test_an_invalidation_between_fence_and_write_keeps_its_key(
 ) -> None:
     """An ETL's invalidation lands between a batch's fence and its write (the writer's own
     steps, with the invalidation between them): the batch's row is fenced off. A batch that
-    reaches the writer after the invalidation is written: it is the newer data."""
+    reaches the writer while the tombstone is there is not written either (``invalidated``):
+    its input may predate the change."""
     write_batches(cache, VIEW, [arrow_rows([stats_row(i, T0) for i in range(1, 11)])])
     fence = cache.fence(VIEW, [5])
     with make_cache([make_view(VIEW, VIEW, None)], redis_url, sqlite_target.url,
@@ -117,9 +119,40 @@ def test_an_invalidation_between_fence_and_write_keeps_its_key(
     found = batch_rows(cache.config.view(VIEW), arrow_rows([stats_row(5, T0 + HOUR)]), 512)
     put = cache.prepare_columns(VIEW, found.rows, fence=fence).send()
     assert (put.written, put.fenced_off) == (0, 1)
-    # and through write_batches: a batch fenced after the invalidation is written
     report = write_batches(cache, VIEW, [arrow_rows([stats_row(5, T0 + HOUR, clicks=55)])])
-    assert report.rows_written == 1
+    assert (report.rows_written, report.invalidated) == (0, 1)
+    assert cache.get_features([5], ["clicks"]).status(5, "clicks") is not Status.HIT_REDIS
+
+
+@pytest.mark.topology
+def test_invalidations_during_a_load_keep_their_rows_out(
+    cache: FeatureCache, redis_url: str, sqlite_target: Any, key_prefix: str,
+) -> None:
+    """A load's batches arrive one after the other; an ETL invalidates some ids, then the
+    whole view, between them: no later batch writes an invalidated row."""
+    from featcache.materialize import load_epoch  # noqa: PLC0415
+
+    epoch = load_epoch(cache, VIEW)  # where the load starts (an engine's driver)
+    etl = make_cache([make_view(VIEW, VIEW, None)], redis_url, sqlite_target.url, key_prefix)
+
+    def batches() -> Any:
+        yield arrow_rows([stats_row(i, T0) for i in range(1, 11)])
+        etl.invalidate(VIEW, [15, 16])
+        yield arrow_rows([stats_row(i, T0) for i in range(11, 21)])
+        etl.invalidate(VIEW)  # the whole view
+        yield arrow_rows([stats_row(i, T0) for i in range(21, 31)])
+
+    try:
+        report = write_batches(cache, VIEW, batches(), since_epoch=epoch)
+    finally:
+        etl.close()
+    # batch 2 (less 15, 16) is written, or fenced off when the whole-view invalidation
+    # overtakes its write (the writer sends it while the third batch is being made)
+    assert report.invalidated == 12
+    assert report.rows_written + report.fenced_off == 18 and report.rows_written >= 10
+    got = cache.get_features(list(range(1, 31)), ["clicks"])
+    # the whole view went after the second batch: nothing of the load is served from Redis
+    assert Status.HIT_REDIS not in set(got.status_counts())
 
 
 @pytest.mark.topology
