@@ -33,7 +33,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from featcache.client import FeatureCache
-from featcache.config import CacheConfig, FeatureView
+from featcache.config import CacheConfig, FeatureView, load_config
 from featcache.errors import CacheUnavailable, InvalidRequest
 from featcache.invalidation import InvalidationReport
 from featcache.parts import Clock
@@ -96,8 +96,6 @@ class AsyncFeatureCache:
     @classmethod
     def from_config(cls, path: str, **kwargs: Any) -> AsyncFeatureCache:
         """Load a YAML config (``FEATCACHE_...`` environment overrides apply)."""
-        from featcache.config import load_config  # noqa: PLC0415 - as FeatureCache does
-
         return cls(load_config(path), **kwargs)
 
     async def _in_pool(self, fn: Callable[..., T], *args: Any) -> T:

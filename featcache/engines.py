@@ -13,15 +13,16 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from featcache.config import CacheConfig, FeatureView, load_config
-from featcache.materialize import WriteReport, load_epoch
+from featcache.keys import KeyLayout
+from featcache.materialize import WRITE_COUNTS, WriteReport, load_epoch
 from featcache.parts import Parts
+from featcache.redis_store import open_store
 
 __all__ = ["COUNTS", "columns_of", "config_of", "counts_row", "driver_epoch", "summed",
            "worker_parts"]
 
 #: the counts a worker returns per partition, as ``WriteReport`` names them
-COUNTS = ("batches", "rows_received", "rows_written", "skipped_older", "fenced_off",
-          "invalidated")
+COUNTS = WRITE_COUNTS
 
 _PARTS: dict[CacheConfig, Parts] = {}
 _LOCK = threading.Lock()
@@ -47,9 +48,14 @@ def worker_parts(config: CacheConfig) -> Parts:
 
 
 def driver_epoch(config: CacheConfig, view: str) -> bytes:
-    """The view's epoch where the load starts (``load_epoch``), read by the driver."""
-    with Parts(config) as parts:
-        return load_epoch(parts, view)
+    """The view's epoch where the load starts (``load_epoch``), read by the driver: a Redis
+    store and the key layout are all it takes."""
+    store = open_store(config.redis, degradation=config.degradation)
+    try:
+        return load_epoch(store, KeyLayout.for_mode(config.redis.key_prefix, config.redis.mode),
+                          view)
+    finally:
+        store.close()
 
 
 def counts_row(report: WriteReport) -> dict[str, list[int]]:

@@ -41,6 +41,7 @@ from featcache.codec import (
 from featcache.config import FeatureView
 from featcache.convert import timestamp_to_us, us_to_timestamp
 from featcache.errors import InvalidRequest
+from featcache.keys import KeyLayout
 from featcache.leader import ViewLeader
 from featcache.offline import EventWindow, RowColumns, SqlRow
 from featcache.offline.bulk import (
@@ -59,6 +60,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DEFAULT_LEASE_TTL_S",
+    "WRITE_COUNTS",
     "IncrementalReport",
     "MaterializeReport",
     "Progress",
@@ -367,21 +369,20 @@ class WriteReport:
 
     def __add__(self, other: WriteReport) -> WriteReport:
         """Two reports of one view summed (the partitions of one load)."""
-        return WriteReport(self.view, self.batches + other.batches,
-                           self.rows_received + other.rows_received,
-                           self.rows_written + other.rows_written,
-                           self.skipped_older + other.skipped_older,
-                           self.fenced_off + other.fenced_off,
-                           self.invalidated + other.invalidated,
-                           max(self.seconds, other.seconds))
+        counts = {name: getattr(self, name) + getattr(other, name) for name in WRITE_COUNTS}
+        return WriteReport(self.view, seconds=max(self.seconds, other.seconds), **counts)
 
 
-def load_epoch(cache: Parts, view: str | FeatureView) -> bytes:
+#: ``WriteReport``'s counts: what partitions of one load add up
+WRITE_COUNTS = ("batches", "rows_received", "rows_written", "skipped_older", "fenced_off",
+                "invalidated")
+
+
+def load_epoch(store: RedisStore, layout: KeyLayout, view: str) -> bytes:
     """The view's epoch now (created if missing): taken once where a load starts (an engine's
     driver) and given to every ``write_batches`` of the load, so that a whole-view
     invalidation during the load keeps every batch written after it out."""
-    view_def = cache.config.view(view if isinstance(view, str) else view.name)
-    (epoch,) = cache.store.ensure_epochs([cache.layout.epoch_key(view_def.name)])
+    (epoch,) = store.ensure_epochs([layout.epoch_key(view)])
     return bytes(epoch)
 
 

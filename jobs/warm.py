@@ -217,7 +217,7 @@ def run_parquet(
             f"materialize view={view.name} parquet", total,
             done=lambda r: r.rows_received) as bar:
         report = write_batches(cache, view, batches(), progress=bar,
-                               since_epoch=load_epoch(cache, view))
+                               since_epoch=load_epoch(cache.store, cache.layout, view.name))
     out.write(json.dumps({**asdict(report), "files": files}) + "\n")
     return report
 

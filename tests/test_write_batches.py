@@ -132,7 +132,7 @@ def test_invalidations_during_a_load_keep_their_rows_out(
     whole view, between them: no later batch writes an invalidated row."""
     from featcache.materialize import load_epoch  # noqa: PLC0415
 
-    epoch = load_epoch(cache, VIEW)  # where the load starts (an engine's driver)
+    epoch = load_epoch(cache.store, cache.layout, VIEW)  # where a load starts (its driver)
     etl = make_cache([make_view(VIEW, VIEW, None)], redis_url, sqlite_target.url, key_prefix)
 
     def batches() -> Any:
