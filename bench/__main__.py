@@ -11,7 +11,17 @@ import sys
 from collections.abc import Sequence
 from typing import Protocol
 
-from bench import analyze, invalidation, l1, l1_policies, materialize, read, serve, stampede
+from bench import (
+    analyze,
+    invalidation,
+    l1,
+    l1_policies,
+    materialize,
+    predictions,
+    read,
+    serve,
+    stampede,
+)
 
 
 class Benchmark(Protocol):
@@ -31,6 +41,7 @@ BENCHMARKS: dict[str, Benchmark] = {
     "materialize": materialize,
     "analyze": analyze,
     "serve": serve,
+    "predictions": predictions,
 }
 
 

@@ -12,7 +12,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from featcache.async_client import AsyncFeatureCache
+    from featcache.async_client import AsyncFeatureCache, AsyncModelCache
     from featcache.client import FeatureCache, Fence, PendingWrite, PutReport
     from featcache.config import (
         CacheConfig,
@@ -42,6 +42,7 @@ if TYPE_CHECKING:
         FeatcacheError,
         InvalidEntityId,
         InvalidRequest,
+        ModelOutputError,
         OfflineStoreError,
         OfflineStoreUnavailable,
         PartlyUnavailable,
@@ -50,6 +51,7 @@ if TYPE_CHECKING:
         UnknownView,
     )
     from featcache.invalidation import InvalidationReport, invalidate
+    from featcache.models import ModelCache, ModelPolicy, ModelResult
     from featcache.result import FeatureResult
     from featcache.types import NO_VALUE, FeatureType, Status
 
@@ -57,7 +59,7 @@ __version__ = "0.1.0"
 
 #: public name -> the module that defines it
 _EXPORTS: dict[str, str] = {
-    "AsyncFeatureCache": "async_client",
+    **dict.fromkeys(("AsyncFeatureCache", "AsyncModelCache"), "async_client"),
     **dict.fromkeys(("FeatureCache", "Fence", "PendingWrite", "PutReport"), "client"),
     **dict.fromkeys((
         "CacheConfig", "ChangeQuery", "DegradationConfig", "Feature", "FeatureView",
@@ -68,10 +70,12 @@ _EXPORTS: dict[str, str] = {
     **dict.fromkeys((
         "AmbiguousFeature", "BackendError", "CacheConfigError", "CacheUnavailable",
         "ConfigError", "EmbeddedServerError", "FeatcacheError", "InvalidEntityId",
-        "InvalidRequest", "OfflineStoreError", "OfflineStoreUnavailable", "PartlyUnavailable",
+        "InvalidRequest", "ModelOutputError", "OfflineStoreError", "OfflineStoreUnavailable",
+        "PartlyUnavailable",
         "SchemaError", "UnknownFeature", "UnknownView",
     ), "errors"),
     **dict.fromkeys(("InvalidationReport", "invalidate"), "invalidation"),
+    **dict.fromkeys(("ModelCache", "ModelPolicy", "ModelResult"), "models"),
     "FeatureResult": "result",
     **dict.fromkeys(("NO_VALUE", "FeatureType", "Status"), "types"),
 }
@@ -80,6 +84,7 @@ __all__ = [
     "NO_VALUE",
     "AmbiguousFeature",
     "AsyncFeatureCache",
+    "AsyncModelCache",
     "BackendError",
     "CacheConfig",
     "CacheConfigError",
@@ -102,6 +107,10 @@ __all__ = [
     "InvalidationReport",
     "L1Config",
     "LimitsConfig",
+    "ModelCache",
+    "ModelOutputError",
+    "ModelPolicy",
+    "ModelResult",
     "OfflineStoreConfig",
     "OfflineStoreError",
     "OfflineStoreUnavailable",

@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import functools
+import inspect
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -36,6 +37,7 @@ from featcache.client import FeatureCache
 from featcache.config import CacheConfig, FeatureView, load_config
 from featcache.errors import CacheUnavailable, InvalidRequest
 from featcache.invalidation import InvalidationReport
+from featcache.models import Compute, ModelCache, ModelCall, ModelResult
 from featcache.parts import Clock
 from featcache.readpath import Call
 from featcache.redis_store.aio import AsyncReader
@@ -48,7 +50,7 @@ if TYPE_CHECKING:
     import redis.asyncio
     import sqlalchemy as sa
 
-__all__ = ["AsyncFeatureCache"]
+__all__ = ["AsyncFeatureCache", "AsyncModelCache"]
 
 T = TypeVar("T")
 
@@ -139,6 +141,19 @@ class AsyncFeatureCache:
             return done
         return await self._in_pool(rp.finish, call, raw, redis_ok)
 
+    async def read_keys(self, keys: list[str]) -> list[bytes | None]:
+        """One read of these keys: awaited on the event loop, or on a cluster the synchronous
+        cluster reader's, in the pool (the prediction cache's read)."""
+        if self._reader is None:
+            return await self._in_pool(self.sync.store.read, keys)
+        return await self._reader.read(keys)
+
+    def model(self, name: str, version: str, **policy: Any) -> AsyncModelCache:
+        """``FeatureCache.model`` for asyncio code: ``await ...get_or_compute(inputs,
+        compute)``, with ``compute`` a plain function (run in the pool) or a coroutine
+        function (awaited on this loop)."""
+        return AsyncModelCache(self.sync.model(name, version, **policy), self)
+
     # ------------------------------------------------------------------ writes
 
     async def put_rows(
@@ -206,3 +221,67 @@ class AsyncFeatureCache:
         tb: TracebackType | None,
     ) -> None:
         await self.aclose()
+
+
+class AsyncModelCache:
+    """A ``ModelCache`` driven from asyncio: the same steps and guarantees, its one Redis read
+    awaited on the event loop, what follows a miss (single flight, leases, compute, the
+    fenced write) in the client's pool, where a coroutine ``compute`` is awaited back on the
+    loop while its pool thread waits."""
+
+    def __init__(self, sync: ModelCache, client: AsyncFeatureCache) -> None:
+        self.sync = sync
+        self._client = client
+
+    async def get_or_compute(self, inputs: Any, compute: Compute | Callable[[list[Any]], Any]
+                             ) -> ModelResult:
+        """``ModelCache.get_or_compute``, awaited."""
+        m = self.sync
+        if not callable(compute):
+            raise InvalidRequest(f"compute must be callable, got {type(compute).__name__}")
+        call = m.begin(inputs)
+        if not isinstance(call, ModelCall):
+            return call  # every output from L1
+        raw, redis_ok = await self._read(call)
+        done = m.settle(call, raw, redis_ok)
+        if done is not None:
+            return done
+        run = _in_thread(compute, asyncio.get_running_loop())
+        return await self._client._in_pool(m.finish, call, redis_ok, run)
+
+    async def _read(self, call: ModelCall) -> tuple[list[bytes | None], bool]:
+        m = self.sync
+        if not m.breaker.allow():
+            return m.redis_failed(call, CacheUnavailable("Redis circuit open: read skipped"),
+                                  count=False)
+        try:
+            raw = await self._client.read_keys(call.keys)
+        except CacheUnavailable as exc:
+            return m.redis_failed(call, exc)
+        m.redis_succeeded()
+        return raw, True
+
+    async def invalidate(self, inputs: Any = None) -> InvalidationReport:
+        """``ModelCache.invalidate``, in the pool."""
+        return await self._client._in_pool(self.sync.invalidate, inputs)
+
+    def stats(self) -> dict[str, int]:
+        return self.sync.stats()
+
+
+def _in_thread(compute: Callable[[list[Any]], Any], loop: asyncio.AbstractEventLoop
+               ) -> Compute:
+    """``compute`` as the pool thread calls it: an awaitable it returns is awaited on the
+    event loop, the thread waiting for it."""
+
+    def run(inputs: list[Any]) -> Any:
+        result = compute(inputs)
+        if inspect.isawaitable(result):
+            return asyncio.run_coroutine_threadsafe(_awaited(result), loop).result()
+        return result
+
+    return run
+
+
+async def _awaited(awaitable: Any) -> Any:
+    return await awaitable

@@ -16,9 +16,11 @@ from typing import TYPE_CHECKING, Any
 
 from featcache.access_trace import AccessTrace
 from featcache.config import CacheConfig, FeatureView, load_config
-from featcache.errors import InvalidRequest
+from featcache.errors import ConfigError, InvalidRequest
 from featcache.invalidation import InvalidationReport
+from featcache.keys import is_model_space, model_space
 from featcache.l1 import L1Cache
+from featcache.models import ModelCache, ModelPolicy, ModelShared
 from featcache.parts import Clock, Parts
 from featcache.popularity import PopularityCounter
 from featcache.readpath import L1_RECORD_WIDTH, L1Entry, ReadPath
@@ -44,6 +46,7 @@ __all__ = ["FeatureCache", "Fence", "PendingWrite", "PutReport"]
 log = logging.getLogger("featcache")
 
 _STREAM_BLOCK_MS = 500  # how long one XREAD waits: bounds how long close() takes
+_MODEL_CACHES = 1024  # ``model()`` keeps this many ModelCache objects for reuse
 
 
 
@@ -66,13 +69,15 @@ class FeatureCache(Parts):
         super().__init__(config, clock=clock, redis_client=redis_client, engine=engine)
         self._planner = Planner(config, self.codecs)
         self._l1: L1Cache[L1Entry] | None = None
+        model_l1: L1Cache[bytes] | None = None
         if config.l1.policy is not None:
             # L1 measures its bounds on a monotonic clock; an injected clock (tests) drives both
-            self._l1 = L1Cache(
-                config.l1,
-                clock=time.monotonic if clock is time.time else clock,
-                record_width=L1_RECORD_WIDTH,
-            )
+            l1_clock = time.monotonic if clock is time.time else clock
+            self._l1 = L1Cache(config.l1, clock=l1_clock, record_width=L1_RECORD_WIDTH)
+            # model outputs have an L1 of their own (values of another shape), same bounds
+            model_l1 = L1Cache(config.l1, clock=l1_clock)
+        self._models = ModelShared(model_l1)
+        self._model_caches: dict[tuple[str, ModelPolicy], ModelCache] = {}
         self._popularity = self.popularity_counts if config.popularity.sample_rate > 0 else None
         #: the sampled trace of reads for ``featcache analyze`` (``stats.trace_rate`` > 0)
         self.access_trace: AccessTrace | None = None
@@ -88,14 +93,25 @@ class FeatureCache(Parts):
                                               self.stats_counters, clock=clock)
         self.stats_publisher.start()
         self._subscriber: InvalidationSubscriber | None = None
-        if self._l1 is not None:
-            l1 = self._l1
+        if self._l1 is not None and model_l1 is not None:
+            l1, outputs_l1 = self._l1, model_l1
+
+            def on_ids(name: str, ids: list[EntityId]) -> None:
+                (outputs_l1 if is_model_space(name) else l1).invalidate(name, ids)
+
+            def on_view(name: str) -> None:
+                (outputs_l1 if is_model_space(name) else l1).invalidate_view(name)
+
+            def on_reset(reason: str) -> None:
+                l1.clear()
+                outputs_l1.clear()
+
             self._subscriber = InvalidationSubscriber(
                 lambda: self.store.open_tail(_STREAM_BLOCK_MS / 1000 + 5.0),
                 self.layout.stream_key(),
-                on_ids=l1.invalidate,
-                on_view=l1.invalidate_view,
-                on_reset=lambda reason: l1.clear(),
+                on_ids=on_ids,
+                on_view=on_view,
+                on_reset=on_reset,
                 block_ms=_STREAM_BLOCK_MS,
                 name=f"featcache-l1-{config.redis.key_prefix}",
             )
@@ -148,6 +164,37 @@ class FeatureCache(Parts):
             else:
                 self._l1.invalidate(view_def.name, report.ids)
         return report
+
+    # ------------------------------------------------------------------ model outputs
+
+    def model(self, name: str, version: str, **policy: Any) -> ModelCache:
+        """The prediction cache of one model version (``featcache.models``): ``get_or_compute``
+        a batch of inputs, ``invalidate`` the version or some inputs. ``policy``: the fields
+        of ``ModelPolicy`` (``ttl``, ``early_refresh``, ``lease``, ``lease_ttl``,
+        ``lease_wait``, ``l1``, ``max_inputs``). Cheap to call per request: the same name,
+        version and policy give the same object."""
+        try:
+            space = model_space(name, version)
+            settings = ModelPolicy(**policy)
+        except TypeError:
+            known = ", ".join(ModelPolicy.__dataclass_fields__)
+            raise InvalidRequest(f"model() takes the policy fields {known}; got "
+                                 f"{', '.join(sorted(policy))}") from None
+        except ConfigError:
+            raise
+        except ValueError as exc:
+            raise InvalidRequest(str(exc)) from None
+        found = self._model_caches.get((space, settings))
+        if found is not None:
+            return found
+        if len(self._model_caches) >= _MODEL_CACHES:  # versions made on the fly: start over
+            self._model_caches.clear()
+        made = self._model_caches[(space, settings)] = ModelCache(
+            name, version, space, settings, store=self.store, layout=self.layout,
+            invalidator=self.invalidator, breaker=self._read.breaker,
+            outage=self._read.redis_outage, shared=self._models,
+            fill_window=self.config.invalidation.fill_window, clock=self.clock)
+        return made
 
     @property
     def l1(self) -> L1Cache[L1Entry] | None:

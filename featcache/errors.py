@@ -16,6 +16,8 @@ Input errors also subclass the builtin a Python programmer would expect (``Value
     │   ├── AmbiguousFeature              a bare name that several views declare
     │   └── InvalidEntityId (TypeError)   None, NaN, bytes, bool, wrong type, too long, NUL
     │                                     or not UTF-8 (str)
+    ├── ModelOutputError (TypeError)      a model's compute returned what cannot be cached: an
+    │                                     unsupported type, or not one output per input
     ├── BackendError                      a server failed; carries the original as __cause__
     │   ├── CacheUnavailable              Redis/Valkey: connection refused, timeout, failover
     │   │   └── PartlyUnavailable         some cluster nodes failed; the others did their part
@@ -38,6 +40,7 @@ __all__ = [
     "FeatcacheError",
     "InvalidEntityId",
     "InvalidRequest",
+    "ModelOutputError",
     "OfflineStoreError",
     "OfflineStoreUnavailable",
     "PartlyUnavailable",
@@ -128,6 +131,12 @@ class AmbiguousFeature(InvalidRequest):
 class InvalidEntityId(InvalidRequest, TypeError):
     """An entity id that is None, NaN, bytes, a bool, of the wrong type, too long, or a str that
     holds a NUL or is not UTF-8 text."""
+
+
+class ModelOutputError(FeatcacheError, TypeError):
+    """A model's ``compute`` returned something the prediction cache cannot store: an output of
+    a type it does not encode (``docs/predictions.md``), or not exactly one output per input.
+    Nothing of that call was written."""
 
 
 class BackendError(FeatcacheError):

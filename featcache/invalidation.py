@@ -16,7 +16,8 @@ script per chunk:
   policy dropped the epoch key and it restarted from zero.
 
 Then the script appends one entry to the stream ``<prefix>:~stream`` (``XADD ... MAXLEN ~``) so
-every process's in-process L1 cache can drop the rows: fields ``v`` (view), ``k`` (``ids`` or
+every process's in-process L1 cache can drop the rows: fields ``v`` (the view, or a model
+version's key space: ``featcache.keys``), ``k`` (``ids`` or
 ``all``), ``ids`` (msgpack list of the entity ids, per-entity only), ``e`` (the new epoch, whole
 view only), ``t`` (the server's time in microseconds, per-entity only: with ``e`` it makes
 every entry's content unique, so a subscriber can tell a stream recreated under it even when
@@ -132,16 +133,8 @@ class Invalidator:
         self, view: FeatureView, entity_ids: Iterable[Any] | None = None
     ) -> InvalidationReport:
         """Fence and announce; 100k ids are chunked into one pipelined round trip."""
-        epoch_key = self._layout.epoch_key(view.name)
-        stream_key = self._layout.stream_key()
-        if entity_ids is None and self._layout.buckets:
-            (epoch,) = self._run([ScriptCall(_MOVE_EPOCH, [epoch_key], [])])
-            announced = self._announce(view.name, [("k", "all", "e", epoch)])
-            return InvalidationReport(view.name, 0, True, announced)
         if entity_ids is None:
-            args = ["all", self._fence_ttl_ms, view.name, b"", self._maxlen, TOMBSTONE_HEAD]
-            (entry,) = self._run([ScriptCall(_INVALIDATE, [epoch_key, stream_key], args)])
-            return InvalidationReport(view.name, 0, True, (_text(entry),))
+            return self.fence_all(view.name)
         if isinstance(entity_ids, str | bytes | bytearray | memoryview):
             # iterating it would fence its characters (or byte values) and leave the entity
             raise InvalidRequest(
@@ -151,28 +144,47 @@ class Invalidator:
         ids = list(
             dict.fromkeys(check_id(x, view.entity_type, self._max_id_length) for x in entity_ids)
         )
+        return self.fence_ids(view.name, ids)
+
+    def fence_all(self, space: str) -> InvalidationReport:
+        """Move the epoch of a view (or of a model version's key space, ``featcache.keys``)
+        and announce it: every row of it is a miss from now on, in O(1)."""
+        epoch_key = self._layout.epoch_key(space)
         if self._layout.buckets:
-            return self._invalidate_on_cluster(view, ids)
+            (epoch,) = self._run([ScriptCall(_MOVE_EPOCH, [epoch_key], [])])
+            announced = self._announce(space, [("k", "all", "e", epoch)])
+            return InvalidationReport(space, 0, True, announced)
+        args = ["all", self._fence_ttl_ms, space, b"", self._maxlen, TOMBSTONE_HEAD]
+        (entry,) = self._run([ScriptCall(_INVALIDATE, [epoch_key, self._layout.stream_key()],
+                                         args)])
+        return InvalidationReport(space, 0, True, (_text(entry),))
+
+    def fence_ids(self, space: str, ids: list[EntityId]) -> InvalidationReport:
+        """Tombstone these keys of a view (or of a model version's key space) and announce
+        them; ``ids`` checked and distinct."""
+        if self._layout.buckets:
+            return self._invalidate_on_cluster(space, ids)
+        epoch_key = self._layout.epoch_key(space)
+        stream_key = self._layout.stream_key()
         calls: list[ScriptCall] = []
         for start in range(0, len(ids), self._chunk):
             chunk: list[EntityId] = ids[start : start + self._chunk]
-            keys = [epoch_key, stream_key, *self._layout.row_keys(view.name, chunk)]
+            keys = [epoch_key, stream_key, *self._layout.row_keys(space, chunk)]
             packed = msgpack.packb(chunk)
-            calls.append(ScriptCall(_INVALIDATE, keys, ["ids", self._fence_ttl_ms, view.name,
+            calls.append(ScriptCall(_INVALIDATE, keys, ["ids", self._fence_ttl_ms, space,
                                                         packed, self._maxlen,
                                                         TOMBSTONE_HEAD]))
         entries = self._run(calls) if calls else []
         return InvalidationReport(
-            view.name, len(ids), False, tuple(_text(e) for e in entries), tuple(ids)
+            space, len(ids), False, tuple(_text(e) for e in entries), tuple(ids)
         )
 
-
-    def _invalidate_on_cluster(self, view: FeatureView, ids: list[EntityId]) -> InvalidationReport:
+    def _invalidate_on_cluster(self, space: str, ids: list[EntityId]) -> InvalidationReport:
         """The tombstones, one script call per slot and chunk, then one stream entry per
         chunk of ids (as on one server)."""
         tombstone = TOMBSTONE_HEAD + b"c" + secrets.token_hex(8).encode()
         calls = [
-            ScriptCall(_TOMBSTONES, self._layout.row_keys(view.name, group[start : start
+            ScriptCall(_TOMBSTONES, self._layout.row_keys(space, group[start : start
                                                           + self._chunk]),
                        [self._fence_ttl_ms, tombstone])
             for group in self._layout.slot_groups(ids)
@@ -180,10 +192,10 @@ class Invalidator:
         ]
         times = self._run(calls) if calls else []
         now_us = max((int(t) for t in times), default=0)
-        entries = self._announce(view.name, [
+        entries = self._announce(space, [
             ("k", "ids", "ids", msgpack.packb(ids[start : start + self._chunk]), "t", now_us)
             for start in range(0, len(ids), self._chunk)])
-        return InvalidationReport(view.name, len(ids), False, entries, tuple(ids))
+        return InvalidationReport(space, len(ids), False, entries, tuple(ids))
 
     def _announce(self, view: str, entries: list[tuple[Any, ...]]) -> tuple[str, ...]:
         """The stream entries, one round trip (on a cluster, after the fences they announce

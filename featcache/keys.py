@@ -28,6 +28,14 @@
                                            (``~:``: no view name is empty, so no view's
                                            bookkeeping keys can reach them)
 
+**Model outputs** (``featcache.models``) live in a key space per model version, named
+``:m:<model>:<version>`` and used as a view name is above: its outputs at
+``<prefix>::m:<model>:<version>:<digest>`` (``digest``: 32 hex characters,
+``featcache.model_inputs``), its epoch at ``<prefix>:~:m:<model>:<version>:epoch`` and its
+compute leases at ``<prefix>:~:m:<model>:<version>:lease:<digest>``. A view name is never empty
+and never holds ``:``, so no view's key reaches a model's, and model and version names hold
+only ``[A-Za-z0-9_.-]``, so no model's key reaches another's.
+
 ``prefix`` is ``redis.key_prefix`` (default ``fc``), ``view`` the view name, ``entity`` the id:
 a decimal integer or the UTF-8 string as given. A view has exactly one entity type, so ``7`` and
 ``"7"`` never meet in one view.
@@ -55,11 +63,12 @@ tag and ``slot_groups`` is one group.
 from __future__ import annotations
 
 import binascii
+import re
 import zlib
 from collections.abc import Iterable, Sequence
 
-__all__ = ["CLUSTER_BUCKETS", "CLUSTER_SLOTS", "LAYOUT_VERSION", "KeyLayout", "bucket_of",
-           "slot_of"]
+__all__ = ["CLUSTER_BUCKETS", "CLUSTER_SLOTS", "LAYOUT_VERSION", "MODEL_SPACE_HEAD", "KeyLayout",
+           "bucket_of", "is_model_space", "model_space", "slot_of"]
 
 LAYOUT_VERSION = 1
 EntityKey = int | str
@@ -69,6 +78,25 @@ CLUSTER_BUCKETS = 64
 
 
 CLUSTER_SLOTS = 16384
+
+#: how a model version's key space starts (``model_space``): no view name can
+MODEL_SPACE_HEAD = ":m:"
+_MODEL_NAME_RE = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
+
+
+def model_space(model: str, version: str) -> str:
+    """The key space of one model version, used where ``KeyLayout`` takes a view name.
+    ``ValueError`` for a name or version that is not 1-64 of ``[A-Za-z0-9_.-]``."""
+    for what, text in (("model name", model), ("model version", version)):
+        if not isinstance(text, str) or not _MODEL_NAME_RE.match(text):
+            raise ValueError(f"{what} must be 1 to 64 of the characters A-Z a-z 0-9 _ . -, "
+                             f"got {text!r}")
+    return f"{MODEL_SPACE_HEAD}{model}:{version}"
+
+
+def is_model_space(name: str) -> bool:
+    """Whether a name from the invalidation stream is a model version's, not a view's."""
+    return name.startswith(MODEL_SPACE_HEAD)
 
 
 def slot_of(key: str) -> int:

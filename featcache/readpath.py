@@ -216,7 +216,8 @@ class ReadPath:
         self.breaker = CircuitBreaker.from_config(config.degradation)
         self._timed = config.stats.publish_interval > 0  # calls timed only for publishing
         self.sql_limiter = ConcurrencyLimiter.from_config(config.degradation)
-        self._redis_outage = OutageLog(log, f"Redis {redis_store.url}")
+        #: the log of Redis outages, shared with the prediction cache (``featcache.models``)
+        self.redis_outage = OutageLog(log, f"Redis {redis_store.url}")
         self._epoch_keys = {view.name: layout.epoch_key(view.name) for view in config.views}
         #: on a cluster, the hash slot of each view's epoch key (a read passes every key's)
         self._epoch_slots = {name: slot_of(key) for name, key in self._epoch_keys.items()
@@ -347,7 +348,7 @@ class ReadPath:
 
     def redis_succeeded(self) -> None:
         self.breaker.record_success()
-        self._redis_outage.ok()
+        self.redis_outage.ok()
 
     def redis_failed(self, call: Call, exc: CacheUnavailable, *, count: bool = True
                      ) -> tuple[list[bytes | None], bool]:
@@ -355,7 +356,7 @@ class ReadPath:
         it): every row goes to SQL."""
         if count:
             self._count_failure(exc)
-        self._redis_outage.failed("answering from SQL", exc)
+        self.redis_outage.failed("answering from SQL", exc)
         self._stats.add(call.plan.views[0].view.name, {"redis_errors": 1})
         return [None] * len(call.keys), False
 
@@ -1065,7 +1066,7 @@ class ReadPath:
         try:
             written = self._redis_call("fill", lambda: self._redis.write(batches))
         except CacheUnavailable as exc:
-            self._redis_outage.failed(f"{total} fills not written", exc)
+            self.redis_outage.failed(f"{total} fills not written", exc)
             self._stats.add(view_name, {"fill_errors": 1})
             return
         if batches[0].items or total == 0:

@@ -67,3 +67,4 @@ class Status(enum.StrEnum):
     STALE = "STALE"  # older than max_age, served only because SQL failed (stale_if_error)
     UNAVAILABLE = "UNAVAILABLE"  # SQL failed, nothing within stale_if_error; value is None
     # (only with degradation.on_sql_error: mark; the default raises OfflineStoreUnavailable)
+    COMPUTED = "COMPUTED"  # a model output computed during this call (``featcache.models``)

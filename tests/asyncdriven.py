@@ -21,11 +21,12 @@ from typing import Any, Final, TypeVar
 import redis
 import redis.asyncio
 
-from featcache.async_client import AsyncFeatureCache
+from featcache.async_client import AsyncFeatureCache, AsyncModelCache
 from featcache.config import CacheConfig
 from featcache.result import FeatureResult
 
-__all__ = ["ENV_CLIENT", "AsyncDriven", "EventLoopThread", "async_client_wanted"]
+__all__ = ["ENV_CLIENT", "AsyncDriven", "AsyncDrivenModel", "EventLoopThread",
+           "async_client_wanted"]
 
 ENV_CLIENT: Final = "FEATCACHE_TEST_CLIENT"
 
@@ -100,6 +101,9 @@ class AsyncDriven:
     def invalidate(self, view: Any, entity_ids: Iterable[Any] | None = None) -> Any:
         return self._loop.run(self.async_cache.invalidate(view, entity_ids))
 
+    def model(self, name: str, version: str, **policy: Any) -> AsyncDrivenModel:
+        return AsyncDrivenModel(self.async_cache.model(name, version, **policy), self._loop)
+
     def close(self) -> None:
         if self._loop.loop.is_closed():
             return
@@ -115,3 +119,20 @@ class AsyncDriven:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.async_cache.sync, name)
+
+
+class AsyncDrivenModel:
+    """``AsyncModelCache`` with ``ModelCache``'s synchronous methods."""
+
+    def __init__(self, model: AsyncModelCache, loop: EventLoopThread) -> None:
+        self.async_model = model
+        self._loop = loop
+
+    def get_or_compute(self, inputs: Any, compute: Any) -> Any:
+        return self._loop.run(self.async_model.get_or_compute(inputs, compute))
+
+    def invalidate(self, inputs: Any = None) -> Any:
+        return self._loop.run(self.async_model.invalidate(inputs))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.async_model.sync, name)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime as dt
 import os
 import threading
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import replace
 from typing import Any
@@ -342,3 +343,11 @@ class ReadLoad:
         for thread in self._threads:
             thread.join(60)
 
+
+def until(condition: Callable[[], bool], what: str, timeout: float = 15.0) -> None:
+    """Wait for a background thread (a stream's tail, a publisher) to catch up: a
+    synchronisation, not a speed check; ``AssertionError`` naming ``what`` after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.002)

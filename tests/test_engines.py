@@ -30,7 +30,7 @@ import sqlalchemy as sa
 from servers import unavailable
 
 from featcache import CacheConfig, Feature, FeatureCache, FeatureView, Status
-from featcache.config_sections import OfflineStoreConfig
+from featcache.config_sections import OfflineStoreConfig, RedisConfig
 from featcache.offline import OfflineStore
 
 ROWS = 1_000_000
@@ -269,3 +269,66 @@ def test_an_invalidation_racing_a_spark_load_is_not_overwritten(
         # not written over: their next read went to SQL
         assert got.status(5, "clicks") is Status.FILLED
         assert got.status(9000, "clicks") is Status.FILLED
+
+
+# ------------------------------------------------------------------------------ a cluster
+
+
+def test_spark_and_ray_load_into_a_redis_cluster_grouping_writes_by_node(
+    spark: Any, ray_session: Any, redis_cluster: Any, cluster_key_prefix: str,
+    tmp_path: Path,
+) -> None:
+    """Both engines' workers write through a cluster backend (each batch's rows grouped by
+    slot and sent one round trip per node): every row lands on the node that owns it and
+    reads back equal to SQL."""
+    import adbc_driver_sqlite.dbapi as sqlite_driver  # noqa: PLC0415
+
+    from featcache.keys import CLUSTER_BUCKETS, KeyLayout  # noqa: PLC0415
+    from featcache.ray import materialize as ray_materialize  # noqa: PLC0415
+    from featcache.spark import materialize as spark_materialize  # noqa: PLC0415
+
+    n = 30_000
+    db, parquet = tmp_path / "offline.db", tmp_path / "rows.parquet"
+    table = rows_table(n)
+    with sqlite_driver.connect(str(db)) as conn, conn.cursor() as cur:
+        cur.adbc_ingest(VIEW, table, mode="create")
+        conn.commit()
+    pq.write_table(table, parquet, row_group_size=5_000)
+    plain = config_for(f"sqlite:///{db}", "redis://unused:1/0", cluster_key_prefix)
+    names = [f.name for f in FEATURES]
+    for engine in ("spark", "ray"):
+        prefix = cluster_key_prefix
+        _unlink_everywhere(redis_cluster.urls, prefix)  # each engine loads an empty cache
+        config = plain.replace(redis=RedisConfig(url=f"redis://{redis_cluster.seeds[0]}/0",
+                                                 mode="cluster", key_prefix=prefix))
+        if engine == "spark":
+            report = spark_materialize(spark.read.parquet(str(parquet)).repartition(4), VIEW,
+                                       config)
+        else:
+            report = ray_materialize(ray_session.data.read_parquet(str(parquet)), VIEW,
+                                     config)
+        assert (report.rows_received, report.rows_written) == (n, n), engine
+        layout = KeyLayout(prefix, buckets=CLUSTER_BUCKETS)
+        owners = {redis_cluster.node_for_key(layout.row_key(VIEW, e)).port
+                  for e in range(1, n + 1, 97)}
+        assert len(owners) == 3, owners  # the rows spread over every primary
+        with FeatureCache(config) as cache:
+            got = cache.get_features(list(range(1, n + 1)), names)
+            assert set(got.status_counts()) == {Status.HIT_REDIS}, (engine,
+                                                                    got.status_counts())
+            for row in table.slice(0, n).to_pylist()[::101]:
+                assert got[row["entity_id"]] == {k: row[k] for k in names}, engine
+
+
+def _unlink_everywhere(urls: list[str], prefix: str) -> None:
+    import redis  # noqa: PLC0415
+
+    for url in urls:
+        client = redis.Redis.from_url(url)
+        try:
+            pipe = client.pipeline(transaction=False)
+            for key in client.scan_iter(match=f"{prefix}:*", count=1000):
+                pipe.unlink(key)  # one key a command: a node's keys lie in many slots
+            pipe.execute()
+        finally:
+            client.close()

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import socket
 import threading
-import time
-from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -15,19 +13,19 @@ import redis
 import sqlalchemy as sa
 from featcache.jobs import cli
 from featcache.jobs.hook import run_invalidate
-from featdata import STATS_FEATURES, Clock, insert, make_cache, make_table, make_view, stats_row
+from featdata import (
+    STATS_FEATURES,
+    Clock,
+    insert,
+    make_cache,
+    make_table,
+    make_view,
+    stats_row,
+    until,
+)
 
 from featcache import CacheUnavailable, Feature, FeatureCache, InvalidRequest, Status
 from featcache.subscriber import parse_id
-
-
-def _until(condition: Callable[[], bool], what: str, timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.002)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def _wal(engine: sa.Engine) -> None:
@@ -70,7 +68,7 @@ def test_stress_no_old_value_after_the_tail_applied_the_entry(
                     conn.execute(table.update().where(table.c.entity_id == 1)
                                  .values(clicks=k))
                 report = etl.invalidate("st", [1] if k % 2 else None)
-                _until(lambda r=report: _applied(serving, r.stream_ids[-1]), "the tail")
+                until(lambda r=report: _applied(serving, r.stream_ids[-1]), "the tail")
                 floor[0] = k
         finally:
             stop.set()
@@ -241,11 +239,11 @@ def test_a_joined_sql_read_is_not_made_younger_in_l1(
                 return
             fired.append(True)
             report = cache.invalidate("jn", [999])  # another entity of the view
-            _until(lambda: _applied(cache, report.stream_ids[-1]), "the tail")
+            until(lambda: _applied(cache, report.stream_ids[-1]), "the tail")
             clock.advance(1.5)
             joiner.start()
             # B reads Redis (nothing yet) and waits on A's flight
-            _until(lambda: cache._read._flights.joined == 1, "B to join A's SQL read")
+            until(lambda: cache._read._flights.joined == 1, "B to join A's SQL read")
 
         sa.event.listen(cache.engine, "after_cursor_execute", during_a_sql_read)
         try:

@@ -29,7 +29,16 @@ from typing import Any
 import pytest
 import redis
 import sqlalchemy as sa
-from featdata import STATS_FEATURES, Clock, insert, make_cache, make_table, make_view, stats_row
+from featdata import (
+    STATS_FEATURES,
+    Clock,
+    insert,
+    make_cache,
+    make_table,
+    make_view,
+    stats_row,
+    until,
+)
 
 from featcache import FeatureCache, FeatureResult, FeatureView, Status
 
@@ -278,13 +287,6 @@ def _server_ms(client: redis.Redis) -> int:
     return int(seconds) * 1000 + int(micros) // 1000
 
 
-def _until(condition: Callable[[], bool], what: str) -> None:
-    deadline = time.monotonic() + WAIT_S
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.002)
-
-
 def test_a_tombstone_outlives_a_fill_that_raced_with_it(
     sqlite_target: Any, redis_url: str, key_prefix: str
 ) -> None:
@@ -296,7 +298,8 @@ def test_a_tombstone_outlives_a_fill_that_raced_with_it(
 
     def for_300_ms_of_server_time(client: redis.Redis, key: str) -> None:
         start = _server_ms(client)
-        _until(lambda: _server_ms(client) >= start + 300, "300 ms on the server's clock")
+        until(lambda: _server_ms(client) >= start + 300, "300 ms on the server's clock",
+              timeout=WAIT_S)
         left_ms.append(int(client.pttl(key)))
 
     with race(sqlite_target, redis_url, key_prefix, 2.0, for_300_ms_of_server_time) as done:
@@ -320,7 +323,7 @@ def test_a_fill_whose_sql_read_outlasts_the_tombstone_is_not_written(
     deadline (``fence_ttl / 2``) keeps v0 out."""
 
     def until_the_tombstone_is_gone(client: redis.Redis, key: str) -> None:
-        _until(lambda: client.exists(key) == 0, "the tombstone to expire")
+        until(lambda: client.exists(key) == 0, "the tombstone to expire", timeout=WAIT_S)
 
     with race(sqlite_target, redis_url, key_prefix, 0.3, until_the_tombstone_is_gone) as done:
         assert done.answer[1]["clicks"] == 0

@@ -4,12 +4,20 @@ stream from another cache (another process, as far as L1 is concerned), clean sh
 from __future__ import annotations
 
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from featdata import STATS_FEATURES, Clock, insert, make_cache, make_table, make_view, stats_row
+from featdata import (
+    STATS_FEATURES,
+    Clock,
+    insert,
+    make_cache,
+    make_table,
+    make_view,
+    stats_row,
+    until,
+)
 
 from featcache import FeatureCache, Status
 from featcache.errors import InvalidEntityId
@@ -27,15 +35,6 @@ def caches(sqlite_target: Any, redis_url: str, key_prefix: str
                     l1_policy="tinylfu", l1_max_ttl=60.0, xfetch_beta=0) as serving, \
             make_cache([view], redis_url, sqlite_target.url, key_prefix, clock) as etl:
         yield serving, etl, table
-
-
-def _until(condition: Callable[[], bool], what: str) -> None:
-    """Wait for the background tail to catch up (a synchronisation, not a speed check)."""
-    for _ in range(1000):
-        if condition():
-            return
-        time.sleep(0.01)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def test_second_read_hits_l1_and_counts_per_tier(caches: Any) -> None:
@@ -57,12 +56,12 @@ def test_invalidation_from_another_cache_reaches_l1(caches: Any, sqlite_target: 
     with sqlite_target.engine().begin() as conn:
         conn.execute(table.update().where(table.c.entity_id == 1).values(clicks=100))
     etl.invalidate("l1v", [1])
-    _until(lambda: serving.subscriber_stats()["entries_applied"] > applied, "the stream entry")
+    until(lambda: serving.subscriber_stats()["entries_applied"] > applied, "the stream entry")
     after = serving.get_features([1, 2], ["clicks"])
     assert after.status(1, "clicks") is Status.FILLED and after[1]["clicks"] == 100
     assert after.status(2, "clicks") is Status.HIT_L1
     etl.invalidate("l1v")  # whole view
-    _until(lambda: serving.subscriber_stats()["entries_applied"] > applied + 1, "the entry")
+    until(lambda: serving.subscriber_stats()["entries_applied"] > applied + 1, "the entry")
     assert serving.get_features([2], ["clicks"]).status(2, "clicks") is Status.FILLED
 
 
@@ -115,7 +114,7 @@ def test_close_stops_the_tail_thread(sqlite_target: Any, redis_url: str,
     started = {t.name for t in threading.enumerate()} - before
     assert any("featcache-l1" in name for name in started)
     cache.close()
-    _until(lambda: not any("featcache-l1" in t.name for t in threading.enumerate()
+    until(lambda: not any("featcache-l1" in t.name for t in threading.enumerate()
                            if t.name not in before), "the thread to stop")
 
 

@@ -1,0 +1,39 @@
+"""A serving process of ``test_models``: asks a model cache for 50 inputs at an agreed moment,
+with a slow compute that logs every input it is given, and prints its answer as JSON.
+
+Usage: ``python models_worker.py REDIS_URL KEY_PREFIX START_EPOCH_S LOG_PATH TAG``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from featdata import make_cache, make_view
+
+
+def main() -> None:
+    redis_url, key_prefix, start, log, tag = sys.argv[1:6]
+    view = make_view("mv", "mv", None)
+    offline = f"sqlite:///{Path(tempfile.mkdtemp()) / 'offline.db'}"
+
+    def compute(batch: list[Any]) -> list[float]:
+        with open(log, "a") as out:  # one line per call: O_APPEND keeps lines whole
+            out.write(json.dumps({"tag": tag, "inputs": [x["x"] for x in batch]}) + "\n")
+        time.sleep(1.0)  # slow: the other process must wait for it, not compute too
+        return [2.0 * x["x"] for x in batch]
+
+    with make_cache([view], redis_url, offline, key_prefix) as cache:
+        ranker = cache.model("ranker", version="v1", lease_wait=20.0)
+        time.sleep(max(0.0, float(start) - time.time()))
+        result = ranker.get_or_compute([{"x": n} for n in range(50)], compute=compute)
+        print(json.dumps({"outputs": list(result), "statuses": [str(s) for s in
+                                                                result.statuses]}))
+
+
+if __name__ == "__main__":
+    main()
