@@ -8,9 +8,11 @@ sample), at batches of 1, 100 and 1000 inputs, every output in Redis:
                       on a pooled connection, decoding nothing; the key list built inside the
                       timed call from the inputs' numbers (no input is encoded or hashed)
 ``predictions_hit``   ``cache.model("bench", version="1").get_or_compute(inputs, compute)``:
-                      every input (a dict of 10 feature values: ints, floats, strings) encoded
-                      canonically and hashed, one read of the outputs and the version's epoch,
-                      every output decoded (a float score); verified all ``HIT_REDIS``
+                      every input (a dict of 10 feature values: ints, floats, strings, built
+                      afresh for each sample, untimed, as a request builds its inputs just
+                      before it asks) encoded canonically and hashed, one read of the outputs
+                      and the version's epoch, every output decoded (a float score); verified
+                      all ``HIT_REDIS``
 ``predictions_hit_ids``  the same with entity ids (ints) as the inputs, as an embedding cache
                       keyed by entity is used: what hashing a 10-feature dict costs beside
                       hashing an id (the outputs, and so the floor, are the same sizes)
@@ -39,7 +41,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import redis
@@ -75,6 +77,14 @@ TARGET_RATIO = 1.5
 TARGET_BATCH = 100
 MODEL_MS = 2.0
 SETUP_CHUNK = 1000
+
+
+class Sample(NamedTuple):
+    """One timed call's inputs: their numbers (the floor's keys, the ids case's inputs) and
+    the dicts the dict case passes."""
+
+    picked: list[int]
+    inputs: list[dict[str, Any]]
 
 
 @dataclass(frozen=True)
@@ -176,21 +186,27 @@ def _hits(cache: FeatureCache, url: str, prefix: str, inputs: list[dict[str, Any
         f"({time.perf_counter() - started:.1f} s)")
     pool = plain.connection_pool
 
-    def floor_mget(picked: list[int]) -> list[Any]:
+    def floor_mget(sample: Sample) -> list[Any]:
         conn = pool.get_connection()
         try:
             conn.send_packed_command([pack_command(("MGET", *[f"{floor_head}{i}"
-                                                              for i in picked]))])
+                                                              for i in sample.picked]))])
             values: list[Any] = conn.read_response()
         finally:
             pool.release(conn)
         return values
 
-    def predictions_hit(picked: list[int]) -> Any:
-        return model.get_or_compute([inputs[i] for i in picked], compute=score)
+    def predictions_hit(sample: Sample) -> Any:
+        return model.get_or_compute(sample.inputs, compute=score)
 
-    def predictions_hit_ids(picked: list[int]) -> Any:
-        return by_id.get_or_compute(picked, compute=score)
+    def predictions_hit_ids(sample: Sample) -> Any:
+        return by_id.get_or_compute(sample.picked, compute=score)
+
+    def new_sample(batch: int) -> Sample:
+        picked = rng.sample(range(len(inputs)), batch)
+        # a request builds its inputs just before it asks (from the features it read): new
+        # dicts, as the serving code's would be, not ones last touched a thousand calls ago
+        return Sample(picked, [dict(inputs[i]) for i in picked])
 
     def all_values(_: Any, out: object) -> None:
         if not isinstance(out, list) or any(v is None for v in out):
@@ -208,8 +224,7 @@ def _hits(cache: FeatureCache, url: str, prefix: str, inputs: list[dict[str, Any
     try:
         for batch in BATCHES:
             log(f"all hits, batch {batch}...")
-            samples = run_interleaved(cases, lambda b=batch: rng.sample(range(len(inputs)), b),
-                                      mode.schedule)
+            samples = run_interleaved(cases, lambda b=batch: new_sample(b), mode.schedule)
             summaries += [Summary.of(c.name, batch, samples.by_case[c.name]) for c in cases]
     finally:
         plain.close()
