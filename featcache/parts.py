@@ -26,7 +26,7 @@ from featcache.popularity import PopularityCounter
 from featcache.redis_store import RedisStore, open_store
 from featcache.request import EntityId
 from featcache.stats import CacheStats
-from featcache.writes import Fence, PendingWrite, PutReport, RowWriter
+from featcache.writes import Fence, PendingFence, PendingWrite, PutReport, RowWriter
 
 if TYPE_CHECKING:
     import redis
@@ -196,3 +196,8 @@ class Parts:
     def fence(self, view: str | FeatureView, entity_ids: Iterable[Any]) -> Fence:
         """Note what Redis holds for these rows *before* reading them from SQL."""
         return self.writer.fence(view, entity_ids)
+
+    def start_fence(self, view: str | FeatureView, entity_ids: Iterable[Any]) -> PendingFence:
+        """``fence`` in steps (``RowWriter.start_fence``): prepared now, sent by ``send()``,
+        built by ``result()``."""
+        return self.writer.start_fence(view, entity_ids)

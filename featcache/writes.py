@@ -27,6 +27,7 @@ from featcache.offline import RowColumns, SqlRow
 from featcache.redis_store import (
     IfAbsent,
     RedisStore,
+    TimedRead,
     WriteBatch,
     WriteItem,
     fenced_write,
@@ -36,7 +37,7 @@ from featcache.request import EntityId, check_id, normalize_ids
 from featcache.stats import CacheStats
 from featcache.types import FeatureType
 
-__all__ = ["Fence", "PendingWrite", "PutReport", "RowWriter"]
+__all__ = ["Fence", "PendingFence", "PendingWrite", "PutReport", "RowWriter"]
 
 _EVENT, _VALUES = itemgetter(0), itemgetter(1)  # of an ``SqlRow``
 
@@ -86,6 +87,35 @@ class PendingWrite:
 
     def send(self) -> PutReport:
         return self.writer._send(self)
+
+
+class PendingFence:
+    """A fence prepared (``RowWriter.start_fence``): ``send()`` sends its read, ``result()``
+    (once, sending it first if need be) waits for it and returns the ``Fence``. Its age and
+    its rows' loaded time count from ``send()``, the earlier side of the server's read."""
+
+    __slots__ = ("_sent", "_writer", "epoch_key", "ids", "keys", "loaded_ms", "read",
+                 "taken_at", "view")
+
+    def __init__(self, writer: RowWriter, view: str, ids: list[EntityId], keys: list[str],
+                 epoch_key: str, read: TimedRead) -> None:
+        self._writer = writer
+        self.view, self.ids, self.keys, self.epoch_key, self.read = (
+            view, ids, keys, epoch_key, read)
+        self._sent = False
+        self.taken_at = 0.0
+        self.loaded_ms = 0
+
+    def send(self) -> None:
+        if not self._sent:
+            self.taken_at = time.monotonic()
+            self.loaded_ms = int(self._writer._clock() * 1000)
+            self.read.send()
+            self._sent = True
+
+    def result(self) -> Fence:
+        self.send()
+        return self._writer._fence_of(self)
 
 
 class RowWriter:
@@ -311,18 +341,28 @@ class RowWriter:
         does) writes a row only if nothing changed it since the fence: an invalidation in
         between leaves a tombstone, so a value read before it is never written after it.
         """
+        return self.start_fence(view, entity_ids).result()
+
+    def start_fence(self, view: str | FeatureView, entity_ids: Iterable[Any]) -> PendingFence:
+        """``fence`` in steps: its read prepared now, sent by ``send()``, the ``Fence`` built
+        by ``result()`` (before reading SQL). The bulk writer prepares the next chunk's fence
+        while a write is in flight, sends it the moment that write lands and then sends the
+        next write, so the server reads the fence and goes straight on to writing."""
         view_def = self._view(view)
         ids = normalize_ids(entity_ids, view_def.entity_type, self._max_id_length)
         epoch_key = self._layout.epoch_key(view_def.name)
-        taken_at = time.monotonic()
-        loaded_ms = int(self._clock() * 1000)
         keys = self._layout.row_keys(view_def.name, ids)
-        raw, server_us = self._redis.read_timed([*keys, epoch_key])
+        return PendingFence(self, view_def.name, ids, keys, epoch_key,
+                            self._redis.timed_read([*keys, epoch_key]))
+
+    def _fence_of(self, pending: PendingFence) -> Fence:
+        raw, server_us = pending.read.result()
         epoch_raw = raw[-1]
         if epoch_raw is None:  # never stamp rows with an epoch a lost key reads as again
-            (epoch_raw,) = self._redis.ensure_epochs([epoch_key])
-        return Fence(view_def.name, epoch_raw, dict(zip(ids, raw[:-1], strict=True)), taken_at,
-                     loaded_ms, server_us + int(self._fill_window * 1_000_000), keys)
+            (epoch_raw,) = self._redis.ensure_epochs([pending.epoch_key])
+        return Fence(pending.view, epoch_raw, dict(zip(pending.ids, raw[:-1], strict=True)),
+                     pending.taken_at, pending.loaded_ms,
+                     server_us + int(self._fill_window * 1_000_000), pending.keys)
 
 
 

@@ -124,6 +124,30 @@ def test_rows_written_under_a_fence_are_as_old_as_the_fence(
     assert fc.get_features([1], ["ctr"]).status(1, "ctr") is Status.ABSENT
 
 
+def test_a_started_fence_sees_redis_as_it_was_when_sent(
+    cache: tuple[FeatureCache, Clock]
+) -> None:
+    """``start_fence`` prepares a fence and ``send()`` takes it: an invalidation before the
+    send is what the fence saw (a row read from SQL after it is current and lands), one after
+    the send keeps the row out. Without ``send()``, ``result()`` takes it."""
+    fc, _ = cache
+    fc.put_rows("w", [stats_row(1, clicks=1), stats_row(2, clicks=2)])
+    before = fc.start_fence("w", [1])
+    fc.invalidate("w", [1])
+    before.send()
+    after = fc.start_fence("w", [2])
+    after.send()
+    fc.invalidate("w", [2])
+    assert fc.put_rows("w", [stats_row(1, clicks=11)], fence=before.result()).written == 1
+    report = fc.put_rows("w", [stats_row(2, clicks=22)], fence=after.result())
+    assert (report.written, report.fenced_off) == (0, 1)
+    unsent = fc.start_fence("w", [3])
+    assert fc.put_rows("w", [stats_row(3, clicks=3)], fence=unsent.result()).written == 1
+    result = fc.get_features([1, 2, 3], ["clicks"])
+    assert [result[1]["clicks"], result[3]["clicks"]] == [11, 3]
+    assert result.status(2, "clicks") is not Status.HIT_REDIS  # invalidated: not written
+
+
 def test_put_rows_accepts_dataframe_and_arrow(cache: tuple[FeatureCache, Clock]) -> None:
     fc, _ = cache
     rows = [stats_row(i, clicks=i, emb=[float(i)]) for i in range(3)]

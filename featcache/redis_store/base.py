@@ -10,7 +10,7 @@ is ever unpickled or evaluated. Keys are spelled by ``featcache.keys`` alone.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Protocol
 
@@ -20,12 +20,15 @@ __all__ = [
     "Command",
     "IfAbsent",
     "LuaScript",
+    "Packing",
     "RedisStore",
     "ScriptCall",
     "StreamTail",
+    "TimedRead",
     "WriteBatch",
     "WriteItem",
     "coalesce",
+    "coalesced",
     "fenced_write",
     "pack",
     "row_write",
@@ -49,18 +52,41 @@ def coalesce(packed: Sequence[bytes], limit: int = WRITE_BYTES) -> list[bytes]:
     ``send_packed_command`` calls ``sendall`` once per item, so 64 small MGETs would be 64
     system calls, while one write of megabytes would have to finish within one socket
     timeout (Python's limit covers the whole ``sendall``) even while the server is busy."""
-    writes: list[bytes] = []
+    return list(coalesced(packed, limit))
+
+
+class Packing:
+    """Commands packed as they are sent, joined as by ``coalesce``: handed to redis-py's
+    ``send_packed_command``, each write goes out as soon as it is packed, so the server runs
+    a bulk write's first script while the rest are packed. Iterating again packs again: a
+    connection class that looks at what it sends before sending it still sends it all."""
+
+    __slots__ = ("_commands", "count")
+
+    def __init__(self, commands: Callable[[], Iterable[bytes]], count: int) -> None:
+        self._commands = commands
+        self.count = count  #: how many commands, hence replies
+
+    def commands(self) -> Iterable[bytes]:
+        """The commands one by one, packed as they are taken."""
+        return self._commands()
+
+    def __iter__(self) -> Iterator[bytes]:
+        return coalesced(self._commands())
+
+
+def coalesced(packed: Iterable[bytes], limit: int = WRITE_BYTES) -> Iterator[bytes]:
+    """``coalesce`` as it goes: each write is yielded as soon as it is full."""
     buffer: list[bytes] = []
     size = 0
     for command in packed:
         buffer.append(command)
         size += len(command)
         if size >= limit:
-            writes.append(b"".join(buffer))
+            yield b"".join(buffer)
             buffer, size = [], 0
     if buffer:
-        writes.append(b"".join(buffer))
-    return writes
+        yield b"".join(buffer)
 
 
 class LuaScript:
@@ -175,6 +201,17 @@ class StreamTail(Protocol):
     def close(self) -> None: ...
 
 
+class TimedRead(Protocol):
+    """A ``read_timed`` prepared (its commands packed) but not yet sent: ``send()`` sends it
+    without waiting for the answer, ``result()`` (once, after or without ``send()``) returns
+    what ``read_timed`` returns. A bulk writer prepares the next fence while a write is in
+    flight and sends it the moment the write lands."""
+
+    def send(self) -> None: ...
+
+    def result(self) -> tuple[list[bytes | None], int]: ...
+
+
 class RedisStore(Protocol):
     """Round trips to Redis/Valkey: what every backend implements.
 
@@ -201,6 +238,10 @@ class RedisStore(Protocol):
     def read_timed(self, keys: Sequence[str]) -> tuple[list[bytes | None], int]:
         """``read``, and the server's clock (microseconds) when it ran: the clock the write
         scripts judge a fence's deadline on (``WriteBatch.deadline_us``)."""
+
+    def timed_read(self, keys: Sequence[str]) -> TimedRead:
+        """``read_timed`` in steps: prepared now, sent by ``send()``, answered by
+        ``result()``, so that the caller times when the server sees it."""
 
     def write(self, batches: Sequence[WriteBatch]) -> int:
         """Conditionally write rows of several views; how many keys were written (the rest

@@ -40,6 +40,7 @@ from featcache.redis_store.base import (
     LuaScript,
     ScriptCall,
     StreamTail,
+    TimedRead,
     WriteBatch,
     split_if_absent,
 )
@@ -159,6 +160,10 @@ class ClusterStore:
         values = self.reader.read(keys)
         node = self._owner(self._slots.slots(keys[:1])[0]) if keys else self._any_primary()
         return values, self._store_of(node).read_timed([])[1]
+
+    def timed_read(self, keys: Sequence[str]) -> TimedRead:
+        """``read_timed``, read when sent: each node's share is a round trip of its own."""
+        return _LaterRead(self, keys)
 
     # ------------------------------------------------------------------ by node
 
@@ -487,3 +492,21 @@ class ClusterTail:
         with contextlib.suppress(Exception):
             if self._tail is not None:
                 self._tail.close()
+
+
+class _LaterRead:
+    """The cluster's ``TimedRead``: ``send()`` reads (a round trip per node), so the read
+    happens where a standalone server's would; ``result()`` hands it over."""
+
+    def __init__(self, store: ClusterStore, keys: Sequence[str]) -> None:
+        self._store, self._keys = store, keys
+        self._done: tuple[list[bytes | None], int] | None = None
+
+    def send(self) -> None:
+        if self._done is None:
+            self._done = self._store.read_timed(self._keys)
+
+    def result(self) -> tuple[list[bytes | None], int]:
+        self.send()
+        assert self._done is not None
+        return self._done

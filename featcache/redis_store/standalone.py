@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, NamedTuple
 from urllib.parse import urlsplit
 
@@ -28,8 +28,10 @@ from featcache.errors import ConfigError
 from featcache.redis_store.base import (
     Command,
     LuaScript,
+    Packing,
     ScriptCall,
     StreamTail,
+    TimedRead,
     WriteBatch,
     coalesce,
     pack,
@@ -191,7 +193,13 @@ class StandaloneStore:
         trip: a fence's writes are judged against it by the write scripts (``deadline_us``)."""
         return self._read(keys, True)
 
-    def _read(self, keys: Sequence[str], timed: bool) -> tuple[list[bytes | None], int]:
+    def timed_read(self, keys: Sequence[str]) -> TimedRead:
+        """``read_timed`` packed now; ``send()`` sends it on a pooled connection of its own
+        (a write in flight on another queues behind it in the server), ``result()`` reads
+        the answer."""
+        return _TimedRead(self, self._read_commands(keys, True))
+
+    def _read_commands(self, keys: Sequence[str], timed: bool) -> list[bytes]:
         step = self.read_chunk
         packed = [
             pack(("MGET", *keys[start : start + step]))
@@ -199,7 +207,12 @@ class StandaloneStore:
         ]
         if timed:
             packed.append(_TIME)
-        replies = self._round_trip(packed)
+        return packed
+
+    def _read(self, keys: Sequence[str], timed: bool) -> tuple[list[bytes | None], int]:
+        return self._read_replies(self._round_trip(self._read_commands(keys, timed)), timed)
+
+    def _read_replies(self, replies: list[Any], timed: bool) -> tuple[list[bytes | None], int]:
         for part in replies:
             if isinstance(part, Exception):  # an error reply (ACL, OOM...): no values at all
                 raise translate(part, self.url) from part
@@ -225,23 +238,29 @@ class StandaloneStore:
         """
         return self._receive(self._send(packed))
 
-    def _send(self, packed: Sequence[bytes]) -> _Sent:
+    def _send(self, packed: Sequence[bytes] | Packing) -> _Sent:
         """The first half of ``_round_trip``: the commands written, their replies not read
-        (a cluster sends every node its share before reading any)."""
+        (a cluster sends every node its share before reading any). A ``Packing`` is packed
+        as it is sent."""
         pool = self.client.connection_pool
+        count = packed.count if isinstance(packed, Packing) else len(packed)
         if self._asking:
-            packed = [part for command in packed for part in (_ASKING, command)]
+            commands = packed
+            packed = Packing(lambda: (part for command in _commands_of(commands)
+                                      for part in (_ASKING, command)), 2 * count)
+            count *= 2
         try:
             conn = pool.get_connection()
             try:
-                conn.send_packed_command(coalesce(packed))  # type: ignore[no-untyped-call]
+                conn.send_packed_command(  # type: ignore[no-untyped-call]
+                    packed if isinstance(packed, Packing) else coalesce(packed))
             except BaseException:
                 conn.disconnect()  # type: ignore[no-untyped-call]
                 pool.release(conn)
                 raise
         except ERRORS as exc:
             raise translate(exc, self.url) from exc
-        return _Sent(pool, conn, len(packed))
+        return _Sent(pool, conn, count)
 
     def _receive(self, sent: _Sent) -> list[Any]:
         """The second half of ``_round_trip``: every reply of ``sent``, the connection back
@@ -381,8 +400,10 @@ class StandaloneStore:
     ) -> Callable[[], list[Any]]:
         """``eval_scripts`` in two halves: the calls sent now, and what reads their results
         (with NOSCRIPT's load and resend) when called."""
-        sent = self._send([pack(("EVALSHA", script.sha, len(keys), *keys, *args))
-                           for script, keys, args in calls])
+        # packed as sent: a bulk write's first script runs while the others are packed
+        sent = self._send(Packing(lambda: (pack(("EVALSHA", script.sha, len(keys), *keys,
+                                                 *args)) for script, keys, args in calls),
+                                  len(calls)))
         return lambda: self._script_results(calls, self._receive(sent))
 
     def start_commands(self, commands: Sequence[Command]) -> Callable[[], list[Any]]:
@@ -414,6 +435,30 @@ class StandaloneStore:
             for i, result in zip(retry, resent, strict=True):
                 results[i] = result
         return results
+
+
+def _commands_of(packed: Sequence[bytes] | Packing) -> Iterable[bytes]:
+    """The commands themselves, one by one: a ``Packing``'s packed as they come."""
+    return packed.commands() if isinstance(packed, Packing) else packed
+
+
+class _TimedRead:
+    """``StandaloneStore.timed_read``'s answer: packed commands, sent once."""
+
+    def __init__(self, store: StandaloneStore, packed: list[bytes]) -> None:
+        self._store = store
+        self._packed = packed
+        self._sent: _Sent | None = None
+
+    def send(self) -> None:
+        if self._sent is None:
+            self._sent = self._store._send(self._packed)
+
+    def result(self) -> tuple[list[bytes | None], int]:
+        self.send()
+        assert self._sent is not None
+        sent, self._sent = self._sent, None
+        return self._store._read_replies(self._store._receive(sent), True)
 
 
 class _Sent(NamedTuple):
