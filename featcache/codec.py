@@ -43,12 +43,13 @@ array of floats.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import struct
 import sys
 import zlib
 from array import array
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from itertools import repeat
 from operator import add, itemgetter
 from typing import Annotated, Any, Final, Literal, NamedTuple
@@ -125,6 +126,14 @@ def _row_decoder(fp: int, types: Sequence[FeatureType]) -> msgspec.msgpack.Decod
 
 
 _events = itemgetter(BODY_EVENT)
+
+#: Feature types whose values (as ``featcache.convert`` gives them, and embeddings as packed
+#: bytes) msgspec packs to exactly msgpack's bytes: the same smallest int encodings, float64,
+#: str/bin of every length (tests/test_codec.py checks the boundaries). Not timestamps: a
+#: naive datetime, which msgpack refuses, msgspec would write as text.
+_MSGSPEC_SAFE = frozenset({FeatureType.INT, FeatureType.FLOAT, FeatureType.BOOL,
+                           FeatureType.STR, FeatureType.EMBEDDING})
+_MSGSPEC_ENCODER = msgspec.msgpack.Encoder()
 
 
 class RowBatch(NamedTuple):
@@ -217,7 +226,7 @@ def held_event_us(raw: bytes | None, epoch: int) -> int | None:
 class RowCodec:
     """Encodes and decodes the rows of one view; knows the view's types and schema history."""
 
-    __slots__ = ("_decoders", "_embedding_idx", "_fp", "_full", "_width")
+    __slots__ = ("_decoders", "_embedding_idx", "_fp", "_full", "_msgspec_values", "_width")
 
     def __init__(self, view: FeatureView) -> None:
         pairs = [(f.name, f.type) for f in view.features]
@@ -233,6 +242,9 @@ class RowCodec:
             for k in range(1, len(types) + 1)
         }
         self._full = self._decoders[self._fp]
+        #: the bulk encoders pack the values with msgspec where it writes msgpack's bytes
+        #: (``_MSGSPEC_SAFE``): half the time per row
+        self._msgspec_values = all(t in _MSGSPEC_SAFE for t in types)
 
     @property
     def fingerprint(self) -> int:
@@ -266,7 +278,8 @@ class RowCodec:
         """``encode`` of many rows stamped alike, given as columns (event times, value rows):
         the bulk writers' path. Same bytes as ``encode``, built without a Python-level step
         per row: the bookkeeping fields are the same for the whole batch, packed once, and
-        the rows go through ``msgpack.Packer.pack`` and the head struct by ``map`` alone."""
+        the rows go through the head struct and msgspec's packer (msgpack's, for views with
+        timestamps) by ``map`` alone."""
         if len(events_us) != len(values):
             raise ValueError(f"{len(events_us)} event times for {len(values)} rows")
         if not values:
@@ -274,7 +287,7 @@ class RowCodec:
         if set(map(len, values)) != {self._width}:
             bad = next(v for v in values if len(v) != self._width)
             raise ValueError(f"expected {self._width} values, got {len(bad)}")
-        return self._packed(events_us, values, loaded_ms, epoch)
+        return self._packed(events_us, lambda: values, loaded_ms, epoch)
 
     def encode_columns(
         self,
@@ -292,28 +305,38 @@ class RowCodec:
                              f"{len(events_us)} event times")
         if not events_us:
             return []
-        return self._packed(events_us, zip(*columns, strict=True), loaded_ms, epoch)
+        return self._packed(events_us, lambda: zip(*columns, strict=True), loaded_ms, epoch)
 
     def _packed(
         self,
         events_us: Sequence[int | None],
-        rows: Iterable[Sequence[Any]],
+        rows: Callable[[], Iterable[Sequence[Any]]],
         loaded_ms: int,
         epoch: int,
     ) -> list[bytes]:
         """Each row's value by ``map`` alone (embeddings packed first): the head with its
-        event time and the batch's packed bookkeeping in one struct, then the values."""
-        if self._embedding_idx:  # packed per row: the embeddings become raw bytes first
-            rows = map(self._with_packed_embeddings, rows)
+        event time and the batch's packed bookkeeping in one struct, then the values.
+        ``rows()`` iterates over the rows' values (again, when msgspec refused one of them:
+        msgpack then packs the batch, or raises, as ``encode`` would)."""
         events = events_us if None not in events_us else [
             NO_EVENT if e is None else e for e in events_us
         ]
         common = _packed_ints(self._fp, epoch, loaded_ms, 0)
         head = struct.Struct(f">BBBBq{len(common)}s")
-        heads = map(head.pack, repeat(_ARRAY_OF_8), repeat(VALUE_VERSION), repeat(KIND_ROW),
-                    repeat(_INT64), events, repeat(common))
-        pack = msgpack.Packer(datetime=True).pack
-        return list(map(add, heads, map(pack, rows)))
+
+        def packed(pack: Callable[[Any], bytes]) -> list[bytes]:
+            values = rows()
+            if self._embedding_idx:  # packed per row: the embeddings become raw bytes first
+                values = map(self._with_packed_embeddings, values)
+            heads = map(head.pack, repeat(_ARRAY_OF_8), repeat(VALUE_VERSION),
+                        repeat(KIND_ROW), repeat(_INT64), events, repeat(common))
+            return list(map(add, heads, map(pack, values)))
+
+        if self._msgspec_values:
+            # a value msgspec does not take (an int subclass...): msgpack packs them all
+            with contextlib.suppress(Exception):
+                return packed(_MSGSPEC_ENCODER.encode)
+        return packed(msgpack.Packer(datetime=True).pack)
 
     def _with_packed_embeddings(self, values: Sequence[Any]) -> list[Any]:
         out = list(values)

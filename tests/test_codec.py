@@ -157,6 +157,39 @@ def test_encode_columns_gives_the_bytes_of_encode_many() -> None:
         codec.encode_columns(events[:2], columns, 1)
 
 
+def test_the_bulk_encoders_write_encodes_bytes_at_every_msgpack_boundary() -> None:
+    """The bulk encoders pack values with msgspec (``encode`` with msgpack): the same bytes
+    for ints at every width boundary, floats (NaN, infinities, -0.0), text and embeddings of
+    every length class, booleans and nulls; a value msgspec refuses (a str subclass) makes
+    msgpack pack the batch, as ``encode`` does."""
+    view = FeatureView(
+        name="b", table="t", entity_column="id", event_timestamp_column="ts",
+        features=(Feature("i", "int", 60), Feature("f", "float", 60), Feature("s", "str", 60),
+                  Feature("b", "bool", 60), Feature("e", "list[float]", 60)),
+    )
+    codec = RowCodec(view)
+    ints = [0, 1, 127, 128, 255, 256, 2**16 - 1, 2**16, 2**32 - 1, 2**32, 2**63 - 1, -1, -32,
+            -33, -128, -129, -(2**15), -(2**15) - 1, -(2**31), -(2**31) - 1, -(2**63)]
+    floats = [0.0, -0.0, 1.5, float("nan"), float("inf"), -float("inf"), 5e-324, 1.7e308]
+    texts = ["", "a", "x" * 31, "x" * 32, "x" * 255, "x" * 256, "\u00e9" * 40_000, "\U0001f642"]
+    embeddings = [[], [0.5], [1.0] * 40, [2.0] * 8192, None]
+    n = max(len(ints), len(floats), len(texts), len(embeddings))
+    rows = [(ints[k % len(ints)], floats[k % len(floats)], texts[k % len(texts)], k % 2 == 0,
+             embeddings[k % len(embeddings)]) for k in range(n)]
+    rows.append((None, None, None, None, None))
+    events = [k * 1_000_003 for k in range(len(rows))]
+    expected = [codec.encode(row, event, 5, 9) for row, event in zip(rows, events, strict=True)]
+    assert codec.encode_many(events, rows, 5, 9) == expected
+    columns = [list(column) for column in zip(*rows, strict=True)]
+    assert codec.encode_columns(events, columns, 5, 9) == expected
+
+    class Text(str):
+        pass
+
+    odd = [(1, 1.0, Text("sub"), True, None)]
+    assert codec.encode_many([7], odd, 5, 9) == [codec.encode(odd[0], 7, 5, 9)]
+
+
 def test_freshness_boundaries() -> None:
     assert is_fresh(1000, 1000 + 600_000, 600_000)
     assert not is_fresh(1000, 1000 + 600_001, 600_000)
