@@ -244,35 +244,51 @@ def materialize(
 
     with _Pipeline(written, "featcache-materialize") as pipeline, \
             contextlib.closing(id_chunks) as chunks, \
-            (IdRunReader(offline, view_def) if by_range else contextlib.nullcontext()) as runs:
+            (IdRunReader(offline, view_def) if by_range else contextlib.nullcontext()) as runs, \
+            ThreadPoolExecutor(1, thread_name_prefix="featcache-read") as reader:
+
+        def read_rows(ids: Sequence[EntityId]) -> RowColumns | dict[EntityId, SqlRow]:
+            # by ADBC, rows come as columns and are encoded from them (no tuple per row)
+            return runs.read_columns(ids) if runs is not None else _latest_rows(
+                cache, view_def, ids, window)
+
         listed = (chunk for chunk in chunks if chunk)
+        # Each fence is taken BEFORE the SQL read of its rows. Three chunks move at once: one
+        # is written (the pipeline's thread, Redis), the next is encoded (this thread) while
+        # the one after it is read from SQL (the reader thread, mostly waiting on the
+        # database or in its driver, without the GIL). The fence of the chunk after that is
+        # prepared meanwhile, sent the moment the write lands and the next write right
+        # behind it: Redis reads the fence, then writes, never idle in between and the fence
+        # never queued behind a write's scripts (docs/benchmarks.md).
         chunk = next(listed, None)
-        # each fence BEFORE the SQL read of its rows. The next chunk's is prepared while a
-        # write is in flight, sent the moment that write lands, and the next write right
-        # behind it: Redis reads the fence, then writes, never idle in between and the
-        # fence never queued behind a write's scripts (docs/benchmarks.md)
         fence = cache.fence(view_def, chunk) if chunk is not None else None
-        while chunk is not None and fence is not None:
+        reading = reader.submit(read_rows, chunk) if chunk is not None else None
+        following = next(listed, None) if chunk is not None else None
+        following_fence = cache.fence(view_def, following) if following is not None else None
+        while chunk is not None and fence is not None and reading is not None:
             if keep_going is not None and not keep_going():
                 report = replace(report, complete=False)
                 log.warning("materialize view=%s stopped: leader lease lost", view_def.name)
                 break
-            # by ADBC, rows come as columns and are encoded from them (no tuple per row)
-            rows = runs.read_columns(chunk) if runs is not None else _latest_rows(
-                cache, view_def, chunk, window)
+            rows = reading.result()
+            reading = reader.submit(read_rows, following) if following is not None else None
             if isinstance(rows, RowColumns):
                 read: Collection[EntityId] = rows.ids
                 pending = cache.prepare_columns(view_def, rows, fence=fence)
             else:
                 read = rows.keys()
                 pending = cache.prepare_latest(view_def, rows, fence=fence)
-            following = next(listed, None)
-            fencing = cache.start_fence(view_def, following) if following is not None else None
+            after = next(listed, None) if following is not None else None
+            fencing = cache.start_fence(view_def, after) if after is not None else None
             pipeline.wait()
             if fencing is not None:
                 fencing.send()
-            pipeline.submit(write, chunk, read, pending)
-            chunk, fence = following, fencing.result() if fencing is not None else None
+            try:
+                pipeline.submit(write, chunk, read, pending)
+            finally:  # a fence sent is always answered: its connection goes back to the pool
+                after_fence = fencing.result() if fencing is not None else None
+            chunk, fence = following, following_fence
+            following, following_fence = after, after_fence
     return replace(report, seconds=time.perf_counter() - started)
 
 
