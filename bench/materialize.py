@@ -699,8 +699,8 @@ def verify(cache: FeatureCache, expected: dict[int, dict[str, Any]], source: str
 
 
 def stage_breakdown(cache: FeatureCache, chunk_rows: int) -> dict[str, float]:
-    """``materialize(all=True)``'s loop, run serially (materialize overlaps a chunk's write
-    with the next chunk's fence and read), with a clock around each call it makes."""
+    """``materialize(all=True)``'s loop, run serially (materialize writes a chunk while it
+    encodes the next and reads the one after it), with a clock around each call it makes."""
     view = cache.config.view(dataset.VIEW_NAME)
     times = dict.fromkeys(("list_ids", "fence", "sql_read_convert", "write"), 0.0)
     rows_done = 0
@@ -1000,7 +1000,8 @@ def print_profile(p: dict[str, Any]) -> None:
     print(f"\n=== where the time goes: materialize of {p['rows']:,} SQLite rows, "
           f"chunk_rows={p['chunk_rows']:,} ===")
     print(f"unprofiled, by stage, serially ({total:.2f} s = {p['rows'] / total:,.0f} rows/s; "
-          "materialize overlaps the write with the next chunk's fence and read):")
+          "materialize overlaps a chunk's write, the next one's encoding and the read of the "
+          "one after it):")
     for key in ("list_ids", "fence", "sql_read_convert", "write"):
         print(f"  {key:<18} {stages[key]:7.3f} s  {100 * stages[key] / total:5.1f}%")
     print(f"\ncProfile, cumulative time of each stage (profiled total "
