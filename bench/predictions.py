@@ -3,10 +3,11 @@
 Part 1, all hits, interleaved as ``bench read`` interleaves (Williams orders, fresh inputs per
 sample), at batches of 1, 100 and 1000 inputs, every output in Redis:
 
-``floor_mget``        one ``MGET`` of as many keys, each holding random bytes of exactly the
-                      size of the cached output of the same input (same TTL), packed by hiredis
-                      on a pooled connection, decoding nothing; the key list built inside the
-                      timed call from the inputs' numbers (no input is encoded or hashed)
+``floor_mget``        one ``MGET`` of as many keys, each as long as the cached output's key
+                      of the same input and holding random bytes of exactly its size (same
+                      TTL), packed by hiredis on a pooled connection, decoding nothing; the key
+                      list built inside the timed call from the inputs' numbers (a list
+                      lookup each: no input is encoded or hashed)
 ``predictions_hit``   ``cache.model("bench", version="1").get_or_compute(inputs, compute)``:
                       every input (a dict of 10 feature values: ints, floats, strings, built
                       afresh for each sample, untimed, as a request builds its inputs just
@@ -180,8 +181,7 @@ def _hits(cache: FeatureCache, url: str, prefix: str, inputs: list[dict[str, Any
         if {*done.statuses, *done_ids.statuses} != {Status.COMPUTED}:
             raise RuntimeError("setup: every output must be computed once")
     plain = redis.Redis.from_url(url)
-    floor_head = f"{prefix}:floor:"
-    _write_floor_keys(plain, model, inputs, floor_head)
+    floor_keys = _write_floor_keys(plain, model, inputs)
     log(f"redis: {len(inputs):,} outputs and as many floor keys "
         f"({time.perf_counter() - started:.1f} s)")
     pool = plain.connection_pool
@@ -189,7 +189,7 @@ def _hits(cache: FeatureCache, url: str, prefix: str, inputs: list[dict[str, Any
     def floor_mget(sample: Sample) -> list[Any]:
         conn = pool.get_connection()
         try:
-            conn.send_packed_command([pack_command(("MGET", *[f"{floor_head}{i}"
+            conn.send_packed_command([pack_command(("MGET", *[floor_keys[i]
                                                               for i in sample.picked]))])
             values: list[Any] = conn.read_response()
         finally:
@@ -231,23 +231,27 @@ def _hits(cache: FeatureCache, url: str, prefix: str, inputs: list[dict[str, Any
     return summaries
 
 
-def _write_floor_keys(plain: redis.Redis, model: ModelCache, inputs: Sequence[dict[str, Any]],
-                      floor_head: str) -> None:
-    """Random bytes of each cached output's size, with the outputs' TTL."""
+def _write_floor_keys(plain: redis.Redis, model: ModelCache, inputs: Sequence[dict[str, Any]]
+                      ) -> list[str]:
+    """For each cached output, a key of the same length as its key holding random bytes of
+    its size, with the outputs' TTL: the same bytes for Redis to parse, hash, find and send.
+    The keys, in input order."""
     ttl_ms = int(model.policy.ttl * 1000)
-    sizes_seen = plain.pipeline(transaction=False)
     keys = model.keys_of(inputs)
+    sizes_seen = plain.pipeline(transaction=False)
     for key in keys:
         sizes_seen.strlen(key)
     sizes = sizes_seen.execute()
+    floor_keys = [key.replace(":m:", ":f:", 1) for key in keys]
     pipe = plain.pipeline(transaction=False)
-    for i, size in enumerate(sizes):
+    for i, (key, size) in enumerate(zip(floor_keys, sizes, strict=True)):
         if not size:
             raise RuntimeError(f"setup: output {i} is not in Redis")
-        pipe.set(f"{floor_head}{i}", random.randbytes(int(size)), px=ttl_ms)
+        pipe.set(key, random.randbytes(int(size)), px=ttl_ms)
         if i % SETUP_CHUNK == SETUP_CHUNK - 1:
             pipe.execute()
     pipe.execute()
+    return floor_keys
 
 
 def _busy_model(inputs: list[dict[str, Any]]) -> list[float]:
