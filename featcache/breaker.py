@@ -17,10 +17,12 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Final, Literal
+from typing import Final, Literal, TypeVar
 
 from featcache.config_sections import DegradationConfig
-from featcache.errors import ConfigError
+from featcache.errors import CacheUnavailable, ConfigError, PartlyUnavailable
+
+T = TypeVar("T")
 
 __all__ = ["BreakerState", "CircuitBreaker", "ConcurrencyLimiter"]
 
@@ -125,6 +127,26 @@ class CircuitBreaker:
             if self._state is _HALF_OPEN:
                 self._state = _CLOSED  # with no failures: _open() cleared them
                 self._probes = 0
+
+    def redis_call(self, what: str, fn: Callable[[], T]) -> T:
+        """One Redis round trip through the breaker; ``CacheUnavailable`` when it is open.
+        A failure counts as ``redis_failed`` says."""
+        if not self.allow():
+            raise CacheUnavailable(f"Redis circuit open: {what} skipped")
+        try:
+            result = fn()
+        except CacheUnavailable as exc:
+            self.redis_failed(exc)
+            raise
+        self.record_success()
+        return result
+
+    def redis_failed(self, exc: CacheUnavailable) -> None:
+        """A failed Redis round trip counts against the breaker unless only some nodes of a
+        cluster failed (``PartlyUnavailable``): one shard down is not Redis down, and that
+        node's own breaker counts it."""
+        if not isinstance(exc, PartlyUnavailable):
+            self.record_failure()
 
     def record_failure(self) -> None:
         with self._lock:

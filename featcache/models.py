@@ -46,7 +46,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from itertools import repeat
-from typing import Any, ClassVar, NamedTuple, overload
+from typing import Any, ClassVar, NamedTuple, TypeVar, overload
 
 from featcache.breaker import CircuitBreaker
 from featcache.codec import is_tombstone
@@ -58,7 +58,7 @@ from featcache.config_sections import (
     number_field,
     parse_duration,
 )
-from featcache.errors import CacheUnavailable, InvalidRequest, ModelOutputError, PartlyUnavailable
+from featcache.errors import CacheUnavailable, InvalidRequest, ModelOutputError
 from featcache.invalidation import InvalidationReport, Invalidator
 from featcache.keys import KeyLayout
 from featcache.l1 import L1Cache
@@ -93,6 +93,7 @@ _POLL_FIRST_S = 0.001
 _POLL_MAX_S = 0.02
 
 FlightKey = tuple[str, str]  # (key space, digest)
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -314,8 +315,8 @@ class ModelCache:
     def redis_failed(self, call: ModelCall, exc: CacheUnavailable, *, count: bool = True
                      ) -> tuple[list[bytes | None], bool]:
         """The read failed (``count``: against the breaker): every input is computed."""
-        if count and not isinstance(exc, PartlyUnavailable):
-            self.breaker.record_failure()
+        if count:
+            self.breaker.redis_failed(exc)
         self._outage.failed("computing model outputs", exc)
         self._counts.add(self.space, {"redis_errors": 1})
         return [None] * len(call.keys), False
@@ -431,7 +432,7 @@ class ModelCache:
         epoch = call.epoch
         if redis_ok and epoch is None:
             try:
-                epoch = call.epoch = self._guarded(
+                epoch = call.epoch = self._redis_call(
                     lambda: self._store.ensure_epochs([self._epoch_key])[0])
             except CacheUnavailable as exc:
                 self._redis_error(exc, "computing without writing")
@@ -454,7 +455,7 @@ class ModelCache:
         wanted: dict[str, list[EntityId]] = {self.space: list(lead)}
         seen: dict[str, dict[EntityId, bytes]] = {
             self.space: {d: call.seen[d] for d in lead if d in call.seen}}
-        taken, server_us = self._guarded(lambda: self._leases.acquire(wanted, seen, token))
+        taken, server_us = self._redis_call(lambda: self._leases.acquire(wanted, seen, token))
         won, held_by, changed = taken[self.space]
         held: dict[str, bytes | None] = {}
         for d, holder in held_by.items():
@@ -518,7 +519,7 @@ class ModelCache:
                  for key, d, payload in zip(keys, digests, payloads, strict=True)]
         batch = WriteBatch(self._epoch_key, epoch, items, release, token, deadline_us)
         try:
-            written = self._guarded(lambda: self._store.write([batch]))
+            written = self._redis_call(lambda: self._store.write([batch]))
         except CacheUnavailable as exc:
             self._redis_error(exc, "outputs not written")
         else:
@@ -544,7 +545,7 @@ class ModelCache:
             keys = [*self._layout.row_keys(self.space, waiting),
                     *self._leases.keys(self.space, waiting)]
             try:
-                values = self._guarded(functools.partial(self._store.read, keys))
+                values = self._redis_call(functools.partial(self._store.read, keys))
             except CacheUnavailable as exc:
                 self._redis_error(exc, "computing what it waited for")
                 break
@@ -633,18 +634,9 @@ class ModelCache:
             statuses.append(answer.status)
         return ModelResult(outputs, statuses)
 
-    def _guarded(self, fn: Callable[[], Any]) -> Any:
-        """One Redis round trip through the breaker (``CacheUnavailable`` when open)."""
-        if not self.breaker.allow():
-            raise CacheUnavailable("Redis circuit open: skipped")
-        try:
-            result = fn()
-        except CacheUnavailable as exc:
-            if not isinstance(exc, PartlyUnavailable):
-                self.breaker.record_failure()
-            raise
-        self.breaker.record_success()
-        return result
+    def _redis_call(self, fn: Callable[[], T]) -> T:
+        """One round trip through the breaker the read path shares."""
+        return self.breaker.redis_call(f"model {self.model}", fn)
 
     def _redis_error(self, exc: CacheUnavailable, consequence: str) -> None:
         self._outage.failed(consequence, exc)
@@ -655,7 +647,7 @@ class ModelCache:
         over at their next poll instead of at ``lease_wait``."""
         batch = WriteBatch(self._epoch_key, None, (), keys, token)
         try:
-            self._guarded(lambda: self._store.write([batch]))
+            self._redis_call(lambda: self._store.write([batch]))
         except CacheUnavailable as exc:  # lease_ttl bounds them
             self._redis_error(exc, "leases left to expire")
 

@@ -42,7 +42,6 @@ from featcache.errors import (
     CacheUnavailable,
     OfflineStoreError,
     OfflineStoreUnavailable,
-    PartlyUnavailable,
 )
 from featcache.freshness import fresh_since, refresh_early
 from featcache.keys import KeyLayout, slot_of
@@ -230,28 +229,6 @@ class ReadPath:
         self._fill_window = config.invalidation.fill_window
         self._fill_window_us = int(config.invalidation.fill_window * 1_000_000)
 
-    # ------------------------------------------------------------------ Redis, guarded
-
-    def _redis_call(self, what: str, fn: Callable[[], Any]) -> Any:
-        """Run one Redis round trip through the breaker; CacheUnavailable when it is open.
-        A cluster call that some nodes did (``PartlyUnavailable``) is not counted: the
-        failed nodes' own breakers are."""
-        if not self.breaker.allow():
-            raise CacheUnavailable(f"Redis circuit open: {what} skipped")
-        try:
-            result = fn()
-        except CacheUnavailable as exc:
-            self._count_failure(exc)
-            raise
-        self.breaker.record_success()
-        return result
-
-    def _count_failure(self, exc: CacheUnavailable) -> None:
-        """A failed round trip counts against the breaker unless only some nodes of a
-        cluster failed: one shard down is not Redis down (its node's breaker counts it)."""
-        if not isinstance(exc, PartlyUnavailable):
-            self.breaker.record_failure()
-
     # ------------------------------------------------------------------ the call
 
     def read(self, plan: Plan, ids: list[EntityId], checked: bool = True) -> FeatureResult:
@@ -355,7 +332,7 @@ class ReadPath:
         """The read failed (``count``: against the breaker; not when the breaker skipped
         it): every row goes to SQL."""
         if count:
-            self._count_failure(exc)
+            self.breaker.redis_failed(exc)
         self.redis_outage.failed("answering from SQL", exc)
         self._stats.add(call.plan.views[0].view.name, {"redis_errors": 1})
         return [None] * len(call.keys), False
@@ -438,7 +415,7 @@ class ReadPath:
         missing = [i for i, e in enumerate(epochs) if e is None]
         keys = [self._layout.epoch_key(plan.views[i].view.name) for i in missing]
         try:
-            created = self._redis_call("epoch", lambda: self._redis.ensure_epochs(keys))
+            created = self.breaker.redis_call("epoch", lambda: self._redis.ensure_epochs(keys))
         except CacheUnavailable:
             # the fills then carry epoch 0, which no reader ever matches (epochs come from
             # the server clock): written for nothing, never served
@@ -832,7 +809,7 @@ class ReadPath:
             token = self._leases.new_token()
             taken = True
             try:
-                leases, server_us = self._redis_call(
+                leases, server_us = self.breaker.redis_call(
                     "lease", lambda: self._leases.acquire(grouped, seen, token))
             except CacheUnavailable:  # read as if we held them; none to give back
                 leases, server_us = {view: Taken(ids, {}, {}) for view, ids in grouped.items()}, 0
@@ -893,7 +870,7 @@ class ReadPath:
             batch = WriteBatch(self._layout.epoch_key(vr.vp.view.name), None, (), keys,
                                vr.release_token)
             with contextlib.suppress(CacheUnavailable):  # else lease_ttl bounds them
-                self._redis_call("release", lambda: self._redis.write([batch]))
+                self.breaker.redis_call("release", lambda: self._redis.write([batch]))
 
     def _wait_for_fills(
         self, vr: _ViewRead, holders: dict[EntityId, bytes | None], token: str
@@ -921,7 +898,7 @@ class ReadPath:
                 values = self._redis.read([*self._layout.row_keys(view, ids),
                                            *self._leases.keys(view, ids)])
             except CacheUnavailable as exc:
-                self._count_failure(exc)
+                self.breaker.redis_failed(exc)
                 break
             rows, leases = values[: len(ids)], values[len(ids) :]
             blobs = {eid: blob for eid, blob in zip(ids, rows, strict=True) if blob}
@@ -960,7 +937,7 @@ class ReadPath:
         from SQL by this call, the others waited on (a new holder) or taken as they are."""
         view = vr.vp.view.name
         try:
-            leases, _ = self._redis_call(
+            leases, _ = self.breaker.redis_call(
                 "lease", lambda: self._leases.acquire({view: ids}, {view: vr.seen}, token))
         except CacheUnavailable:
             waited.taken_over.extend(ids)  # read SQL ourselves, as when leases fail at first
@@ -1064,7 +1041,7 @@ class ReadPath:
             self._stats.add(view_name, {"fills_abandoned": total})
             batches = [replace(b, items=(), if_absent=None) for b in batches]
         try:
-            written = self._redis_call("fill", lambda: self._redis.write(batches))
+            written = self.breaker.redis_call("fill", lambda: self._redis.write(batches))
         except CacheUnavailable as exc:
             self.redis_outage.failed(f"{total} fills not written", exc)
             self._stats.add(view_name, {"fill_errors": 1})
