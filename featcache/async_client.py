@@ -184,6 +184,10 @@ class AsyncFeatureCache:
         """This process's counters per view (``FeatureCache.stats``)."""
         return self.sync.stats()
 
+    def model_stats(self) -> dict[tuple[str, str], dict[str, int]]:
+        """This process's prediction cache counters (``FeatureCache.model_stats``)."""
+        return self.sync.model_stats()
+
     async def ping(self) -> None:
         """Redis answers (raises ``CacheUnavailable`` if not): for readiness checks."""
         if self._reader is not None:

@@ -18,7 +18,7 @@ from featcache.access_trace import AccessTrace
 from featcache.config import CacheConfig, FeatureView, load_config
 from featcache.errors import ConfigError, InvalidRequest
 from featcache.invalidation import InvalidationReport
-from featcache.keys import is_model_space, model_space
+from featcache.keys import is_model_space, model_of_space, model_space
 from featcache.l1 import L1Cache
 from featcache.models import ModelCache, ModelPolicy, ModelShared
 from featcache.parts import Clock, Parts
@@ -89,8 +89,9 @@ class FeatureCache(Parts):
             self._popularity, self.access_trace,
         )
         #: this process's counters, published for ``featcache stats`` (``stats`` section)
-        self.stats_publisher = StatsPublisher(self.store, self.layout, config.stats,
-                                              self.stats_counters, clock=clock)
+        self.stats_publisher = StatsPublisher(
+            self.store, self.layout, config.stats, (self.stats_counters, self._models.counts),
+            clock=clock)
         self.stats_publisher.start()
         self._subscriber: InvalidationSubscriber | None = None
         if self._l1 is not None and model_l1 is not None:
@@ -195,6 +196,12 @@ class FeatureCache(Parts):
             outage=self._read.redis_outage, shared=self._models,
             fill_window=self.config.invalidation.fill_window, clock=self.clock)
         return made
+
+    def model_stats(self) -> dict[tuple[str, str], dict[str, int]]:
+        """This process's prediction cache counters (``MODEL_EVENTS``) per (model, version)
+        asked for so far; ``ModelCache.stats`` gives one version's."""
+        return {model_of_space(space): counts
+                for space, counts in self._models.counts.snapshot().items()}
 
     @property
     def l1(self) -> L1Cache[L1Entry] | None:

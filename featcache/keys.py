@@ -68,7 +68,7 @@ import zlib
 from collections.abc import Iterable, Sequence
 
 __all__ = ["CLUSTER_BUCKETS", "CLUSTER_SLOTS", "LAYOUT_VERSION", "MODEL_SPACE_HEAD", "KeyLayout",
-           "bucket_of", "is_model_space", "model_space", "slot_of"]
+           "bucket_of", "is_model_space", "model_of_space", "model_space", "slot_of"]
 
 LAYOUT_VERSION = 1
 EntityKey = int | str
@@ -92,6 +92,12 @@ def model_space(model: str, version: str) -> str:
             raise ValueError(f"{what} must be 1 to 64 of the characters A-Z a-z 0-9 _ . -, "
                              f"got {text!r}")
     return f"{MODEL_SPACE_HEAD}{model}:{version}"
+
+
+def model_of_space(space: str) -> tuple[str, str]:
+    """The model name and version of a ``model_space`` (neither holds a ``:``)."""
+    model, _, version = space[len(MODEL_SPACE_HEAD):].partition(":")
+    return model, version
 
 
 def is_model_space(name: str) -> bool:

@@ -78,6 +78,17 @@ class CacheCollector(Collector):
                     events.add_metric([view, event], n)
         yield events
 
+        models = CounterMetricFamily(
+            f"{ns}_model_events", "Prediction cache events per model version "
+            "(FeatureCache.model_stats()): outputs from the L1, from Redis and computed, "
+            "model calls, writes and fenced writes, lease waits, errors",
+            labels=["model", "version", "event"])
+        if with_samples and isinstance(self.cache, FeatureCache):
+            for (model, version), counts in sorted(self.cache.model_stats().items()):
+                for event, n in counts.items():
+                    models.add_metric([model, version, event], n)
+        yield models
+
         l1_events = CounterMetricFamily(
             f"{ns}_l1_events", "In-process L1 cache events (hits, misses, evictions, expired, "
             "invalidated, cleared, refused)", labels=["event"])

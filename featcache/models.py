@@ -40,7 +40,6 @@ import math
 import operator
 import random
 import struct
-import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -69,10 +68,11 @@ from featcache.outage import OutageLog
 from featcache.redis_store import RedisStore, WriteBatch, fenced_write
 from featcache.request import EntityId
 from featcache.singleflight import BUSY, MISSING, SingleFlight
+from featcache.stats import MODEL_EVENTS, MODEL_TIERS, CacheStats
 from featcache.types import Status
 
-__all__ = ["MODEL_EVENTS", "Compute", "ModelCache", "ModelCall", "ModelPolicy", "ModelResult",
-           "ModelShared"]
+__all__ = ["MODEL_EVENTS", "MODEL_TIERS", "Compute", "ModelCache", "ModelCall", "ModelPolicy",
+           "ModelResult", "ModelShared"]
 
 log = logging.getLogger("featcache.models")
 
@@ -173,11 +173,13 @@ class ModelCall:
     """One call between its steps (``ModelCache.begin``, the read, ``settle``, ``finish``):
     what the async client carries across its await."""
 
-    __slots__ = ("batch", "digests", "epoch", "first", "got", "keys", "l1_token", "led",
-                 "refresh", "seen", "started", "wanted")
+    __slots__ = ("batch", "begun_ns", "digests", "epoch", "first", "got", "keys", "l1_token",
+                 "led", "refresh", "seen", "started", "wanted")
 
-    def __init__(self, batch: Sequence[Any], digests: list[str], first: dict[str, int]) -> None:
+    def __init__(self, batch: Sequence[Any], digests: list[str], first: dict[str, int],
+                 begun_ns: int) -> None:
         self.batch = batch
+        self.begun_ns = begun_ns  # perf_counter_ns at the call's start: its latency counted
         self.digests = digests
         self.first = first  # digest -> index of its first input
         self.got: dict[str, _Got] = {}  # answered so far
@@ -266,6 +268,7 @@ class ModelCache:
     def begin(self, inputs: Any) -> ModelCall | ModelResult:
         """Key the inputs and ask the L1: the answer when the L1 holds every one, else the
         call with the keys of its one Redis read (``ModelCall.keys``)."""
+        begun_ns = time.perf_counter_ns()
         batch = batch_of(inputs)
         if len(batch) > self.policy.max_inputs:
             raise InvalidRequest(f"{len(batch):,} inputs in one call; model.max_inputs is "
@@ -276,7 +279,7 @@ class ModelCache:
             first = {}
             for i, digest in enumerate(digests):
                 first.setdefault(digest, i)
-        call = ModelCall(batch, digests, first)
+        call = ModelCall(batch, digests, first, begun_ns)
         wanted: list[str] = list(first)
         l1 = self._l1
         if l1 is not None and wanted:
@@ -287,10 +290,12 @@ class ModelCache:
                     output = _decoded(payload)
                     if output is not _UNDECODABLE:
                         call.got[digest] = _Got(payload, output, Status.HIT_L1, 0)
-                self._counts.add(self.space, {"hits_l1": len(call.got)})
                 wanted = [d for d in wanted if d not in call.got]
-        if not wanted:
-            return self._result(call)
+                if not wanted:
+                    return self._result(call, "l1", {"hits_l1": len(call.got)})
+                self._counts.add_one(self.space, "hits_l1", len(call.got))
+        if not wanted:  # an empty batch
+            return self._result(call, "l1", {})
         call.wanted = wanted
         call.keys = [self._epoch_key, *self._layout.row_keys(self.space, wanted)]
         return call
@@ -352,11 +357,12 @@ class ModelCache:
             if beta and _early(got, value, beta, now_ms):
                 call.refresh.add(digest)
                 call.seen[digest] = value
-        self._counts.add(self.space, {"hits_redis": hits, "decode_errors": undecodable})
+        counts = {"hits_redis": hits, "decode_errors": undecodable}
         if missing or call.refresh:
+            self._counts.add(self.space, counts)
             return None
         self._to_l1(call, now_ms)
-        return self._result(call)
+        return self._result(call, "redis", counts)
 
     def _all_hits(self, call: ModelCall, rows: list[bytes], epoch: int, now_ms: int
                   ) -> ModelResult | None:
@@ -374,7 +380,6 @@ class ModelCache:
             outputs = decode_outputs(payloads)
         except ValueError:
             return None
-        self._counts.add(self.space, {"hits_redis": len(rows)})
         l1 = self._l1
         if l1 is not None:
             l1.put_many(self.space, dict(zip(call.wanted, payloads, strict=True)),
@@ -382,11 +387,13 @@ class ModelCache:
                         fresh_for={d: (e - now_ms) / 1000
                                    for d, e in zip(call.wanted, expiries, strict=True)})
         if len(call.wanted) == len(call.digests):  # no L1 hit, no repeat: in input order
+            self._counts.call(self.space, "hits_redis", len(rows), "redis",
+                              time.perf_counter_ns() - call.begun_ns)
             return ModelResult(outputs, [Status.HIT_REDIS] * len(outputs))
         for digest, payload, output, expires_ms in zip(call.wanted, payloads, outputs,
                                                        expiries, strict=True):
             call.got[digest] = _Got(payload, output, Status.HIT_REDIS, expires_ms)
-        return self._result(call)
+        return self._result(call, "redis", {"hits_redis": len(rows)})
 
     def finish(self, call: ModelCall, redis_ok: bool, compute: Compute) -> ModelResult:
         """Compute what no cache held (through the single flight and the leases) and write it
@@ -408,7 +415,7 @@ class ModelCache:
                 # another call's answer: this caller gets its own copy of the output
                 answer.payload, _decoded(answer.payload), answer.status, answer.expires_ms)
         self._to_l1(call, int(self._clock() * 1000))
-        return self._result(call)
+        return self._result(call, "compute", {})
 
     # ------------------------------------------------------------------ the leader
 
@@ -623,8 +630,10 @@ class ModelCache:
                         fresh_for={d: max(0.0, (g.expires_ms - now_ms) / 1000)
                                    for d, g in fresh.items()})
 
-    def _result(self, call: ModelCall) -> ModelResult:
-        """Outputs in input order; an input repeated in the batch gets its own copy."""
+    def _result(self, call: ModelCall, tier: str, counts: dict[str, int]) -> ModelResult:
+        """Outputs in input order (an input repeated in the batch gets its own copy); counts
+        ``counts`` and the call, answered by ``tier`` (``MODEL_TIERS``)."""
+        self._counts.add_call(self.space, counts, tier, time.perf_counter_ns() - call.begun_ns)
         got, first = call.got, call.first
         outputs: list[Any] = []
         statuses: list[Status] = []
@@ -654,39 +663,14 @@ class ModelCache:
 
 class ModelShared:
     """What every ``ModelCache`` of a process shares: the single flight of computes (two
-    ``ModelCache`` objects of one version are one cache), the counters, and the L1 of model
-    outputs (None without one), which the invalidation stream's tail reaches."""
+    ``ModelCache`` objects of one version are one cache), the counters (per model version key
+    space, published with the views' for ``featcache stats`` and read by Prometheus), and the
+    L1 of model outputs (None without one), which the invalidation stream's tail reaches."""
 
     def __init__(self, l1: L1Cache[bytes] | None) -> None:
         self.flights: SingleFlight[FlightKey, _Got] = SingleFlight()
-        self.counts = ModelCounts()
+        self.counts = CacheStats(MODEL_EVENTS)
         self.l1 = l1
-
-
-class ModelCounts:
-    """Counters per model version key space, shared by every ``ModelCache`` of a process."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._counts: dict[str, Counter[str]] = {}
-
-    def add(self, space: str, counts: dict[str, int]) -> None:
-        with self._lock:
-            mine = self._counts.setdefault(space, Counter())
-            for event, n in counts.items():
-                if n:
-                    mine[event] += n
-
-    def of(self, space: str) -> dict[str, int]:
-        with self._lock:
-            mine = dict(self._counts.get(space, {}))
-        return {event: mine.get(event, 0) for event in MODEL_EVENTS}
-
-
-#: the counters ``ModelCache.stats`` reports
-MODEL_EVENTS = ("hits_l1", "hits_redis", "computed", "compute_calls", "refreshed", "written",
-                "writes_fenced", "writes_late", "lease_waits", "lease_timeouts",
-                "decode_errors", "redis_errors")
 
 
 class _Undecodable:

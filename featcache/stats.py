@@ -1,5 +1,6 @@
-"""In-process counters per view and event, and calls per tier with their latencies, read by
-``FeatureCache.stats()``, Prometheus and the publisher of cluster-wide stats.
+"""In-process counters per view (or model version) and event, and calls per tier with their
+latencies, read by ``FeatureCache.stats()``, ``model_stats()``, Prometheus and the publisher
+of cluster-wide stats.
 
 Counting is a dict increment under one lock per call (not per row), so it costs the serving
 path nothing measurable; Prometheus reads the same numbers at scrape time through a custom
@@ -16,7 +17,8 @@ from collections import Counter
 from collections.abc import Iterator, Mapping
 from typing import Any
 
-__all__ = ["EVENTS", "TIERS", "CacheStats", "bucket_bounds", "latency_bucket"]
+__all__ = ["EVENTS", "MODEL_EVENTS", "MODEL_TIERS", "TIERS", "CacheStats", "bucket_bounds",
+           "latency_bucket"]
 
 EVENTS = (
     "hit_l1",  # answered by the in-process L1 cache
@@ -45,6 +47,16 @@ EVENTS = (
 )
 
 
+#: the counters of a prediction cache (``ModelCache.stats``), per model version key space
+MODEL_EVENTS = ("hits_l1", "hits_redis", "computed", "compute_calls", "refreshed", "written",
+                "writes_fenced", "writes_late", "lease_waits", "lease_timeouts",
+                "decode_errors", "redis_errors")
+
+#: where a ``get_or_compute`` call's outputs came from, its slowest source: every one from
+#: the L1, every one from the L1 or Redis, or some computed (by this call, or one it waited
+#: for)
+MODEL_TIERS = ("l1", "redis", "compute")
+
 #: where a call's rows came from, its slowest source: every row from the L1, every row from
 #: the L1 or Redis, or some from SQL (or from another reader's SQL read: a fill waited for)
 TIERS = ("l1", "redis", "sql")
@@ -70,9 +82,12 @@ def bucket_bounds(bucket: int) -> tuple[int, int]:
 
 class CacheStats:
     """Thread-safe counters keyed by (view, event), and calls and their latency histogram
-    keyed by (view, tier)."""
+    keyed by (view, tier). ``events``: the names ``snapshot`` and ``of`` report (every one,
+    zero when not counted): the feature views' ``EVENTS``, or a prediction cache's
+    (``featcache.models.MODEL_EVENTS``, keyed by model version key space)."""
 
-    def __init__(self) -> None:
+    def __init__(self, events: tuple[str, ...] = EVENTS) -> None:
+        self.events = events
         self._lock = threading.Lock()
         self._counts: Counter[tuple[str, str]] = Counter()
         self._calls: Counter[tuple[str, str, int]] = Counter()  # view, tier, latency bucket
@@ -121,13 +136,18 @@ class CacheStats:
         return out
 
     def snapshot(self) -> dict[str, dict[str, int]]:
-        """``{view: {event: count}}`` with every known event present."""
+        """``{view: {event: count}}`` with every one of ``events`` present."""
         with self._lock:
             items = list(self._counts.items())
         out: dict[str, dict[str, Any]] = {}
         for (view, event), n in items:
-            out.setdefault(view, {e: 0 for e in EVENTS})[event] = n
+            out.setdefault(view, dict.fromkeys(self.events, 0))[event] = n
         return out
+
+    def of(self, view: str) -> dict[str, int]:
+        """``snapshot()[view]``, zeros when nothing was counted for it."""
+        with self._lock:
+            return {event: self._counts.get((view, event), 0) for event in self.events}
 
     def __iter__(self) -> Iterator[tuple[str, str, int]]:
         with self._lock:

@@ -21,7 +21,7 @@ import secrets
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from featcache.config_sections import StatsConfig
@@ -44,15 +44,16 @@ def process_id() -> str:
 
 
 class StatsPublisher:
-    """Publishes ``stats`` every ``config.publish_interval`` from a daemon thread (started by
-    ``start``), and once more on ``close``."""
+    """Publishes ``stats`` (the views' counters and the prediction caches': their names do not
+    meet) every ``config.publish_interval`` from a daemon thread (started by ``start``), and
+    once more on ``close``."""
 
     def __init__(
         self,
         store: RedisStore,
         layout: KeyLayout,
         config: StatsConfig,
-        stats: CacheStats,
+        stats: Sequence[CacheStats],
         *,
         clock: Callable[[], float] = time.time,
         name: str | None = None,
@@ -61,7 +62,7 @@ class StatsPublisher:
         self._layout = layout
         self._interval = config.publish_interval
         self._retention = max(MINUTE, int(config.retention))
-        self._stats = stats
+        self._stats = tuple(stats)
         self._clock = clock
         self.name = name or process_id()
         self._published: dict[str, int] = {}
@@ -86,7 +87,9 @@ class StatsPublisher:
         """Send what moved since the last publish; how many fields moved (0 when nothing did
         or Redis failed: the next publish carries them)."""
         with self._lock:
-            totals = self._stats.totals()
+            totals: dict[str, int] = {}
+            for source in self._stats:
+                totals.update(source.totals())
             published = self._published
             moved = {field: n - published.get(field, 0) for field, n in totals.items()
                      if n != published.get(field, 0)}

@@ -548,11 +548,13 @@ def _add_stats(commands: _Subcommands[argparse.ArgumentParser]) -> None:
             "section) over the last --since, and show per view: the share of values and of "
             "calls answered by the L1 and by Redis, p50/p99 call latency for calls answered "
             "without SQL and for calls that read SQL, the SQL work saved, and the processes "
-            "reporting."
+            "reporting; and per model version (cache.model()), the same for outputs and "
+            "the inference saved."
         ),
     )
     _config_option(parser)
-    parser.add_argument("--view", metavar="V", help="only this view (default: every view)")
+    parser.add_argument("--view", metavar="V", help="only this view (default: every view "
+                                                    "and every model version)")
     parser.add_argument("--since", metavar="D", type=duration, default=900.0,
                         help="the window, counted in whole minutes (default 15m)")
     parser.add_argument("--watch", metavar="S", type=duration, nargs="?", const=2.0,

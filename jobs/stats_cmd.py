@@ -18,7 +18,7 @@ from featcache.config import CacheConfig, load_config
 from featcache.keys import KeyLayout
 from featcache.redis_store import RedisStore, admin, open_store
 from featcache.stats_publish import read_window
-from featcache.stats_report import summarize
+from featcache.stats_report import summarize, summarize_models
 
 __all__ = ["render", "report", "run_stats"]
 
@@ -39,6 +39,8 @@ def report(store: RedisStore, config: CacheConfig, view: str | None, since: floa
         "processes": [{"name": name, "last_published": at}
                       for name, at in sorted(window.processes.items())],
         "views": summarize(window.totals, names),
+        # prediction caches are not views: a report of one view leaves them out
+        "models": summarize_models(window.totals) if view is None else {},
     }
 
 
@@ -55,7 +57,7 @@ def render(data: dict[str, Any], out: TextIO) -> None:
     processes = data["processes"]
     out.write(f"featcache stats, prefix {data['prefix']}: the last {data['minutes']} minute(s), "
               f"{len(processes)} process(es) reporting\n")
-    if not data["views"]:
+    if not data["views"] and not data["models"]:
         out.write("  no calls counted in this window (is stats.publish_interval 0, or no "
                   "process serving?)\n")
     for view, f in data["views"].items():
@@ -77,6 +79,9 @@ def render(data: dict[str, Any], out: TextIO) -> None:
                   f"errors, {s['rejected']:,} rows refused\n")
         out.write(f"         saved {_pct(s['values_saved'])} of the values and "
                   f"{_pct(s['queries_saved'])} of the queries a cacheless read would make\n")
+    for model, versions in data["models"].items():
+        for version, f in versions.items():
+            _render_model(model, version, f, out)
     for view, keys in data["redis"].items():
         about = "" if keys["exact"] else "about "
         out.write(f"redis {view}: {about}{keys['keys']:,} keys, {about}"
@@ -85,6 +90,24 @@ def render(data: dict[str, Any], out: TextIO) -> None:
     for p in processes:
         out.write(f"process {p['name']}: published {max(0.0, now - p['last_published']):.0f} s "
                   "ago\n")
+
+
+def _render_model(model: str, version: str, f: dict[str, Any], out: TextIO) -> None:
+    outputs, calls, rate = f["outputs"], f["calls"], f["output_hit_rate"]
+    hit, computed = f["latency_ms"]["hit"], f["latency_ms"]["compute"]
+    saved, events = f["inference_saved"], f["events"]
+    out.write(f"\nmodel {model} version {version}\n")
+    out.write(f"  outputs {outputs['total']:>11,}  L1 {_pct(rate['l1'])}  Redis "
+              f"{_pct(rate['redis'])}  computed {outputs['compute']:,}\n")
+    out.write(f"  calls  {calls['total']:>12,}  model called {events['compute_calls']:,} "
+              f"times: saved {_pct(saved['model_calls'])} of calls, "
+              f"{_pct(saved['outputs'])} of outputs\n")
+    out.write(f"  latency  all hits: p50 {_ms(hit['p50'])}, p99 {_ms(hit['p99'])} "
+              f"({hit['calls']:,} calls)\n")
+    out.write(f"           computed: p50 {_ms(computed['p50'])}, p99 {_ms(computed['p99'])} "
+              f"({computed['calls']:,} calls)\n")
+    out.write(f"  writes {events['written']:,}, fenced {events['writes_fenced']:,}, late "
+              f"{events['writes_late']:,}; Redis errors {events['redis_errors']:,}\n")
 
 
 def run_stats(config_path: str, view: str | None, since: float, *, watch: float | None = None,

@@ -56,6 +56,11 @@ from featcache.errors import EmbeddedServerError
 
 ENV_REDIS_URL: Final = "FEATCACHE_TEST_REDIS_URL"
 ENV_PG_URL: Final = "FEATCACHE_TEST_PG_URL"
+#: set (to 1): keep only the tests that reach a server named by the URLs above (.ci/run's
+#: second run; the others run in the first, the same way, on private servers and SQLite)
+ENV_SERVICES_ONLY: Final = "FEATCACHE_TEST_SERVICES_ONLY"
+#: fixtures through which a test reaches a server the URLs above name
+_SERVICE_FIXTURES: Final = frozenset({"pg_base_url", "mysql_base_url", "postgres_target"})
 ENV_MYSQL_URL: Final = "FEATCACHE_TEST_MYSQL_URL"
 #: standalone (the default), sentinel or cluster: the Redis deployment the caches of the
 #: tests marked ``topology`` run on (.ci/run runs them on each)
@@ -88,17 +93,34 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     a client of one server to count or hook its wire: a cluster cache needs a cluster client,
     and the cluster's own tests (test_cluster_*.py) count its round trips per node. With the
     async client (FEATCACHE_TEST_CLIENT=async), deselect those that park the synchronous
-    client's Redis read on its wire: the async client reads on the event loop instead."""
+    client's Redis read on its wire: the async client reads on the event loop instead. With
+    FEATCACHE_TEST_SERVICES_ONLY, deselect those that reach no server a URL names: they ran
+    the same way in the run without URLs."""
     dropped = {"one_server"} if TOPOLOGY == "cluster" else set()
     if async_client_wanted():
         dropped.add("sync_io")
-    if not dropped:
+    services_only = _env(ENV_SERVICES_ONLY) is not None
+    if not dropped and not services_only:
         return
     kept = [item for item in items
-            if not any(item.get_closest_marker(name) for name in dropped)]
+            if not any(item.get_closest_marker(name) for name in dropped)
+            and (not services_only or _reaches_a_service(item))]
     if len(kept) != len(items):
         config.hook.pytest_deselected(items=[i for i in items if i not in kept])
         items[:] = kept
+
+
+def _reaches_a_service(item: pytest.Item) -> bool:
+    """Whether a test talks to a server a FEATCACHE_TEST_*_URL names: the shared Redis through
+    ``redis_url``, PostgreSQL or MySQL through a fixture or a parameter naming the dialect."""
+    names = set(getattr(item, "fixturenames", ()))
+    if "redis_url" in names and _env(ENV_REDIS_URL) is not None and TOPOLOGY == "standalone":
+        return True
+    if names & _SERVICE_FIXTURES:
+        return True
+    callspec = getattr(item, "callspec", None)
+    params = callspec.params.values() if callspec is not None else ()
+    return any(p in ("postgresql", "mysql") for p in params if isinstance(p, str))
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -116,6 +138,10 @@ def pytest_configure(config: pytest.Config) -> None:
         raise pytest.UsageError(f"{ENV_REQUIRE} contains redis but {ENV_REDIS_URL} is unset")
     if TOPOLOGY not in TOPOLOGIES:
         raise pytest.UsageError(f"{ENV_TOPOLOGY}={TOPOLOGY!r}; known: {', '.join(TOPOLOGIES)}")
+    if _env(ENV_SERVICES_ONLY) is not None and not any(
+            _env(name) for name in (ENV_REDIS_URL, ENV_PG_URL, ENV_MYSQL_URL)):
+        raise pytest.UsageError(f"{ENV_SERVICES_ONLY} keeps the tests that reach a server "
+                                f"a URL names, and none is set")
     if TOPOLOGY != "standalone" and _env(ENV_REDIS_URL) is not None:
         raise pytest.UsageError(f"{ENV_TOPOLOGY}={TOPOLOGY} runs on private servers: unset "
                                 f"{ENV_REDIS_URL}")

@@ -72,8 +72,16 @@ def test_scraped_cache_metrics_match_stats_after_real_reads(l1_cache: FeatureCac
     cache.get_features([1, 2, 99], ["clicks"])  # 1, 2 filled from SQL; 99 absent
     cache.get_features([1, 2], ["clicks"])  # from the L1
     cache.get_features([3], ["clicks"])
+    ranker = cache.model("ranker", version="v1")
+    for _ in range(3):  # computed, then from the L1 twice
+        ranker.get_or_compute([1.0, 2.0], compute=lambda xs: [2 * x for x in xs])
     with _served(new_registry(CacheCollector(cache))) as url:
         samples = _scrape(url)
+    model = cache.model_stats()[("ranker", "v1")]
+    assert model["computed"] == 2 and model["compute_calls"] == 1 and model["hits_l1"] == 4
+    for event, count in model.items():
+        assert _get(samples, "featcache_model_events_total", model="ranker", version="v1",
+                    event=event) == count
     stats = cache.stats()["stats"]
     assert stats["filled"] >= 3 and stats["hit_l1"] >= 2 and stats["absent"] == 1
     for event, count in stats.items():

@@ -168,31 +168,51 @@ def test_an_output_computed_before_an_invalidation_never_lands_after_it(
         assert ranker.stats()["writes_fenced"] == 2
 
 
-def test_an_invalidation_reaches_the_l1_of_another_process(
+def test_an_invalidation_reaches_the_l1_of_another_os_process(
         redis_url: str, key_prefix: str, offline_url: str) -> None:
-    with make_cache([VIEW], redis_url, offline_url, key_prefix, l1_policy="lru",
-                    l1_max_ttl=60.0) as serving, \
-            make_cache([VIEW], redis_url, offline_url, key_prefix) as trainer:
-        ranker = serving.model("ranker", version="v1")
-        model = Model()
-        assert ranker.get_or_compute(inputs([1, 2]), compute=model).status_counts() == {
-            Status.COMPUTED: 2}
-        assert ranker.get_or_compute(inputs([1, 2]), compute=model).status_counts() == {
-            Status.HIT_L1: 2}
-        applied = serving.subscriber_stats()["entries_applied"]
-        trainer.model("ranker", version="v1").invalidate([{"x": 1, "kind": "a"}])
-        until(lambda: serving.subscriber_stats()["entries_applied"] > applied, "the entry")
-        result = ranker.get_or_compute(inputs([1, 2]), compute=model)
-        assert result.statuses == [Status.COMPUTED, Status.HIT_L1]
-        applied = serving.subscriber_stats()["entries_applied"]
-        trainer.model("ranker", version="v1").invalidate()
-        until(lambda: serving.subscriber_stats()["entries_applied"] > applied, "the entry")
-        assert ranker.get_or_compute(inputs([1, 2]), compute=model).status_counts() == {
-            Status.COMPUTED: 2}
-        # a feature view's invalidation does not touch the outputs' L1
-        serving.invalidate("mv")
-        assert ranker.get_or_compute(inputs([1, 2]), compute=model).status_counts() == {
-            Status.HIT_L1: 2}
+    script = Path(__file__).with_name("models_l1_worker.py")
+    worker = subprocess.Popen([sys.executable, str(script), redis_url, key_prefix],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert worker.stdin is not None and worker.stdout is not None
+    stdin, stdout = worker.stdin, worker.stdout
+
+    def ask(command: str) -> dict[str, Any]:
+        stdin.write(command + "\n")
+        stdin.flush()
+        answer: dict[str, Any] = json.loads(stdout.readline())
+        return answer
+
+    def applied() -> int:
+        return int(ask("applied")["applied"])
+
+    try:
+        assert json.loads(stdout.readline()) == {"ready": True}
+        assert ask("get 0") == {"outputs": [2.0, 4.0], "statuses": ["COMPUTED"] * 2}
+        assert ask("get 50") == {"outputs": [2.0, 4.0], "statuses": ["HIT_L1"] * 2}
+        with make_cache([VIEW], redis_url, offline_url, key_prefix) as trainer:
+            before = applied()
+            trainer.model("ranker", version="v1").invalidate([{"x": 1, "kind": "a"}])
+            until(lambda: applied() > before, "the entry in the worker")
+            assert ask("get 100") == {"outputs": [102.0, 4.0],
+                                      "statuses": ["COMPUTED", "HIT_L1"]}
+            before = applied()
+            trainer.model("ranker", version="v1").invalidate()
+            until(lambda: applied() > before, "the entry in the worker")
+            assert ask("get 200") == {"outputs": [202.0, 204.0],
+                                      "statuses": ["COMPUTED"] * 2}
+            # a feature view's invalidation does not touch the outputs' L1
+            before = applied()
+            trainer.invalidate("mv")
+            until(lambda: applied() > before, "the entry in the worker")
+            assert ask("get 300") == {"outputs": [202.0, 204.0],
+                                      "statuses": ["HIT_L1"] * 2}
+        stdin.write("quit\n")
+        stdin.close()
+        assert worker.wait(timeout=30) == 0
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+            worker.wait()
 
 
 def test_concurrent_threads_compute_a_missing_input_once(cache: FeatureCache) -> None:

@@ -375,11 +375,12 @@ def test_64_concurrent_clients_for_10_s_have_no_errors_and_right_values(
 
 @pytest.fixture
 def postgres_target(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[SqlTarget]:
-    from servers import isolated_target  # noqa: PLC0415
+    from servers import isolated_target, unavailable  # noqa: PLC0415
 
     base: str | None = request.getfixturevalue("pg_base_url")
-    if base is None:
-        pytest.skip("no PostgreSQL: FEATCACHE_TEST_PG_URL unset and no private server")
+    if base is None:  # a skip, or a failure where postgresql is required
+        unavailable("postgresql", "FEATCACHE_TEST_PG_URL is unset and no initdb/postgres "
+                                  "was found")
     with isolated_target("postgresql", base, tmp_path) as target:
         yield target
 

@@ -191,3 +191,45 @@ def test_the_report_counts_values_and_calls_per_tier() -> None:
     assert view["sql"]["queries_saved"] == pytest.approx(1 - 2 / 9)
     assert view["latency_ms"]["hit"]["calls"] == 7
     assert summarize(totals, ["other"]) == {}
+
+
+def test_prediction_caches_are_published_and_reported_per_model_version(
+    tmp_path: Path, redis_url: str, key_prefix: str, sqlite_target: Any
+) -> None:
+    stats_table(sqlite_target.engine(), VIEW, IDS)
+    config_path = _config_file(tmp_path, redis_url, key_prefix, str(sqlite_target.url))
+    config = CacheConfig(
+        views=(make_view(VIEW, VIEW, None),), redis=redis_config(redis_url, key_prefix),
+        offline_store=OfflineStoreConfig(url=str(sqlite_target.url)),
+        stats=StatsConfig(publish_interval="1h"))
+
+    def double(xs: list[int]) -> list[int]:
+        return [2 * x for x in xs]
+
+    with FeatureCache(config) as fc:
+        ranker = fc.model("ranker", version="v1")
+        ranker.get_or_compute(list(range(10)), compute=double)  # 10 computed
+        ranker.get_or_compute(list(range(10)), compute=double)  # 10 from Redis
+        ranker.get_or_compute(list(range(5, 15)), compute=double)  # 5 from Redis, 5 computed
+        fc.model("ranker", version="v2").get_or_compute([1], compute=double)
+        fc.get_features(IDS[:3], ["clicks"])
+        counts = fc.model_stats()
+    # close published them; the window holds this process's counts alone
+    done = featcache("stats", "--config", str(config_path), "--json", "--since", "5m")
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert set(report["views"]) == {VIEW}  # a model version is not a view
+    v1 = report["models"]["ranker"]["v1"]
+    assert v1["events"] == counts[("ranker", "v1")]
+    assert v1["outputs"] == {"l1": 0, "redis": 15, "compute": 15, "total": 30}
+    assert v1["calls"] == {"l1": 0, "redis": 1, "compute": 2, "total": 3}
+    assert v1["inference_saved"]["outputs"] == pytest.approx(0.5)
+    assert v1["inference_saved"]["model_calls"] == pytest.approx(1 / 3)
+    assert v1["latency_ms"]["hit"]["calls"] == 1 and v1["latency_ms"]["compute"]["calls"] == 2
+    assert report["models"]["ranker"]["v2"]["outputs"]["compute"] == 1
+    text = featcache("stats", "--config", str(config_path), "--since", "5m")
+    assert text.returncode == 0, text.stderr
+    assert "model ranker version v1" in text.stdout and "model ranker version v2" in text.stdout
+    assert "saved 33.3% of calls, 50.0% of outputs" in text.stdout
+    one_view = featcache("stats", "--config", str(config_path), "--json", "--view", VIEW)
+    assert json.loads(one_view.stdout)["models"] == {}
