@@ -1,7 +1,9 @@
-"""A serving process of ``test_models``: asks a model cache for 50 inputs at an agreed moment,
-with a slow compute that logs every input it is given, and prints its answer as JSON.
+"""A serving process of ``test_models``: asks a model cache for 50 inputs when told to, with
+a slow compute that logs every input it is given, and prints its answer as JSON.
 
-Usage: ``python models_worker.py REDIS_URL KEY_PREFIX START_EPOCH_S LOG_PATH TAG``.
+Usage: ``python models_worker.py REDIS_URL KEY_PREFIX LOG_PATH TAG``; it prints ``ready``
+once its cache is open, and asks when a line arrives on stdin (the test sends it to every
+worker at once).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from featdata import make_cache, make_view
 
 
 def main() -> None:
-    redis_url, key_prefix, start, log, tag = sys.argv[1:6]
+    redis_url, key_prefix, log, tag = sys.argv[1:5]
     view = make_view("mv", "mv", None)
     offline = f"sqlite:///{Path(tempfile.mkdtemp()) / 'offline.db'}"
 
@@ -29,7 +31,8 @@ def main() -> None:
 
     with make_cache([view], redis_url, offline, key_prefix) as cache:
         ranker = cache.model("ranker", version="v1", lease_wait=20.0)
-        time.sleep(max(0.0, float(start) - time.time()))
+        print("ready", flush=True)
+        sys.stdin.readline()
         result = ranker.get_or_compute([{"x": n} for n in range(50)], compute=compute)
         print(json.dumps({"outputs": list(result), "statuses": [str(s) for s in
                                                                 result.statuses]}))

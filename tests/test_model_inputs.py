@@ -615,3 +615,30 @@ def test_what_is_not_a_batch_is_refused(value: Any, message: str) -> None:
         batch_of(value)
     with pytest.raises(InvalidRequest, match=re.escape(message)):
         input_digests(value)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.text(max_size=6), max_size=8, unique=True), st.data())
+def test_property_a_batch_of_dicts_with_one_key_set_digests_as_each_dict_alone(
+        keys: list[str], data: st.DataObject) -> None:
+    """The batch path (a Struct of the first dict's keys, sorted) writes the bytes each dict
+    gets alone, whatever the order of its keys, and a dict with other keys or a value the
+    Struct does not take (a numpy scalar, an int past uint64) goes the per-input way."""
+    rows = [{key: data.draw(plain_values) for key in data.draw(st.permutations(keys))}
+            for _ in range(data.draw(st.integers(1, 4)))]
+    odd = data.draw(st.sampled_from([None, "extra key", "missing key", "numpy", "big int"]))
+    if odd == "extra key":
+        rows.append({**rows[0], "\x00extra": 1})
+    elif odd == "missing key" and keys:
+        rows.append({key: rows[0][key] for key in keys[1:]})
+    elif odd == "numpy" and keys:
+        rows.append({**rows[0], keys[0]: np.int64(7)})
+    elif odd == "big int" and keys:
+        rows.append({**rows[0], keys[0]: 2**64})
+    try:
+        alone = [input_digest(row) for row in rows]
+    except InvalidRequest:
+        with pytest.raises(InvalidRequest, match=r"inputs\[\d\]"):
+            input_digests(rows)
+        return
+    assert input_digests(rows) == alone

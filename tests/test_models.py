@@ -237,11 +237,16 @@ def test_concurrent_threads_compute_a_missing_input_once(cache: FeatureCache) ->
 def test_two_processes_compute_each_missing_input_once_in_total(
         redis_url: str, key_prefix: str, tmp_path: Path) -> None:
     log = tmp_path / "computed.jsonl"
-    start = time.time() + 3.0
     script = Path(__file__).with_name("models_worker.py")
-    procs = [subprocess.Popen([sys.executable, str(script), redis_url, key_prefix,
-                               str(start), str(log), tag], stdout=subprocess.PIPE, text=True)
+    procs = [subprocess.Popen([sys.executable, str(script), redis_url, key_prefix, str(log),
+                               tag], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
              for tag in ("a", "b")]
+    for p in procs:  # both caches open before either asks
+        assert p.stdout is not None and p.stdout.readline().strip() == "ready"
+    for p in procs:
+        assert p.stdin is not None
+        p.stdin.write("go\n")
+        p.stdin.flush()
     outs = [p.communicate(timeout=60)[0] for p in procs]
     assert all(p.returncode == 0 for p in procs), outs
     computed = [json.loads(line) for line in log.read_text().splitlines()]
