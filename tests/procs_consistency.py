@@ -2,7 +2,8 @@
 
 The workers run in *spawned* processes: everything they need arrives pickled in a ``Job`` (the
 ``CacheConfig`` included), each builds its own ``FeatureCache`` and SQLAlchemy engine, and each
-writes what it observed to a pickle file in the test's ``tmp_path``. Timestamps are
+writes what it observed to a msgpack file in the test's ``tmp_path`` (tuples come back as
+lists). Timestamps are
 ``time.monotonic()`` (CLOCK_MONOTONIC, one clock for every process on Linux), so "invalidation
 w returned before read r started" is a real-time fact comparable across processes.
 
@@ -15,7 +16,6 @@ from __future__ import annotations
 import bisect
 import datetime as dt
 import os
-import pickle
 import random
 import time
 import traceback
@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import sqlalchemy as sa
 from featdata import client_for
 
@@ -60,7 +61,7 @@ class Job:
     entities: tuple[int, ...]
     ops: int
     seed: int
-    out: str  # the pickle file this worker writes
+    out: str  # the msgpack file this worker writes
     deadline: float  # time.monotonic() after which a worker stops early (safety net only)
     whole_view_pct: float = 2.0  # writer: share of invalidations that are whole-view
     multi_pct: float = 10.0  # writer: share of transactions that update 2-3 entities
@@ -105,7 +106,7 @@ def _start(barrier: Any, payload: dict[str, Any], born: float) -> None:
 def _dump(path: str, payload: dict[str, Any]) -> None:
     tmp = f"{path}.tmp"
     with open(tmp, "wb") as fh:
-        pickle.dump(payload, fh, protocol=pickle.HIGHEST_PROTOCOL)
+        fh.write(msgspec.msgpack.encode(payload))
     os.replace(tmp, path)
 
 
@@ -336,6 +337,5 @@ def _keep(report: Report, keep: int, kind: str, reader: Mapping[str, Any], t_sta
 
 
 def load(path: Path) -> dict[str, Any]:
-    with path.open("rb") as fh:
-        payload: dict[str, Any] = pickle.load(fh)  # our own file, in this test's tmp_path
+    payload: dict[str, Any] = msgspec.msgpack.decode(path.read_bytes())
     return payload

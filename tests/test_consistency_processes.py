@@ -90,7 +90,7 @@ def _run(
     def job(role: str, ops: int, seed: int) -> Job:
         return Job(config=config, view=VIEW, table=VIEW, schema=target.schema,
                    sql_url=target.url, entities=entities, ops=ops, seed=seed,
-                   out=str(tmp_path / f"{role}.pkl"), deadline=deadline, naive=naive)
+                   out=str(tmp_path / f"{role}.msgpack"), deadline=deadline, naive=naive)
 
     procs = [ctx.Process(target=run_writer, name="writer",
                          args=(job("writer", writer_ops, 1), progress, barrier, N_READERS))]
@@ -114,7 +114,7 @@ def _run(
     assert not hung, f"worker processes hung: {[p.name for p in hung]}"
     payloads, failures = [], []
     for proc in procs:
-        path = tmp_path / f"{proc.name}.pkl"
+        path = tmp_path / f"{proc.name}.msgpack"
         if not path.exists():
             failures.append(f"{proc.name} exited with {proc.exitcode} and wrote no results")
             continue
