@@ -7,8 +7,13 @@ keeps at that rate (SHARDS' spatial sampling: a hash of view and id, so an id's 
 in the trace or none is) and adds, per view, one entry to the stream
 ``<prefix>:~<view>:trace`` holding the kept ids in read order, each one's time, the rate, and
 how many reads of the view the flush covered (kept or not, so the analysis knows the whole
-trace's length). Entries older than ``stats.trace_window`` are trimmed (``XADD MINID ~``):
-the trace's memory is about ``rate x reads per second x window x 15 bytes``.
+trace's length); a flush that kept more than ``IDS_PER_ENTRY`` ids adds several entries, its
+reads shared among them. Entries older than ``stats.trace_window`` are trimmed (``XADD MINID
+~``), the stream is trimmed to its newest ``stats.trace_max_ids / IDS_PER_ENTRY`` entries
+(``XTRIM MAXLEN``) and expires ``trace_window`` after its last write: its memory is about
+``rate x reads per second x window x 15 bytes``, and never more than about ``trace_max_ids x
+15 bytes`` (about 15 MB per view by default), whatever the read rate. The buffer of calls
+holds at most one flush interval's worth: a flush takes all of it, even when Redis fails.
 
 ``read_trace`` reads a view's stream back (pages of ``XRANGE``); processes configured with
 different rates leave entries of different rates, so every id is filtered again at the
@@ -34,11 +39,13 @@ from featcache.outage import OutageLog
 from featcache.redis_store import Command, RedisStore
 from featcache.request import EntityId
 
-__all__ = ["AccessTrace", "RecordedTrace", "read_trace"]
+__all__ = ["IDS_PER_ENTRY", "AccessTrace", "RecordedTrace", "read_trace"]
 
 log = logging.getLogger("featcache.trace")
 
 _PAGE = 1000  # stream entries per XRANGE
+#: the most ids one stream entry holds (about 15 KB): the unit ``trace_max_ids`` is kept in
+IDS_PER_ENTRY = 1000
 
 
 class AccessTrace:
@@ -51,6 +58,7 @@ class AccessTrace:
         rate: float,
         window: float,
         *,
+        max_ids: int = 1_000_000,
         flush_interval: float = 1.0,
         clock: Callable[[], float] = time.time,
     ) -> None:
@@ -58,6 +66,7 @@ class AccessTrace:
         self._layout = layout
         self.rate = rate
         self._window_ms = int(window * 1000)
+        self._max_entries = max(1, max_ids // IDS_PER_ENTRY)
         self._interval = flush_interval
         self._clock = clock
         self._pending: deque[tuple[str, Sequence[EntityId], float]] = deque()
@@ -107,13 +116,16 @@ class AccessTrace:
                     kept.append(entity)
                     times.append(at_ms)
         now_ms = int(time.time() * 1000)  # stream ids are the server's wall clock, not ours
-        commands = [
-            Command("XADD", self._layout.trace_key(view), (
-                "MINID", "~", now_ms - self._window_ms, "*",
-                "r", repr(rate), "n", reads[0], "i", msgpack.packb(kept),
-                "t", msgpack.packb(times)))
-            for view, (kept, times, reads) in per_view.items()
-        ]
+        commands: list[Command] = []
+        for view, (kept, times, reads) in per_view.items():
+            key = self._layout.trace_key(view)
+            for start, n in _entries(len(kept), reads[0]):
+                end = start + IDS_PER_ENTRY
+                commands.append(Command("XADD", key, (
+                    "MINID", "~", now_ms - self._window_ms, "*", "r", repr(rate), "n", n,
+                    "i", msgpack.packb(kept[start:end]), "t", msgpack.packb(times[start:end]))))
+            commands += [Command("XTRIM", key, ("MAXLEN", self._max_entries)),
+                         Command("PEXPIRE", key, (self._window_ms,))]
         try:
             self._store.execute(commands)
         except FeatcacheError as exc:
@@ -133,6 +145,18 @@ class AccessTrace:
         if self._thread is not None:
             self._thread.join(timeout=5)
         self.flush()
+
+
+def _entries(kept: int, reads: int) -> list[tuple[int, int]]:
+    """Where each stream entry of one view's flush starts in its kept ids, and the reads it
+    stands for: the flush's reads shared in proportion to the ids, so trimming old entries
+    leaves the count of reads matching the ids that stay."""
+    if kept <= IDS_PER_ENTRY:
+        return [(0, reads)]
+    starts = range(0, kept, IDS_PER_ENTRY)
+    shares = [reads * min(IDS_PER_ENTRY, kept - start) // kept for start in starts]
+    shares[-1] += reads - sum(shares)
+    return list(zip(starts, shares, strict=True))
 
 
 @dataclass(frozen=True)

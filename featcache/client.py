@@ -83,7 +83,8 @@ class FeatureCache(Parts):
         self.access_trace: AccessTrace | None = None
         if config.stats.trace_rate > 0:
             self.access_trace = AccessTrace(self.store, self.layout, config.stats.trace_rate,
-                                            config.stats.trace_window, clock=clock)
+                                            config.stats.trace_window,
+                                            max_ids=config.stats.trace_max_ids, clock=clock)
         self._read = ReadPath(
             config, self.layout, self.store, self.offline, self.stats_counters, clock, self._l1,
             self._popularity, self.access_trace,

@@ -393,7 +393,8 @@ class StatsConfig(Section):
     ``retention``, for ``featcache stats`` (``StatsPublisher``). ``publish_interval: 0``
     publishes nothing and times no call (the per-view counters of ``stats()`` stay).
     ``trace_rate`` above 0 records a spatially sampled trace of reads per view, kept for
-    ``trace_window``, for ``featcache analyze`` (``AccessTrace``)."""
+    ``trace_window`` and up to about ``trace_max_ids`` sampled reads, for ``featcache
+    analyze`` (``AccessTrace``)."""
 
     NAME: ClassVar[str] = "stats"
 
@@ -401,6 +402,7 @@ class StatsConfig(Section):
     retention: float = duration_field(86400.0)
     trace_rate: float = number_field(0.0)
     trace_window: float = duration_field(3600.0)
+    trace_max_ids: int = integer_field(1_000_000, 1_000, 1_000_000_000)
 
     def __post_init__(self) -> None:
         self._check_fields()

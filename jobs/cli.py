@@ -369,22 +369,25 @@ def _add_validate(commands: _Subcommands[argparse.ArgumentParser]) -> None:
             "its credentials, and per server (each primary of a cluster) its version, role, "
             "maxmemory and maxmemory-policy; each view's table, columns and types, a sample "
             "of rows converted as a read converts them, and an index on the entity column. "
-            "Prints a short report (--json: one JSON object). Warnings leave the status 0; "
-            "errors end the command with the status of the most decisive one: 78 a "
-            "configuration error, else 69 a statement the database refused, else 75 a server "
-            "that could not be reached."
+            "Prints a short report (--json: one JSON object). Warnings leave the status 0 "
+            "(78 with --strict); errors end the command with the status of the most decisive "
+            "one: 78 a configuration error, else 69 a statement the database refused, else 75 "
+            "a server that could not be reached."
         ),
     )
     _config_option(parser)
     parser.add_argument("--json", action="store_true",
                         help="one JSON object instead of the text report")
+    parser.add_argument("--strict", action="store_true",
+                        help="warnings fail too (status 78): no index on an entity column, "
+                             "maxmemory-policy noeviction, no maxmemory...")
     parser.set_defaults(handler=_run_validate)
 
 
 def _run_validate(args: argparse.Namespace) -> int:
     from . import validate  # noqa: PLC0415 - each command imports its own
 
-    validate.run_validate(args.config, as_json=args.json)
+    validate.run_validate(args.config, as_json=args.json, strict=args.strict)
     return EXIT_OK
 
 

@@ -297,8 +297,10 @@ def render(report: ValidateReport) -> str:
 
 
 def run_validate(config_path: str, as_json: bool = False,
-                 out: TextIO | None = None) -> ValidateReport:
-    """``featcache validate``: prints the report; raises (``_failed``) when a check failed."""
+                 out: TextIO | None = None, *, strict: bool = False) -> ValidateReport:
+    """``featcache validate``: prints the report; raises (``_failed``) when a check failed,
+    and with ``strict`` a ``ConfigError`` when only warnings were found (a deployment check
+    in a pipeline that must stop on a missing index or ``noeviction``)."""
     config = load_config(config_path)  # a config that does not load: its own error, as today
     report = validate(config, config_path)
     stream = out or sys.stdout
@@ -306,4 +308,9 @@ def run_validate(config_path: str, as_json: bool = False,
     stream.flush()
     if report.errors:
         raise _failed(report.errors)
+    if strict and report.warnings:
+        first = next(f for f in report.findings if f.level == WARNING)
+        raise ConfigError(f"{report.warnings} warning{'s' * (report.warnings != 1)} with "
+                          f"--strict (the report lists them): {first.subject}: "
+                          f"{first.message}")
     return report

@@ -56,8 +56,9 @@ from featcache.errors import EmbeddedServerError
 
 ENV_REDIS_URL: Final = "FEATCACHE_TEST_REDIS_URL"
 ENV_PG_URL: Final = "FEATCACHE_TEST_PG_URL"
-#: set (to 1): keep only the tests that reach a server named by the URLs above (.ci/run's
-#: second run; the others run in the first, the same way, on private servers and SQLite)
+#: set (to 1): keep only the tests that reach a server named by the URLs above, and those
+#: marked ``machine`` (.ci/run's second run, where every backend is required; the others ran
+#: in the first, the same way, on private servers and SQLite)
 ENV_SERVICES_ONLY: Final = "FEATCACHE_TEST_SERVICES_ONLY"
 #: fixtures through which a test reaches a server the URLs above name
 _SERVICE_FIXTURES: Final = frozenset({"pg_base_url", "mysql_base_url", "postgres_target"})
@@ -111,8 +112,11 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 def _reaches_a_service(item: pytest.Item) -> bool:
-    """Whether a test talks to a server a FEATCACHE_TEST_*_URL names: the shared Redis through
-    ``redis_url``, PostgreSQL or MySQL through a fixture or a parameter naming the dialect."""
+    """Whether a test talks to a server a FEATCACHE_TEST_*_URL names (the shared Redis through
+    ``redis_url``, PostgreSQL or MySQL through a fixture or a parameter naming the dialect),
+    or is marked ``machine``: it needs a binary that a run requiring every backend must have."""
+    if item.get_closest_marker("machine"):
+        return True
     names = set(getattr(item, "fixturenames", ()))
     if "redis_url" in names and _env(ENV_REDIS_URL) is not None and TOPOLOGY == "standalone":
         return True

@@ -67,6 +67,31 @@ def test_processes_at_two_rates_give_one_sample_at_the_lower(
     assert sorted(trace.ids) == [e for e in IDS[:1000] if sampled(VIEW, e, 0.1)]
 
 
+def test_the_trace_keeps_at_most_trace_max_ids_reads_and_expires_after_its_window(
+    redis_url: str, key_prefix: str, sqlite_target: Any, redis_client: Any
+) -> None:
+    stats_table(sqlite_target.engine(), VIEW, IDS)
+    config = _config(redis_url, key_prefix, str(sqlite_target.url), 1.0)
+    config = config.replace(stats=StatsConfig(publish_interval=0, trace_rate=1.0,
+                                              trace_window="10m", trace_max_ids=3000))
+    with FeatureCache(config) as fc:
+        assert fc.access_trace is not None
+        fc.get_features(IDS[:1500], ["clicks"])
+        fc.get_features(IDS[1500:], ["clicks"])
+        assert fc.access_trace.flush() == 2000  # one flush of 2000 reads: two entries
+        trace = read_trace(fc.store, key_layout(key_prefix), VIEW)
+        assert trace is not None and trace.ids == IDS and trace.reads == 2000
+        for _ in range(3):  # a burst: 6000 more reads, far past the bound
+            fc.get_features(IDS, ["clicks"])
+        assert fc.access_trace.flush() == 6000
+        trace = read_trace(fc.store, key_layout(key_prefix), VIEW)
+    key = key_layout(key_prefix).trace_key(VIEW)
+    assert redis_client.xlen(key) == 3  # 3000 reads kept, in entries of at most 1000
+    assert trace is not None and len(trace.ids) == 3000 and trace.reads == 3000
+    assert trace.ids == (IDS * 3)[-3000:]  # the newest reads stay
+    assert 0 < redis_client.pttl(key) <= 600_000
+
+
 def test_no_trace_is_recorded_at_rate_zero(
     redis_url: str, key_prefix: str, sqlite_target: Any
 ) -> None:

@@ -120,12 +120,22 @@ def test_a_sampled_trace_gives_shards_curves(csv_trace: Path, tmp_path: Path,
     report = tmp_path / "s.json"
     status = cli.main(["analyze", "--trace", str(csv_trace), "--view", "user",
                        "--sampling-rate", "0.5", "--policies", "lru", "--json", str(report)])
-    assert status == 0, capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert status == 0, err
+    assert "warning: a sampled trace without --full-accesses" in err
     doc = json.loads(report.read_text())
     assert doc["sampling_rate"] == 0.5
     lru, simulated = doc["curves"]
     assert (lru["method"], lru["exact"], simulated["exact"]) == ("SHARDS", False, False)
     assert lru["points"][0]["size"] == 2  # a 1/2 sample resolves sizes from 2 entries
+    # with the whole trace's length: SHARDS-adj, and no warning
+    status = cli.main(["analyze", "--trace", str(csv_trace), "--view", "user",
+                       "--sampling-rate", "0.5", "--full-accesses", "20000", "--policies",
+                       "lru", "--json", str(report)])
+    err = capsys.readouterr().err
+    assert status == 0, err
+    assert "warning" not in err
+    assert json.loads(report.read_text())["curves"][0]["method"] == "SHARDS-adj"
 
 
 @pytest.mark.parametrize(

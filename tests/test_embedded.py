@@ -192,6 +192,7 @@ def private_postgres() -> PrivatePostgres:
     return server
 
 
+@pytest.mark.machine
 def test_private_postgres_runs_unprivileged_on_loopback_and_stop_cleans_up(
     private_postgres: PrivatePostgres,
 ) -> None:
@@ -250,6 +251,7 @@ _POSTGRES_CHILD = textwrap.dedent(
 )
 
 
+@pytest.mark.machine
 def test_private_postgres_dies_when_its_owner_is_sigkilled(
     private_postgres: PrivatePostgres,
 ) -> None:

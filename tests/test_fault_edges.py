@@ -18,7 +18,7 @@ from featcache.jobs.changes import follow_changes
 from featdata import T0, insert, make_cache, make_table, make_view
 from wire import hooked_client, is_command
 
-from featcache import FeatcacheError, Feature, Status
+from featcache import CacheUnavailable, Feature, Status
 from featcache.embedded import EmbeddedServer
 from featcache.leader import ViewLeader
 from featcache.redis_store import CONDITIONAL_SET, SET_IF_ABSENT
@@ -75,7 +75,7 @@ def test_follow_changes_redis_dies_before_watermark_save_raises_featcache_error(
                 server.kill()
 
         hooks.before_send = before_send
-        with pytest.raises(FeatcacheError):
+        with pytest.raises(CacheUnavailable):
             follow_changes(fc, "rfeat", leader=leader, rewrite="all")
     finally:
         hooks.before_send = None

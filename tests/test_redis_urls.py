@@ -263,6 +263,7 @@ def _tls_server(tmp: Path) -> tuple[EmbeddedServer, int, Path]:
     return server, tls_port, cert
 
 
+@pytest.mark.machine
 def test_rediss_tls_url(tmp_path: Path, table_url: str) -> None:
     server, tls_port, cert = _tls_server(tmp_path)
     try:

@@ -141,6 +141,10 @@ def test_noeviction_and_no_maxmemory_are_warnings(sqlite_target: SqlTarget,
             assert f"  warning  {server.url}: maxmemory-policy is noeviction: once maxmemory " \
                    "is reached every write fails" in done.stdout
             assert done.stdout.endswith("0 errors, 1 warning\n"), done.stdout
+            strict = featcache("validate", "--config", str(path), "--strict")
+            assert strict.returncode == 78, strict.stdout + strict.stderr
+            assert "1 warning with --strict" in strict.stderr
+            assert "maxmemory-policy is noeviction" in strict.stderr
             client.config_set("maxmemory", 0)
             report = _json(featcache("validate", "--config", str(path), "--json"))
             assert (report["ok"], report["warnings"]) == (True, 2)
@@ -220,6 +224,8 @@ def test_no_index_on_the_entity_column_is_a_warning(
     assert "warning  view cv: views.cv.entity.column: no index on 'entity_id'" in done.stdout
     assert "every read of the view scans the table" in done.stdout
     assert done.stdout.endswith("0 errors, 1 warning\n"), done.stdout
+    strict = featcache("validate", "--config", str(path), "--strict")
+    assert strict.returncode == 78 and "no index on 'entity_id'" in strict.stderr, strict.stderr
     # an index whose first column is another one does not serve a lookup by id
     engine = sql_target.engine()
     table = sa.Table("cv", sa.MetaData(schema=sql_target.schema), autoload_with=engine)
