@@ -4,7 +4,9 @@ sums them; the latency histogram and the report's arithmetic."""
 from __future__ import annotations
 
 import json
+import os
 import random
+import shutil
 import subprocess
 import sys
 import time
@@ -233,3 +235,28 @@ def test_prediction_caches_are_published_and_reported_per_model_version(
     assert "saved 33.3% of calls, 50.0% of outputs" in text.stdout
     one_view = featcache("stats", "--config", str(config_path), "--json", "--view", VIEW)
     assert json.loads(one_view.stdout)["models"] == {}
+
+
+def test_stats_watch_prints_a_report_per_refresh_until_stopped(
+    tmp_path: Path, redis_url: str, key_prefix: str, sqlite_target: Any
+) -> None:
+    stats_table(sqlite_target.engine(), VIEW, IDS)
+    config = _config_file(tmp_path, redis_url, key_prefix, str(sqlite_target.url))
+    script = shutil.which("featcache", path=os.path.dirname(sys.executable))
+    assert script is not None
+    watch = subprocess.Popen([script, "stats", "--config", str(config), "--json", "--watch",
+                              "0.2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert watch.stdout is not None
+        first = json.loads(watch.stdout.readline())
+        with FeatureCache.from_config(str(config)) as fc:  # a process serves between refreshes
+            fc.get_features(IDS[:10], ["clicks"])
+        later = first
+        deadline = time.monotonic() + 30
+        while not later["views"] and time.monotonic() < deadline:
+            later = json.loads(watch.stdout.readline())
+        assert first["views"] == {} and later["views"][VIEW]["calls"]["total"] == 1
+    finally:
+        watch.terminate()
+        _, err = watch.communicate(timeout=30)
+    assert watch.returncode == 143, err  # SIGTERM: stopped, as every command documents
