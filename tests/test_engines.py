@@ -117,6 +117,7 @@ def ray_session() -> Iterator[Any]:
         ray.shutdown()
 
 
+@pytest.mark.scale
 def test_ray_loads_a_million_rows_equal_to_sql(
     ray_session: Any, dataset: tuple[str, Path], redis_url: str, key_prefix: str,
 ) -> None:
@@ -173,6 +174,7 @@ def spark() -> Iterator[Any]:
             os.environ["PYSPARK_PYTHON"] = previous
 
 
+@pytest.mark.scale
 def test_spark_loads_a_million_rows_equal_to_sql(
     spark: Any, dataset: tuple[str, Path], redis_url: str, key_prefix: str,
 ) -> None:
