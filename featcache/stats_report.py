@@ -49,6 +49,12 @@ def _ratio(part: int, whole: int) -> float | None:
     return part / whole if whole else None
 
 
+def _hit_rates(per_tier: dict[str, int], total: int) -> dict[str, float | None]:
+    """The shares of ``total`` answered by the L1, by Redis, and by either (the cache)."""
+    return {"l1": _ratio(per_tier["l1"], total), "redis": _ratio(per_tier["redis"], total),
+            "cache": _ratio(per_tier["l1"] + per_tier["redis"], total)}
+
+
 def _parsed(totals: dict[str, int]) -> tuple[dict[str, dict[str, int]],
                                              dict[str, dict[str, dict[int, int]]]]:
     """``CacheStats.totals`` fields as events per name and latency histograms per name and
@@ -97,17 +103,9 @@ def summarize(totals: dict[str, int], views: Iterable[str] | None = None) -> dic
         hit_histogram = _merged(histograms.get(tier, {}) for tier in ("l1", "redis"))
         out[view] = {
             "values": {**values, "total": n_values},
-            "value_hit_rate": {
-                "l1": _ratio(values["l1"], n_values),
-                "redis": _ratio(values["redis"], n_values),
-                "cache": _ratio(values["l1"] + values["redis"], n_values),
-            },
+            "value_hit_rate": _hit_rates(values, n_values),
             "calls": {**per_tier, "total": n_calls},
-            "call_hit_rate": {
-                "l1": _ratio(per_tier["l1"], n_calls),
-                "redis": _ratio(per_tier["redis"], n_calls),
-                "cache": _ratio(per_tier["l1"] + per_tier["redis"], n_calls),
-            },
+            "call_hit_rate": _hit_rates(per_tier, n_calls),
             "latency_ms": {"hit": _latency(hit_histogram),
                            "sql": _latency(histograms.get("sql", {}))},
             "sql": {
@@ -145,11 +143,7 @@ def summarize_models(totals: dict[str, int]) -> dict[str, dict[str, Any]]:
         model, version = model_of_space(space)
         out.setdefault(model, {})[version] = {
             "outputs": {**outputs, "total": n_outputs},
-            "output_hit_rate": {
-                "l1": _ratio(outputs["l1"], n_outputs),
-                "redis": _ratio(outputs["redis"], n_outputs),
-                "cache": _ratio(outputs["l1"] + outputs["redis"], n_outputs),
-            },
+            "output_hit_rate": _hit_rates(outputs, n_outputs),
             "calls": {**per_tier, "total": n_calls},
             "latency_ms": {
                 "hit": _latency(_merged(histograms.get(t, {}) for t in ("l1", "redis"))),
