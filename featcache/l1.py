@@ -256,10 +256,15 @@ class InOrder(Mapping[IdT, V]):
         self._index: dict[IdT, V] | None = None
 
     def __getitem__(self, entity: IdT) -> V:
+        return self.index()[entity]
+
+    def index(self) -> dict[IdT, V]:
+        """The values by id: built on the first call, the same dict after it (read-only). A
+        caller looking up many ids takes it once and looks them up at C speed."""
         index = self._index
         if index is None:
-            index = self._index = dict(zip(self._ids, self._values, strict=True))
-        return index[entity]
+            index = self._index = dict(zip(self._ids, self.in_order(), strict=True))
+        return index
 
     def __iter__(self) -> Iterator[IdT]:
         return iter(self._ids)

@@ -3,8 +3,12 @@
 Counting must cost the serving path nothing measurable (the target: <= 5% of get_features p50
 at 100 ids), so a call is *sampled* (one ``random()`` per call; a sampled call appends a
 reference to its id list to a buffer, no copy, no I/O) and the buffer is *flushed in the
-background* every ``flush_interval``: one pipelined round trip of ``ZINCRBY`` per distinct id,
-weighted ``1 / sample_rate`` so counts estimate real reads.
+background* every ``flush_interval``: one pipelined round trip of a script that adds each
+distinct id's reads (``ZINCRBY``), weighted ``1 / sample_rate`` so counts estimate real reads.
+
+A sampled call of more than ``IDS_PER_SAMPLE`` ids is counted by a random ``IDS_PER_SAMPLE`` of
+them, each weighted ``len(ids) / IDS_PER_SAMPLE`` more (chosen at flush, off the serving
+thread): every id's expected count is unchanged, and what a flush writes is bounded per call.
 
 Counts live in time buckets, ``<prefix>:~<view>:pop:<bucket start, epoch seconds>`` (sorted
 sets, member = entity id as text, TTL = the history kept). ``top_k`` merges the buckets with
@@ -19,20 +23,45 @@ import logging
 import random
 import threading
 import time
-from collections import Counter
 from collections.abc import Callable, Sequence
+from itertools import chain, repeat
+from operator import mul
 from typing import Any
 
 from featcache.config_sections import PopularityConfig
 from featcache.errors import FeatcacheError, InvalidRequest
 from featcache.keys import KeyLayout
 from featcache.outage import OutageLog
-from featcache.redis_store import Command, LuaScript, RedisStore
+from featcache.redis_store import LuaScript, RedisStore
 from featcache.request import EntityId
 
-__all__ = ["PopularityCounter", "bucket_weights"]
+__all__ = ["IDS_PER_SAMPLE", "PopularityCounter", "bucket_weights"]
 
 log = logging.getLogger("featcache.popularity")
+
+#: Ids of one sampled call that are counted (a random subset of a bigger call, weighted up).
+#: At 1,000 ids a call and 5% of calls, counting every id wrote 20-30k increments a second
+#: per serving process: their scripts and the flush's own Python work, on a thread beside the
+#: calls, took batch-1000 reads' p99 from about 1.7x to 2-3.4x their p50 (docs/benchmarks.md).
+IDS_PER_SAMPLE = 100
+
+# KEYS[1]: a time bucket's sorted set. ARGV[1]: its TTL (seconds); ARGV[2..]: member,
+# increment pairs.
+_COUNT = LuaScript("""
+for i = 2, #ARGV, 2 do
+  redis.call('ZINCRBY', KEYS[1], ARGV[i + 1], ARGV[i])
+end
+redis.call('EXPIRE', KEYS[1], ARGV[1])
+return 0
+""")
+#: Members per ``_COUNT`` call, and per round trip. A flush runs on a thread of the serving
+#: process, beside its calls: one command per id (packed, sent and its reply parsed in Python,
+#: about 2 us an id) held the GIL for tens of milliseconds a second under batch-1000 reads, and
+#: a serving thread waits up to the interpreter's switch interval (5 ms) for it. A chunk is
+#: packed in C, answered once, and sent on its own, so the GIL changes hands between chunks;
+#: it is one script, which the server runs without serving anyone else: 500 members keep
+#: both stretches under a millisecond (``bench read``'s ``_gc`` cases, docs/benchmarks.md).
+_COUNT_CHUNK = 500
 
 # KEYS[1]: a temporary key; KEYS[2..]: bucket keys. ARGV[1]: k; ARGV[2..]: weights per bucket.
 _TOP_K = LuaScript("""
@@ -86,6 +115,7 @@ class PopularityCounter:
         self._rng = rng
         self._lock = threading.Lock()
         self._pending: list[tuple[str, Sequence[EntityId]]] = []
+        self._pick = random.Random()  # the flush thread's: subsets of big calls
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.flushed_reads = 0
@@ -120,21 +150,34 @@ class PopularityCounter:
             pending, self._pending = self._pending, []
         if not pending:
             return 0
-        per_view: dict[str, Counter[EntityId]] = {}
+        per_view: dict[str, dict[EntityId, float]] = {}
         for view, ids in pending:
-            per_view.setdefault(view, Counter()).update(ids)
+            if not ids:
+                continue
+            counts = per_view.setdefault(view, {})
+            picked = (ids if len(ids) <= IDS_PER_SAMPLE
+                      else self._pick.sample(ids, IDS_PER_SAMPLE))
+            weight = len(ids) / len(picked)  # each id's chance to be picked, inverted
+            for entity in picked:
+                counts[entity] = counts.get(entity, 0.0) + weight
         now = self._clock()
         start = int(now // self._bucket_seconds) * self._bucket_seconds
         ttl = self._bucket_seconds * (self._buckets + 1)
-        reads = sum(sum(counts.values()) for counts in per_view.values())
-        commands: list[Command] = []
+        reads = sum(len(ids) for _, ids in pending)
+        calls: list[tuple[list[str], list[Any]]] = []
         for view, counts in per_view.items():
             key = self._layout.popularity_key(view, start)
-            commands.extend(Command("ZINCRBY", key, (n * self._weight, str(entity)))
-                            for entity, n in counts.items())
-            commands.append(Command("EXPIRE", key, (ttl,)))
+            entities, times = list(counts), list(counts.values())
+            for at in range(0, len(entities), _COUNT_CHUNK):
+                # (id, weighted reads) pairs, flattened by C-level passes; hiredis writes an
+                # int id as its decimal text, the member ``top_k`` reads back
+                pairs = zip(entities[at : at + _COUNT_CHUNK],
+                            map(mul, times[at : at + _COUNT_CHUNK], repeat(self._weight)),
+                            strict=True)
+                calls.append(([key], [ttl, *chain.from_iterable(pairs)]))
         try:
-            self._store.execute(commands)
+            for call in calls:
+                self._store.eval_many(_COUNT, [call])
         except FeatcacheError as exc:
             self.flush_errors += 1
             self._outage.failed("popularity counts not flushed", exc)

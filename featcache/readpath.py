@@ -20,7 +20,7 @@ import enum
 import logging
 import random
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import replace
 from itertools import repeat
 from operator import itemgetter
@@ -52,7 +52,7 @@ from featcache.outage import OutageLog
 from featcache.popularity import PopularityCounter
 from featcache.redis_store import RedisStore, WriteBatch, WriteItem, fenced_write
 from featcache.request import EntityId, Plan, ViewPlan, check_ids
-from featcache.result import STATUS, VALUES, Answer, FeatureResult
+from featcache.result import STATUS, VALUES, Answer, FeatureResult, RedisHits
 from featcache.singleflight import BUSY, MISSING, SingleFlight
 from featcache.stats import CacheStats
 from featcache.types import Status
@@ -107,6 +107,14 @@ _loaded_ms = itemgetter(BODY_LOADED_MS)
 _epoch = itemgetter(BODY_EPOCH)
 _fill_ms = itemgetter(BODY_FILL_MS)
 _values = itemgetter(BODY_VALUES)
+
+
+class _PlainRows(NamedTuple):
+    """One view's rows of a call when every one was a plain hit (``ReadPath._plain_rows``)."""
+
+    bodies: list[tuple[Any, ...]]  # decoded values (``RowBatch.bodies``), in the ids' order
+    events_us: list[int | None]
+    loaded: list[int] | None  # each row's load time, for L1 (None without one)
 
 
 class FlightKey(NamedTuple):
@@ -580,13 +588,14 @@ class ReadPath:
     ) -> bool:
         """``_classify``'s batch: answer ``ids`` at once when every row is a plain hit
         (``_plain_rows``); False (nothing done) when any row needs a per-row judgement."""
-        rows = self._plain_rows(vr.vp, raw, vr.epoch, now_ms)
-        if rows is None:
+        plain = self._plain_rows(vr.vp, raw, vr.epoch, now_ms)
+        if plain is None:
             return False
-        answers, loaded = rows
-        vr.answers.update(zip(ids, answers, strict=True))
-        if self.l1 is not None:
-            vr.loaded.update(zip(ids, loaded, strict=True))
+        vr.answers.update(zip(ids, zip(repeat(Status.HIT_REDIS), map(_values, plain.bodies),
+                                       plain.events_us, strict=False),  # repeat() is endless
+                              strict=True))
+        if plain.loaded is not None:
+            vr.loaded.update(zip(ids, plain.loaded, strict=True))
         counts = vr.counts
         counts["hit_redis"] = len(ids)
         counts["negative_hit"] = counts["decode_errors"] = 0
@@ -594,14 +603,14 @@ class ReadPath:
 
     def _plain_rows(
         self, vp: ViewPlan, raw: list[bytes | None], epoch: int, now_ms: int
-    ) -> tuple[Iterator[Answer], list[int]] | None:
-        """The answers and load times of ``raw`` when every value is a plain hit, else None.
+    ) -> _PlainRows | None:
+        """The decoded rows of ``raw`` when every value is a plain hit, else None.
 
         A plain hit is a row of the full schema (``RowCodec.decode_rows``) and of the view's
         ``epoch``, loaded recently enough to be fresh and, with XFetch on, too far from expiry
         to draw an early refresh (rows within 10 deltas of it, the floor as delta), with a
         fill time under that floor. The all-hit batch is the common one: decoded in one call
-        and answered by C-level maps and zips, with no Python step per row.
+        and judged by C-level maps, with no Python step per row.
         """
         if None in raw:
             return None
@@ -609,19 +618,18 @@ class ReadPath:
         if batch is None:
             return None
         bodies = batch.bodies
-        loaded = list(map(_loaded_ms, bodies))
         beta = self._beta
         delta_floor = vp.delta_floor_ms
         plain_after = fresh_since(now_ms, vp.max_age_ms) + 10 * beta * delta_floor
+        # the load times are kept only for L1's entries
+        loaded = list(map(_loaded_ms, bodies)) if self.l1 is not None else None
         if (
-            min(loaded) < plain_after
+            min(loaded if loaded is not None else map(_loaded_ms, bodies)) < plain_after
             or {*map(_epoch, bodies)} != {epoch}
             or (beta and max(map(_fill_ms, bodies)) > delta_floor)
         ):
             return None
-        answers = zip(repeat(Status.HIT_REDIS), map(_values, bodies), batch.events_us,
-                      strict=False)  # repeat() is endless; the other two have a row each
-        return answers, loaded
+        return _PlainRows(bodies, batch.events_us, loaded)
 
     def _plain_hits(
         self,
@@ -630,7 +638,7 @@ class ReadPath:
         raw: list[bytes | None],
         epochs: list[bytes | None],
         now_ms: int,
-    ) -> list[tuple[Iterator[Answer], list[int]]] | None:
+    ) -> list[_PlainRows] | None:
         """``_plain_rows`` of every view of the call (its rows in ``raw`` one view after
         the other, as the MGET read them), or None when any view has another row."""
         n = len(ids)
@@ -650,23 +658,25 @@ class ReadPath:
         self,
         plan: Plan,
         ids: list[EntityId],
-        hits: list[tuple[Iterator[Answer], list[int]]],
+        hits: list[_PlainRows],
         l1_token: int,
         began_ns: int,
     ) -> FeatureResult:
-        """The result of a call whose every row was a plain hit (``_plain_hits``)."""
+        """The result of a call whose every row was a plain hit (``_plain_hits``): each view's
+        rows as read (``RedisHits``), their answers built only when the caller asks."""
         answers: list[Mapping[EntityId, Answer]] = []
         stats = self._stats
         took_ns = perf_counter_ns() - began_ns
-        for vp, (rows, loaded) in zip(plan.views, hits, strict=True):
-            by_id = dict(zip(ids, rows, strict=True))
-            answers.append(by_id)
+        for vp, rows in zip(plan.views, hits, strict=True):
+            hit = RedisHits(ids, rows.bodies, rows.events_us)
+            answers.append(hit)
             if began_ns:
                 stats.call(vp.view.name, "hit_redis", len(ids), "redis", took_ns)
             else:
                 stats.add_one(vp.view.name, "hit_redis", len(ids))
-            if self.l1 is not None:
-                self._to_l1(vp, by_id, dict(zip(ids, loaded, strict=True)), l1_token)
+            if rows.loaded is not None:
+                self._to_l1(vp, hit.index(), dict(zip(ids, rows.loaded, strict=True)),
+                            l1_token)
         return FeatureResult(ids, plan, answers)
 
     # ------------------------------------------------------------------ misses

@@ -12,8 +12,11 @@ import datetime as dt
 import functools
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
+from itertools import repeat
+from operator import itemgetter
 from typing import TYPE_CHECKING, Any, Final, NamedTuple
 
+from featcache.codec import BODY_VALUES
 from featcache.convert import us_to_timestamp
 from featcache.l1 import InOrder
 from featcache.request import EntityId, Plan
@@ -23,7 +26,8 @@ if TYPE_CHECKING:  # imported by the calls that use them: a serving import pays 
     import pandas as pd
     import pyarrow as pa
 
-__all__ = ["EVENT_US", "STATUS", "VALUES", "Answer", "Column", "FeatureResult", "arrow_type"]
+__all__ = ["EVENT_US", "STATUS", "VALUES", "Answer", "Column", "FeatureResult", "RedisHits",
+           "arrow_type"]
 
 
 def arrow_type(ftype: FeatureType) -> pa.DataType:
@@ -53,6 +57,47 @@ VALUES: Final = 1
 EVENT_US: Final = 2
 
 
+_body_values = itemgetter(BODY_VALUES)
+
+
+class RedisHits(InOrder[EntityId, Answer]):
+    """One view's answers when every row of the call was a plain Redis hit: the rows' decoded
+    bodies (``RowBatch.bodies``, checked by the read path) and event times as read, every
+    status ``HIT_REDIS``.
+
+    The ``Answer`` tuples are built on the first lookup by id or in order, as the per-entity
+    dicts are; ``FeatureResult.columns`` (``to_arrow``, the HTTP server) reads the values
+    straight from the bodies and never builds them. A call answered from Redis then
+    allocates no object per row beyond what decoding made.
+    """
+
+    __slots__ = ("_answers", "_bodies", "_events_us")
+
+    def __init__(self, ids: Sequence[EntityId], bodies: Sequence[tuple[Any, ...]],
+                 events_us: list[int | None]) -> None:
+        super().__init__(ids, ())
+        self._bodies = bodies
+        self._events_us = events_us
+        self._answers: list[Answer] | None = None
+
+    def in_order(self) -> Sequence[Answer]:
+        answers = self._answers
+        if answers is None:
+            answers = self._answers = list(zip(
+                repeat(Status.HIT_REDIS), map(_body_values, self._bodies), self._events_us,
+                strict=False))  # repeat() is endless; the other two have a row each
+        return answers
+
+    def rows(self) -> tuple[list[Status], list[int | None], list[Sequence[Any] | None]]:
+        """Statuses, event times and values in the ids' order, without an ``Answer`` each."""
+        return ([Status.HIT_REDIS] * len(self._bodies), self._events_us,
+                list(map(_body_values, self._bodies)))
+
+
+def _in_order(answers: Mapping[EntityId, Answer], ids: Sequence[EntityId]) -> Sequence[Answer]:
+    return answers.in_order() if isinstance(answers, InOrder) else [answers[e] for e in ids]
+
+
 class Column(NamedTuple):
     """One requested feature of a result, in the ids' order (``FeatureResult.columns``)."""
 
@@ -67,7 +112,7 @@ class Column(NamedTuple):
 class FeatureResult(Mapping[EntityId, dict[str, Any]]):
     """``entity_id -> {feature: value}`` plus ``status()``, ``event_timestamp()``, Arrow, pandas."""
 
-    __slots__ = ("_answers", "_dicts", "_ids", "_plan")
+    __slots__ = ("_answers", "_dicts", "_ids", "_lookups", "_plan")
 
     def __init__(
         self,
@@ -79,6 +124,16 @@ class FeatureResult(Mapping[EntityId, dict[str, Any]]):
         self._plan = plan
         self._answers = answers
         self._dicts: dict[EntityId, dict[str, Any]] = {}
+        self._lookups: list[Mapping[EntityId, Answer]] | None = None
+
+    def _by_id(self) -> list[Mapping[EntityId, Answer]]:
+        """Each view's answers as a dict (or the mapping given), for lookups by id: an
+        ``InOrder`` answer is indexed once here, not looked up through a method per id."""
+        lookups = self._lookups
+        if lookups is None:
+            lookups = self._lookups = [
+                a.index() if isinstance(a, InOrder) else a for a in self._answers]
+        return lookups
 
     # ---------------------------------------------------------------- Mapping
 
@@ -89,14 +144,15 @@ class FeatureResult(Mapping[EntityId, dict[str, Any]]):
         if self._plan is None:
             raise KeyError(entity_id)
         plan = self._plan
-        if len(self._answers) == 1:  # one view: pick the requested positions in one C call
-            vals = self._answers[0][entity_id][VALUES]  # KeyError if not asked for
+        lookups = self._by_id()
+        if len(lookups) == 1:  # one view: pick the requested positions in one C call
+            vals = lookups[0][entity_id][VALUES]  # KeyError if not asked for
             if vals is None:
                 out = dict.fromkeys(plan.names)
             else:
                 out = dict(zip(plan.names, plan.pick(vals), strict=True))
         else:
-            values = [answers[entity_id][VALUES] for answers in self._answers]
+            values = [answers[entity_id][VALUES] for answers in lookups]
             out = {
                 name: (None if (vals := values[v]) is None else vals[f])
                 for name, (v, f) in zip(plan.names, plan.columns, strict=True)
@@ -111,7 +167,7 @@ class FeatureResult(Mapping[EntityId, dict[str, Any]]):
         return len(self._ids)
 
     def __contains__(self, entity_id: object) -> bool:
-        return bool(self._answers) and entity_id in self._answers[0]
+        return bool(self._answers) and entity_id in self._by_id()[0]
 
     def __repr__(self) -> str:
         counts = ", ".join(f"{s.value}={n}" for s, n in sorted(self.status_counts().items()))
@@ -131,7 +187,7 @@ class FeatureResult(Mapping[EntityId, dict[str, Any]]):
             v, _ = self._plan.columns[self._plan.names.index(feature)]
         except ValueError:
             raise KeyError(f"{feature!r} was not requested in this call") from None
-        return self._answers[v][entity_id]
+        return self._by_id()[v][entity_id]
 
     def status(self, entity_id: EntityId, feature: str) -> Status:
         """Where this value came from (``HIT_REDIS``, ``FILLED``, ``ABSENT``, ``STALE``...)."""
@@ -145,9 +201,10 @@ class FeatureResult(Mapping[EntityId, dict[str, Any]]):
         if self._plan is None:
             return {}
         cols = self._plan.columns
+        lookups = self._by_id()
         return {
             eid: {
-                name: self._answers[v][eid][STATUS]
+                name: lookups[v][eid][STATUS]
                 for name, (v, _) in zip(self._plan.names, cols, strict=True)
             }
             for eid in self._ids
@@ -160,7 +217,7 @@ class FeatureResult(Mapping[EntityId, dict[str, Any]]):
             return counts
         per_view = Counter(v for v, _ in self._plan.columns)
         for v, answers in enumerate(self._answers):
-            for answer in answers.values():
+            for answer in _in_order(answers, self._ids):
                 counts[answer[STATUS]] += per_view[v]
         return counts
 
@@ -172,24 +229,28 @@ class FeatureResult(Mapping[EntityId, dict[str, Any]]):
         plan = self._plan
         if plan is None or not plan.views:
             return []
-        in_order = [
-            answers.in_order() if isinstance(answers, InOrder)
-            else [answers[eid] for eid in self._ids]
-            for answers in self._answers
-        ]
         # a row's status and event time are its view's: one list per view, shared by the
         # view's columns (``statuses`` and ``event_us`` of one view are the same objects)
-        statuses = [[r[STATUS] for r in rows] for rows in in_order]
-        event_us = [[r[EVENT_US] for r in rows] for rows in in_order]
+        rows = [self._rows_of(answers) for answers in self._answers]
         out = []
         for name, (v, f) in zip(plan.names, plan.columns, strict=True):
             view = plan.views[v].view
+            statuses, event_us, values = rows[v]
             out.append(Column(
                 name, view.name, view.features[f].type,
-                [None if (vals := r[VALUES]) is None else vals[f] for r in in_order[v]],
-                statuses[v], event_us[v],
+                [None if vals is None else vals[f] for vals in values],
+                statuses, event_us,
             ))
         return out
+
+    def _rows_of(self, answers: Mapping[EntityId, Answer]
+                 ) -> tuple[list[Status], list[int | None], list[Sequence[Any] | None]]:
+        """One view's statuses, event times and values, in the ids' order."""
+        if isinstance(answers, RedisHits):
+            return answers.rows()
+        in_order = _in_order(answers, self._ids)
+        return ([r[STATUS] for r in in_order], [r[EVENT_US] for r in in_order],
+                [r[VALUES] for r in in_order])
 
     def to_arrow(self, with_status: bool = False) -> pa.Table:
         """One row per entity; columns typed as declared (timestamps UTC, NaN != null).

@@ -12,6 +12,7 @@ import pytest
 import redis
 from featdata import (
     STATS_FEATURES,
+    T0,
     Clock,
     insert,
     key_layout,
@@ -23,7 +24,7 @@ from featdata import (
 )
 from test_bad_inputs import CORRUPTIONS
 
-from featcache import Status
+from featcache import Feature, Status
 from featcache.codec import RowCodec
 
 #: run on every Redis deployment in CI (FEATCACHE_TEST_TOPOLOGY, tests/conftest.py)
@@ -161,3 +162,42 @@ def test_small_batches_of_hits_are_answered_as_their_fills_were(
         assert {e: again.status(e, "clicks") for e in ids} == {
             e: Status.FILLED if e == ids[-1] else Status.HIT_REDIS for e in ids}
         assert fc.stats()[VIEW]["decode_errors"] == 1
+
+
+def test_an_all_hit_call_of_two_views_reads_as_the_fill_that_stored_it(
+    sqlite_target: Any, redis_url: str, key_prefix: str,
+) -> None:
+    """Every row of every view a plain hit: the result keeps the rows as decoded and builds
+    each answer only when asked (``RedisHits``). Every way of reading it (by id, per status,
+    column by column, Arrow) must give what the fill that stored the rows gave."""
+    engine = sqlite_target.engine()
+    age = (Feature("age", "int", "1d"), Feature("country", "str", "1d"))
+    insert(engine, make_table(engine, None, "hs", STATS_FEATURES),
+           [stats_row(i, clicks=i, ctr=i / 8) for i in IDS])
+    insert(engine, make_table(engine, None, "hp", age),
+           [{"entity_id": i, "event_ts": T0, "age": 20 + i, "country": "FR"} for i in IDS])
+    views = [make_view("hs", "hs", None), make_view("hp", "hp", None, age)]
+    names = ["clicks", "age", "hp:country", "hs:country", "emb", "last_seen"]
+    ids = IDS[::-1]  # not in the order they were stored
+    with make_cache(views, redis_url, sqlite_target.url, key_prefix, xfetch_beta=0) as fc:
+        filled = fc.get_features(ids, names)
+        hits = fc.get_features(ids, names)
+        n = len(ids) * len(names)
+        assert filled.status_counts() == {Status.FILLED: n}
+        assert hits.status_counts() == {Status.HIT_REDIS: n}
+        assert 3 in hits and 999 not in hits
+        assert list(hits) == ids and len(hits) == len(ids)
+        assert [dict(hits[e]) for e in ids] == [dict(filled[e]) for e in ids]
+        assert hits.statuses() == {e: dict.fromkeys(names, Status.HIT_REDIS) for e in ids}
+        assert [[hits.event_timestamp(e, f) for f in names] for e in ids] == [
+            [filled.event_timestamp(e, f) for f in names] for e in ids]
+        for got, want in zip(hits.columns(), filled.columns(), strict=True):
+            assert (got.name, got.view, got.type, got.values, got.event_us) == (
+                want.name, want.view, want.type, want.values, want.event_us)
+            assert got.statuses == [Status.HIT_REDIS] * len(ids)
+        table = hits.to_arrow(with_status=True)
+        assert table.drop_columns([c for c in table.column_names if c.endswith(".status")]
+                                  ) == filled.to_arrow(with_status=True).drop_columns(
+            [c for c in table.column_names if c.endswith(".status")])
+        assert set(table.column("clicks.status").to_pylist()) == {"HIT_REDIS"}
+        assert repr(hits).endswith(f"HIT_REDIS={n}>")

@@ -12,7 +12,7 @@ from featdata import STATS_FEATURES, Clock, insert, make_cache, make_table, make
 
 from featcache import PopularityConfig
 from featcache.keys import KeyLayout
-from featcache.popularity import PopularityCounter, bucket_weights
+from featcache.popularity import IDS_PER_SAMPLE, PopularityCounter, bucket_weights
 from featcache.redis_store import StandaloneStore
 
 
@@ -112,3 +112,39 @@ def test_top_k_recall_across_three_processes(redis_url: str, key_prefix: str) ->
     counter.close()
     recall = len(truth & found) / 1000
     assert recall >= 0.95, recall
+
+
+def test_a_big_call_is_counted_by_a_weighted_subset_that_keeps_every_estimate(
+        redis_url: str, key_prefix: str) -> None:
+    """A sampled call of more than IDS_PER_SAMPLE ids writes IDS_PER_SAMPLE of them, each
+    weighted up: the sum is exact and every id's count stays an unbiased estimate."""
+    counter = _counter(redis_url, key_prefix, Clock(), rate=1.0)  # every call sampled
+    ids = list(range(10 * IDS_PER_SAMPLE))
+    counter.record("one", ids)
+    assert counter.flush() == len(ids)  # the reads it stands for
+    written = counter.top_k("one", len(ids))
+    assert len(written) == IDS_PER_SAMPLE  # a subset, each standing for ten ids
+    assert all(n == pytest.approx(10.0) for _, n in written)
+    calls = 300
+    for _ in range(calls):
+        counter.record("big", ids)
+        assert counter.flush() == len(ids)
+    top = dict(counter.top_k("big", len(ids)))
+    counter.close()
+    assert sum(top.values()) == pytest.approx(calls * len(ids))
+    # one call picks an id with chance 1/10 and counts it 10: over 300 calls an id's count
+    # is 300 on average, standard deviation 10 * sqrt(300 * 0.1 * 0.9) = 52
+    assert len(top) == len(ids)  # 300 draws of 1/10 each: every id picked (1 - 0.9**300)
+    assert all(20 < n < 700 for n in top.values()), sorted(top.values())[:3]
+    mean = sum(top.values()) / len(top)
+    assert mean == pytest.approx(calls)
+    assert sorted(top.values())[len(top) // 2] == pytest.approx(calls, rel=0.25)
+
+
+def test_a_small_call_counts_every_id(redis_url: str, key_prefix: str) -> None:
+    counter = _counter(redis_url, key_prefix, Clock(), rate=1.0)
+    counter.record("small", list(range(IDS_PER_SAMPLE)))
+    counter.flush()
+    top = dict(counter.top_k("small", 2 * IDS_PER_SAMPLE))
+    counter.close()
+    assert top == dict.fromkeys(range(IDS_PER_SAMPLE), 1.0)
