@@ -14,7 +14,7 @@ from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from itertools import repeat
 from operator import itemgetter
-from typing import TYPE_CHECKING, Any, Final, NamedTuple
+from typing import TYPE_CHECKING, Any, Final, NamedTuple, cast
 
 from featcache.codec import BODY_VALUES
 from featcache.convert import us_to_timestamp
@@ -58,6 +58,7 @@ EVENT_US: Final = 2
 
 
 _body_values = itemgetter(BODY_VALUES)
+_status = itemgetter(STATUS)
 
 
 class RedisHits(InOrder[EntityId, Answer]):
@@ -217,8 +218,11 @@ class FeatureResult(Mapping[EntityId, dict[str, Any]]):
             return counts
         per_view = Counter(v for v, _ in self._plan.columns)
         for v, answers in enumerate(self._answers):
-            for answer in _in_order(answers, self._ids):
-                counts[answer[STATUS]] += per_view[v]
+            rows: Mapping[Status, int] = (
+                {Status.HIT_REDIS: len(answers)} if isinstance(answers, RedisHits)
+                else Counter(map(_status, _in_order(answers, self._ids))))
+            for status, n in rows.items():
+                counts[status] += n * per_view[v]
         return counts
 
     # ---------------------------------------------------------------- columnar
@@ -232,13 +236,17 @@ class FeatureResult(Mapping[EntityId, dict[str, Any]]):
         # a row's status and event time are its view's: one list per view, shared by the
         # view's columns (``statuses`` and ``event_us`` of one view are the same objects)
         rows = [self._rows_of(answers) for answers in self._answers]
+        # a view whose every row has values (no ABSENT or UNAVAILABLE row) gives each
+        # column by one C-level pass
+        every_row = [None not in values for _, _, values in rows]
         out = []
         for name, (v, f) in zip(plan.names, plan.columns, strict=True):
             view = plan.views[v].view
             statuses, event_us, values = rows[v]
             out.append(Column(
                 name, view.name, view.features[f].type,
-                [None if vals is None else vals[f] for vals in values],
+                list(map(itemgetter(f), cast(list[Sequence[Any]], values))) if every_row[v]
+                else [None if vals is None else vals[f] for vals in values],
                 statuses, event_us,
             ))
         return out

@@ -169,6 +169,17 @@ def test_own_api_json_equals_get_features(server: Served, reference: FeatureCach
     stamps = [None if t is None else dt.datetime.fromisoformat(t)
               for t in rows["event_timestamps"]]
     assert stamps == [expected.event_timestamp(i, "clicks") for i in ids]
+    present = [3, 1, 2]  # every row found: the event times take the batch path
+    with server.client() as client:
+        hits = client.post("/v1/features", json={"ids": present, "features": NAMES}).json()
+    times = hits["views"]["stats"]["event_timestamps"]
+    assert all(t.endswith("Z") for t in times), times
+    assert [dt.datetime.fromisoformat(t) for t in times] == [
+        expected.event_timestamp(i, "clicks") for i in present]
+    assert hits["views"]["stats"]["statuses"] == ["HIT_REDIS"] * len(present)
+    assert {name: hits["features"][name]["values"] for name in NAMES} == {
+        name: body["features"][name]["values"][:2] + body["features"][name]["values"][3:]
+        for name in NAMES}
     for name in NAMES:
         column = body["features"][name]
         assert column["view"] == "stats"

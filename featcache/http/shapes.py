@@ -30,7 +30,8 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Mapping, Sequence
-from typing import Any, NamedTuple
+from itertools import repeat
+from typing import Any, NamedTuple, cast
 
 import orjson
 
@@ -147,8 +148,14 @@ def parse_invalidate_request(body: Any) -> InvalidateRequest:
     return InvalidateRequest(view, None if ids is None else _ids(ids, "'ids'"))
 
 
-def _timestamp(us: int | None) -> dt.datetime:
-    return _EPOCH + dt.timedelta(microseconds=us) if us is not None else _EPOCH
+def _datetimes(event_us: list[int | None], missing: dt.datetime | None
+               ) -> list[dt.datetime | None]:
+    """The event times as aware UTC datetimes, ``missing`` where a row has none; without a
+    Python step per row when every row has one (orjson writes them as RFC 3339)."""
+    if None not in event_us:
+        return list(map(_EPOCH.__add__, map(dt.timedelta, repeat(0), repeat(0),
+                                             cast(list[int], event_us))))
+    return [missing if us is None else _EPOCH + dt.timedelta(0, 0, us) for us in event_us]
 
 
 class _Shared:
@@ -166,9 +173,8 @@ class _Shared:
         body)."""
         found = self._stamps.get(id(event_us))
         if found is None:
-            found = orjson.loads(orjson.dumps(
-                [missing if us is None else _EPOCH + dt.timedelta(microseconds=us)
-                 for us in event_us], option=orjson.OPT_UTC_Z))
+            found = orjson.loads(orjson.dumps(_datetimes(event_us, missing),
+                                              option=orjson.OPT_UTC_Z))
             self._stamps[id(event_us)] = found
         return found
 
@@ -230,8 +236,9 @@ def feast_response(result: FeatureResult, request: FeastRequest) -> dict[str, An
 
 def features_response(result: FeatureResult) -> dict[str, Any]:
     """featcache's own columnar body for ``result``: each feature's values, and per view the
-    rows' statuses and event times (a row's status is every one of its features')."""
-    shared = _Shared()
+    rows' statuses and event times (a row's status is every one of its features'). Event
+    times are datetimes here, written once per view by the caller's ``orjson.dumps`` with
+    ``OPT_UTC_Z``."""
     features: dict[str, Any] = {}
     views: dict[str, Any] = {}
     for column in result.columns():
@@ -239,5 +246,5 @@ def features_response(result: FeatureResult) -> dict[str, Any]:
                                  "values": column.values}
         if column.view not in views:
             views[column.view] = {"statuses": column.statuses,  # orjson writes enum values
-                                  "event_timestamps": shared.stamps(column.event_us, None)}
+                                  "event_timestamps": _datetimes(column.event_us, None)}
     return {"ids": list(result), "features": features, "views": views}
