@@ -87,11 +87,6 @@ _EPOCH_HEAD = struct.Struct(">2sQ")  # what every current output of a version st
 _EXPIRES = struct.Struct(">Q")
 _EXPIRES_AT = 10
 _PAYLOAD = operator.itemgetter(slice(_HEADER_SIZE, None))
-
-
-def _expiries(rows: list[bytes]) -> list[int]:
-    """Each cached output's expiry (ms since the epoch), from its header."""
-    return [e for (e,) in map(_EXPIRES.unpack_from, rows, repeat(_EXPIRES_AT))]
 _MAX_DELTA_MS = 2**32 - 1
 #: how often a waiter polls for another process's output: from 1 ms, doubling, up to 20 ms
 _POLL_FIRST_S = 0.001
@@ -377,8 +372,8 @@ class ModelCache:
         head = _EPOCH_HEAD.pack(_MAGIC, epoch)
         if not all(map(bytes.startswith, rows, repeat(head))):
             return None
-        # the earliest expiry, as a 1-tuple: one C pass, no list (the L1 and the per-input
-        # answers below read each one again)
+        # the earliest expiry, as a 1-tuple: one C pass, no list (only the L1 and the
+        # per-input answers below need each one)
         if min(map(_EXPIRES.unpack_from, rows, repeat(_EXPIRES_AT)))[0] <= now_ms:
             return None
         payloads = list(map(_PAYLOAD, rows))
@@ -387,17 +382,20 @@ class ModelCache:
         except ValueError:
             return None
         l1 = self._l1
+        in_order = len(call.wanted) == len(call.digests)  # no L1 hit, no repeat
+        expiries = ([e for (e,) in map(_EXPIRES.unpack_from, rows, repeat(_EXPIRES_AT))]
+                    if l1 is not None or not in_order else [])
         if l1 is not None:
             l1.put_many(self.space, dict(zip(call.wanted, payloads, strict=True)),
                         token=call.l1_token,
                         fresh_for={d: (e - now_ms) / 1000
-                                   for d, e in zip(call.wanted, _expiries(rows), strict=True)})
-        if len(call.wanted) == len(call.digests):  # no L1 hit, no repeat: in input order
+                                   for d, e in zip(call.wanted, expiries, strict=True)})
+        if in_order:
             self._counts.call(self.space, "hits_redis", len(rows), "redis",
                               time.perf_counter_ns() - call.begun_ns)
             return ModelResult(outputs, [Status.HIT_REDIS] * len(outputs))
         for digest, payload, output, expires_ms in zip(call.wanted, payloads, outputs,
-                                                       _expiries(rows), strict=True):
+                                                       expiries, strict=True):
             call.got[digest] = _Got(payload, output, Status.HIT_REDIS, expires_ms)
         return self._result(call, "redis", {"hits_redis": len(rows)})
 

@@ -3,8 +3,9 @@
 Counting must cost the serving path nothing measurable (the target: <= 5% of get_features p50
 at 100 ids), so a call is *sampled* (one ``random()`` per call; a sampled call appends a
 reference to its id list to a buffer, no copy, no I/O) and the buffer is *flushed in the
-background* every ``flush_interval``: one pipelined round trip of a script that adds each
-distinct id's reads (``ZINCRBY``), weighted ``1 / sample_rate`` so counts estimate real reads.
+background* every ``flush_interval``: a script call per ``_COUNT_CHUNK`` distinct ids, one
+round trip each, adding each id's reads (``ZINCRBY``) weighted ``1 / sample_rate`` so counts
+estimate real reads.
 
 A sampled call of more than ``IDS_PER_SAMPLE`` ids is counted by a random ``IDS_PER_SAMPLE`` of
 them, each weighted ``len(ids) / IDS_PER_SAMPLE`` more (chosen at flush, off the serving
@@ -40,9 +41,9 @@ __all__ = ["IDS_PER_SAMPLE", "PopularityCounter", "bucket_weights"]
 log = logging.getLogger("featcache.popularity")
 
 #: Ids of one sampled call that are counted (a random subset of a bigger call, weighted up).
-#: At 1,000 ids a call and 5% of calls, counting every id wrote 20-30k increments a second
-#: per serving process: their scripts and the flush's own Python work, on a thread beside the
-#: calls, took batch-1000 reads' p99 from about 1.7x to 2-3.4x their p50 (docs/benchmarks.md).
+#: Counting every id, at 1,000 ids a call and 5% of calls, is 20-30k increments a second per
+#: serving process, whose flush on a thread beside the calls puts batch-1000 reads' p99 at
+#: 2-3.4x their p50 (docs/benchmarks.md, "The tail at batch 1000").
 IDS_PER_SAMPLE = 100
 
 # KEYS[1]: a time bucket's sorted set. ARGV[1]: its TTL (seconds); ARGV[2..]: member,
@@ -55,12 +56,11 @@ redis.call('EXPIRE', KEYS[1], ARGV[1])
 return 0
 """)
 #: Members per ``_COUNT`` call, and per round trip. A flush runs on a thread of the serving
-#: process, beside its calls: one command per id (packed, sent and its reply parsed in Python,
-#: about 2 us an id) held the GIL for tens of milliseconds a second under batch-1000 reads, and
-#: a serving thread waits up to the interpreter's switch interval (5 ms) for it. A chunk is
-#: packed in C, answered once, and sent on its own, so the GIL changes hands between chunks;
-#: it is one script, which the server runs without serving anyone else: 500 members keep
-#: both stretches under a millisecond (``bench read``'s ``_gc`` cases, docs/benchmarks.md).
+#: process, beside its calls, and a serving thread waits up to the interpreter's switch
+#: interval (5 ms) for the GIL it holds: a chunk is packed in C and answered once (a command
+#: per id, packed and read back in Python, costs about 2 us an id), and sent on its own, so the
+#: GIL changes hands between chunks; it is one script, which the server runs without serving
+#: anyone else: 500 members keep both stretches under a millisecond.
 _COUNT_CHUNK = 500
 
 # KEYS[1]: a temporary key; KEYS[2..]: bucket keys. ARGV[1]: k; ARGV[2..]: weights per bucket.

@@ -22,7 +22,6 @@ import random
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import replace
-from itertools import repeat
 from operator import itemgetter
 from time import perf_counter_ns
 from typing import Any, NamedTuple
@@ -33,7 +32,6 @@ from featcache.codec import (
     BODY_EPOCH,
     BODY_FILL_MS,
     BODY_LOADED_MS,
-    BODY_VALUES,
     KIND_ABSENT,
     KIND_ROW,
 )
@@ -52,7 +50,7 @@ from featcache.outage import OutageLog
 from featcache.popularity import PopularityCounter
 from featcache.redis_store import RedisStore, WriteBatch, WriteItem, fenced_write
 from featcache.request import EntityId, Plan, ViewPlan, check_ids
-from featcache.result import STATUS, VALUES, Answer, FeatureResult, RedisHits
+from featcache.result import STATUS, VALUES, Answer, FeatureResult, RedisHits, hit_answers
 from featcache.singleflight import BUSY, MISSING, SingleFlight
 from featcache.stats import CacheStats
 from featcache.types import Status
@@ -106,7 +104,6 @@ _BATCH_DECODE_MIN = 8
 _loaded_ms = itemgetter(BODY_LOADED_MS)
 _epoch = itemgetter(BODY_EPOCH)
 _fill_ms = itemgetter(BODY_FILL_MS)
-_values = itemgetter(BODY_VALUES)
 
 
 class _PlainRows(NamedTuple):
@@ -591,9 +588,7 @@ class ReadPath:
         plain = self._plain_rows(vr.vp, raw, vr.epoch, now_ms)
         if plain is None:
             return False
-        vr.answers.update(zip(ids, zip(repeat(Status.HIT_REDIS), map(_values, plain.bodies),
-                                       plain.events_us, strict=False),  # repeat() is endless
-                              strict=True))
+        vr.answers.update(zip(ids, hit_answers(plain.bodies, plain.events_us), strict=True))
         if plain.loaded is not None:
             vr.loaded.update(zip(ids, plain.loaded, strict=True))
         counts = vr.counts

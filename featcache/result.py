@@ -27,7 +27,7 @@ if TYPE_CHECKING:  # imported by the calls that use them: a serving import pays 
     import pyarrow as pa
 
 __all__ = ["EVENT_US", "STATUS", "VALUES", "Answer", "Column", "FeatureResult", "RedisHits",
-           "arrow_type"]
+           "arrow_type", "hit_answers"]
 
 
 def arrow_type(ftype: FeatureType) -> pa.DataType:
@@ -61,6 +61,13 @@ _body_values = itemgetter(BODY_VALUES)
 _status = itemgetter(STATUS)
 
 
+def hit_answers(bodies: Sequence[tuple[Any, ...]], events_us: Sequence[int | None]
+                ) -> Iterator[Answer]:
+    """The ``HIT_REDIS`` answer of each decoded row (``RowBatch``), by C-level zips."""
+    return zip(repeat(Status.HIT_REDIS), map(_body_values, bodies), events_us,
+               strict=False)  # repeat() is endless; the other two have a row each
+
+
 class RedisHits(InOrder[EntityId, Answer]):
     """One view's answers when every row of the call was a plain Redis hit: the rows' decoded
     bodies (``RowBatch.bodies``, checked by the read path) and event times as read, every
@@ -84,9 +91,7 @@ class RedisHits(InOrder[EntityId, Answer]):
     def in_order(self) -> Sequence[Answer]:
         answers = self._answers
         if answers is None:
-            answers = self._answers = list(zip(
-                repeat(Status.HIT_REDIS), map(_body_values, self._bodies), self._events_us,
-                strict=False))  # repeat() is endless; the other two have a row each
+            answers = self._answers = list(hit_answers(self._bodies, self._events_us))
         return answers
 
     def rows(self) -> tuple[list[Status], list[int | None], list[Sequence[Any] | None]]:
