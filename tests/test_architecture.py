@@ -20,7 +20,7 @@ REDIS_MODULES = {"featcache.redis_store", "featcache.redis_store.base",
                  "featcache.redis_store.errors", "featcache.redis_store.scripts",
                  "featcache.redis_store.standalone", "featcache.redis_store.cluster",
                  "featcache.redis_store.cluster_store", "featcache.redis_store.admin",
-                 "featcache.redis_store.aio",
+                 "featcache.redis_store.aio", "featcache.redis_store.lanes",
                  "featcache.embedded", "featcache.embedded_cluster",
                  "featcache.embedded_sentinel", "featcache.demo.run"}
 SQL_MODULES = {"featcache.offline", "featcache.offline.store", "featcache.offline.bulk",

@@ -3,8 +3,8 @@
 Reads are one MGET, or several MGETs in one pipeline past ``read_chunk`` keys, so a batch is
 always one network round trip; writes are the scripts of ``featcache.redis_store.scripts``,
 all chunks in one pipelined round trip. Commands are packed by hiredis (C) and sent by the
-store itself through one pooled redis-py connection; redis-py owns connections, pooling, TLS,
-ACL auth and reply parsing.
+store itself on a connection it keeps between round trips (``featcache.redis_store.lanes``);
+redis-py opens and bounds the connections (TLS, ACL auth, Sentinel) and parses replies.
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ from featcache.redis_store.base import (
     split_if_absent,
 )
 from featcache.redis_store.errors import ERRORS, translate
+from featcache.redis_store.lanes import Lanes
 from featcache.redis_store.scripts import CONDITIONAL_SET, ENSURE_EPOCH, SET_IF_ABSENT
 from featcache.urls import mask_url
 
@@ -172,6 +173,7 @@ class StandaloneStore:
         self._asking = asking
         self.url = describe(config) if config is not None else safe_redis_url(_describe(client))
         self.replica_reads = False
+        self._lanes = Lanes(client.connection_pool)
 
     def close(self) -> None:
         self.client.close()
@@ -242,7 +244,7 @@ class StandaloneStore:
         """The first half of ``_round_trip``: the commands written, their replies not read
         (a cluster sends every node its share before reading any). A ``Packing`` is packed
         as it is sent."""
-        pool = self.client.connection_pool
+        lanes = self._lanes
         count = packed.count if isinstance(packed, Packing) else len(packed)
         if self._asking:
             commands = packed
@@ -250,21 +252,21 @@ class StandaloneStore:
                                       for part in (_ASKING, command)), 2 * count)
             count *= 2
         try:
-            conn = pool.get_connection()
+            conn = lanes.take()
             try:
-                conn.send_packed_command(  # type: ignore[no-untyped-call]
+                conn.send_packed_command(
                     packed if isinstance(packed, Packing) else coalesce(packed))
             except BaseException:
-                conn.disconnect()  # type: ignore[no-untyped-call]
-                pool.release(conn)
+                lanes.discard(conn)
                 raise
         except ERRORS as exc:
             raise translate(exc, self.url) from exc
-        return _Sent(pool, conn, count)
+        return _Sent(lanes, conn, count)
 
     def _receive(self, sent: _Sent) -> list[Any]:
         """The second half of ``_round_trip``: every reply of ``sent``, the connection back
-        to its pool (closed first if anything failed)."""
+        to the store's idle ones (closed and given back to redis-py's pool if anything
+        failed)."""
         conn = sent.conn
         try:
             try:
@@ -278,12 +280,11 @@ class StandaloneStore:
                     except redis_exc.ResponseError as exc:
                         replies.append(exc)
             except BaseException:
-                conn.disconnect()
+                sent.lanes.discard(conn)
                 raise
-            finally:
-                sent.pool.release(conn)
         except ERRORS as exc:
             raise translate(exc, self.url) from exc
+        sent.lanes.give_back(conn)
         return replies
 
     def write(self, batches: Sequence[WriteBatch]) -> int:
@@ -464,7 +465,7 @@ class _TimedRead:
 class _Sent(NamedTuple):
     """Commands written to a connection whose replies are still to be read."""
 
-    pool: Any
+    lanes: Lanes
     conn: Any
     replies: int
 

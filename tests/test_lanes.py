@@ -1,0 +1,128 @@
+"""The connections a standalone store keeps between round trips (``featcache.redis_store.lanes``):
+never shared by two threads or two processes, never reused with a reply nobody read, reopened
+when the server closed them."""
+
+from __future__ import annotations
+
+import os
+import random
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import redis
+from featdata import STATS_FEATURES, insert, make_cache, make_table, make_view, stats_row
+
+from featcache import CacheUnavailable, Status
+from featcache.config_sections import RedisConfig
+from featcache.embedded import EmbeddedServer
+from featcache.redis_store import StandaloneStore, open_store
+
+KEYS = 2_000
+
+
+@pytest.fixture
+def server() -> Iterator[EmbeddedServer]:
+    with EmbeddedServer() as server:
+        admin = redis.Redis.from_url(server.url)
+        admin.mset({f"lane:{i}": f"value-{i}" for i in range(KEYS)})
+        admin.close()
+        yield server
+
+
+def _store(server: EmbeddedServer, **options: Any) -> StandaloneStore:
+    store = open_store(RedisConfig(url=server.url, **options))
+    assert isinstance(store, StandaloneStore)
+    return store
+
+
+def _check_reads(store: StandaloneStore, seed: int, rounds: int) -> None:
+    """Reads of random keys, each answer compared with the values of exactly its keys."""
+    rng = random.Random(seed)
+    for _ in range(rounds):
+        picked = rng.sample(range(KEYS), rng.randrange(1, 40))
+        values = store.read([f"lane:{i}" for i in picked])
+        assert values == [f"value-{i}".encode() for i in picked]
+
+
+def test_threads_never_share_a_connection(server: EmbeddedServer) -> None:
+    """Eight threads reading at once each get the replies of their own commands (two threads
+    on one socket would read each other's)."""
+    store = _store(server)
+    failures: list[BaseException] = []
+
+    def reader(seed: int) -> None:
+        try:
+            _check_reads(store, seed, 300)
+        except BaseException as exc:  # reported by the main thread
+            failures.append(exc)
+
+    threads = [threading.Thread(target=reader, args=(seed,)) for seed in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    store.close()
+    assert failures == []
+
+
+def test_a_read_that_timed_out_leaves_no_reply_for_the_next_call(
+    server: EmbeddedServer,
+) -> None:
+    """The server answers a read after the client gave up on it: that late reply is on a
+    connection that was closed, not read as the answer of the call after it, which is sent
+    while the first is still unanswered."""
+    store = _store(server, socket_timeout=0.5)
+    assert store.read(["lane:1"]) == [b"value-1"]  # a connection held between calls
+    admin = redis.Redis.from_url(server.url)
+    try:
+        admin.execute_command("CLIENT", "PAUSE", 800, "ALL")
+        with pytest.raises(CacheUnavailable):
+            store.read(["lane:2"])  # gives up at 0.5 s; answered at 0.8 s
+        assert store.read(["lane:3"]) == [b"value-3"]  # waits out the pause
+        for _ in range(20):
+            assert store.read(["lane:4"]) == [b"value-4"]
+    finally:
+        admin.execute_command("CLIENT", "UNPAUSE")
+        admin.close()
+        store.close()
+
+
+def test_a_connection_the_server_closed_is_reopened_without_an_error(
+    server: EmbeddedServer, sqlite_target: Any
+) -> None:
+    """A connection killed while idle (a restart, ``CLIENT KILL``, the server's ``timeout``)
+    is reopened by the next call: a hit, not a Redis error answered from SQL."""
+    table = make_table(sqlite_target.engine(), None, "conn", STATS_FEATURES)
+    insert(sqlite_target.engine(), table, [stats_row(1, clicks=3)])
+    with make_cache([make_view("conn", "conn", None)], server.url, str(sqlite_target.url),
+                    "fct-lanes") as fc:
+        assert fc.get_features([1], ["clicks"]).status(1, "clicks") is Status.FILLED
+        admin = redis.Redis.from_url(server.url)
+        try:
+            assert admin.execute_command("CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes")
+        finally:
+            admin.close()
+        assert fc.get_features([1], ["clicks"]).status(1, "clicks") is Status.HIT_REDIS
+        assert fc.stats()["conn"]["redis_errors"] == 0
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="os.fork is POSIX-only")
+def test_a_forked_child_reads_on_connections_of_its_own(server: EmbeddedServer) -> None:
+    """A child forked while the parent holds idle connections opens its own: parent and
+    child reading at once each get their own replies."""
+    store = _store(server)
+    _check_reads(store, 0, 5)  # the parent now holds a connection
+    pid = os.fork()
+    if pid == 0:  # the child: exit status 0 only if every read was its own
+        code = 1
+        try:
+            _check_reads(store, 1, 300)
+            code = 0
+        finally:
+            os._exit(code)
+    _check_reads(store, 2, 300)
+    _, status = os.waitpid(pid, 0)
+    store.close()
+    assert os.waitstatus_to_exitcode(status) == 0
