@@ -345,12 +345,11 @@ class ModelCache:
             if value is None:
                 missing = True
                 continue
-            got = self._usable(value, epoch, now_ms)
-            if got is None:
+            got = self._judged(value, epoch, now_ms)
+            if not isinstance(got, _Got):
                 call.seen[digest] = value
                 missing = True
-                if not is_tombstone(value) and not _is_output(value):
-                    undecodable += 1
+                undecodable += got is _UNDECODABLE
                 continue
             call.got[digest] = got
             hits += 1
@@ -369,13 +368,16 @@ class ModelCache:
         """The usual call: every value read is a current output. Checked and decoded by
         C-level passes over the batch (no Python frame per value but the decoder's); None
         when any value is not, for ``settle``'s value-by-value pass to sort out."""
+        # The header's fields are big-endian after the magic, so bytes order as the
+        # (magic, epoch, expiry) they start with: the least and the greatest value start with
+        # this epoch's head only if every value does, and the least then holds the earliest
+        # expiry. Two memcmp passes, no object per value.
         head = _EPOCH_HEAD.pack(_MAGIC, epoch)
-        if not all(map(bytes.startswith, rows, repeat(head))):
+        least = min(rows)
+        if not (least.startswith(head) and max(rows).startswith(head)):
             return None
-        # the earliest expiry, as a 1-tuple: one C pass, no list (only the L1 and the
-        # per-input answers below need each one)
-        if min(map(_EXPIRES.unpack_from, rows, repeat(_EXPIRES_AT)))[0] <= now_ms:
-            return None
+        if len(least) < _HEADER_SIZE or _EXPIRES.unpack_from(least, _EXPIRES_AT)[0] <= now_ms:
+            return None  # a value cut short, whose payload would not decode either
         payloads = list(map(_PAYLOAD, rows))
         try:
             outputs = decode_outputs(payloads)
@@ -611,7 +613,16 @@ class ModelCache:
 
     def _usable(self, value: bytes, epoch: int | None, now_ms: int) -> _Got | None:
         """The output a stored value holds, if it is of the current epoch and not expired."""
-        if not _is_output(value) or epoch is None:
+        got = self._judged(value, epoch, now_ms)
+        return got if isinstance(got, _Got) else None
+
+    def _judged(self, value: bytes, epoch: int | None, now_ms: int) -> _Got | _Undecodable | None:
+        """``_usable``, telling bytes that are neither a tombstone nor a whole output of the
+        current epoch (``_UNDECODABLE``, a decode error) from a miss (None: a tombstone, an
+        output of another epoch, or expired)."""
+        if not _is_output(value):
+            return None if is_tombstone(value) else _UNDECODABLE
+        if epoch is None:
             return None
         _, stamped, expires_ms, _ = _HEADER.unpack_from(value)
         if stamped != epoch or expires_ms <= now_ms:
@@ -619,7 +630,7 @@ class ModelCache:
         payload = value[_HEADER_SIZE:]
         output = _decoded(payload)
         if output is _UNDECODABLE:
-            return None
+            return _UNDECODABLE  # type: ignore[no-any-return]
         return _Got(payload, output, Status.HIT_REDIS, expires_ms)
 
     def _to_l1(self, call: ModelCall, now_ms: int) -> None:

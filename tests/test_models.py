@@ -341,6 +341,28 @@ def test_bad_inputs_and_outputs_are_clear_errors_and_write_nothing(
                                                                          compute=model)
 
 
+def test_values_cut_short_among_hits_are_computed_again(
+        cache: FeatureCache, redis_client: Any) -> None:
+    """A batch whose other values are current outputs: one value cut inside the header's
+    expiry and one holding a header and no output are misses, computed again in one call,
+    and the rest are hits."""
+    ranker = cache.model("ranker", version="v1")
+    model = Model()
+    batch = inputs(range(10))
+    ranker.get_or_compute(batch, compute=model)
+    keys = ranker.keys_of(batch)
+    whole = redis_client.get(keys[3])
+    redis_client.set(keys[3], whole[:12])
+    redis_client.set(keys[6], whole[:22])
+    model.calls.clear()
+    result = ranker.get_or_compute(batch, compute=model)
+    assert model.calls == [[batch[3], batch[6]]]
+    assert result.statuses == [Status.COMPUTED if i in (3, 6) else Status.HIT_REDIS
+                               for i in range(10)]
+    assert list(result) == [2.0 * i for i in range(10)]
+    assert ranker.stats()["decode_errors"] == 2
+
+
 def test_outputs_expire_after_the_ttl_on_the_injected_clock(
         redis_url: str, key_prefix: str, offline_url: str) -> None:
     clock = Clock(time.time())
