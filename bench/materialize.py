@@ -96,7 +96,7 @@ from featcache import (
     Status,
 )
 from featcache.config_sections import StatsConfig
-from featcache.materialize import materialize
+from featcache.materialize import CHUNK_ROWS, materialize
 from featcache.offline import RowColumns, SqlRow
 from featcache.offline.bulk import IdRunReader, iter_entity_ids, iter_latest_by_id, reads_id_runs
 from featcache.redis_store import CONDITIONAL_SET, ENSURE_EPOCH, SET_IF_ABSENT
@@ -147,8 +147,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--topology", choices=("standalone", "cluster"), default="standalone",
                         help="cluster: into a private 3-primary Valkey Cluster, against one "
                              "private server in the same run (bench/materialize_cluster.py)")
-    parser.add_argument("--chunk-rows", type=_positive, default=10_000,
-                        help="materialize(chunk_rows=...) (default: 10000, its default)")
+    parser.add_argument("--chunk-rows", type=_positive, default=CHUNK_ROWS,
+                        help=f"materialize(chunk_rows=...) (default: {CHUNK_ROWS}, its default)")
     parser.add_argument("--no-profile", action="store_true",
                         help="skip the stage breakdown and cProfile of 100k SQLite rows")
     parser.add_argument("--no-baseline", action="store_true",

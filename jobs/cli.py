@@ -61,6 +61,9 @@ EXIT_CONFIG: Final = 78  # EX_CONFIG
 EXIT_INTERRUPTED: Final = 130
 EXIT_BROKEN_PIPE: Final = 141  # 128 + SIGPIPE, what a shell reports for a process killed by it
 EXIT_TERMINATED: Final = 143
+#: ``featcache.materialize.CHUNK_ROWS``, spelled here so ``--help`` loads no SQLAlchemy
+#: (tests/test_cli_conventions.py checks that the two agree)
+_CHUNK_ROWS: Final = 20_000
 
 #: Every exit status and what it means, as ``featcache --help`` lists them.
 EXIT_STATUSES: Final[tuple[tuple[int, str], ...]] = (
@@ -293,9 +296,9 @@ def _add_materialize(commands: _Subcommands[argparse.ArgumentParser]) -> None:
                              "--ids-file. In a window, each entity's latest row inside it is "
                              "written, never over a newer one")
     parser.add_argument(
-        "--chunk-rows", type=int_at_least(1), default=10_000, metavar="N",
+        "--chunk-rows", type=int_at_least(1), default=_CHUNK_ROWS, metavar="N",
         help="entities per chunk: one fence, one SQL read, one write each; with "
-             "--from-parquet, rows per batch read from a file (default 10000)",
+             f"--from-parquet, rows per batch read from a file (default {_CHUNK_ROWS})",
     )
     parser.set_defaults(handler=_run_materialize)
 
@@ -318,8 +321,8 @@ def _add_materialize(commands: _Subcommands[argparse.ArgumentParser]) -> None:
     incremental.add_argument("--end", metavar="T", type=_timestamp, required=True,
                              help="load rows with an event time before T (ISO 8601; UTC "
                                   "without an offset), e.g. the start of this hour")
-    incremental.add_argument("--chunk-rows", type=int_at_least(1), default=10_000,
-                             metavar="N", help="entities per chunk (default 10000)")
+    incremental.add_argument("--chunk-rows", type=int_at_least(1), default=_CHUNK_ROWS,
+                             metavar="N", help=f"entities per chunk (default {_CHUNK_ROWS})")
     incremental.set_defaults(handler=_run_incremental)
 
 

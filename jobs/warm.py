@@ -27,6 +27,7 @@ from rich import progress as rich_progress
 from featcache.config import load_config
 from featcache.errors import InvalidRequest
 from featcache.materialize import (
+    CHUNK_ROWS,
     IncrementalReport,
     MaterializeReport,
     WarmReport,
@@ -119,7 +120,7 @@ def run_materialize(
     ids_file: str | None = None,
     since: dt.datetime | None = None,
     window: EventWindow | None = None,
-    chunk_rows: int = 10_000,
+    chunk_rows: int = CHUNK_ROWS,
     out: TextIO = sys.stdout,
 ) -> list[MaterializeReport]:
     """``featcache materialize``: one view (one JSON line, its report) or, with no view,
@@ -157,7 +158,7 @@ def run_incremental(
     view_name: str | None,
     *,
     end: dt.datetime,
-    chunk_rows: int = 10_000,
+    chunk_rows: int = CHUNK_ROWS,
     out: TextIO = sys.stdout,
 ) -> list[IncrementalReport]:
     """``featcache materialize-incremental``: one view or every view, each from where its

@@ -20,6 +20,7 @@ from servers import SqlTarget
 
 from featcache import FeatureCache
 from featcache import errors as e
+from featcache.materialize import CHUNK_ROWS
 
 EX_USAGE, EX_DATAERR, EX_UNAVAILABLE, EX_TEMPFAIL, EX_CONFIG = 2, 65, 69, 75, 78
 
@@ -243,3 +244,9 @@ def test_warm_without_once_runs_one_pass(config_file: Path) -> None:
     assert _warm_pass(config_file, "--once")["missing"] == 0  # the same pass, and it is done
     helped = featcache("warm", "--help").stdout
     assert "not available yet" not in helped and "featcache warmer" in " ".join(helped.split())
+
+
+def test_the_chunk_default_of_the_command_line_is_materializes() -> None:
+    """``--chunk-rows``' default is spelled in the command line, which may not import the
+    bulk path for ``--help``: it must be ``materialize``'s own."""
+    assert cli._CHUNK_ROWS == CHUNK_ROWS
