@@ -14,11 +14,15 @@ orders, fresh ids per sample, every row in Redis), at batches of 1, 100 and 1000
 ``featcache_miss``    the same miss on the synchronous client: the difference is what running
                       fills in a pool costs, beside the SQL read itself
 
-Over HTTP, three server processes on loopback, each a uvicorn worker (uvloop, httptools)
+Over HTTP, four server processes on loopback, each a uvicorn worker (uvloop, httptools)
 running Starlette, and a load generator in this process (keep-alive connections, each sending
 its next request as soon as the last answer is read, requests prepared before the clock):
 
-``serve_hit``          ``featcache serve``: ``POST /v1/features`` of fresh ids (all in Redis)
+``serve_hit``          ``featcache serve``: ``POST /v1/features`` of fresh ids (all in Redis,
+                       no L1: every request reads Redis)
+``serve_hit_l1``       ``featcache serve`` with an L1 (``l1.policy: lru``) holding every row,
+                       filled by one pass over the ids before the clock: every value
+                       ``HIT_L1``, no Redis read; the server's own cost per request
 ``http_floor``         the same framework and server answering the same request with a body
                        prepared before the run, the size of ``serve_hit``'s answer for that
                        batch: what any Python HTTP service costs before it does any work
@@ -79,7 +83,8 @@ HTTP_BATCHES = (1, 100)
 CONCURRENCY = (1, 16, 64)
 ASYNC_CASES = ("floor_mget_async", "async_hit", "featcache_hit", "async_miss",
                "featcache_miss")
-HTTP_CASES = ("http_floor", "serve_hit", "http_floor_granian")
+HTTP_CASES = ("http_floor", "serve_hit", "serve_hit_l1", "http_floor_granian")
+SERVE_CASES = ("serve_hit", "serve_hit_l1")
 #: async p50 at most this many times the sync client's / its own floor's
 ASYNC_VS_SYNC = 1.2
 ASYNC_VS_FLOOR = 1.5
@@ -273,6 +278,10 @@ class Proc:
 def _servers(env: Env, tmp: Path, bodies: dict[int, str]) -> Iterator[list[Proc]]:
     config = tmp / "featcache.yaml"
     config.write_text(_config_yaml(env))
+    config_l1 = tmp / "featcache-l1.yaml"
+    # an L1 of every user, whose entries outlive the run (the stream keeps them coherent)
+    config_l1.write_text(_config_yaml(env) + f"l1: {{policy: lru, max_entries: "
+                                              f"{2 * len(env.ids)}, max_ttl: 1h}}\n")
     (tmp / "floor_app.py").write_text(_FLOOR_APP)
     (tmp / "bodies.json").write_text(json.dumps(bodies))
     child_env = {**os.environ, "FLOOR_BODIES": str(tmp / "bodies.json"),
@@ -281,6 +290,8 @@ def _servers(env: Env, tmp: Path, bodies: dict[int, str]) -> Iterator[list[Proc]
     commands = {
         "serve_hit": [sys.executable, "-m", "featcache.jobs.cli", "--log-level", "warning",
                       "serve", "--config", str(config), "--port", "{port}"],
+        "serve_hit_l1": [sys.executable, "-m", "featcache.jobs.cli", "--log-level", "warning",
+                         "serve", "--config", str(config_l1), "--port", "{port}"],
         "http_floor": [sys.executable, "-m", "uvicorn", "floor_app:app", "--port", "{port}",
                        "--loop", "uvloop", "--http", "httptools", "--no-access-log",
                        "--log-level", "warning", "--no-server-header"],
@@ -411,7 +422,23 @@ def _http_cases(env: Env, mode: Mode) -> list[HttpSummary]:
                     raise RuntimeError(f"serve_hit answered {response.status_code}")
                 answers[batch] = response.text
         with _servers(env, Path(tmp), answers) as procs:
+            _fill_l1(next(p for p in procs if p.name == "serve_hit_l1"), env.ids,
+                     bodies_in[HTTP_BATCHES[-1]][0])
             return _measure_http(procs, bodies_in, mode)
+
+
+def _fill_l1(server: Proc, ids: Sequence[int], probe: bytes) -> None:
+    """Every id asked once (untimed), then a request of the run checked all ``HIT_L1``."""
+    names = list(dataset.FEATURE_NAMES)
+    with httpx.Client(base_url=f"http://127.0.0.1:{server.port}", timeout=60) as http:
+        for start in range(0, len(ids), 1000):
+            http.post("/v1/features", json={"ids": list(ids[start : start + 1000]),
+                                            "features": names}).raise_for_status()
+        answer = http.post("/v1/features", content=probe)
+        answer.raise_for_status()
+        statuses = {s for view in answer.json()["views"].values() for s in view["statuses"]}
+        if statuses != {"HIT_L1"}:
+            raise RuntimeError(f"serve_hit_l1 did not answer from its L1: {statuses}")
 
 
 def _measure_http(procs: list[Proc], bodies_in: dict[int, list[bytes]], mode: Mode
@@ -421,7 +448,7 @@ def _measure_http(procs: list[Proc], bodies_in: dict[int, list[bytes]], mode: Mo
     out: list[HttpSummary] = []
     for batch in HTTP_BATCHES:
         requests = {
-            p.name: [_request_bytes("/v1/features" if p.name == "serve_hit"
+            p.name: [_request_bytes("/v1/features" if p.name in SERVE_CASES
                                     else f"/floor/{batch}", p.port, body)
                      for body in bodies_in[batch]]
             for p in procs}
@@ -474,11 +501,11 @@ def _targets(summaries: Sequence[Summary], http: Sequence[HttpSummary]) -> list[
                           f"{a.p50_us:.1f} vs {f.p50_us:.1f} us ({a.p50_us / f.p50_us:.2f}x)"))
     floor = {(h.batch, h.concurrency): h for h in http if h.case == "http_floor"}
     for h in http:
-        if h.case != "serve_hit" or h.batch != 100:
+        if h.case not in SERVE_CASES or h.batch != 100:
             continue
         f = floor[(h.batch, h.concurrency)]
         out.append(Target(
-            f"serve_hit p50 <= {SERVE_VS_FLOOR}x http_floor, batch 100, concurrency "
+            f"{h.case} p50 <= {SERVE_VS_FLOOR}x http_floor, batch 100, concurrency "
             f"{h.concurrency}", h.p50_us <= SERVE_VS_FLOOR * f.p50_us,
             f"{h.p50_us:.0f} vs {f.p50_us:.0f} us ({h.p50_us / f.p50_us:.2f}x); "
             f"{h.rps:,.0f} vs {f.rps:,.0f} rps"))

@@ -1,9 +1,10 @@
-"""The connections a standalone store keeps between round trips (``featcache.redis_store.lanes``):
-never shared by two threads or two processes, never reused with a reply nobody read, reopened
-when the server closed them."""
+"""The connections the stores keep between round trips (``featcache.redis_store.lanes``), for
+the synchronous stores and the asyncio reader: never shared by two threads, coroutines or
+processes, never reused with a reply nobody read, reopened when the server closed them."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import random
 import threading
@@ -14,10 +15,11 @@ import pytest
 import redis
 from featdata import STATS_FEATURES, insert, make_cache, make_table, make_view, stats_row
 
-from featcache import CacheUnavailable, Status
+from featcache import AsyncFeatureCache, CacheUnavailable, Status
 from featcache.config_sections import RedisConfig
 from featcache.embedded import EmbeddedServer
 from featcache.redis_store import StandaloneStore, open_store
+from featcache.redis_store.aio import AsyncReader
 
 KEYS = 2_000
 
@@ -126,3 +128,108 @@ def test_a_forked_child_reads_on_connections_of_its_own(server: EmbeddedServer) 
     _, status = os.waitpid(pid, 0)
     store.close()
     assert os.waitstatus_to_exitcode(status) == 0
+
+
+# ------------------------------------------------------------------ the asyncio reader
+
+
+def _reader(server: EmbeddedServer) -> AsyncReader:
+    return AsyncReader(RedisConfig(url=server.url))
+
+
+def test_coroutines_never_share_a_connection(server: EmbeddedServer) -> None:
+    """Fifty coroutines reading at once each get the replies of their own commands."""
+
+    async def main() -> None:
+        reader = _reader(server)
+
+        async def reads(seed: int) -> None:
+            rng = random.Random(seed)
+            for _ in range(40):
+                picked = rng.sample(range(KEYS), rng.randrange(1, 40))
+                values = await reader.read([f"lane:{i}" for i in picked])
+                assert values == [f"value-{i}".encode() for i in picked]
+
+        try:
+            await asyncio.gather(*(reads(seed) for seed in range(50)))
+        finally:
+            await reader.aclose()
+
+    asyncio.run(main())
+
+
+def test_a_cancelled_async_read_leaves_no_reply_for_the_next(server: EmbeddedServer) -> None:
+    """A read cancelled while the server holds it (``wait_for`` gave up): its late reply is
+    on a closed connection, not read as the answer of the read sent right after it."""
+
+    async def main() -> None:
+        reader = _reader(server)
+        admin = redis.Redis.from_url(server.url)
+        try:
+            assert await reader.read(["lane:1"]) == [b"value-1"]  # a connection kept
+            admin.execute_command("CLIENT", "PAUSE", 500, "ALL")
+            with pytest.raises(asyncio.TimeoutError):
+                await asyncio.wait_for(reader.read(["lane:2"]), 0.2)
+            assert await reader.read(["lane:3"]) == [b"value-3"]  # waits out the pause
+            for _ in range(20):
+                assert await reader.read(["lane:4"]) == [b"value-4"]
+        finally:
+            admin.execute_command("CLIENT", "UNPAUSE")
+            admin.close()
+            await reader.aclose()
+
+    asyncio.run(main())
+
+
+def test_an_async_read_past_the_socket_timeout_is_redis_unavailable(
+    server: EmbeddedServer,
+) -> None:
+    """The asyncio reader's deadline (``redis.socket_timeout``) bounds the whole read: past it
+    the read is ``CacheUnavailable`` saying so, and the read after it gets its own answer."""
+
+    async def main() -> None:
+        reader = AsyncReader(RedisConfig(url=server.url, socket_timeout=0.3))
+        admin = redis.Redis.from_url(server.url)
+        try:
+            assert await reader.read(["lane:1"]) == [b"value-1"]
+            admin.execute_command("CLIENT", "PAUSE", 800, "ALL")
+            with pytest.raises(CacheUnavailable, match=r"no answer within 0\.3 s"):
+                await reader.read(["lane:2"])
+            with pytest.raises(CacheUnavailable):  # the pause still holds it past 0.3 s
+                await reader.read(["lane:2"])
+            await asyncio.sleep(0.4)
+            assert await reader.read(["lane:3"]) == [b"value-3"]
+        finally:
+            admin.execute_command("CLIENT", "UNPAUSE")
+            admin.close()
+            await reader.aclose()
+
+    asyncio.run(main())
+
+
+def test_the_async_client_reopens_a_connection_the_server_closed(
+    server: EmbeddedServer, sqlite_target: Any
+) -> None:
+    """The asyncio reader does not poll an idle connection before using it: a read that finds
+    it closed by the server is sent again on a new one, a hit and not a Redis error."""
+    table = make_table(sqlite_target.engine(), None, "conn", STATS_FEATURES)
+    insert(sqlite_target.engine(), table, [stats_row(1, clicks=3)])
+    config = make_cache([make_view("conn", "conn", None)], server.url,
+                        str(sqlite_target.url), "fct-alanes")
+    config.close()
+
+    async def main() -> None:
+        async with AsyncFeatureCache(config.config) as fc:
+            first = await fc.get_features([1], ["clicks"])
+            assert first.status(1, "clicks") is Status.FILLED
+            admin = redis.Redis.from_url(server.url)
+            try:
+                assert admin.execute_command("CLIENT", "KILL", "TYPE", "normal", "SKIPME",
+                                             "yes")
+            finally:
+                admin.close()
+            again = await fc.get_features([1], ["clicks"])
+            assert again.status(1, "clicks") is Status.HIT_REDIS
+            assert fc.sync.stats()["conn"]["redis_errors"] == 0
+
+    asyncio.run(main())

@@ -5,9 +5,10 @@ Only the read: it is the whole of an all-hit call's I/O, the one a serving corou
 every time. Everything else a call may do (fills, leases, fenced writes, epochs) waits on SQL
 first and runs in the async client's thread pool through the synchronous store
 (``featcache.async_client`` says why). Like ``StandaloneStore.read``, a read is one MGET (or
-several past ``read_chunk`` keys) packed by hiredis and sent on one pooled connection: one
-network round trip, and no redis-py per-argument pass. A read cancelled or failed midway
-closes its connection, so a socket with unread replies never goes back to the pool.
+several past ``read_chunk`` keys) packed by hiredis and sent on a connection the reader keeps
+between reads (``featcache.redis_store.lanes``): one network round trip, no redis-py
+per-argument pass, no pool checkout. A read cancelled or failed midway closes its connection,
+so a socket with unread replies is never used again.
 
 A cluster's read is not here: redis.asyncio's cluster client fails a whole batch when one node
 fails, and the synchronous cluster reader answers the other nodes' rows and keeps a breaker
@@ -16,6 +17,7 @@ per node, so the async client runs that one in its pool (docs/async.md).
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 from typing import Any
 
@@ -24,8 +26,10 @@ import redis.asyncio.sentinel
 from redis import exceptions as redis_exc
 
 from featcache.config_sections import RedisConfig
+from featcache.errors import CacheUnavailable
 from featcache.redis_store.base import pack
 from featcache.redis_store.errors import ERRORS, translate
+from featcache.redis_store.lanes import AsyncLanes
 from featcache.redis_store.standalone import check_url, describe, sentinel_setup
 
 __all__ = ["AsyncReader"]
@@ -43,16 +47,23 @@ class AsyncReader:
         check_url(config)
         self.url = describe(config)
         self._chunk = config.read_chunk
+        self._timeout = config.socket_timeout
         self.client: redis.asyncio.Redis
         if client is not None:  # the application's own
             self.client = client
+            self._lanes = AsyncLanes(client.connection_pool)
             return
-        timeouts: dict[str, Any] = {"socket_timeout": config.socket_timeout,
+        # The read's deadline is this reader's (``_round_trip``), not each socket operation's:
+        # redis.asyncio times a send by ``asyncio.wait_for``, a task of its own on Python
+        # 3.11, and a reply by a timer of its own (docs/async.md).
+        timeouts: dict[str, Any] = {"socket_timeout": None,
                                     "socket_connect_timeout": config.connect_timeout}
         if config.mode == "sentinel":
             where = sentinel_setup(config)
             sentinel = redis.asyncio.sentinel.Sentinel(
-                where.sentinels, sentinel_kwargs=dict(timeouts), **timeouts)
+                where.sentinels, sentinel_kwargs={**timeouts,
+                                                  "socket_timeout": config.socket_timeout},
+                **timeouts)
             self.client = sentinel.master_for(
                 config.master_name, max_connections=config.max_connections,
                 health_check_interval=30, ssl=where.ssl, **where.options, **timeouts)
@@ -60,6 +71,7 @@ class AsyncReader:
             self.client = redis.asyncio.Redis.from_url(
                 config.url, max_connections=config.max_connections,
                 health_check_interval=30, **timeouts)
+        self._lanes = AsyncLanes(self.client.connection_pool)
 
     async def read(self, keys: Sequence[str]) -> list[bytes | None]:
         """Values in key order, None where absent; one network round trip. Raises
@@ -84,33 +96,51 @@ class AsyncReader:
         return out
 
     async def _round_trip(self, packed: bytes, replies: int) -> list[Any]:
-        pool = self.client.connection_pool
+        """The read within ``redis.socket_timeout``: connecting, sending, every reply."""
+        lanes = self._lanes
         try:
-            conn = await pool.get_connection()  # type: ignore[no-untyped-call]
+            async with asyncio.timeout(self._timeout):
+                conn, idle = await lanes.take()
+                try:
+                    return await self._exchange(conn, packed, replies)
+                except redis_exc.ConnectionError:
+                    if not idle:
+                        raise
+                # the server closed it while idle (a restart, CLIENT KILL, its timeout): a
+                # read of values is sent again, once, on a connection the pool checks
+                return await self._exchange(await lanes.fresh(), packed, replies)
+        except TimeoutError:
+            raise CacheUnavailable(f"Redis {self.url}: no answer within {self._timeout:g} s "
+                                   "(redis.socket_timeout)") from None
         except ERRORS as exc:
             raise translate(exc, self.url) from exc
+
+    async def _exchange(self, conn: Any, packed: bytes, replies: int) -> list[Any]:
+        """The commands sent and every reply read on ``conn``, which then goes back to the
+        idle ones (or, if anything failed, is closed and handed back to the pool)."""
+        lanes = self._lanes
         try:
-            try:
-                await conn.send_packed_command(packed, check_health=True)
-                out: list[Any] = []
-                for _ in range(replies):
-                    try:
-                        out.append(await conn.read_response())
-                    except redis_exc.ResponseError as exc:
-                        out.append(exc)
-            except BaseException:  # a failure or a cancellation: replies may be unread
-                await conn.disconnect()
-                raise
-        except ERRORS as exc:
-            raise translate(exc, self.url) from exc
-        finally:
-            await pool.release(conn)
+            await conn.send_packed_command(packed, check_health=True)
+            out: list[Any] = []
+            for _ in range(replies):
+                try:
+                    out.append(await conn.read_response())
+                except redis_exc.ResponseError as exc:
+                    out.append(exc)
+        except BaseException:  # a failure or a cancellation: replies may be unread
+            await lanes.discard(conn)
+            raise
+        lanes.give_back(conn)
         return out
 
     async def ping(self) -> None:
         """One PING (the server's readiness, for ``/readyz``)."""
         try:
-            await self.client.ping()
+            async with asyncio.timeout(self._timeout):
+                await self.client.ping()
+        except TimeoutError:
+            raise CacheUnavailable(f"Redis {self.url}: no answer within {self._timeout:g} s "
+                                   "(redis.socket_timeout)") from None
         except ERRORS as exc:
             raise translate(exc, self.url) from exc
 

@@ -16,6 +16,9 @@ the GIL, so threads never share one) and pushes it back. What the checkout guard
 * a round trip that failed closes its connection and gives it back to the pool;
 * redis-py's pool still opens every connection (TLS, ACL auth, database, Sentinel discovery),
   bounds how many there are (``max_connections``), and closes them all with the client.
+
+``Lanes`` serves the synchronous stores, ``AsyncLanes`` the asyncio reader
+(``featcache.redis_store.aio``), where the pool's checkout costs 10-15 us a read.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from typing import Any
 
 from redis import exceptions as redis_exc
 
-__all__ = ["Lanes"]
+__all__ = ["AsyncLanes", "Lanes"]
 
 
 class Lanes:
@@ -75,3 +78,53 @@ class Lanes:
         """``conn`` after a failure: its socket may hold replies nobody will read."""
         conn.disconnect()
         self._pool.release(conn)
+
+
+class AsyncLanes:
+    """``Lanes`` for a ``redis.asyncio`` pool, with one difference: an idle connection is not
+    polled before use (on the event loop that check costs 5 us a read, a third of what the
+    lanes save); a read that finds it closed by the server is sent again, once, on a new
+    connection (``fresh``), which a read of values may be.
+
+    redis.asyncio's pool has no ownership check of its own (its Sentinel pool closes idle
+    connections when the primary changes, and ours are not idle to it), so a connection to
+    an address other than the primary the Sentinel pool names now goes back to the pool,
+    closed, and another is taken."""
+
+    __slots__ = ("_idle", "_pid", "_pool")
+
+    def __init__(self, pool: Any) -> None:
+        self._pool = pool
+        self._idle: list[Any] = []
+        self._pid = os.getpid()
+
+    async def take(self) -> tuple[Any, bool]:
+        """A connection no other task holds, and whether it was idle here (else it is new
+        from the pool, which checked it)."""
+        if self._pid != os.getpid():
+            self._idle = []
+            self._pid = os.getpid()
+        pool = self._pool
+        while True:
+            try:
+                conn = self._idle.pop()
+            except IndexError:
+                return await pool.get_connection(), False
+            primary = getattr(pool, "master_address", None) if getattr(
+                pool, "is_master", False) else None
+            if primary is None or primary == (conn.host, conn.port):
+                return conn, True
+            await self.discard(conn)
+
+    async def fresh(self) -> Any:
+        """A connection from the pool, checked by it."""
+        return await self._pool.get_connection()
+
+    def give_back(self, conn: Any) -> None:
+        self._idle.append(conn)
+
+    async def discard(self, conn: Any) -> None:
+        try:
+            await conn.disconnect()
+        finally:
+            await self._pool.release(conn)
