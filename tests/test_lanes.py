@@ -5,10 +5,11 @@ processes, never reused with a reply nobody read, reopened when the server close
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import random
 import threading
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import pytest
@@ -137,6 +138,23 @@ def _reader(server: EmbeddedServer) -> AsyncReader:
     return AsyncReader(RedisConfig(url=server.url))
 
 
+@contextlib.asynccontextmanager
+async def _paused_reader(server: EmbeddedServer, pause_ms: int, **options: Any
+                         ) -> AsyncIterator[AsyncReader]:
+    """A reader holding a connection, then every client of the server paused for
+    ``pause_ms`` (``CLIENT PAUSE``)."""
+    reader = AsyncReader(RedisConfig(url=server.url, **options))
+    admin = redis.Redis.from_url(server.url)
+    try:
+        assert await reader.read(["lane:1"]) == [b"value-1"]  # a connection kept
+        admin.execute_command("CLIENT", "PAUSE", pause_ms, "ALL")
+        yield reader
+    finally:
+        admin.execute_command("CLIENT", "UNPAUSE")
+        admin.close()
+        await reader.aclose()
+
+
 def test_coroutines_never_share_a_connection(server: EmbeddedServer) -> None:
     """Fifty coroutines reading at once each get the replies of their own commands."""
 
@@ -163,20 +181,12 @@ def test_a_cancelled_async_read_leaves_no_reply_for_the_next(server: EmbeddedSer
     on a closed connection, not read as the answer of the read sent right after it."""
 
     async def main() -> None:
-        reader = _reader(server)
-        admin = redis.Redis.from_url(server.url)
-        try:
-            assert await reader.read(["lane:1"]) == [b"value-1"]  # a connection kept
-            admin.execute_command("CLIENT", "PAUSE", 500, "ALL")
+        async with _paused_reader(server, 500) as reader:
             with pytest.raises(asyncio.TimeoutError):
                 await asyncio.wait_for(reader.read(["lane:2"]), 0.2)
             assert await reader.read(["lane:3"]) == [b"value-3"]  # waits out the pause
             for _ in range(20):
                 assert await reader.read(["lane:4"]) == [b"value-4"]
-        finally:
-            admin.execute_command("CLIENT", "UNPAUSE")
-            admin.close()
-            await reader.aclose()
 
     asyncio.run(main())
 
@@ -188,21 +198,13 @@ def test_an_async_read_past_the_socket_timeout_is_redis_unavailable(
     the read is ``CacheUnavailable`` saying so, and the read after it gets its own answer."""
 
     async def main() -> None:
-        reader = AsyncReader(RedisConfig(url=server.url, socket_timeout=0.3))
-        admin = redis.Redis.from_url(server.url)
-        try:
-            assert await reader.read(["lane:1"]) == [b"value-1"]
-            admin.execute_command("CLIENT", "PAUSE", 800, "ALL")
+        async with _paused_reader(server, 800, socket_timeout=0.3) as reader:
             with pytest.raises(CacheUnavailable, match=r"no answer within 0\.3 s"):
                 await reader.read(["lane:2"])
             with pytest.raises(CacheUnavailable):  # the pause still holds it past 0.3 s
                 await reader.read(["lane:2"])
             await asyncio.sleep(0.4)
             assert await reader.read(["lane:3"]) == [b"value-3"]
-        finally:
-            admin.execute_command("CLIENT", "UNPAUSE")
-            admin.close()
-            await reader.aclose()
 
     asyncio.run(main())
 

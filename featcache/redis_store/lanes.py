@@ -31,8 +31,8 @@ from redis import exceptions as redis_exc
 __all__ = ["AsyncLanes", "Lanes"]
 
 
-class Lanes:
-    """A store's idle connections, from one redis-py pool."""
+class _Idle:
+    """The idle connections of one pool, this process's only."""
 
     __slots__ = ("_idle", "_pid", "_pool")
 
@@ -41,16 +41,32 @@ class Lanes:
         self._idle: list[Any] = []
         self._pid = os.getpid()
 
-    def take(self) -> Any:
-        """A connected connection no other thread holds: an idle one, or a new one."""
+    def _pop(self) -> Any | None:
+        """An idle connection, now no other thread's or task's; None when there is none."""
         if self._pid != os.getpid():
             self._idle = []  # the parent's: its pool is reset by redis-py on first use
             self._pid = os.getpid()
+        try:
+            return self._idle.pop()
+        except IndexError:
+            return None
+
+    def give_back(self, conn: Any) -> None:
+        """``conn`` after a round trip that read every reply it asked for."""
+        self._idle.append(conn)
+
+
+class Lanes(_Idle):
+    """A store's idle connections, from one redis-py pool."""
+
+    __slots__ = ()
+
+    def take(self) -> Any:
+        """A connected connection no other thread holds: an idle one, or a new one."""
         pool = self._pool
         while True:
-            try:
-                conn = self._idle.pop()
-            except IndexError:
+            conn = self._pop()
+            if conn is None:
                 return pool.get_connection()  # checked by the pool itself
             if pool.owns_connection(conn):
                 break
@@ -70,17 +86,13 @@ class Lanes:
             raise
         return conn
 
-    def give_back(self, conn: Any) -> None:
-        """``conn`` after a round trip that read every reply it asked for."""
-        self._idle.append(conn)
-
     def discard(self, conn: Any) -> None:
         """``conn`` after a failure: its socket may hold replies nobody will read."""
         conn.disconnect()
         self._pool.release(conn)
 
 
-class AsyncLanes:
+class AsyncLanes(_Idle):
     """``Lanes`` for a ``redis.asyncio`` pool, with one difference: an idle connection is not
     polled before use (on the event loop that check costs 5 us a read, a third of what the
     lanes save); a read that finds it closed by the server is sent again, once, on a new
@@ -91,24 +103,15 @@ class AsyncLanes:
     an address other than the primary the Sentinel pool names now goes back to the pool,
     closed, and another is taken."""
 
-    __slots__ = ("_idle", "_pid", "_pool")
-
-    def __init__(self, pool: Any) -> None:
-        self._pool = pool
-        self._idle: list[Any] = []
-        self._pid = os.getpid()
+    __slots__ = ()
 
     async def take(self) -> tuple[Any, bool]:
         """A connection no other task holds, and whether it was idle here (else it is new
         from the pool, which checked it)."""
-        if self._pid != os.getpid():
-            self._idle = []
-            self._pid = os.getpid()
         pool = self._pool
         while True:
-            try:
-                conn = self._idle.pop()
-            except IndexError:
+            conn = self._pop()
+            if conn is None:
                 return await pool.get_connection(), False
             primary = getattr(pool, "master_address", None) if getattr(
                 pool, "is_master", False) else None
@@ -119,9 +122,6 @@ class AsyncLanes:
     async def fresh(self) -> Any:
         """A connection from the pool, checked by it."""
         return await self._pool.get_connection()
-
-    def give_back(self, conn: Any) -> None:
-        self._idle.append(conn)
 
     async def discard(self, conn: Any) -> None:
         try:
