@@ -70,6 +70,29 @@ def test_threads_never_share_a_connection(server: EmbeddedServer) -> None:
     assert failures == []
 
 
+def test_stores_on_one_client_share_its_idle_connections(server: EmbeddedServer) -> None:
+    """Two stores on one client (a cluster node's store and its ASKING store, caches built on
+    one application client) read one after the other on one connection, as two users of the
+    pool would, and a store dropped leaves its connection to the next one."""
+    client = redis.Redis.from_url(server.url)
+    admin = redis.Redis.from_url(server.url)
+    try:
+        def connected() -> int:
+            return int(admin.info("clients")["connected_clients"])
+
+        before = connected()
+        first, second = StandaloneStore(client), StandaloneStore(client)
+        for _ in range(5):
+            assert first.read(["lane:1"]) == [b"value-1"]
+            assert second.read(["lane:2"]) == [b"value-2"]
+        del first, second
+        assert StandaloneStore(client).read(["lane:3"]) == [b"value-3"]
+        assert connected() == before + 1
+    finally:
+        client.close()
+        admin.close()
+
+
 def test_a_read_that_timed_out_leaves_no_reply_for_the_next_call(
     server: EmbeddedServer,
 ) -> None:

@@ -51,7 +51,7 @@ class AsyncReader:
         self.client: redis.asyncio.Redis
         if client is not None:  # the application's own
             self.client = client
-            self._lanes = AsyncLanes(client.connection_pool)
+            self._lanes = AsyncLanes.of(client.connection_pool)
             return
         # The read's deadline is this reader's (``_round_trip``), not each socket operation's:
         # redis.asyncio times a send by ``asyncio.wait_for``, a task of its own on Python
@@ -71,7 +71,7 @@ class AsyncReader:
             self.client = redis.asyncio.Redis.from_url(
                 config.url, max_connections=config.max_connections,
                 health_check_interval=30, **timeouts)
-        self._lanes = AsyncLanes(self.client.connection_pool)
+        self._lanes = AsyncLanes.of(self.client.connection_pool)
 
     async def read(self, keys: Sequence[str]) -> list[bytes | None]:
         """Values in key order, None where absent; one network round trip. Raises

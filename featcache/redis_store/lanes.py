@@ -3,9 +3,10 @@ checked out and back for every command.
 
 redis-py's ``ConnectionPool.get_connection`` and ``release`` cost 13-17 us a round trip here
 (a lock each, connection-state metrics, a poll for unread bytes): on a one-key read that is a
-tenth of the call, and on a 100-key ``MGET`` as much as Valkey takes to answer it. A store
-keeps the connections it has used in a list; a round trip pops one (an atomic operation under
-the GIL, so threads never share one) and pushes it back. What the checkout guarded is kept:
+tenth of the call, and on a 100-key ``MGET`` as much as Valkey takes to answer it. The stores
+on a pool keep its idle connections in one list (``of``); a round trip pops one (an atomic
+operation under the GIL, so threads never share one) and pushes it back. What the checkout
+guarded is kept:
 
 * a connection the server closed, or one holding bytes nobody read, is reopened before use
   (``can_read``: one poll), and refused when it has bytes again, as redis-py does;
@@ -24,22 +25,48 @@ the GIL, so threads never share one) and pushes it back. What the checkout guard
 from __future__ import annotations
 
 import os
-from typing import Any
+import threading
+import weakref
+from typing import Any, Self
 
 from redis import exceptions as redis_exc
 
 __all__ = ["AsyncLanes", "Lanes"]
 
+#: each pool's idle connections (``_Idle.of``), for as long as the pool lives
+_REGISTRY: weakref.WeakKeyDictionary[Any, _Idle] = weakref.WeakKeyDictionary()
+_REGISTRY_LOCK = threading.Lock()
+
 
 class _Idle:
     """The idle connections of one pool, this process's only."""
 
-    __slots__ = ("_idle", "_pid", "_pool")
+    __slots__ = ("_idle", "_pid", "_pool_ref")
 
     def __init__(self, pool: Any) -> None:
-        self._pool = pool
+        self._pool_ref = weakref.ref(pool)  # the registry's value must not keep its key alive
         self._idle: list[Any] = []
         self._pid = os.getpid()
+
+    @classmethod
+    def of(cls, pool: Any) -> Self:
+        """The idle connections of ``pool``, one list for every store on it, as the pool's
+        own idle connections are: stores sharing a client (a cluster node's store and its
+        ``ASKING`` store, caches built on one application client) reuse each other's, and a
+        store dropped leaves its connections to the next instead of holding them out of the
+        pool for good."""
+        with _REGISTRY_LOCK:
+            found = _REGISTRY.get(pool)
+            if not isinstance(found, cls):
+                found = _REGISTRY[pool] = cls(pool)
+        return found
+
+    @property
+    def _pool(self) -> Any:
+        pool = self._pool_ref()
+        if pool is None:  # not reached: a store holds its client, which holds the pool
+            raise redis_exc.ConnectionError("the connection pool is gone")
+        return pool
 
     def _pop(self) -> Any | None:
         """An idle connection, now no other thread's or task's; None when there is none."""

@@ -173,7 +173,7 @@ class StandaloneStore:
         self._asking = asking
         self.url = describe(config) if config is not None else safe_redis_url(_describe(client))
         self.replica_reads = False
-        self._lanes = Lanes(client.connection_pool)
+        self._lanes = Lanes.of(client.connection_pool)
 
     def close(self) -> None:
         self.client.close()
