@@ -93,6 +93,32 @@ def test_stores_on_one_client_share_its_idle_connections(server: EmbeddedServer)
         admin.close()
 
 
+def test_a_quarter_of_the_pool_at_most_stays_idle_with_the_stores(
+    server: EmbeddedServer,
+) -> None:
+    """Four reads at once on a pool of four connections, then the pool's other users (a
+    command on the client itself) still get three: the stores keep one idle, not all four."""
+    client = redis.Redis.from_url(server.url, max_connections=4)
+    admin = redis.Redis.from_url(server.url)
+    store = StandaloneStore(client)
+    try:
+        admin.execute_command("CLIENT", "PAUSE", 300, "ALL")  # the four reads overlap
+        threads = [threading.Thread(target=store.read, args=([f"lane:{i}"],))
+                   for i in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        pool = client.connection_pool
+        held = [pool.get_connection() for _ in range(3)]  # MaxConnectionsError if hoarded
+        for conn in held:
+            pool.release(conn)
+        assert store.read(["lane:5"]) == [b"value-5"]
+    finally:
+        admin.close()
+        client.close()
+
+
 def test_a_read_that_timed_out_leaves_no_reply_for_the_next_call(
     server: EmbeddedServer,
 ) -> None:

@@ -130,7 +130,7 @@ class AsyncReader:
         except BaseException:  # a failure or a cancellation: replies may be unread
             await lanes.discard(conn)
             raise
-        lanes.give_back(conn)
+        await lanes.give_back(conn)
         return out
 
     async def ping(self) -> None:

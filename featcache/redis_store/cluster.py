@@ -42,6 +42,7 @@ from featcache.breaker import BreakerState, CircuitBreaker
 from featcache.errors import PartlyUnavailable
 from featcache.redis_store.base import coalesce, pack
 from featcache.redis_store.errors import ERRORS, translate
+from featcache.redis_store.lanes import Lanes
 
 __all__ = ["REDIRECTS", "ClusterReader", "NodeHealth", "SlotCache"]
 
@@ -225,7 +226,8 @@ class ClusterReader:
         """Send every node its MGETs, then read every reply into ``values`` (``keys`` and
         ``values`` in slot order: each group a slice of them): how many nodes answered, and the
         groups answered by a redirect (with it)."""
-        sent: list[tuple[Any, Any, str, list[_Group]]] = []
+        sent: list[tuple[Lanes, Any, str, list[_Group]]] = []
+        refused: redis_exc.ResponseError | None = None
         answered = 0
         redirected: list[tuple[_Group, Exception]] = []
         health = self.health
@@ -240,9 +242,10 @@ class ClusterReader:
                 if asking:
                     packed.append(_ASKING)
                 packed.append(pack(("MGET", *keys[group.start:group.end])))
-            pool = self._pool(node)
+            # the node's idle connections, shared with its store (the writes, the leases)
+            lanes = Lanes.of(self._pool(node))
             try:
-                conn = pool.get_connection()
+                conn = lanes.take()
             except ERRORS:
                 self.node_errors += 1
                 health.failed(name)
@@ -254,11 +257,10 @@ class ClusterReader:
                 self.node_errors += 1
                 health.failed(name)
                 failed.add(name)
-                conn.disconnect()
-                pool.release(conn)
+                lanes.discard(conn)
                 continue
-            sent.append((pool, conn, name, node_groups))
-        for pool, conn, name, node_groups in sent:
+            sent.append((lanes, conn, name, node_groups))
+        for lanes, conn, name, node_groups in sent:
             try:
                 for group in node_groups:
                     if asking:
@@ -274,16 +276,22 @@ class ClusterReader:
                 answered += 1
                 health.of(name).record_success()
             except redis_exc.ResponseError as exc:
-                # an error reply (ACL, OOM...) is not an outage: the caller hears it
-                conn.disconnect()
-                raise translate(exc, self.url) from exc
+                # an error reply (ACL, OOM...) is not an outage: the caller hears it, once
+                # every other node's replies are read and its connection is back
+                lanes.discard(conn)
+                refused = refused or exc
             except ERRORS:
                 self.node_errors += 1
                 health.failed(name)
                 failed.add(name)
-                conn.disconnect()
-            finally:
-                pool.release(conn)
+                lanes.discard(conn)
+            except BaseException:
+                lanes.discard(conn)
+                raise
+            else:
+                lanes.give_back(conn)
+        if refused is not None:
+            raise translate(refused, self.url) from refused
         return answered, redirected
 
     def _retry(

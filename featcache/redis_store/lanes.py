@@ -16,7 +16,9 @@ guarded is kept:
 * a forked child starts with none of the parent's: their sockets are the parent's;
 * a round trip that failed closes its connection and gives it back to the pool;
 * redis-py's pool still opens every connection (TLS, ACL auth, database, Sentinel discovery),
-  bounds how many there are (``max_connections``), and closes them all with the client.
+  bounds how many there are (``max_connections``), and closes them all with the client; it
+  counts the idle ones kept here as in use, so at most a quarter of its ``max_connections``
+  are kept, the rest given back to it for whoever takes connections from it directly.
 
 ``Lanes`` serves the synchronous stores, ``AsyncLanes`` the asyncio reader
 (``featcache.redis_store.aio``), where the pool's checkout costs 10-15 us a read.
@@ -41,12 +43,14 @@ _REGISTRY_LOCK = threading.Lock()
 class _Idle:
     """The idle connections of one pool, this process's only."""
 
-    __slots__ = ("_idle", "_pid", "_pool_ref")
+    __slots__ = ("_idle", "_keep", "_pid", "_pool_ref")
 
     def __init__(self, pool: Any) -> None:
         self._pool_ref = weakref.ref(pool)  # the registry's value must not keep its key alive
         self._idle: list[Any] = []
         self._pid = os.getpid()
+        # the pool counts these as in use: the rest stays free for its other users
+        self._keep = max(1, int(getattr(pool, "max_connections", 64)) // 4)
 
     @classmethod
     def of(cls, pool: Any) -> Self:
@@ -78,9 +82,16 @@ class _Idle:
         except IndexError:
             return None
 
-    def give_back(self, conn: Any) -> None:
-        """``conn`` after a round trip that read every reply it asked for."""
-        self._idle.append(conn)
+    def _kept(self, conn: Any) -> bool:
+        """``conn``, after a round trip that read every reply it asked for, kept here; False
+        when a quarter of the pool's connections are idle here already: it then goes back to
+        the pool, for whoever takes connections from the pool itself (redis-py's own
+        commands, a command run on the client directly)."""
+        idle = self._idle
+        if len(idle) < self._keep:
+            idle.append(conn)
+            return True
+        return False
 
 
 class Lanes(_Idle):
@@ -112,6 +123,11 @@ class Lanes(_Idle):
             self.discard(conn)
             raise
         return conn
+
+    def give_back(self, conn: Any) -> None:
+        """``conn`` after a round trip that read every reply it asked for."""
+        if not self._kept(conn):
+            self._pool.release(conn)
 
     def discard(self, conn: Any) -> None:
         """``conn`` after a failure: its socket may hold replies nobody will read."""
@@ -145,6 +161,11 @@ class AsyncLanes(_Idle):
             if primary is None or primary == (conn.host, conn.port):
                 return conn, True
             await self.discard(conn)
+
+    async def give_back(self, conn: Any) -> None:
+        """``conn`` after a read that read every reply it asked for."""
+        if not self._kept(conn):
+            await self._pool.release(conn)
 
     async def fresh(self) -> Any:
         """A connection from the pool, checked by it."""
