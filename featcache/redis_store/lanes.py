@@ -58,7 +58,11 @@ class _Idle:
         own idle connections are: stores sharing a client (a cluster node's store and its
         ``ASKING`` store, caches built on one application client) reuse each other's, and a
         store dropped leaves its connections to the next instead of holding them out of the
-        pool for good."""
+        pool for good. The cluster reader asks per node and read: the lock is taken only to
+        add a pool."""
+        found = _REGISTRY.get(pool)
+        if isinstance(found, cls):
+            return found
         with _REGISTRY_LOCK:
             found = _REGISTRY.get(pool)
             if not isinstance(found, cls):
