@@ -201,3 +201,25 @@ def test_an_all_hit_call_of_two_views_reads_as_the_fill_that_stored_it(
             [c for c in table.column_names if c.endswith(".status")])
         assert set(table.column("clicks.status").to_pylist()) == {"HIT_REDIS"}
         assert repr(hits).endswith(f"HIT_REDIS={n}>")
+
+
+def test_rows_written_before_a_feature_was_appended_answer_column_by_column(
+    sql_url: str, redis_url: str, key_prefix: str,
+) -> None:
+    """A batch of hits whose rows have different widths (half written before ``emb`` was
+    added to the view, half after) gives every column its rows' values: the transposition
+    that makes the columns stops at the shortest row, which holds every feature asked for."""
+    older = make_view(VIEW, VIEW, None, features=STATS_FEATURES[:5])
+    names = ["ctr", "clicks", "country"]
+    with make_cache([older], redis_url, sql_url, key_prefix, xfetch_beta=0) as fc:
+        assert fc.get_features(IDS[:10], names).status_counts() == {Status.FILLED: 30}
+    with make_cache([make_view(VIEW, VIEW, None)], redis_url, sql_url, key_prefix,
+                    xfetch_beta=0) as fc:
+        fc.get_features(IDS[10:], NAMES)
+        hits = fc.get_features(IDS, names)
+        assert hits.status_counts() == {Status.HIT_REDIS: len(IDS) * len(names)}
+        columns = {c.name: c.values for c in hits.columns()}
+        assert columns == {name: [_expected(e)[name] for e in IDS] for name in names}
+        same = fc.get_features(IDS[10:], names)  # rows of one width
+        assert {c.name: c.values for c in same.columns()} == {
+            name: [_expected(e)[name] for e in IDS[10:]] for name in names}

@@ -249,6 +249,15 @@ def test_a_feast_client_request_is_answered_in_the_shape_it_parses(
     # the join key comes first, as given
     assert body["results"][0]["values"] == ids
     assert body["results"][0]["statuses"] == ["PRESENT"] * 3
+    # every row found: the event times take the batch path, and are the same strings
+    with server.client() as client:
+        found = client.post("/get-online-features",
+                            content=feast_request_body(ids[:2], FEAST_FEATURES)).json()
+    for vector in found["results"][1:]:
+        assert vector["statuses"] == ["PRESENT", "PRESENT"]
+        assert vector["event_timestamps"] == [
+            expected.event_timestamp(entity, "ctr").isoformat().replace("+00:00", "Z")
+            for entity in ids[:2]]
 
 
 def test_feast_full_feature_names_duplicates_and_statuses(server: Served) -> None:

@@ -49,6 +49,7 @@ from featcache.errors import (
 from featcache.http import ENV_CONFIG, ENV_TOKEN
 from featcache.http.shapes import (
     ARROW_STREAM,
+    WRITE_TIMES,
     feast_response,
     features_response,
     parse_feast_request,
@@ -64,7 +65,6 @@ __all__ = ["TooLarge", "app_from_environment", "create_app"]
 log = logging.getLogger("featcache.serve")
 
 _JSON = "application/json"
-_OPTIONS = orjson.OPT_UTC_Z | orjson.OPT_NAIVE_UTC | orjson.OPT_SERIALIZE_NUMPY
 
 Handler = Callable[[Request], Awaitable[Response]]
 
@@ -74,7 +74,7 @@ class TooLarge(InvalidRequest):
 
 
 def _json(body: Any, status: int = 200) -> Response:
-    return Response(orjson.dumps(body, option=_OPTIONS), status, media_type=_JSON)
+    return Response(orjson.dumps(body, option=WRITE_TIMES), status, media_type=_JSON)
 
 
 def _error(status: int, exc: BaseException | str, kind: str | None = None) -> Response:
