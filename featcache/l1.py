@@ -11,10 +11,12 @@ bounds hold for every policy alike, whatever the library behind it does:
   instead of relying on each library's own expiry: cachetools' LRU/LFU have none, and
   theine's runs on ``time.monotonic_ns`` that a test cannot drive.
 
-The eviction policies come from maintained libraries: cachetools ``LRUCache``, ``LFUCache``
-and ``TTLCache``, and theine's W-TinyLFU engine (``theine_core.TlfuCore``, the Rust core that
-``theine.Cache`` wraps). See ``docs/l1-policies.md`` for the measured comparison and why the
-core is used directly rather than ``theine.Cache``.
+The eviction policies come from maintained libraries, cachetools ``LFUCache`` and ``TTLCache``
+and theine's W-TinyLFU engine (``theine_core.TlfuCore``, the Rust core that ``theine.Cache``
+wraps), except LRU: an ``OrderedDict`` in access order, read by C-level passes over a batch,
+where cachetools' ``LRUCache`` spends Python calls on every key. See ``docs/l1-policies.md``
+for the measured comparison and why theine's core is used directly rather than
+``theine.Cache``.
 
 A caller may also give each entry a shorter *soft* lifetime (``put_many(fresh_for=...)``): the
 time it knows the value stays valid (for featcache: until the strictest ``max_age`` of the view
@@ -45,6 +47,7 @@ import contextlib
 import operator
 import threading
 import time
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from random import random as _random
 from typing import Any, Final, Generic, Protocol, TypeVar
@@ -124,10 +127,69 @@ class _Store(Protocol):
     def __len__(self) -> int: ...
 
 
+# -------------------------------------------------------------------------------- lru
+
+
+class _LruStore:
+    """``lru``: an ``OrderedDict`` kept in access order, oldest first. cachetools'
+    ``LRUCache`` is the same structure behind Python methods (a membership test, a lookup and
+    a reorder per key, about 1 us a key of a 100-id hit here); a batch is looked up and
+    reordered here by C-level ``map`` passes."""
+
+    def __init__(self, max_entries: int) -> None:
+        self._entries: OrderedDict[Key, Entry] = OrderedDict()
+        self._max = max_entries
+        self.evicted: list[tuple[Key, Entry]] = []
+        self.expired: list[tuple[Key, Entry]] = []  # stays empty: no expiry of its own
+
+    def get(self, key: Key) -> Entry | None:
+        entry = self._entries.get(key)
+        if entry is not None:
+            self._entries.move_to_end(key)
+        return entry
+
+    def get_all(self, keys: list[Key]) -> list[Entry | None]:
+        """``get`` of each key, in order."""
+        entries = self._entries
+        got = list(map(entries.get, keys))
+        held = keys if None not in got else [
+            key for key, entry in zip(keys, got, strict=True) if entry is not None]
+        deque(map(entries.move_to_end, held), maxlen=0)  # most recently used last
+        return got
+
+    def peek(self, key: Key) -> Entry | None:
+        return self._entries.get(key)
+
+    def set(self, key: Key, entry: Entry) -> None:
+        entries = self._entries
+        entries[key] = entry
+        entries.move_to_end(key)
+        while len(entries) > self._max:
+            self.evicted.append(entries.popitem(last=False))
+
+    def key_hash(self, key: Key) -> int:
+        return 0
+
+    def discard(self, key: Key) -> Entry | None:
+        return self._entries.pop(key, None)
+
+    def begin_reads(self, now: float) -> None:
+        pass
+
+    def end_reads(self) -> None:
+        pass
+
+    def end_writes(self) -> None:
+        pass
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
 # -------------------------------------------------------------------------------- cachetools
 
 
-class _LRU(cachetools.LRUCache[Key, Entry]):
+class _LFU(cachetools.LFUCache[Key, Entry]):
     """cachetools calls ``popitem`` only to make room; overriding it is its documented hook."""
 
     def __init__(self, maxsize: int, evicted: list[tuple[Key, Entry]]) -> None:
@@ -140,21 +202,9 @@ class _LRU(cachetools.LRUCache[Key, Entry]):
         return item
 
 
-class _LFU(cachetools.LFUCache[Key, Entry]):
-    """See ``_LRU``."""
-
-    def __init__(self, maxsize: int, evicted: list[tuple[Key, Entry]]) -> None:
-        super().__init__(maxsize)
-        self.evicted = evicted
-
-    def popitem(self) -> tuple[Key, Entry]:
-        item = super().popitem()
-        self.evicted.append(item)
-        return item
-
-
 class _TTL(cachetools.TTLCache[Key, Entry, float]):
-    """``expire`` is where TTLCache drops aged entries (on every write and in ``popitem``)."""
+    """``expire`` is where TTLCache drops aged entries (on every write and in ``popitem``);
+    ``popitem`` as for ``_LFU``."""
 
     def __init__(
         self,
@@ -181,7 +231,7 @@ class _TTL(cachetools.TTLCache[Key, Entry, float]):
 
 
 class _CachetoolsStore:
-    """Adapts a cachetools cache; reads go straight to its bound ``get``."""
+    """Adapts a cachetools cache (``lfu``, ``ttl``); reads go straight to its bound ``get``."""
 
     get: Callable[[Key], Entry | None]
     set: Callable[[Key, Entry], None]
@@ -191,9 +241,7 @@ class _CachetoolsStore:
         self.expired: list[tuple[Key, Entry]] = []
         inner: cachetools.Cache[Key, Entry]
         self._ttl: _TTL | None = None
-        if policy == "lru":
-            inner = _LRU(max_entries, self.evicted)
-        elif policy == "lfu":
+        if policy == "lfu":
             inner = _LFU(max_entries, self.evicted)
         else:
             inner = self._ttl = _TTL(max_entries, max_ttl, clock, self.evicted, self.expired)
@@ -457,6 +505,8 @@ class L1Cache(Generic[V]):
     def _new_store(self) -> _Store:
         if self.policy == "tinylfu":
             return _TinyLfuStore(self.max_entries, self._hash_at)
+        if self.policy == "lru":
+            return _LruStore(self.max_entries)
         return _CachetoolsStore(self.policy, self.max_entries, self.max_ttl, self._clock)
 
     # ------------------------------------------------------------------ reads and writes
@@ -499,7 +549,9 @@ class L1Cache(Generic[V]):
                 # nothing to compare the generations of
                 current = len(table) == self._live.get(view, 0)
             else:
-                got = list(map(store.get, [(view, entity) for entity in ids]))
+                keys = [(view, entity) for entity in ids]
+                got = (store.get_all(keys) if isinstance(store, _LruStore)
+                       else list(map(store.get, keys)))
                 current = False
             # The usual batch: every id held and servable. Checked by C-level passes (the
             # earliest soft deadline, the oldest generation); an absent id is a None, which
