@@ -244,8 +244,9 @@ class FeatureResult(Mapping[EntityId, dict[str, Any]]):
         # a view whose every row has values (no ABSENT or UNAVAILABLE row) gives its columns
         # by C-level passes: all of them by one transposition when it gives several (100
         # rows of 10 values: 6-10 us, against 16-26 us for one pass per column)
+        every_row = [None not in values for _, _, values in rows]
         asked = Counter(v for v, _ in plan.columns)
-        by_view = [_transposed(values) if asked[v] > 1 else None
+        by_view = [_transposed(values) if every_row[v] and asked[v] > 1 else None
                    for v, (_, _, values) in enumerate(rows)]
         out = []
         for name, (v, f) in zip(plan.names, plan.columns, strict=True):
@@ -256,7 +257,7 @@ class FeatureResult(Mapping[EntityId, dict[str, Any]]):
                 name, view.name, view.features[f].type,
                 list(transposed[f]) if transposed is not None
                 else list(map(itemgetter(f), cast(list[Sequence[Any]], values)))
-                if None not in values
+                if every_row[v]
                 else [None if vals is None else vals[f] for vals in values],
                 statuses, event_us,
             ))
@@ -303,10 +304,10 @@ class FeatureResult(Mapping[EntityId, dict[str, Any]]):
 
 
 def _transposed(values: list[Sequence[Any] | None]) -> list[tuple[Any, ...]] | None:
-    """A view's values feature by feature, when every row has values (None otherwise, for
-    the caller's per-row pass). Rows written before features were appended to the view are
-    shorter: the transposition stops at the shortest, which still holds every feature asked
-    for, since a row is served only if it does (``ViewPlan.width``)."""
-    if not values or None in values:
+    """A view's values feature by feature, every row having values (None for no rows). Rows
+    written before features were appended to the view are shorter: the transposition stops at
+    the shortest, which still holds every feature asked for, since a row is served only if it
+    does (``ViewPlan.width``)."""
+    if not values:
         return None
     return list(zip(*cast(list[Sequence[Any]], values), strict=False))

@@ -66,6 +66,8 @@ HISTORY_ROWS = 200_000  # rows of COLD's history: the latest one is the answer
 N_PROCS = 4
 N_THREADS = 64
 WAIT_S = 120.0  # bound on every barrier, join and queue wait: nothing here runs forever
+#: how long the 64-thread test holds its one fill's SQL read open
+FILL_HOLD_S = 1.0
 
 
 def _history_table(target: Any, rows: int) -> tuple[sa.Table, FeatureView]:
@@ -195,6 +197,14 @@ def test_64_threads_one_cold_row_one_sql_query(
                     lease_wait=30.0, lease_ttl=30.0) as fc:
         fc.get_features([1_000], NAMES)  # connect and reflect before counting (ABSENT)
         counter = SqlCounter(fc.engine)
+
+        def held_fill(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+            # the fill's read takes FILL_HOLD_S more: every reader has its miss while it runs,
+            # whatever the machine's load does to when each thread (or coroutine) starts
+            if "fc_latest" in statement:
+                time.sleep(FILL_HOLD_S)
+
+        sa.event.listen(fc.engine, "before_cursor_execute", held_fill)
         go = threading.Barrier(N_THREADS)
         statuses: list[Status] = []
         values: list[dict[str, Any]] = []
@@ -233,6 +243,7 @@ def test_64_threads_one_cold_row_one_sql_query(
         assert stats["singleflight_joined"] + counts[Status.HIT_REDIS] == N_THREADS - 1
         assert stats["singleflight_joined"] >= 1  # they did overlap
         assert stats["lease_timeouts"] == 0
+        sa.event.remove(fc.engine, "before_cursor_execute", held_fill)
 
 
 class Parking:
