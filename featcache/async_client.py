@@ -6,8 +6,9 @@ one Redis read: ``begin`` (L1, the keys), the read, ``settle`` (the all-hit answ
 any row needs more, ``finish`` (single flight, leases, SQL, the fenced fill write). The
 synchronous client runs the four in a row; this one awaits the read on the event loop
 (``featcache.redis_store.aio``: redis.asyncio and hiredis) and answers an all-hit call there,
-and runs ``finish`` in a bounded thread pool, where it does exactly what it does for the
-synchronous client: the guarantees are the same code, not a copy.
+and drives ``finish``'s steps (``featcache.async_steps``): their work in a bounded thread pool,
+where it does exactly what it does for the synchronous client, and their waits for another
+caller's SQL read on the loop, holding no thread. The guarantees are the same code, not a copy.
 
 Why the fills go to threads and not to SQLAlchemy's asyncio engines: a call that finishes
 waits on SQL (milliseconds), beside which the hop to a thread costs tens of microseconds
@@ -33,6 +34,7 @@ from concurrent.futures import ThreadPoolExecutor
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from featcache.async_steps import run_steps
 from featcache.client import FeatureCache
 from featcache.config import CacheConfig, FeatureView, load_config
 from featcache.errors import CacheUnavailable, InvalidRequest
@@ -139,7 +141,7 @@ class AsyncFeatureCache:
         done = rp.settle(call, raw, redis_ok)
         if done is not None:
             return done
-        return await self._in_pool(rp.finish, call, raw, redis_ok)
+        return await run_steps(rp.finish_steps(call, raw, redis_ok), self._pool)
 
     async def read_keys(self, keys: list[str]) -> list[bytes | None]:
         """One read of these keys: awaited on the event loop, or on a cluster the synchronous
@@ -231,7 +233,8 @@ class AsyncModelCache:
     """A ``ModelCache`` driven from asyncio: the same steps and guarantees, its one Redis read
     awaited on the event loop, what follows a miss (single flight, leases, compute, the
     fenced write) in the client's pool, where a coroutine ``compute`` is awaited back on the
-    loop while its pool thread waits."""
+    loop while its pool thread waits; a wait for another caller's compute is awaited on the
+    loop, holding no thread."""
 
     def __init__(self, sync: ModelCache, client: AsyncFeatureCache) -> None:
         self.sync = sync
@@ -251,7 +254,7 @@ class AsyncModelCache:
         if done is not None:
             return done
         run = _in_thread(compute, asyncio.get_running_loop())
-        return await self._client._in_pool(m.finish, call, redis_ok, run)
+        return await run_steps(m.finish_steps(call, redis_ok, run), self._client._pool)
 
     async def _read(self, call: ModelCall) -> tuple[list[bytes | None], bool]:
         m = self.sync

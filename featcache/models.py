@@ -67,7 +67,7 @@ from featcache.model_outputs import decode_output, decode_outputs, encode_output
 from featcache.outage import OutageLog
 from featcache.redis_store import RedisStore, WriteBatch, fenced_write
 from featcache.request import EntityId
-from featcache.singleflight import BUSY, MISSING, SingleFlight
+from featcache.singleflight import BUSY, MISSING, SingleFlight, Steps, run_blocking
 from featcache.stats import MODEL_EVENTS, MODEL_TIERS, CacheStats
 from featcache.types import Status
 
@@ -404,10 +404,16 @@ class ModelCache:
     def finish(self, call: ModelCall, redis_ok: bool, compute: Compute) -> ModelResult:
         """Compute what no cache held (through the single flight and the leases) and write it
         back, fenced; the answer."""
+        return run_blocking(self.finish_steps(call, redis_ok, compute))
+
+    def finish_steps(self, call: ModelCall, redis_ok: bool, compute: Compute
+                     ) -> Steps[ModelResult]:
+        """``finish`` as steps: it yields where the call waits for outputs another caller of
+        this process is computing, for a driver that waits without a thread."""
         todo = [d for d in call.wanted if d not in call.got or d in call.refresh]
         flight_keys = [(self.space, d) for d in todo]
         refreshing = {(self.space, d) for d in call.refresh}
-        results = self._flights.do_many(
+        results = yield from self._flights.do_many_steps(
             flight_keys,
             lambda lead: self._lead(call, [d for _, d in lead], redis_ok, compute),
             no_wait=refreshing,

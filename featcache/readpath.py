@@ -51,7 +51,7 @@ from featcache.popularity import PopularityCounter
 from featcache.redis_store import RedisStore, WriteBatch, WriteItem, fenced_write
 from featcache.request import EntityId, Plan, ViewPlan, check_ids
 from featcache.result import STATUS, VALUES, Answer, FeatureResult, RedisHits, hit_answers
-from featcache.singleflight import BUSY, MISSING, SingleFlight
+from featcache.singleflight import BUSY, MISSING, SingleFlight, Steps, run_blocking
 from featcache.stats import CacheStats
 from featcache.types import Status
 
@@ -361,6 +361,13 @@ class ReadPath:
     def finish(self, call: Call, raw: list[bytes | None], redis_ok: bool) -> FeatureResult:
         """Everything after the read for a call ``settle`` did not answer: epochs, the per-row
         judgement, fills (single flight, leases, SQL) and their fenced write, the answer."""
+        return run_blocking(self.finish_steps(call, raw, redis_ok))
+
+    def finish_steps(self, call: Call, raw: list[bytes | None], redis_ok: bool
+                     ) -> Steps[FeatureResult]:
+        """``finish`` as steps (``featcache.singleflight.Steps``): it yields where the call
+        waits for rows another caller of this process is reading from SQL, for a driver that
+        waits without a thread (the asyncio client)."""
         plan, ids, pending, l1_hits = call.plan, call.ids, call.pending, call.l1_hits
         now_ms, started, began_ns = call.now_ms, call.started, call.began_ns
         n_views = len(plan.views)
@@ -390,7 +397,7 @@ class ReadPath:
             reads.append(vr)
         try:
             if any(vr.missing or vr.early for vr in reads):
-                self._fill_all(reads, now_ms, started, redis_ok)
+                yield from self._fill_all(reads, now_ms, started, redis_ok)
         except BaseException:  # the call will not reach its fill write: give leases back now
             for vr in reads:
                 self._release_now(vr)
@@ -678,7 +685,7 @@ class ReadPath:
 
     def _fill_all(
         self, reads: list[_ViewRead], now_ms: int, started: float, redis_ok: bool
-    ) -> None:
+    ) -> Steps[None]:
         """Fetch every view's misses (and early refreshes) once per process and per Redis."""
         todo = {vr.vp.view.name: vr for vr in reads if vr.missing or vr.early}
         if not todo:
@@ -714,7 +721,7 @@ class ReadPath:
         # An early refresh another thread is already doing is not waited for: the fresh value
         # this call holds stands (as it does when another process holds the lease).
         refreshing = {_flight_key(vr, eid, True) for vr in todo.values() for eid in vr.early}
-        results = self._flights.do_many(wanted, fetch, no_wait=refreshing)
+        results = yield from self._flights.do_many_steps(wanted, fetch, no_wait=refreshing)
         by_row = {(key.view, key.entity): value for key, value in results.items()}
         mine = {(key.view, key.entity) for key in led}
         for vr in todo.values():

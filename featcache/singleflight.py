@@ -11,6 +11,11 @@ acquisition, into keys nobody is fetching (this caller leads them, with one call
 keys another caller is already fetching (this caller waits for those). The leader runs its own
 fetch before waiting for anyone else's, so two batches waiting on each other's keys cannot
 deadlock.
+
+``do_many_steps`` is ``do_many`` as a generator for a driver that waits elsewhere: it yields a
+``FlightWaits`` when the caller must wait for other callers' fetches, and the driver resumes it
+once they are done, having waited its own way (``run_blocking`` blocks the thread, as
+``do_many`` does; the asyncio client awaits on its event loop, holding no thread).
 """
 
 from __future__ import annotations
@@ -18,15 +23,25 @@ from __future__ import annotations
 import enum
 import threading
 import time
-from collections.abc import Callable, Container, Hashable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Container, Generator, Hashable, Iterable, Mapping, Sequence
 from typing import Any, Final, Generic, TypeVar
 
 from featcache.errors import FeatcacheError
 
-__all__ = ["BUSY", "MISSING", "Missing", "SingleFlight", "SingleFlightTimeout"]
+__all__ = [
+    "BUSY",
+    "MISSING",
+    "FlightWaits",
+    "Missing",
+    "SingleFlight",
+    "SingleFlightTimeout",
+    "Steps",
+    "run_blocking",
+]
 
 K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
+T = TypeVar("T")
 
 
 class Missing(enum.Enum):
@@ -73,17 +88,71 @@ _NO_RESULTS: Final[Mapping[Any, Any]] = {}
 class _Flight(Generic[K, V]):
     """One leader's fetch, shared by every key it covers.
 
-    ``results`` and ``error`` are written by the leader before ``event`` is set; waiters read
-    them only after it is. ``event`` is created by the first waiter (under the table lock), so
-    a fetch nobody waits for never allocates one.
+    ``results`` and ``error`` are written by the leader before ``done`` is set (under the
+    table lock) and ``event`` is set; waiters read them only after. ``event`` is created by the
+    first waiter (under the table lock), so a fetch nobody waits for never allocates one.
+    ``callbacks`` (``FlightWaits.on_each_done``) are called once, after ``event`` is set.
     """
 
-    __slots__ = ("error", "event", "results")
+    __slots__ = ("callbacks", "done", "error", "event", "results")
 
     def __init__(self) -> None:
         self.results: Mapping[K, V] = _NO_RESULTS
         self.error: BaseException | None = None
         self.event: threading.Event | None = None
+        self.done = False
+        self.callbacks: list[Callable[[], None]] = []
+
+
+class FlightWaits:
+    """The fetches of other callers that a ``do_many_steps`` caller waits for, and when it
+    gives up on them (``deadline``, ``time.monotonic()``; None: never)."""
+
+    __slots__ = ("_flights", "_lock", "deadline")
+
+    def __init__(self, lock: threading.Lock, flights: list[_Flight[Any, Any]],
+                 deadline: float | None) -> None:
+        self._lock = lock
+        self._flights = flights
+        self.deadline = deadline
+
+    def block(self) -> None:
+        """Wait in this thread until every fetch is done or the deadline passes."""
+        for flight in self._flights:
+            if not _wait(flight, self.deadline):
+                return
+
+    def on_each_done(self, callback: Callable[[], None]) -> int:
+        """Have ``callback()`` called once for each fetch not yet done, by the thread that
+        finishes it (so it must be quick and must not raise); the number of those calls to
+        expect (0: every fetch is done already)."""
+        with self._lock:
+            pending = [flight for flight in self._flights if not flight.done]
+            for flight in pending:
+                flight.callbacks.append(callback)
+        return len(pending)
+
+
+#: a call's steps: ``do_many_steps`` (or code that yields from it) yields each wait for other
+#: callers' fetches; the driver resumes it with ``send(None)`` once it has waited
+Steps = Generator[FlightWaits, None, T]
+
+
+def run_blocking(steps: Steps[T], waits: FlightWaits | None = None) -> T:
+    """Run ``steps`` to its end in this thread, blocking on each wait (first on ``waits``,
+    where it stands suspended). If a wait is interrupted, ``steps`` is closed, so its cleanup
+    runs here and now."""
+    while True:
+        if waits is not None:
+            try:
+                waits.block()
+            except BaseException:
+                steps.close()
+                raise
+        try:
+            waits = steps.send(None)
+        except StopIteration as done:
+            return done.value  # type: ignore[no-any-return]
 
 
 class SingleFlight(Generic[K, V]):
@@ -165,6 +234,21 @@ class SingleFlight(Generic[K, V]):
         ``BUSY`` at once: for a caller that already holds a usable answer and only offers to
         refresh it (an XFetch early refresh), waiting would add latency for nothing.
         """
+        return run_blocking(self.do_many_steps(keys, fn, wait_timeout=wait_timeout,
+                                               no_wait=no_wait))
+
+    def do_many_steps(
+        self,
+        keys: Sequence[K],
+        fn: Callable[[list[K]], Mapping[K, V]],
+        *,
+        wait_timeout: float | None = None,
+        no_wait: Container[K] = (),
+    ) -> Steps[dict[K, V | Missing]]:
+        """``do_many``, yielding a ``FlightWaits`` instead of blocking when other callers'
+        fetches are still running once this caller's own is done and published. The driver
+        resumes it when it has waited for them (or given up at their ``deadline``: the
+        fetches still running then raise ``SingleFlightTimeout``)."""
         wanted = list(dict.fromkeys(keys))
         if not wanted:
             return {}
@@ -200,20 +284,21 @@ class SingleFlight(Generic[K, V]):
             for key in own:
                 out[key] = got.get(key, MISSING)
         if waits:
-            deadline = _deadline(wait_timeout)
+            if not all(flight.done for _, flight in waits):
+                yield FlightWaits(self._lock, list({id(f): f for _, f in waits}.values()),
+                                  _deadline(wait_timeout))
             pending: list[K] = []
             for key, flight in waits:
-                if not _wait(flight, deadline):
+                if not flight.done:
                     pending.append(key)
                 elif flight.error is not None:
                     raise _for_waiter(flight.error)
                 else:
                     out[key] = flight.results.get(key, MISSING)
             if pending:
-                assert wait_timeout is not None
                 late = set(pending)
                 partial = {k: v for k, v in out.items() if k not in late}
-                raise SingleFlightTimeout(pending, partial, wait_timeout)
+                raise SingleFlightTimeout(pending, partial, wait_timeout or 0.0)
         return out
 
     def _finish(
@@ -231,9 +316,13 @@ class SingleFlight(Generic[K, V]):
                 # Only this flight's own keys: ``keys`` may include keys led by someone else.
                 if flights.get(key) is flight:
                     del flights[key]
+            flight.done = True
             event = flight.event
+            callbacks = flight.callbacks
         if event is not None:
             event.set()
+        for callback in callbacks:
+            callback()
 
     @property
     def in_flight(self) -> int:

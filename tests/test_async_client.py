@@ -201,6 +201,67 @@ async def test_a_cancelled_call_leaves_the_client_working(config: CacheConfig) -
         assert cancelled > 0
 
 
+async def joined(cache: AsyncFeatureCache, n: int) -> None:
+    """Return once ``n`` rows were asked while another caller's read of them ran (the read
+    path's single flight counts them as they join; the stats, as their calls end)."""
+    flights = cache.sync._read._flights
+    for _ in range(int(WAIT_S / 0.005)):
+        if flights.joined >= n:
+            return
+        await asyncio.sleep(0.005)
+    raise AssertionError(f"{flights.joined} coroutines joined the read, not {n}")
+
+
+@on_a_loop
+async def test_coroutines_waiting_on_a_shared_fill_hold_no_pool_thread(
+    config: CacheConfig,
+) -> None:
+    """With two threads, 30 coroutines wait for one row's held SQL read on the event loop,
+    and another row's fill gets the free thread meanwhile (were each waiter holding a thread,
+    that fill would queue until the held read ended)."""
+    async with AsyncFeatureCache(config, fill_threads=2) as cache:
+        await cache.get_features([1], NAMES)
+        counter = SqlCounter(cache.sync.engine)
+        reached, resume = parked_sql(cache.sync.engine)
+        calls = [asyncio.ensure_future(cache.get_features([42], NAMES)) for _ in range(30)]
+        assert await asyncio.to_thread(reached.wait, WAIT_S), "no coroutine reached SQL"
+        await joined(cache, 29)
+        other = await asyncio.wait_for(cache.get_features([43], NAMES), 10.0)
+        assert other.status(43, "clicks") is Status.FILLED and other[43]["clicks"] == 43
+        assert not any(call.done() for call in calls)  # all still waiting on the held read
+        resume.set()
+        results = await asyncio.gather(*calls)
+    assert counter.count == 2  # row 42 once, row 43 once
+    assert {r.status(42, "clicks") for r in results} == {Status.FILLED}
+    assert {r[42]["clicks"] for r in results} == {42}
+
+
+@on_a_loop
+async def test_coroutines_cancelled_while_waiting_on_a_shared_fill(config: CacheConfig) -> None:
+    """Half of the coroutines sharing one held read are cancelled (their requests timed
+    out): the rest get the row, the read's fill lands, and nothing is read twice."""
+    async with AsyncFeatureCache(config, fill_threads=2) as cache:
+        await cache.get_features([1], NAMES)
+        counter = SqlCounter(cache.sync.engine)
+        reached, resume = parked_sql(cache.sync.engine)
+        calls = [asyncio.ensure_future(cache.get_features([44], NAMES)) for _ in range(10)]
+        assert await asyncio.to_thread(reached.wait, WAIT_S)
+        await joined(cache, 9)
+        for call in calls[::2]:
+            call.cancel()
+        resume.set()
+        outcomes = await asyncio.gather(*calls, return_exceptions=True)
+        assert all(isinstance(o, asyncio.CancelledError) for o in outcomes[::2])
+        assert {o[44]["clicks"] for o in outcomes[1::2]} == {44}  # type: ignore[index]
+        for _ in range(200):  # the fill lands, whoever led it
+            after = await cache.get_features([44], NAMES)
+            if after.status(44, "clicks") is Status.HIT_REDIS:
+                break
+            await asyncio.sleep(0.01)
+        assert after.status(44, "clicks") is Status.HIT_REDIS
+    assert counter.count == 1
+
+
 @on_a_loop
 async def test_bad_input_raises_before_any_io(config: CacheConfig) -> None:
     async with AsyncFeatureCache(config) as cache:

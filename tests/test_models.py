@@ -438,6 +438,45 @@ def test_the_async_client_awaits_a_coroutine_compute_once_for_concurrent_request
     assert results[-1].status_counts() == {Status.HIT_REDIS: 10}
 
 
+def test_async_callers_waiting_on_a_shared_compute_hold_no_pool_thread(
+        redis_url: str, key_prefix: str, offline_url: str) -> None:
+    """With two threads, 20 coroutines wait for one input's held compute on the event loop,
+    and another input is computed on the free thread meanwhile."""
+    config = CacheConfig(views=(VIEW,), redis=redis_config(redis_url, key_prefix),
+                         offline_store=OfflineStoreConfig(url=offline_url))
+    calls: list[list[Any]] = []
+
+    async def main() -> tuple[list[Any], Any]:
+        release = asyncio.Event()
+
+        async def held_model(batch: list[Any]) -> list[float]:
+            calls.append(batch)
+            await release.wait()
+            return [2.0 * x["x"] for x in batch]
+
+        async with AsyncFeatureCache(config, fill_threads=2) as cache:
+            ranker = cache.model("ranker", version="held")
+            asked = [asyncio.ensure_future(ranker.get_or_compute(inputs([1]), held_model))
+                     for _ in range(20)]
+            flights = cache.sync._models.flights
+            await asyncio.wait_for(_until_async(lambda: flights.joined >= 19), 30.0)
+            other = await asyncio.wait_for(
+                ranker.get_or_compute(inputs([2]), Model()), 10.0)
+            assert not any(a.done() for a in asked)  # all still waiting on the held compute
+            release.set()
+            return await asyncio.gather(*asked), other
+
+    held, other = asyncio.run(main())
+    assert calls == [inputs([1])]  # computed once for the 20 callers
+    assert [list(r) for r in held] == [[2.0]] * 20
+    assert list(other) == [4.0] and other.status_counts() == {Status.COMPUTED: 1}
+
+
+async def _until_async(condition: Any) -> None:
+    while not condition():
+        await asyncio.sleep(0.005)
+
+
 def test_threads_that_share_one_compute_get_their_own_outputs(cache: FeatureCache) -> None:
     enc = cache.model("encoder", version="shared")
     start = threading.Barrier(4)

@@ -17,7 +17,15 @@ from typing import Any
 import pytest
 
 from featcache.errors import FeatcacheError
-from featcache.singleflight import BUSY, MISSING, Missing, SingleFlight, SingleFlightTimeout
+from featcache.singleflight import (
+    BUSY,
+    MISSING,
+    FlightWaits,
+    Missing,
+    SingleFlight,
+    SingleFlightTimeout,
+    run_blocking,
+)
 
 JOIN = 30.0  # seconds; only reached when something deadlocked
 
@@ -413,3 +421,74 @@ def test_do_joining_a_batch_that_lacks_the_key_raises_key_error() -> None:
     assert one == 10
     assert isinstance(two, KeyError)
     assert sf.in_flight == 0
+
+
+# -- do_many_steps: waiting elsewhere ----------------------------------------------------------
+
+
+def test_steps_yield_a_wait_only_for_other_callers_fetches_and_resume_with_their_results(
+) -> None:
+    sf: SingleFlight[int, int] = SingleFlight()
+    assert run_blocking(sf.do_many_steps([1, 2], lambda ks: {k: k for k in ks})) == {1: 1, 2: 2}
+    batch, release = parked_batch(sf, [2, 3])
+    fetched: list[list[int]] = []
+
+    def mine(keys: list[int]) -> Mapping[int, int]:
+        fetched.append(keys)
+        return {k: k * 10 for k in keys}
+
+    steps = sf.do_many_steps([1, 2, 3], mine)
+    waits = next(steps)  # its own fetch done and published, then the wait, without blocking
+    assert isinstance(waits, FlightWaits)
+    assert fetched == [[1]]
+    assert sf.in_flight == 2  # the parked batch's keys only: key 1 is published
+    called: list[str] = []
+    assert waits.on_each_done(lambda: called.append(threading.current_thread().name)) == 1
+    release.set()
+    batch.finish()
+    # called once, for the one fetch, by the thread that finished it
+    assert len(called) == 1 and called[0] != threading.current_thread().name
+    assert waits.on_each_done(lambda: called.append("late")) == 0  # done: nothing to await
+    assert run_blocking(steps) == {1: 10, 2: -2, 3: -3}
+    assert sf.joined == 2 and sf.in_flight == 0
+
+
+def test_steps_resumed_before_the_deadline_passed_raise_the_timeout_for_what_is_running(
+) -> None:
+    sf: SingleFlight[int, int] = SingleFlight()
+    batch, release = parked_batch(sf, [2])
+    steps = sf.do_many_steps([1, 2], lambda ks: {k: k for k in ks}, wait_timeout=0.01)
+    waits = next(steps)
+    assert waits.deadline is not None
+    waits.block()  # returns at the deadline: the parked fetch goes on
+    with pytest.raises(SingleFlightTimeout) as info:
+        steps.send(None)
+    assert info.value.pending == (2,) and info.value.partial == {1: 1}
+    release.set()
+    batch.finish()
+    assert sf.in_flight == 0
+
+
+def test_run_blocking_closes_the_steps_when_a_wait_is_interrupted() -> None:
+    sf: SingleFlight[int, int] = SingleFlight()
+    batch, release = parked_batch(sf, [5])
+    cleaned: list[str] = []
+
+    def call() -> Any:
+        try:
+            return (yield from sf.do_many_steps([5], lambda ks: {}))
+        finally:
+            cleaned.append("cleanup")
+
+    class Interrupting(FlightWaits):
+        def block(self) -> None:
+            raise KeyboardInterrupt
+
+    steps = call()
+    waits = next(steps)
+    with pytest.raises(KeyboardInterrupt):
+        run_blocking(steps, Interrupting(threading.Lock(), [], None))
+    assert cleaned == ["cleanup"]  # run now, in this thread, not whenever the GC gets to it
+    release.set()
+    batch.finish()
+    assert waits.on_each_done(lambda: None) == 0
