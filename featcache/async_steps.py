@@ -1,11 +1,13 @@
 """Driving a call's ``Steps`` from an event loop: the work in a thread pool, the waits on the loop.
 
-A call's ``finish`` (``ReadPath.finish_steps``, ``ModelCache.finish_steps``) blocks on SQL, on
-other processes' leases and on its fenced write: that work runs in the asyncio client's pool.
-Where it would wait for rows another caller of this process is reading (the single flight),
-the steps yield a ``FlightWaits`` instead, and the coroutine awaits it here, on the loop, while
-the thread goes back to the pool. So a stampede of coroutines on one cold row holds one thread
-(the reader's), not one per coroutine, and fills of other rows keep their threads.
+A call's ``finish`` (``ReadPath.finish_steps``, ``ModelCache.finish_steps``) blocks on SQL,
+on Redis and on a model's compute: that work runs in the asyncio client's pool. Where it would
+wait without working, the steps yield the wait (``featcache.steps``), and the coroutine awaits
+it here, on the loop, while the thread goes back to the pool: rows another caller of this
+process is reading (``FlightWaits``), and the pause between two polls for rows another process
+is filling (``Pause``). So a stampede of coroutines on one cold row holds one thread (the
+reader's), not one per coroutine, a wait for another process's fill holds none between its
+polls, and fills of other rows keep their threads.
 
 A call cancelled while it runs never leaves its steps half done: what is left of them runs to
 its end in the pool (the fill lands and the leases are released, as a thread's call would), so
@@ -22,7 +24,8 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Generic, TypeVar
 
-from featcache.singleflight import FlightWaits, Steps, run_blocking
+from featcache.singleflight import FlightWaits
+from featcache.steps import Pause, Steps, Wait, run_blocking
 
 __all__ = ["run_steps"]
 
@@ -40,8 +43,8 @@ class _Finished(Generic[T]):
 
 async def run_steps(steps: Steps[T], pool: ThreadPoolExecutor) -> T:
     """``steps``' value: each stretch of work in ``pool`` (with this task's context variables),
-    each wait for another caller's fetch awaited on this loop."""
-    waited: FlightWaits | None = None  # the wait the steps stand at (None: not started)
+    each wait (another caller's fetch, a poll's pause) awaited on this loop."""
+    waited: Wait | None = None  # the wait the steps stand at (None: not started)
     while True:
         stretch = pool.submit(contextvars.copy_context().run, _advance, steps)
         try:
@@ -52,14 +55,19 @@ async def run_steps(steps: Steps[T], pool: ThreadPoolExecutor) -> T:
         if isinstance(outcome, _Finished):
             return outcome.value
         try:
-            await _until_done(outcome)
+            if isinstance(outcome, Pause):
+                await asyncio.sleep(outcome.seconds)
+            elif isinstance(outcome, FlightWaits):
+                await _until_done(outcome)
+            else:  # a wait this driver does not know: in the pool, as a thread waits
+                await asyncio.wrap_future(pool.submit(outcome.block))
         except asyncio.CancelledError:
             _rest_in_pool(steps, pool, outcome)
             raise
         waited = outcome
 
 
-def _advance(steps: Steps[T]) -> FlightWaits | _Finished[T]:
+def _advance(steps: Steps[T]) -> Wait | _Finished[T]:
     """Run ``steps`` to their next wait or to their end."""
     try:
         return steps.send(None)
@@ -93,8 +101,8 @@ async def _until_done(waits: FlightWaits) -> None:
         await asyncio.wait_for(settled, max(0.0, waits.deadline - time.monotonic()))
 
 
-def _after_cancel(steps: Steps[T], pool: ThreadPoolExecutor, waited: FlightWaits | None,
-                  stretch: Future[FlightWaits | _Finished[T]]) -> None:
+def _after_cancel(steps: Steps[T], pool: ThreadPoolExecutor, waited: Wait | None,
+                  stretch: Future[Wait | _Finished[T]]) -> None:
     """A cancelled call's stretch is over or will never run: the rest of its steps in the
     pool, from where they stand."""
     if stretch.cancelled():  # it never ran: the steps stand where the stretch found them
@@ -104,12 +112,12 @@ def _after_cancel(steps: Steps[T], pool: ThreadPoolExecutor, waited: FlightWaits
             _rest_in_pool(steps, pool, waited)
     elif stretch.exception() is None:
         outcome = stretch.result()
-        if isinstance(outcome, FlightWaits):
+        if not isinstance(outcome, _Finished):
             _rest_in_pool(steps, pool, outcome)
     # else the steps ended with their exception, their cleanup done
 
 
-def _rest_in_pool(steps: Steps[T], pool: ThreadPoolExecutor, waits: FlightWaits) -> None:
+def _rest_in_pool(steps: Steps[T], pool: ThreadPoolExecutor, waits: Wait) -> None:
     try:
         pool.submit(run_blocking, steps, waits)
     except RuntimeError:  # the pool is shut down: give up the steps (their cleanup runs)

@@ -67,8 +67,9 @@ from featcache.model_outputs import decode_output, decode_outputs, encode_output
 from featcache.outage import OutageLog
 from featcache.redis_store import RedisStore, WriteBatch, fenced_write
 from featcache.request import EntityId
-from featcache.singleflight import BUSY, MISSING, SingleFlight, Steps, run_blocking
+from featcache.singleflight import BUSY, MISSING, SingleFlight
 from featcache.stats import MODEL_EVENTS, MODEL_TIERS, CacheStats
+from featcache.steps import Pause, Steps, run_blocking
 from featcache.types import Status
 
 __all__ = ["MODEL_EVENTS", "MODEL_TIERS", "Compute", "ModelCache", "ModelCall", "ModelPolicy",
@@ -408,8 +409,9 @@ class ModelCache:
 
     def finish_steps(self, call: ModelCall, redis_ok: bool, compute: Compute
                      ) -> Steps[ModelResult]:
-        """``finish`` as steps: it yields where the call waits for outputs another caller of
-        this process is computing, for a driver that waits without a thread."""
+        """``finish`` as steps (``featcache.steps``): it yields where the call waits for
+        outputs another caller of this process is computing, and each pause between polls for
+        outputs another process is computing, for a driver that waits without a thread."""
         todo = [d for d in call.wanted if d not in call.got or d in call.refresh]
         flight_keys = [(self.space, d) for d in todo]
         refreshing = {(self.space, d) for d in call.refresh}
@@ -432,7 +434,7 @@ class ModelCache:
     # ------------------------------------------------------------------ the leader
 
     def _lead(self, call: ModelCall, lead: list[str], redis_ok: bool, compute: Compute
-              ) -> dict[FlightKey, _Got]:
+              ) -> Steps[dict[FlightKey, _Got]]:
         """The process's one fetch of ``lead``: leases, compute, the fenced write, then the
         wait for outputs other processes are computing (and computing what they did not
         deliver)."""
@@ -460,7 +462,7 @@ class ModelCache:
             out.update(self._compute_and_write(call, won, compute, epoch if redis_ok else None,
                                                token, deadline_us))
         if held:
-            arrived, left = self._wait(call, held, epoch)
+            arrived, left = yield from self._wait(call, held, epoch)
             out.update(arrived)
             if left:  # their holders did not deliver: computed here, written unleased
                 out.update(self._compute_and_write(call, left, compute, epoch, "", 0))
@@ -547,7 +549,7 @@ class ModelCache:
         return out
 
     def _wait(self, call: ModelCall, held: dict[str, bytes | None], epoch_raw: bytes | None
-              ) -> tuple[dict[str, _Got], list[str]]:
+              ) -> Steps[tuple[dict[str, _Got], list[str]]]:
         """Poll for the outputs other processes hold the leases of, up to ``lease_wait``:
         what arrived, and what this call must compute (the holder's lease is gone with no
         output there, or the wait ran out)."""
@@ -559,7 +561,7 @@ class ModelCache:
         waiting = list(held)
         self._counts.add(self.space, {"lease_waits": len(waiting)})
         while waiting:
-            time.sleep(min(pause, max(0.0, deadline - time.monotonic())))
+            yield Pause(min(pause, max(0.0, deadline - time.monotonic())))
             pause = min(pause * 2, _POLL_MAX_S)
             keys = [*self._layout.row_keys(self.space, waiting),
                     *self._leases.keys(self.space, waiting)]

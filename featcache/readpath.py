@@ -51,8 +51,9 @@ from featcache.popularity import PopularityCounter
 from featcache.redis_store import RedisStore, WriteBatch, WriteItem, fenced_write
 from featcache.request import EntityId, Plan, ViewPlan, check_ids
 from featcache.result import STATUS, VALUES, Answer, FeatureResult, RedisHits, hit_answers
-from featcache.singleflight import BUSY, MISSING, SingleFlight, Steps, run_blocking
+from featcache.singleflight import BUSY, MISSING, SingleFlight
 from featcache.stats import CacheStats
+from featcache.steps import Pause, Steps, run_blocking
 from featcache.types import Status
 
 __all__ = ["Call", "ReadPath"]
@@ -365,9 +366,10 @@ class ReadPath:
 
     def finish_steps(self, call: Call, raw: list[bytes | None], redis_ok: bool
                      ) -> Steps[FeatureResult]:
-        """``finish`` as steps (``featcache.singleflight.Steps``): it yields where the call
-        waits for rows another caller of this process is reading from SQL, for a driver that
-        waits without a thread (the asyncio client)."""
+        """``finish`` as steps (``featcache.steps``): it yields where the call waits for rows
+        another caller of this process is reading from SQL, and each pause between polls for
+        rows another process is filling, for a driver that waits without a thread (the
+        asyncio client)."""
         plan, ids, pending, l1_hits = call.plan, call.ids, call.pending, call.l1_hits
         now_ms, started, began_ns = call.now_ms, call.started, call.began_ns
         n_views = len(plan.views)
@@ -709,11 +711,11 @@ class ReadPath:
         ]
         led: set[FlightKey] = set()  # rows whose SQL read this call did itself
 
-        def fetch(keys: list[FlightKey]) -> dict[FlightKey, Shared]:
+        def fetch(keys: list[FlightKey]) -> Steps[dict[FlightKey, Shared]]:
             grouped: dict[str, list[EntityId]] = {}
             for key in keys:
                 grouped.setdefault(key.view, []).append(key.entity)
-            got = self._fetch_shared(todo, grouped, now_ms, started, redis_ok)
+            got = yield from self._fetch_shared(todo, grouped, now_ms, started, redis_ok)
             out = {key: got[(key.view, key.entity)] for key in keys}
             led.update(key for key, shared in out.items() if shared.source is Source.SQL)
             return out
@@ -807,7 +809,7 @@ class ReadPath:
         now_ms: int,
         started: float,
         redis_ok: bool,
-    ) -> dict[tuple[str, EntityId], Shared]:
+    ) -> Steps[dict[tuple[str, EntityId], Shared]]:
         """The process leader's fetch: leases for every view in one round trip, a bounded wait
         for rows other processes are filling, then one SQL read per view for the rest.
 
@@ -853,7 +855,7 @@ class ReadPath:
                         waiting[eid] = holder
                 to_read[view] = won
                 if waiting:
-                    wait = self._wait_for_fills(vr, waiting, token)
+                    wait = yield from self._wait_for_fills(vr, waiting, token)
                     for eid, answer in wait.arrived.items():
                         got[(view, eid)] = Shared(Source.REDIS, answer)
                     vr.counts["lease_waits"] = len(waiting)
@@ -886,9 +888,10 @@ class ReadPath:
 
     def _wait_for_fills(
         self, vr: _ViewRead, holders: dict[EntityId, bytes | None], token: str
-    ) -> _Waited:
+    ) -> Steps[_Waited]:
         """Poll Redis for rows other readers hold the leases of (``holders``: id -> the
-        holder's token, None when not known yet), up to ``lease_wait``.
+        holder's token, None when not known yet), up to ``lease_wait``; the pause before each
+        poll is a step (``Pause``).
 
         Each poll reads the rows and their leases in one MGET. A row whose lease is gone while
         no usable row is there will not be filled by that holder (its fill was fenced out by
@@ -903,7 +906,7 @@ class ReadPath:
         waited = _Waited({}, [], [])
         holders = dict(holders)
         while holders:
-            time.sleep(min(pause, max(0.0, deadline - time.monotonic())))
+            yield Pause(min(pause, max(0.0, deadline - time.monotonic())))
             pause = min(pause * 2, _LEASE_POLL_MAX_S)
             ids = list(holders)
             try:

@@ -12,10 +12,10 @@ keys another caller is already fetching (this caller waits for those). The leade
 fetch before waiting for anyone else's, so two batches waiting on each other's keys cannot
 deadlock.
 
-``do_many_steps`` is ``do_many`` as a generator for a driver that waits elsewhere: it yields a
-``FlightWaits`` when the caller must wait for other callers' fetches, and the driver resumes it
-once they are done, having waited its own way (``run_blocking`` blocks the thread, as
-``do_many`` does; the asyncio client awaits on its event loop, holding no thread).
+``do_many_steps`` is ``do_many`` as steps (``featcache.steps``): its fetch is steps too, and it
+yields a ``FlightWaits`` when the caller must wait for other callers' fetches; the driver
+resumes it once they are done, having waited its own way (``run_blocking`` blocks the thread,
+as ``do_many`` does; the asyncio client awaits on its event loop, holding no thread).
 """
 
 from __future__ import annotations
@@ -23,25 +23,16 @@ from __future__ import annotations
 import enum
 import threading
 import time
-from collections.abc import Callable, Container, Generator, Hashable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Container, Hashable, Iterable, Mapping, Sequence
 from typing import Any, Final, Generic, TypeVar
 
 from featcache.errors import FeatcacheError
+from featcache.steps import Steps, no_steps, run_blocking
 
-__all__ = [
-    "BUSY",
-    "MISSING",
-    "FlightWaits",
-    "Missing",
-    "SingleFlight",
-    "SingleFlightTimeout",
-    "Steps",
-    "run_blocking",
-]
+__all__ = ["BUSY", "MISSING", "FlightWaits", "Missing", "SingleFlight", "SingleFlightTimeout"]
 
 K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
-T = TypeVar("T")
 
 
 class Missing(enum.Enum):
@@ -133,28 +124,6 @@ class FlightWaits:
         return len(pending)
 
 
-#: a call's steps: ``do_many_steps`` (or code that yields from it) yields each wait for other
-#: callers' fetches; the driver resumes it with ``send(None)`` once it has waited
-Steps = Generator[FlightWaits, None, T]
-
-
-def run_blocking(steps: Steps[T], waits: FlightWaits | None = None) -> T:
-    """Run ``steps`` to its end in this thread, blocking on each wait (first on ``waits``,
-    where it stands suspended). If a wait is interrupted, ``steps`` is closed, so its cleanup
-    runs here and now."""
-    while True:
-        if waits is not None:
-            try:
-                waits.block()
-            except BaseException:
-                steps.close()
-                raise
-        try:
-            waits = steps.send(None)
-        except StopIteration as done:
-            return done.value  # type: ignore[no-any-return]
-
-
 class SingleFlight(Generic[K, V]):
     """Deduplicates concurrent fetches by key. Thread-safe; one instance per kind of fetch
     (keys in one instance must mean the same thing to every ``fn`` passed to it).
@@ -234,21 +203,22 @@ class SingleFlight(Generic[K, V]):
         ``BUSY`` at once: for a caller that already holds a usable answer and only offers to
         refresh it (an XFetch early refresh), waiting would add latency for nothing.
         """
-        return run_blocking(self.do_many_steps(keys, fn, wait_timeout=wait_timeout,
-                                               no_wait=no_wait))
+        return run_blocking(self.do_many_steps(keys, lambda own: no_steps(fn(own)),
+                                               wait_timeout=wait_timeout, no_wait=no_wait))
 
     def do_many_steps(
         self,
         keys: Sequence[K],
-        fn: Callable[[list[K]], Mapping[K, V]],
+        fn: Callable[[list[K]], Steps[Mapping[K, V]]],
         *,
         wait_timeout: float | None = None,
         no_wait: Container[K] = (),
     ) -> Steps[dict[K, V | Missing]]:
-        """``do_many``, yielding a ``FlightWaits`` instead of blocking when other callers'
-        fetches are still running once this caller's own is done and published. The driver
-        resumes it when it has waited for them (or given up at their ``deadline``: the
-        fetches still running then raise ``SingleFlightTimeout``)."""
+        """``do_many`` as steps: ``fn`` returns steps (it yields what its fetch waits for,
+        and returns the mapping), and once this caller's own fetch is done and published a
+        ``FlightWaits`` is yielded instead of blocking while other callers' fetches run. The
+        driver resumes it when it has waited for them (or given up at their ``deadline``:
+        the fetches still running then raise ``SingleFlightTimeout``)."""
         wanted = list(dict.fromkeys(keys))
         if not wanted:
             return {}
@@ -276,7 +246,7 @@ class SingleFlight(Generic[K, V]):
             out[key] = BUSY
         if own:
             try:
-                got = fn(own)
+                got = yield from fn(own)
             except BaseException as exc:
                 self._finish(mine, wanted, _NO_RESULTS, exc)
                 raise

@@ -263,6 +263,46 @@ async def test_coroutines_cancelled_while_waiting_on_a_shared_fill(config: Cache
 
 
 @on_a_loop
+async def test_coroutines_waiting_for_another_process_fill_hold_no_pool_thread(
+    config: CacheConfig,
+) -> None:
+    """Another client (as another process would: its own single flight, its own lease
+    token) holds the leases of four rows while its SQL read is held; four coroutines of a
+    two-thread client wait for its fills, each pausing between polls of Redis on the event
+    loop, and a fifth row is filled meanwhile (were each lease wait holding a thread between
+    its polls, that fill would queue until the waits ended)."""
+    leased = with_options(config, lease_wait=30.0, lease_ttl=30.0)
+    rows = [60, 61, 62, 63]
+    with FeatureCache(leased) as other:
+        other.get_features([1], NAMES)
+        reached, resume = parked_sql(other.engine)
+        holder = asyncio.ensure_future(asyncio.to_thread(other.get_features, rows, NAMES))
+        assert await asyncio.to_thread(reached.wait, WAIT_S), "the holder never reached SQL"
+        async with AsyncFeatureCache(leased, fill_threads=2) as cache:
+            await cache.get_features([1], NAMES)
+            counter = SqlCounter(cache.sync.engine)
+            waiting = [asyncio.ensure_future(cache.get_features([r], NAMES)) for r in rows]
+            flights = cache.sync._read._flights
+            for _ in range(int(WAIT_S / 0.005)):
+                if flights.in_flight == len(rows):
+                    break
+                await asyncio.sleep(0.005)
+            await asyncio.sleep(0.2)  # their lease attempts fail and they start polling
+            other_row = await asyncio.wait_for(cache.get_features([70], NAMES), 10.0)
+            assert other_row.status(70, "clicks") is Status.FILLED
+            assert not any(w.done() for w in waiting)  # still waiting for the holder's fills
+            resume.set()
+            answers = await asyncio.gather(*waiting)
+            stats = cache.stats()[VIEW]
+        await holder
+    assert counter.count == 1  # row 70; rows 60-63 came from the holder's fills
+    assert [a.status(r, "clicks") for a, r in zip(answers, rows, strict=True)] == [
+        Status.HIT_REDIS] * len(rows)
+    assert [a[r]["clicks"] for a, r in zip(answers, rows, strict=True)] == rows
+    assert stats["lease_waits"] == len(rows) and stats["lease_timeouts"] == 0
+
+
+@on_a_loop
 async def test_bad_input_raises_before_any_io(config: CacheConfig) -> None:
     async with AsyncFeatureCache(config) as cache:
         with pytest.raises(InvalidRequest, match="not the string"):

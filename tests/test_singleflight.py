@@ -24,8 +24,8 @@ from featcache.singleflight import (
     Missing,
     SingleFlight,
     SingleFlightTimeout,
-    run_blocking,
 )
+from featcache.steps import Pause, Steps, no_steps, run_blocking
 
 JOIN = 30.0  # seconds; only reached when something deadlocked
 
@@ -429,13 +429,14 @@ def test_do_joining_a_batch_that_lacks_the_key_raises_key_error() -> None:
 def test_steps_yield_a_wait_only_for_other_callers_fetches_and_resume_with_their_results(
 ) -> None:
     sf: SingleFlight[int, int] = SingleFlight()
-    assert run_blocking(sf.do_many_steps([1, 2], lambda ks: {k: k for k in ks})) == {1: 1, 2: 2}
+    assert run_blocking(sf.do_many_steps([1, 2], lambda ks: no_steps({k: k for k in ks}))
+                        ) == {1: 1, 2: 2}
     batch, release = parked_batch(sf, [2, 3])
     fetched: list[list[int]] = []
 
-    def mine(keys: list[int]) -> Mapping[int, int]:
+    def mine(keys: list[int]) -> Steps[Mapping[int, int]]:
         fetched.append(keys)
-        return {k: k * 10 for k in keys}
+        return no_steps({k: k * 10 for k in keys})
 
     steps = sf.do_many_steps([1, 2, 3], mine)
     waits = next(steps)  # its own fetch done and published, then the wait, without blocking
@@ -457,7 +458,7 @@ def test_steps_resumed_before_the_deadline_passed_raise_the_timeout_for_what_is_
 ) -> None:
     sf: SingleFlight[int, int] = SingleFlight()
     batch, release = parked_batch(sf, [2])
-    steps = sf.do_many_steps([1, 2], lambda ks: {k: k for k in ks}, wait_timeout=0.01)
+    steps = sf.do_many_steps([1, 2], lambda ks: no_steps({k: k for k in ks}), wait_timeout=0.01)
     waits = next(steps)
     assert waits.deadline is not None
     waits.block()  # returns at the deadline: the parked fetch goes on
@@ -476,7 +477,7 @@ def test_run_blocking_closes_the_steps_when_a_wait_is_interrupted() -> None:
 
     def call() -> Any:
         try:
-            return (yield from sf.do_many_steps([5], lambda ks: {}))
+            return (yield from sf.do_many_steps([5], lambda ks: no_steps({})))
         finally:
             cleaned.append("cleanup")
 
@@ -492,3 +493,21 @@ def test_run_blocking_closes_the_steps_when_a_wait_is_interrupted() -> None:
     release.set()
     batch.finish()
     assert waits.on_each_done(lambda: None) == 0
+
+
+def test_a_fetch_written_as_steps_passes_its_waits_up_and_holds_its_keys_meanwhile() -> None:
+    sf: SingleFlight[int, int] = SingleFlight()
+
+    def polling(keys: list[int]) -> Steps[Mapping[int, int]]:
+        yield Pause(0.001)  # as a lease wait pauses between its polls of Redis
+        return {k: k + 1 for k in keys}
+
+    leader = sf.do_many_steps([1, 2], polling)
+    assert isinstance(next(leader), Pause)
+    assert sf.in_flight == 2  # its keys stay in flight while it pauses: others join them
+    joiner = sf.do_many_steps([2], lambda ks: no_steps({}))
+    waits = next(joiner)
+    assert isinstance(waits, FlightWaits)
+    assert run_blocking(leader) == {1: 2, 2: 3}
+    assert run_blocking(joiner, waits) == {2: 3}
+    assert sf.in_flight == 0 and sf.joined == 1
