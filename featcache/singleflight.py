@@ -81,8 +81,8 @@ class _Flight(Generic[K, V]):
 
     ``results`` and ``error`` are written by the leader before ``done`` is set (under the
     table lock) and ``event`` is set; waiters read them only after. ``event`` is created by the
-    first waiter (under the table lock), so a fetch nobody waits for never allocates one.
-    ``callbacks`` (``FlightWaits.on_each_done``) are called once, after ``event`` is set.
+    first waiter (under the table lock), so a fetch nobody waits for never allocates one;
+    ``callbacks`` (``FlightWaits.on_each_done``), likewise, are called once after it is set.
     """
 
     __slots__ = ("callbacks", "done", "error", "event", "results")
@@ -92,7 +92,7 @@ class _Flight(Generic[K, V]):
         self.error: BaseException | None = None
         self.event: threading.Event | None = None
         self.done = False
-        self.callbacks: list[Callable[[], None]] = []
+        self.callbacks: list[Callable[[], None]] | None = None
 
 
 class FlightWaits:
@@ -120,6 +120,8 @@ class FlightWaits:
         with self._lock:
             pending = [flight for flight in self._flights if not flight.done]
             for flight in pending:
+                if flight.callbacks is None:
+                    flight.callbacks = []
                 flight.callbacks.append(callback)
         return len(pending)
 
@@ -291,8 +293,9 @@ class SingleFlight(Generic[K, V]):
             callbacks = flight.callbacks
         if event is not None:
             event.set()
-        for callback in callbacks:
-            callback()
+        if callbacks is not None:
+            for callback in callbacks:
+                callback()
 
     @property
     def in_flight(self) -> int:

@@ -15,7 +15,7 @@ import time
 from collections.abc import Generator
 from typing import Protocol, TypeVar
 
-__all__ = ["Pause", "Steps", "Wait", "run_blocking"]
+__all__ = ["Pause", "Steps", "Wait", "no_steps", "run_blocking"]
 
 T = TypeVar("T")
 
