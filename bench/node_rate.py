@@ -46,7 +46,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import redis
-from hiredis import pack_command
 
 from bench import dataset
 from bench.common import (
@@ -63,6 +62,7 @@ from featcache import CacheConfig, FeatureCache, OfflineStoreConfig, RedisConfig
 from featcache.config_sections import StatsConfig
 from featcache.materialize import CHUNK_ROWS
 from featcache.offline import SqlRow
+from featcache.redis_store.base import pack
 
 DESCRIPTION = ("what one Redis node spends per row of a bulk load, by write form "
                "(featcache's fenced scripts against plain SET NX)")
@@ -234,16 +234,16 @@ def _plain_chunk(cache: FeatureCache, client: redis.Redis, rows: dict[int, SqlRo
             raise RuntimeError("a cold chunk must encode as one SET_IF_ABSENT group")
         seconds, micros = client.time()
         expires = str(seconds * 1000 + micros // 1000 + ttl_ms)
-        commands = [pack_command(("SET", key, value, "PXAT", expires, "NX"))
+        commands = [pack(("SET", key, value, "PXAT", expires, "NX"))
                     for key, value in zip(batch.if_absent.keys, batch.if_absent.values,
                                           strict=True)]
         if multi:
-            commands = [pack_command(("MULTI",)), *commands, pack_command(("EXEC",))]
+            commands = [pack(("MULTI",)), *commands, pack(("EXEC",))]
         payload = b"".join(commands)
         conn = client.connection_pool.get_connection()
         try:
             cpu0, t0 = server_cpu(), time.perf_counter()
-            conn.send_packed_command([payload])
+            conn.send_packed_command([payload])  # type: ignore[no-untyped-call]
             replies = [conn.read_response() for _ in commands]
             wall = time.perf_counter() - t0
             cpu1 = server_cpu()
