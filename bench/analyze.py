@@ -77,9 +77,9 @@ def write_trace(ids: np.ndarray[Any, Any], path: str) -> None:
     import pyarrow.parquet as pq  # noqa: PLC0415
 
     table = pa.table({
-        "view": pa.DictionaryArray.from_arrays(np.zeros(len(ids), np.int8), [VIEW]),
-        "entity_id": ids,
-        "ts": np.arange(len(ids), dtype=np.float64) / READS_PER_SECOND,
+        "view": pa.DictionaryArray.from_arrays(np.zeros(len(ids), np.int8), pa.array([VIEW])),
+        "entity_id": pa.array(ids),
+        "ts": pa.array(np.arange(len(ids), dtype=np.float64) / READS_PER_SECOND),
     })
     pq.write_table(table, path)
     log(f"wrote the trace to {path}")
@@ -197,9 +197,9 @@ def run(args: argparse.Namespace) -> int:
     sizes = [s for s in (100, 1_000, 10_000, 100_000, 1_000_000) if s <= trace.distinct]
     print(f"\nhit rate at a size, the timed sample ({VIEW}):")
     print(f"{'size':>10} {'exact':>7} {'shards':>7} {'adj':>7}")
-    for s in sizes:
-        print(f"{s:>10,} {exact.hit_rate(s):>7.2%} {shards.hit_rate(s):>7.2%} "
-              f"{shards_adj.hit_rate(s):>7.2%}")
+    for size in sizes:
+        print(f"{size:>10,} {exact.hit_rate(size):>7.2%} {shards.hit_rate(size):>7.2%} "
+              f"{shards_adj.hit_rate(size):>7.2%}")
 
     targets = [
         Target("SHARDS-adj mean absolute error <= 0.02, every sample",

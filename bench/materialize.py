@@ -715,13 +715,15 @@ def stage_breakdown(cache: FeatureCache, chunk_rows: int) -> dict[str, float]:
             times["list_ids"] += now - mark
             fence = cache.fence(view, chunk)
             t1 = time.perf_counter()
-            rows: RowColumns | dict[Any, SqlRow] = {}
+            rows: RowColumns | dict[Any, SqlRow]
             if by_range:
                 rows = runs.read_columns(chunk)
             else:
+                latest: dict[Any, SqlRow] = {}
                 for part in iter_latest_by_id(cache.offline, view, chunk,
                                               chunk_rows=len(chunk)):
-                    rows.update(part)
+                    latest.update(part)
+                rows = latest
             t2 = time.perf_counter()
             if isinstance(rows, RowColumns):
                 rows_done += cache.prepare_columns(view, rows, fence=fence).send().written
@@ -807,7 +809,8 @@ def cprofile_stages(
     stripped: dict[Any, tuple[Any, ...]] = stats.stats  # type: ignore[attr-defined]
     for key in stats.fcn_list[:top]:  # type: ignore[attr-defined]
         _, nc, tt, ct, _ = stripped[key]
-        top_rows.append({"function": pstats.func_std_string(key), "ncalls": nc,
+        top_rows.append({"function": pstats.func_std_string(key),  # type: ignore[attr-defined]
+                         "ncalls": nc,
                          "tottime": round(tt, 3), "cumtime": round(ct, 3)})
     return {
         "profiled_total_s": round(total, 3),

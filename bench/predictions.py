@@ -35,6 +35,7 @@ stream, one after the other.
 from __future__ import annotations
 
 import argparse
+import functools
 import random
 import tempfile
 import time
@@ -46,7 +47,6 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import redis
-from hiredis import pack_command
 
 from bench.common import (
     Case,
@@ -67,6 +67,7 @@ from featcache import FeatureCache, Status
 from featcache.config import CacheConfig, Feature, FeatureView, OfflineStoreConfig
 from featcache.config_sections import RedisConfig, StatsConfig
 from featcache.models import ModelCache
+from featcache.redis_store.base import pack
 
 DESCRIPTION = "the prediction cache: all-hit batches against a raw MGET, and a Zipf stream"
 
@@ -189,8 +190,8 @@ def _hits(cache: FeatureCache, url: str, prefix: str, inputs: list[dict[str, Any
     def floor_mget(sample: Sample) -> list[Any]:
         conn = pool.get_connection()
         try:
-            conn.send_packed_command([pack_command(("MGET", *[floor_keys[i]
-                                                              for i in sample.picked]))])
+            conn.send_packed_command(  # type: ignore[no-untyped-call]
+                [pack(("MGET", *[floor_keys[i] for i in sample.picked]))])
             values: list[Any] = conn.read_response()
         finally:
             pool.release(conn)
@@ -224,7 +225,8 @@ def _hits(cache: FeatureCache, url: str, prefix: str, inputs: list[dict[str, Any
     try:
         for batch in BATCHES:
             log(f"all hits, batch {batch}...")
-            samples = run_interleaved(cases, lambda b=batch: new_sample(b), mode.schedule)
+            samples = run_interleaved(cases, functools.partial(new_sample, batch),
+                                      mode.schedule)
             summaries += [Summary.of(c.name, batch, samples.by_case[c.name]) for c in cases]
     finally:
         plain.close()

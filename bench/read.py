@@ -45,7 +45,6 @@ from typing import Any
 
 import msgpack
 import redis
-from hiredis import pack_command
 
 from bench import dataset
 from bench.common import (
@@ -72,6 +71,7 @@ from featcache.codec import RowCodec
 from featcache.config_sections import StatsConfig
 from featcache.embedded import EmbeddedServer
 from featcache.redis_store import StandaloneStore
+from featcache.redis_store.base import pack
 
 DESCRIPTION = "read path: featcache hits and misses vs one raw MGET and a naive GET loop"
 
@@ -297,7 +297,8 @@ def build_cases(env: Env) -> list[Case]:
     def floor_mget(ids: list[int]) -> list[Any]:
         conn = pool.get_connection()
         try:
-            conn.send_packed_command([pack_command(("MGET", *[f"{floor_head}{i}" for i in ids]))])
+            conn.send_packed_command(  # type: ignore[no-untyped-call]
+                [pack(("MGET", *[f"{floor_head}{i}" for i in ids]))])
             values: list[Any] = conn.read_response()
         finally:
             pool.release(conn)
@@ -580,10 +581,10 @@ def evaluate_targets(summaries: Sequence[Summary], bytes_per_row: float) -> list
 
     for batch, most in TARGET_RATIOS.items():
         if (p := pair(batch)) is not None:
-            hit, floor, r = p
+            hit_b, floor_b, r = p
             targets.append(Target(
                 f"batch {batch} featcache_hit p50 <= {most}x floor_mget", r <= most,
-                f"{hit.p50_us:.1f} us vs {floor.p50_us:.1f} us = {r:.2f}x",
+                f"{hit_b.p50_us:.1f} us vs {floor_b.p50_us:.1f} us = {r:.2f}x",
             ))
     if (hit := by.get(("featcache_hit", 1000))) is not None and (
         floor := by.get((BASELINE, 1000))

@@ -158,8 +158,10 @@ def run_cluster(args: argparse.Namespace) -> int:
             sample = layout.row_keys(dataset.VIEW_NAME, ids)
             for start in range(0, len(ids), 2_000):  # the same values, one slot per row
                 values = plain.mget_nonatomic(sample[start : start + 2_000])
+                if any(v is None for v in values):
+                    raise RuntimeError("setup: a row to copy is not in the cluster")
                 plain.mset_nonatomic({f"{untagged_head}{i}": v for i, v in zip(
-                    ids[start : start + 2_000], values, strict=True)})
+                    ids[start : start + 2_000], values, strict=True) if v is not None})
             untagged = FloorUntagged(plain, untagged_head, ids)
 
             def keys_of(batch: Sequence[int]) -> list[str]:
@@ -203,7 +205,7 @@ def _all_present(batch: Any, out: object) -> None:
 
 
 def _all_hits(batch: Any, out: object) -> None:
-    counts = getattr(out, "status_counts", lambda: {})()
+    counts: dict[Status, int] = dict(getattr(out, "status_counts", dict)())
     if set(counts) != {Status.HIT_REDIS}:
         raise RuntimeError(f"expected every value a Redis hit, got {dict(counts)}")
 

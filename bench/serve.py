@@ -38,6 +38,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import json
 import os
 import random
@@ -207,7 +208,8 @@ async def _async_cases(env: Env, mode: Mode) -> list[Summary]:
                                    f"{check.status_counts()}")
             schedule = mode.schedules[batch]
             samples = await _interleaved(order, before,
-                                         lambda b=batch: rng.sample(env.ids, b), schedule)
+                                         functools.partial(rng.sample, env.ids, batch),
+                                         schedule)
             out.extend(Summary.of(name, batch, samples[i])
                        for i, name in enumerate(ASYNC_CASES))
             log(f"async batch {batch}: {len(samples[0])} rounds")
@@ -503,10 +505,10 @@ def _targets(summaries: Sequence[Summary], http: Sequence[HttpSummary]) -> list[
     for h in http:
         if h.case not in SERVE_CASES or h.batch != 100:
             continue
-        f = floor[(h.batch, h.concurrency)]
+        base = floor[(h.batch, h.concurrency)]
         out.append(Target(
             f"{h.case} p50 <= {SERVE_VS_FLOOR}x http_floor, batch 100, concurrency "
-            f"{h.concurrency}", h.p50_us <= SERVE_VS_FLOOR * f.p50_us,
-            f"{h.p50_us:.0f} vs {f.p50_us:.0f} us ({h.p50_us / f.p50_us:.2f}x); "
-            f"{h.rps:,.0f} vs {f.rps:,.0f} rps"))
+            f"{h.concurrency}", h.p50_us <= SERVE_VS_FLOOR * base.p50_us,
+            f"{h.p50_us:.0f} vs {base.p50_us:.0f} us ({h.p50_us / base.p50_us:.2f}x); "
+            f"{h.rps:,.0f} vs {base.rps:,.0f} rps"))
     return out
