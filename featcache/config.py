@@ -36,6 +36,7 @@ from featcache.config_sections import (
     OfflineStoreConfig,
     PopularityConfig,
     RedisConfig,
+    Seconds,
     Section,
     ServeConfig,
     StampedeConfig,
@@ -134,6 +135,12 @@ class Feature:
         object.__setattr__(self, "column", column)
 
 
+def _seconds(default: float) -> Any:
+    """A view's duration field: a number or text when built, float seconds once checked
+    (``__post_init__``); annotated ``Seconds`` for type checkers."""
+    return field(default=default)
+
+
 @dataclass(frozen=True, slots=True)
 class FeatureView:
     """The features one SQL table holds for one entity type; the unit cached as a Redis row.
@@ -151,9 +158,9 @@ class FeatureView:
     entity_type: EntityType = "int"
     schema: str | None = None
     updated_at_column: str | None = None
-    ttl: float = 0.0
-    negative_ttl: float = 60.0
-    stale_if_error: float = 300.0
+    ttl: Seconds = _seconds(0.0)
+    negative_ttl: Seconds = _seconds(60.0)
+    stale_if_error: Seconds = _seconds(300.0)
 
     def __post_init__(self) -> None:
         path = f"views.{self.name}"

@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import Field, dataclass, field, fields
-from typing import Any, ClassVar, Final
+from typing import Any, ClassVar, Final, overload
 from urllib.parse import urlsplit
 
 from featcache.errors import ConfigError
@@ -36,6 +36,7 @@ __all__ = [
     "OfflineStoreConfig",
     "PopularityConfig",
     "RedisConfig",
+    "Seconds",
     "Section",
     "ServeConfig",
     "StampedeConfig",
@@ -77,8 +78,34 @@ def parse_duration(value: object, path: str = "") -> float:
     return seconds
 
 
+class Seconds:
+    """The declared type of a duration field (``duration_field``), for type checkers only.
+
+    A section takes a duration as a number of seconds or as text (``"500ms"``, ``"1h"``) and
+    holds it as float seconds once built (``Section._check_fields``). A dataclass field
+    annotated with a descriptor type takes, in ``__init__``, what the descriptor's ``__set__``
+    takes and reads as what its ``__get__`` returns (the typing spec's dataclass rules), so
+    ``RedisConfig(socket_timeout="500ms").socket_timeout`` type-checks as a float while
+    ``float`` alone would refuse the documented ``"500ms"``. Nothing of it runs: a slotted
+    dataclass replaces the class attribute with its slot, and ``duration_field`` gives a
+    float default."""
+
+    __slots__ = ()
+
+    @overload
+    def __get__(self, obj: None, owner: type[Any] | None = None) -> Seconds: ...
+    @overload
+    def __get__(self, obj: object, owner: type[Any] | None = None) -> float: ...
+    def __get__(self, obj: object, owner: type[Any] | None = None) -> Seconds | float:
+        raise NotImplementedError  # pragma: no cover - never installed on a class
+
+    def __set__(self, obj: object, value: float | str) -> None:
+        raise NotImplementedError  # pragma: no cover - never installed on a class
+
+
 def duration_field(default: float, *, zero: bool = False) -> Any:
-    """Seconds, in any form ``parse_duration`` reads; greater than zero unless ``zero``."""
+    """Seconds, in any form ``parse_duration`` reads; greater than zero unless ``zero``.
+    Annotate the field ``Seconds``."""
     return field(default=default, metadata={KIND: "duration>=0" if zero else "duration"})
 
 
@@ -184,8 +211,8 @@ class RedisConfig(Section):
 
     url: str = "redis://127.0.0.1:6379/0"
     key_prefix: str = "fc"
-    socket_timeout: float = duration_field(0.5)
-    connect_timeout: float = duration_field(2.0)
+    socket_timeout: Seconds = duration_field(0.5)
+    connect_timeout: Seconds = duration_field(2.0)
     max_connections: int = integer_field(64, 1, 10_000)
     read_chunk: int = integer_field(1000, 1, 100_000)
     mode: str = "standalone"
@@ -248,7 +275,7 @@ class OfflineStoreConfig(Section):
 
     url: str = "sqlite:///featcache.db"
     chunk_size: int = integer_field(1000, 1, 30_000)
-    connect_timeout: float = duration_field(5.0)
+    connect_timeout: Seconds = duration_field(5.0)
     pool_size: int = integer_field(5, 1, 1_000)
 
     def __post_init__(self) -> None:
@@ -282,12 +309,12 @@ class InvalidationConfig(Section):
 
     NAME: ClassVar[str] = "invalidation"
 
-    fence_ttl: float = duration_field(60.0)
+    fence_ttl: Seconds = duration_field(60.0)
     stream_maxlen: int = integer_field(100_000, 100, 100_000_000)
     #: replicas that must hold an invalidation's tombstones and epoch before it returns
     #: (``WAIT``); 0 returns as soon as the primary has them
     replicas: int = integer_field(0, 0, 100)
-    replica_timeout: float = duration_field(0.25)
+    replica_timeout: Seconds = duration_field(0.25)
 
     def __post_init__(self) -> None:
         self._check_fields()
@@ -308,7 +335,7 @@ class L1Config(Section):
 
     policy: str | None = None
     max_entries: int = integer_field(100_000, 1, 100_000_000)
-    max_ttl: float = duration_field(5.0)
+    max_ttl: Seconds = duration_field(5.0)
     access_sample_rate: float = number_field(DEFAULT_L1_ACCESS_SAMPLE_RATE)
 
     def __post_init__(self) -> None:
@@ -330,8 +357,8 @@ class StampedeConfig(Section):
 
     NAME: ClassVar[str] = "stampede"
 
-    lease_ttl: float = duration_field(2.0)
-    lease_wait: float = duration_field(0.2, zero=True)
+    lease_ttl: Seconds = duration_field(2.0)
+    lease_wait: Seconds = duration_field(0.2, zero=True)
     xfetch_beta: float = number_field(1.0)
 
     def __post_init__(self) -> None:
@@ -350,10 +377,10 @@ class DegradationConfig(Section):
     NAME: ClassVar[str] = "degradation"
 
     breaker_failures: int = integer_field(5, 1, 1_000_000)
-    breaker_window: float = duration_field(10.0)
-    breaker_open_for: float = duration_field(2.0)
+    breaker_window: Seconds = duration_field(10.0)
+    breaker_open_for: Seconds = duration_field(2.0)
     sql_concurrency: int = integer_field(16, 1, 10_000)
-    sql_queue_timeout: float = duration_field(1.0, zero=True)
+    sql_queue_timeout: Seconds = duration_field(1.0, zero=True)
     on_sql_error: str = "raise"
 
     def __post_init__(self) -> None:
@@ -373,10 +400,10 @@ class PopularityConfig(Section):
     NAME: ClassVar[str] = "popularity"
 
     sample_rate: float = number_field(0.05)
-    bucket: float = duration_field(60.0)
+    bucket: Seconds = duration_field(60.0)
     buckets: int = integer_field(120, 1, 100_000)
-    half_life: float = duration_field(3600.0)
-    flush_interval: float = duration_field(1.0)
+    half_life: Seconds = duration_field(3600.0)
+    flush_interval: Seconds = duration_field(1.0)
 
     def __post_init__(self) -> None:
         self._check_fields()
@@ -398,10 +425,10 @@ class StatsConfig(Section):
 
     NAME: ClassVar[str] = "stats"
 
-    publish_interval: float = duration_field(10.0, zero=True)
-    retention: float = duration_field(86400.0)
+    publish_interval: Seconds = duration_field(10.0, zero=True)
+    retention: Seconds = duration_field(86400.0)
     trace_rate: float = number_field(0.0)
-    trace_window: float = duration_field(3600.0)
+    trace_window: Seconds = duration_field(3600.0)
     trace_max_ids: int = integer_field(1_000_000, 1_000, 1_000_000_000)
 
     def __post_init__(self) -> None:
@@ -424,7 +451,7 @@ class ServeConfig(Section):
 
     max_ids: int = integer_field(10_000, 1, 10_000_000)
     max_body: int = integer_field(1_048_576, 1024, 1_073_741_824)
-    drain_timeout: float = duration_field(30.0)
+    drain_timeout: Seconds = duration_field(30.0)
 
     def __post_init__(self) -> None:
         self._check_fields()

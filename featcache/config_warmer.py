@@ -37,7 +37,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
-from featcache.config_sections import KIND, Section, duration_field, parse_duration
+from featcache.config_sections import KIND, Seconds, Section, duration_field, parse_duration
 from featcache.errors import ConfigError, SchemaError
 
 if TYPE_CHECKING:
@@ -182,9 +182,9 @@ class FollowChangesConfig(Section):
 
     NAME: ClassVar[str] = "warmer.follow_changes"
 
-    interval: float = duration_field(30.0)
+    interval: Seconds = duration_field(30.0)
     rewrite: Rewrite = "cached"
-    lookback: float = duration_field(DEFAULT_LOOKBACK_S, zero=True)
+    lookback: Seconds = duration_field(DEFAULT_LOOKBACK_S, zero=True)
     start: Start = "now"
     change_queries: Mapping[str, ChangeQuery] = field(default_factory=dict, hash=False)
 
@@ -218,11 +218,11 @@ class WarmerConfig(Section):
     NAME: ClassVar[str] = "warmer"
 
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
-    jitter: float = duration_field(0.0, zero=True)
-    misfire_grace: float = duration_field(30.0)
+    jitter: Seconds = duration_field(0.0, zero=True)
+    misfire_grace: Seconds = duration_field(30.0)
     k: int = _count(1000)
-    horizon: float = duration_field(60.0, zero=True)
-    lease_ttl: float = duration_field(30.0)
+    horizon: Seconds = duration_field(60.0, zero=True)
+    lease_ttl: Seconds = duration_field(30.0)
     chunk_rows: int = _count(10_000)
     views: tuple[str, ...] | None = None
     follow_changes: FollowChangesConfig | None = None

@@ -50,6 +50,7 @@ from typing import Any, ClassVar, NamedTuple, TypeVar, overload
 from featcache.breaker import CircuitBreaker
 from featcache.codec import is_tombstone
 from featcache.config_sections import (
+    Seconds,
     Section,
     duration_field,
     flag_field,
@@ -112,11 +113,11 @@ class ModelPolicy(Section):
 
     NAME: ClassVar[str] = "model"
 
-    ttl: float = duration_field(86_400.0)
+    ttl: Seconds = duration_field(86_400.0)
     early_refresh: float = number_field(0.0)
     lease: bool = flag_field(True)
-    lease_ttl: float = duration_field(30.0)
-    lease_wait: float = duration_field(5.0, zero=True)
+    lease_ttl: Seconds = duration_field(30.0)
+    lease_wait: Seconds = duration_field(5.0, zero=True)
     l1: bool = flag_field(True)
     max_inputs: int = integer_field(100_000, 1, 10_000_000)
 

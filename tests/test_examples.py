@@ -1,5 +1,6 @@
 """The examples run as their docstrings say: ``examples/fastapi_scoring.py`` under uvicorn (a
-real server process on a free port), asked by a real HTTP client, on real Redis and SQL."""
+real server process on a free port), asked by a real HTTP client, on real Redis and SQL;
+``examples/config_in_python.py`` as a script (CI's ``mypy --strict`` checks its types)."""
 
 from __future__ import annotations
 
@@ -77,3 +78,20 @@ def test_the_fastapi_example_scores_from_features_and_caches_the_scores(
     assert again["statuses"] == ["HIT_REDIS", "HIT_REDIS", "HIT_REDIS", "COMPUTED"]
     bad = httpx.post(f"{scoring_server}/score", json={"user_ids": [2**70]})
     assert bad.status_code == 400 and "64-bit" in bad.text
+
+
+def test_the_python_config_example_takes_durations_as_text_and_holds_seconds() -> None:
+    """examples/config_in_python.py builds docs/configuration.md's configuration, durations
+    given as text ("2d", "500ms"), and prints them as float seconds."""
+    env = {**os.environ, "FEATCACHE_REDIS_URL": "redis://127.0.0.1:6399/0",
+           "FEATCACHE_OFFLINE_URL": "sqlite:///unused.db"}
+    done = subprocess.run([sys.executable, "examples/config_in_python.py"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == [
+        "view user: ttl 172800 s, negative_ttl 30 s, stale_if_error 600 s (173430 s in all)",
+        "  ctr_7d: max_age 600 s",
+        "  clicks_1h: max_age 3600 s",
+        "  country: max_age 86400 s",
+        "redis.socket_timeout 0.5 s, l1.max_ttl 5 s",
+    ]
