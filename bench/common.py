@@ -118,6 +118,12 @@ def used_memory(client: redis.Redis) -> dict[str, int]:
     }
 
 
+def server_cpu_seconds(client: redis.Redis) -> float:
+    """CPU seconds the server has used so far, all its threads (``INFO cpu``)."""
+    info = client.info("cpu")
+    return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
+
+
 def settled_used_memory(
     client: redis.Redis, *, timeout_s: float = 60.0, poll_s: float = 0.5
 ) -> dict[str, int]:

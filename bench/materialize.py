@@ -82,6 +82,7 @@ from bench.common import (
     frozen_heap,
     log,
     redis_target,
+    server_cpu_seconds,
     server_description,
     settled_used_memory,
     used_memory,
@@ -647,10 +648,7 @@ def cpu_seconds(servers: Sequence[redis.Redis]) -> dict[str, Any]:
     threads; summed, and each in ``servers``) and the whole machine (busy = not idle, not
     waiting on I/O)."""
     own = psutil.Process().cpu_times()
-    per_server = []
-    for client in servers:
-        info = client.info("cpu")
-        per_server.append(float(info["used_cpu_user"]) + float(info["used_cpu_sys"]))
+    per_server = [server_cpu_seconds(client) for client in servers]
     machine = psutil.cpu_times()
     return {
         "client": own.user + own.system,

@@ -42,8 +42,9 @@ import random
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import NamedTuple
 
 import redis
 
@@ -54,6 +55,7 @@ from bench.common import (
     log,
     positive_int,
     redis_target,
+    server_cpu_seconds,
     server_description,
     settled_used_memory,
     used_memory,
@@ -91,6 +93,16 @@ class FormResult:
     vs_set_nx: float = 0.0
 
 
+class ChunkTiming(NamedTuple):
+    """One chunk's timed parts: the server's CPU seconds (the fence's among them) and the
+    wall seconds, and the rows written."""
+
+    server_s: float
+    fence_server_s: float
+    written: int
+    wall_s: float
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", metavar="OUT.json", help="write the results here as JSON")
     parser.add_argument("--quick", action="store_true", help=f"{QUICK_ROWS:,} rows")
@@ -125,7 +137,7 @@ def run(args: argparse.Namespace) -> int:
                 finally:
                     client.close()
     base = next(r for r in results if r.form == BASELINE).server_us_per_row
-    results = [_with_ratio(r, base) for r in results]
+    results = [replace(r, vs_set_nx=round(r.server_us_per_row / base, 2)) for r in results]
     print(f"\nbench node_rate: {server} "
           f"({'private server per form' if args.redis_url is None else 'given --redis-url'}); "
           f"{n:,} rows per form in chunks of {CHUNK_ROWS:,}; {os.cpu_count()} CPUs\n")
@@ -167,25 +179,23 @@ def _run_form(form: str, url: str, prefix: str, offline_url: str, client: redis.
             rows = {i: SqlRow((r.event_us or 0) + 1, r.values) for i, r in rows.items()}
         timed = _featcache_chunk(cache, rows) if form.startswith("featcache") else \
             _plain_chunk(cache, client, rows, multi=form == "multi_set_nx")
-        per_chunk: list[tuple[float, float, int, float]] = []  # server s, fence server s, n, wall
-        for chunk in _chunks(ids):
-            per_chunk.append(timed(chunk, lambda: _server_cpu(client)))
+        per_chunk = [timed(chunk, lambda: server_cpu_seconds(client)) for chunk in _chunks(ids)]
         settled = settled_used_memory(client)["used_memory"]
     n = len(ids)
-    written = sum(c[2] for c in per_chunk)
+    written = sum(c.written for c in per_chunk)
     if written != n:
         raise RuntimeError(f"{form}: {written:,} of {n:,} rows written")
-    server_s = sum(c[0] for c in per_chunk)
-    wall = sum(c[3] for c in per_chunk)
+    server_s = sum(c.server_s for c in per_chunk)
+    wall = sum(c.wall_s for c in per_chunk)
     tenth = max(1, len(per_chunk) // 10)
-    chunk_us = [c[0] / CHUNK_ROWS * 1e6 for c in per_chunk]
+    chunk_us = [c.server_s / CHUNK_ROWS * 1e6 for c in per_chunk]
     return FormResult(
         form=form, rows=n, written=written, seconds=round(wall, 3),
         rows_per_s=round(n / wall), server_us_per_row=round(server_s / n * 1e6, 3),
         first_tenth_us_per_row=round(sum(chunk_us[:tenth]) / tenth, 3),
         last_tenth_us_per_row=round(sum(chunk_us[-tenth:]) / tenth, 3),
         worst_chunk_us_per_row=round(max(chunk_us), 3),
-        fence_us_per_row=round(sum(c[1] for c in per_chunk) / n * 1e6, 3),
+        fence_us_per_row=round(sum(c.fence_server_s for c in per_chunk) / n * 1e6, 3),
         bytes_per_row=round((settled - memory_before) / n, 1))
 
 
@@ -196,14 +206,13 @@ def _cache(url: str, offline_url: str, prefix: str) -> FeatureCache:
         offline_store=OfflineStoreConfig(url=offline_url), stats=StatsConfig(publish_interval=0)))
 
 
-Timed = Callable[[Sequence[int], Callable[[], float]], tuple[float, float, int, float]]
+Timed = Callable[[Sequence[int], Callable[[], float]], ChunkTiming]
 
 
 def _featcache_chunk(cache: FeatureCache, rows: dict[int, SqlRow]) -> Timed:
     """One chunk as ``materialize`` writes it: the fence (timed), the rows encoded under it
     (untimed: the client's work, not the server's), the write (timed)."""
-    def timed(chunk: Sequence[int], server_cpu: Callable[[], float]
-              ) -> tuple[float, float, int, float]:
+    def timed(chunk: Sequence[int], server_cpu: Callable[[], float]) -> ChunkTiming:
         cpu0, t0 = server_cpu(), time.perf_counter()
         fence = cache.fence(dataset.VIEW_NAME, chunk)
         fence_wall, cpu1 = time.perf_counter() - t0, server_cpu()
@@ -213,7 +222,7 @@ def _featcache_chunk(cache: FeatureCache, rows: dict[int, SqlRow]) -> Timed:
         written = pending.send().written
         wall = time.perf_counter() - t2 + fence_wall
         cpu3 = server_cpu()
-        return (cpu1 - cpu0) + (cpu3 - cpu2), cpu1 - cpu0, written, wall
+        return ChunkTiming((cpu1 - cpu0) + (cpu3 - cpu2), cpu1 - cpu0, written, wall)
     return timed
 
 
@@ -224,8 +233,7 @@ def _plain_chunk(cache: FeatureCache, client: redis.Redis, rows: dict[int, SqlRo
     view = cache.config.view(dataset.VIEW_NAME)
     ttl_ms = int(view.ttl * 1000)
 
-    def timed(chunk: Sequence[int], server_cpu: Callable[[], float]
-              ) -> tuple[float, float, int, float]:
+    def timed(chunk: Sequence[int], server_cpu: Callable[[], float]) -> ChunkTiming:
         # the values featcache would write: encoded under a fence, not sent
         pending = cache.prepare_latest(dataset.VIEW_NAME, {i: rows[i] for i in chunk},
                                        fence=cache.fence(dataset.VIEW_NAME, chunk))
@@ -250,23 +258,13 @@ def _plain_chunk(cache: FeatureCache, client: redis.Redis, rows: dict[int, SqlRo
         finally:
             client.connection_pool.release(conn)
         answers = replies[-1] if multi else replies
-        return cpu1 - cpu0, 0.0, sum(1 for r in answers if r), wall
+        return ChunkTiming(cpu1 - cpu0, 0.0, sum(1 for r in answers if r), wall)
     return timed
 
 
 def _chunks(ids: Sequence[int]) -> Iterator[Sequence[int]]:
     for start in range(0, len(ids), CHUNK_ROWS):
         yield ids[start : start + CHUNK_ROWS]
-
-
-def _server_cpu(client: redis.Redis) -> float:
-    info = client.info("cpu")
-    return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
-
-
-def _with_ratio(result: FormResult, base_us: float) -> FormResult:
-    return FormResult(**{**asdict(result),
-                         "vs_set_nx": round(result.server_us_per_row / base_us, 2)})
 
 
 def _table(results: Sequence[FormResult]) -> str:
