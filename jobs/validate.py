@@ -49,8 +49,9 @@ __all__ = ["Finding", "ValidateReport", "run_validate", "validate"]
 ERROR: Final = "error"
 WARNING: Final = "warning"
 OK: Final = "ok"
-#: the oldest server featcache's suite runs on (README.md, "Development")
-_OLDEST_TESTED: Final = (7, 0)
+#: the oldest server featcache runs on (``SET ... NX GET`` in the write scripts), and the
+#: oldest its suite runs on (README.md, "Development")
+_OLDEST: Final = (7, 0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -191,10 +192,12 @@ def _check_node(config: CacheConfig, node: Node, slots: int | None,
             "maxmemory is 0 (no limit): no policy ever evicts, and the server grows with the "
             "cache until the host runs out of memory; size it (rows x ~190 B plus the "
             "invalidation stream: docs/deployment.md)")))
-    if _version(str(info.get("redis_version") or "")) < _OLDEST_TESTED:
-        report.findings.append(Finding(WARNING, subject, (
-            f"{server} {version} is older than Redis 7.0, the oldest server featcache is "
-            "tested on")))
+    if _version(str(info.get("redis_version") or "")) < _OLDEST:
+        error = ConfigError(f"{server} {version} is older than Redis 7.0, which featcache "
+                            "needs: its write scripts use SET ... NX GET, so every fill into "
+                            "an empty key and every materialize would fail; upgrade to "
+                            "Redis >= 7.0 or Valkey", "redis.url", config.source)
+        report.findings.append(Finding(ERROR, subject, str(error), error))
 
 
 def _version(text: str) -> tuple[int, int]:
@@ -202,7 +205,7 @@ def _version(text: str) -> tuple[int, int]:
     try:
         return int(parts[0]), int(parts[1])
     except ValueError:
-        return _OLDEST_TESTED  # not known: nothing to say
+        return _OLDEST  # not known: nothing to say
 
 
 def _bytes(n: int) -> str:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 import sqlalchemy as sa
 from featcache.jobs.changes import follow_changes
 from featdata import T0, insert, make_cache, make_table, make_view
@@ -120,5 +121,35 @@ def test_a_fill_that_a_stalled_redis_runs_past_its_deadline_lands_nowhere(
     finally:
         hooks.before_send = None
         os.kill(server.pid, signal.SIGCONT)
+        fc.close()
+        client.close()
+
+
+# ------------------------------------------------------------------ a full Redis
+
+
+def test_a_fill_refused_by_a_full_redis_is_counted_and_lands_nowhere(
+    server: EmbeddedServer, sql: tuple[str, sa.Engine, sa.Table]
+) -> None:
+    """A server at ``maxmemory`` under ``noeviction`` refuses the fill's ``SET ... NX GET``
+    with OOM: the write script passes that error on (only WRONGTYPE, a key of another
+    type, gives way to the row), so the rows are answered from SQL, the failed write is
+    counted as a fill error, and nothing of it is in Redis."""
+    url, _, _ = sql
+    client = redis.Redis.from_url(server.url)
+    fc = make_cache([_view()], server.url, url, "oom")
+    try:
+        assert fc.get_features([1], NAMES).status(1, "clicks") is Status.FILLED  # epoch made
+        client.config_set("maxmemory-policy", "noeviction")
+        client.config_set("maxmemory", "1")
+        result = fc.get_features([2, 3], NAMES)
+        assert [result.status(e, "clicks") for e in (2, 3)] == [Status.FILLED] * 2
+        assert [result[e]["clicks"] for e in (2, 3)] == [20, 30]
+        client.config_set("maxmemory", "0")
+        assert client.mget([fc.layout.row_key("rfeat", e) for e in (2, 3)]) == [None, None]
+        assert fc.stats()["rfeat"]["fill_errors"] == 1
+        assert fc.get_features([2], NAMES).status(2, "clicks") is Status.FILLED  # now lands
+        assert client.get(fc.layout.row_key("rfeat", 2)) is not None
+    finally:
         fc.close()
         client.close()

@@ -4,7 +4,7 @@ A fill writes only where the key still holds what its reader saw before its SQL 
 if the view's epoch did not move; a ``put_rows`` row writes unless a row with a later event
 timestamp is there (the timestamp sits at a fixed offset of the value, see
 ``featcache.codec``). A fenced write whose reader saw the key empty needs none of the general
-script's comparisons: ``SET_IF_ABSENT`` is a plain ``SET ... NX`` per row behind the same epoch
+script's comparisons: ``SET_IF_ABSENT`` is one ``SET ... NX GET`` per row behind the same epoch
 check, a fraction of the general script's cost on the server and two arguments a row instead
 of five on the client.
 
@@ -123,6 +123,10 @@ return written
 # key), for less: the row is written only where the key is still empty (NX). A string there
 # now (a tombstone of an invalidation, another fill, a newer row) keeps the row out; a key of
 # another type, which MGET showed the reader as nothing, gives way as in CONDITIONAL_SET.
+# Each row is one `SET ... NX GET` (Redis >= 7.0): a written row answers nil, which reaches Lua
+# as false, where plain NX answers the status OK, which Lua gets as a new table per row; on a
+# cold bulk load that table was 8-10% of the server's CPU per row (docs/benchmarks.md, "Node
+# rate"). A key of another type answers WRONGTYPE to GET, and only that error gives way.
 # Returns how many keys were written.
 SET_IF_ABSENT = LuaScript("""
 if ARGV[1] == '1' then
@@ -137,9 +141,11 @@ local expires_at = string.format('%d', tonumber(now[1]) * 1000
   + math.floor(tonumber(now[2]) / 1000) + tonumber(ARGV[4]))
 local written = 0
 for i = 2, #KEYS do
-  if redis.call('SET', KEYS[i], ARGV[i + 3], 'PXAT', expires_at, 'NX') then
+  local held = redis.pcall('SET', KEYS[i], ARGV[i + 3], 'PXAT', expires_at, 'NX', 'GET')
+  if not held then
     written = written + 1
-  elseif redis.call('TYPE', KEYS[i]).ok ~= 'string' then
+  elseif type(held) == 'table' and held.err then
+    if string.sub(held.err, 1, 9) ~= 'WRONGTYPE' then return redis.error_reply(held.err) end
     redis.call('SET', KEYS[i], ARGV[i + 3], 'PXAT', expires_at)
     written = written + 1
   end
