@@ -1,5 +1,6 @@
-"""Failure injection on private servers: Redis killed in the middle of a change poll; the
-error it raises is a featcache error (it was redis-py's, found in the 2026-11-27 review)."""
+"""Failure injection on private servers: Redis killed in the middle of a change poll (the
+error it raises is a featcache error, not redis-py's), stalled while a fill is in flight, and
+full (``maxmemory`` under ``noeviction``) when a fill is written."""
 
 from __future__ import annotations
 

@@ -124,9 +124,9 @@ return written
 # now (a tombstone of an invalidation, another fill, a newer row) keeps the row out; a key of
 # another type, which MGET showed the reader as nothing, gives way as in CONDITIONAL_SET.
 # Each row is one `SET ... NX GET` (Redis >= 7.0): a written row answers nil, which reaches Lua
-# as false, where plain NX answers the status OK, which Lua gets as a new table per row; on a
-# cold bulk load that table was 8-10% of the server's CPU per row (docs/benchmarks.md, "Node
-# rate"). A key of another type answers WRONGTYPE to GET, and only that error gives way.
+# as false, where plain NX answers the status OK, which Lua gets as a new table per row; a cold
+# bulk load costs the server 8-10% less per row so (docs/benchmarks.md, "What caps one
+# process"). A key of another type answers WRONGTYPE to GET, and only that error gives way.
 # Returns how many keys were written.
 SET_IF_ABSENT = LuaScript("""
 if ARGV[1] == '1' then
