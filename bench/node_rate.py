@@ -15,7 +15,7 @@ it leaves).
 ``featcache_cold``      what ``materialize`` sends into an empty keyspace: per chunk its fence
                         (``Parts.fence``: one ``MGET`` per 1,000 keys, and ``TIME``) and its
                         write (``prepare_latest(...).send()``: ``SET_IF_ABSENT``, 500 rows a
-                        call, each row a ``SET ... PXAT ... NX`` behind the epoch and deadline
+                        call, each row a ``SET ... PXAT ... NX GET`` behind the epoch and deadline
                         checks), both timed
 ``featcache_reload``    the same rows again, one microsecond newer, over the loaded keyspace:
                         the fence finds every row, so the write is ``CONDITIONAL_SET``'s
