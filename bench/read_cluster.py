@@ -158,10 +158,11 @@ def run_cluster(args: argparse.Namespace) -> int:
             sample = layout.row_keys(dataset.VIEW_NAME, ids)
             for start in range(0, len(ids), 2_000):  # the same values, one slot per row
                 values = plain.mget_nonatomic(sample[start : start + 2_000])
-                if any(v is None for v in values):
+                copies = {f"{untagged_head}{i}": v for i, v in zip(
+                    ids[start : start + 2_000], values, strict=True) if v is not None}
+                if len(copies) != len(values):
                     raise RuntimeError("setup: a row to copy is not in the cluster")
-                plain.mset_nonatomic({f"{untagged_head}{i}": v for i, v in zip(
-                    ids[start : start + 2_000], values, strict=True) if v is not None})
+                plain.mset_nonatomic(copies)
             untagged = FloorUntagged(plain, untagged_head, ids)
 
             def keys_of(batch: Sequence[int]) -> list[str]:
