@@ -69,7 +69,10 @@ str, sends that input through the normalizer, which writes the same bytes for th
 so a false match costs time, never a different digest. A batch of dicts that share one key
 set (built by one piece of code, as a request's inputs are) is checked and encoded by two C
 passes, ``msgspec.convert`` into a Struct of those keys and its encoder, which writes the
-deterministic encoder's bytes without sorting each dict's keys again.
+deterministic encoder's bytes without sorting each dict's keys again. That Struct's float
+fields refuse NaN and -inf (a batch holding one takes the regex path), so its bytes are
+searched only for a -0.0: one fixed 9-byte needle, which a bytes search skips along in
+half the time the regex takes to try every 0xcb byte (each float's marker).
 """
 
 from __future__ import annotations
@@ -82,7 +85,7 @@ import sys
 from collections.abc import Iterable, Mapping, Sequence
 from itertools import chain
 from math import isnan
-from typing import Any, Final
+from typing import Annotated, Any, Final
 
 import msgspec
 
@@ -115,8 +118,10 @@ DATE_EXT: Final = 1
 _encode = msgspec.msgpack.Encoder(order="deterministic").encode
 #: writes a Struct's fields in their declared order (``_same_keys_encoded`` sorts them)
 _encode_fields = msgspec.msgpack.Encoder().encode
-#: the values a flat input dict may hold for ``_same_keys_encoded``
-_Plain = bool | int | float | str | None
+#: the values a flat input dict may hold for ``_same_keys_encoded``: a float that is not
+#: NaN (which fails every comparison) or -inf, so that the check in C leaves only a -0.0 for
+#: the bytes to be searched for, with one fixed 9-byte needle instead of a regex
+_Checked = bool | int | Annotated[float, msgspec.Meta(ge=-sys.float_info.max)] | str | None
 #: the batch type of each key set seen (``_batch_type_of``), up to ``_MAX_SHAPES`` of them
 _SHAPES: dict[tuple[Any, ...], Any] = {}
 _UNSEEN: Final = object()
@@ -132,6 +137,9 @@ _DICT: Final = frozenset({dict})
 #: a float64 in msgspec's output that is -0.0 or has an all-ones exponent (NaN, and inf,
 #: which needs nothing but costs only a trip through the normalizer)
 _SPECIAL_FLOAT: Final = re.compile(rb"\xcb(?:[\x7f\xff][\xf0-\xff]|\x80\x00{7})")
+#: a -0.0 in msgspec's output, and the pattern that finds it in one input's bytes
+_NEGATIVE_ZERO: Final = b"\xcb\x80" + bytes(7)
+_NEGATIVE_ZERO_AT: Final = re.compile(re.escape(_NEGATIVE_ZERO))
 _NAN: Final = float("nan")
 _UTC: Final = dt.UTC
 _EPOCH: Final = dt.datetime(1970, 1, 1, tzinfo=_UTC)
@@ -218,7 +226,13 @@ def _plain_dict_digests(inputs: Sequence[dict[Any, Any]]) -> list[str] | None:
     """The digests of a batch of flat dicts of plain values, with one type check of the whole
     batch in C; None when some dict is not one (the caller takes the per-input path)."""
     encoded = _same_keys_encoded(inputs)
-    if encoded is None:
+    special = _SPECIAL_FLOAT
+    if encoded is not None:  # no NaN, no -inf: only a -0.0 may need normalizing
+        if _NEGATIVE_ZERO in b"".join(encoded):
+            special = _NEGATIVE_ZERO_AT
+        else:
+            return _hexdigests(encoded)
+    else:
         values = set(map(type, chain.from_iterable(map(dict.values, inputs))))
         if not values <= _PLAIN:
             return None
@@ -228,8 +242,8 @@ def _plain_dict_digests(inputs: Sequence[dict[Any, Any]]) -> list[str] | None:
             encoded = list(map(_encode, inputs))
         except (TypeError, OverflowError, UnicodeEncodeError):
             return None
-    if _SPECIAL_FLOAT.search(b"".join(encoded)) is not None:
-        encoded = [data if _SPECIAL_FLOAT.search(data) is None else _canonical_at(x, i)
+    if special.search(b"".join(encoded)) is not None:
+        encoded = [data if special.search(data) is None else _canonical_at(x, i)
                    for i, (x, data) in enumerate(zip(inputs, encoded, strict=True))]
     return _hexdigests(encoded)
 
@@ -238,9 +252,9 @@ def _same_keys_encoded(inputs: Sequence[dict[Any, Any]]) -> list[bytes] | None:
     """The canonical bytes of a batch of dicts that all have the first one's str keys and
     plain values (a request's inputs, built by one piece of code), checked and encoded in
     two C passes: ``msgspec.convert`` into a ``Struct`` of those keys in sorted order, whose
-    every field takes only ``_Plain`` values, then the encoder, which writes a Struct as the
-    map of its fields in their order: the bytes the deterministic encoder writes for the
-    dict. None when any dict is not such a one."""
+    every field takes only ``_Checked`` values, then the encoder, which writes a Struct as
+    the map of its fields in their order: the bytes the deterministic encoder writes for the
+    dict. None when any dict is not such a one, or holds a NaN or -inf."""
     keys = tuple(inputs[0])
     batch_type = _SHAPES.get(keys, _UNSEEN)
     if batch_type is _UNSEEN:
@@ -257,7 +271,7 @@ def _same_keys_encoded(inputs: Sequence[dict[Any, Any]]) -> list[bytes] | None:
 
 def _batch_type_of(keys: tuple[Any, ...]) -> Any:
     """The type ``list[S]``, S a Struct whose fields are ``keys`` in sorted order (named
-    ``f0``, ``f1``... in Python, renamed to the keys on the wire), each a ``_Plain``; None
+    ``f0``, ``f1``... in Python, renamed to the keys on the wire), each a ``_Checked``; None
     when a key is not a str or is one msgspec does not take as a name (control characters,
     quotes, backslashes)."""
     if not all(type(k) is str for k in keys):
@@ -265,7 +279,7 @@ def _batch_type_of(keys: tuple[Any, ...]) -> Any:
     names = sorted(keys)
     try:
         shape = msgspec.defstruct(
-            "Input", [(f"f{i}", _Plain) for i in range(len(names))],
+            "Input", [(f"f{i}", _Checked) for i in range(len(names))],
             rename={f"f{i}": name for i, name in enumerate(names)},
             forbid_unknown_fields=True)
     except ValueError:

@@ -45,7 +45,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from itertools import repeat
-from typing import Any, ClassVar, NamedTuple, TypeVar, overload
+from typing import Any, ClassVar, NamedTuple, TypeVar, cast, overload
 
 from featcache.breaker import CircuitBreaker
 from featcache.codec import is_tombstone
@@ -178,12 +178,12 @@ class ModelCall:
     __slots__ = ("batch", "begun_ns", "digests", "epoch", "first", "got", "keys", "l1_token",
                  "led", "refresh", "seen", "started", "wanted")
 
-    def __init__(self, batch: Sequence[Any], digests: list[str], first: dict[str, int],
+    def __init__(self, batch: Sequence[Any], digests: list[str], first: dict[str, int] | None,
                  begun_ns: int) -> None:
         self.batch = batch
         self.begun_ns = begun_ns  # perf_counter_ns at the call's start: its latency counted
         self.digests = digests
-        self.first = first  # digest -> index of its first input
+        self.first = first  # digest -> index of its first input; None until ``places()``
         self.got: dict[str, _Got] = {}  # answered so far
         self.wanted: list[str] = []  # distinct digests the L1 did not answer
         self.keys: list[str] = []  # the one read: the epoch key, then wanted's keys
@@ -193,6 +193,13 @@ class ModelCall:
         self.epoch: bytes | None = None  # the version's epoch as read
         self.l1_token = 0
         self.started = time.monotonic()  # before the read: the writes' deadline counts from it
+
+    def places(self) -> dict[str, int]:
+        """Each digest's index of its first input. Built when first asked for (the
+        call's inputs are distinct then): an all-hit call, the usual one, needs none."""
+        if self.first is None:
+            self.first = dict(zip(self.digests, range(len(self.digests)), strict=True))
+        return self.first
 
 
 class ModelCache:
@@ -276,13 +283,14 @@ class ModelCache:
             raise InvalidRequest(f"{len(batch):,} inputs in one call; model.max_inputs is "
                                  f"{self.policy.max_inputs:,}")
         digests = input_digests(batch)
-        first = dict(zip(digests, range(len(digests)), strict=True))
-        if len(first) != len(digests):  # an input repeated: the index of its first place
+        wanted = digests
+        first: dict[str, int] | None = None
+        if len(set(digests)) != len(digests):  # an input repeated: the index of its first place
             first = {}
             for i, digest in enumerate(digests):
                 first.setdefault(digest, i)
+            wanted = list(first)
         call = ModelCall(batch, digests, first, begun_ns)
-        wanted: list[str] = list(first)
         l1 = self._l1
         if l1 is not None and wanted:
             call.l1_token = l1.fill_token()
@@ -337,8 +345,8 @@ class ModelCache:
         epoch = _epoch_of(epoch_raw)
         now_ms = int(self._clock() * 1000)
         beta = self.policy.early_refresh
-        if epoch is not None and not beta and None not in rows:
-            done = self._all_hits(call, rows, epoch, now_ms)  # type: ignore[arg-type]
+        if epoch is not None and not beta:
+            done = self._all_hits(call, rows, epoch, now_ms)
             if done is not None:
                 return done
         hits = undecodable = 0
@@ -365,7 +373,7 @@ class ModelCache:
         self._to_l1(call, now_ms)
         return self._result(call, "redis", counts)
 
-    def _all_hits(self, call: ModelCall, rows: list[bytes], epoch: int, now_ms: int
+    def _all_hits(self, call: ModelCall, rows: list[bytes | None], epoch: int, now_ms: int
                   ) -> ModelResult | None:
         """The usual call: every value read is a current output. Checked and decoded by
         C-level passes over the batch (no Python frame per value but the decoder's); None
@@ -374,20 +382,27 @@ class ModelCache:
         # (magic, epoch, expiry) they start with: the least and the greatest value start with
         # this epoch's head only if every value does, and the least then holds the earliest
         # expiry. Two memcmp passes, no object per value.
+        # A None (a miss) among them makes min() raise: a comparison with bytes fails, and
+        # min() compares every value (one alone, compared with nothing, is checked by type).
         head = _EPOCH_HEAD.pack(_MAGIC, epoch)
-        least = min(rows)
-        if not (least.startswith(head) and max(rows).startswith(head)):
+        values = cast("list[bytes]", rows)  # until min() says otherwise
+        try:
+            least = min(values)
+        except TypeError:
+            return None
+        if not (type(least) is bytes and least.startswith(head)
+                and max(values).startswith(head)):
             return None
         if len(least) < _HEADER_SIZE or _EXPIRES.unpack_from(least, _EXPIRES_AT)[0] <= now_ms:
             return None  # a value cut short, whose payload would not decode either
-        payloads = list(map(_PAYLOAD, rows))
+        payloads = list(map(_PAYLOAD, values))
         try:
             outputs = decode_outputs(payloads)
         except ValueError:
             return None
         l1 = self._l1
         in_order = len(call.wanted) == len(call.digests)  # no L1 hit, no repeat
-        expiries = ([e for (e,) in map(_EXPIRES.unpack_from, rows, repeat(_EXPIRES_AT))]
+        expiries = ([e for (e,) in map(_EXPIRES.unpack_from, values, repeat(_EXPIRES_AT))]
                     if l1 is not None or not in_order else [])
         if l1 is not None:
             l1.put_many(self.space, dict(zip(call.wanted, payloads, strict=True)),
@@ -395,13 +410,13 @@ class ModelCache:
                         fresh_for={d: (e - now_ms) / 1000
                                    for d, e in zip(call.wanted, expiries, strict=True)})
         if in_order:
-            self._counts.call(self.space, "hits_redis", len(rows), "redis",
+            self._counts.call(self.space, "hits_redis", len(values), "redis",
                               time.perf_counter_ns() - call.begun_ns)
             return ModelResult(outputs, [Status.HIT_REDIS] * len(outputs))
         for digest, payload, output, expires_ms in zip(call.wanted, payloads, outputs,
                                                        expiries, strict=True):
             call.got[digest] = _Got(payload, output, Status.HIT_REDIS, expires_ms)
-        return self._result(call, "redis", {"hits_redis": len(rows)})
+        return self._result(call, "redis", {"hits_redis": len(values)})
 
     def finish(self, call: ModelCall, redis_ok: bool, compute: Compute) -> ModelResult:
         """Compute what no cache held (through the single flight and the leases) and write it
@@ -506,7 +521,7 @@ class ModelCache:
         """``compute`` of these inputs (in input order), and the fenced write of the outputs
         (none when ``epoch`` is None: Redis is not answering). The leases taken under
         ``token`` are released by the write, or at once when compute fails."""
-        first = call.first
+        first = call.places()
         digests = sorted(digests, key=first.__getitem__)  # input order, whatever the slots'
         release = self._leases.keys(self.space, digests) if token else []
         inputs = [call.batch[first[d]] for d in digests]
@@ -658,7 +673,7 @@ class ModelCache:
         """Outputs in input order (an input repeated in the batch gets its own copy); counts
         ``counts`` and the call, answered by ``tier`` (``MODEL_TIERS``)."""
         self._counts.add_call(self.space, counts, tier, time.perf_counter_ns() - call.begun_ns)
-        got, first = call.got, call.first
+        got, first = call.got, call.places()
         outputs: list[Any] = []
         statuses: list[Status] = []
         for i, digest in enumerate(call.digests):

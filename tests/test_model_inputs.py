@@ -285,6 +285,19 @@ def test_nan_payloads_in_a_batch_of_flat_dicts_are_one_nan() -> None:
     assert len(set(input_digests([[x] for x in (NEGATIVE_NAN, PAYLOAD_NAN, math.nan)]))) == 1
 
 
+def test_special_floats_in_a_batch_of_same_key_dicts_equal_each_input_keyed_alone() -> None:
+    """The batch path checks NaN and -inf in C and searches the bytes for -0.0 only: each
+    special float, and bytes that merely look like -0.0 inside a str, key as they do alone
+    (where the normalizer decides)."""
+    lookalike = "\u02c0" + "\x00" * 7  # UTF-8: cb 80 00 00 00 00 00 00 00, a -0.0's bytes
+    assert bytes.fromhex("cb80") + bytes(7) in lookalike.encode()
+    values = [-0.0, 0.0, math.nan, NEGATIVE_NAN, math.inf, -math.inf, 1.5, lookalike]
+    batch = [{"v": v, "w": 2.0} for v in values]
+    assert input_digests(batch) == [input_digest(collections.OrderedDict(d)) for d in batch]
+    for one_special in ([{"v": -math.inf}, {"v": 1.0}], [{"v": 1.0}, {"v": -0.0}]):
+        assert input_digests(one_special) == [input_digest(d) for d in one_special]
+
+
 def test_the_fast_path_writes_what_the_normalizer_writes() -> None:
     """A value the fast path takes, and the same value forced through the normalizer (numpy
     scalars, a Mapping that is not a dict, a list subclass) give the same bytes."""

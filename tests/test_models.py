@@ -102,6 +102,10 @@ def test_equal_inputs_in_one_batch_compute_once_and_get_their_own_copies(
     assert result[0] == result[2] == {"vec": [1.0, 1.0, 1.0]}
     result[0]["vec"].append(9.0)  # the caller's own object: the repeat is not changed
     assert result[2] == {"vec": [1.0, 1.0, 1.0]}
+    again = enc.get_or_compute([{"x": 1}, {"x": 1}, {"x": 1.5}], compute=embed)  # all hits
+    assert again.statuses == [Status.HIT_REDIS] * 3 and len(seen) == 1
+    assert again[0] == again[1] == {"vec": [1.0, 1.0, 1.0]} and again[0] is not again[1]
+    assert enc.stats()["hits_redis"] == 2  # distinct inputs, as computed counts them
 
 
 def test_a_new_version_is_a_new_namespace_and_versions_keep_their_own_outputs(
