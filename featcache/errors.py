@@ -77,7 +77,8 @@ class SchemaError(ConfigError):
 class CacheConfigError(ConfigError):
     """Redis/Valkey answered, and refused what the configuration asks of it: a wrong password
     or ACL user, a command or key pattern the ACL user may not use (``NOPERM``), a database
-    number the server does not have.
+    number the server does not have, a server older than Redis 7.0 (the write scripts' ``SET
+    ... NX GET``).
 
     Not an outage: retrying or answering from SQL would hide it for the process's whole life,
     so it is raised at construction and by every later call that meets it, never degraded.

@@ -195,9 +195,9 @@ def _check_node(config: CacheConfig, node: Node, slots: int | None,
             "invalidation stream: docs/deployment.md)")))
     if _version(str(info.get("redis_version") or "")) < _OLDEST:
         error = ConfigError(f"{server} {version} is older than Redis 7.0, which featcache "
-                            "needs: its write scripts use SET ... NX GET, so every fill into "
-                            "an empty key and every materialize would fail; upgrade to "
-                            "Redis >= 7.0 or Valkey", "redis.url", config.source)
+                            "needs: its write scripts use SET ... NX GET, so the first fill "
+                            "into an empty key and every bulk load raise CacheConfigError; "
+                            "upgrade to Redis >= 7.0 or Valkey", "redis.url", config.source)
         report.findings.append(Finding(ERROR, subject, str(error), error))
 
 

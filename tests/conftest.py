@@ -72,7 +72,7 @@ TOPOLOGIES: Final = ("standalone", "sentinel", "cluster")
 TOPOLOGY: Final = os.environ.get(ENV_TOPOLOGY) or "standalone"
 
 _KNOWN_REQUIREMENTS: Final = frozenset({"redis", "cluster", "sentinel", "spark", "ray",
-                                        *SQL_BACKENDS})
+                                        "redis6", *SQL_BACKENDS})
 
 #: Distinguishes this pytest process's keys from concurrent runs (and xdist workers) sharing
 #: one Redis; the counter makes each test's prefix unique within the run.

