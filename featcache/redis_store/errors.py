@@ -29,8 +29,8 @@ def translate(exc: BaseException, url: str) -> CacheConfigError | CacheUnavailab
     Wrong credentials, an ACL that forbids a command or key, a database number the server
     does not have, a server of another kind than ``redis.mode`` says (a Sentinel, a cluster
     node), a server too old for featcache's write scripts: the configuration is wrong, and no
-    retry or fallback will fix it. Everything else
-    says the server cannot serve now: an outage, which callers degrade.
+    retry or fallback will fix it. Everything else says the server cannot serve now: an
+    outage, which callers degrade.
     """
     if isinstance(exc, redis_exc.AuthenticationError | redis_exc.NoPermissionError):
         return CacheConfigError(f"Redis {url} refused the configured access: {exc} ({_ACCESS})")
