@@ -70,9 +70,9 @@ so a false match costs time, never a different digest. A batch of dicts that sha
 set (built by one piece of code, as a request's inputs are) is checked and encoded by two C
 passes, ``msgspec.convert`` into a Struct of those keys and its encoder, which writes the
 deterministic encoder's bytes without sorting each dict's keys again. That Struct's float
-fields refuse NaN and -inf (a batch holding one takes the regex path), so its bytes are
-searched only for a -0.0: one fixed 9-byte needle, which a bytes search skips along in
-half the time the regex takes to try every 0xcb byte (each float's marker).
+fields refuse NaN and -inf, so its bytes are searched only for a -0.0: one fixed 9-byte
+needle, which a bytes search skips along in half the time the regex takes to try every 0xcb
+byte (each float's marker). A batch holding a NaN, -inf or -0.0 takes the regex's pass.
 """
 
 from __future__ import annotations
@@ -137,9 +137,8 @@ _DICT: Final = frozenset({dict})
 #: a float64 in msgspec's output that is -0.0 or has an all-ones exponent (NaN, and inf,
 #: which needs nothing but costs only a trip through the normalizer)
 _SPECIAL_FLOAT: Final = re.compile(rb"\xcb(?:[\x7f\xff][\xf0-\xff]|\x80\x00{7})")
-#: a -0.0 in msgspec's output, and the pattern that finds it in one input's bytes
+#: a -0.0 in msgspec's output (a batch holding one takes ``_SPECIAL_FLOAT``'s pass)
 _NEGATIVE_ZERO: Final = b"\xcb\x80" + bytes(7)
-_NEGATIVE_ZERO_AT: Final = re.compile(re.escape(_NEGATIVE_ZERO))
 _NAN: Final = float("nan")
 _UTC: Final = dt.UTC
 _EPOCH: Final = dt.datetime(1970, 1, 1, tzinfo=_UTC)
@@ -226,13 +225,9 @@ def _plain_dict_digests(inputs: Sequence[dict[Any, Any]]) -> list[str] | None:
     """The digests of a batch of flat dicts of plain values, with one type check of the whole
     batch in C; None when some dict is not one (the caller takes the per-input path)."""
     encoded = _same_keys_encoded(inputs)
-    special = _SPECIAL_FLOAT
-    if encoded is not None:  # no NaN, no -inf: only a -0.0 may need normalizing
-        if _NEGATIVE_ZERO in b"".join(encoded):
-            special = _NEGATIVE_ZERO_AT
-        else:
-            return _hexdigests(encoded)
-    else:
+    if encoded is not None and _NEGATIVE_ZERO not in b"".join(encoded):
+        return _hexdigests(encoded)  # no NaN or -inf (the check refused them), no -0.0
+    if encoded is None:
         values = set(map(type, chain.from_iterable(map(dict.values, inputs))))
         if not values <= _PLAIN:
             return None
@@ -242,8 +237,8 @@ def _plain_dict_digests(inputs: Sequence[dict[Any, Any]]) -> list[str] | None:
             encoded = list(map(_encode, inputs))
         except (TypeError, OverflowError, UnicodeEncodeError):
             return None
-    if special.search(b"".join(encoded)) is not None:
-        encoded = [data if special.search(data) is None else _canonical_at(x, i)
+    if _SPECIAL_FLOAT.search(b"".join(encoded)) is not None:
+        encoded = [data if _SPECIAL_FLOAT.search(data) is None else _canonical_at(x, i)
                    for i, (x, data) in enumerate(zip(inputs, encoded, strict=True))]
     return _hexdigests(encoded)
 

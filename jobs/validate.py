@@ -13,8 +13,8 @@ other than the declared one, a lookup that scans) are printed and leave the stat
 end the command with the error of the most decisive one, so the status follows the command
 line's table: 78 when any error is the configuration's (wrong password, missing table or
 column, a value of another type, a cluster reached as one server, a server older than Redis
-7.0), else 69 when the database
-refused a statement, else 75 when a server could not be reached (the one worth retrying).
+7.0), else 69 when the database refused a statement, else 75 when a server could not be
+reached (the one worth retrying).
 """
 
 from __future__ import annotations
