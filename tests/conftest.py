@@ -89,6 +89,19 @@ def _env(name: str) -> str | None:
     return os.environ.get(name) or None
 
 
+#: ``-n auto``'s ceiling: every worker starts private servers of its own (a Valkey, a
+#: PostgreSQL, a cluster of 6 and a Sentinel set of 5 processes), and the process tests run 4
+#: processes of 64 threads each, so workers past the cores only queue behind one another
+MAX_AUTO_WORKERS: Final = 4
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
+    """How many workers ``pytest -n auto`` starts: one per core, at most ``MAX_AUTO_WORKERS``
+    (pytest-xdist's hook; the README's test command uses it)."""
+    return max(1, min(len(os.sched_getaffinity(0)), MAX_AUTO_WORKERS))
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """On a cluster run, deselect (visibly, in pytest's count) the tests that hand the cache
     a client of one server to count or hook its wire: a cluster cache needs a cluster client,

@@ -184,7 +184,10 @@ def test_a_forked_child_reads_on_connections_of_its_own(server: EmbeddedServer) 
 
 
 def _reader(server: EmbeddedServer) -> AsyncReader:
-    return AsyncReader(RedisConfig(url=server.url))
+    # Fifty coroutines queue for the pool's connections, and a read's deadline counts the
+    # wait: 5 s, not the default 0.5, so a loaded machine cannot fail a test of who reads
+    # which reply (timeouts are test_faults.py's subject).
+    return AsyncReader(RedisConfig(url=server.url, socket_timeout=5.0))
 
 
 @contextlib.asynccontextmanager
