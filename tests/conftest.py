@@ -99,7 +99,9 @@ MAX_AUTO_WORKERS: Final = 4
 def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
     """How many workers ``pytest -n auto`` starts: one per core, at most ``MAX_AUTO_WORKERS``
     (pytest-xdist's hook; the README's test command uses it)."""
-    return max(1, min(len(os.sched_getaffinity(0)), MAX_AUTO_WORKERS))
+    cores = (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")  # not on macOS
+             else os.cpu_count() or 1)
+    return max(1, min(cores, MAX_AUTO_WORKERS))
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
