@@ -89,9 +89,9 @@ def _env(name: str) -> str | None:
     return os.environ.get(name) or None
 
 
-#: ``-n auto``'s ceiling: every worker starts private servers of its own (a Valkey, a
-#: PostgreSQL, a cluster of 6 and a Sentinel set of 5 processes), and the process tests run 4
-#: processes of 64 threads each, so workers past the cores only queue behind one another
+#: ``-n auto``'s ceiling. One worker per core, since one pytest process keeps one core busy;
+#: no more than 4, since every worker starts private servers of its own (a Valkey, a
+#: PostgreSQL, a cluster of 6 and a Sentinel set of 5 processes) and more were never measured
 MAX_AUTO_WORKERS: Final = 4
 
 
