@@ -41,7 +41,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.common import BenchError, Report, Target, log
+from bench.common import BenchError, Report, Target, cpu_probe_ms, load_and_speed, log
 from featcache.analysis.mattson import HitRateCurve, lru_curve, reference_lru_hits
 from featcache.analysis.report import size_grid
 from featcache.analysis.sampling import sampled
@@ -137,6 +137,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     load_before = os.getloadavg()
+    probe_before = cpu_probe_ms()
     accesses, ids = (QUICK_ACCESSES, QUICK_IDS) if args.quick else (ACCESSES, IDS)
     log(f"trace: {accesses:,} accesses, Zipf({ALPHA}) over {ids:,} ids, seed {args.seed}")
     t0 = time.perf_counter()
@@ -229,8 +230,7 @@ def run(args: argparse.Namespace) -> int:
                                    "shards_adj": round(shards_adj.hit_rate(s), 5)}
                           for s in sizes},
             "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
-                        "load_average_1_5_15": {"start": [round(x, 2) for x in load_before],
-                                                "end": [round(x, 2) for x in os.getloadavg()]}},
+                        **load_and_speed(load_before, probe_before)},
         },
     )
     print()

@@ -465,14 +465,44 @@ def positive_int(text: str) -> int:
     return value
 
 
+#: the CPU probe's work: a pure-Python loop, what the client's share of every case is made of
+_PROBE_N = 10**6
+
+
+def cpu_probe_ms() -> float:
+    """Milliseconds for ``sum(range(10**6))``, the best of 5: how fast this machine runs
+    Python right now. A VM's speed moves between phases (docs/benchmarks.md, "The machine"),
+    and the client's CPU moves with it more than a round trip to the server does, so every
+    run records the probe beside its ratios."""
+    best = float("inf")
+    for _ in range(5):
+        start = time.perf_counter()
+        sum(range(_PROBE_N))
+        best = min(best, time.perf_counter() - start)
+    return round(best * 1000, 2)
+
+
+def load_and_speed(load_before: Sequence[float], probe_before: float) -> dict[str, Any]:
+    """The machine's load average and ``cpu_probe_ms`` at a run's start (given) and now: the
+    fields every benchmark's JSON records about the minutes it ran in."""
+    return {
+        "load_average_1_5_15": {"start": [round(x, 2) for x in load_before],
+                                "end": [round(x, 2) for x in os.getloadavg()]},
+        "cpu_probe_ms": {"what": "sum(range(10**6)), best of 5", "start": probe_before,
+                         "end": cpu_probe_ms()},
+    }
+
+
 @dataclass(frozen=True)
 class RunContext:
-    """What a run records about where and when it ran: the server, the machine's load."""
+    """What a run records about where and when it ran: the server, the machine's load and
+    its speed (``cpu_probe_ms``) at the start and the end."""
 
     target: RedisTarget
     server: str
     started: float  # time.perf_counter()
     load_before: tuple[float, float, float]
+    probe_before: float  # cpu_probe_ms() before the server started
 
     def setup(self, seed: int) -> dict[str, Any]:
         """The ``setup`` fields every benchmark's JSON shares (it adds its own)."""
@@ -482,16 +512,17 @@ class RunContext:
             "seed": seed,
             "seconds": round(time.perf_counter() - self.started, 1),
             "cpus": os.cpu_count(),
-            "load_average_1_5_15": {"start": [round(x, 2) for x in self.load_before],
-                                    "end": [round(x, 2) for x in os.getloadavg()]},
+            **load_and_speed(self.load_before, self.probe_before),
         }
 
     def header(self, title: str, quick: bool, setup: Mapping[str, Any]) -> str:
         """The first line of a benchmark's printout."""
         load = setup["load_average_1_5_15"]
+        probe = setup["cpu_probe_ms"]
         return (f"{title}: {self.server} ({setup['redis']}); {'quick' if quick else 'full'} "
                 f"run; {os.cpu_count()} CPUs, load average {load['start'][0]:.1f} at start, "
-                f"{load['end'][0]:.1f} at end")
+                f"{load['end'][0]:.1f} at end; sum(range(10**6)) {probe['start']:.1f} ms at "
+                f"start, {probe['end']:.1f} at end")
 
 
 @contextlib.contextmanager
@@ -499,8 +530,10 @@ def run_context(url: str | None) -> Iterator[RunContext]:
     """``redis_target(url)``, with the clock and the load average taken before it starts."""
     started = time.perf_counter()
     load_before = os.getloadavg()
+    probe_before = cpu_probe_ms()
     with redis_target(url) as target:
-        yield RunContext(target, describe_server(target.url), started, load_before)
+        yield RunContext(target, describe_server(target.url), started, load_before,
+                         probe_before)
 
 
 def describe_server(url: str) -> str:

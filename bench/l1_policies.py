@@ -63,7 +63,7 @@ from typing import Any, cast
 
 import numpy as np
 
-from bench.common import williams_orders
+from bench.common import cpu_probe_ms, load_and_speed, williams_orders
 from featcache.config import DEFAULT_L1_ACCESS_SAMPLE_RATE, L1Config
 from featcache.l1 import POLICIES, L1Cache
 
@@ -487,6 +487,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     requests = args.requests or (40_000 if args.quick else 200_000)
+    load_before, probe_before = os.getloadavg(), cpu_probe_ms()
     if "PYTHONHASHSEED" not in os.environ:
         print(
             "note: PYTHONHASHSEED is unset; tinylfu's hit rate moves by a few tenths of a point"
@@ -523,7 +524,7 @@ def run(args: argparse.Namespace) -> int:
                 "theine-core": _version("theine-core"),
                 "PYTHONHASHSEED": os.environ.get("PYTHONHASHSEED"),
                 "cpus": os.cpu_count(),
-                "load_average_at_end": os.getloadavg(),
+                **load_and_speed(load_before, probe_before),
             },
             "parameters": {
                 "keys": KEYS,

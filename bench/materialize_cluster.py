@@ -45,7 +45,7 @@ from typing import Any
 import redis
 
 from bench import dataset
-from bench.common import environment, frozen_heap, log
+from bench.common import cpu_probe_ms, environment, frozen_heap, load_and_speed, log
 from bench.materialize import (
     FULL_ROWS,
     PROFILE_ROWS,
@@ -201,6 +201,7 @@ def run_benchmark(*, rows: int, sources: list[str], pg_url: str | None, chunk_ro
                   json_path: str | None) -> int:
     started = time.perf_counter()
     load_before = os.getloadavg()
+    probe_before = cpu_probe_ms()
     results: list[dict[str, Any]] = []
     setup: dict[str, Any] = {"rows": rows, "chunk_rows": chunk_rows, "seed": seed,
                              "features": list(dataset.FEATURE_NAMES), "code": code_state()}
@@ -243,7 +244,7 @@ def run_benchmark(*, rows: int, sources: list[str], pg_url: str | None, chunk_ro
     for t in targets:
         print(t.line())
     if json_path:
-        load_after = os.getloadavg()
+        machine = load_and_speed(load_before, probe_before)
         out = {
             "sources": results,
             "targets": [dataclasses.asdict(t) for t in targets],
@@ -252,8 +253,7 @@ def run_benchmark(*, rows: int, sources: list[str], pg_url: str | None, chunk_ro
                       "redis": f"fresh private Valkey Cluster ({PRIMARIES} primaries, no "
                                "replicas) and fresh private Valkey per source",
                       "cpus": os.cpu_count(),
-                      "load_average_1_5_15": {"start": [round(x, 2) for x in load_before],
-                                              "end": [round(x, 2) for x in load_after]},
+                      **machine,
                       "seconds": round(time.perf_counter() - started, 1)},
             "profile": profile_out,
             "environment": environment(),
