@@ -527,7 +527,8 @@ class RunContext:
 
 @contextlib.contextmanager
 def run_context(url: str | None) -> Iterator[RunContext]:
-    """``redis_target(url)``, with the clock and the load average taken before it starts."""
+    """``redis_target(url)``, with the clock, the load average and the CPU probe taken
+    before it starts."""
     started = time.perf_counter()
     load_before = os.getloadavg()
     probe_before = cpu_probe_ms()

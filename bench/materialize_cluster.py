@@ -244,7 +244,6 @@ def run_benchmark(*, rows: int, sources: list[str], pg_url: str | None, chunk_ro
     for t in targets:
         print(t.line())
     if json_path:
-        machine = load_and_speed(load_before, probe_before)
         out = {
             "sources": results,
             "targets": [dataclasses.asdict(t) for t in targets],
@@ -253,7 +252,7 @@ def run_benchmark(*, rows: int, sources: list[str], pg_url: str | None, chunk_ro
                       "redis": f"fresh private Valkey Cluster ({PRIMARIES} primaries, no "
                                "replicas) and fresh private Valkey per source",
                       "cpus": os.cpu_count(),
-                      **machine,
+                      **load_and_speed(load_before, probe_before),
                       "seconds": round(time.perf_counter() - started, 1)},
             "profile": profile_out,
             "environment": environment(),
