@@ -466,7 +466,10 @@ def positive_int(text: str) -> int:
 
 
 #: the CPU probe's work: a pure-Python loop, what the client's share of every case is made of
-_PROBE_N = 10**6
+_PROBE_EXPONENT = 6
+_PROBE_ROUNDS = 5
+#: what the probe times, as the JSON and the printout name it
+PROBE_WHAT = f"sum(range(10**{_PROBE_EXPONENT})), best of {_PROBE_ROUNDS}"
 
 
 def cpu_probe_ms() -> float:
@@ -475,9 +478,9 @@ def cpu_probe_ms() -> float:
     and the client's CPU moves with it more than a round trip to the server does, so every
     run records the probe beside its ratios."""
     best = float("inf")
-    for _ in range(5):
+    for _ in range(_PROBE_ROUNDS):
         start = time.perf_counter()
-        sum(range(_PROBE_N))
+        sum(range(10**_PROBE_EXPONENT))
         best = min(best, time.perf_counter() - start)
     return round(best * 1000, 2)
 
@@ -488,8 +491,7 @@ def load_and_speed(load_before: Sequence[float], probe_before: float) -> dict[st
     return {
         "load_average_1_5_15": {"start": [round(x, 2) for x in load_before],
                                 "end": [round(x, 2) for x in os.getloadavg()]},
-        "cpu_probe_ms": {"what": "sum(range(10**6)), best of 5", "start": probe_before,
-                         "end": cpu_probe_ms()},
+        "cpu_probe_ms": {"what": PROBE_WHAT, "start": probe_before, "end": cpu_probe_ms()},
     }
 
 
@@ -521,7 +523,7 @@ class RunContext:
         probe = setup["cpu_probe_ms"]
         return (f"{title}: {self.server} ({setup['redis']}); {'quick' if quick else 'full'} "
                 f"run; {os.cpu_count()} CPUs, load average {load['start'][0]:.1f} at start, "
-                f"{load['end'][0]:.1f} at end; sum(range(10**6)) {probe['start']:.1f} ms at "
+                f"{load['end'][0]:.1f} at end; {probe['what']}: {probe['start']:.1f} ms at "
                 f"start, {probe['end']:.1f} at end")
 
 
